@@ -1,0 +1,1 @@
+"""talr.experiments -- the `talr` CLI, the demo, studies, reports and benchmarks."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the `talr` CLI, one module each."""

@@ -1,0 +1,1 @@
+"""talr.sft -- torch + transformers: losses, trainer, models, data, evaluation."""

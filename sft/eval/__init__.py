@@ -1,0 +1,1 @@
+"""Domain and general evaluation (MedCalc-Bench, ESCI, code length, lm-eval adapter)."""
