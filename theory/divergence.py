@@ -144,8 +144,17 @@ def code_length_bits(tree: TokenTree, lp: TreeLogProbs) -> float:
 
 
 def kl(tree: TokenTree, lp: TreeLogProbs, unit: str = "bits") -> float:
-    """``KL(P || Q) = E_P[log P(z) - log Q(z)]`` (>= 0 up to rounding)."""
-    return cross_entropy(tree, lp, unit) - cross_entropy(tree, TreeLogProbs.from_tree(tree), unit)
+    """``KL(P || Q) = E_P[log P(z) - log Q(z)]`` (>= 0 up to rounding), per level:
+    ``sum_c P(c) (log p(c|u) - log q(c|u))`` over edges plus the same over EOS leaves."""
+    eos = _eos_eff(tree, lp)
+    m, e = tree.mass, tree.eos_mass
+    with np.errstate(divide="ignore"):
+        logm = np.log(m)
+        log_pe = np.where(tree.forced_end(), 0.0, np.log(e) - logm)
+    with np.errstate(invalid="ignore"):  # -inf - -inf where the mass is 0 (masked below)
+        log_pc = logm[1:] - logm[tree.parent[1:]]
+        total = _xlogy_terms(m[1:], log_pc - lp.edge[1:]).sum() + _xlogy_terms(e, log_pe - eos).sum()
+    return float(total * _scale(unit))
 
 
 def chi2(tree: TokenTree, lp: TreeLogProbs) -> float:

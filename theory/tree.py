@@ -40,10 +40,73 @@ def _as_int_arrays(seqs: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarra
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     if not seqs or not lengths.any():
         return np.zeros(0, dtype=np.int64), lengths
-    if not all(isinstance(s, np.ndarray) and s.ndim == 1 for s in seqs):
-        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
-    tokens = np.concatenate(seqs).astype(np.int64, copy=False)
-    return tokens, lengths
+    try:
+        tokens = np.concatenate(seqs)
+    except ValueError:  # ragged nesting or scalars: convert one by one
+        tokens = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs])
+    if tokens.dtype.kind == "f" and np.array_equal(tokens, np.floor(tokens)):
+        tokens = tokens.astype(np.int64)  # lists mixing empty [] (float) and ints
+    if tokens.size != lengths.sum() or tokens.dtype.kind not in "iu":
+        raise ValueError("sequences must be flat sequences of integer token ids")
+    return tokens.astype(np.int64, copy=False), lengths
+
+
+def _build_by_sorting(tokens, starts, lengths, w, vocab_size):
+    """BFS node arrays of the prefix tree of ``n`` sequences via one lexicographic sort.
+
+    Rows of the padded matrix ``M[n, L]`` (pad = -1, so a prefix sorts before its
+    extensions) are sorted byte-wise; consecutive sorted rows share ``lcp`` tokens, so row
+    ``i`` creates the nodes of depths ``lcp_i + 1 .. len_i``. Within a depth, nodes appear in
+    sorted-row order, which is parent order then token order: BFS order.
+    """
+    n = lengths.size
+    L = int(lengths.max())
+    col = np.arange(L)
+    inside = col[None, :] < lengths[:, None]
+    M = np.full((n, L), -1, dtype=np.int64)
+    if int(lengths.sum()) == tokens.size:  # no truncation: tokens are the row-major cells
+        M[inside] = tokens
+    else:
+        rows = np.repeat(np.arange(n), lengths)
+        offs = np.arange(rows.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        M[inside] = tokens[starts[rows] + offs]
+    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4"
+    U = (M + 1).astype(width)
+    order = np.argsort(U.view(np.dtype((np.void, L * U.dtype.itemsize))).ravel(), kind="stable")
+    M, lengths, w, inside = M[order], lengths[order], w[order], inside[order]
+    lcp = np.zeros(n, dtype=np.int64)  # tokens shared with the previous sorted row
+    if n > 1:
+        diff = M[1:] != M[:-1]
+        lcp[1:] = np.where(diff.any(axis=1), np.argmax(diff, axis=1), L)
+        lcp[1:] = np.minimum(lcp[1:], np.minimum(lengths[1:], lengths[:-1]))
+    create = inside & (col[None, :] >= lcp[:, None])  # row creates its node at depth col + 1
+    flat = np.flatnonzero(create)  # row-major: rows ascending, then depth
+    d_flat = (flat % L).astype(np.int16 if L < (1 << 15) else np.int64)
+    bfs = flat[np.argsort(d_flat, kind="stable")]  # depth-major, rows ascending: BFS order
+    n_nodes = 1 + bfs.size
+    node_id = np.zeros(n * L, dtype=np.int64)
+    node_id[bfs] = np.arange(1, n_nodes)
+    # the node of row r at depth d is the one created by the last creator row at or above r
+    creator = np.where(create, np.arange(n)[:, None], 0)
+    np.maximum.accumulate(creator, axis=0, out=creator)
+    node_of = np.take(node_id, creator * L + col[None, :])
+    node_of[~inside] = 0
+    node_of = node_of.ravel()
+    parent = np.empty(n_nodes, dtype=np.int64)
+    parent[0] = -1
+    d_bfs = bfs % L
+    parent[1:] = np.where(d_bfs > 0, np.take(node_of, bfs - 1), 0)
+    token = np.empty(n_nodes, dtype=np.int64)
+    token[0] = -1
+    token[1:] = np.take(M.ravel(), bfs)
+    depth = np.concatenate([[0], d_bfs + 1])
+    inside_flat = inside.ravel()
+    count = np.bincount(node_of[inside_flat], weights=np.repeat(w, lengths), minlength=n_nodes)
+    count[0] = w.sum()
+    rows = np.arange(n)
+    last = np.where(lengths > 0, node_of[rows * L + np.maximum(lengths - 1, 0)], 0)
+    eos_count = np.bincount(last, weights=w, minlength=n_nodes)
+    return parent, token, depth, count, eos_count
 
 
 @dataclass(eq=False)
@@ -199,6 +262,13 @@ class TokenTree:
         depth = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
         count = np.concatenate(level_count).astype(np.float64, copy=False)
         eos_count = np.concatenate(level_eos).astype(np.float64, copy=False)
+        return cls._from_arrays(parent, token, depth, count, eos_count, vocab_size=vocab_size,
+                                max_depth=max_depth, pruned_mass=pruned_mass)
+
+    @classmethod
+    def _from_arrays(cls, parent, token, depth, count, eos_count, *, vocab_size, max_depth,
+                     pruned_mass=0.0) -> "TokenTree":
+        """Assemble a tree from BFS-ordered node arrays (parents as global ids)."""
         n = parent.size
         child_count = np.bincount(parent[1:], minlength=n).astype(np.int64)
         child_start = np.zeros(n, dtype=np.int64)
@@ -231,6 +301,7 @@ class TokenTree:
         weights: Sequence[float] | np.ndarray | None = None,
         max_depth: int | None = None,
         vocab_size: int | None = None,
+        _method: str | None = None,
     ) -> "TokenTree":
         """Empirical token tree of a dataset of responses (EOS is implicit at the end).
 
@@ -240,7 +311,9 @@ class TokenTree:
             max_depth: truncate responses to this many tokens (Definition 3.2).
             vocab_size: ``V``; inferred as ``max token + 1`` when omitted.
 
-        Work is ``O(total tokens · log)``: one ``np.unique`` per depth level.
+        Work: one byte-wise sort of the sequences (as fixed-width rows) and a few passes
+        over the padded ``[n, max_len]`` matrix; when padding would be wasteful (a few very
+        long sequences) it falls back to one ``np.unique`` per depth level.
         """
         tokens, lengths = _as_int_arrays(seqs)
         n_seq = lengths.size
@@ -266,6 +339,10 @@ class TokenTree:
                 raise ValueError("max_depth must be >= 0")
             lengths = np.minimum(lengths, max_depth)
 
+        L = int(lengths.max())
+        if L > 0 and (_method == "sorted" or (_method is None and n_seq * L <= 4 * int(lengths.sum()) + (1 << 20))):
+            arrays = _build_by_sorting(tokens, starts, lengths, w, vocab_size)
+            return cls._from_arrays(*arrays, vocab_size=vocab_size, max_depth=max_depth)
         key_base = np.int64(vocab_size)
         node = np.zeros(n_seq, dtype=np.int64)  # current node of every sequence
         level_parent = [np.array([-1])]

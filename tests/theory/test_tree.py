@@ -157,3 +157,16 @@ def test_with_masses_reweights_same_topology():
     t2 = tree.with_masses(eos)
     t2.validate()
     assert t2.mass[tree.find((0,))] == pytest.approx(0.25)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seqs_st, st.one_of(st.none(), st.integers(0, 4)), st.data())
+def test_sorting_and_level_builders_agree(seqs, d, data):
+    weights = data.draw(st.lists(st.floats(0.0, 3.0), min_size=len(seqs), max_size=len(seqs)))
+    if sum(weights) == 0:
+        weights[0] = 1.0
+    a = TokenTree.from_sequences(seqs, weights=weights, max_depth=d, vocab_size=4, _method="sorted")
+    b = TokenTree.from_sequences(seqs, weights=weights, max_depth=d, vocab_size=4, _method="levels")
+    for name in ("parent", "token", "depth", "child_start", "child_count"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.allclose(a.mass, b.mass) and np.allclose(a.eos_mass, b.eos_mass)

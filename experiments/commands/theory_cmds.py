@@ -1,0 +1,219 @@
+"""``talr bounds``, ``talr simulate`` and ``talr claims`` (numpy/scipy only; no torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _pos(name):
+    def conv(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} must be a number, got {text!r}")
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"--{name} must be finite and >= 0, got {text!r}")
+        return v
+
+    return conv
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else str(v)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_jsonable(result), indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v:.6g}" if isinstance(v, float) else f"{k:>24}: {v}")
+
+
+# ------------------------------------------------------------------- bounds
+def _bounds_degradation(args) -> int:
+    from theory import bounds as B
+
+    try:
+        lam_min = float(B.Lambda_T_min(args.T, args.delta_star, args.mu_T, args.C2))
+        bound = float(B.degradation_bound(args.T, args.delta_star, args.mu_T, args.C1, args.C2, args.A))
+    except ValueError as exc:
+        print(f"talr bounds degradation: {exc}", file=sys.stderr)
+        return 2
+    exp = float(B.degradation_bound_expansion(args.T, args.delta_star, args.mu_T, args.C1, args.C2, args.A))
+    k1, k2 = B.theorem_3_1_k(args.A, args.mu_T, args.C1, args.C2)
+    _emit({
+        "Lambda_T_min": lam_min,
+        "lam_per_step": lam_min / args.T,
+        "bound": bound,
+        "expansion": exp,
+        "expansion_error": bound - exp,
+        "limit_T_inf": args.A * args.delta_star / args.mu_T,
+        "k1": float(k1),
+        "k2": float(k2),
+    }, args.json)
+    return 0
+
+
+def _bounds_lambda_max(args) -> int:
+    from theory import bounds as B
+
+    try:
+        lm = float(B.lambda_max(args.T, args.eps_fg, args.H_T, args.V_s, args.C1))
+        asym = float(B.lambda_max_asymptotic(args.T, args.eps_fg, args.H_T, args.V_s))
+    except ValueError as exc:
+        print(f"talr bounds lambda-max: {exc}", file=sys.stderr)
+        return 2
+    _emit({"lambda_max": lm, "asymptotic": asym, "relative_error": (asym - lm) / lm}, args.json)
+    return 0
+
+
+# ----------------------------------------------------------------- simulate
+def _plot(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(t, [r["dL_P1_nats"] for r in rows], "C3-", label="ΔL(P1) measured")
+    ax.plot(t, [r["dL_P2_nats"] for r in rows], "C0-", label="ΔL(P2) measured")
+    if "bound_P1_nats" in rows[0]:
+        b1 = [r["bound_P1_nats"] if math.isfinite(r["bound_P1_nats"]) else np.nan for r in rows]
+        ax.plot(t, b1, "C3--", label="Thm E.3 bound on ΔL(P1)")
+        ax.plot(t, [r["bound_P2_nats"] for r in rows], "C0--", label="Thm E.3 bound on ΔL(P2)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("step t")
+    ax.set_ylabel("code-length change (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _simulate(args) -> int:
+    from theory import simulate as S
+    from theory.tilting import schedule
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"talr simulate: {out} exists and is not empty (use --overwrite)", file=sys.stderr)
+        return 2
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out")}
+    try:
+        if args.world == "tabular":
+            lams = schedule(args.schedule, args.steps, args.lam, warmup=args.warmup, lam_min=args.lam_min)
+            world = S.make_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, q_noise=args.q_noise, seed=args.seed)
+            rows = S.run_tabular(world, lams, alpha=args.alpha, rho=args.rho)
+        else:
+            if args.schedule not in ("constant",):
+                print("talr simulate: the softmax world uses the optimiser's learning rate; --schedule must be constant", file=sys.stderr)
+                return 2
+            sw = S.make_softmax_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, seed=args.seed)
+            cfg = S.SoftmaxConfig(lr=args.lr, steps=args.steps, optimizer=args.optimizer, weighting=args.weighting, alpha=args.alpha)
+            rows = S.run_softmax(sw, cfg)
+    except ValueError as exc:
+        print(f"talr simulate: {exc}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+        with open(tmp / "metrics.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(_jsonable(r)) + "\n")
+        _plot(tmp / "delta_L.png", rows, f"{args.world} world, schedule={args.schedule}")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    last = rows[-1]
+    print(f"wrote {out}/metrics.jsonl ({len(rows)} rows), config.json, delta_L.png; "
+          f"final dL(P1)={last['dL_P1_nats']:.4g} nats, dL(P2)={last['dL_P2_nats']:.4g} nats")
+    return 0
+
+
+# ------------------------------------------------------------------- claims
+def _claims(args) -> int:
+    from theory.claims import format_ledger, run_ledger
+
+    claims = run_ledger(n=args.n, seed=args.seed, only=args.only)
+    if args.json:
+        print(json.dumps(_jsonable([c.to_dict() for c in claims]), indent=2))
+    else:
+        print(format_ledger(claims))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bounds", help="evaluate the bounds of the paper for given constants")
+    bsub = p.add_subparsers(dest="bound", metavar="BOUND", required=True)
+    d = bsub.add_parser("degradation", help="Theorem E.4/B.2: Lambda_T^min, the bound, its 1/T expansion")
+    d.add_argument("--T", type=_pos("T"), required=True, help="number of steps")
+    d.add_argument("--delta-star", dest="delta_star", type=_pos("delta-star"), required=True, help="domain gain Delta_*")
+    d.add_argument("--mu-T", dest="mu_T", type=_pos("mu-T"), required=True, help="inf_t KL(Q_t||P2)")
+    d.add_argument("--C1", type=_pos("C1"), required=True)
+    d.add_argument("--C2", type=_pos("C2"), required=True)
+    d.add_argument("--A", type=_pos("A"), required=True, help="H_T (sqrt(w_S) M_h + M_l + (beta+gamma) M_h)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_bounds_degradation)
+    lm = bsub.add_parser("lambda-max", help="Theorem E.5/B.3: the largest safe per-step weight")
+    lm.add_argument("--T", type=_pos("T"), required=True)
+    lm.add_argument("--eps-fg", dest="eps_fg", type=_pos("eps-fg"), required=True)
+    lm.add_argument("--H-T", dest="H_T", type=_pos("H-T"), required=True)
+    lm.add_argument("--V-s", dest="V_s", type=_pos("V-s"), required=True)
+    lm.add_argument("--C1", type=_pos("C1"), required=True)
+    lm.add_argument("--json", action="store_true")
+    lm.set_defaults(func=_bounds_lambda_max)
+
+    s = subparsers.add_parser("simulate", help="exact tabular or softmax world; writes runs/NAME")
+    s.add_argument("--world", choices=["tabular", "softmax"], default="tabular")
+    s.add_argument("--schedule", choices=["constant", "inverse", "cosine", "linear"], default="constant")
+    s.add_argument("--lam", type=float, default=0.1, help="tabular: peak per-step weight")
+    s.add_argument("--lam-min", dest="lam_min", type=float, default=0.0)
+    s.add_argument("--warmup", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--vocab", type=int, default=2)
+    s.add_argument("--depth", type=int, default=3)
+    s.add_argument("--n-hard", dest="n_hard", type=int, default=1)
+    s.add_argument("--q-noise", dest="q_noise", type=float, default=0.05)
+    s.add_argument("--alpha", type=float, default=0.1)
+    s.add_argument("--rho", choices=["uniform", "model"], default="uniform")
+    s.add_argument("--lr", type=float, default=0.5, help="softmax: learning rate")
+    s.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    s.add_argument("--weighting", choices=["ce", "talr"], default="ce")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output folder (runs/NAME)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_simulate)
+
+    c = subparsers.add_parser("claims", help="the claims ledger: every statement checked")
+    c.add_argument("--n", type=int, default=60, help="random instances per check")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--only", nargs="*", default=None, help="ids to run (substring match)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_claims)
