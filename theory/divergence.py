@@ -148,7 +148,7 @@ def kl(tree: TokenTree, lp: TreeLogProbs, unit: str = "bits") -> float:
     ``sum_c P(c) (log p(c|u) - log q(c|u))`` over edges plus the same over EOS leaves."""
     eos = _eos_eff(tree, lp)
     m, e = tree.mass, tree.eos_mass
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero-mass nodes are masked below
         logm = np.log(m)
         log_pe = np.where(tree.forced_end(), 0.0, np.log(e) - logm)
     with np.errstate(invalid="ignore"):  # -inf - -inf where the mass is 0 (masked below)

@@ -1,38 +1,34 @@
-"""`talr demo`: the main job (the toy-world pipeline; grows into the full study)."""
+"""`talr demo`: the main job (tiny-transformer world; see experiments/demo.py)."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the embedded default world")
+    p = sub.add_parser("demo", help="run the main job: measured vs predicted degradation in the tiny world",
+                       description="Fine-tune a pretrained tiny Llama with every method at two learning rates "
+                                   "(CoT and label-only), measure exact degradation and domain gain, evaluate "
+                                   "the bounds, and write DIR/report.md with figures.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--preset", default="default", choices=["default", "smoke"],
+                   help="default: the full study (minutes); smoke: a ~1-minute check of the pipeline")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
+                   help="tiny: the embedded tiny-transformer world; smollm2: SmolLM2-135M on MedCalc")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    if args.model == "smollm2":
+        from experiments.smollm2_demo import run_smollm2_demo
 
-    from theory.coding import encode, decode, ideal_code_length_bits
-    from theory.divergence import TreeLogProbs, code_length_bits, delta_code_length, kl
-    from theory.tree import TokenTree
+        return run_smollm2_demo(out=args.out, seed=args.seed, progress=not args.no_progress)
+    from experiments.demo import make_config, run_demo
+    from experiments.report import SUMMARY_HEADERS, _table, summary_rows
 
-    rng = np.random.default_rng(args.seed)
-    V, d = 6, 5
-    p1 = rng.dirichlet(np.full(V + 1, 0.5), size=V + 1)  # general world P1 (order-1 Markov)
-    q0 = 0.9 * p1 + 0.1 * rng.dirichlet(np.ones(V + 1), size=V + 1)  # a model close to P1
-    q1 = 0.5 * q0 + 0.5 * rng.dirichlet(np.ones(V + 1), size=V + 1)  # after a big update
-    tree = TokenTree.from_distribution(lambda pre: p1[pre[-1] if pre else V], V, d)
-    last = np.where(tree.token >= 0, tree.token, V)
-    lp0 = TreeLogProbs.from_full(tree, np.log(q0[last]))
-    lp1 = TreeLogProbs.from_full(tree, np.log(q1[last]))
-    print(f"P1: exact token tree, {tree.n_nodes} nodes, V={V}, depth {d}")
-    print(f"expected code length under q0: {code_length_bits(tree, lp0):.3f} bits; KL(P1||q0) = {kl(tree, lp0):.3f} bits")
-    print(f"general degradation dL(P1) = KL(P1||q1) - KL(P1||q0) = {delta_code_length(tree, lp0, lp1):+.3f} bits")
-    z = tree.sample(1, rng)[0]
-    probs = np.stack([q0[([V] + list(z))[t]] for t in range(len(z))])[:, :V]
-    data, nbits = encode(z, probs)
-    assert np.array_equal(decode(data, nbits, probs), z)
-    print(f"arithmetic-coded response {z.tolist()}: {nbits} real bits vs {ideal_code_length_bits(z, probs):.2f} ideal")
+    cfg = make_config(args.preset, out=args.out, seed=args.seed, progress=not args.no_progress)
+    res = run_demo(cfg)
+    print(_table(SUMMARY_HEADERS, summary_rows(res)))
+    print(f"\nreport: {cfg.out}/report.md  ({res['wall_seconds']:.0f} s)")
     return 0

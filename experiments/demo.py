@@ -1,0 +1,323 @@
+"""The main job: measured vs predicted degradation in the tiny-transformer world.
+
+Pipeline (one call of :func:`run_demo`):
+
+1. build the world (exact P1 and P2 token trees, CoT and label-only variants) and pretrain a
+   small Llama on P1 (cached by config hash; both variants share the checkpoint);
+2. fine-tune a copy with every method (CE, TALR, DFT, clipping, FLOW, L2, KL, LoRA) at a small
+   and a large learning rate, evaluating the exact ``KL(P1 || q)`` and the conditional code
+   length of P2 completions every ``eval_every`` steps, and fitting the effective tilting
+   step ``lambda`` between evaluations (Theorem E.1, Step 5, pooled over P2 prefixes);
+3. WiSE-FT: interpolate the CE runs with the pretrained weights;
+4. estimate the constants of Appendix E at ``q0`` and evaluate Theorem E.3 over the fitted
+   ``lambda_t`` and Theorem E.4 at the measured domain gain;
+5. token-level analysis (Figure 3 analogue) and the claims ledger;
+6. write ``report.md`` with PNG figures and ``results.json``.
+
+Units: code lengths and degradations in bits per response; the theory's constants live in
+nats, so bounds are converted (``/ ln 2``) where they are drawn over measurements.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LN2 = math.log(2.0)
+METHODS = ("ce", "talr", "dft", "clip", "flow", "l2", "kl", "lora")
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs (the presets below are the embedded defaults)."""
+
+    preset: str = "default"
+    out: str = "runs/demo"
+    methods: tuple = METHODS
+    lrs: tuple = (3e-4, 3e-3)
+    variants: tuple = ("cot", "label")
+    steps: int = 150
+    batch: int = 16
+    eval_every: int = 25
+    wise_alphas: tuple = (0.25, 0.5, 0.75)
+    ledger_n: int = 12
+    seed: int = 0
+    cache_dir: str = "runs/.cache/worlds"
+    progress: bool = True
+    world_overrides: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "default": {},
+    "smoke": dict(steps=12, batch=8, eval_every=6, lrs=(1e-3, 1e-2), wise_alphas=(0.5,), ledger_n=2,
+                  methods=("ce", "talr", "clip")),
+}
+
+
+def make_config(preset: str = "default", **overrides) -> DemoConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return DemoConfig(preset=preset, **{**PRESETS[preset], **overrides})
+
+
+# ----------------------------------------------------------------------------- measurement
+class _Curve:
+    """Exact metrics at evaluation points and the effective step between them."""
+
+    def __init__(self, world, alpha: float = 0.1):
+        from theory.estimate import smoothed_target
+
+        self.world = world
+        self.p2 = world.p2
+        self.logp = smoothed_target(world.p2, alpha)  # p~2 with uniform smoothing (Assumption B.1)
+        self.active = (self.p2.mass > 0) & ~self.p2.forced_end()
+        self.points: list[dict] = []
+        self._prev = None
+
+    def measure(self, model, step: int) -> dict:
+        from sft.worlds import exact_metrics, tree_full_logprobs
+        from theory.tilting import fit_effective_step
+
+        w = self.world
+        m = exact_metrics(model, w)
+        logq = tree_full_logprobs(model, w.p2, bos_id=w.bos_id, eos_id=w.eos_id, renormalize=True)
+        point = {"step": step, **m}
+        if self._prev is not None:
+            a = self.active
+            fit = fit_effective_step(self._prev[a], logq[a], self.logp[a], weights=self.p2.mass[a])
+            point.update(lam=fit.lam_pooled, eps=fit.eps_pooled, residual=fit.residual_pooled)
+        self._prev = logq
+        self.points.append(point)
+        return point
+
+
+def _callback(curve: _Curve, every: int):
+    from transformers import TrainerCallback
+
+    class EvalCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step % every == 0:
+                curve.measure(model, state.global_step)
+
+    return EvalCallback()
+
+
+def _finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Path, base: dict, base_logq):
+    from sft.data import SFTDataset
+    from sft.trainer import TrainConfig, train
+
+    curve = _Curve(world)
+    curve.points.append({"step": 0, **base})
+    curve._prev = base_logq
+    model = copy.deepcopy(model0)
+    tc = TrainConfig(method=method, lr=lr, max_steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed,
+                     out=str(run_dir), progress=False, save_final=False, token_stats=True,
+                     logging_steps=max(1, cfg.steps // 5), warmup=0.0)
+    t0 = time.perf_counter()
+    res = train(tc, model, SFTDataset(world.d2_train), pad_token_id=world.pad_id, callbacks=[_callback(curve, cfg.eval_every)])
+    secs = time.perf_counter() - t0
+    model = res.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: evaluate the merged model
+        model = model.merge_and_unload()
+    if curve.points[-1]["step"] != res.global_step:
+        curve.measure(model, res.global_step)
+    return model, curve.points, res, secs
+
+
+def _summarise(points: list[dict], base: dict) -> dict:
+    last = points[-1]
+    return {
+        "dL_P1_bits": last["kl_p1_bits"] - base["kl_p1_bits"],
+        "domain_gain_bits": base["cond_code_len_p2_bits"] - last["cond_code_len_p2_bits"],
+        "domain_acc": last["domain_acc"],
+        "answer_prob": last["answer_prob"],
+        "lams": [p["lam"] for p in points if "lam" in p],
+    }
+
+
+def _interp_at_gain(points: list[dict], base: dict, gain: float) -> float | None:
+    """Degradation (bits) when the run first reached ``gain`` bits of domain gain."""
+    g = np.array([base["cond_code_len_p2_bits"] - p["cond_code_len_p2_bits"] for p in points])
+    d = np.array([p["kl_p1_bits"] - base["kl_p1_bits"] for p in points])
+    hit = np.flatnonzero(g >= gain)
+    if hit.size == 0:
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return float(d[0])
+    t = (gain - g[i - 1]) / max(g[i] - g[i - 1], 1e-12)
+    return float(d[i - 1] + t * (d[i] - d[i - 1]))
+
+
+# ------------------------------------------------------------------------------ theory side
+def _constants(world, model0):
+    """Constants of Appendix E at q0 on the union of the P1 and P2 trees."""
+    from sft.worlds import tree_full_logprobs
+    from theory.estimate import estimate_constants
+
+    u, i1, i2 = world.p1.union(world.p2)
+    e1 = np.zeros(u.n_nodes)
+    e2 = np.zeros(u.n_nodes)
+    np.add.at(e1, i1, world.p1.eos_mass)
+    np.add.at(e2, i2, world.p2.eos_mass)
+    p1u, p2u = u.with_masses(e1), u.with_masses(e2)
+    logq = tree_full_logprobs(model0, u, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
+    return estimate_constants(p1u, p2u, logq, alpha=0.1, threshold=0.1)
+
+
+def _bounds(est, lams: list[float], gain_bits: float) -> dict:
+    """Theorem E.3 over the fitted steps (nats -> bits) and Theorem E.4 at the measured gain."""
+    from theory import bounds as B
+
+    c = est.constants
+    out: dict = {"A": c.A if np.isfinite(c.C1) else float("nan")}
+    lam = np.clip(np.asarray(lams, dtype=float), 0.0, None)
+    if lam.size and np.isfinite(c.C1):
+        curve = c.A * np.cumsum(lam) + c.C1 * np.cumsum(lam**2)  # Theorem E.3, sparse form
+        out["e3_curve_bits"] = (curve / LN2).tolist()
+    else:
+        out["e3_curve_bits"] = []
+    T = max(int(lam.size), 1)
+    try:
+        b = float(B.degradation_bound(T, gain_bits * LN2, c.mu_T, c.C1, c.C2, c.A))
+        out["e4_bound_bits"] = b / LN2
+    except ValueError as exc:
+        out["e4_bound_bits"] = None
+        out["e4_error"] = str(exc).splitlines()[0]
+    return out
+
+
+# --------------------------------------------------------------------------------- driver
+def run_demo(cfg: DemoConfig) -> dict:
+    import torch
+
+    from sft.analysis import frac_above, token_probs
+    from sft.merge import wise_ft
+    from sft.worlds import WorldConfig, build_world, exact_metrics, pretrain, tree_full_logprobs
+    from theory.claims import run_ledger
+
+    from . import report
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    wfactory = WorldConfig.smoke if cfg.preset == "smoke" else WorldConfig.default
+    results: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                     "variants": {}}
+    jobs = [(v, m, lr) for v in cfg.variants for m in cfg.methods for lr in cfg.lrs]
+    bar = _bar(len(jobs) + len(cfg.variants), cfg.progress, "demo")
+    for variant in cfg.variants:
+        world = build_world(wfactory(variant=variant, seed=cfg.seed, **cfg.world_overrides))
+        model0, info = pretrain(world, cfg.cache_dir)
+        base = exact_metrics(model0, world)
+        base_logq = tree_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
+        est = _constants(world, model0)
+        bar.update(1)
+        vres = {"pretrain": {k: v for k, v in info.items() if k != "config"}, "base": base,
+                "constants": est.to_dict(), "runs": {}, "wise": {}}
+        probs0 = token_probs(model0, None, world.d2_train, batch_size=64, pad_token_id=world.pad_id, progress=False)
+        vres["token_probs"] = {"q0": probs0}
+        for method in cfg.methods:
+            for lr in cfg.lrs:
+                name = f"{method}@{lr:g}"
+                model, points, res, secs = _finetune(world, model0, method, lr, cfg,
+                                                     out / "runs" / variant / name.replace("@", "_lr"), base, base_logq)
+                summ = _summarise(points, base)
+                summ.update(_bounds(est, summ["lams"], summ["domain_gain_bits"]))
+                summ.update(points=points, seconds=secs, status=res.status)
+                stats_path = res.token_stats_path
+                if stats_path.exists():
+                    rows = [json.loads(x) for x in stats_path.read_text().splitlines() if x.strip()]
+                    summ["frac_p_gt_0.2"] = [r.get("frac_p_gt_0.2") for r in rows]
+                if method in ("ce", "talr") and lr == max(cfg.lrs):
+                    vres["token_probs"][name] = token_probs(model, None, world.d2_train, batch_size=64,
+                                                            pad_token_id=world.pad_id, progress=False)
+                if method == "ce":
+                    for a, merged in wise_ft(model0, model, cfg.wise_alphas):
+                        m = exact_metrics(merged, world)
+                        vres["wise"][f"wise{a:g}@{lr:g}"] = {
+                            "alpha": a, "lr": lr,
+                            "dL_P1_bits": m["kl_p1_bits"] - base["kl_p1_bits"],
+                            "domain_gain_bits": base["cond_code_len_p2_bits"] - m["cond_code_len_p2_bits"],
+                            "domain_acc": m["domain_acc"]}
+                vres["runs"][name] = summ
+                bar.update(1)
+        results["variants"][variant] = vres
+    bar.close()
+    results["findings"] = findings(results, cfg)
+    results["ledger"] = [c.to_dict() for c in run_ledger(n=cfg.ledger_n, seed=cfg.seed)]
+    results["wall_seconds"] = time.perf_counter() - t_start
+    report.write(results, out)
+    # the token-probability arrays are for figures only; keep results.json small
+    slim = copy.deepcopy(results)
+    for v in slim["variants"].values():
+        v["token_probs"] = {k: {"median": float(np.median(np.concatenate(p))) if p else None,
+                                "frac_p_gt_0.2": frac_above(p)} for k, p in v["token_probs"].items()}
+    _write_json(out / "results.json", slim)
+    return slim
+
+
+def findings(results: dict, cfg: DemoConfig) -> dict:
+    """The paper's findings, tested on this run's numbers."""
+    small, large = min(cfg.lrs), max(cfg.lrs)
+    f: dict = {}
+    for variant, v in results["variants"].items():
+        runs = v["runs"]
+        if f"ce@{small:g}" not in runs or f"ce@{large:g}" not in runs:
+            continue
+        a, b = runs[f"ce@{small:g}"], runs[f"ce@{large:g}"]
+        common = min(a["domain_gain_bits"], b["domain_gain_bits"])
+        base = v["base"]
+        da = _interp_at_gain(a["points"], base, common) if common > 0 else None
+        db = _interp_at_gain(b["points"], base, common) if common > 0 else None
+        entry = {
+            "ce_small": {"dL_P1_bits": a["dL_P1_bits"], "gain_bits": a["domain_gain_bits"], "acc": a["domain_acc"]},
+            "ce_large": {"dL_P1_bits": b["dL_P1_bits"], "gain_bits": b["domain_gain_bits"], "acc": b["domain_acc"]},
+            "equal_gain_bits": common, "dL_P1_at_equal_gain_small": da, "dL_P1_at_equal_gain_large": db,
+            "s_hard_per_example": v["constants"].get("s"),
+        }
+        entry["finding1_holds"] = (da is not None and db is not None and da < db)
+        talr_l, ce_l = runs.get(f"talr@{large:g}"), runs.get(f"ce@{large:g}")
+        if talr_l and ce_l:
+            others = {k: r["dL_P1_bits"] for k, r in runs.items() if k.endswith(f"@{large:g}")}
+            entry["retention_rank_at_large_lr"] = sorted(others, key=others.get)
+            entry["talr_best_retention_at_large_lr"] = min(others, key=others.get) == f"talr@{large:g}"
+        entry["degradation_ratio_large_over_small"] = (b["dL_P1_bits"] / a["dL_P1_bits"]
+                                                      if abs(a["dL_P1_bits"]) > 1e-12 else None)
+        bounds = [r["e4_bound_bits"] / r["dL_P1_bits"] for r in runs.values()
+                  if r.get("e4_bound_bits") is not None and r["dL_P1_bits"] > 1e-9]
+        entry["e4_tightness"] = {"n": len(bounds), "median": float(np.median(bounds)) if bounds else None,
+                                 "min": float(np.min(bounds)) if bounds else None}
+        f[variant] = entry
+    if "cot" in f and "label" in f:
+        rc, rl = f["cot"]["degradation_ratio_large_over_small"], f["label"]["degradation_ratio_large_over_small"]
+        f["finding2_holds"] = (rc is not None and rl is not None and rl < rc)
+    return f
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="run")
