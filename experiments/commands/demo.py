@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
                    help="tiny: the embedded tiny-transformer world; smollm2: SmolLM2-135M on MedCalc")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="runs/.cache/worlds",
+                   help="where pretrained tiny-world checkpoints are cached (by config hash)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -27,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from experiments.demo import make_config, run_demo
     from experiments.report import SUMMARY_HEADERS, _table, summary_rows
 
-    cfg = make_config(args.preset, out=args.out, seed=args.seed, progress=not args.no_progress)
+    cfg = make_config(args.preset, out=args.out, seed=args.seed, progress=not args.no_progress,
+                      cache_dir=args.cache_dir)
     res = run_demo(cfg)
     print(_table(SUMMARY_HEADERS, summary_rows(res)))
     print(f"\nreport: {cfg.out}/report.md  ({res['wall_seconds']:.0f} s)")
