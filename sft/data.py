@@ -1,0 +1,314 @@
+"""SFT data: JSONL rows -> token ids with completion-only labels, and a padding collator.
+
+Accepted row forms (one JSON object per line):
+
+* ``{"prompt": str, "completion": str}`` -- prompt/completion text;
+* ``{"prompt": [messages], "completion": [messages] | str}`` -- conversational prompt/completion;
+* ``{"messages": [{"role": ..., "content": ...}, ...]}`` -- the last message is the assistant's
+  completion, everything before it the prompt;
+* with ``template=`` one of `TEMPLATES` (the paper's Tables 4-6): the template's fields
+  (e.g. ``note``, ``question``) plus ``completion``.
+
+Conversations are rendered through the tokenizer's chat template (ChatML, the format of the
+paper's tables, when the tokenizer has none). Plain prompt/completion text is concatenated and an
+EOS appended unless ``chat_template=True``. Labels are -100 on every prompt token (including an
+assistant prefix such as Table 4's "Let me solve this step by step.\\n<think>") and equal the ids
+on completion tokens. Prompt and completion are tokenized separately and concatenated, so the
+label boundary is exact.
+
+A bad row raises `DataError` naming the file, the 1-based line and the field; nothing is
+returned or written for a file with a bad row.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """A row that cannot be used; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One of the paper's prompt templates: system text, user text with {fields}, assistant prefix."""
+
+    name: str
+    system: str
+    user: str
+    assistant_prefix: str
+    fields: tuple[str, ...]
+
+    def messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": self.user.format(**{f: row[f] for f in self.fields})},
+        ]
+
+
+_SYS_COT = ("You are a helpful assistant. You first think about the reasoning process in the mind and then "
+            "provide the user with the answer.")
+_ESCI_TASK = ("Your task is to classify each product as being an Exact, Substitute, Complement, or Irrelevant "
+              "match for the query.\nHere is the user\u2019s query:\n{user_query}\nHere is the product information:\n"
+              "{product_info}\n--------------\n")
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # Table 4
+    "medcalc": PromptTemplate(
+        name="medcalc",
+        system=_SYS_COT,
+        user=("You are a helpful assistant for calculating a score for a given patient note. Please think "
+              "step-by-step to solve the question and then generate the required score.\n"
+              "Here is the patient note:\n{note}\nHere is the task:\n{question}\n"
+              "Please show your entire reasoning process in a single <think> </think> block (do not open or "
+              "close the tag more than once).\nYour final response must be in JSON format within <answer> "
+              "</answer> tags. For example,\n<think>\n[entire reasoning process here]\n</think>\n<answer>\n"
+              '{{"answer": str(short_and_direct_answer_of_the_question)}}\n</answer>'),
+        assistant_prefix="Let me solve this step by step.\n<think>",
+        fields=("note", "question"),
+    ),
+    # Table 5
+    "esci": PromptTemplate(
+        name="esci",
+        system="You are a helpful assistant. You provide the user with the answer.",
+        user=(_ESCI_TASK + "Your final response must be within <answer> </answer> tags.\nLabel the relation "
+              "type as a number: 0 = Exact, 1 = Substitute, 2 = Complement and 3 = Irrelevant. For example,\n"
+              "<answer>one_of_[0, 1, 2, 3]</answer>."),
+        assistant_prefix="<answer>",
+        fields=("user_query", "product_info"),
+    ),
+    # Table 6
+    "esci_cot": PromptTemplate(
+        name="esci_cot",
+        system=_SYS_COT,
+        user=(_ESCI_TASK + "Please show your entire reasoning process in **a single** <think> </think> block "
+              "(do not open or close the tag more than once).\nYour final response must be within <answer> "
+              "</answer> tags.\nLabel the relation type as a number: 0 = Exact, 1 = Substitute, 2 = Complement "
+              "and 3 = Irrelevant. For example,\n<think>\n[entire reasoning process here]\n</think>\n"
+              "<answer>one_of_[0, 1, 2, 3]</answer>"),
+        assistant_prefix="",
+        fields=("user_query", "product_info"),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# reading rows
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """A parsed row: prompt messages (or plain text), assistant prefix, completion text."""
+
+    prompt: list[dict[str, str]] | str
+    completion: str
+    assistant_prefix: str = ""
+    where: str = ""  # "file:line" for error messages
+    extra: dict[str, Any] | None = None
+
+
+def _err(path, line, field, msg) -> DataError:
+    return DataError(f"{path}:{line}: field {field!r}: {msg}")
+
+
+def _check_messages(value, path, line, field) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise _err(path, line, field, "expected a non-empty list of {role, content} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _err(path, line, f"{field}[{i}]", "expected an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise _err(path, line, f"{field}[{i}].role", f"unknown role {m['role']!r}")
+    return value
+
+
+def parse_row(obj: Any, path: str = "<memory>", line: int = 0, template: str | None = None) -> Row:
+    """Validate one JSON object and turn it into a `Row` (raises `DataError`)."""
+    if not isinstance(obj, dict):
+        raise _err(path, line, "<row>", f"expected a JSON object, got {type(obj).__name__}")
+    where = f"{path}:{line}"
+    if template is not None:
+        if template not in TEMPLATES:
+            raise DataError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+        t = TEMPLATES[template]
+        for f in t.fields + ("completion",):
+            if not isinstance(obj.get(f), str):
+                raise _err(path, line, f, "missing or not a string")
+        if not obj["completion"]:
+            raise _err(path, line, "completion", "empty")
+        return Row(t.messages(obj), obj["completion"], t.assistant_prefix, where)
+    if "messages" in obj:
+        msgs = _check_messages(obj["messages"], path, line, "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise _err(path, line, f"messages[{len(msgs) - 1}].role", "the last message must be the assistant's")
+        if len(msgs) < 2:
+            raise _err(path, line, "messages", "needs at least one prompt message before the assistant's")
+        return Row(msgs[:-1], msgs[-1]["content"], "", where)
+    if "prompt" not in obj:
+        raise _err(path, line, "prompt", "missing (expected 'prompt'+'completion' or 'messages')")
+    if "completion" not in obj:
+        raise _err(path, line, "completion", "missing")
+    prompt, completion = obj["prompt"], obj["completion"]
+    if isinstance(prompt, list):
+        prompt = _check_messages(prompt, path, line, "prompt")
+    elif not isinstance(prompt, str):
+        raise _err(path, line, "prompt", "expected a string or a list of messages")
+    if isinstance(completion, list):
+        completion = _check_messages(completion, path, line, "completion")
+        if len(completion) != 1 or completion[0]["role"] != "assistant":
+            raise _err(path, line, "completion", "expected exactly one assistant message")
+        completion = completion[0]["content"]
+    elif not isinstance(completion, str):
+        raise _err(path, line, "completion", "expected a string or a list with one assistant message")
+    if not completion:
+        raise _err(path, line, "completion", "empty")
+    return Row(prompt, completion, "", where)
+
+
+def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
+    """All rows of a JSONL file (blank lines skipped); the first bad row raises `DataError`."""
+    rows = []
+    path = str(path)
+    with open(path, encoding="utf-8") as fh:
+        for i, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _err(path, i, "<row>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            rows.append(parse_row(obj, path, i, template))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenization
+# ----------------------------------------------------------------------------------------------
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def split_text(tokenizer, row: Row, *, chat_template: bool | None = None) -> tuple[str, str, bool]:
+    """(prompt text, completion text, is_chat). The completion text ends with the turn end / EOS."""
+    conversational = isinstance(row.prompt, list)
+    use_chat = chat_template if chat_template is not None else (
+        conversational or getattr(tokenizer, "chat_template", None) is not None)
+    if not use_chat:
+        if conversational:
+            raise DataError(f"{row.where}: conversational row needs a chat template")
+        return row.prompt, row.completion + (tokenizer.eos_token or ""), False
+    msgs = row.prompt if conversational else [{"role": "user", "content": row.prompt}]
+    prompt_text = _render(tokenizer, msgs, True) + row.assistant_prefix
+    full = _render(tokenizer, msgs + [{"role": "assistant", "content": row.assistant_prefix + row.completion}], False)
+    if full.startswith(prompt_text):
+        completion_text = full[len(prompt_text):]
+    else:  # templates that rewrite earlier turns (e.g. strip <think>): fall back to completion + EOS
+        completion_text = row.completion + (tokenizer.eos_token or "")
+    return prompt_text, completion_text, True
+
+
+def tokenize_row(tokenizer, row: Row, *, max_length: int | None = None,
+                 chat_template: bool | None = None) -> dict[str, list[int]] | None:
+    """``{"input_ids", "labels"}`` for one row; None when truncation leaves no completion token."""
+    prompt_text, completion_text, is_chat = split_text(tokenizer, row, chat_template=chat_template)
+    p_ids = tokenizer(prompt_text, add_special_tokens=not is_chat)["input_ids"]
+    c_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    ids = list(p_ids) + list(c_ids)
+    labels = [IGNORE_INDEX] * len(p_ids) + list(c_ids)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE_INDEX for x in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """A list of tokenized examples (dicts of lists); ``dropped`` counts rows truncated away."""
+
+    def __init__(self, examples: Sequence[dict[str, Any]], dropped: int = 0):
+        self.examples = list(examples)
+        self.dropped = dropped
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+    def with_column(self, name: str, values: Sequence[Any]) -> "SFTDataset":
+        """A new dataset with ``name`` set on every example (e.g. FLOW's ``flow_weight``)."""
+        if len(values) != len(self.examples):
+            raise ValueError(f"{name}: {len(values)} values for {len(self.examples)} examples")
+        return SFTDataset([{**ex, name: v} for ex, v in zip(self.examples, values)], self.dropped)
+
+    def num_tokens(self) -> int:
+        return sum(len(ex["input_ids"]) for ex in self.examples)
+
+
+def tokenize_rows(tokenizer, rows: Iterable[Row], *, max_length: int | None = None,
+                  chat_template: bool | None = None) -> SFTDataset:
+    examples, dropped = [], 0
+    for row in rows:
+        ex = tokenize_row(tokenizer, row, max_length=max_length, chat_template=chat_template)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise DataError("no example keeps a completion token after truncation; raise max_length")
+    return SFTDataset(examples, dropped)
+
+
+def load_sft_dataset(path: str | Path, tokenizer, *, template: str | None = None, max_length: int | None = None,
+                     chat_template: bool | None = None) -> SFTDataset:
+    """Read a JSONL file and tokenize it with completion-only labels."""
+    return tokenize_rows(tokenizer, read_jsonl(path, template=template), max_length=max_length,
+                         chat_template=chat_template)
+
+
+# ----------------------------------------------------------------------------------------------
+# collation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PadCollator:
+    """Right-pads a list of examples to the longest one in the batch (dynamic padding).
+
+    Returns input_ids, attention_mask, labels (-100 on padding) and, when the examples carry it,
+    ``flow_weight`` [B] (FLOW's static sequence weights).
+    """
+
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = max(len(ex["input_ids"]) for ex in examples)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            n = (n + m - 1) // m * m
+        B = len(examples)
+        input_ids = torch.full((B, n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, n), IGNORE_INDEX, dtype=torch.long)
+        attn = torch.zeros((B, n), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            k = len(ex["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(ex["input_ids"])
+            labels[i, :k] = torch.as_tensor(ex["labels"])
+            attn[i, :k] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
+        if "flow_weight" in examples[0]:
+            batch["flow_weight"] = torch.tensor([float(ex["flow_weight"]) for ex in examples], dtype=torch.float64)
+        return batch

