@@ -1,6 +1,45 @@
 """talr.theory -- numpy/scipy/sympy only (never torch).
 
 Token trees, the LLM compression protocol, divergences on trees, exponential tilting,
-the bounds of arXiv 2509.20758 as functions of their constants, constant estimation and
-exact simulators.
+the bounds of arXiv 2509.20758 as functions of their constants, constant estimation,
+exact simulators and the claims ledger.
+
+Public entries (one per capability; submodules hold the rest):
+
+* ``TokenTree`` (tree) -- Definition 3.1;
+* ``encode`` / ``decode`` / ``decode_with_model`` (coding) -- Definition 3.2 with real bits;
+* ``TreeLogProbs``, ``kl``, ``chi2``, ``code_length_bits``, ``delta_code_length`` (divergence)
+  -- Proposition 3.1;
+* ``tilt_log``, ``schedule``, ``fit_effective_step`` (tilting) -- Definition B.3, Theorem E.1;
+* ``Constants`` and the bound functions (bounds) -- Theorems 3.1/3.2, B.2/B.3, E.2-E.5;
+* ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
+  ``run_ledger`` (claims).
+
+Names are imported lazily, so ``import theory`` stays cheap (sympy loads only on use).
 """
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "TokenTree": "tree",
+    "encode": "coding", "decode": "coding", "decode_with_model": "coding",
+    "ideal_code_length_bits": "coding",
+    "TreeLogProbs": "divergence", "kl": "divergence", "chi2": "divergence",
+    "code_length_bits": "divergence", "delta_code_length": "divergence",
+    "delta_code_length_per_level": "divergence",
+    "tilt_log": "tilting", "tilt": "tilting", "smooth": "tilting", "schedule": "tilting",
+    "fit_effective_step": "tilting",
+    "Constants": "bounds", "degradation_bound": "bounds", "Lambda_T_min": "bounds",
+    "lambda_max": "bounds", "theorem_3_1_k": "bounds",
+    "estimate_constants": "estimate",
+    "run_tabular": "simulate", "run_softmax": "simulate",
+    "run_ledger": "claims",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
