@@ -28,6 +28,7 @@ __all__ = [
     "leaf_log_prob",
     "code_length_bits",
     "cross_entropy",
+    "entropy",
     "kl",
     "chi2",
     "expect_p",
@@ -131,11 +132,27 @@ def _xlogy_terms(mass: np.ndarray, logq: np.ndarray) -> np.ndarray:
     return out
 
 
+def _mass_dot(mass: np.ndarray, logq: np.ndarray) -> float:
+    """``sum mass * logq`` with ``0 * -inf = 0`` (one pass when every logq is finite)."""
+    if logq.size == 0:
+        return 0.0
+    if logq.min() > -np.inf:
+        return float(np.dot(mass, logq))
+    return float(_xlogy_terms(mass, logq).sum())
+
+
 def cross_entropy(tree: TokenTree, lp: TreeLogProbs, unit: str = "bits") -> float:
     """``E_P[-log Q(z)]`` in the per-level form of Proposition B.1."""
     eos = _eos_eff(tree, lp)
-    total = -(_xlogy_terms(tree.mass[1:], lp.edge[1:]).sum() + _xlogy_terms(tree.eos_mass, eos).sum())
+    leaves = np.flatnonzero(tree.eos_mass)
+    total = -(_mass_dot(tree.mass[1:], lp.edge[1:]) + _mass_dot(tree.eos_mass[leaves], eos[leaves]))
     return float(total * _scale(unit))
+
+
+def entropy(tree: TokenTree, unit: str = "bits") -> float:
+    """``H(P) = -sum_z P(z) log P(z)`` over the tree's responses."""
+    _, p = tree.leaves()
+    return float(-np.dot(p, np.log(p)) * _scale(unit))
 
 
 def code_length_bits(tree: TokenTree, lp: TreeLogProbs) -> float:
@@ -144,17 +161,12 @@ def code_length_bits(tree: TokenTree, lp: TreeLogProbs) -> float:
 
 
 def kl(tree: TokenTree, lp: TreeLogProbs, unit: str = "bits") -> float:
-    """``KL(P || Q) = E_P[log P(z) - log Q(z)]`` (>= 0 up to rounding), per level:
-    ``sum_c P(c) (log p(c|u) - log q(c|u))`` over edges plus the same over EOS leaves."""
-    eos = _eos_eff(tree, lp)
-    m, e = tree.mass, tree.eos_mass
-    with np.errstate(divide="ignore", invalid="ignore"):  # zero-mass nodes are masked below
-        logm = np.log(m)
-        log_pe = np.where(tree.forced_end(), 0.0, np.log(e) - logm)
-    with np.errstate(invalid="ignore"):  # -inf - -inf where the mass is 0 (masked below)
-        log_pc = logm[1:] - logm[tree.parent[1:]]
-        total = _xlogy_terms(m[1:], log_pc - lp.edge[1:]).sum() + _xlogy_terms(e, log_pe - eos).sum()
-    return float(total * _scale(unit))
+    """``KL(P || Q) = E_P[-log Q(z)] - H(P)`` (>= 0 up to rounding).
+
+    Summing the per-level terms ``P(c) (log p(c|u) - log q(c|u))`` telescopes to this: the
+    tree's own conditionals contribute exactly ``-H(P)``.
+    """
+    return cross_entropy(tree, lp, unit) - entropy(tree, unit)
 
 
 def chi2(tree: TokenTree, lp: TreeLogProbs) -> float:

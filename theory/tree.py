@@ -54,59 +54,58 @@ def _as_int_arrays(seqs: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarra
 def _build_by_sorting(tokens, starts, lengths, w, vocab_size):
     """BFS node arrays of the prefix tree of ``n`` sequences via one lexicographic sort.
 
-    Rows of the padded matrix ``M[n, L]`` (pad = -1, so a prefix sorts before its
+    Rows of the padded matrix ``M[n, L]`` (token + 1, pad 0, so a prefix sorts before its
     extensions) are sorted byte-wise; consecutive sorted rows share ``lcp`` tokens, so row
-    ``i`` creates the nodes of depths ``lcp_i + 1 .. len_i``. Within a depth, nodes appear in
-    sorted-row order, which is parent order then token order: BFS order.
+    ``r`` creates the nodes of depths ``lcp_r + 1 .. len_r``. In the depth-major (transposed)
+    layout, created cells in reading order are BFS order (depth, then parent, then token), so
+    a running count numbers the nodes and a running max along each depth row gives every
+    row's node at that depth.
     """
     n = lengths.size
     L = int(lengths.max())
     col = np.arange(L)
+    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4"
     inside = col[None, :] < lengths[:, None]
-    M = np.full((n, L), -1, dtype=np.int64)
+    M = np.zeros((n, L), dtype=width)
     if int(lengths.sum()) == tokens.size:  # no truncation: tokens are the row-major cells
-        M[inside] = tokens
+        M[inside] = tokens + 1
     else:
         rows = np.repeat(np.arange(n), lengths)
         offs = np.arange(rows.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        M[inside] = tokens[starts[rows] + offs]
-    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4"
-    U = (M + 1).astype(width)
-    order = np.argsort(U.view(np.dtype((np.void, L * U.dtype.itemsize))).ravel(), kind="stable")
-    M, lengths, w, inside = M[order], lengths[order], w[order], inside[order]
+        M[inside] = tokens[starts[rows] + offs] + 1
+    order = np.argsort(M.view(np.dtype((np.void, L * M.dtype.itemsize))).ravel(), kind="stable")
+    M, lengths, w = M[order], lengths[order], w[order]
     lcp = np.zeros(n, dtype=np.int64)  # tokens shared with the previous sorted row
     if n > 1:
         diff = M[1:] != M[:-1]
         lcp[1:] = np.where(diff.any(axis=1), np.argmax(diff, axis=1), L)
         lcp[1:] = np.minimum(lcp[1:], np.minimum(lengths[1:], lengths[:-1]))
-    create = inside & (col[None, :] >= lcp[:, None])  # row creates its node at depth col + 1
-    flat = np.flatnonzero(create)  # row-major: rows ascending, then depth
-    d_flat = (flat % L).astype(np.int16 if L < (1 << 15) else np.int64)
-    bfs = flat[np.argsort(d_flat, kind="stable")]  # depth-major, rows ascending: BFS order
-    n_nodes = 1 + bfs.size
-    node_id = np.zeros(n * L, dtype=np.int64)
-    node_id[bfs] = np.arange(1, n_nodes)
-    # the node of row r at depth d is the one created by the last creator row at or above r
-    creator = np.where(create, np.arange(n)[:, None], 0)
-    np.maximum.accumulate(creator, axis=0, out=creator)
-    node_of = np.take(node_id, creator * L + col[None, :])
-    node_of[~inside] = 0
-    node_of = node_of.ravel()
+    inside_t = col[:, None] < lengths[None, :]  # [L, n], depth-major
+    create_t = inside_t & (col[:, None] >= lcp[None, :])
+    idt = np.int32 if create_t.size < (1 << 31) else np.int64
+    ids = np.cumsum(create_t.ravel(), dtype=idt).reshape(L, n)  # BFS id (1-based) at created cells
+    ids *= create_t
+    node_t = np.maximum.accumulate(ids, axis=1)  # row r's node at depth d
+    cells = np.flatnonzero(create_t)  # created cells in BFS order
+    n_nodes = 1 + cells.size
+    d_cell = cells // n
     parent = np.empty(n_nodes, dtype=np.int64)
     parent[0] = -1
-    d_bfs = bfs % L
-    parent[1:] = np.where(d_bfs > 0, np.take(node_of, bfs - 1), 0)
+    node_flat = node_t.ravel()
+    parent[1:] = np.where(d_cell > 0, node_flat[np.maximum(cells - n, 0)], 0)
     token = np.empty(n_nodes, dtype=np.int64)
     token[0] = -1
-    token[1:] = np.take(M.ravel(), bfs)
-    depth = np.concatenate([[0], d_bfs + 1])
-    inside_flat = inside.ravel()
-    count = np.bincount(node_of[inside_flat], weights=np.repeat(w, lengths), minlength=n_nodes)
+    token[1:] = np.ascontiguousarray(M.T).ravel()[cells].astype(np.int64) - 1
+    depth = np.concatenate([[0], d_cell + 1])
+    if np.all(w == w[0]):
+        count = np.bincount(node_t[inside_t], minlength=n_nodes) * float(w[0])
+    else:
+        count = np.bincount(node_t[inside_t], weights=np.broadcast_to(w, (L, n))[inside_t], minlength=n_nodes)
     count[0] = w.sum()
     rows = np.arange(n)
-    last = np.where(lengths > 0, node_of[rows * L + np.maximum(lengths - 1, 0)], 0)
+    last = np.where(lengths > 0, node_t[np.maximum(lengths - 1, 0), rows], 0)
     eos_count = np.bincount(last, weights=w, minlength=n_nodes)
-    return parent, token, depth, count, eos_count
+    return parent, token, depth, count.astype(np.float64), eos_count
 
 
 @dataclass(eq=False)
