@@ -76,6 +76,22 @@ def _tree_with(tree: TokenTree, logp: np.ndarray) -> TokenTree:
     return tree.with_masses(np.exp(leaf_log_prob(tree, lp)))
 
 
+def _with_hard_tokens(tree: TokenTree, p1: np.ndarray, hard_levels, hard_mass: float) -> np.ndarray:
+    """P2's conditionals: P1's, except that at every node of a hard level P1's least likely
+    token gets ``hard_mass`` and the other tokens share the rest in P1's proportions."""
+    V = p1.shape[1] - 1
+    p2 = p1.copy()
+    for lvl in hard_levels:
+        ids = np.flatnonzero(tree.depth == lvl)
+        hard_tok = np.argmin(p1[ids, :V], axis=1)
+        rest = p1[ids].copy()
+        rest[np.arange(ids.size), hard_tok] = 0.0
+        rest *= (1 - hard_mass) / rest.sum(1, keepdims=True)
+        rest[np.arange(ids.size), hard_tok] = hard_mass
+        p2[ids] = rest
+    return p2
+
+
 def make_world(
     V: int = 2,
     depth: int = 3,
@@ -104,15 +120,7 @@ def make_world(
     p1[tree.forced_end()] = np.eye(V + 1)[V]
     if hard_levels is None:
         hard_levels = tuple(int(x) for x in np.sort(rng.permutation(depth)[:n_hard]))
-    p2 = p1.copy()
-    for lvl in hard_levels:
-        ids = np.flatnonzero(tree.depth == lvl)
-        hard_tok = np.argmin(p1[ids, :V], axis=1)
-        rest = p1[ids].copy()
-        rest[np.arange(ids.size), hard_tok] = 0.0
-        rest *= (1 - hard_mass) / rest.sum(1, keepdims=True)
-        rest[np.arange(ids.size), hard_tok] = hard_mass
-        p2[ids] = rest
+    p2 = _with_hard_tokens(tree, p1, hard_levels, hard_mass)
     with np.errstate(divide="ignore"):
         logp1, logp2 = np.log(p1), np.log(p2)
     noise = q_noise * rng.standard_normal(p1.shape)
@@ -251,15 +259,7 @@ def make_softmax_world(
     logp1[tree.forced_end()] = base.logp1[tree.forced_end()]
     # P2: P1 with the hard levels of `base`
     p1 = np.exp(logp1)
-    p2 = p1.copy()
-    for lvl in base.hard_levels:
-        ids = np.flatnonzero(tree.depth == lvl)
-        hard_tok = np.argmin(p1[ids, :V], axis=1)
-        rest = p1[ids].copy()
-        rest[np.arange(ids.size), hard_tok] = 0.0
-        rest *= (1 - hard_mass) / rest.sum(1, keepdims=True)
-        rest[np.arange(ids.size), hard_tok] = hard_mass
-        p2[ids] = rest
+    p2 = _with_hard_tokens(tree, p1, base.hard_levels, hard_mass)
     with np.errstate(divide="ignore"):
         logp2 = np.log(p2)
     w = World(tree, _tree_with(tree, logp1), _tree_with(tree, logp2), logp1, logp2, logq0, base.hard_levels)

@@ -81,16 +81,10 @@ def render(template: str, doc: dict, where: str = "") -> str:
 
 
 def read_docs(path: str | os.PathLike) -> list[dict]:
-    path = os.fspath(path)
-    docs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno}: not JSON ({e})") from None
-    return docs
+    """Records of a local JSONL task file (errors name the file and line)."""
+    from .codelength import read_jsonl
+
+    return read_jsonl(path)
 
 
 # --------------------------------------------------------------------------- scoring (lm-eval semantics)
