@@ -74,9 +74,22 @@ def load_model(spec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r}: no such file or folder (offline: hub names are not fetched)")
     if path.is_file() and path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                    local_files_only=True)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     local_files_only=True)
+        return _drop_quantizer(model)
+    return _drop_quantizer(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True))
+
+
+def _drop_quantizer(model: nn.Module) -> nn.Module:
+    """A GGUF model is de-quantised to plain float weights on load, but transformers leaves its
+    quantizer attached (also in configs saved from it), and ``Trainer`` refuses to train a model
+    that carries one. The weights are ordinary tensors, so drop the marker."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def load_tokenizer(spec):

@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--template", default=None, help="prompt template: medcalc | esci | esci_cot (Tables 4-6)")
     p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"], help="model dtype")
+    p.add_argument("--general-eval", default=None,
+                   help="general evaluation set recorded for `talr compare` (JSONL, or humaneval[:N])")
+    p.add_argument("--domain-eval", default=None,
+                   help="domain evaluation set recorded for `talr compare` (JSONL with prompt/completion)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SKIP:
@@ -65,6 +69,8 @@ def handler(args) -> int:
     from sft.trainer import TrainConfig, train
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if (args.general_eval or args.domain_eval) and args.save_total_limit == TrainConfig().save_total_limit:
+        kw["save_total_limit"] = None  # `talr compare` reads every checkpoint: keep them all
     cfg = TrainConfig(**kw)
     tok = load_tokenizer(args.tokenizer or args.model)
     if tok is None:
@@ -78,7 +84,8 @@ def handler(args) -> int:
     if args.model.startswith("tiny") and model.config.vocab_size < len(tok):
         model.resize_token_embeddings(len(tok))
     extra = {"model": args.model, "data": args.data, "tokenizer": args.tokenizer, "template": args.template,
-             "max_length": args.max_length, "dtype": args.dtype, "n_examples": len(ds), "n_dropped": ds.dropped}
+             "max_length": args.max_length, "dtype": args.dtype, "n_examples": len(ds), "n_dropped": ds.dropped,
+             "general_eval": args.general_eval, "domain_eval": args.domain_eval}
     res = train(cfg, model, ds, tokenizer=tok, extra_config=extra)
     print(f"talr train: {res.status} after {res.global_step} steps, train loss {res.train_loss:.4f}; "
           f"results in {res.run_dir}" + (f" ({res.message})" if res.message else ""))

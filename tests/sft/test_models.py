@@ -84,3 +84,18 @@ def test_byte_tokenizer_round_trips_any_text():
     tok = byte_tokenizer()
     s = "Größe: 24.7 kg/m² <answer>"
     assert tok.decode(tok(s)["input_ids"]) == s and len(tok) == 260
+
+
+def test_gguf_model_is_trainable(tmp_path):
+    """transformers leaves the GGUF quantizer on the de-quantised model; Trainer would refuse it."""
+    from sft.trainer import TrainConfig, train
+    from tinyworld import make_dataset
+
+    write_llama_gguf(make_model(torch.float32), tmp_path / "tiny.gguf")
+    model = load_model(tmp_path / "tiny.gguf")
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = train(TrainConfig(method="ce", lr=1e-2, max_steps=2, batch_size=4, out=str(tmp_path / "run"),
+                            progress=False, save_final=False), model, make_dataset())
+    assert res.status == "completed" and res.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
