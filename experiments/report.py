@@ -94,7 +94,7 @@ def _tokens_png(variant: str, v: dict, path: Path) -> str:
         a1.boxplot(data, showfliers=False)
         a1.set_xticks(range(1, len(names) + 1), names, fontsize=8)
     a1.set_ylabel("p(target token)")
-    a1.set_title(f"Target-token probabilities, D2 training set ({variant})")
+    a1.set_title(f"Target-token probabilities, D2 train ({variant})")
     for name, r in v["runs"].items():
         ep, fr = curriculum(r)
         if name.split("@")[0] in ("clip", "talr") and fr:
@@ -103,6 +103,7 @@ def _tokens_png(variant: str, v: dict, path: Path) -> str:
     a2.set_ylabel("fraction of batch tokens with p > 0.2 (epoch mean)")
     a2.set_title("Curriculum (Fig. 3c): clipping and TALR")
     a2.legend(fontsize=8)
+    fig.tight_layout()
     return _save(fig, path)
 
 
