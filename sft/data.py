@@ -57,50 +57,24 @@ class PromptTemplate:
         ]
 
 
-_SYS_COT = ("You are a helpful assistant. You first think about the reasoning process in the mind and then "
-            "provide the user with the answer.")
-_ESCI_TASK = ("Your task is to classify each product as being an Exact, Substitute, Complement, or Irrelevant "
-              "match for the query.\nHere is the user\u2019s query:\n{user_query}\nHere is the product information:\n"
-              "{product_info}\n--------------\n")
+def _paper_templates() -> dict[str, PromptTemplate]:
+    """Tables 4-6, from their single source in `sft.eval.medcalc` / `sft.eval.esci` (torch-free)."""
+    from .eval import esci as E
+    from .eval import medcalc as M
 
-TEMPLATES: dict[str, PromptTemplate] = {
-    # Table 4
-    "medcalc": PromptTemplate(
-        name="medcalc",
-        system=_SYS_COT,
-        user=("You are a helpful assistant for calculating a score for a given patient note. Please think "
-              "step-by-step to solve the question and then generate the required score.\n"
-              "Here is the patient note:\n{note}\nHere is the task:\n{question}\n"
-              "Please show your entire reasoning process in a single <think> </think> block (do not open or "
-              "close the tag more than once).\nYour final response must be in JSON format within <answer> "
-              "</answer> tags. For example,\n<think>\n[entire reasoning process here]\n</think>\n<answer>\n"
-              '{{"answer": str(short_and_direct_answer_of_the_question)}}\n</answer>'),
-        assistant_prefix="Let me solve this step by step.\n<think>",
-        fields=("note", "question"),
-    ),
-    # Table 5
-    "esci": PromptTemplate(
-        name="esci",
-        system="You are a helpful assistant. You provide the user with the answer.",
-        user=(_ESCI_TASK + "Your final response must be within <answer> </answer> tags.\nLabel the relation "
-              "type as a number: 0 = Exact, 1 = Substitute, 2 = Complement and 3 = Irrelevant. For example,\n"
-              "<answer>one_of_[0, 1, 2, 3]</answer>."),
-        assistant_prefix="<answer>",
-        fields=("user_query", "product_info"),
-    ),
-    # Table 6
-    "esci_cot": PromptTemplate(
-        name="esci_cot",
-        system=_SYS_COT,
-        user=(_ESCI_TASK + "Please show your entire reasoning process in **a single** <think> </think> block "
-              "(do not open or close the tag more than once).\nYour final response must be within <answer> "
-              "</answer> tags.\nLabel the relation type as a number: 0 = Exact, 1 = Substitute, 2 = Complement "
-              "and 3 = Irrelevant. For example,\n<think>\n[entire reasoning process here]\n</think>\n"
-              "<answer>one_of_[0, 1, 2, 3]</answer>"),
-        assistant_prefix="",
-        fields=("user_query", "product_info"),
-    ),
-}
+    return {
+        # Table 4
+        "medcalc": PromptTemplate("medcalc", M.SYSTEM_PROMPT, M.USER_TEMPLATE, M.ASSISTANT_PREFIX,
+                                  ("note", "question")),
+        # Table 5 (w/o CoT) and Table 6 (w/ CoT); fields named as in the official ESCI files
+        "esci": PromptTemplate("esci", E.SYSTEM_PROMPT_NO_COT, E.USER_TEMPLATE_NO_COT, E.ASSISTANT_PREFIX_NO_COT,
+                               ("query", "product_info")),
+        "esci_cot": PromptTemplate("esci_cot", E.SYSTEM_PROMPT_COT, E.USER_TEMPLATE_COT, E.ASSISTANT_PREFIX_COT,
+                                   ("query", "product_info")),
+    }
+
+
+TEMPLATES: dict[str, PromptTemplate] = _paper_templates()
 
 
 # ----------------------------------------------------------------------------------------------

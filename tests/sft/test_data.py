@@ -51,7 +51,7 @@ def test_medcalc_template_table4_and_assistant_prefix_is_prompt(tok):
 
 @pytest.mark.parametrize("name,prefix", [("esci", "<answer>"), ("esci_cot", "")])
 def test_esci_templates_tables_5_and_6(tok, name, prefix):
-    row = parse_row({"user_query": "red shoes", "product_info": "Nike red running shoe", "completion": "0</answer>"},
+    row = parse_row({"query": "red shoes", "product_info": "Nike red running shoe", "completion": "0</answer>"},
                     template=name)
     prompt, completion, _ = split_text(tok, row)
     assert "Here is the user\u2019s query:\nred shoes\nHere is the product information:\nNike red running shoe" in prompt
@@ -59,7 +59,7 @@ def test_esci_templates_tables_5_and_6(tok, name, prefix):
     assert prompt.endswith("<|im_start|>assistant\n" + prefix)
     assert ("**a single**" in prompt) == (name == "esci_cot")
     assert completion == "0</answer><|im_end|>\n"
-    assert TEMPLATES[name].fields == ("user_query", "product_info")
+    assert TEMPLATES[name].fields == ("query", "product_info")
 
 
 @pytest.mark.parametrize("line,field", [
