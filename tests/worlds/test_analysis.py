@@ -114,3 +114,16 @@ def test_cli_analyze(tmp_path):
     assert all(_is_png(out / f) for f in ("boxplot.png", "heatmap_a.png", "heatmap_b.png"))
     assert main(["analyze", "--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out",
                  str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+def test_length_batches_bound_padding_and_cover_everything():
+    from sft.analysis import length_batches
+
+    lengths = np.array([100, 98, 50, 97, 10, 11, 49, 100])
+    batches = length_batches(lengths, batch_size=3, max_pad=0.1)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(8))
+    for b in batches:
+        assert len(b) <= 3
+        padded = len(b) * lengths[b].max()
+        assert padded <= 1.1 * lengths[b].sum() or len(b) == 1
+    assert [sorted(lengths[b].tolist(), reverse=True) for b in batches][0] == [100, 100, 98]
