@@ -40,20 +40,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def _tradeoff_png(variant: str, v: dict, lrs, path: Path) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    names, pts = [], []
     markers = {min(lrs): "o", max(lrs): "s"}
-    for name, r in v["runs"].items():
-        lr = float(name.split("@")[1])
+    points = [(name, r, dict(marker=markers.get(float(name.split("@")[1]), "^"), s=40), dict(fontsize=7, xytext=(3, 3)))
+              for name, r in v["runs"].items()]
+    points += [(name, r, dict(marker="x", color="gray", s=30), dict(fontsize=6, color="gray", xytext=(3, -8)))
+               for name, r in v.get("wise", {}).items()]
+    pts = []
+    for name, r, style, label_style in points:  # fine-tuned runs, then WiSE-FT merges
         x, y = r["domain_gain_bits"], -r["dL_P1_bits"]
-        ax.scatter(x, y, marker=markers.get(lr, "^"), s=40)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        names.append(name)
-        pts.append((x, y))
-    for name, r in v.get("wise", {}).items():
-        x, y = r["domain_gain_bits"], -r["dL_P1_bits"]
-        ax.scatter(x, y, marker="x", color="gray", s=30)
-        ax.annotate(name, (x, y), fontsize=6, color="gray", xytext=(3, -8), textcoords="offset points")
-        names.append(name)
+        ax.scatter(x, y, **style)
+        ax.annotate(name, (x, y), textcoords="offset points", **label_style)
         pts.append((x, y))
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")

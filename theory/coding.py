@@ -191,6 +191,13 @@ class _Tables:
         return j, int(Fin[r]), int(Fin[r + 1])
 
 
+def _narrow(low: int, high: int, lo: int, hi: int, total: int) -> tuple[int, int]:
+    """The sub-interval of ``[low, high]`` for a symbol with cumulative range ``[lo, hi)``
+    out of ``total`` (shared by encoder and decoder, which must split identically)."""
+    rng = high - low + 1
+    return low + (rng * lo) // total, low + (rng * hi) // total - 1
+
+
 class _BitWriter:
     """Collects bits as (value, width) chunks; joined once at the end."""
 
@@ -226,10 +233,7 @@ class _Encoder:
 
     def push(self, lo: int, hi: int, total: int) -> None:
         """Narrow the interval to the symbol's ``[lo, hi)`` out of ``total``."""
-        low, high = self.low, self.high
-        rng = high - low + 1
-        high = low + (rng * hi) // total - 1
-        low = low + (rng * lo) // total
+        low, high = _narrow(self.low, self.high, lo, hi, total)
         while True:
             if high < _HALF or low >= _HALF:
                 # k equal leading bits of low and high leave at once (k rounds of E1/E2)
@@ -279,10 +283,8 @@ class _Decoder:
         return ((self.value - self.low + 1) * total - 1) // rng
 
     def pop(self, lo: int, hi: int, total: int) -> None:
-        low, high, value = self.low, self.high, self.value
-        rng = high - low + 1
-        high = low + (rng * hi) // total - 1
-        low = low + (rng * lo) // total
+        low, high = _narrow(self.low, self.high, lo, hi, total)
+        value = self.value
         while True:
             if high < _HALF or low >= _HALF:
                 k = STATE_BITS - (low ^ high).bit_length()
