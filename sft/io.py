@@ -1,0 +1,139 @@
+"""Atomic file output and JSON-safe values: the one place in talr that calls ``os.replace``.
+
+Pure standard library (no torch), so the theory commands can use it too.
+
+Invariant: a reader of ``path`` sees either the previous complete file (or none) or the new
+complete file, never a partial one. Every writer here writes to a temporary sibling in the
+same directory (same file system), flushes and fsyncs it, then renames it over ``path``
+(``os.replace`` is atomic on POSIX). On any error the temporary file is removed and ``path``
+is left untouched.
+
+``atomic_path`` gives the temporary name to a callback, for writers that only accept a path
+(``torch.save``, ``Figure.savefig``, ``save_pretrained`` of a folder); ``publish_dir`` renames a
+completed temporary directory into place and refuses to replace a non-empty one silently.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = [
+    "to_jsonable",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_path",
+    "publish_dir",
+    "write_with",
+]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    numpy scalars and arrays become Python numbers and lists, paths become strings,
+    dataclasses with ``to_dict`` are expanded, and non-finite floats become ``None``
+    (JSON has no NaN/inf; a ``null`` says "not available" without lying).
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars, torch tensors
+    if callable(tolist):
+        return to_jsonable(tolist())
+    item = getattr(obj, "item", None)
+    if callable(item):
+        return to_jsonable(item())
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on normal exit rename it onto ``path``.
+
+    ``suffix`` defaults to ``path``'s own suffix (matplotlib picks the format from it).
+    The caller writes the whole file at the yielded path (it exists, empty, on entry).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix if suffix is None else suffix,
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if tmp_path.is_file():
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically; return ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``to_jsonable(obj)`` as strict JSON (no NaN) atomically; return ``path``."""
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Rename a completed directory ``tmp_dir`` to ``final_dir`` (same file system).
+
+    A non-empty ``final_dir`` is replaced only with ``overwrite=True`` (it is first moved
+    aside, then deleted after the rename, so a crash leaves one complete copy).
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    if not tmp_dir.is_dir():
+        raise FileNotFoundError(f"{tmp_dir}: not a directory")
+    old = None
+    if final_dir.exists():
+        if final_dir.is_dir() and not any(final_dir.iterdir()):
+            final_dir.rmdir()
+        elif not overwrite:
+            raise FileExistsError(f"{final_dir} exists and is not empty (pass overwrite=True to replace it)")
+        else:
+            old = final_dir.with_name(f".{final_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final_dir
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` and publish the result at ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)

@@ -1,0 +1,49 @@
+"""sft.io: atomic writes leave either the old or the new complete file, never a partial one."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sft.io import atomic_write_json, atomic_write_text, publish_dir, to_jsonable, write_with
+
+
+def test_to_jsonable_numpy_and_nonfinite():
+    out = to_jsonable({"a": np.float32(1.5), "b": np.arange(3), "c": float("nan"), 1: (np.int64(2), math.inf)})
+    assert out == {"a": 1.5, "b": [0, 1, 2], "c": None, "1": [2, None]}
+    json.dumps(out, allow_nan=False)
+
+
+def test_failed_writer_leaves_previous_file(tmp_path):
+    p = tmp_path / "x.json"
+    atomic_write_json(p, {"v": 1})
+
+    def boom(tmp):
+        tmp.write_text("partial")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_with(p, boom)
+    assert json.loads(p.read_text()) == {"v": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]  # no temporary left behind
+
+
+def test_unserialisable_object_writes_nothing(tmp_path):
+    p = tmp_path / "y.json"
+    with pytest.raises(TypeError):
+        atomic_write_json(p, {"f": object()})
+    assert not p.exists()
+
+
+def test_publish_dir_refuses_nonempty_target(tmp_path):
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    tmp = tmp_path / ".run.tmp"
+    tmp.mkdir()
+    atomic_write_text(tmp / "new.txt", "new")
+    with pytest.raises(FileExistsError):
+        publish_dir(tmp, final)
+    assert (final / "old.txt").exists()
+    publish_dir(tmp, final, overwrite=True)
+    assert sorted(f.name for f in final.iterdir()) == ["new.txt"]
