@@ -19,6 +19,9 @@ COMMANDS = {
     "analyze": "analyze",
     "compare": "compare",
     "demo": "demo",
+    "forecast": "forecast",
+    "advise": "forecast",
+    "study": "study",
 }
 
 

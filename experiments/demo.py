@@ -108,7 +108,10 @@ def _callback(curve: _Curve, every: int):
     return EvalCallback()
 
 
-def _finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Path, base: dict, base_logq):
+def finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Path, base: dict, base_logq):
+    """Fine-tune a copy of ``model0`` with ``method`` at ``lr`` for ``cfg.steps`` steps (batch
+    ``cfg.batch``, seed ``cfg.seed``), measuring the exact metrics every ``cfg.eval_every`` steps
+    and at the end. Returns ``(model, points, TrainResult, seconds)``; LoRA comes back merged."""
     from sft.data import SFTDataset
     from sft.trainer import TrainConfig, train
 
@@ -130,7 +133,8 @@ def _finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: P
     return model, curve.points, res, secs
 
 
-def _summarise(points: list[dict], base: dict) -> dict:
+def summarise(points: list[dict], base: dict) -> dict:
+    """Final exact dL(P1) and domain gain (bits) of a run's evaluation points against ``base``."""
     last = points[-1]
     return {
         "dL_P1_bits": last["kl_p1_bits"] - base["kl_p1_bits"],
@@ -241,9 +245,9 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
         for method in methods_of(variant):
             for lr in cfg.lrs:
                 name = f"{method}@{lr:g}"
-                model, points, res, secs = _finetune(world, model0, method, lr, cfg,
+                model, points, res, secs = finetune(world, model0, method, lr, cfg,
                                                      out / "runs" / variant / name.replace("@", "_lr"), base, base_logq)
-                summ = _summarise(points, base)
+                summ = summarise(points, base)
                 summ.update(_bounds(est, summ["lams"], summ["domain_gain_bits"]))
                 summ.update(points=points, seconds=secs, status=res.status)
                 stats_path = res.token_stats_path
