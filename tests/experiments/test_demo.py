@@ -36,7 +36,8 @@ def test_report_has_every_section_with_numbers(demo):
     assert re.search(r"TALR at the large lr:\*\* retention ranking", text)
     assert re.search(r"bound tightness:\*\* Theorem E.4 bound / measured dL\(P1\) over \d+ runs", text)
     ledger = text.split("(d) Claims ledger")[1]
-    assert "Proposition 3.1" in ledger or "Prop" in ledger
+    for cid in ("Proposition 3.1", "Lemma E.1", "Theorem B.1 (= E.1)", "Theorem B.2 (= E.4)", "Theorem 3.2"):
+        assert f"| {cid} |" in ledger, cid  # every ledger row under its one spelling
     assert "{" not in text and "None" not in text
 
 
