@@ -130,3 +130,20 @@ def test_theorem_e4_at_gain_converts_units():
         (4.5 * lam + 2 * lam**2 / 10) / ln2, rel=1e-13)
     with pytest.raises(ValueError, match="T > 4"):
         B.theorem_e4_at_gain(3, 1.0, c)
+
+
+def test_lemma_e3_identity_on_three_outcomes():
+    """E_P f - E_Q f = KL(P||Q) + KL(Q||P~2) - KL(P||P~2), f = log p~2 - log q (brute force)."""
+    p, q, p2 = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.2, 0.6]), np.array([0.1, 0.7, 0.2])
+    f = np.log(p2) - np.log(q)
+
+    def kl(a, b):
+        return float(np.sum(a * np.log(a / b)))
+
+    lhs = float(p @ f - q @ f)
+    assert B.lemma_e3_rhs(kl(p, q), kl(q, p2), kl(p, p2)) == pytest.approx(lhs, rel=1e-12)
+
+
+def test_theorem_3_2_lambda_max_hand_value():
+    # eps_fg / (H_T M_h sqrt(s) T) = 0.1 / (2 * 0.5 * 2 * 10)
+    assert B.theorem_3_2_lambda_max(0.1, 4, 10, 2.0, 0.5) == pytest.approx(0.005, rel=1e-14)
