@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from experiments.cli import main  # noqa: E402
-from experiments.studies.compare import CompareError, bounds_at, checkpoints, load_eval_set  # noqa: E402
+from experiments.studies.compare import CompareError, bounds_at, load_eval_set  # noqa: E402
+from sft.runs import checkpoints  # noqa: E402
 from sft.models import byte_tokenizer, load_model  # noqa: E402
 
 TINY = "tiny:hidden=32,layers=1,heads=2,intermediate=64"
