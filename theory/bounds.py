@@ -330,7 +330,8 @@ def equal_step_degradation_bound(lam, delta_star, mu_T, C1, C2, A) -> np.ndarray
     den = mu - C2 * lam
     if np.any(den <= 0):
         raise ValueError(
-            f"Theorem B.2 (= E.4): per-step weight lam={lam!r} too large: need lam < mu_T/C2 = {mu / np.maximum(C2, 1e-300)!r}"
+            f"Theorem B.2 (= E.4): per-step weight lam={lam!r} too large: "
+            f"need lam < mu_T/C2 = {mu / np.maximum(C2, 1e-300)!r}"
         )
     return d * (A + C1 * lam) / den
 
@@ -350,8 +351,8 @@ def theorem_e4_at_gain(T, gain, c: Constants, unit: str = "nats") -> float:
 
 # ------------------------------------------------------ Theorem B.3 (= E.5)
 def lambda_max(T, eps_fg, H_T, V_s, C1) -> np.ndarray:
-    """Largest equal per-step weight guaranteeing ``Delta L_T(P1) <= eps_fg`` (Theorem B.3 (= E.5), eq. (19)):
-    the positive root of ``C1 lam^2 + H_T V_s lam - eps_fg/T = 0``."""
+    """Largest equal per-step weight guaranteeing ``Delta L_T(P1) <= eps_fg`` (Theorem B.3 (= E.5),
+    eq. (19)): the positive root of ``C1 lam^2 + H_T V_s lam - eps_fg/T = 0``."""
     T, eps, b, C1 = _arr(T), _arr(eps_fg), _arr(H_T) * _arr(V_s), _arr(C1)
     _check_pos(T=T)
     _check_nonneg(eps_fg=eps, H_T=H_T, V_s=V_s, C1=C1)

@@ -160,8 +160,8 @@ def write(results: dict, out: Path) -> Path:
             rows += [[f"WiSE-FT a={r['alpha']:g}", r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"],
                       -r["dL_P1_bits"]] for r in v.get("wise", {}).values() if r["lr"] == lr]
             lines += [f"### (e) Table (paper Tables 1-2 analogue), {variant}, lr = {lr:g}", "",
-                      markdown_table(["method", "domain acc", "domain gain (bits)", "dL(P1) (bits)", "retention (bits)"],
-                             rows), ""]
+                      markdown_table(["method", "domain acc", "domain gain (bits)", "dL(P1) (bits)",
+                                      "retention (bits)"], rows), ""]
     lines += ["## Findings, tested", ""]
     f = results.get("findings", {})
     for variant, e in f.items():
