@@ -109,9 +109,9 @@ def _request(args) -> dict:
 
 def forecast_to(args) -> dict:
     """Forecast into ``args.out`` (or reuse a matching forecast.json there)."""
-    from experiments.studies.forecast_report import md_table, tradeoff_figure
+    from experiments.outputs import markdown_table, write_json, write_text
+    from experiments.studies.forecast_report import tradeoff_figure
     from sft.forecast_run import forecast_grid
-    from sft.io import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
     path = out / "forecast.json"
@@ -127,13 +127,13 @@ def forecast_to(args) -> dict:
     model0, d2, d1, pad = _inputs(args)
     res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress)
     res["request"] = _request(args)
-    atomic_write_json(path, res)
+    write_json(path, res)
     rows = res["rows"]
     txt = (f"# Forecast ({args.model}, T = {args.steps}, B = {args.batch_size})\n\ncompute ratio "
            f"{res['compute']['compute_ratio']:.3f} ({res['compute']['unit']}; forecast of the whole grid / one "
-           "training run)\n\n" + md_table(["method", "lr", "predicted dL(P1) bits", "predicted domain gain bits"],
-                                           [[r["method"], r["lr"], r["dL_P1_bits"], r["domain_gain_bits"]] for r in rows]))
-    atomic_write_text(out / "forecast.md", txt)
+           "training run)\n\n" + markdown_table(["method", "lr", "predicted dL(P1) bits", "predicted domain gain bits"],
+                                           [[r["method"], r["lr"], r["dL_P1_bits"], r["domain_gain_bits"]] for r in rows]) + "\n")
+    write_text(out / "forecast.md", txt)
     tradeoff_figure(out / "tradeoff.png", rows)
     return json.loads(path.read_text())
 

@@ -96,19 +96,11 @@ def forecast_config(cfg: StudyConfig, world):
 
 # ---------------------------------------------------------------------------------- baselines
 def paper_rule_constants(world, model0) -> dict:
-    """H_T V_s and C1 of Theorem E.5 at q0 (nats; `theory.estimate` on the union tree)."""
-    from sft.worlds import tree_full_logprobs
-    from theory.estimate import estimate_constants
+    """H_T V_s and C1 of Theorem E.5 (= B.3) at q0 (nats), as the demo estimates them."""
+    from .demo import appendix_e_constants
 
-    u, i1, i2 = world.p1.union(world.p2)
-    e1, e2 = np.zeros(u.n_nodes), np.zeros(u.n_nodes)
-    np.add.at(e1, i1, world.p1.eos_mass)
-    np.add.at(e2, i2, world.p2.eos_mass)
-    logq = tree_full_logprobs(model0, u, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
-    c = estimate_constants(u.with_masses(e1), u.with_masses(e2), logq, alpha=0.1, threshold=0.1).constants
-    HV = float(c.H_T * c.V_s)
-    C1 = float(c.C1) if math.isfinite(c.C1) else 0.0
-    return {"H_T_V_s": HV, "C1": C1}
+    c = appendix_e_constants(world, model0).constants
+    return {"H_T_V_s": float(c.H_T * c.V_s), "C1": float(c.C1) if math.isfinite(c.C1) else 0.0}
 
 
 def paper_rule_dl(lrs_t: np.ndarray, c: float, HV: float, C1: float) -> float:
@@ -149,14 +141,14 @@ def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) the study into ``cfg.out``; returns the summary."""
     import torch
 
-    from sft.io import atomic_write_json
+    from experiments.outputs import write_json
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(cfg, out, atomic_write_json)
+        return _run(cfg, out, write_json)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,6 +1,6 @@
 """The measured side of the forecast study: a grid of fine-tuning runs in the tiny world.
 
-Every run is the demo's (`experiments.demo.finetune`: CoT world, AdamW, cosine schedule, no
+Every run is the demo's (`experiments.studies.demo.finetune`: CoT world, AdamW, cosine schedule, no
 warm-up) with the exact end metrics: ``dL_P1_bits`` = KL(P1 || q_T) - KL(P1 || q0) and
 ``domain_gain_bits`` = the drop of E_P2[-log2 q(completion | prompt)], plus baseline (d),
 ``kl_q0_qT_domain_bits`` = sum over P2's completion prefixes u of P2(u) KL(q0(.|u) || q_T(.|u))
@@ -63,20 +63,22 @@ class WorldCache:
     def get(self, wcfg):
         key = (wcfg.key(), wcfg.variant)
         if key not in self._worlds:
-            from sft.worlds import build_world, exact_metrics, pretrain, tree_full_logprobs
+            from sft.treeprobs import exact_full_logprobs
+            from sft.worlds import build_world, exact_metrics, pretrain
 
             world = build_world(wcfg)
             model0, _ = pretrain(world, self.cache_dir)
             base = exact_metrics(model0, world)
-            logq0 = tree_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
+            logq0 = exact_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
             self._worlds[key] = (world, model0, base, logq0)
         return self._worlds[key]
 
 
 def run_one(spec: RunSpec, wcfg, worlds: WorldCache) -> dict:
     """Fine-tune and measure one configuration (see the module docstring)."""
-    from experiments.demo import DemoConfig, finetune, summarise
-    from sft.worlds import tree_full_logprobs
+    from sft.treeprobs import exact_full_logprobs
+
+    from .demo import DemoConfig, finetune, summarise
 
     world, model0, base, logq0 = worlds.get(wcfg)
     dcfg = DemoConfig(steps=spec.steps, batch=spec.batch, eval_every=spec.steps + 1, seed=spec.seed, progress=False)
@@ -86,7 +88,7 @@ def run_one(spec: RunSpec, wcfg, worlds: WorldCache) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     s = summarise(points, base)
-    logqT = tree_full_logprobs(model, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
+    logqT = exact_full_logprobs(model, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
     out = {"spec": asdict(spec), "status": res.status, "seconds": secs,
            "dL_P1_bits": s["dL_P1_bits"], "domain_gain_bits": s["domain_gain_bits"],
            "domain_acc": s["domain_acc"],
@@ -106,10 +108,10 @@ def _init_worker(cache_dir: str) -> None:
 
 def _work(item):
     spec, wcfg, path = item
-    from sft.io import atomic_write_json
+    from experiments.outputs import write_json
 
     res = run_one(spec, wcfg, _WORKER["worlds"])
-    atomic_write_json(path, res)
+    write_json(path, res)
     return res
 
 

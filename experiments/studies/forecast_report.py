@@ -1,26 +1,14 @@
 """Markdown table and figures of the forecast study and of `talr forecast`."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
+from experiments.outputs import markdown_table, pyplot, save_figure, write_text
+
 METHOD_COLORS = {"ce": "#1f77b4", "talr": "#d62728", "dft": "#2ca02c", "l2": "#9467bd", "lora": "#ff7f0e",
                  "flow": "#8c564b"}
-
-
-def md_table(headers: list[str], rows: list[list]) -> str:
-    """A Markdown table; floats with 3 significant digits."""
-
-    def fmt(x):
-        if isinstance(x, float):
-            return "nan" if not math.isfinite(x) else f"{x:.3g}"
-        return str(x)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 SCORE_KEYS = ("spearman", "spearman_within_lr", "within_2x", "advisor_hit_rate", "advisor_within_budget",
@@ -36,15 +24,15 @@ def summary_markdown(s: dict) -> str:
     txt = (f"# Forecast study (world seed {s['world_seed']}, preset {s['preset']})\n\n"
            f"{s['n_configs']} configurations x {s['n_seeds']} seeds; spearman_ceiling (two seeds' "
            f"measurements) = {s['spearman_ceiling']:.3f}; compute ratio = {s['compute_ratio']:.3f} "
-           f"({s['compute']['unit']}).\n\n" + md_table(head, rows) + "\n")
+           f"({s['compute']['unit']}).\n\n" + markdown_table(head, rows) + "\n\n")
     cols = ["method", "lr", "forecast_dL_P1_bits", "measured_dL_P1_bits", "measured_dL_P1_sd", "forecast_gain_bits",
             "measured_gain_bits", "lr_alone_dL_P1_bits", "power_law_dL_P1_bits", "kl_domain_after_bits"]
     txt += "## Per configuration (bits per sequence; measured = mean over seeds)\n\n"
-    txt += md_table(cols, [[r[c] for c in cols] for r in s["table"]])
-    txt += "\n## Advisor\n\n" + md_table(
+    txt += markdown_table(cols, [[r[c] for c in cols] for r in s["table"]]) + "\n"
+    txt += "\n## Advisor\n\n" + markdown_table(
         ["budget (bits)", "choice", "hindsight best", "hit", "measured dL <= 2 budget"],
         [[b["budget_bits"], _name(s, b["choice"]), _name(s, b["best"]), b["hit"], b["within_budget"]]
-         for b in s["advisor_budgets"]])
+         for b in s["advisor_budgets"]]) + "\n"
     return txt
 
 
@@ -57,13 +45,7 @@ def _name(s: dict, i: int) -> str:
 
 def forecast_figure(path: Path, s: dict) -> None:
     """Forecast vs measured dL(P1) (log-log), y = x and the 2x band, coloured by method."""
-    from sft.io import write_with
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     f = np.array([r["forecast_dL_P1_bits"] for r in s["table"]])
     m = np.array([r["measured_dL_P1_bits"] for r in s["table"]])
@@ -85,19 +67,12 @@ def forecast_figure(path: Path, s: dict) -> None:
     ax.set_title(f"spearman {s['spearman']:.2f}, within 2x {s['within_2x']:.2f}")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    write_with(path, lambda p: fig.savefig(p, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def tradeoff_figure(path: Path, rows: list[dict], title: str = "predicted trade-off") -> None:
     """Predicted domain gain vs predicted dL(P1), one line per method over the learning rates."""
-    from sft.io import write_with
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     for meth in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == meth), key=lambda r: r["lr"])
@@ -110,14 +85,11 @@ def tradeoff_figure(path: Path, rows: list[dict], title: str = "predicted trade-
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    write_with(path, lambda p: fig.savefig(p, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, s: dict) -> None:
-    from sft.io import atomic_write_text
-
-    atomic_write_text(out / "table.md", summary_markdown(s))
+    write_text(out / "table.md", summary_markdown(s))
     forecast_figure(out / "forecast_vs_measured.png", s)
     rows = [{"method": r["method"], "lr": r["lr"], "dL_P1_bits": r["forecast_dL_P1_bits"],
              "domain_gain_bits": r["forecast_gain_bits"]} for r in s["table"]]
