@@ -1,42 +1,49 @@
 """Forecast a fine-tuning grid before training: each (method, learning rate)'s general
-degradation dL(P1) and domain gain, from gradients at theta0 and a replay of the optimiser.
+degradation dL(P1) and domain gain, from gradients at theta0, a replay of the optimiser and
+one short probe.
 
 Model (what is theory, what is fit):
 
-1. **Per-prefix decomposition (theory, exact).** For any update q -> q' and the log-shift
-   s_u = log q'_u - log q_u at every prefix u of D1,
+1. **dL(P1) by the per-prefix decomposition (theory, exact for the predicted step).** For an
+   update q -> q' with log-shift s_u = log q'_u - log q_u at every prefix u of D1,
    dL(P1) = -sum_u P1(u) (E_{p1_u} - E_{q_u})[s_u] + sum_u P1(u) KL(q_u || q'_u)
-   (Proposition 3.1 taken node by node). The forecast evaluates both terms on the prefixes of a
-   sample of D1 at the *predicted* parameters theta0 + d_theta (one forward pass per
-   configuration), so no linearisation of log q in theta is needed: s_u = log q(.|u; theta0 +
-   d_theta) - log q(.|u; theta0) exactly, for the predicted step.
+   (Proposition 3.1 node by node). It is evaluated on the prefixes of a sample of D1 at the
+   predicted parameters theta0 + d_theta (one forward pass over the sample per configuration:
+   s_u is the model's exact shift for the predicted step, no linearisation of log q in theta);
+   on the sample's empirical tree the two terms sum to the mean of log q0(z) - log q'(z).
 
-2. **The step d_theta (theory: the optimiser, replayed on frozen gradients).** The method's
-   mini-batch gradients of the domain loss are computed once at theta0 (``n_batches``
-   batches of size B, with the method's stop-gradient token weights: CE 1, TALR
-   max(p^{1/tau}, w_min) with tau = the batch median of per-sequence mean losses, DFT p, FLOW
-   sequence weights exp(-loss0/tau), tau = median loss0). AdamW (beta = 0.9, 0.999, eps 1e-8,
-   the trainer's cosine schedule without warm-up, global-norm clipping at 1) is then replayed
-   for T steps in parameter space, drawing one of these gradients per step (the data order),
-   with the pieces that depend on where the parameters are done exactly:
-   L2's pull 2 l2 (theta - theta0) is added to every step's gradient, and LoRA is replayed
-   on its own factors (Delta W = s B A with B = 0 and peft's A at the start; dL/dB = s G A^T,
-   dL/dA = s B^T G with G the frozen full-weight gradient), so its restricted, bilinear
-   subspace and its slow start come from the replay. The replay costs no model passes.
+2. **The step d_theta (theory: the optimiser, replayed on frozen gradients).** Each method's
+   mini-batch gradients of the domain loss are computed once at theta0 (``n_batches`` batches
+   of B sequences, with the method's stop-gradient token weights: CE 1, TALR max(p^{1/tau},
+   w_min) with tau = the batch median of per-sequence mean losses, DFT p, FLOW's sequence
+   weights exp(-loss0/tau)), split into two token groups (hard: p0 < 0.2; easy). AdamW (beta =
+   0.9, 0.999, eps 1e-8; the trainer's cosine schedule without warm-up; global-norm clipping at
+   1) is then replayed for T steps in parameter space, one of these batches per step. What
+   depends on where the parameters are is done exactly: L2's pull 2 l2 (theta - theta0) joins
+   every step's gradient; LoRA is replayed on its own factors (Delta W = s B A, B = 0 and peft's
+   kaiming-uniform A at the start, dL/dB = s G A^T, dL/dA = s B^T G with G the frozen weight
+   gradient), so its restricted bilinear subspace and slow start come out of the replay.
+   Gradients shrink as the domain is learned: each group's gradient is scaled by
+   phi(ell) / phi(ell0), phi = w(p) (1 - p), p = exp(-ell) (the size of a token's logit gradient
+   times the method's weight), at the group's first-order loss ell = ell0 + g . d_theta.
+   Adam's second moment keeps the early, large gradients, so the steps shrink with them.
+   The replay needs no model passes.
 
-3. **What theory cannot give (fit, one probe shared by the grid).** Gradients do not stay
-   frozen: as the domain is learned its gradient shrinks and, because Adam's second moment
-   remembers the early large gradients, the steps shrink. One short CE probe at the grid's
-   largest rate (``probe_steps`` real optimiser steps, evaluated on the D1 sample at a few
-   points) measures how much of the frozen replay's displacement is realised; the
-   realised/frozen ratio r(Lambda) = 1 / (1 + (Lambda / Lambda_sat)^k) of the accumulated rate
-   Lambda = sum_t eta_t is fitted on the probe and applied to every method's replayed step
-   (d_theta -> r d_theta). Same for all methods: only the step's *direction* and Adam's
-   normalisation differ between methods, and those come from part 2.
+3. **The domain gain (fit: one CE probe shared by the grid).** Theory gives the first-order
+   loss change of each group for a step, not how fast the realised loss approaches its floor.
+   A tracker lets each group's mean loss fall as d ell = -kappa (ell / ell0)^2 x (the first-order
+   effect of the part of the step that the group's own gradient makes; no spill-over between
+   groups). kappa (one per group) is fitted on ONE short real CE run at the grid's middle rate
+   (``probe_steps`` AdamW steps, the first steps of the real schedule), matching its measured
+   group losses; the forecast gain is sum_k (ell0_k - ell_k(T)) x (group-k tokens per sequence).
+   The probe's dL(P1) is kept for the baselines; it does not enter the forecast of dL(P1).
 
-Assumptions: gradient statistics at theta0 represent the run's (exchangeable mini-batches;
-the probe corrects their decay); one D1 sample of ``n_general`` sequences estimates dL(P1);
-the domain gain is the drop of the completion code length on the D2 training examples.
+Assumptions: exchangeable mini-batches whose gradients at theta0 represent the run's up to the
+tracked shrinkage; a D1 sample of ``n_general`` sequences estimates dL(P1) (the tiny world's
+exact dL is over P1's whole tree); the domain gain is measured on the tokens the SFT loss sees.
+Known limits (docs/forecast): the frozen replay cannot see that the curved real trajectory
+learns the domain with a smaller displacement, so L2 at large rates (whose pull equilibrium
+depends on that) and every method at the largest rate are over-predicted.
 
 Compute is counted in forward-token passes (a backward costs two): ``compute_ratio`` = the
 whole grid's forecast / one training run of one configuration (T steps of B sequences).
@@ -268,6 +275,18 @@ def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:
     return g * (max_norm / (n + 1e-6)) if n > max_norm else g
 
 
+TRACKER_POWER = 2.0  # hyperbolic approach to 0 (heavier tail than exponential)
+
+
+def _decay(ell: torch.Tensor, drop: torch.Tensor, ell0: torch.Tensor) -> torch.Tensor:
+    """One exact step of d ell = -drop (ell / ell0)^g (g = TRACKER_POWER; g = 1: exponential)."""
+    e0 = ell0.clamp_min(1e-12)
+    if TRACKER_POWER == 1.0:
+        return ell * torch.exp(-drop / e0)
+    g = TRACKER_POWER
+    return e0 * ((ell / e0).clamp_min(1e-30) ** (1 - g) + (g - 1) * drop / e0) ** (1 / (1 - g))
+
+
 def replay_adam(gg: GroupGradients, method: str, lrs: np.ndarray, order: np.ndarray, *, l2_coeff: float = 0.0,
                 max_grad_norm: float = 1.0, w_min: float = L.W_MIN, track: bool = True,
                 trajectory: bool = False):
@@ -304,7 +323,7 @@ def replay_adam(gg: GroupGradients, method: str, lrs: np.ndarray, order: np.ndar
             ell = (ell - (gg.ce_mean @ step).double()).clamp_min(0.0)  # theta moves by -step
         denom = (state["v"] / (1 - BETAS[1] ** t)).sqrt_().add_(ADAM_EPS)
         own = (gg.ce_mean * parts).mul_(c * float(lr)).div_(denom).sum(1).double()
-        trk = trk * torch.exp(-kappa * own.clamp_min(0.0) / gg.ell0.clamp_min(1e-12))  # d ell = -kappa own ell / ell0
+        trk = _decay(trk, kappa * own.clamp_min(0.0), gg.ell0)
         delta -= step
         if trajectory:
             traj.append(trk.clone())
@@ -369,7 +388,7 @@ def replay_lora(gg: GroupGradients, layout, lrs: np.ndarray, order: np.ndarray, 
         if track:
             ell = (ell + (gg.ce_mean @ d).double()).clamp_min(0.0)
         own = -(gg.ce_mean @ d).double()  # LoRA: the whole merged step (its groups share A, B)
-        trk = trk * torch.exp(-kappa * own.clamp_min(0.0) / gg.ell0.clamp_min(1e-12))
+        trk = _decay(trk, kappa * own.clamp_min(0.0), gg.ell0)
         prev = cur
     return cur, trk
 

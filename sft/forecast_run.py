@@ -171,10 +171,11 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
 
 
 def power_law_probes(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig,
-                     n_evals: int = 4) -> dict:
-    """Baseline (c): per learning rate, a CE probe of ``cfg.probe_steps`` real steps (the first
-    steps of the real schedule) with dL(P1) on the D1 sample at ``n_evals`` points; a power law
-    dL = a t^b fitted (log-log least squares on the positive points) and read at T.
+                     n_evals: int = 4, steps: int | None = None) -> dict:
+    """Baseline (c): per learning rate, a CE probe of ``steps`` real steps (default twice the
+    forecast's probe; the first steps of the real schedule) with dL(P1) on the D1 sample at
+    ``n_evals`` points; a power law dL = a t^b fitted (log-log least squares on the positive
+    points) and read at T.
     Returns {"dL_P1_bits": [per lr], "compute_units": ...}."""
     meter = ComputeMeter()
     d1 = list(d1)[: cfg.n_general]
@@ -184,14 +185,15 @@ def power_law_probes(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], 
     from .models import token_nll
 
     preds = []
-    at = set(np.unique(np.geomspace(max(2, cfg.probe_steps // 8), cfg.probe_steps, n_evals).round().astype(int)).tolist())
+    k = min(steps or 2 * cfg.probe_steps, cfg.steps)
+    at = set(np.unique(np.geomspace(max(2, k // 4), k, n_evals).round().astype(int)).tolist())
     for lr in cfg.lrs:
         model = copy.deepcopy(model0)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         rng = np.random.default_rng([cfg.seed, 11])
-        plrs = cosine_lrs(lr, cfg.steps)[: cfg.probe_steps]
+        plrs = cosine_lrs(lr, cfg.steps)[:k]
         ts, ds = [], []
         for t, lr_t in enumerate(plrs, start=1):
             idx = rng.choice(len(d2), cfg.batch, replace=False)
