@@ -12,6 +12,8 @@ Public entries (one per capability; submodules hold the rest):
   -- Proposition 3.1;
 * ``tilt_log``, ``schedule``, ``fit_effective_step`` (tilting) -- Definition B.3, Theorem E.1;
 * ``Constants`` and the bound functions (bounds) -- Theorems 3.1/3.2, B.2/B.3, E.2-E.5;
+* ``prefix_decomposition`` (prefix, re-exported by bounds) -- the exact per-prefix
+  decomposition of Delta L(P1) (Proposition 3.1 node by node) and its chi2_bar bound;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
   ``run_ledger`` (claims).
 
@@ -32,6 +34,7 @@ _WHERE = {
     "fit_effective_step": "tilting",
     "Constants": "bounds", "degradation_bound": "bounds", "Lambda_T_min": "bounds",
     "lambda_max": "bounds", "theorem_3_1_k": "bounds",
+    "prefix_decomposition": "prefix", "PrefixDecomposition": "prefix",
     "estimate_constants": "estimate",
     "run_tabular": "simulate", "run_softmax": "simulate",
     "run_ledger": "claims",

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .prefix import PrefixDecomposition, prefix_decomposition  # per-prefix Prop. 3.1 (re-export)
+
 __all__ = [
     "Constants",
     "M_e",
@@ -51,6 +53,8 @@ __all__ = [
     "theorem_3_1_k",
     "theorem_3_1_bound",
     "theorem_3_2_lambda_max",
+    "PrefixDecomposition",
+    "prefix_decomposition",
 ]
 
 
