@@ -14,6 +14,10 @@ Public entries (one per capability; submodules hold the rest):
 * ``Constants`` and the bound functions (bounds) -- Theorems 3.1/3.2, B.2/B.3, E.2-E.5;
 * ``prefix_decomposition`` (prefix, re-exported by bounds) -- the exact per-prefix
   decomposition of Delta L(P1) (Proposition 3.1 node by node) and its chi2_bar bound;
+* the corrected statements (corrected, re-exported by bounds): ``lemma_e1_corrected``,
+  ``oracle_inequality_corrected``, ``theorem_e1_corrected_residual_lower_bound``,
+  ``theorem_e3_corrected``, ``theorem_3_1_corrected``, ``lambda_max_bracket``,
+  ``lambda_max_per_token``, ``lemma_e2_corrected``;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
   ``run_ledger`` (claims).
 
@@ -35,6 +39,10 @@ _WHERE = {
     "Constants": "bounds", "degradation_bound": "bounds", "Lambda_T_min": "bounds",
     "lambda_max": "bounds", "theorem_3_1_k": "bounds",
     "prefix_decomposition": "prefix", "PrefixDecomposition": "prefix",
+    "lemma_e1_corrected": "corrected", "oracle_inequality_corrected": "corrected",
+    "theorem_e1_corrected_residual_lower_bound": "corrected", "theorem_e3_corrected": "corrected",
+    "theorem_3_1_corrected": "corrected", "lambda_max_bracket": "corrected",
+    "lambda_max_per_token": "corrected", "lemma_e2_corrected": "corrected",
     "estimate_constants": "estimate",
     "run_tabular": "simulate", "run_softmax": "simulate",
     "run_ledger": "claims",
