@@ -23,11 +23,14 @@ equal to the paper's ``(b - sqrt(...)) / 2a`` but free of cancellation and valid
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from .prefix import PrefixDecomposition, prefix_decomposition  # per-prefix Prop. 3.1 (re-export)
+
+LN2 = math.log(2.0)
 
 __all__ = [
     "Constants",
@@ -44,10 +47,12 @@ __all__ = [
     "theorem_e3_domain",
     "theorem_e3_general",
     "theorem_e3_general_sparse",
+    "theorem_e3_cumulative",
     "Lambda_T_min",
     "degradation_bound",
     "degradation_bound_expansion",
     "equal_step_degradation_bound",
+    "theorem_e4_at_gain",
     "lambda_max",
     "lambda_max_asymptotic",
     "theorem_3_1_k",
@@ -67,6 +72,15 @@ def _check_nonneg(**kw) -> None:
         a = _arr(v)
         if np.any(np.isnan(a)) or np.any(a < 0):
             raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+
+def _nats_per(unit: str) -> float:
+    """Nats in one ``unit`` (the constants of Appendix E are in nats)."""
+    if unit == "nats":
+        return 1.0
+    if unit == "bits":
+        return LN2
+    raise ValueError(f"unit must be 'bits' or 'nats', not {unit!r}")
 
 
 def _check_pos(**kw) -> None:
@@ -253,6 +267,23 @@ def theorem_e3_general_sparse(lams, c: Constants) -> np.ndarray:
     return c.A * lams.sum(-1) + c.C1 * (lams**2).sum(-1)
 
 
+def theorem_e3_cumulative(lams, c: Constants, unit: str = "nats") -> np.ndarray:
+    """Theorem E.3 (sparse form, eq. (10)) after each step of a schedule:
+    ``A Lambda_t + C1 S_t`` for ``t = 1 .. T`` with ``Lambda_t = sum_{s<=t} lam_s`` and
+    ``S_t = sum_{s<=t} lam_s^2`` (:func:`theorem_e3_general_sparse` at every prefix of ``lams``).
+
+    ``lams``: the steps ``lam_t`` (1-D; e.g. fitted between evaluations by
+    `theory.tilting.fit_effective_step`); a negative fitted step (the update moved away from the
+    target) counts as 0, the theorem's schedules having ``lam_t >= 0``. ``c`` holds ``A`` (via
+    ``H_T``, ``w_S``, ``M_h``, ``M_l``) and ``C1`` in nats; the curve is returned in ``unit``
+    (``"bits"`` divides by ln 2, to draw it over code lengths). NaN/inf constants propagate.
+    """
+    lam = np.clip(_arr(lams), 0.0, None)
+    if lam.ndim != 1:
+        raise ValueError(f"lams must be 1-D (one lam per step), got shape {lam.shape}")
+    return (c.A * np.cumsum(lam) + c.C1 * np.cumsum(lam**2)) / _nats_per(unit)
+
+
 # -------------------------------------------------------------- Theorem E.4/B.2
 def Lambda_T_min(T, delta_star, mu_T, C2) -> np.ndarray:
     """Smallest total weight meeting the domain target with equal steps (Theorem E.4).
@@ -306,6 +337,19 @@ def equal_step_degradation_bound(lam, delta_star, mu_T, C1, C2, A) -> np.ndarray
             f"Theorem E.4: per-step weight lam={lam!r} too large: need lam < mu_T/C2 = {mu / np.maximum(C2, 1e-300)!r}"
         )
     return d * (A + C1 * lam) / den
+
+
+def theorem_e4_at_gain(T, gain, c: Constants, unit: str = "nats") -> float:
+    """Theorem E.4 (eq. (10), equal steps) at a measured domain gain ``Delta_* = gain``:
+    :func:`degradation_bound` with ``A``, ``mu_T``, ``C1``, ``C2`` from ``c`` (nats).
+
+    ``gain`` and the returned bound are in ``unit`` (``"bits"``: the gain is converted to nats
+    before the bound, the bound back to bits). ``T``: the number of steps (or evaluation
+    intervals) the gain took. Raises ``ValueError`` when no equal-steps schedule of ``T`` steps
+    reaches the gain (see :func:`Lambda_T_min`) or the gain is negative.
+    """
+    k = _nats_per(unit)
+    return float(degradation_bound(T, gain * k, c.mu_T, c.C1, c.C2, c.A)) / k
 
 
 # -------------------------------------------------------------- Theorem E.5/B.3

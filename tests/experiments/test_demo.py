@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from experiments.demo import make_config, run_demo
-from experiments.report import pareto_front
+from experiments.studies.demo import make_config, run_demo
+from experiments.studies.demo_report import pareto_front
 
 
 @pytest.fixture(scope="module")

@@ -3,38 +3,29 @@
 For the initial model and every checkpoint of ``RUN`` (``checkpoint-*``, plus ``final/`` when its
 step has no checkpoint), on a general evaluation set (D1) and a domain evaluation set (D2):
 
-* code lengths in bits (`sft.eval.codelength.code_length_bits`): per sequence and per token;
+* code lengths in bits (`sft.eval.codelength.corpus_code_length_bits`): per sequence and per token;
   rows with a prompt are coded conditionally (completion given prompt), text rows as a whole;
-* the empirical token trees of both sets truncated at depth ``d`` (Definition 3.2), the exact
+* the empirical token trees of both sets truncated at depth ``d`` (Definition 3.2; built and
+  scored by the bridge `sft.treeprobs`: `build_empirical_trees`, `empirical_tree_logprobs`), the exact
   ``KL(P^ || Q_t)`` on them, and the effective tilting step ``lam_t`` fitted between
   consecutive checkpoints on the D2 tree (Theorem E.1, Step 5, pooled over D2 prefixes,
   target ``p~2`` = empirical conditionals smoothed with alpha toward uniform, Assumption B.1);
 * the constants of Appendix E at the initial model (`theory.estimate.estimate_constants` on
   the union of the two trees), Theorem E.3 (sparse form, ``A Lambda_t + C1 S_t``) over the
-  fitted steps, and Theorem E.4 at each checkpoint's measured domain gain;
+  fitted steps and Theorem E.4 at each checkpoint's measured domain gain (`theory.bounds.
+  theorem_e3_cumulative`, `theorem_e4_at_gain`);
 * ``compare.json``, ``compare.md`` and ``compare.png`` (bound over measured degradation) in RUN.
 
 Approximations (the theory is about one distribution over responses; a real LLM conditions on
 prompts and has a vocabulary of ~50k tokens):
 
-1. **Restricted vocabulary.** The tree alphabet is the tokens that occur in the (truncated)
-   evaluation sequences, plus one ``other`` symbol that carries the model's remaining
-   probability mass (absent when the sets use every token), plus EOS. The model's EOS is its
-   stop token (the tokenizer's ``eos_token_id``, or ``--stop-token``, e.g. ``<|im_end|>`` for
-   ChatML completions): a sequence ends at its first stop token, and
-   ``q(EOS | u) = q(stop | u)``. Coarsening the alphabet can only lower KL divergences (data
-   processing), so tree KLs are lower bounds of the token-level ones at the same depth.
-2. **Prompts pooled.** A tree node is a response prefix; different prompts reaching the same
-   prefix share the node. Its model conditional is the average, in probability space, of
-   ``q(. | prompt_i, prefix)`` over the evaluation sequences that pass through the node,
-   weighted by their empirical mass (in the union tree of the constants, D1 and D2 weigh 1/2
-   each, so at shared prefixes, e.g. the root, the two contexts are mixed). Exact when every
-   sequence has the same context; per-prompt structure is otherwise averaged away.
-3. **Depth.** Trees stop at depth ``d`` (default 16): on full-length responses
-   ``chi2(P^1 || Q)`` and hence ``H_T`` overflow (every response costs hundreds of bits), which
-   makes every D1 bound of the paper infinite. The tree-measured degradation ``dL_tree`` is
-   the exact change of ``KL(P^1 || Q)`` on the same truncated tree, so bound and measurement
-   refer to one quantity; the full-length code-length change is reported beside it.
+1.-3. **Restricted alphabet (+ ``other``), prompts pooled, depth ``d``**: the empirical trees of
+   `sft.treeprobs` (its module docstring states each approximation). The model's EOS is its stop
+   token (the tokenizer's ``eos_token_id``, or ``--stop-token``, e.g. ``<|im_end|>`` for ChatML
+   completions). Depth (default 16): on full-length responses ``chi2(P^1 || Q)`` and hence ``H_T``
+   overflow, which makes every D1 bound of the paper infinite. The tree-measured degradation
+   ``dL_tree`` is the exact change of ``KL(P^1 || Q)`` on the same truncated tree, so bound and
+   measurement refer to one quantity; the full-length code-length change is reported beside it.
 4. **lam_t between checkpoints** aggregates all optimizer steps between two checkpoints, and
    ``T`` in Theorem E.4 is the number of checkpoint intervals. Negative fitted steps are
    clipped to 0 in the bounds (as in the demo).
@@ -45,7 +36,6 @@ where a bound is drawn over a measurement).
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-LN2 = math.log(2.0)
+from ..outputs import fmt, markdown_table, pyplot, save_figure, write_json, write_text
 
 
 class CompareError(ValueError):
@@ -196,220 +186,41 @@ def load_checkpoint(folder: Path, config: dict):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
 
 
-# --------------------------------------------------------------------------------- token trees
-@dataclass
-class TreeSet:
-    """Tokenized evaluation sequences and their trees (see the module docstring, 1-3)."""
-
-    contexts: list          # per sequence: context ids (BOS + prompt)
-    seqs: list              # per sequence: response ids truncated at depth d / the stop token
-    is_domain: np.ndarray   # bool per sequence
-    vocab_ids: np.ndarray   # real token id of tree token k (k < R)
-    has_other: bool
-    stop_id: int
-    depth: int
-    p1: object = None       # TokenTree of D1 (own topology)
-    p2: object = None       # TokenTree of D2 (own topology): the lam_t fit
-    union: object = None    # union topology ...
-    p1u: object = None      # ... with D1's masses
-    p2u: object = None      # ... with D2's masses
-    paths_own: list = None  # per sequence: node ids (depth 0..len) in its own tree
-    paths_union: list = None
-
-    @property
-    def V(self) -> int:
-        return int(self.vocab_ids.size) + int(self.has_other)
-
-
-def _encode(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def _split(tok, es: EvalSet) -> tuple[list, list]:
-    """Context and response ids of every sequence, as `code_length_bits` codes them."""
-    bos = tok.bos_token_id
-    head = [bos] if bos is not None else []
-    ctxs, seqs = [], []
-    for p, t in zip(es.prompts, es.texts):
-        if p is None:
-            ids = head + _encode(tok, t)
-            k = len(head) if head else 1
-            ctxs.append(ids[:k])
-            seqs.append(ids[k:])
-        else:
-            ctxs.append(head + _encode(tok, p))
-            seqs.append(_encode(tok, t))
-    return ctxs, seqs
-
-
-def _paths(tree, seqs) -> list[np.ndarray]:
-    """Node ids along each sequence (root first)."""
-    out = []
-    for s in seqs:
-        u, ids = 0, [0]
-        for t in s:
-            a, c = int(tree.child_start[u]), int(tree.child_count[u])
-            i = a + int(np.searchsorted(tree.token[a:a + c], t))
-            assert i < a + c and tree.token[i] == t, "sequence not in its tree"
-            u = i
-            ids.append(u)
-        out.append(np.asarray(ids, dtype=np.int64))
-    return out
-
-
-def build_trees(tok, general: EvalSet, domain: EvalSet, depth: int, model_vocab: int, stop_id: int | None = None
-                ) -> TreeSet:
-    """Restricted-vocabulary token trees of both sets at depth ``depth`` (``model_vocab``: the
-    model's output size, to tell whether an ``other`` symbol is needed)."""
-    from theory.tree import TokenTree
-
-    stop = tok.eos_token_id if stop_id is None else stop_id
-    if stop is None:
-        raise CompareError("the tokenizer has no eos_token_id: cannot define the response end (EOS)")
-    c1, s1 = _split(tok, general)
-    c2, s2 = _split(tok, domain)
-    seqs = []
-    for s in s1 + s2:
-        if stop in s:
-            s = s[:s.index(stop)]
-        seqs.append(s[:depth])
-    used = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs] + [np.zeros(0, np.int64)]))
-    if used.size and int(used.max()) >= model_vocab or stop >= model_vocab:
-        raise CompareError(f"token id {max(int(used.max()), stop)} outside the model's vocabulary ({model_vocab})")
-    has_other = used.size + 1 < model_vocab  # tokens left besides the used ones and the stop token
-    remap = {int(t): k for k, t in enumerate(used)}
-    tseqs = [[remap[t] for t in s] for s in seqs]
-    V = int(used.size) + int(has_other)
-    n1 = len(s1)
-    ts = TreeSet(c1 + c2, seqs, np.arange(len(seqs)) >= n1, used, bool(has_other), int(stop), depth)
-    ts.p1 = TokenTree.from_sequences(tseqs[:n1], max_depth=depth, vocab_size=V)
-    ts.p2 = TokenTree.from_sequences(tseqs[n1:], max_depth=depth, vocab_size=V)
-    u, i1, i2 = ts.p1.union(ts.p2)
-    e1, e2 = np.zeros(u.n_nodes), np.zeros(u.n_nodes)
-    np.add.at(e1, i1, ts.p1.eos_mass)
-    np.add.at(e2, i2, ts.p2.eos_mass)
-    ts.union, ts.p1u, ts.p2u = u, u.with_masses(e1), u.with_masses(e2)
-    ts.paths_own = _paths(ts.p1, tseqs[:n1]) + _paths(ts.p2, tseqs[n1:])
-    ts.paths_union = _paths(u, tseqs)
-    return ts
-
-
-def sequence_rows(model, ts: TreeSet, batch_size: int = 4, progress: bool = False) -> list[np.ndarray]:
-    """Per sequence, the model's conditionals over the tree alphabet at depths 0..len: probabilities
-    ``[len + 1, V + 1]`` (used tokens, ``other``, EOS = stop token; rows sum to 1)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    dev = next(model.parameters()).device
-    ids_used = torch.as_tensor(ts.vocab_ids, dtype=torch.long, device=dev)
-    out: list = [None] * len(ts.seqs)
-    order = sorted(range(len(ts.seqs)), key=lambda i: -(len(ts.contexts[i]) + len(ts.seqs[i])))
-    was = model.training
-    model.eval()
-    try:
-        for s in tqdm(range(0, len(order), batch_size), desc="tree conditionals", disable=not progress,
-                      unit="batch"):
-            idx = order[s:s + batch_size]
-            full = [ts.contexts[i] + ts.seqs[i] for i in idx]
-            width = max(len(x) for x in full)
-            ids = torch.zeros((len(idx), width), dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, x in enumerate(full):
-                ids[r, :len(x)] = torch.as_tensor(x)
-                mask[r, :len(x)] = 1
-            with torch.inference_mode():
-                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-            for r, i in enumerate(idx):
-                a = len(ts.contexts[i]) - 1
-                lp = torch.log_softmax(logits[r, a:a + len(ts.seqs[i]) + 1].double(), dim=-1)
-                cols = [lp.index_select(1, ids_used)]
-                if ts.has_other:
-                    rest = torch.ones(lp.shape[1], dtype=torch.bool, device=dev)
-                    rest[ids_used] = False
-                    rest[ts.stop_id] = False
-                    cols.append(torch.logsumexp(lp[:, rest], dim=1, keepdim=True))
-                cols.append(lp[:, ts.stop_id:ts.stop_id + 1])
-                out[i] = torch.exp(torch.cat(cols, dim=1)).cpu().numpy()
-    finally:
-        model.train(was)
-    return out
-
-
-def pooled_logq(n_nodes: int, paths: Sequence[np.ndarray], rows: Sequence[np.ndarray], weights: np.ndarray,
-                K: int) -> np.ndarray:
-    """Dense natural-log conditionals ``[n_nodes, K]`` of the tree: the weighted average of the
-    per-sequence model conditionals at each node (module docstring, 2); uniform where no sequence
-    passes (e.g. forced-end rows, never coded). Rows are renormalised in float64."""
-    acc = np.zeros((n_nodes, K))
-    wsum = np.zeros(n_nodes)
-    for path, row, w in zip(paths, rows, weights):
-        if w <= 0:
-            continue
-        np.add.at(acc, path, w * row[:path.size])
-        np.add.at(wsum, path, w)
-    seen = wsum > 0
-    acc[seen] /= wsum[seen, None]
-    acc[~seen] = 1.0 / K
-    acc = np.maximum(acc, 1e-300)
-    acc /= acc.sum(1, keepdims=True)
-    return np.log(acc)
-
-
-def tree_logqs(ts: TreeSet, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Pooled model conditionals on the D1 tree, the D2 tree and the union (D1, D2 weigh 1/2 each)."""
-    K = ts.V + 1
-    dom = ts.is_domain
-    n1, n2 = int((~dom).sum()), int(dom.sum())
-    own = ts.paths_own
-    g = [i for i in range(len(rows)) if not dom[i]]
-    d = [i for i in range(len(rows)) if dom[i]]
-    w_union = np.where(dom, 0.5 / n2, 0.5 / n1)
-    return {
-        "p1": pooled_logq(ts.p1.n_nodes, [own[i] for i in g], [rows[i] for i in g], np.ones(n1), K),
-        "p2": pooled_logq(ts.p2.n_nodes, [own[i] for i in d], [rows[i] for i in d], np.ones(n2), K),
-        "union": pooled_logq(ts.union.n_nodes, ts.paths_union, rows, w_union, K),
-    }
-
-
 # ------------------------------------------------------------------------------------- driver
-def _kl_bits(tree, logq) -> float:
-    from theory.divergence import TreeLogProbs, kl
-
-    return float(kl(tree, TreeLogProbs.from_full(tree, np.minimum(logq, 0.0)), unit="bits"))
-
-
-def _measure(model, tok, general: EvalSet, domain: EvalSet, ts: TreeSet, cfg: CompareConfig) -> tuple[dict, dict]:
-    from sft.eval.codelength import code_length_bits
+def _measure(model, tok, general: EvalSet, domain: EvalSet, trees, cfg: CompareConfig) -> tuple[dict, object]:
+    """Code lengths of both sets and the model's conditionals on the empirical trees."""
+    from sft.eval.codelength import corpus_code_length_bits
+    from sft.treeprobs import empirical_tree_logprobs
+    from theory.divergence import kl
 
     def cl(es: EvalSet):
-        if es.conditional:
-            return code_length_bits(model, tok, es.prompts, es.texts, batch_size=cfg.batch_size,
-                                    max_length=cfg.max_length, progress=cfg.progress)
-        return code_length_bits(model, tok, es.texts, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                progress=cfg.progress)
+        texts, completions = (es.prompts, es.texts) if es.conditional else (es.texts, None)
+        return corpus_code_length_bits(model, tok, texts, completions, batch_size=cfg.batch_size,
+                                       max_length=cfg.max_length, progress=cfg.progress)
 
     g, d = cl(general), cl(domain)
-    logqs = tree_logqs(ts, sequence_rows(model, ts, cfg.batch_size, cfg.progress))
+    lq = empirical_tree_logprobs(model, trees, batch_size=cfg.batch_size, progress=cfg.progress)
     point = {"general": g.summary(), "domain": d.summary(),
-             "tree_kl_p1_bits": _kl_bits(ts.p1, logqs["p1"]), "tree_kl_p2_bits": _kl_bits(ts.p2, logqs["p2"])}
-    return point, logqs
+             "tree_kl_p1_bits": float(kl(trees.p1, lq.tree_logprobs(trees, "p1"), unit="bits")),
+             "tree_kl_p2_bits": float(kl(trees.p2, lq.tree_logprobs(trees, "p2"), unit="bits"))}
+    return point, lq
 
 
-def bounds_at(est, lams: Sequence[float], gains_bits: Sequence[float]) -> dict:
+def bounds_at(constants, lams: Sequence[float], gains_bits: Sequence[float]) -> dict:
     """Theorem E.3 (``A Lambda_t + C1 S_t``, per checkpoint) and Theorem E.4 at each measured gain
-    (``T`` = checkpoint intervals so far), in bits; None where a bound does not exist."""
+    (``T`` = checkpoint intervals so far), in bits; None where a bound does not exist
+    (`theory.bounds.theorem_e3_cumulative`, `theorem_e4_at_gain`)."""
     from theory import bounds as B
 
-    c = est.constants
-    lam = np.clip(np.asarray(lams, dtype=float), 0.0, None)
+    c = constants
     ok = np.isfinite(c.C1) and np.isfinite(c.A)
-    e3 = (c.A * np.cumsum(lam) + c.C1 * np.cumsum(lam**2)) / LN2 if ok else np.full(lam.size, np.nan)
+    e3 = B.theorem_e3_cumulative(lams, c, unit="bits") if ok else np.full(len(lams), np.nan)
     e4, errors = [], []
     for t, gain in enumerate(gains_bits, start=1):
         try:
             if gain <= 0:
                 raise ValueError("no domain gain at this checkpoint (Delta_* <= 0)")
-            e4.append(float(B.degradation_bound(t, gain * LN2, c.mu_T, c.C1, c.C2, c.A)) / LN2)
+            e4.append(B.theorem_e4_at_gain(t, gain, c, unit="bits"))
             errors.append(None)
         except ValueError as exc:
             e4.append(None)
@@ -421,6 +232,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     """Measure, fit, estimate and bound (see the module docstring); write compare.{json,md,png}."""
     import torch
 
+    from sft.treeprobs import TreeProbsError, build_empirical_trees
     from theory.estimate import estimate_constants, smoothed_target
     from theory.tilting import fit_effective_step
 
@@ -447,24 +259,27 @@ def run_compare(cfg: CompareConfig) -> dict:
         stop_id = tok.convert_tokens_to_ids(cfg.stop_token)
         if stop_id is None or stop_id == tok.unk_token_id:
             raise CompareError(f"--stop-token {cfg.stop_token!r} is not a token of the tokenizer")
-    ts = build_trees(tok, general, domain, cfg.depth, model_vocab=model0.get_output_embeddings().weight.shape[0],
-                     stop_id=stop_id)
+    try:
+        ts = build_empirical_trees(tok, general, domain, depth=cfg.depth,
+                                   model_vocab=model0.get_output_embeddings().weight.shape[0], stop_id=stop_id)
+    except TreeProbsError as exc:
+        raise CompareError(str(exc)) from None
     logp2 = smoothed_target(ts.p2, cfg.alpha)
     active = (ts.p2.mass > 0) & ~ts.p2.forced_end()
 
     point0, logq0 = _measure(model0, tok, general, domain, ts, cfg)
-    est = estimate_constants(ts.p1u, ts.p2u, logq0["union"], alpha=cfg.alpha, threshold=cfg.threshold)
+    est = estimate_constants(ts.p1u, ts.p2u, logq0.union, alpha=cfg.alpha, threshold=cfg.threshold)
     del model0
     points = [{"step": 0, "checkpoint": "initial", **point0}]
-    prev = logq0["p2"]
+    prev = logq0.p2
     for step, folder in ckpts:
         model = load_checkpoint(folder, config)
         pt, lq = _measure(model, tok, general, domain, ts, cfg)
-        fit = fit_effective_step(prev[active], lq["p2"][active], logp2[active], weights=ts.p2.mass[active])
+        fit = fit_effective_step(prev[active], lq.p2[active], logp2[active], weights=ts.p2.mass[active])
         pt.update(step=step, checkpoint=folder.name, lam=fit.lam_pooled, eps=fit.eps_pooled,
                   residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)))
         points.append(pt)
-        prev = lq["p2"]
+        prev = lq.p2
         del model
     b0 = points[0]
     for p in points:
@@ -472,7 +287,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         p["dL_P1_tree_bits"] = p["tree_kl_p1_bits"] - b0["tree_kl_p1_bits"]
         p["domain_gain_bits"] = b0["domain"]["bits_per_sequence_mean"] - p["domain"]["bits_per_sequence_mean"]
         p["domain_gain_tree_bits"] = b0["tree_kl_p2_bits"] - p["tree_kl_p2_bits"]
-    bnd = bounds_at(est, [p["lam"] for p in points[1:]], [p["domain_gain_tree_bits"] for p in points[1:]])
+    bnd = bounds_at(est.constants, [p["lam"] for p in points[1:]], [p["domain_gain_tree_bits"] for p in points[1:]])
     for k, p in enumerate(points[1:]):
         p.update(e3_bound_bits=bnd["e3_bits"][k], e4_bound_bits=bnd["e4_bits"][k], e4_error=bnd["e4_errors"][k])
     result = {
@@ -491,22 +306,8 @@ def run_compare(cfg: CompareConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------ outputs
-def _clean(o):
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, (np.floating, np.integer)):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
-    return o
-
-
 def _figure(result: dict, path: Path) -> str:
-    from .report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     pts = result["points"]
     steps = [p["step"] for p in pts]
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
@@ -525,12 +326,10 @@ def _figure(result: dict, path: Path) -> str:
     ax.set_ylabel("general degradation (bits per response)")
     ax.set_title(f"Predicted bound over measured degradation: {Path(result['run']).name}")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    from .report import _fmt, _table
-
     fig = _figure(result, out / "compare.png")
     c = result["constants"]
     rows = [[p["checkpoint"], p["step"], p["general"]["bits_per_token"], p["dL_P1_bits"], p["dL_P1_tree_bits"],
@@ -546,14 +345,14 @@ def write_outputs(result: dict, out: Path) -> None:
              f"(stop token id {tr['stop_token_id']}); {tr['nodes_p1']} / {tr['nodes_p2']} / {tr['nodes_union']} nodes "
              f"(D1 / D2 / union). Wall time {result['wall_seconds']:.0f} s.", "",
              f"![bound over measured]({fig})", "",
-             _table(["checkpoint", "step", "D1 bits/token", "dL(P1) full (bits)", "dL(P1) tree (bits)",
+             markdown_table(["checkpoint", "step", "D1 bits/token", "dL(P1) full (bits)", "dL(P1) tree (bits)",
                      "D2 bits/token", "D2 gain full (bits)", "D2 gain tree (bits)", "fitted lambda",
                      "Thm E.3 (bits)", "Thm E.4 (bits)"], rows), "",
              "Constants at the initial model (nats): " + ", ".join(
-                 f"{k}={_fmt(c.get(k))}" for k in ("M_h", "M_l", "w_S", "s", "m", "H_T", "mu_T", "C1", "C2")) +
-             f"; A={_fmt(result.get('A'))}.", "",
+                 f"{k}={fmt(c.get(k))}" for k in ("M_h", "M_l", "w_S", "s", "m", "H_T", "mu_T", "C1", "C2")) +
+             f"; A={fmt(result.get('A'))}.", "",
              (f"Tightness: Theorem E.4 bound / measured tree dL(P1) over {len(ratios)} checkpoints: median "
-              f"{_fmt(float(np.median(ratios)))}, min {_fmt(float(np.min(ratios)))} (below 1 would be a violation)."
+              f"{fmt(float(np.median(ratios)))}, min {fmt(float(np.min(ratios)))} (below 1 would be a violation)."
               if ratios else "Tightness: no checkpoint with both a Theorem E.4 bound and a positive measured "
                              "degradation."), ""]
     errs = sorted({p["e4_error"] for p in result["points"][1:] if p.get("e4_error")})
@@ -562,8 +361,6 @@ def write_outputs(result: dict, out: Path) -> None:
     lines += ["How to read: 'full' columns are code lengths of whole sequences (completion given prompt where "
               "the set has prompts); 'tree' columns are exact KL changes on the depth-truncated token trees the "
               "bounds are computed on. Approximations (restricted alphabet, pooled prompts, depth, lambda per "
-              "checkpoint interval) are listed in `experiments/compare.py`.", ""]
-    (out / "compare.md.tmp").write_text("\n".join(lines))
-    (out / "compare.md.tmp").replace(out / "compare.md")
-    (out / "compare.json.tmp").write_text(json.dumps(_clean(result), indent=1))
-    (out / "compare.json.tmp").replace(out / "compare.json")
+              "checkpoint interval) are listed in `experiments/studies/compare.py` and `sft/treeprobs.py`.", ""]
+    write_text(out / "compare.md", "\n".join(lines))
+    write_json(out / "compare.json", result)
