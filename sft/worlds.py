@@ -49,9 +49,9 @@ from theory.divergence import TreeLogProbs, kl
 from theory.tree import TokenTree
 
 from .data import IGNORE_INDEX
-from .treeprobs import exact_tree_logprobs
+from .treeprobs import exact_full_logprobs, exact_tree_logprobs
 
-__all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exact_metrics",
+__all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exact_metrics", "p1_mode_and_entropy",
            "conditional_code_length_bits", "greedy_complete", "pretrain_dataset", "entropy_bits"]
 
 _CACHE_VERSION = 1  # bump when the world's construction or the pretraining recipe changes
@@ -285,17 +285,40 @@ def greedy_complete(model: nn.Module, world: World, prompts: np.ndarray, max_new
     return torch.stack(gen, 1).cpu().numpy()
 
 
-def exact_metrics(model: nn.Module, world: World, batch_size: int = 512) -> dict:
+def p1_mode_and_entropy(p1: TokenTree, logq_full: np.ndarray) -> dict:
+    """General measures beside KL on P1's coded prefixes (weights P1(u)):
+
+    ``mode_acc_p1``: the P1-mass-weighted fraction of prefixes where q's argmax over the tree's
+    alphabet is P1's argmax (benchmark-accuracy analogue: forgetting lowers it, sharpening does
+    not); ``q_entropy_p1_bits``: ``sum_u P1(u) H(q_u)`` in bits per response (equal to H(P1) at
+    q = P1; a fall at unchanged mode accuracy is sharpening, not forgetting)."""
+    act = (~p1.forced_end()) & (p1.mass > 0)
+    w = p1.mass[act]
+    lq = np.asarray(logq_full, dtype=np.float64)[act, : p1.vocab_size + 1]
+    same = np.argmax(lq, axis=1) == np.argmax(p1.cond_full()[act], axis=1)
+    q = np.exp(lq)
+    with np.errstate(invalid="ignore"):
+        h = -np.where(q > 0, q * lq, 0.0).sum(1) / math.log(2.0)
+    return {"mode_acc_p1": float(np.dot(w, same) / w.sum()), "q_entropy_p1_bits": float(np.dot(w, h))}
+
+
+def exact_metrics(model: nn.Module, world: World, batch_size: int = 512, logq_p1_full: np.ndarray | None = None) -> dict:
     """Exact scores of ``model`` on the world (bits per response unless said otherwise).
 
-    ``kl_p1_bits`` KL(P1 || q); ``kl_p2_bits`` KL(P2 || q) over whole P2 responses;
+    ``logq_p1_full``: the model's raw conditionals on P1 (`sft.treeprobs.exact_full_logprobs`,
+    ``renormalize=False``) when the caller already has them (one forward pass saved).
+    ``kl_p1_bits`` KL(P1 || q); ``mode_acc_p1`` and ``q_entropy_p1_bits``
+    (:func:`p1_mode_and_entropy`); ``kl_p2_bits`` KL(P2 || q) over whole P2 responses;
     ``cond_code_len_p2_bits`` E_P2[-log2 q(completion | prompt)]; ``cond_kl_p2_bits`` that
     minus P2's conditional entropy; ``answer_code_len_bits`` the answer token's share;
     ``answer_prob`` E_P2[q(answer | prompt, gold CoT)]; ``domain_acc`` P2-weighted fraction of
     prompts whose greedy completion's first hard token is the right answer (exact expectation
     over P2's prompts).
     """
-    lp1 = exact_tree_logprobs(model, world.p1, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
+    if logq_p1_full is None:
+        logq_p1_full = exact_full_logprobs(model, world.p1, batch_size=batch_size, bos_id=world.bos_id,
+                                           eos_id=world.eos_id)
+    lp1 = TreeLogProbs.from_full(world.p1, logq_p1_full)
     lp2 = exact_tree_logprobs(model, world.p2, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
     p2 = world.p2
     cond = conditional_code_length_bits(p2, lp2, world.prompt_len)
@@ -312,7 +335,7 @@ def exact_metrics(model: nn.Module, world: World, batch_size: int = 512) -> dict
     first = np.where(is_hard.any(1), gen[np.arange(len(gen)), is_hard.argmax(1)], -1)
     gold = np.array([world.answer_of(p) for p in prompts])
     acc = float(np.dot(w, first == gold) / w.sum())
-    return {"kl_p1_bits": kl(world.p1, lp1), "kl_p2_bits": kl(p2, lp2), "cond_code_len_p2_bits": cond,
+    return {"kl_p1_bits": kl(world.p1, lp1), **p1_mode_and_entropy(world.p1, logq_p1_full), "kl_p2_bits": kl(p2, lp2), "cond_code_len_p2_bits": cond,
             "cond_kl_p2_bits": cond - h_cond, "answer_code_len_bits": ans_bits, "answer_prob": ans_prob,
             "domain_acc": acc}
 

@@ -23,6 +23,17 @@ __all__ = ["CORRECTED_CHECKS", "DEMO_CONSTANTS", "finding_2_direction"]
 TOL = 1e-9
 
 
+def _stat(fn, x) -> float:
+    """``fn(x)`` of the finite entries (NaN when there are none: tiny ledgers)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    return float(fn(x)) if x.size else float("nan")
+
+
+def _cat(parts) -> np.ndarray:
+    return np.concatenate([np.ravel(p) for p in parts]) if parts else np.zeros(0)
+
+
 def _verdict(bad: int) -> str:
     return "holds" if bad == 0 else "fails"
 
@@ -59,16 +70,16 @@ def check_prefix_decomposition(n: int, rng) -> Claim:
             bad += int((bound < delta - TOL).sum())
             pos = delta > 1e-9
             (tight if len(errs) % 2 else tight_any).append(bound[pos] / delta[pos])
-    errs = np.concatenate(errs)
+    errs = _cat(errs)
     bad += int((errs > TOL).sum())
     return Claim(
         "Prop 3.1 per prefix (new)",
         "Delta L(P1) = -sum_u P1(u)(E_p1u - E_qu)[s_u] + sum_u P1(u) KL(q_u||q'_u) <= "
         "sqrt(chi2_bar) sqrt(sum_u P1(u) Var_qu(s_u)) + KL term",
-        _verdict(bad), 2 * n, bad, None, quantiles(np.concatenate(tight)),
+        _verdict(bad), 2 * n, bad, None, quantiles(_cat(tight)),
         note=(f"Checked on {n} tilting updates and {n} arbitrary updates q -> q' (random logit noise): max "
-              f"|identity error| {errs.max():.1e} nats; tightness column = bound / Delta L(P1) on tilting "
-              f"updates with Delta L(P1) > 0 (arbitrary updates: median {np.median(np.concatenate(tight_any)):.3g}). "
+              f"|identity error| {_stat(np.max, errs):.1e} nats; tightness column = bound / Delta L(P1) on tilting "
+              f"updates with Delta L(P1) > 0 (arbitrary updates: median {_stat(np.median, _cat(tight_any)):.3g}). "
               "Public: theory.bounds.prefix_decomposition."),
         corrects="Prop 3.1",
     )
@@ -99,9 +110,9 @@ def check_lemma_e1_corrected(n: int, rng) -> Claim:
         "Lemma E.1 corrected",
         "lam L <= KL(P||Q_lam) - KL(P||Q) <= lam L + lam^2/8 sum_u P(u) range(f_u)^2, "
         "L = -sum_u P(u)(E_pu f_u - E_qu f_u) = d/dlam at 0",
-        _verdict(bad), n, bad, ce, quantiles(np.concatenate(tight)),
+        _verdict(bad), n, bad, ce, quantiles(_cat(tight)),
         note=(f"lam uniform in [-1, 2] (Hoeffding holds for every real lam), smoothing alpha in [0.02, 0.5]; "
-              f"the first-order term matches a central difference to {np.concatenate(errs).max():.1e} (relative). "
+              f"the first-order term matches a central difference to {_stat(np.max, _cat(errs)):.1e} (relative). "
               "Tightness = upper end / exact Delta for lam > 0, Delta > 0."),
         corrects="Lemma E.1",
     )
@@ -202,7 +213,7 @@ def check_oracle_inequality_corrected(n: int, rng) -> Claim:
         "Oracle inequality corrected",
         "sum_u P2(u)(E_p2u - E_qu) f_u = KL(P2||Q) + sum_u P2(u) KL(q_u||p~_u) - KL(P2||P~2) >= "
         "mu := KL(P2||Q) - KL(P2||P~2)",
-        _verdict(bad), n, bad, ce, quantiles(np.concatenate(tight)),
+        _verdict(bad), n, bad, ce, quantiles(_cat(tight)),
         note=("Same instances as the paper's form; oracle (alpha = 0) and smoothed (alpha = 0.1) targets. Carried through E.3/E.4 as "
               "mu_T := inf_t [KL(P2||Q_t) - KL(P2||P~2)] (see 'Theorem E.3 corrected'). "
               "Tightness = gain rate / mu (>= 1)."),
@@ -246,8 +257,8 @@ def check_theorem_e1_corrected(n: int, rng) -> Claim:
         "(K = 2, or natural-gradient steps on KL(q||p~)); Theta(sqrt eps) for SGD/Adam",
         _verdict(bad), n, bad, None, quantiles(rb.residual[rb.lower > 1e-12] / rb.lower[rb.lower > 1e-12]),
         note=(f"Single prefixes, K in 2..6, lr in [1e-3, 1]; 61 values of lam per instance. Natural-gradient steps "
-              f"and K = 2: max residual {res_exact.max():.1e} (exact tilts). SGD on CE in logits with K > 2: "
-              f"median sin(theta) {np.median(sin_sgd):.3f} (O(1), independent of lr), so the residual is "
+              f"and K = 2: max residual {_stat(np.max, res_exact):.1e} (exact tilts). SGD on CE in logits with K > 2: "
+              f"median sin(theta) {_stat(np.median, sin_sgd):.3f} (O(1), independent of lr), so the residual is "
               "~ sqrt(2 eps) sin(theta). Tightness column = residual at the least-squares lam / lower bound "
               "(= sqrt(1 + c^2/(||s|| sin)^2), the offset c = KL(q_t||q^) - eps)."),
         corrects="Theorem E.1 / B.1",
@@ -300,7 +311,7 @@ def check_theorem_e3_corrected(n: int, rng) -> Claim:
         "Theorem E.3 corrected",
         "Delta L_T(P1) <= sum_t lam_t sqrt(chi2_bar_t) sqrt(Vbar_t) + sum_t lam_t^2 R1_t/8; "
         "Delta L_T(P2) <= -sum_t lam_t mu_t + sum_t lam_t^2 R2_t/8",
-        _verdict(bad), n, bad, ce, quantiles(np.concatenate(tight)),
+        _verdict(bad), n, bad, ce, quantiles(_cat(tight)),
         note=("Equal-step tilting trajectories (T = 1..6, lam in [0.02, 0.5], oracle or smoothed target); "
               "chi2_bar_t, Vbar_t = sum_u P1(u) Var_{q_t,u}(f_t,u), R_t = sum_u P(u) range(f_t,u)^2 and "
               "mu_t = KL(P2||Q_t) - KL(P2||P~2) are exact per step; C1 = sup R1/8, C2 = sup R2/8 are explicit. "
@@ -333,7 +344,7 @@ def check_theorem_3_1_corrected(n: int, rng) -> Claim:
         "equal steps lam < mu_T/C2 certify Delta L_T(P2) <= -Delta_* and give Delta L_T(P1) <= "
         "Delta_*(A + C1 lam)/(mu_T - C2 lam) = k1 Delta_* + (C1/mu_T + A C2/mu_T^2) Delta_* lam + O(lam^2) "
         "<= Delta_*(k1 + 2 k2' lam) for lam <= mu_T/(2 C2)",
-        _verdict(bad + lin_bad), n_feas, bad + lin_bad, ce, quantiles(np.concatenate(tight)) if tight else None,
+        _verdict(bad + lin_bad), n_feas, bad + lin_bad, ce, quantiles(_cat(tight)) if tight else None,
         note=(f"{n_feas}/{n} trajectories feasible (mu_T > C2 lam); A = sup_t sqrt(chi2_bar_t Vbar_t), "
               "mu_T = inf_t mu_t, C1 = sup R1/8, C2 = sup R2/8 from the trajectory; Delta_* = T lam (mu_T - C2 lam), "
               "the certified gain. Checked: measured gain >= Delta_*, measured Delta L_T(P1) <= bound, linear "
@@ -404,10 +415,10 @@ def check_theorem_3_2_corrected(n: int, rng) -> Claim:
         "Theorem 3.2 / B.3 (= E.5) corrected",
         "root((R/8) lam^2 + L lam - eps_fg/T) <= lambda_max <= eps_fg/(T L) (L > 0); per-token V_tok "
         "= sqrt((s/m) M_h^2 + (1 - s/m) M_e^2) without relaxation (14)",
-        _verdict(bad), n, bad, ce, quantiles(np.concatenate(ratio)),
+        _verdict(bad), n, bad, ce, quantiles(_cat(ratio)),
         note=(f"T = 1, exact lambda_max by bisection (60 halvings) against the bracket from the exact first-order "
               f"term L and R = sum_u P1(u) range(f_u)^2. Tightness column = upper/lower end; lambda_max / lower end "
-              f"median {np.median(np.concatenate(low_tight)):.3g}. Finding 2 (lambda_max label-only / CoT, > 1 = "
+              f"median {_stat(np.median, _cat(low_tight)):.3g}. Finding 2 (lambda_max label-only / CoT, > 1 = "
               f"label-only tolerates larger steps): paper's example (s, m) = (1, 5) vs (4, 100): V_s form "
               f"{paper['paper']:.3g}, per-token form {paper['per_token']:.3g}; demo worlds (s, m) = (2.78, 5) vs "
               f"(4.11, 10): V_s form {demo['paper']:.3g}, per-token form {demo['per_token']:.3g}. Without (14) the "

@@ -25,7 +25,9 @@ Input format. Each model is given by its natural-log conditionals over the tree'
 alphabet (``V`` tokens, EOS last):
 
 * a dense array ``[N, V + 1]`` (the bridge's ``logq_full``; for an empirical tree with a
-  restricted alphabet one token column is the "other" bucket), or
+  restricted alphabet one token column is the "other" bucket), or ``[N, V + 1 + k]`` whose
+  last ``k`` columns are outcomes outside the tree's alphabet that ``P1`` never emits (e.g. a
+  model's mass on PAD/BOS in the tiny world: ``log(1 - sum of the other columns)``), or
 * an object with a ``logq_full`` attribute holding that array, or
 * a :class:`theory.divergence.TreeLogProbs` (edges and EOS only): the conditionals are
   rebuilt from the node's children, so the tree must hold every outcome of each coded
@@ -44,7 +46,7 @@ import numpy as np
 from .divergence import TreeLogProbs
 from .tree import TokenTree
 
-__all__ = ["PrefixDecomposition", "full_log_conditionals", "prefix_decomposition"]
+__all__ = ["PrefixDecomposition", "full_log_conditionals", "with_other", "prefix_decomposition"]
 
 LN2 = float(np.log(2.0))
 
@@ -107,14 +109,23 @@ def full_log_conditionals(tree: TokenTree, lp) -> np.ndarray:
         return full
     arr = getattr(lp, "logq_full", lp)
     arr = np.asarray(arr, dtype=np.float64)
-    if arr.shape != (tree.n_nodes, tree.vocab_size + 1):
+    if arr.ndim != 2 or arr.shape[0] != tree.n_nodes or arr.shape[1] < tree.vocab_size + 1:
         raise ValueError(
-            f"log-conditionals have shape {arr.shape}, expected (N, V + 1) = "
-            f"({tree.n_nodes}, {tree.vocab_size + 1}) (EOS last)"
+            f"log-conditionals have shape {arr.shape}, expected (N, V + 1 [+ k]) = "
+            f"({tree.n_nodes}, {tree.vocab_size + 1}) (EOS at index V, extra outcomes after it)"
         )
     if np.any(np.isnan(arr)) or np.any(arr > 1e-9):
         raise ValueError("log-conditionals must be <= 0 and not NaN")
     return arr
+
+
+def with_other(logq_full: np.ndarray) -> np.ndarray:
+    """Append one column ``log(1 - sum_a q(a|u))``: the mass a model puts outside the tree's
+    alphabet (an extra outcome P1 never emits), so every row sums to 1. The rest is floored at
+    1e-300 (rounding can make it 0 or negative), which changes no sum by more than 1e-297."""
+    logq_full = np.asarray(logq_full, dtype=np.float64)
+    rest = 1.0 - np.exp(logq_full).sum(-1, keepdims=True)
+    return np.concatenate([logq_full, np.log(np.maximum(rest, 1e-300))], axis=-1)
 
 
 def _check_rows(name: str, tree: TokenTree, logq: np.ndarray, nodes: np.ndarray, tol: float) -> None:
@@ -152,10 +163,14 @@ def prefix_decomposition(
         raise ValueError(f"unit must be 'bits' or 'nats', not {unit!r}")
     lq = full_log_conditionals(tree, lp_before)
     lq2 = full_log_conditionals(tree, lp_after)
+    if lq.shape != lq2.shape:
+        raise ValueError(f"lp_before {lq.shape} and lp_after {lq2.shape} cover different outcome sets")
     nodes = np.flatnonzero(~tree.forced_end() & (tree.mass > 0))
     _check_rows("lp_before", tree, lq, nodes, tol)
     _check_rows("lp_after", tree, lq2, nodes, tol)
     p = tree.cond_full()[nodes]
+    if lq.shape[1] > p.shape[1]:  # outcomes outside the alphabet: P1 never emits them
+        p = np.concatenate([p, np.zeros((p.shape[0], lq.shape[1] - p.shape[1]))], axis=1)
     a, b = lq[nodes], lq2[nodes]
     fa, fb = np.isfinite(a), np.isfinite(b)
     if np.any((p > 0) & ~fa):

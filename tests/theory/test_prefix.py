@@ -129,3 +129,19 @@ def test_logq_full_holder_is_accepted():
         logq_full = lq2
 
     assert prefix_decomposition(tree, lq, Holder()).delta == pytest.approx(prefix_decomposition(tree, lq, lq2).delta)
+
+
+def test_mass_outside_the_alphabet_as_an_extra_column():
+    # raw model rows that leak mass to outcomes outside the tree (PAD/BOS): with_other closes them,
+    # and delta equals the KL difference computed on the raw rows
+    from theory.prefix import with_other
+
+    rng = np.random.default_rng(3)
+    tree = complete_tree(2, 2, rng)
+    raw = [random_logq(tree, rng, 1.0) + np.log(0.97), random_logq(tree, rng, 1.0) + np.log(0.9)]
+    with pytest.raises(ValueError, match="sums to"):
+        prefix_decomposition(tree, raw[0], raw[1])
+    d = prefix_decomposition(tree, with_other(raw[0]), with_other(raw[1]))
+    ref = kl(tree, TreeLogProbs.from_full(tree, raw[1]), "nats") - kl(tree, TreeLogProbs.from_full(tree, raw[0]), "nats")
+    assert d.delta == pytest.approx(ref, abs=1e-10)
+    assert d.delta <= d.bound
