@@ -35,6 +35,7 @@ __all__ = [
     "oracle_inequality_corrected",
     "ResidualBracket",
     "theorem_e1_corrected_residual_lower_bound",
+    "pooled_sin_theta",
     "theorem_e3_corrected",
     "theorem_3_1_corrected",
     "LambdaMaxBracket",
@@ -213,6 +214,18 @@ def theorem_e1_corrected_residual_lower_bound(logq_t, logq_t1, logp) -> Residual
         sin = np.where(s_norm > 0, np.sqrt(perp2) / np.where(s_norm > 0, s_norm, 1.0), 0.0)
     return ResidualBracket(lower=np.sqrt(perp2), residual=np.sqrt(perp2 + c**2), sin_theta=sin,
                            s_norm=s_norm, lam=lam, offset=c, eps=eps)
+
+
+def pooled_sin_theta(logq_t, logq_t1, logp, weights) -> float:
+    """Mass-weighted ``sin(theta)`` of an update over many prefixes (the alignment diagnostic):
+    ``sqrt(sum_u w_u ||s_u||^2 sin^2(theta_u) / sum_u w_u ||s_u||^2)`` -- by
+    :func:`theorem_e1_corrected_residual_lower_bound` the fraction of the realised log-shift's
+    norm that no tilting step can produce. 0: the update is a tilt (the paper's picture
+    applies); 1: orthogonal to the tilting direction at every prefix."""
+    rb = theorem_e1_corrected_residual_lower_bound(logq_t, logq_t1, logp)
+    w = _a(weights)
+    den = float(np.dot(w, rb.s_norm**2))
+    return float(np.sqrt(np.dot(w, rb.lower**2) / den)) if den > 0 else 0.0
 
 
 # ------------------------------------------------------ Theorems E.2-E.4, 3.1

@@ -14,6 +14,10 @@ step has no checkpoint), on a general evaluation set (D1) and a domain evaluatio
   the union of the two trees), Theorem E.3 (sparse form, ``A Lambda_t + C1 S_t``) over the
   fitted steps and Theorem E.4 at each checkpoint's measured domain gain (`theory.bounds.
   theorem_e3_cumulative`, `theorem_e4_at_gain`);
+* the per-prefix bound of the tree dL(P1) (`theory.bounds.prefix_decomposition` against the initial
+  model on the D1 tree, the model's mass outside the tree's alphabet as one extra outcome) and the
+  alignment ``sin(theta)`` of each interval's update with the tilting direction
+  (`theory.corrected.pooled_sin_theta`);
 * ``compare.json``, ``compare.md`` and ``compare.png`` (bound over measured degradation) in RUN.
 
 Approximations (the theory is about one distribution over responses; a real LLM conditions on
@@ -233,7 +237,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     import torch
 
     from sft.treeprobs import TreeProbsError, build_empirical_trees
+    from theory.corrected import pooled_sin_theta
     from theory.estimate import estimate_constants, smoothed_target
+    from theory.prefix import prefix_decomposition, with_other
     from theory.tilting import fit_effective_step
 
     t0 = time.perf_counter()
@@ -276,8 +282,11 @@ def run_compare(cfg: CompareConfig) -> dict:
         model = load_checkpoint(folder, config)
         pt, lq = _measure(model, tok, general, domain, ts, cfg)
         fit = fit_effective_step(prev[active], lq.p2[active], logp2[active], weights=ts.p2.mass[active])
+        pd = prefix_decomposition(ts.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
         pt.update(step=step, checkpoint=folder.name, lam=fit.lam_pooled, eps=fit.eps_pooled,
-                  residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)))
+                  residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)),
+                  sin_theta=pooled_sin_theta(prev[active], lq.p2[active], logp2[active], ts.p2.mass[active]),
+                  prefix_bound_bits=pd.bound, prefix_delta_bits=pd.delta, prefix_chi2_bar=pd.chi2_bar)
         points.append(pt)
         prev = lq.p2
         del model
@@ -317,6 +326,9 @@ def _figure(result: dict, path: Path) -> str:
     e3 = [0.0] + [p.get("e3_bound_bits") for p in pts[1:]]
     if all(x is not None for x in e3):
         ax.plot(steps, e3, "--", color="C3", label="Thm E.3 bound (A Lambda_t + C1 S_t)")
+    pb = [0.0] + [p.get("prefix_bound_bits") for p in pts[1:]]
+    if all(x is not None for x in pb):
+        ax.plot(steps, pb, "^:", color="C2", label="per-prefix bound (sqrt(chi2_bar) sqrt(Vbar) + KL term)")
     e4 = [(p["step"], p["e4_bound_bits"]) for p in pts[1:] if p.get("e4_bound_bits") is not None]
     if e4:
         ax.plot(*zip(*e4), "x", color="C4", ms=8, label="Thm E.4 bound at measured domain gain")
@@ -334,7 +346,8 @@ def write_outputs(result: dict, out: Path) -> None:
     c = result["constants"]
     rows = [[p["checkpoint"], p["step"], p["general"]["bits_per_token"], p["dL_P1_bits"], p["dL_P1_tree_bits"],
              p["domain"]["bits_per_token"], p["domain_gain_bits"], p["domain_gain_tree_bits"], p.get("lam"),
-             p.get("e3_bound_bits"), p.get("e4_bound_bits")] for p in result["points"]]
+             p.get("e3_bound_bits"), p.get("e4_bound_bits"), p.get("prefix_bound_bits"), p.get("sin_theta")]
+            for p in result["points"]]
     tr = result["tree"]
     ratios = [p["e4_bound_bits"] / p["dL_P1_tree_bits"] for p in result["points"][1:]
               if p.get("e4_bound_bits") is not None and p["dL_P1_tree_bits"] > 1e-9]
@@ -347,7 +360,7 @@ def write_outputs(result: dict, out: Path) -> None:
              f"![bound over measured]({fig})", "",
              markdown_table(["checkpoint", "step", "D1 bits/token", "dL(P1) full (bits)", "dL(P1) tree (bits)",
                      "D2 bits/token", "D2 gain full (bits)", "D2 gain tree (bits)", "fitted lambda",
-                     "Thm E.3 (bits)", "Thm E.4 (bits)"], rows), "",
+                     "Thm E.3 (bits)", "Thm E.4 (bits)", "per-prefix bound (bits)", "sin(theta)"], rows), "",
              "Constants at the initial model (nats): " + ", ".join(
                  f"{k}={fmt(c.get(k))}" for k in ("M_h", "M_l", "w_S", "s", "m", "H_T", "mu_T", "C1", "C2")) +
              f"; A={fmt(result.get('A'))}.", "",
@@ -355,6 +368,17 @@ def write_outputs(result: dict, out: Path) -> None:
               f"{fmt(float(np.median(ratios)))}, min {fmt(float(np.min(ratios)))} (below 1 would be a violation)."
               if ratios else "Tightness: no checkpoint with both a Theorem E.4 bound and a positive measured "
                              "degradation."), ""]
+    pr = [p["prefix_bound_bits"] / p["dL_P1_tree_bits"] for p in result["points"][1:]
+          if p.get("prefix_bound_bits") is not None and p["dL_P1_tree_bits"] > 1e-9]
+    viol = sum(p["prefix_bound_bits"] < p["dL_P1_tree_bits"] - 1e-9 for p in result["points"][1:]
+               if p.get("prefix_bound_bits") is not None)
+    lines += [(f"per-prefix bound / measured tree dL(P1) (`theory.bounds.prefix_decomposition` on the same "
+               f"empirical D1 tree, mass outside the alphabet as one outcome): median {fmt(float(np.median(pr)))}, "
+               f"max {fmt(float(np.max(pr)))}, violations {viol} over {len(pr)} checkpoints." if pr else
+               "per-prefix bound: no checkpoint with a positive measured tree dL(P1)."), "",
+              "sin(theta): mass-weighted sine between the realised log-shift on the D2 tree and the tilting "
+              "direction over each checkpoint interval (`theory.corrected.pooled_sin_theta`; 0 = the update is a "
+              "tilt, the paper's picture; near 1 = no tilting step reproduces it).", ""]
     errs = sorted({p["e4_error"] for p in result["points"][1:] if p.get("e4_error")})
     if errs:
         lines += ["Theorem E.4 not evaluated where: " + "; ".join(errs), ""]

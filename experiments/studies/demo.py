@@ -84,6 +84,7 @@ class _Curve:
     def measure(self, model, step: int) -> dict:
         from sft.treeprobs import exact_full_logprobs
         from sft.worlds import exact_metrics
+        from theory.corrected import pooled_sin_theta
         from theory.prefix import with_other
         from theory.tilting import fit_effective_step
 
@@ -96,7 +97,7 @@ class _Curve:
             a = self.active
             fit = fit_effective_step(self._prev[a], logq[a], self.logp[a], weights=self.p2.mass[a])
             point.update(lam=fit.lam_pooled, eps=fit.eps_pooled, residual=fit.residual_pooled,
-                         sin_theta=alignment(self._prev[a], logq[a], self.logp[a], self.p2.mass[a]))
+                         sin_theta=pooled_sin_theta(self._prev[a], logq[a], self.logp[a], self.p2.mass[a]))
         self._prev = logq
         self.points.append(point)
         return point
@@ -109,18 +110,6 @@ def prefix_point(p1, base_full, full) -> dict:
     d = prefix_decomposition(p1, base_full, full, unit="bits")
     return {"prefix_delta_bits": d.delta, "prefix_bound_bits": d.bound, "prefix_first_order_bits": d.first_order,
             "prefix_kl_term_bits": d.kl_term, "prefix_chi2_bar": d.chi2_bar}
-
-
-def alignment(logq_prev, logq, logp, weights) -> float:
-    """Mass-weighted sin(theta) between the realised centred log-shift and the tilting direction
-    on the domain tree's prefixes: ``sqrt(sum_u w ||s_u||^2 sin^2 / sum_u w ||s_u||^2)``
-    (Theorem E.1 / B.1 corrected: the best tilting fit misses by ``||s|| sin(theta)``;
-    near 0 the tilting picture applies, near 1 the update is orthogonal to it)."""
-    from theory.corrected import theorem_e1_corrected_residual_lower_bound
-
-    rb = theorem_e1_corrected_residual_lower_bound(logq_prev, logq, logp)
-    den = float(np.dot(weights, rb.s_norm**2))
-    return float(np.sqrt(np.dot(weights, rb.lower**2) / den)) if den > 0 else 0.0
 
 
 def _callback(curve: _Curve, every: int):
