@@ -14,7 +14,8 @@ one token space (so ``p1.union(p2)`` gives one topology for `theory.estimate`):
   the pretrained model gives them probability ~0 (knowledge absent from P1, like the clinical
   conversion factors of Section 4.3). Variant ``"cot"``: ``cot_len`` easy tokens first, the
   most probable P1 continuation of the state ``(x, y)`` (predictable from P1's structure),
-  then ``h``; variant ``"label"``: ``h`` alone.
+  then ``h`` (``answer_first=True``: ``h`` first, then the easy tokens); variant ``"label"``:
+  ``h`` alone.
 
 Design (issue 5's prototype notes): D2 has its own marker, so P2's nodes are disjoint from
 P1's and fine-tuning reaches P1 only through shared parameters (Assumption B.5). The marker
@@ -55,7 +56,7 @@ __all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exac
            "conditional_code_length_bits", "greedy_complete", "pretrain_dataset", "entropy_bits"]
 
 _CACHE_VERSION = 1  # bump when the world's construction or the pretraining recipe changes
-_NOT_PRETRAINING = ("variant", "cot_len", "n_prompt", "n_train")  # P2-only fields
+_NOT_PRETRAINING = ("variant", "cot_len", "n_prompt", "n_train", "answer_first")  # P2-only fields
 
 
 @dataclass
@@ -73,6 +74,8 @@ class WorldConfig:
     concentration: float = field(default=1.0, metadata={"help": "Dirichlet concentration of P1's transitions"})
     variant: str = field(default="cot", metadata={"help": "P2 completion: cot (easy tokens + answer) | label"})
     cot_len: int = field(default=6, metadata={"help": "easy tokens before the answer (variant cot)"})
+    answer_first: bool = field(default=False, metadata={"help": "variant cot: the hard answer token right after "
+                                                                 "the prompt, the easy tokens after it"})
     n_prompt: int = field(default=6, metadata={"help": "prompt tokens x, y range over the first n_prompt"})
     marker_rate: float = field(default=0.1, metadata={"help": "pretraining fraction starting with the D2 marker"})
     n_train: int = field(default=256, metadata={"help": "SFT examples sampled from P2 (d2_train)"})
@@ -225,7 +228,8 @@ def build_world(cfg: WorldConfig) -> World:
                 c = int(np.argmax(trans[_state(C, a, b)]))
                 comp.append(c)
                 a, b = b, c
-            comp.append(int(hard[(x + 2 * y) % H]))
+            h = int(hard[(x + 2 * y) % H])
+            comp = [h, *comp] if cfg.answer_first else [*comp, h]
             seqs.append([m2, x, y, *comp])
             weights.append(1.0 / n_prompts)
     p2 = TokenTree.from_sequences(seqs, weights=weights, max_depth=cfg.max_depth, vocab_size=V)
