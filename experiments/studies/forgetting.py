@@ -43,7 +43,8 @@ class ForgettingConfig:
     lr: float = 3e-3
     steps: int = 150
     batch: int = 16
-    seed: int = 0
+    seed: int = 0  # world seed (P1, P2, pretrained q0)
+    train_seed: int | None = None  # fine-tuning seed (batch order); None = seed
     preset: str = "default"  # world size: default | smoke
     cache_dir: str = "runs/.cache/worlds"
     progress: bool = True
@@ -52,6 +53,8 @@ class ForgettingConfig:
 
 def _key(cfg: ForgettingConfig, variant: str, method: str) -> str:
     d = {k: v for k, v in asdict(cfg).items() if k not in ("out", "variants", "methods", "progress", "cache_dir")}
+    if d["train_seed"] is None:
+        d.pop("train_seed")  # keys of runs made before the option existed stay valid
     blob = json.dumps({"variant": variant, "method": method, **d}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -71,8 +74,9 @@ def run_one(cfg: ForgettingConfig, variant: str, method: str, run_dir: Path) -> 
     model0, _ = pretrain(world, cfg.cache_dir)
     full0 = exact_full_logprobs(model0, world.p1, bos_id=world.bos_id, eos_id=world.eos_id)
     base = exact_metrics(model0, world, logq_p1_full=full0)
-    torch.manual_seed(cfg.seed)
-    tc = TrainConfig(method=method, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed,
+    ts = cfg.seed if cfg.train_seed is None else cfg.train_seed
+    torch.manual_seed(ts)
+    tc = TrainConfig(method=method, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch, seed=ts,
                      out=str(run_dir), progress=False, save_final=False, token_stats=True, warmup=0.0,
                      logging_steps=max(1, cfg.steps // 5))
     res = train(tc, copy.deepcopy(model0), SFTDataset(world.d2_train), pad_token_id=world.pad_id)
@@ -84,7 +88,7 @@ def run_one(cfg: ForgettingConfig, variant: str, method: str, run_dir: Path) -> 
         if res.token_stats_path.exists() else []
     hard_frac0 = stats[0].get("frac_hard") if stats else None
     return {
-        "variant": variant, "method": method, "lr": cfg.lr, "steps": cfg.steps,
+        "variant": variant, "method": method, "lr": cfg.lr, "steps": cfg.steps, "train_seed": ts,
         "dL_P1_bits": m["kl_p1_bits"] - base["kl_p1_bits"],
         "first_order_bits": d.first_order, "kl_term_bits": d.kl_term,
         "mode_acc_p1": m["mode_acc_p1"], "mode_acc_p1_q0": base["mode_acc_p1"],
@@ -107,7 +111,7 @@ def run_study(cfg: ForgettingConfig) -> dict:
     try:
         jobs = [(v, m) for v in cfg.variants for m in cfg.methods]
         for v, m in tqdm(jobs, desc="forgetting", disable=not cfg.progress, unit="run"):
-            cache = out / "runs" / f"{v}_{m}_{_key(cfg, v, m)}.json"
+            cache = out / "runs" / f"{v}_{m}_{_key(cfg, v, m)}.json"  # hash of the run's config
             if cache.exists():
                 rows.append(json.loads(cache.read_text()))
                 continue
@@ -146,7 +150,8 @@ def report(result: dict) -> str:
     c = result["config"]
     return "\n".join([
         "# TALR vs CE forgetting in the tiny world", "",
-        f"lr {c['lr']:g}, {c['steps']} steps of {c['batch']}; world preset {c['preset']}, seed {c['seed']}. "
+        f"lr {c['lr']:g}, {c['steps']} steps of {c['batch']}; world preset {c['preset']}, world seed {c['seed']}, "
+        f"fine-tuning seed {c['seed'] if c.get('train_seed') is None else c['train_seed']}. "
         "Bits per response; dL(P1) = first-order + KL term (per-prefix decomposition against q0).", "",
         markdown_table(cols, rows), "",
         "TALR minus CE (dL(P1) > 0: TALR forgets more):", "",
@@ -163,11 +168,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="world variants")
     ap.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained checkpoint cache")
+    ap.add_argument("--train-seed", type=int, default=None, help="fine-tuning seed (default: the world seed 0)")
     a = ap.parse_args(argv)
     if not (a.lr > 0 and np.isfinite(a.lr)) or a.steps < 1:
         ap.error(f"--lr must be > 0 and --steps >= 1 (got {a.lr}, {a.steps})")
     res = run_study(ForgettingConfig(out=a.out, preset=a.preset, lr=a.lr, steps=a.steps, variants=tuple(a.variants),
-                                     cache_dir=a.cache_dir))
+                                     cache_dir=a.cache_dir, train_seed=a.train_seed))
     print(report(res))
     return 0
 

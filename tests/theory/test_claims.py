@@ -10,7 +10,7 @@ def ledger():
 
 CORRECTED = [
     "Prop 3.1 per prefix (new)", "Lemma E.1 corrected", "Lemma E.2 corrected", "Oracle inequality corrected",
-    "Theorem E.1 / B.1 corrected", "Theorem E.3 corrected", "Theorem 3.1 corrected",
+    "Theorem E.1 / B.1 corrected", "Theorem E.2 corrected", "Theorem E.3 corrected", "Theorem 3.1 corrected",
     "Theorem 3.2 / B.3 (= E.5) corrected",
 ]
 
