@@ -4,7 +4,7 @@ One place for the output conventions of ``experiments``:
 
 * ``fmt`` / ``markdown_table``: numbers in reports (3 significant decimals, ``n/a`` for None,
   yes/no for booleans) and GitHub Markdown tables of them;
-* ``pyplot``: matplotlib with the Agg backend (no display; the one figure set-up);
+* ``pyplot``: matplotlib with the Agg backend (the one figure set-up, `sft.plotting`);
   ``save_figure(fig, path)``: PNG written atomically (`sft.io.write_with`), figure closed;
 * ``write_json`` (strict JSON, NaN/inf as null: `sft.io.atomic_write_json`) and ``write_text``
   (`sft.io.atomic_write_text`).
@@ -17,7 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from sft.io import atomic_write_json, atomic_write_text, write_with
+from sft.io import atomic_write_json, atomic_write_text
+from sft.plotting import pyplot, save_png
 
 __all__ = ["fmt", "markdown_table", "pyplot", "save_figure", "write_json", "write_text"]
 
@@ -44,25 +45,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(out)
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(fig, path: str | Path, dpi: int = FIGURE_DPI) -> str:
-    """Write ``fig`` as a PNG at ``path`` atomically, close it, and return the file name (for
-    a Markdown link beside it)."""
-    path = Path(path)
-    try:
-        write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
-    finally:
-        pyplot().close(fig)
-    return path.name
+    """Write ``fig`` as a PNG at ``path`` atomically, close it, and return the file name (for a
+    Markdown link beside it)."""
+    return save_png(fig, path, dpi=dpi).name
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:

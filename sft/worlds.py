@@ -50,6 +50,7 @@ from theory.divergence import TreeLogProbs, kl
 from theory.tree import TokenTree
 
 from .data import IGNORE_INDEX
+from .io import atomic_write_json, publish_dir
 from .treeprobs import exact_full_logprobs, exact_tree_logprobs
 
 __all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exact_metrics", "p1_mode_and_entropy",
@@ -411,11 +412,11 @@ def pretrain(world: World, cache_dir: str | Path = "runs/.cache/worlds", *, prog
             "train_loss": res.train_loss, "p1_nodes": world.p1.n_nodes,
             "p1_responses": int(world.p1.leaves()[0].size), "config": asdict(cfg)}
     tmp = folder / "model.tmp"
-    model.save_pretrained(str(tmp))
-    if (folder / "model").exists():
+    if tmp.exists():  # left by an interrupted earlier save
         import shutil
 
-        shutil.rmtree(folder / "model")
-    tmp.rename(folder / "model")
-    info_path.write_text(json.dumps(info, indent=2))  # written last: its presence marks a complete cache
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    publish_dir(tmp, folder / "model", overwrite=True)
+    atomic_write_json(info_path, info)  # written last: its presence marks a complete cache
     return model, {**info, "cached": False, "path": str(folder)}

@@ -46,7 +46,7 @@ def _first(mask: np.ndarray, **arrays) -> dict | None:
     return {k: (float(v[i]) if np.ndim(v) else v) for k, v in arrays.items()}
 
 
-# ------------------------------------------------------------------ Prop 3.1
+# ------------------------------------------------------------ Proposition 3.1
 def check_prefix_decomposition(n: int, rng) -> Claim:
     """Identity and chi2_bar bound on tilting updates and on arbitrary updates q -> q'."""
     errs, tight, tight_any, bad = [], [], [], 0
@@ -73,7 +73,7 @@ def check_prefix_decomposition(n: int, rng) -> Claim:
     errs = _cat(errs)
     bad += int((errs > TOL).sum())
     return Claim(
-        "Prop 3.1 per prefix (new)",
+        "Proposition 3.1 per prefix (new)",
         "Delta L(P1) = -sum_u P1(u)(E_p1u - E_qu)[s_u] + sum_u P1(u) KL(q_u||q'_u) <= "
         "sqrt(chi2_bar) sqrt(sum_u P1(u) Var_qu(s_u)) + KL term",
         _verdict(bad), 2 * n, bad, None, quantiles(_cat(tight)),
@@ -81,7 +81,7 @@ def check_prefix_decomposition(n: int, rng) -> Claim:
               f"|identity error| {_stat(np.max, errs):.1e} nats; tightness column = bound / Delta L(P1) on tilting "
               f"updates with Delta L(P1) > 0 (arbitrary updates: median {_stat(np.median, _cat(tight_any)):.3g}). "
               "Public: theory.bounds.prefix_decomposition."),
-        corrects="Prop 3.1",
+        corrects="Proposition 3.1",
     )
 
 
@@ -221,7 +221,7 @@ def check_oracle_inequality_corrected(n: int, rng) -> Claim:
     )
 
 
-# ---------------------------------------------------------- Theorem E.1 / B.1
+# ---------------------------------------------------------- Theorem B.1 (= E.1)
 def check_theorem_e1_corrected(n: int, rng) -> Claim:
     K = rng.integers(2, 7, n)
     Kmax = 6
@@ -252,7 +252,7 @@ def check_theorem_e1_corrected(n: int, rng) -> Claim:
     sin_sgd = rb.sin_theta[(kind == 0) & ~two]
     res_exact = rb.residual[(kind == 1) | two]
     return Claim(
-        "Theorem E.1 / B.1 corrected",
+        "Theorem B.1 (= E.1) corrected",
         "for every lam: ||log q_{t+1} - log q^(lam)||_{t,u} >= ||s|| sin(theta); O(eps) iff sin(theta) = O(sqrt eps) "
         "(K = 2, or natural-gradient steps on KL(q||p~)); Theta(sqrt eps) for SGD/Adam",
         _verdict(bad), n, bad, None, quantiles(rb.residual[rb.lower > 1e-12] / rb.lower[rb.lower > 1e-12]),
@@ -261,7 +261,7 @@ def check_theorem_e1_corrected(n: int, rng) -> Claim:
               f"median sin(theta) {_stat(np.median, sin_sgd):.3f} (O(1), independent of lr), so the residual is "
               "~ sqrt(2 eps) sin(theta). Tightness column = residual at the least-squares lam / lower bound "
               "(= sqrt(1 + c^2/(||s|| sin)^2), the offset c = KL(q_t||q^) - eps)."),
-        corrects="Theorem E.1 / B.1",
+        corrects="Theorem B.1 (= E.1)",
     )
 
 
@@ -464,11 +464,11 @@ def check_theorem_3_2_corrected(n: int, rng) -> Claim:
 
 
 CORRECTED_CHECKS = {
-    "Prop 3.1": [check_prefix_decomposition],
+    "Proposition 3.1": [check_prefix_decomposition],
     "Lemma E.1": [check_lemma_e1_corrected],
     "Lemma E.2": [check_lemma_e2_corrected],
     "Lemma E.3": [check_oracle_inequality, check_oracle_inequality_corrected],
-    "Theorem E.1 / B.1": [check_theorem_e1_corrected],
+    "Theorem B.1 (= E.1)": [check_theorem_e1_corrected],
     "Theorem E.2": [check_theorem_e2_corrected],
     "Theorem E.3": [check_theorem_e3_corrected],
     "Theorem 3.1": [check_theorem_3_1_corrected],

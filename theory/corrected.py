@@ -149,7 +149,7 @@ def oracle_inequality_corrected(w2, p2, logq, logp, kl_P2_Q, kl_P2_P2t, kl_Q_P2t
     return OracleRate(gain_rate=t["gap"], mu=_a(kl_P2_Q) - _a(kl_P2_P2t), paper_rate=_a(kl_Q_P2t) - _a(kl_P2_P2t))
 
 
-# ---------------------------------------------------------- Theorem E.1 / B.1
+# -------------------------------------------------------- Theorem B.1 (= E.1)
 @dataclass(frozen=True)
 class ResidualBracket:
     """Per node: ``lower = ||s|| sin(theta) <= min_lam ||log q_{t+1} - log q^(lam)||_{t,u}
@@ -165,7 +165,7 @@ class ResidualBracket:
 
 
 def theorem_e1_corrected_residual_lower_bound(logq_t, logq_t1, logp) -> ResidualBracket:
-    """Theorem E.1 / B.1, corrected: the best tilting fit is no better than ``||s|| sin(theta)``.
+    """Theorem B.1 (= E.1), corrected: the best tilting fit is no better than ``||s|| sin(theta)``.
 
     Per prefix (omit u), ``<g, h> := E_{q_t}[g h]``; ``s`` = centred ``log(q_{t+1}/q_t)``,
     ``r_c`` = centred ``r = log(p~/q_t)``, ``theta`` = the angle between ``s`` and ``r_c``.
@@ -278,7 +278,7 @@ def theorem_3_1_corrected(delta_star, lam, A, mu_T, C1, C2) -> dict:
     return {"exact": exact, "first_order": k1 * d + k2 * d * lam, "linear": linear, "k1": k1, "k2": k2}
 
 
-# ------------------------------------------------------ Theorem 3.2 / B.3 / E.5
+# ------------------------------------------- Theorem 3.2, Theorem B.3 (= E.5)
 @dataclass(frozen=True)
 class LambdaMaxBracket:
     """``lower <= lambda_max <= upper`` (``upper = inf`` when the first-order rate is <= 0)."""

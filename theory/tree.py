@@ -1,4 +1,4 @@
-"""Token trees (Definition 3.1 / B.1 of arXiv 2509.20758).
+"""Token trees (Definition 3.1 (= B.1) of arXiv 2509.20758).
 
 A :class:`TokenTree` stores a distribution ``P`` over responses ``z`` (token sequences
 followed by EOS) as a prefix tree. Every node ``u`` is a prefix; its children are the

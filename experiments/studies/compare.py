@@ -48,7 +48,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..outputs import fmt, markdown_table, pyplot, save_figure, write_json, write_text
+from sft.runs import RunFolderError, checkpoints, load_checkpoint, load_initial
+
+from .compare_report import write_outputs
+
+__all__ = ["CompareConfig", "CompareError", "EvalSet", "load_eval_set", "bounds_at", "run_compare"]
 
 
 class CompareError(ValueError):
@@ -138,58 +142,6 @@ def load_eval_set(spec: str, tokenizer, *, template: str | None = None, limit: i
     return EvalSet(spec, prompts, texts)
 
 
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoint-N`` and of ``final/`` (when its step is new), by step."""
-    out = {}
-    for p in run.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir():
-            out[int(m.group(1))] = p
-    final = run / "final"
-    if final.is_dir():
-        step = None
-        if (run / "result.json").exists():
-            step = json.loads((run / "result.json").read_text()).get("global_step")
-        if step is None:
-            step = max(out, default=0) + 1
-        out.setdefault(int(step), final)
-    return sorted(out.items())
-
-
-def load_initial(config: dict):
-    """(model, tokenizer) as `talr train` built them before training (same spec, dtype, seed)."""
-    import torch
-
-    from sft.models import byte_tokenizer, load_model, load_tokenizer
-
-    spec = config.get("model")
-    if not spec:
-        raise CompareError("config.json: field 'model' missing: cannot rebuild the initial model")
-    tok = load_tokenizer(config.get("tokenizer") or spec)
-    if tok is None:
-        tok = byte_tokenizer()
-    dtype = getattr(torch, config.get("dtype") or "float32")
-    model = load_model(spec, dtype=dtype, seed=int(config.get("seed", 0)))
-    if str(spec).startswith("tiny") and model.config.vocab_size < len(tok):
-        model.resize_token_embeddings(len(tok))
-    model.hf_quantizer, model.is_quantized = None, False  # a de-quantised GGUF model keeps these flags
-    return model.eval(), tok
-
-
-def load_checkpoint(folder: Path, config: dict):
-    """The model saved in ``folder`` (a full model, or a LoRA adapter merged into the initial model)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base, _ = load_initial(config)
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
-    dtype = getattr(torch, config.get("dtype") or "float32")
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
-
-
 # ------------------------------------------------------------------------------------- driver
 def _measure(model, tok, general: EvalSet, domain: EvalSet, trees, cfg: CompareConfig) -> tuple[dict, object]:
     """Code lengths of both sets and the model's conditionals on the empirical trees."""
@@ -256,7 +208,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     if not ckpts:
         raise CompareError(f"{run}: no checkpoint-* or final/ (train with --save-steps N)")
     torch.manual_seed(0)
-    model0, tok = load_initial(config)
+    try:
+        model0, tok = load_initial(config)
+    except RunFolderError as exc:
+        raise CompareError(f"{run}/{exc}") from None
     template = cfg.template or config.get("eval_template") or config.get("template")
     general = load_eval_set(general_spec, tok, limit=cfg.limit)
     domain = load_eval_set(domain_spec, tok, template=template, limit=cfg.limit)
@@ -312,79 +267,3 @@ def run_compare(cfg: CompareConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(result, out)
     return result
-
-
-# ------------------------------------------------------------------------------------ outputs
-def _figure(result: dict, path: Path) -> str:
-    plt = pyplot()
-    pts = result["points"]
-    steps = [p["step"] for p in pts]
-    fig, ax = plt.subplots(figsize=(6.6, 4.4))
-    ax.plot(steps, [p["dL_P1_tree_bits"] for p in pts], "o-",
-            label=f"measured dL(P1), tree depth {result['tree']['depth']}")
-    ax.plot(steps, [p["dL_P1_bits"] for p in pts], "s:", ms=4, label="measured general code-length change (full)")
-    e3 = [0.0] + [p.get("e3_bound_bits") for p in pts[1:]]
-    if all(x is not None for x in e3):
-        ax.plot(steps, e3, "--", color="C3", label="Thm E.3 bound (A Lambda_t + C1 S_t)")
-    pb = [0.0] + [p.get("prefix_bound_bits") for p in pts[1:]]
-    if all(x is not None for x in pb):
-        ax.plot(steps, pb, "^:", color="C2", label="per-prefix bound (sqrt(chi2_bar) sqrt(Vbar) + KL term)")
-    e4 = [(p["step"], p["e4_bound_bits"]) for p in pts[1:] if p.get("e4_bound_bits") is not None]
-    if e4:
-        ax.plot(*zip(*e4), "x", color="C4", ms=8, label="Thm E.4 bound at measured domain gain")
-    ax.set_yscale("symlog", linthresh=1e-2)
-    ax.axhline(0, lw=0.5, color="gray")
-    ax.set_xlabel("optimizer step (checkpoint)")
-    ax.set_ylabel("general degradation (bits per response)")
-    ax.set_title(f"Predicted bound over measured degradation: {Path(result['run']).name}")
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def write_outputs(result: dict, out: Path) -> None:
-    fig = _figure(result, out / "compare.png")
-    c = result["constants"]
-    rows = [[p["checkpoint"], p["step"], p["general"]["bits_per_token"], p["dL_P1_bits"], p["dL_P1_tree_bits"],
-             p["domain"]["bits_per_token"], p["domain_gain_bits"], p["domain_gain_tree_bits"], p.get("lam"),
-             p.get("e3_bound_bits"), p.get("e4_bound_bits"), p.get("prefix_bound_bits"), p.get("sin_theta")]
-            for p in result["points"]]
-    tr = result["tree"]
-    ratios = [p["e4_bound_bits"] / p["dL_P1_tree_bits"] for p in result["points"][1:]
-              if p.get("e4_bound_bits") is not None and p["dL_P1_tree_bits"] > 1e-9]
-    lines = [f"# talr compare: {result['run']}", "",
-             f"General set (D1): `{result['general_eval']}` ({tr['n_general']} sequences); domain set (D2): "
-             f"`{result['domain_eval']}` ({tr['n_domain']} sequences). Trees of depth {tr['depth']} over "
-             f"{tr['alphabet_used_tokens']} used tokens{' + other' if tr['other_symbol'] else ''} + EOS "
-             f"(stop token id {tr['stop_token_id']}); {tr['nodes_p1']} / {tr['nodes_p2']} / {tr['nodes_union']} nodes "
-             f"(D1 / D2 / union). Wall time {result['wall_seconds']:.0f} s.", "",
-             f"![bound over measured]({fig})", "",
-             markdown_table(["checkpoint", "step", "D1 bits/token", "dL(P1) full (bits)", "dL(P1) tree (bits)",
-                     "D2 bits/token", "D2 gain full (bits)", "D2 gain tree (bits)", "fitted lambda",
-                     "Thm E.3 (bits)", "Thm E.4 (bits)", "per-prefix bound (bits)", "sin(theta)"], rows), "",
-             "Constants at the initial model (nats): " + ", ".join(
-                 f"{k}={fmt(c.get(k))}" for k in ("M_h", "M_l", "w_S", "s", "m", "H_T", "mu_T", "C1", "C2")) +
-             f"; A={fmt(result.get('A'))}.", "",
-             (f"Tightness: Theorem E.4 bound / measured tree dL(P1) over {len(ratios)} checkpoints: median "
-              f"{fmt(float(np.median(ratios)))}, min {fmt(float(np.min(ratios)))} (below 1 would be a violation)."
-              if ratios else "Tightness: no checkpoint with both a Theorem E.4 bound and a positive measured "
-                             "degradation."), ""]
-    pr = [p["prefix_bound_bits"] / p["dL_P1_tree_bits"] for p in result["points"][1:]
-          if p.get("prefix_bound_bits") is not None and p["dL_P1_tree_bits"] > 1e-9]
-    viol = sum(p["prefix_bound_bits"] < p["dL_P1_tree_bits"] - 1e-9 for p in result["points"][1:]
-               if p.get("prefix_bound_bits") is not None)
-    lines += [(f"per-prefix bound / measured tree dL(P1) (`theory.bounds.prefix_decomposition` on the same "
-               f"empirical D1 tree, mass outside the alphabet as one outcome): median {fmt(float(np.median(pr)))}, "
-               f"max {fmt(float(np.max(pr)))}, violations {viol} over {len(pr)} checkpoints." if pr else
-               "per-prefix bound: no checkpoint with a positive measured tree dL(P1)."), "",
-              "sin(theta): mass-weighted sine between the realised log-shift on the D2 tree and the tilting "
-              "direction over each checkpoint interval (`theory.corrected.pooled_sin_theta`; 0 = the update is a "
-              "tilt, the paper's picture; near 1 = no tilting step reproduces it).", ""]
-    errs = sorted({p["e4_error"] for p in result["points"][1:] if p.get("e4_error")})
-    if errs:
-        lines += ["Theorem E.4 not evaluated where: " + "; ".join(errs), ""]
-    lines += ["How to read: 'full' columns are code lengths of whole sequences (completion given prompt where "
-              "the set has prompts); 'tree' columns are exact KL changes on the depth-truncated token trees the "
-              "bounds are computed on. Approximations (restricted alphabet, pooled prompts, depth, lambda per "
-              "checkpoint interval) are listed in `experiments/studies/compare.py` and `sft/treeprobs.py`.", ""]
-    write_text(out / "compare.md", "\n".join(lines))
-    write_json(out / "compare.json", result)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,8 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from experiments.cli import main  # noqa: E402
-from experiments.studies.compare import CompareError, checkpoints, load_eval_set  # noqa: E402
+from experiments.studies.compare import CompareError, bounds_at, load_eval_set  # noqa: E402
+from sft.runs import checkpoints  # noqa: E402
 from sft.models import byte_tokenizer, load_model  # noqa: E402
 
 TINY = "tiny:hidden=32,layers=1,heads=2,intermediate=64"
@@ -72,6 +74,31 @@ def test_compare_end_to_end(trained_run, capsys):
         assert "per-prefix bound / measured tree dL(P1)" in md and "violations 0" in md
     else:
         assert "per-prefix bound: no checkpoint with a positive measured tree dL(P1)" in md
+    # the stored bounds are `bounds_at` (theory.bounds) of the stored steps, gains and constants
+    from theory.bounds import Constants
+
+    const = Constants(**{k: c[k] if c[k] is not None else float("nan")
+                         for k in ("M_h", "M_l", "w_S", "beta", "gamma", "H_T", "mu_T", "C1", "C2")})
+    b = bounds_at(const, [p["lam"] for p in pts[1:]], [p["domain_gain_tree_bits"] for p in pts[1:]])
+    assert [p["e3_bound_bits"] for p in pts[1:]] == b["e3_bits"]
+    assert [p["e4_bound_bits"] for p in pts[1:]] == b["e4_bits"]
+
+
+def test_bounds_at_by_hand():
+    """compare's curve is Theorem E.3 with S_t the sum of SQUARED steps and E.4 per checkpoint
+    (T = intervals so far), in bits; hand values, so S_t -> Lambda_t^2 fails here."""
+    from theory.bounds import Constants
+
+    ln2 = math.log(2)
+    c = Constants(M_h=2.0, M_l=0.5, w_S=0.25, H_T=3.0, C1=2.0, C2=1.0, mu_T=1.0)  # A = 4.5
+    b = bounds_at(c, [0.3, -0.1, 0.2], [1.0 / ln2, -1.0, 0.5 / ln2])  # gains 1 nat, a loss, 0.5 nat
+    # Lambda_t = 0.3, 0.3, 0.5;  S_t = 0.09, 0.09, 0.13
+    want = [4.5 * 0.3 + 2 * 0.09, 4.5 * 0.3 + 2 * 0.09, 4.5 * 0.5 + 2 * 0.13]
+    assert b["e3_bits"] == pytest.approx([w / ln2 for w in want], rel=1e-12)
+    # t=1: needs T > 4 C2 Delta/mu^2 = 4 -> none; t=2: no gain; t=3, Delta = 0.5: Lambda = 1.5 (1 - sqrt(1/3))
+    assert b["e4_bits"][:2] == [None, None] and "no domain gain" in b["e4_errors"][1]
+    lam = 1.5 * (1 - math.sqrt(1 / 3))
+    assert b["e4_bits"][2] == pytest.approx((4.5 * lam + 2 * lam**2 / 3) / ln2, rel=1e-12)
 
 
 def test_initial_model_is_rebuilt_exactly(trained_run):
