@@ -307,7 +307,8 @@ def p1_mode_and_entropy(p1: TokenTree, logq_full: np.ndarray) -> dict:
     return {"mode_acc_p1": float(np.dot(w, same) / w.sum()), "q_entropy_p1_bits": float(np.dot(w, h))}
 
 
-def exact_metrics(model: nn.Module, world: World, batch_size: int = 512, logq_p1_full: np.ndarray | None = None) -> dict:
+def exact_metrics(model: nn.Module, world: World, batch_size: int = 512,
+                  logq_p1_full: np.ndarray | None = None) -> dict:
     """Exact scores of ``model`` on the world (bits per response unless said otherwise).
 
     ``logq_p1_full``: the model's raw conditionals on P1 (`sft.treeprobs.exact_full_logprobs`,
@@ -340,7 +341,8 @@ def exact_metrics(model: nn.Module, world: World, batch_size: int = 512, logq_p1
     first = np.where(is_hard.any(1), gen[np.arange(len(gen)), is_hard.argmax(1)], -1)
     gold = np.array([world.answer_of(p) for p in prompts])
     acc = float(np.dot(w, first == gold) / w.sum())
-    return {"kl_p1_bits": kl(world.p1, lp1), **p1_mode_and_entropy(world.p1, logq_p1_full), "kl_p2_bits": kl(p2, lp2), "cond_code_len_p2_bits": cond,
+    return {"kl_p1_bits": kl(world.p1, lp1), **p1_mode_and_entropy(world.p1, logq_p1_full),
+            "kl_p2_bits": kl(p2, lp2), "cond_code_len_p2_bits": cond,
             "cond_kl_p2_bits": cond - h_cond, "answer_code_len_bits": ans_bits, "answer_prob": ans_prob,
             "domain_acc": acc}
 

@@ -8,8 +8,10 @@ Each check returns a :class:`Claim` with a verdict:
 * ``fails`` -- a violation was found; ``counterexample`` is the smallest one found
   (fewest nodes / smallest parameters), with the numbers.
 
-Instances are exact worlds from :func:`theory.simulate.make_world` (complete trees, all
-divergences exact sums, natural logs). ``run_ledger(n)`` runs every check with ``n``
+Instances are exact worlds on complete trees (all divergences exact sums, natural logs):
+batches of them as arrays (:mod:`theory.batched`, >= 1000 per check, vectorised) and, for the
+simulation checks, :func:`theory.simulate.make_world` / ``make_softmax_world``. Each paper
+statement is followed by its corrected statement(s) (:mod:`theory.claims_corrected`). ``run_ledger(n)`` runs every check with ``n``
 random instances per check (the verdicts are pinned by ``tests/theory/test_claims.py``).
 """
 from __future__ import annotations
@@ -20,23 +22,13 @@ from . import bounds as B
 from . import batched as Bt
 from .claim import Claim, quantiles
 from .corrected import lemma_e1_corrected
-from .divergence import TreeLogProbs, delta_code_length, delta_code_length_per_level, expect_p, expect_q, kl, leaf_log_prob
-from .estimate import (
-    admissible_C, estimate_constants, first_order_coefficient, kl_model_target,
-    one_step_delta, sequence_var_f, smoothed_target,
-)
 from .simulate import SoftmaxConfig, equal_gain_degradation, make_softmax_world, make_world, run_softmax, run_tabular
-from .tilting import tilt_log
 from .tree import TokenTree
 
 __all__ = ["Claim", "CHECKS", "run_ledger", "format_ledger", "random_world", "b1_slope", "quantiles"]
 
 
 _q = quantiles
-
-
-def _lp(tree: TokenTree, logq: np.ndarray) -> TreeLogProbs:
-    return TreeLogProbs.from_full(tree, np.minimum(logq, 0.0))
 
 
 def random_world(rng: np.random.Generator, depth: int | None = None, V: int | None = None):
@@ -88,7 +80,8 @@ def check_lemma_e1(n: int, rng) -> Claim:
         n_deep += gap.size
         for i in np.flatnonzero(gap > 1e-8 * np.maximum(1.0, np.abs(exact))):
             found.append({"n_nodes": t.n_nodes, "V": t.vocab_size, "depth": int(t.max_depth),
-                          "exact_derivative": float(exact[i]), "paper_derivative": float(paper[i]), "gap": float(gap[i])})
+                          "exact_derivative": float(exact[i]), "paper_derivative": float(paper[i]),
+                          "gap": float(gap[i])})
     g1 = float(np.concatenate(gaps1).max()) if gaps1 else 0.0
     ce = _sizes_first(found)[0] if found else None
     return Claim(

@@ -55,7 +55,8 @@ def check_prefix_decomposition(n: int, rng) -> Claim:
         Bn = bw.logq0.shape[0]
         lam = rng.uniform(0.01, 1.0, Bn)
         for q2 in (Bt.tilt_b(t, bw.logq0, Bt.smoothed_b(t, bw.logp2, 0.1), lam),
-                   Bt._forced_rows(t, log_softmax(bw.logq0 + rng.uniform(0, 1, (Bn, 1, 1)) * rng.standard_normal(bw.logq0.shape)))):
+                   Bt._forced_rows(t, log_softmax(bw.logq0 + rng.uniform(0, 1, (Bn, 1, 1))
+                                                  * rng.standard_normal(bw.logq0.shape)))):
             w = Bt.node_weights(t, bw.logp1)
             p = np.exp(bw.logp1)
             q = np.exp(bw.logq0)
@@ -142,7 +143,8 @@ def check_lemma_e2_corrected(n: int, rng) -> Claim:
     e = np.where(on_edge[:, None], g_S, e)
     e = e / np.maximum(norm(e, S), 1e-300)[:, None] * (gamma * gS * np.where(on_edge, 1, rng.random(n)))[:, None]
     l = np.where(~S, rng.standard_normal((n, K)), 0.0)
-    l = l / np.maximum(norm(l, ~S), 1e-300)[:, None] * ((beta + gamma) * gS * np.where(on_edge, 1, rng.random(n)))[:, None]
+    radius = (beta + gamma) * gS * np.where(on_edge, 1, rng.random(n))
+    l = l / np.maximum(norm(l, ~S), 1e-300)[:, None] * radius[:, None]
     delta = g_S + e + l
     second = (q * delta**2).sum(1)
     tight_case = float(lemma_e2_corrected(0.5, 1.0, 0.0, 0.1))
@@ -214,7 +216,8 @@ def check_oracle_inequality_corrected(n: int, rng) -> Claim:
         "sum_u P2(u)(E_p2u - E_qu) f_u = KL(P2||Q) + sum_u P2(u) KL(q_u||p~_u) - KL(P2||P~2) >= "
         "mu := KL(P2||Q) - KL(P2||P~2)",
         _verdict(bad), n, bad, ce, quantiles(_cat(tight)),
-        note=("Same instances as the paper's form; oracle (alpha = 0) and smoothed (alpha = 0.1) targets. Carried through E.3/E.4 as "
+        note=("Same instances as the paper's form; oracle (alpha = 0) and smoothed (alpha = 0.1) targets. "
+              "Carried through E.3/E.4 as "
               "mu_T := inf_t [KL(P2||Q_t) - KL(P2||P~2)] (see 'Theorem E.3 corrected'). "
               "Tightness = gain rate / mu (>= 1)."),
         corrects="Oracle inequality (E.2-E.4)",
@@ -380,7 +383,8 @@ def check_theorem_3_1_corrected(n: int, rng) -> Claim:
         "Delta_*(A + C1 lam)/(mu_T - C2 lam) = k1 Delta_* + (C1/mu_T + A C2/mu_T^2) Delta_* lam + O(lam^2) "
         "<= Delta_*(k1 + 2 k2' lam) for lam <= mu_T/(2 C2)",
         _verdict(bad + lin_bad), n_feas, bad + lin_bad, ce, quantiles(_cat(tight)) if tight else None,
-        note=(f"{n_feas}/{n_drawn} trajectories feasible (mu_T > C2 lam; drawn until >= {n} are); A = sup_t sqrt(chi2_bar_t Vbar_t), "
+        note=(f"{n_feas}/{n_drawn} trajectories feasible (mu_T > C2 lam; drawn until >= {n} are); "
+              "A = sup_t sqrt(chi2_bar_t Vbar_t), "
               "mu_T = inf_t mu_t, C1 = sup R1/8, C2 = sup R2/8 from the trajectory; Delta_* = T lam (mu_T - C2 lam), "
               "the certified gain. Checked: measured gain >= Delta_*, measured Delta L_T(P1) <= bound, linear "
               "form >= exact form. Tightness = bound / measured Delta L_T(P1)."),

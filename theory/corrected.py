@@ -311,7 +311,8 @@ def lambda_max_bracket(T, eps_fg, L_up, R, L_low=None) -> LambdaMaxBracket:
         raise ValueError("need T > 0, eps_fg >= 0 and R >= 0")
     e = eps / T
     with np.errstate(divide="ignore", invalid="ignore"):
-        lower = np.where(R > 0, 2 * e / (L + np.sqrt(L**2 + R * e / 2)), np.where(L > 0, e / np.where(L > 0, L, 1), np.inf))
+        linear_only = np.where(L > 0, e / np.where(L > 0, L, 1), np.inf)  # R = 0: Delta = lam L exactly
+        lower = np.where(R > 0, 2 * e / (L + np.sqrt(L**2 + R * e / 2)), linear_only)
         upper = np.where(Ll > 0, e / np.where(Ll > 0, Ll, 1.0), np.inf)
     return LambdaMaxBracket(lower=lower, upper=upper)
 

@@ -136,7 +136,8 @@ def _finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: P
                      out=str(run_dir), progress=False, save_final=False, token_stats=True,
                      logging_steps=max(1, cfg.steps // 5), warmup=0.0)
     t0 = time.perf_counter()
-    res = train(tc, model, SFTDataset(world.d2_train), pad_token_id=world.pad_id, callbacks=[_callback(curve, cfg.eval_every)])
+    res = train(tc, model, SFTDataset(world.d2_train), pad_token_id=world.pad_id,
+                callbacks=[_callback(curve, cfg.eval_every)])
     secs = time.perf_counter() - t0
     model = res.model
     if hasattr(model, "merge_and_unload"):  # LoRA: evaluate the merged model

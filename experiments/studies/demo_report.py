@@ -215,7 +215,8 @@ def write(results: dict, out: Path) -> Path:
                   f"{'holds' if f['finding2_holds'] else 'does not hold'} here."]
         f2 = f["cot"].get("finding2_tight")
         if f2:
-            lines += [f"- **Finding 2 under the tight form** (Theorem E.5 without relaxation (14), this run's constants): "
+            lines += ["- **Finding 2 under the tight form** (Theorem B.3 (= E.5) without relaxation (14), this run's "
+                      "constants): "
                       f"lambda_max label-only / CoT = {fmt(f2['per_token'])} per token vs {fmt(f2['paper'])} with the "
                       f"paper's V_s (> 1: label-only tolerates larger steps) -> the tight form "
                       f"{'supports' if f2['per_token'] > 1 else 'does not support'} Finding 2's explanation."]

@@ -99,8 +99,8 @@ def test_theorem_e1_residual_lower_bound_brute_force(K, seed, lr, lam):
 def test_theorem_e1_sgd_is_misaligned():
     lq = np.log(np.array([[0.6, 0.3, 0.1]]))
     lp = np.log(np.array([[0.2, 0.2, 0.6]]))
-    sins = [theorem_e1_corrected_residual_lower_bound(lq, log_softmax(lq + lr * (np.exp(lp) - np.exp(lq))), lp).sin_theta[0]
-            for lr in (1e-4, 1e-2)]
+    sgd = [log_softmax(lq + lr * (np.exp(lp) - np.exp(lq))) for lr in (1e-4, 1e-2)]
+    sins = [theorem_e1_corrected_residual_lower_bound(lq, q1, lp).sin_theta[0] for q1 in sgd]
     assert sins[0] > 0.05 and sins[0] == pytest.approx(sins[1], rel=0.05)  # O(1), not O(sqrt eps)
 
 

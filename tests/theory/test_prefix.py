@@ -142,6 +142,7 @@ def test_mass_outside_the_alphabet_as_an_extra_column():
     with pytest.raises(ValueError, match="sums to"):
         prefix_decomposition(tree, raw[0], raw[1])
     d = prefix_decomposition(tree, with_other(raw[0]), with_other(raw[1]))
-    ref = kl(tree, TreeLogProbs.from_full(tree, raw[1]), "nats") - kl(tree, TreeLogProbs.from_full(tree, raw[0]), "nats")
+    ref = (kl(tree, TreeLogProbs.from_full(tree, raw[1]), "nats")
+           - kl(tree, TreeLogProbs.from_full(tree, raw[0]), "nats"))
     assert d.delta == pytest.approx(ref, abs=1e-10)
     assert d.delta <= d.bound
