@@ -23,7 +23,6 @@ from . import batched as Bt
 from .claim import Claim, quantiles
 from .corrected import lemma_e1_corrected
 from .simulate import SoftmaxConfig, equal_gain_degradation, make_softmax_world, make_world, run_softmax, run_tabular
-from .tree import TokenTree
 
 __all__ = ["Claim", "CHECKS", "run_ledger", "format_ledger", "random_world", "b1_slope", "quantiles"]
 
