@@ -44,7 +44,7 @@ class DemoConfig:
     batch: int = 16
     eval_every: int = 50
     wise_alphas: tuple = (0.25, 0.5, 0.75)
-    ledger_n: int = 1000  # instances per ledger check (the whole ledger takes ~8 s)
+    ledger_n: int = 1000  # instances per ledger check (the whole ledger takes ~10 s)
     seed: int = 0
     cache_dir: str = "runs/.cache/worlds"
     progress: bool = True
