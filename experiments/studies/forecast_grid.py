@@ -68,9 +68,10 @@ class WorldCache:
 
             world = build_world(wcfg)
             model0, _ = pretrain(world, self.cache_dir)
-            base = exact_metrics(model0, world)
+            logq1 = exact_full_logprobs(model0, world.p1, bos_id=world.bos_id, eos_id=world.eos_id)
+            base = exact_metrics(model0, world, logq_p1_full=logq1)
             logq0 = exact_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
-            self._worlds[key] = (world, model0, base, logq0)
+            self._worlds[key] = (world, model0, base, logq0, logq1)
         return self._worlds[key]
 
 
@@ -80,11 +81,11 @@ def run_one(spec: RunSpec, wcfg, worlds: WorldCache) -> dict:
 
     from .demo import DemoConfig, finetune, summarise
 
-    world, model0, base, logq0 = worlds.get(wcfg)
+    world, model0, base, logq0, logq1 = worlds.get(wcfg)
     dcfg = DemoConfig(steps=spec.steps, batch=spec.batch, eval_every=spec.steps + 1, seed=spec.seed, progress=False)
     tmp = Path(tempfile.mkdtemp(prefix="talr-forecast-run-"))
     try:
-        model, points, res, secs = finetune(world, model0, spec.method, spec.lr, dcfg, tmp, base, logq0)
+        model, points, res, secs = finetune(world, model0, spec.method, spec.lr, dcfg, tmp, base, logq0, logq1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     s = summarise(points, base)
