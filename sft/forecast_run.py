@@ -13,7 +13,7 @@ from torch import nn
 from .forecast import (LN2, _collate, ComputeMeter, Forecast, ForecastConfig, Shifted, cosine_lrs, lora_layout,
                        HARD_P, method_gradients, replay_adam, replay_lora, sequence_losses, training_run_units)
 
-__all__ = ["forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_kappa", "power_law_probes"]
+__all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_kappa", "power_law_probes"]
 
 
 def mean_bits(model, examples, pad_token_id, meter=None) -> float:
@@ -93,11 +93,32 @@ def fit_kappa(gg, lrs: np.ndarray, order: np.ndarray, target: np.ndarray, tail: 
     return kappa
 
 
+class SampleTree:
+    """The D1 sample as a token tree (`theory.tree.TokenTree` with empirical masses) and the ids
+    that turn it into model inputs: dL(P1) is then `theory.prefix.prefix_decomposition` of the
+    model's full conditionals on its prefixes (first-order and KL terms reported)."""
+
+    def __init__(self, tree, bos_id: int, eos_id: int):
+        self.tree, self.bos_id, self.eos_id = tree, bos_id, eos_id
+        leaves = tree.child_count == 0
+        self.tokens = int((tree.depth[leaves] + 1).sum())  # one forward per maximal path
+
+    def logq(self, model, meter: ComputeMeter):
+        from theory.prefix import with_other
+
+        from .treeprobs import exact_full_logprobs
+
+        meter.forward(self.tokens)
+        return with_other(exact_full_logprobs(model, self.tree, bos_id=self.bos_id, eos_id=self.eos_id))
+
+
 def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig, *,
-                  progress: bool = True, calibrate: bool = True) -> dict:
+                  progress: bool = True, calibrate: bool = True, d1_tree: SampleTree | None = None) -> dict:
     """Forecast every (method, lr) of ``cfg``: returns {"rows": [Forecast dicts], "compute": {...},
     "probe": {...}}. ``d2``: the SFT training examples; ``d1``: general examples (labels on
-    every response token); both as {"input_ids", "labels"} dicts."""
+    every response token); both as {"input_ids", "labels"} dicts. With ``d1_tree`` (the same
+    sample as a token tree) dL(P1) comes from the per-prefix decomposition on its prefixes and
+    each row also holds its first-order and KL terms."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -135,9 +156,16 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
         return replay_adam(g, method, lrs, order[:steps], l2_coeff=cfg.l2_coeff if method == "l2" else 0.0,
                            max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min, track=cfg.track)
 
+    base_lq = d1_tree.logq(model, meter) if d1_tree is not None else None
+
     def evaluate(delta):
+        from theory.prefix import prefix_decomposition
+
         with Shifted(model, delta):
-            return mean_bits(model, d1, pad, meter) - base_d1
+            if d1_tree is None:
+                return mean_bits(model, d1, pad, meter) - base_d1, {}
+            d = prefix_decomposition(d1_tree.tree, base_lq, d1_tree.logq(model, meter), unit="bits")
+        return d.delta, {"first_order_bits": d.first_order, "kl_term_bits": d.kl_term}
 
     probe = {}
     if calibrate:
@@ -157,10 +185,10 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     for m in cfg.methods:
         for lr in cfg.lrs:
             delta, ell = replay(m, lr)
-            dl = evaluate(delta)
+            dl, parts = evaluate(delta)
             gain = grads["ce" if m in ("l2", "lora") else m].gain_bits(ell)
             rows.append(Forecast(m, lr, dl, gain, extras={"Lambda": float(cosine_lrs(lr, cfg.steps).sum()),
-                                                           "tracked_loss_nats": ell.tolist()}).to_dict())
+                                                           "tracked_loss_nats": ell.tolist(), **parts}).to_dict())
             bar.update(1)
     bar.close()
     run_units = training_run_units(d2, cfg.steps, cfg.batch)

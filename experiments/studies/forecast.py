@@ -84,6 +84,17 @@ def general_sample(world, n: int, seed: int = 123) -> list[dict]:
     return out
 
 
+def general_tree(world, n: int, seed: int = 123):
+    """The same ``n`` P1 samples as `general_sample`, as an empirical token tree (`SampleTree`)."""
+    from sft.forecast_run import SampleTree
+    from theory.tree import TokenTree
+
+    zs = world.d1_samples(n, seed=seed)
+    tree = TokenTree.from_sequences([list(map(int, z)) for z in zs], max_depth=world.cfg.max_depth,
+                                    vocab_size=world.tree_vocab)
+    return SampleTree(tree, world.bos_id, world.eos_id)
+
+
 def forecast_config(cfg: StudyConfig, world):
     from sft.forecast import ForecastConfig
 
@@ -177,7 +188,8 @@ def _run(cfg: StudyConfig, out: Path, write) -> dict:
 
     def make_fc():
         t0 = time.perf_counter()
-        res = forecast_grid(model0, world.d2_train, d1, fcfg, progress=cfg.progress)
+        res = forecast_grid(model0, world.d2_train, d1, fcfg, progress=cfg.progress,
+                            d1_tree=general_tree(world, fcfg.n_general))
         res["seconds"] = time.perf_counter() - t0
         return res
 
