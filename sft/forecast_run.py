@@ -77,7 +77,9 @@ def fit_kappa(gg, lrs: np.ndarray, order: np.ndarray, target: np.ndarray, tail: 
     (mean over the last ``tail`` steps; coordinate search on a log grid, hard group first)."""
     grid = np.geomspace(0.02, 5.0, 25)
     kappa = torch.ones(2, dtype=torch.float64)
-    want = np.nanmean(target[-tail:, :2], axis=0)
+    last = target[-tail:, :2]
+    n = np.isfinite(last).sum(0)
+    want = np.where(n > 0, np.nansum(last, axis=0) / np.maximum(n, 1), np.nan)  # NaN: group absent
     for k in (1, 0, 1):
         if not np.isfinite(want[k]):
             continue

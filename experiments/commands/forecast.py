@@ -83,13 +83,20 @@ def _inputs(args):
         return model0, world.d2_train, general_sample(world, 128), world.pad_id
     if not args.domain or not args.general:
         raise SystemExit("--domain and --general are required unless --model is world:N")
-    from sft.data import load_sft_dataset
-    from sft.models import load_model, load_tokenizer
+    from sft.data import DataError, load_sft_dataset
+    from sft.models import byte_tokenizer, load_model, load_tokenizer
 
-    tok = load_tokenizer(args.model)
-    model0 = load_model(args.model)
-    d2 = load_sft_dataset(args.domain, tok)
-    d1 = load_sft_dataset(args.general, tok)
+    tok = load_tokenizer(args.model) or byte_tokenizer()  # tiny models: the offline byte tokenizer
+    try:
+        d2 = load_sft_dataset(args.domain, tok)
+        d1 = load_sft_dataset(args.general, tok)
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"talr forecast: {exc}") from None
+    if len(d2) < args.batch_size:
+        raise SystemExit(f"talr forecast: {args.domain} has {len(d2)} usable examples < --batch-size {args.batch_size}")
+    model0 = load_model(args.model, seed=args.seed)
+    if args.model.startswith("tiny") and model0.config.vocab_size < len(tok):
+        model0.resize_token_embeddings(len(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return model0, [d2[i] for i in range(len(d2))], [d1[i] for i in range(len(d1))], pad
 
