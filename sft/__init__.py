@@ -16,6 +16,9 @@ Public entries (one per capability; import them from their modules):
   (``build_empirical_trees``, ``empirical_tree_logprobs``);
 * the tiny-transformer world (``sft.worlds``): ``WorldConfig``, ``build_world``, ``pretrain``,
   ``exact_metrics``;
+* forecasting a grid before training (``sft.forecast``, pipeline in ``sft.forecast_run``):
+  ``ForecastConfig``, ``forecast_grid``, ``advise`` -- each (method, lr)'s dL(P1) and domain gain
+  from gradients at theta0, an AdamW replay and one probe;
 * token analysis (``sft.analysis``): ``token_probs`` and the Figure 3 plots;
 * evaluation (``sft.eval``): MedCalc-Bench, ESCI, code length, lm-eval adapter.
 

@@ -3,7 +3,10 @@
 * ``demo`` (``run_demo``, ``make_config``, ``bounds_of_run``) -- the tiny-transformer world, exact;
   its report and figures in ``demo_report``;
 * ``compare`` (``run_compare``, ``CompareConfig``, ``bounds_at``) -- a run of ``talr train``, on
-  empirical trees (`sft.treeprobs`), its checkpoints read by `sft.runs`; outputs in ``compare_report``.
+  empirical trees (`sft.treeprobs`), its checkpoints read by `sft.runs`; outputs in ``compare_report``;
+* ``forecast`` (``run_study``, ``make_config``) -- validation of `sft.forecast` on a grid of tiny-world
+  runs with 3 seeds (runs in ``forecast_grid``, scores in ``forecast_metrics``, outputs in
+  ``forecast_report``).
 
 Model-to-tree work lives in `sft.treeprobs`, every bound in `theory.bounds`, output conventions in
 `experiments.outputs`.

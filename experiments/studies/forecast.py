@@ -269,6 +269,7 @@ def score(cfg: StudyConfig, fc: dict, runs: list[dict], base: dict, power: dict)
         "n_configs": int(len(rows)), "n_runs": int(len(runs)), "n_seeds": len(cfg.seeds),
         **{k: v for k, v in main.items() if k != "budgets"},
         "spearman_ceiling": spearman(meas["dl_seed_a"], meas["dl_seed_b"]),
+        "spearman_within_lr_ceiling": spearman_within_lr(lr_index, meas["dl_seed_a"], meas["dl_seed_b"]),
         "compute_ratio": fc["compute"]["compute_ratio"], "compute": fc["compute"],
         "advisor_budgets": main["budgets"], "probe": {k: v for k, v in fc["probe"].items() if k != "loss_nats"},
         "baselines": {k: {kk: vv for kk, vv in v.items() if kk != "budgets"} for k, v in base_figs.items()},

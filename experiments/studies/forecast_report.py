@@ -23,7 +23,7 @@ def summary_markdown(s: dict) -> str:
         rows.append([name, *[(float("nan") if b.get(k) is None else b.get(k, float("nan"))) for k in SCORE_KEYS]])
     txt = (f"# Forecast study (world seed {s['world_seed']}, preset {s['preset']})\n\n"
            f"{s['n_configs']} configurations x {s['n_seeds']} seeds; spearman_ceiling (two seeds' "
-           f"measurements) = {s['spearman_ceiling']:.3f}; compute ratio = {s['compute_ratio']:.3f} "
+           f"measurements) = {s['spearman_ceiling']:.3f} (within a rate: {s['spearman_within_lr_ceiling']:.3f}); compute ratio = {s['compute_ratio']:.3f} "
            f"({s['compute']['unit']}).\n\n" + markdown_table(head, rows) + "\n\n")
     cols = ["method", "lr", "forecast_dL_P1_bits", "measured_dL_P1_bits", "measured_dL_P1_sd", "forecast_gain_bits",
             "measured_gain_bits", "lr_alone_dL_P1_bits", "power_law_dL_P1_bits", "kl_domain_after_bits"]
