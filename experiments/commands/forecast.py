@@ -66,12 +66,12 @@ def register(sub) -> None:
 
 
 def _inputs(args):
-    """(model0, d2 examples, d1 examples, pad id)."""
+    """(model0, d2 examples, d1 examples, pad id, the D1 sample as a `SampleTree` or None)."""
     import torch
 
     torch.set_num_threads(1)
     if args.model.startswith("world:"):
-        from experiments.studies.forecast import general_sample
+        from experiments.studies.forecast import general_sample, general_tree
         from sft.worlds import WorldConfig, build_world, pretrain
 
         try:
@@ -80,7 +80,7 @@ def _inputs(args):
             raise SystemExit(f"--model {args.model!r}: expected world:N with an integer N") from None
         world = build_world(WorldConfig.default(variant="cot", seed=seed))
         model0, _ = pretrain(world, args.cache_dir)
-        return model0, world.d2_train, general_sample(world, 128), world.pad_id
+        return model0, world.d2_train, general_sample(world, 128), world.pad_id, general_tree(world, 128)
     if not args.domain or not args.general:
         raise SystemExit("--domain and --general are required unless --model is world:N")
     from sft.data import DataError, load_sft_dataset
@@ -98,7 +98,7 @@ def _inputs(args):
     if args.model.startswith("tiny") and model0.config.vocab_size < len(tok):
         model0.resize_token_embeddings(len(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return model0, [d2[i] for i in range(len(d2))], [d1[i] for i in range(len(d1))], pad
+    return model0, [d2[i] for i in range(len(d2))], [d1[i] for i in range(len(d1))], pad, None
 
 
 def _config(args, pad):
@@ -131,8 +131,8 @@ def forecast_to(args) -> dict:
     except ValueError as exc:
         raise SystemExit(f"talr forecast: {exc}") from None
     del cfg_probe
-    model0, d2, d1, pad = _inputs(args)
-    res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress)
+    model0, d2, d1, pad, tree = _inputs(args)
+    res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree)
     res["request"] = _request(args)
     write_json(path, res)
     rows = res["rows"]
