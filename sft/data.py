@@ -247,6 +247,33 @@ def tokenize_rows(tokenizer, rows: Iterable[Row], *, max_length: int | None = No
     return SFTDataset(examples, dropped)
 
 
+def as_sft_dataset(data, tokenizer=None, *, max_length: int | None = None) -> SFTDataset:
+    """An `SFTDataset` from what `sft.trainer.train` accepts.
+
+    ``data``: an `SFTDataset` (returned as is), or any sequence of rows -- a list of dicts or a
+    ``datasets.Dataset`` -- either tokenized (``input_ids`` and ``labels``, HF convention with
+    -100 on prompt tokens) or untokenized in one of the JSONL forms of this module (then
+    ``tokenizer`` is required).
+    """
+    if isinstance(data, SFTDataset):
+        return data
+    rows = [data[i] for i in range(len(data))]
+    if not rows:
+        raise DataError("the training set is empty")
+    if "input_ids" in rows[0]:
+        for i, r in enumerate(rows):
+            if "labels" not in r:
+                raise DataError(f"<dataset>:{i + 1}: field 'labels' missing (tokenized rows need input_ids and labels)")
+            if len(r["labels"]) != len(r["input_ids"]):
+                raise DataError(f"<dataset>:{i + 1}: field 'labels': length {len(r['labels'])} != input_ids "
+                                f"length {len(r['input_ids'])}")
+        return SFTDataset(rows)
+    if tokenizer is None:
+        raise DataError("<dataset>:1: untokenized rows (no 'input_ids') need a tokenizer")
+    return tokenize_rows(tokenizer, [parse_row(r, "<dataset>", i + 1) for i, r in enumerate(rows)],
+                         max_length=max_length)
+
+
 def load_sft_dataset(path: str | Path, tokenizer, *, template: str | None = None, max_length: int | None = None,
                      chat_template: bool | None = None) -> SFTDataset:
     """Read a JSONL file and tokenize it with completion-only labels."""

@@ -31,6 +31,7 @@ __all__ = [
     "atomic_path",
     "publish_dir",
     "write_with",
+    "remove_dir",
 ]
 
 
@@ -137,3 +138,18 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` so that no reader sees it half-deleted.
+
+    It is first renamed to a hidden sibling (atomic), then removed; a crash in between leaves
+    only the hidden ``.NAME.deleting`` folder, which the next call for the same ``path`` removes.
+    """
+    path = Path(path)
+    aside = path.with_name(f".{path.name}.deleting")
+    if aside.exists():
+        shutil.rmtree(aside)
+    if path.exists():
+        os.replace(path, aside)
+        shutil.rmtree(aside)
