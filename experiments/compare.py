@@ -119,7 +119,10 @@ def load_eval_set(spec: str, tokenizer, *, template: str | None = None, limit: i
         return EvalSet(spec, list(prompts[:n]), list(sols[:n]))
     if not Path(spec).exists():
         raise CompareError(f"evaluation set {spec!r}: no such file (or use 'humaneval[:N]')")
-    recs = read_jsonl(spec)
+    try:
+        recs = read_jsonl(spec)
+    except ValueError as exc:  # not JSON / not UTF-8: names line (and byte offset)
+        raise CompareError(str(exc)) from None
     if not recs:
         raise CompareError(f"{spec}: no rows")
     recs = recs[:limit] if limit else recs

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .io import text_lines
+
 IGNORE_INDEX = -100
 
 CHATML_TEMPLATE = (
@@ -153,8 +155,8 @@ def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
     """All rows of a JSONL file (blank lines skipped); the first bad row raises `DataError`."""
     rows = []
     path = str(path)
-    with open(path, encoding="utf-8") as fh:
-        for i, text in enumerate(fh, start=1):
+    try:
+        for i, text in text_lines(path):
             if not text.strip():
                 continue
             try:
@@ -162,6 +164,10 @@ def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
             except json.JSONDecodeError as exc:
                 raise _err(path, i, "<row>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
             rows.append(parse_row(obj, path, i, template))
+    except DataError:
+        raise
+    except ValueError as exc:  # not UTF-8: the message names line and byte offset
+        raise DataError(str(exc)) from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

@@ -14,6 +14,7 @@ completed temporary directory into place and refuses to replace a non-empty one 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "publish_dir",
     "write_with",
     "remove_dir",
+    "text_lines",
 ]
 
 
@@ -153,3 +155,22 @@ def remove_dir(path: str | os.PathLike) -> None:
     if path.exists():
         os.replace(path, aside)
         shutil.rmtree(aside)
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(1-based line number, text)`` of every line of a UTF-8 file (gzip when ``.gz``).
+
+    A line that is not valid UTF-8 raises `ValueError` naming the file, the line and the byte
+    offset (in the uncompressed stream) of the first bad byte.
+    """
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte offset {offset + exc.start} in the file, "
+                                 f"byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+            offset += len(raw)

@@ -39,7 +39,7 @@ written the last micro-batch is re-scored under the new weights (eval mode, no g
 non-finite loss there (weights blown up to ~1e30 give inf activations) refuses the checkpoint.
 Each stops the run with status ``non_finite_loss`` in ``result.json``, keeps the last written
 checkpoint (finite, from before the divergence) and restores the in-memory model from it.
-A loss that ends more than `DIVERGENCE_RATIO` times its first value completes with a warning
+A loss that rises above `DIVERGENCE_RATIO` times its first value completes with a warning
 (``TrainResult.warnings``, ``result.json``).
 """
 from __future__ import annotations
@@ -57,96 +57,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from theory.checks import check_range
-
 from . import losses as L
+from .config import METHODS, TrainConfig  # noqa: F401  (re-exported: sft.trainer.TrainConfig)
 from .data import PadCollator, as_sft_dataset
 from .io import atomic_write_json, atomic_write_text, publish_dir, remove_dir
 from .models import lm_head_of, token_nll  # also sets HF_HUB_OFFLINE before transformers loads
-from .regularizers import KL_COEFF, L2_COEFF, KLToReference, L2ToInit
+from .regularizers import KLToReference, L2ToInit
 from .runs import PARTIAL, complete_checkpoints, last_checkpoint, prepare_run_dir
 from .weighting import attach_flow_weights
 
-METHODS = ("ce", "talr", "dft", "clip", "flow", "l2", "kl", "lora")
 DIVERGENCE_RATIO = 100.0  # final / first loss above this: "diverged" warning
-INF = math.inf
-
-# (field, lo, hi, options of `check_range`): the allowed range of every numeric field
-RANGES = [
-    ("lr", 0, INF, dict(lo_open=True)), ("epochs", 0, INF, dict(lo_open=True)),
-    ("max_steps", -1, INF, dict(integer=True)), ("batch_size", 1, INF, dict(integer=True)),
-    ("grad_accum", 1, INF, dict(integer=True)), ("warmup", 0, INF, {}), ("weight_decay", 0, INF, {}),
-    ("max_grad_norm", 0, INF, {}), ("seed", 0, 2**32 - 1, dict(integer=True)),
-    ("tau", 0, INF, dict(lo_open=True, allow_none=True)), ("w_min", 0, 1, {}),
-    ("clip_threshold", 0, 1, dict(hi_open=True)), ("hard_p", 0, 1, dict(lo_open=True)),
-    ("l2_coeff", 0, INF, {}), ("kl_coeff", 0, INF, {}), ("lora_r", 1, INF, dict(integer=True)),
-    ("lora_alpha", 0, INF, dict(lo_open=True)), ("lora_dropout", 0, 1, dict(hi_open=True)),
-    ("chunk_size", 1, INF, dict(integer=True, allow_none=True)), ("save_steps", 0, INF, dict(integer=True)),
-    ("save_total_limit", 1, INF, dict(integer=True, allow_none=True)), ("logging_steps", 1, INF, dict(integer=True)),
-    ("dataloader_num_workers", 0, INF, dict(integer=True)),
-]
-
-
-@dataclass
-class TrainConfig:
-    """Resolved training configuration (HfArgumentParser-compatible; every field has help)."""
-
-    method: str = field(default="ce", metadata={"help": "ce|talr|dft|clip|flow|l2|kl|lora"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW, cosine schedule)"})
-    epochs: float = field(default=1.0, metadata={"help": "training epochs (ignored when max_steps > 0)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from epochs"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    warmup: float = field(default=0.0, metadata={"help": "warm-up steps (>= 1) or fraction of steps (< 1)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = off"})
-    seed: int = field(default=0, metadata={"help": "seed of sampling, LoRA init and the Trainer"})
-    out: str = field(default="runs/default", metadata={"help": "run folder (runs/NAME)"})
-    # TALR / DFT / clipping
-    tau: float | None = field(default=None, metadata={"help": "TALR temperature; None = median per-sequence loss"})
-    tau_scope: str = field(default="micro", metadata={"help": "median over: micro (micro-batch) | step (all "
-                                                              "micro-batches and processes of a step)"})
-    w_min: float = field(default=L.W_MIN, metadata={"help": "TALR weight floor (Appendix D.2: 0.01)"})
-    clip_threshold: float = field(default=L.CLIP_THRESHOLD, metadata={"help": "clip: keep tokens with p > this"})
-    hard_p: float = field(default=L.HARD_P, metadata={"help": "statistics: a token is hard when p < hard_p"})
-    # regularisers, LoRA
-    l2_coeff: float = field(default=L2_COEFF, metadata={"help": "l2: coefficient of ||theta - theta0||^2"})
-    kl_coeff: float = field(default=KL_COEFF, metadata={"help": "kl: coefficient of the k3 KL (C.4: 0.001)"})
-    lora_r: int = field(default=8, metadata={"help": "lora: rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "lora: alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "lora: target modules (comma list or "
-                                                                      "all-linear)"})
-    # engine
-    chunked: bool = field(default=True, metadata={"help": "chunked lm-head loss (no full logits)"})
-    chunk_size: int | None = field(default=None, metadata={"help": "rows per lm-head chunk; None = auto"})
-    group_by_length: bool = field(default=False, metadata={"help": "length-grouped sampling (less padding)"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps; 0 = none"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
-    save_final: bool = field(default=True, metadata={"help": "save the final model to out/final"})
-    logging_steps: int = field(default=10, metadata={"help": "Trainer log interval (metrics.jsonl)"})
-    token_stats: bool = field(default=True, metadata={"help": "write token_stats.jsonl every step"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "data loader workers"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'last'"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty run folder (else refused)"})
-
-    def __post_init__(self):
-        """Range-check every option (the message names the option and its allowed range)."""
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
-        if self.tau_scope not in ("micro", "step"):
-            raise ValueError(f"tau_scope {self.tau_scope!r}: expected 'micro' or 'step'")
-        for name, lo, hi, opt in RANGES:
-            check_range(name, getattr(self, name), lo, hi, **opt)
-        if self.max_steps == 0:
-            raise ValueError("max_steps: 0 is outside {-1} U [1, inf)")
-
-    @property
-    def loss_method(self) -> str:
-        return self.method if self.method in L.METHOD_NAMES else "ce"
 
 
 @dataclass
@@ -227,8 +147,8 @@ class TokenWeightedTrainer(Trainer):
         self._step_tau: torch.Tensor | None = None
         self._micro_in_step = 1
         self._last_inputs: dict | None = None  # re-scored before a checkpoint is written
-        self.loss_first: float | None = None  # first and latest finite micro-batch losses
-        self.loss_last: float | None = None
+        self.loss_first: float | None = None  # first and largest finite micro-batch losses
+        self.loss_max: float | None = None
 
     # -- one optimizer step's micro-batches: global token count and (step scope) tau --------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -308,7 +228,7 @@ class TokenWeightedTrainer(Trainer):
             raise NonFiniteLoss(f"non-finite loss at step {self.state.global_step + 1}")
         if self.loss_first is None:
             self.loss_first = value
-        self.loss_last = value
+        self.loss_max = max(value, self.loss_max or value)
 
     # -- atomic checkpoints, written only when the weights are finite ------------------------
     def check_weights_finite(self, what: str) -> None:
@@ -552,16 +472,18 @@ def train(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=Non
             if bar is not None:
                 bar.close()
                 cb.training_bar = None
-    first, last = trainer.loss_first, trainer.loss_last
-    if status == "completed" and first and last is not None and last > DIVERGENCE_RATIO * first:
-        notes.append(f"training diverged: the loss rose from {first:.4g} to {last:.4g} nats/token "
-                     f"(x{last / first:.3g}); lower the learning rate (lr={cfg.lr:g})")
+    first, top = trainer.loss_first, trainer.loss_max
+    if status == "completed" and first and top is not None and top > DIVERGENCE_RATIO * first:
+        notes.append(f"training diverged: the loss rose from {first:.4g} to {top:.4g} nats/token "
+                     f"(x{top / first:.3g}); lower the learning rate (lr={cfg.lr:g})")
         warnings.warn(notes[-1], stacklevel=2)
     if status == "completed" and cfg.save_final:  # atomic, like the checkpoints
         trainer.save_model(str(run_dir / PARTIAL / "final"))
         trainer.accelerator.wait_for_everyone()
         if rank0:
             publish_dir(run_dir / PARTIAL / "final", run_dir / "final", overwrite=True)
+    if rank0 and (run_dir / PARTIAL).is_dir() and not any((run_dir / PARTIAL).iterdir()):
+        (run_dir / PARTIAL).rmdir()
     result = TrainResult(model=trainer.model, run_dir=run_dir, status=status, global_step=trainer.state.global_step,
                          train_loss=train_loss, last_checkpoint=last_checkpoint(run_dir, warn=False),
                          log_history=list(trainer.state.log_history), message=message, warnings=notes)

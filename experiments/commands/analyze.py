@@ -60,8 +60,8 @@ def handler(args) -> int:
     if len(set(names)) != len(names):
         print(f"talr analyze: model names repeat ({names}); name them with NAME=PATH")
         return 2
-    tok = load_tokenizer(args.tokenizer or specs[0][1]) or byte_tokenizer()
     try:
+        tok = load_tokenizer(args.tokenizer or specs[0][1]) or byte_tokenizer()
         ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
     except (DataError, FileNotFoundError) as exc:
         print(f"talr analyze: {exc}")
