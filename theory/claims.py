@@ -393,6 +393,8 @@ def run_ledger(n: int = 60, seed: int = 0, only: list[str] | None = None) -> lis
     """Run every check (or those whose id contains one of ``only``) with ``n`` instances.
     Each check gets its own generator derived from ``seed`` (so ``only`` does not change
     the instances a check sees)."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: {n!r} is outside [1, inf) (random instances per check)")
     seeds = np.random.SeedSequence(seed).spawn(len(CHECKS))
     out = []
     for (cid, chk), ss in zip(CHECKS.items(), seeds):
