@@ -64,7 +64,8 @@ def _build_by_sorting(tokens, starts, lengths, w, vocab_size):
     n = lengths.size
     L = int(lengths.max())
     col = np.arange(L)
-    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4"
+    # big-endian so byte order = numeric order; wide enough for every id + 1 (ids >= 2**32 used to wrap)
+    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4" if vocab_size + 1 < (1 << 32) else ">u8"
     inside = col[None, :] < lengths[:, None]
     M = np.zeros((n, L), dtype=width)
     if int(lengths.sum()) == tokens.size:  # no truncation: tokens are the row-major cells
@@ -340,6 +341,9 @@ class TokenTree:
 
         L = int(lengths.max())
         if L > 0 and (_method == "sorted" or (_method is None and n_seq * L <= 4 * int(lengths.sum()) + (1 << 20))):
+            arrays = _build_by_sorting(tokens, starts, lengths, w, vocab_size)
+            return cls._from_arrays(*arrays, vocab_size=vocab_size, max_depth=max_depth)
+        if vocab_size * (int(lengths.sum()) + 1) >= 2**63:  # node * V + token must fit in int64
             arrays = _build_by_sorting(tokens, starts, lengths, w, vocab_size)
             return cls._from_arrays(*arrays, vocab_size=vocab_size, max_depth=max_depth)
         key_base = np.int64(vocab_size)
