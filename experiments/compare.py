@@ -48,6 +48,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -149,11 +150,9 @@ def load_eval_set(spec: str, tokenizer, *, template: str | None = None, limit: i
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every ``checkpoint-N`` and of ``final/`` (when its step is new), by step."""
-    out = {}
-    for p in run.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir():
-            out[int(m.group(1))] = p
+    from sft.runs import complete_checkpoints
+
+    out = dict(complete_checkpoints(run))  # incomplete ones are skipped with a warning
     final = run / "final"
     if final.is_dir():
         step = None
@@ -432,6 +431,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     if not (run / "config.json").exists():
         raise CompareError(f"{run}: no config.json (not a run folder written by `talr train`)")
     config = json.loads((run / "config.json").read_text())
+    from sft.runs import changed_files
+
+    for msg in changed_files(config.get("data_files", {})):
+        warnings.warn(f"{run / 'config.json'}: {msg}; results may not match the training run", stacklevel=2)
     general_spec = cfg.general or config.get("general_eval")
     domain_spec = cfg.domain or config.get("domain_eval")
     for name, spec in (("general_eval", general_spec), ("domain_eval", domain_spec)):
