@@ -8,12 +8,13 @@ import pytest
 
 from experiments.cli import main
 from theory import bounds as B
-from theory.checks import check_range
+from theory import simulate as S
 from theory.claims import run_ledger
-from theory.simulate import MAX_NODES, SoftmaxConfig, _complete_tree, complete_tree_nodes, make_world
 
 
 def test_check_range_names_option_value_and_interval():
+    from theory.checks import check_range
+
     assert check_range("x", 0.5, 0, 1) == 0.5
     with pytest.raises(ValueError, match=r"^lam: 1000.0 is outside \[0, 1\]$"):
         check_range("lam", 1000.0, 0, 1)
@@ -73,9 +74,9 @@ def test_library_entries_validate_too():
     with pytest.raises(ValueError, match=r"n: 0 is outside \[1, inf\)"):
         run_ledger(n=0)
     with pytest.raises(ValueError, match=r"lr: nan"):
-        SoftmaxConfig(lr=math.nan)
+        S.SoftmaxConfig(lr=math.nan)
     with pytest.raises(ValueError, match=r"w_min: 2"):
-        SoftmaxConfig(w_min=2)
+        S.SoftmaxConfig(w_min=2)
 
 
 def test_simulate_out_pointing_at_a_file(tmp_path, capsys):
@@ -86,16 +87,20 @@ def test_simulate_out_pointing_at_a_file(tmp_path, capsys):
 
 
 def test_complete_tree_nodes_matches_the_built_tree():
+    from theory.tree import TokenTree
+
     for V, d in [(1, 3), (2, 3), (3, 2), (4, 4)]:
-        assert complete_tree_nodes(V, d) == _complete_tree(V, d).n_nodes
+        brute = TokenTree.from_sequences([[0] * 0] + [list(p) for k in range(1, d + 1)
+                                                      for p in np.ndindex(*([V] * k))], vocab_size=V)
+        assert S.complete_tree_nodes(V, d) == brute.n_nodes
 
 
 def test_huge_world_is_refused_before_it_is_built(tmp_path, capsys):
     """`--depth 12 --vocab 4` used to grow past 10 GB with no output; now refused at once (a build
     would not return: this test would hang, not pass)."""
-    assert complete_tree_nodes(4, 12) > MAX_NODES
+    assert S.complete_tree_nodes(4, 12) > S.MAX_NODES
     with pytest.raises(ValueError, match="22,369,621 nodes"):
-        make_world(V=4, depth=12)
+        S.make_world(V=4, depth=12)
     assert main(["simulate", "--world", "tabular", "--depth", "12", "--vocab", "4", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "--force" in err and "22,369,621" in err

@@ -227,11 +227,13 @@ def write_sft_jsonl(rows: Iterable[dict], path: str | os.PathLike, *, form: str 
     ASSISTANT_PREFIX + target. form="prompt_completion": conversational
     ``{"prompt": [system, user], "completion": [assistant]}``, or, when `tokenizer` is given, plain
     strings ``{"prompt": chat_template + ASSISTANT_PREFIX, "completion": target}`` so the prefix is
-    part of the prompt as in Table 4. include_meta adds Row Number, Calculator ID and Note ID.
+    part of the prompt as in Table 4. form="template": ``{"note", "question", "completion"}``, the
+    fields of ``talr train --template medcalc`` (the template adds Table 4's prompt and prefix).
+    include_meta adds Row Number, Calculator ID and Note ID.
     The file is written to a temporary name and renamed, so a failure leaves nothing behind.
     """
-    if form not in ("messages", "prompt_completion"):
-        raise ValueError(f"form must be 'messages' or 'prompt_completion', got {form!r}")
+    if form not in ("messages", "prompt_completion", "template"):
+        raise ValueError(f"form must be 'messages', 'prompt_completion' or 'template', got {form!r}")
     lines = []
     for k, row in enumerate(rows):
         missing = [c for c in ("Patient Note", "Question", "Ground Truth Answer", "Ground Truth Explanation")
@@ -240,7 +242,9 @@ def write_sft_jsonl(rows: Iterable[dict], path: str | os.PathLike, *, form: str 
             raise MedCalcFormatError(f"row {k} (Row Number {row.get('Row Number', '?')}): missing field(s) {missing}")
         msgs = build_messages(row)
         target = sft_target(row)
-        if form == "messages":
+        if form == "template":
+            rec = {"note": row["Patient Note"], "question": row["Question"], "completion": target}
+        elif form == "messages":
             rec = {"messages": msgs + [{"role": "assistant", "content": ASSISTANT_PREFIX + target}]}
         elif tokenizer is None:
             rec = {"prompt": msgs, "completion": [{"role": "assistant", "content": ASSISTANT_PREFIX + target}]}

@@ -8,8 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from experiments.cli import main as cli
-from sft.config import TrainConfig
-from sft.trainer import train
+from sft.trainer import TrainConfig, train
 
 from tinyworld import make_model
 
