@@ -218,6 +218,9 @@ def _claims(args) -> int:
     from theory.claims import format_ledger, run_ledger
 
     claims = run_ledger(n=args.n, seed=args.seed, only=args.only)
+    if not claims:
+        print(f"talr claims: --only {' '.join(args.only)!r} matches no claim id", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(_jsonable([c.to_dict() for c in claims]), indent=2))
     else:
