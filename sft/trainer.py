@@ -446,10 +446,21 @@ def train(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=Non
     if rank0:
         prepare_run_dir(run_dir, resume=cfg.resume_from_checkpoint is not None, overwrite=cfg.overwrite)
     resume = _resolve_resume(cfg, run_dir)
-    if not cfg.progress:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # also transformers' own bars (weights loading, shard writing), restored below
         hf_logging.disable_progress_bar()
+    try:
+        return _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model, pad_token_id, callbacks,
+                    extra_config)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model, pad_token_id, callbacks,
+         extra_config) -> TrainResult:
     trainer = build_trainer(cfg, model, train_dataset, tokenizer=tokenizer, ref_model=ref_model,
                             pad_token_id=pad_token_id, callbacks=callbacks)
     if rank0:

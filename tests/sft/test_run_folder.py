@@ -157,3 +157,17 @@ def test_divergence_warning_when_the_loss_rises_by_orders_of_magnitude(tmp_path,
     calm = tmp_path / "calm"
     assert _train(tmp_path, calm, "--max-steps", "4") == 0
     assert json.loads((calm / "result.json").read_text())["warnings"] == []
+
+
+def test_no_progress_silences_transformers_own_bars(tmp_path, capfd):
+    """`--no-progress` used to leave transformers' "Loading weights" / "Writing model shards" bars."""
+    from sft.models import byte_tokenizer
+
+    folder = tmp_path / "model"
+    make_model(torch.float32).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    capfd.readouterr()
+    assert cli(["train", "--model", str(folder), "--data", str(_data(tmp_path)), "--out", str(tmp_path / "r"),
+                "--max-steps", "1", "--save-steps", "1", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "%|" not in err
