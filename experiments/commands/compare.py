@@ -41,7 +41,7 @@ def handler(args) -> int:
 
     rows = [[p["checkpoint"], p["step"], p["dL_P1_bits"], p["dL_P1_tree_bits"], p["domain_gain_tree_bits"],
              p.get("lam"), p.get("e3_bound_bits"), p.get("e4_bound_bits")] for p in res["points"]]
-    print(_table(["checkpoint", "step", "dL(P1) full", "dL(P1) tree", "D2 gain tree", "lambda", "Thm E.3",
-                  "Thm E.4"], rows))
+    print(_table(["checkpoint", "step", "dL(P1) full [bits]", "dL(P1) tree [bits]", "D2 gain tree [bits]",
+                  "lambda", "Thm E.3 [bits]", "Thm E.4 [bits]"], rows))
     print(f"\nwrote {args.out or args.run}/compare.md, compare.json, compare.png ({res['wall_seconds']:.0f} s)")
     return 0

@@ -80,14 +80,17 @@ def test_second_run_into_a_non_empty_folder_is_refused_unless_overwrite(tmp_path
     assert (tmp_path / "notarun" / "precious.txt").exists()
 
 
-def test_config_records_absolute_paths_and_hashes(tmp_path, monkeypatch):
-    """Bug 4 (train side): relative paths are stored resolved, with each data file's sha256."""
+def test_config_records_absolute_paths_and_hashes(tmp_path, monkeypatch, capsys):
+    """Bug 4 (train side): relative paths are stored resolved, with each data file's sha256;
+    `--json` prints the summary as JSON."""
     import hashlib
 
     monkeypatch.chdir(tmp_path)
     _data(tmp_path)
     assert cli(["train", "--model", "tiny:vocab=260,hidden=32", "--data", "d.jsonl", "--out", "run", "--batch-size",
-                "4", "--no-progress", "--max-steps", "1", "--domain-eval", "d.jsonl"]) == 0
+                "4", "--no-progress", "--max-steps", "1", "--domain-eval", "d.jsonl", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "completed" and summary["global_step"] == 1 and summary["train_loss_nats_per_token"] > 0
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     path = str((tmp_path / "d.jsonl").resolve())
     assert cfg["data"] == path and cfg["domain_eval"] == path
