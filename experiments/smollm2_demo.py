@@ -157,7 +157,7 @@ def evaluate(model, tokenizer, train_examples, eval_rows, he_prompts, he_solutio
     """Domain accuracy, domain / general code lengths (bits) and target-token probabilities."""
     from sft.analysis import summary, token_probs
     from sft.data import split_text
-    from sft.eval.codelength import code_length_bits
+    from sft.eval.codelength import corpus_code_length_bits as code_length_bits
     from sft.eval.medcalc import accuracy
 
     secs, t = {}, time.perf_counter()
@@ -262,7 +262,7 @@ def run_smollm2_demo(out: str, seed: int = 0, progress: bool = True, config: Smo
 
 # ---------------------------------------------------------------------------------------- report
 def summary_text(results: dict) -> str:
-    from .report import _table
+    from .outputs import markdown_table as _table
 
     b = results["base"]
     rows = [["q0 (SmolLM2-135M-Instruct)", b["accuracy"], b["domain_bits_per_seq"], None, b["general_bits_per_seq"],
@@ -275,7 +275,7 @@ def summary_text(results: dict) -> str:
 
 
 def _tradeoff_png(results: dict, path: Path) -> str:
-    from .report import _plt, _save
+    from .outputs import pyplot as _plt, save_figure as _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
@@ -295,7 +295,7 @@ def _tradeoff_png(results: dict, path: Path) -> str:
 def write_report(results: dict, probs_by_name: dict, out: Path) -> Path:
     from sft.analysis import boxplot_png
 
-    from .report import _fmt
+    from .outputs import fmt as _fmt
 
     boxplot_png(probs_by_name, out / "tokens.png", title="target-token probabilities, MedCalc training examples")
     trade = _tradeoff_png(results, out / "tradeoff.png")
@@ -350,7 +350,7 @@ def _finding1(results: dict) -> str | None:
         return r["general_degradation_bits"] / r["domain_gain_bits"] if r["domain_gain_bits"] > 0 else None
 
     rs, rl = ratio(small), ratio(large)
-    from .report import _fmt
+    from .outputs import fmt as _fmt
 
     text = (f"Finding 1 (smaller learning rate, better trade-off): general bits added per domain bit saved "
             f"{_fmt(rs)} at {names[0]} vs {_fmt(rl)} at {names[-1]}")

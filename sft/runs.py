@@ -1,15 +1,21 @@
-"""The run folder written by `sft.trainer.train`: which checkpoints are complete, and its guards.
+"""The run folder written by `sft.trainer.train`, and everything that reads it back.
 
-Pure standard library (no torch): `talr compare` and other readers list checkpoints without
-loading a model.
-
-Invariant kept by the trainer: a folder named ``checkpoint-N`` appears in the run folder only
-when it is complete. Each checkpoint is written under ``.partial/checkpoint-N`` and renamed
+Writing side (used by the trainer): a folder named ``checkpoint-N`` appears in the run folder
+only when it is complete. Each checkpoint is written under ``.partial/checkpoint-N`` and renamed
 into place (`sft.io.publish_dir`) after its last file; old checkpoints are removed by renaming
 them aside first (`sft.io.remove_dir`). A ``kill -9`` therefore leaves at most an incomplete
-folder under ``.partial/``, which readers never see. Readers still check each ``checkpoint-N``
+folder under ``.partial/``, which readers never see. `prepare_run_dir` refuses to mix two runs.
+
+Reading side: `complete_checkpoints` / `last_checkpoint` still check each ``checkpoint-N``
 (weights and ``trainer_state.json`` present, no empty file), so folders written by other tools
-or copied half-way are skipped with a warning instead of being resumed from.
+or copied half-way are skipped with a warning instead of being resumed from or evaluated;
+``checkpoints(run)`` adds ``final/``; ``load_initial(config)`` rebuilds the model and tokenizer
+training started from (same spec, dtype and seed, from ``RUN/config.json``);
+``load_checkpoint(folder, config)`` loads a saved model (full weights, or a LoRA adapter merged
+into the initial model); `file_fingerprint` / `changed_files` record and re-check the data
+files. Used by `talr train`, `talr compare` and any study that evaluates a run's checkpoints.
+
+Importing this module does not import torch.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from typing import Any
 from .io import remove_dir
 
 __all__ = ["PARTIAL", "checkpoint_problem", "complete_checkpoints", "last_checkpoint", "prepare_run_dir",
-           "file_fingerprint", "changed_files", "RunDirError"]
+           "file_fingerprint", "changed_files", "RunDirError", "RunFolderError", "checkpoints", "load_initial",
+           "load_checkpoint"]
 
 PARTIAL = ".partial"  # staging folder of checkpoints being written
 _CKPT = re.compile(r"checkpoint-(\d+)")
@@ -126,3 +133,56 @@ def changed_files(fingerprints: dict[str, dict[str, Any]]) -> list[str]:
         elif file_fingerprint(p)["sha256"] != fp["sha256"]:
             out.append(f"{name}: {p} changed since training (sha256 differs)")
     return out
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be read back; the message names the file and field."""
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete ``checkpoint-N`` and of ``final/`` (when its step is
+    new), by step; incomplete checkpoints are skipped with a warning."""
+    out = dict(complete_checkpoints(run))
+    final = run / "final"
+    if final.is_dir():
+        step = None
+        if (run / "result.json").exists():
+            step = json.loads((run / "result.json").read_text()).get("global_step")
+        if step is None:
+            step = max(out, default=0) + 1
+        out.setdefault(int(step), final)
+    return sorted(out.items())
+
+
+def load_initial(config: dict):
+    """(model, tokenizer) as `talr train` built them before training (same spec, dtype, seed)."""
+    import torch
+
+    from .models import byte_tokenizer, load_model, load_tokenizer
+
+    spec = config.get("model")
+    if not spec:
+        raise RunFolderError("config.json: field 'model' missing: cannot rebuild the initial model")
+    tok = load_tokenizer(config.get("tokenizer") or spec)
+    if tok is None:
+        tok = byte_tokenizer()
+    dtype = getattr(torch, config.get("dtype") or "float32")
+    model = load_model(spec, dtype=dtype, seed=int(config.get("seed", 0)))
+    if str(spec).startswith("tiny") and model.config.vocab_size < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.hf_quantizer, model.is_quantized = None, False  # a de-quantised GGUF model keeps these flags
+    return model.eval(), tok
+
+
+def load_checkpoint(folder: Path, config: dict):
+    """The model saved in ``folder`` (a full model, or a LoRA adapter merged into the initial model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, _ = load_initial(config)
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
+    dtype = getattr(torch, config.get("dtype") or "float32")
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()

@@ -141,7 +141,7 @@ def test_non_utf8_jsonl_names_line_and_byte_offset_in_train_analyze_compare(tmp_
     assert expect in capsys.readouterr().out
     assert cli(["analyze", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     assert expect in capsys.readouterr().out
-    from experiments.compare import CompareError, load_eval_set
+    from experiments.studies.compare import CompareError, load_eval_set
 
     with pytest.raises(CompareError, match="byte offset"):
         load_eval_set(str(bad), tok)
