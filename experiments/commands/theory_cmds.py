@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -188,6 +187,8 @@ def _simulate(args) -> int:
     except ValueError as exc:
         print(f"talr simulate: {exc}", file=sys.stderr)
         return 2
+    from sft.io import publish_dir
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -196,9 +197,7 @@ def _simulate(args) -> int:
             for r in rows:
                 fh.write(json.dumps(_jsonable(r)) + "\n")
         _plot(tmp / "delta_L.png", rows, f"{args.world} world, schedule={args.schedule}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out, overwrite=True)  # non-empty `out` reached here only with --overwrite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
