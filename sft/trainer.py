@@ -443,6 +443,8 @@ def train(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=Non
     cfg = config
     run_dir = Path(cfg.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if cfg.resume_from_checkpoint == "last" and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint-* to resume from (no such folder)")
     if rank0:
         prepare_run_dir(run_dir, resume=cfg.resume_from_checkpoint is not None, overwrite=cfg.overwrite)
     resume = _resolve_resume(cfg, run_dir)

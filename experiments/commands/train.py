@@ -118,7 +118,7 @@ def handler(args) -> int:
         with warnings.catch_warnings(record=True):  # divergence is reported below, once
             warnings.simplefilter("always")
             res = train(cfg, model, ds, tokenizer=tok, extra_config=extra)
-    except RunDirError as exc:
+    except (RunDirError, FileNotFoundError) as exc:  # folder refused; nothing to resume from
         print(f"talr train: {exc}")
         return 2
     summary = {"status": res.status, "global_step": res.global_step, "train_loss_nats_per_token": res.train_loss,

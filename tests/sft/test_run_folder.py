@@ -66,11 +66,16 @@ def test_cli_lr_1e30_keeps_no_diverged_checkpoint(tmp_path, capsys):
 def test_second_run_into_a_non_empty_folder_is_refused_unless_overwrite(tmp_path, capsys):
     """Bug 3: a second `talr train` into the same --out silently mixed two runs."""
     out = tmp_path / "run"
-    assert _train(tmp_path, out, "--max-steps", "2", "--save-steps", "1") == 0
+    assert _train(tmp_path, out, "--max-steps", "3", "--save-steps", "1", "--save-total-limit", "2") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # rotation
+    assert not (out / ".partial").exists()
     assert _train(tmp_path, out, "--max-steps", "1") == 2
     msg = capsys.readouterr().out
     assert "not empty" in msg and "--overwrite" in msg and "--resume-from-checkpoint" in msg
-    assert (out / "checkpoint-2").is_dir()  # the first run is untouched
+    assert (out / "checkpoint-3").is_dir()  # the first run is untouched
+    assert _train(tmp_path, tmp_path / "nothing", "--resume-from-checkpoint", "last") == 2
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "nothing").exists()
     assert _train(tmp_path, out, "--max-steps", "1", "--overwrite") == 0
     assert [p.name for p in out.glob("checkpoint-*")] == []  # the old run's checkpoints are gone
     assert json.loads((out / "result.json").read_text())["global_step"] == 1
