@@ -4,7 +4,6 @@ would do; float64 here so the comparison is tight), and `train()` takes a `datas
 import warnings
 
 import pytest
-import torch
 
 from sft.data import PadCollator
 from sft.losses import compute_loss_func
