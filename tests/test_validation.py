@@ -121,3 +121,19 @@ def test_degradation_bound_is_nan_only_where_infeasible():
     assert out[1] == pytest.approx(float(B.degradation_bound(T=100.0, **args)), rel=1e-12)
     with pytest.raises(ValueError, match="T > 4"):  # scalars still explain why
         B.degradation_bound(T=10.0, **args)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["analyze", "--model", "tiny", "--data", "d", "--out", "o", "--batch-size", "0"], "argument --batch-size: 0 is outside [1, inf)"),
+    (["train", "--model", "tiny", "--data", "d", "--out", "o", "--max-length", "0"], "argument --max-length: 0 is outside [1, inf)"),
+    (["simulate", "--steps", "0", "--out", "o"], "argument --steps: 0 is outside [1, inf)"),
+], ids=["analyze-batch", "train-max-length", "simulate-steps"])
+def test_other_commands_range_check_at_parse_time(argv, expect, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert expect in capsys.readouterr().err
+
+
+def test_compare_options_are_range_checked(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), "--alpha", "2"]) == 2
+    assert "--alpha: 2.0 is outside [0, 1]" in capsys.readouterr().out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_range"]
+__all__ = ["check_range", "ranged"]
 
 
 def _fmt(x: float) -> str:
@@ -38,3 +38,25 @@ def check_range(name: str, value, lo: float = -math.inf, hi: float = math.inf, *
     if x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi):
         raise ValueError(f"{name}: {value!r} is outside {interval}")
     return value
+
+
+def ranged(name: str, lo: float = -math.inf, hi: float = math.inf, **opt):
+    """An argparse ``type=``: parse a number and `check_range` it (``integer=True`` for ints).
+
+    argparse reports the error as ``argument --NAME: 0 is outside [1, inf)``.
+    """
+    import argparse
+
+    integer = opt.get("integer", False)
+
+    def conv(text):
+        try:
+            v = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'an integer' if integer else 'a number'} is needed, got {text!r}")
+        try:
+            return check_range(name, v, lo, hi, **opt)
+        except ValueError as exc:  # argparse prefixes "argument --NAME: "
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+    return conv

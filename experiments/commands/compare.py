@@ -33,7 +33,12 @@ def handler(args) -> int:
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig) if f.name != "progress"}
     try:
-        res = run_compare(CompareConfig(**kw, progress=not args.no_progress))
+        cfg = CompareConfig(**kw, progress=not args.no_progress)
+    except ValueError as exc:  # CompareConfig range-checks its numbers
+        print(f"talr compare: --{str(exc).replace('_', '-')}")
+        return 2
+    try:
+        res = run_compare(cfg)
     except (CompareError, FileNotFoundError) as exc:
         print(f"talr compare: {exc}")
         return 2

@@ -14,22 +14,9 @@ import numpy as np
 
 
 def _ranged(name, lo=-math.inf, hi=math.inf, **opt):
-    """argparse type: a number range-checked by `theory.checks.check_range` (message names the range)."""
-    from theory.checks import check_range
+    from theory.checks import ranged
 
-    integer = opt.get("integer", False)
-
-    def conv(text):
-        try:
-            v = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} must be {'an integer' if integer else 'a number'}, got {text!r}")
-        try:
-            return check_range(name, v, lo, hi, **opt)
-        except ValueError as exc:  # argparse prefixes "argument --NAME: "
-            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
-
-    return conv
+    return ranged(name, lo, hi, **opt)
 
 
 def _pos(name):

@@ -30,6 +30,7 @@ def _field_type(f):
 
 def register(subparsers) -> None:
     from sft.config import METHODS, TrainConfig
+    from theory.checks import ranged
 
     p = subparsers.add_parser("train", help="fine-tune a model (CE, TALR, DFT, clip, FLOW, L2, KL, LoRA)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / .gguf (default: the model's)")
     p.add_argument("--template", default=None, help="prompt template: medcalc | esci | esci_cot (Tables 4-6)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--max-length", type=ranged("max-length", 1, integer=True), default=None, help="truncate examples to this many tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"], help="model dtype")
     p.add_argument("--general-eval", default=None,
                    help="general evaluation set recorded for `talr compare` (JSONL, or humaneval[:N])")

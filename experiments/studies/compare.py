@@ -78,6 +78,14 @@ class CompareConfig:
     out: str | None = field(default=None, metadata={"help": "output folder; default RUN"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
+    def __post_init__(self):  # one validation layer: the range is in the message
+        from theory.checks import check_range
+
+        for name in ("limit", "depth", "max_length", "batch_size"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("alpha", self.alpha, 0, 1)
+        check_range("threshold", self.threshold, 0, 1, lo_open=True)
+
 
 # ----------------------------------------------------------------------------------------- inputs
 @dataclass
