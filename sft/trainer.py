@@ -214,7 +214,8 @@ class TokenWeightedTrainer(Trainer):
             self.step_stats.add(nll, w, tau_used)
         return (loss, None) if return_outputs else loss
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """True when ``value`` is finite on every process (one all-reduce under DDP)."""
         ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
         if self.accelerator.num_processes > 1:
             import torch.distributed as dist
@@ -224,7 +225,7 @@ class TokenWeightedTrainer(Trainer):
 
     def _check_finite(self, loss):
         value = float(loss.detach())
-        if not self._all_finite(loss):
+        if not self.all_finite(loss):
             raise NonFiniteLoss(f"non-finite loss at step {self.state.global_step + 1}")
         if self.loss_first is None:
             self.loss_first = value
@@ -236,7 +237,7 @@ class TokenWeightedTrainer(Trainer):
         loss under the current weights is finite (eval mode: no dropout, no RNG consumed)."""
         model = unwrap_trainable(self.model)
         params = [p.detach() for p in model.parameters()]
-        if not self._all_finite(torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)):
+        if not self.all_finite(torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)):
             raise NonFiniteLoss(f"non-finite parameters after step {self.state.global_step}; {what}")
         b = self._last_inputs
         if b is None:
@@ -249,7 +250,7 @@ class TokenWeightedTrainer(Trainer):
                                    chunked=self.sft_config.chunked, chunk_size=self.sft_config.chunk_size)
         finally:
             model.train(was)
-        if not self._all_finite(nll.sum()):
+        if not self.all_finite(nll.sum()):
             raise NonFiniteLoss(f"non-finite loss under the weights of step {self.state.global_step} "
                                 f"(diverged); {what}")
 
@@ -293,13 +294,13 @@ class FiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kw):
         model = unwrap_trainable(self.trainer.model)
         grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        if grads and not self.trainer._all_finite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)):
+        if grads and not self.trainer.all_finite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)):
             raise NonFiniteLoss(f"non-finite gradients at step {state.global_step + 1}")
 
     def on_optimizer_step(self, args, state, control, **kw):
         model = unwrap_trainable(self.trainer.model)
         params = [p.detach() for p in model.parameters()]
-        if not self.trainer._all_finite(torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)):
+        if not self.trainer.all_finite(torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)):
             raise NonFiniteLoss(f"non-finite parameters after the optimizer step of step {state.global_step + 1}")
 
 

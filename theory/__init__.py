@@ -15,7 +15,7 @@ Public entries (one per capability; submodules hold the rest):
   B.3 (= E.5); ``theorem_e3_cumulative`` and ``theorem_e4_at_gain`` draw them over a run;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
   ``run_ledger`` (claims);
-* ``check_range`` (checks) -- the one range check of numeric options (CLI, configs).
+* ``check_range``, ``ranged`` (checks) -- the one range check of numeric options (configs, CLI flags).
 
 Paper index: ``docs/PAPER.md`` maps every numbered statement of arXiv 2509.20758 to its
 function here, its test and its ledger entry (restated results carry both numbers, e.g.
