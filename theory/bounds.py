@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .prefix import PrefixDecomposition, prefix_decomposition  # per-prefix Prop. 3.1 (re-export)
+
 LN2 = math.log(2.0)
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "theorem_3_1_k",
     "theorem_3_1_bound",
     "theorem_3_2_lambda_max",
+    "PrefixDecomposition",
+    "prefix_decomposition",
 ]
 
 
@@ -401,3 +405,20 @@ def theorem_3_2_lambda_max(eps_fg, s, T, H_T, M_h) -> np.ndarray:
     """``lambda_max ~ eps_fg / (H_T M_h sqrt(s) T)`` (Theorem 3.2: Theorem B.3 (= E.5) with M_e << M_h)."""
     _check_pos(s=s)
     return lambda_max_asymptotic(T, eps_fg, H_T, _arr(M_h) * np.sqrt(_arr(s)))
+
+
+_CORRECTED = (
+    "lemma_e1_corrected", "oracle_inequality_corrected", "theorem_e1_corrected_residual_lower_bound",
+    "theorem_e3_corrected", "theorem_3_1_corrected", "lambda_max_bracket", "lambda_max_per_token",
+    "lemma_e2_corrected",
+)
+
+
+def __getattr__(name: str):
+    """The corrected statements live in :mod:`theory.corrected` (which imports this module);
+    ``theory.bounds.<name>_corrected`` resolves there on first use."""
+    if name in _CORRECTED:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.corrected"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

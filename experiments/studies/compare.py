@@ -14,6 +14,10 @@ step has no checkpoint), on a general evaluation set (D1) and a domain evaluatio
   the union of the two trees), Theorem E.3 (sparse form, ``A Lambda_t + C1 S_t``) over the
   fitted steps and Theorem E.4 at each checkpoint's measured domain gain (`theory.bounds.
   theorem_e3_cumulative`, `theorem_e4_at_gain`);
+* the per-prefix bound of the tree dL(P1) (`theory.bounds.prefix_decomposition` against the initial
+  model on the D1 tree, the model's mass outside the tree's alphabet as one extra outcome) and the
+  alignment ``sin(theta)`` of each interval's update with the tilting direction
+  (`theory.corrected.pooled_sin_theta`);
 * ``compare.json``, ``compare.md`` and ``compare.png`` (bound over measured degradation) in RUN.
 
 Approximations (the theory is about one distribution over responses; a real LLM conditions on
@@ -197,7 +201,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     import torch
 
     from sft.treeprobs import TreeProbsError, build_empirical_trees
+    from theory.corrected import pooled_sin_theta
     from theory.estimate import estimate_constants, smoothed_target
+    from theory.prefix import prefix_decomposition, with_other
     from theory.tilting import fit_effective_step
 
     t0 = time.perf_counter()
@@ -245,8 +251,11 @@ def run_compare(cfg: CompareConfig) -> dict:
         model = load_checkpoint(folder, config)
         pt, lq = _measure(model, tok, general, domain, ts, cfg)
         fit = fit_effective_step(prev[active], lq.p2[active], logp2[active], weights=ts.p2.mass[active])
+        pd = prefix_decomposition(ts.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
         pt.update(step=step, checkpoint=folder.name, lam=fit.lam_pooled, eps=fit.eps_pooled,
-                  residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)))
+                  residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)),
+                  sin_theta=pooled_sin_theta(prev[active], lq.p2[active], logp2[active], ts.p2.mass[active]),
+                  prefix_bound_bits=pd.bound, prefix_delta_bits=pd.delta, prefix_chi2_bar=pd.chi2_bar)
         points.append(pt)
         prev = lq.p2
         del model
