@@ -354,7 +354,8 @@ def training_args(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=max(cfg.save_steps, 1), save_total_limit=None, report_to="none",
         disable_tqdm=not cfg.progress, remove_unused_columns=False, bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing, dataloader_pin_memory=torch.cuda.is_available(), dataloader_num_workers=cfg.dataloader_num_workers,
+        activation_checkpointing=cfg.gradient_checkpointing, dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=cfg.dataloader_num_workers,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         average_tokens_across_devices=True, save_only_model=False,
     )

@@ -124,8 +124,10 @@ def test_degradation_bound_is_nan_only_where_infeasible():
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["analyze", "--model", "tiny", "--data", "d", "--out", "o", "--batch-size", "0"], "argument --batch-size: 0 is outside [1, inf)"),
-    (["train", "--model", "tiny", "--data", "d", "--out", "o", "--max-length", "0"], "argument --max-length: 0 is outside [1, inf)"),
+    (["analyze", "--model", "tiny", "--data", "d", "--out", "o", "--batch-size", "0"],
+     "argument --batch-size: 0 is outside [1, inf)"),
+    (["train", "--model", "tiny", "--data", "d", "--out", "o", "--max-length", "0"],
+     "argument --max-length: 0 is outside [1, inf)"),
     (["simulate", "--steps", "0", "--out", "o"], "argument --steps: 0 is outside [1, inf)"),
 ], ids=["analyze-batch", "train-max-length", "simulate-steps"])
 def test_other_commands_range_check_at_parse_time(argv, expect, capsys):

@@ -25,7 +25,9 @@ def check_range(name: str, value, lo: float = -math.inf, hi: float = math.inf, *
     """
     if value is None and allow_none:
         return value
-    interval = f"{'(' if lo_open or lo == -math.inf else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open or hi == math.inf else ']'}"
+    left = "(" if lo_open or lo == -math.inf else "["
+    right = ")" if hi_open or hi == math.inf else "]"
+    interval = f"{left}{_fmt(lo)}, {_fmt(hi)}{right}"
     what = "an integer" if integer else "a finite number"
     try:
         x = float(value)

@@ -78,10 +78,10 @@ def complete_tree_nodes(V: int, depth: int) -> int:
     return sum(int(V) ** k for k in range(int(depth) + 1))
 
 
-def _complete_tree(V: int, depth: int) -> TokenTree:
+def _complete_tree(V: int, depth: int, progress: bool = False) -> TokenTree:
     uni = np.full(V + 1, 1.0 / (V + 1))
     return TokenTree.from_distribution(
-        lambda prefs: np.tile(uni, (len(prefs), 1)), V, depth, batched=True
+        lambda prefs: np.tile(uni, (len(prefs), 1)), V, depth, batched=True, progress=progress
     )
 
 
@@ -117,11 +117,12 @@ def make_world(
     hard_levels: tuple[int, ...] | None = None,
     seed: int | np.random.Generator | None = 0,
     max_nodes: int | None = MAX_NODES,
+    progress: bool = False,
 ) -> World:
     """Draw a world (see module docstring). ``n_hard <= depth``; hard levels are the
     first ``n_hard`` of a random permutation of ``0..depth-1`` unless given. A tree of more
     than ``max_nodes`` nodes (`complete_tree_nodes`) is refused before anything is built
-    (``None``: no limit)."""
+    (``None``: no limit); ``progress`` shows a bar while the tree is built."""
     rng = np.random.default_rng(seed)
     if V < 1 or depth < 1:
         raise ValueError(f"need V >= 1 and depth >= 1, got V={V}, depth={depth}")
@@ -134,7 +135,7 @@ def make_world(
         raise ValueError(f"n_hard must be in [0, depth={depth}], got {n_hard}")
     if not 0 < hard_mass < 1 or not 0 <= eos_prob < 1:
         raise ValueError("hard_mass must be in (0, 1) and eos_prob in [0, 1)")
-    tree = _complete_tree(V, depth)
+    tree = _complete_tree(V, depth, progress=progress)
     N = tree.n_nodes
     tok = rng.dirichlet(np.full(V, concentration), size=N)
     tok = 0.98 * tok + 0.02 / V  # keep every token above 0.02/V

@@ -382,8 +382,10 @@ class TokenTree:
         max_depth: int,
         min_mass: float = 0.0,
         batched: bool = False,
+        progress: bool = False,
     ) -> "TokenTree":
-        """Exact token tree of a generative distribution given per prefix.
+        """Exact token tree of a generative distribution given per prefix (``progress``: a tqdm
+        bar over the depth levels, for large trees).
 
         Args:
             next_probs: ``next_probs(prefix) -> probs[V + 1]`` (EOS last), or with
@@ -406,7 +408,12 @@ class TokenTree:
         cur_mass = np.array([1.0])
         offset = 0
         pruned = 0.0
-        for depth in range(max_depth + 1):
+        levels = range(max_depth + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            levels = tqdm(levels, desc="building the tree", unit="level")
+        for depth in levels:
             if depth == max_depth:
                 level_eos.append(cur_mass.copy())  # forced end
                 break

@@ -158,14 +158,17 @@ def _simulate(args) -> int:
     try:
         if args.world == "tabular":
             lams = schedule(args.schedule, args.steps, args.lam, warmup=args.warmup, lam_min=args.lam_min)
-            world = S.make_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, q_noise=args.q_noise, seed=args.seed,
-                                 max_nodes=None if args.force else S.MAX_NODES)
+            world = S.make_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, q_noise=args.q_noise,
+                                 seed=args.seed, max_nodes=None if args.force else S.MAX_NODES,
+                                 progress=big and not args.no_progress)
             rows = S.run_tabular(world, lams, alpha=args.alpha, rho=args.rho, progress=big and not args.no_progress)
         else:
             if args.schedule not in ("constant",):
-                print("talr simulate: the softmax world uses the optimiser's learning rate; --schedule must be constant", file=sys.stderr)
+                print("talr simulate: the softmax world uses the optimiser's learning rate; --schedule must be "
+                      "constant", file=sys.stderr)
                 return 2
-            cfg = S.SoftmaxConfig(lr=args.lr, steps=args.steps, optimizer=args.optimizer, weighting=args.weighting, alpha=args.alpha)
+            cfg = S.SoftmaxConfig(lr=args.lr, steps=args.steps, optimizer=args.optimizer, weighting=args.weighting,
+                                  alpha=args.alpha)
             if n_nodes > S.MAX_NODES and not args.force:
                 raise ValueError(f"V={args.vocab}, depth={args.depth}: {n_nodes:,} nodes, above the limit of "
                                  f"{S.MAX_NODES:,}; lower --depth/--vocab or pass --force")
@@ -256,7 +259,8 @@ def register(subparsers) -> None:
     s.add_argument("--depth", type=_ranged("depth", 1, integer=True), default=3, help="tree depth d")
     s.add_argument("--n-hard", dest="n_hard", type=_ranged("n-hard", 0, integer=True), default=1,
                    help="hard tokens of the domain P2 (<= depth)")
-    s.add_argument("--q-noise", dest="q_noise", type=_ranged("q-noise", 0), default=0.05, help="logit noise of q0 around P1")
+    s.add_argument("--q-noise", dest="q_noise", type=_ranged("q-noise", 0), default=0.05,
+                   help="logit noise of q0 around P1")
     s.add_argument("--alpha", type=_ranged("alpha", 0, 1), default=0.1, help="smoothing of the target (Assumption B.1)")
     s.add_argument("--rho", choices=["uniform", "model"], default="uniform",
                    help="smoothing reference rho: uniform or the current model")
@@ -267,7 +271,8 @@ def register(subparsers) -> None:
     s.add_argument("--out", required=True, help="output folder (runs/NAME)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--force", action="store_true",
-                   help=f"build trees above the node limit (theory.simulate.MAX_NODES; memory ~ 80 bytes x nodes x (V+1))")
+                   help="build trees above the node limit (theory.simulate.MAX_NODES; memory ~ 80 bytes x nodes "
+                        "x (V+1))")
     s.add_argument("--no-progress", action="store_true", help="no progress bar for large trees")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=_simulate)

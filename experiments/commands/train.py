@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / .gguf (default: the model's)")
     p.add_argument("--template", default=None, help="prompt template: medcalc | esci | esci_cot (Tables 4-6)")
-    p.add_argument("--max-length", type=ranged("max-length", 1, integer=True), default=None, help="truncate examples to this many tokens")
+    p.add_argument("--max-length", type=ranged("max-length", 1, integer=True), default=None,
+                   help="truncate examples to this many tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"], help="model dtype")
     p.add_argument("--general-eval", default=None,
                    help="general evaluation set recorded for `talr compare` (JSONL, or humaneval[:N])")
@@ -99,7 +100,8 @@ def handler(args) -> int:
     try:
         tok = load_tokenizer(args.tokenizer or args.model)
         if tok is None:
-            raise FileNotFoundError(f"--model {args.model!r}: expected tiny[:k=v,...], a local HF folder or a .gguf file")
+            raise FileNotFoundError(f"--model {args.model!r}: expected tiny[:k=v,...], a local HF folder "
+                                    f"or a .gguf file")
         ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
         model = load_model(args.model, dtype=getattr(torch, args.dtype), seed=cfg.seed)
     except (DataError, OSError, ValueError) as exc:  # FileNotFoundError is an OSError
@@ -123,7 +125,8 @@ def handler(args) -> int:
         print(f"talr train: {exc}")
         return 2
     summary = {"status": res.status, "global_step": res.global_step, "train_loss_nats_per_token": res.train_loss,
-               "run_dir": str(res.run_dir), "last_checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None,
+               "run_dir": str(res.run_dir),
+               "last_checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None,
                "message": res.message, "warnings": res.warnings}
     if args.json:
         from sft.io import to_jsonable

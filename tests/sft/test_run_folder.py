@@ -127,9 +127,9 @@ def test_bad_numeric_option_is_refused_with_its_range_and_writes_nothing(tmp_pat
 
 @pytest.mark.parametrize("flag", ["--model", "--tokenizer"])
 def test_missing_model_or_tokenizer_path_is_a_clear_error(tmp_path, capsys, flag):
-    args = ["train", "--model", "tiny", "--data", str(_data(tmp_path)), "--out", str(tmp_path / "r"), "--no-progress"]
-    args[args.index("--model") + 1 if flag == "--model" else len(args):] = (
-        [str(tmp_path / "no-such-model"), *args[3:]] if flag == "--model" else ["--tokenizer", str(tmp_path / "no-such-model")])
+    missing = str(tmp_path / "no-such-model")
+    args = ["train", "--model", missing if flag == "--model" else "tiny", "--data", str(_data(tmp_path)),
+            "--out", str(tmp_path / "r"), "--no-progress"] + (["--tokenizer", missing] if flag == "--tokenizer" else [])
     assert cli(args) == 2
     msg = capsys.readouterr().out
     assert "no-such-model" in msg and "no such file or folder" in msg

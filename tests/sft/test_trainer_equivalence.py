@@ -109,5 +109,5 @@ def test_kill_inside_a_checkpoint_save_then_resume_last_equals_uninterrupted(tmp
     full = _run(tmp_path / "full", "talr", "micro", batch_size=4, max_steps=6)
     assert max_param_diff(params(resumed.model), full) < 1e-6
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "token_stats.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    lines = (out / "token_stats.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [1, 2, 3, 4, 5, 6]
