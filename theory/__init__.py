@@ -20,7 +20,8 @@ Public entries (one per capability; submodules hold the rest):
   ``pooled_sin_theta``, ``theorem_e3_corrected``, ``theorem_3_1_corrected``,
   ``lambda_max_bracket``, ``lambda_max_per_token``, ``lemma_e2_corrected``;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
-  ``run_ledger`` (claims).
+  ``run_ledger`` (claims);
+* ``check_range``, ``ranged`` (checks) -- the one range check of numeric options (configs, CLI flags).
 
 Paper index: ``docs/PAPER.md`` maps every numbered statement of arXiv 2509.20758 to its
 function here, its test and its ledger entry (restated results carry both numbers, e.g.

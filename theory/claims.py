@@ -397,6 +397,9 @@ def run_ledger(n: int = 1000, seed: int = 0, only: list[str] | None = None) -> l
     derived from ``seed`` (so ``only`` does not change the instances a check sees)."""
     from .claims_corrected import CORRECTED_CHECKS
 
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: {n!r} is outside [1, inf) (random instances per check)")
+
     seeds = np.random.SeedSequence(seed).spawn(len(CHECKS))
     out = []
     for k, ((cid, chk), ss) in enumerate(zip(CHECKS.items(), seeds)):

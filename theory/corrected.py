@@ -22,6 +22,7 @@ coded prefix) give the one identity everything below rests on:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -45,8 +46,7 @@ __all__ = [
 ]
 
 
-def _a(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
+_a = partial(np.asarray, dtype=np.float64)  # float arrays in, as everywhere in theory
 
 
 def per_prefix_terms(w, p, logq, logp) -> dict:

@@ -42,13 +42,14 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from sft.runs import RunFolderError, checkpoints, load_checkpoint, load_initial
+from sft.runs import RunFolderError, changed_files, checkpoints, load_checkpoint, load_initial
 
 from .compare_report import write_outputs
 
@@ -80,6 +81,14 @@ class CompareConfig:
     batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
     out: str | None = field(default=None, metadata={"help": "output folder; default RUN"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self):  # one validation layer: the range is in the message
+        from theory.checks import check_range
+
+        for name in ("limit", "depth", "max_length", "batch_size"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("alpha", self.alpha, 0, 1)
+        check_range("threshold", self.threshold, 0, 1, lo_open=True)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -117,7 +126,10 @@ def load_eval_set(spec: str, tokenizer, *, template: str | None = None, limit: i
         return EvalSet(spec, list(prompts[:n]), list(sols[:n]))
     if not Path(spec).exists():
         raise CompareError(f"evaluation set {spec!r}: no such file (or use 'humaneval[:N]')")
-    recs = read_jsonl(spec)
+    try:
+        recs = read_jsonl(spec)
+    except ValueError as exc:  # not JSON / not UTF-8: names line (and byte offset)
+        raise CompareError(str(exc)) from None
     if not recs:
         raise CompareError(f"{spec}: no rows")
     recs = recs[:limit] if limit else recs
@@ -199,6 +211,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     if not (run / "config.json").exists():
         raise CompareError(f"{run}: no config.json (not a run folder written by `talr train`)")
     config = json.loads((run / "config.json").read_text())
+    for msg in changed_files(config.get("data_files", {})):
+        warnings.warn(f"{run / 'config.json'}: {msg}; results may not match the training run", stacklevel=2)
     general_spec = cfg.general or config.get("general_eval")
     domain_spec = cfg.domain or config.get("domain_eval")
     for name, spec in (("general_eval", general_spec), ("domain_eval", domain_spec)):

@@ -10,18 +10,7 @@ from theory.corrected import (
 from theory.divergence import TreeLogProbs, kl
 from theory.tilting import log_softmax, tilt_log
 from theory.tree import TokenTree
-
-
-def world(V, depth, rng, conc=1.0):
-    table = {}
-
-    def nxt(prefix):
-        key = tuple(prefix)
-        if key not in table:
-            table[key] = rng.dirichlet(np.full(V + 1, conc)) * 0.98 + 0.02 / (V + 1)
-        return table[key]
-
-    return TokenTree.from_distribution(nxt, V, depth)
+from treehelpers import complete_tree
 
 
 def tree_kl(tree, logq):
@@ -36,7 +25,7 @@ def arrays(tree):
 @given(V=st.integers(1, 3), depth=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), lam=st.floats(-1.0, 2.0))
 def test_lemma_e1_bracket_brute_force(V, depth, seed, lam):
     rng = np.random.default_rng(seed)
-    P = world(V, depth, rng)
+    P = complete_tree(V, depth, rng)
     logq = log_softmax(rng.standard_normal((P.n_nodes, V + 1)))
     logp = log_softmax(2 * rng.standard_normal((P.n_nodes, V + 1)))
     w, p = arrays(P)
@@ -124,7 +113,7 @@ def test_theorem_3_1_corrected_forms(d, frac, A, mu, C1, C2):
 @given(V=st.integers(1, 3), depth=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), frac=st.floats(0.05, 0.9))
 def test_lambda_max_bracket_brute_force(V, depth, seed, frac):
     rng = np.random.default_rng(seed)
-    P = world(V, depth, rng)
+    P = complete_tree(V, depth, rng)
     logq = log_softmax(np.log(P.cond_full() + 1e-3) + 0.3 * rng.standard_normal((P.n_nodes, V + 1)))
     logp = log_softmax(2 * rng.standard_normal((P.n_nodes, V + 1)))
     d = lambda lam: tree_kl(P, tilt_log(logq, logp, lam)) - tree_kl(P, logq)  # noqa: E731

@@ -6,19 +6,7 @@ from theory.bounds import prefix_decomposition
 from theory.divergence import TreeLogProbs, kl
 from theory.tilting import log_softmax
 from theory.tree import TokenTree
-
-
-def complete_tree(V, depth, rng, conc=1.0):
-    """P1 on a complete tree with random full-support conditionals."""
-    table = {}
-
-    def nxt(prefix):
-        key = tuple(prefix)
-        if key not in table:
-            table[key] = rng.dirichlet(np.full(V + 1, conc)) * 0.98 + 0.02 / (V + 1)
-        return table[key]
-
-    return TokenTree.from_distribution(nxt, V, depth)
+from treehelpers import complete_tree
 
 
 def random_logq(tree, rng, scale):
