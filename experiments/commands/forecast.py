@@ -36,9 +36,10 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    from sft.forecast import METHODS
+METHODS = ("ce", "talr", "dft", "l2", "lora", "flow")  # = sft.forecast.METHODS (not imported: --help needs no torch)
 
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="world:N (tiny world, seed N) | HF folder | file.gguf | tiny[:k=v]")
     p.add_argument("--domain", help="D2: the SFT JSONL (not needed with world:N)")
     p.add_argument("--general", help="D1: general JSONL with reference responses (not needed with world:N)")

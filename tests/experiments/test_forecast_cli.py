@@ -66,3 +66,10 @@ def test_bad_options_are_rejected(files):
         main(["forecast", *base[:3], str(d / "missing.jsonl"), *base[4:], "--out", str(d / "bad3")])
     for name in ("bad1", "bad2", "bad3"):
         assert not (d / name / "forecast.json").exists()
+
+
+def test_command_method_list_matches_the_library():
+    from experiments.commands.forecast import METHODS as CLI_METHODS
+    from sft.forecast import METHODS
+
+    assert CLI_METHODS == METHODS
