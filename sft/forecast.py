@@ -67,7 +67,7 @@ METHODS = ("ce", "talr", "dft", "l2", "lora", "flow")
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
-__all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "cosine_lrs", "method_gradients", "replay_adam",
+__all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "cosine_lrs", "method_gradients", "replay_adam", "coherence", "adam_step",
            "replay_lora", "sequence_losses", "forecast_grid", "advise"]
 
 
@@ -90,6 +90,7 @@ class ForecastConfig:
     max_grad_norm: float = 1.0
     pad_token_id: int = 0
     track: bool = True  # scale group gradients by their tracked loss (False: frozen replay)
+    coherence: bool = True  # measure the gradient's rotation on the probe (False: the first-order scale)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -159,7 +160,6 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-RHO_FROM_TRACKER = False  # the gradient scale follows the first-order loss (theory); see replay_adam
 HARD_P = 0.2  # tokens with p0 < HARD_P form the "hard" group (Figure 3c's threshold)
 
 
@@ -178,6 +178,7 @@ class GroupGradients:
     tau: float
     tokens_per_seq: torch.Tensor  # [K] mean supervised tokens of group k per sequence
     kappa: torch.Tensor | None = None  # [K] realised / first-order loss progress (the probe's fit; 1 = theory)
+    lam_c: float = math.inf  # coherence length of the frozen direction in summed rate (the probe's fit)
 
     def gain_bits(self, ell: torch.Tensor) -> float:
         """Predicted drop of the domain code length per sequence (bits) at tracked losses ``ell``."""
@@ -259,7 +260,7 @@ def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: floa
 
 
 # ------------------------------------------------------------------------------------- replays
-def _adam_step(state: dict, g: torch.Tensor, t: int) -> torch.Tensor:
+def adam_step(state: dict, g: torch.Tensor, t: int) -> torch.Tensor:
     """AdamW's update direction m_hat / (sqrt(v_hat) + eps) at step t >= 1 (torch's formula)."""
     b1, b2 = BETAS
     state["m"].mul_(b1).add_(g, alpha=1 - b1)
@@ -273,6 +274,14 @@ def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:
         return g
     n = float(g.norm())
     return g * (max_norm / (n + 1e-6)) if n > max_norm else g
+
+
+def coherence(lam_t: float, lam_c: float) -> float:
+    """exp(-Lambda_t / lam_c): the fraction of the real gradient that still points along the
+    frozen direction at theta0 after the parameters travelled Lambda_t = sum_{s<t} eta_s (Adam moves
+    every coordinate by about eta per step, so the summed rate measures the distance); 1 for
+    lam_c = inf."""
+    return math.exp(-lam_t / lam_c) if math.isfinite(lam_c) else 1.0
 
 
 TRACKER_POWER = 2.0  # hyperbolic approach to 0 (heavier tail than exponential)
@@ -294,9 +303,12 @@ def replay_adam(gg: GroupGradients, method: str, lrs: np.ndarray, order: np.ndar
     with ``trajectory=True``, also the domain-loss tracker after every step ``[T, K]``.
 
     The step (theory): step t uses batch ``order[t]``'s group gradients, each group k scaled
-    by `gradient_scale` at its first-order loss ell_k(t) = ell0_k + g_k . (theta_t - theta0)
-    (``track=False`` keeps them frozen), plus L2's pull ``2 l2_coeff (theta_t - theta0)``;
-    clipped to ``max_grad_norm``; applied at rate ``lrs[t]``.
+    by rho_k(t) (``track=False`` keeps them frozen), plus L2's pull ``2 l2_coeff (theta_t - theta0)``;
+    clipped to ``max_grad_norm``; applied at rate ``lrs[t]``. With a finite coherence length
+    ``gg.lam_c`` (the probe's, `coherence`), rho_k(t) = `gradient_scale` at the tracked loss
+    ell_k(t) (the real gradient's size) x exp(-Lambda_t / lam_c) (the part of it that still points
+    along the frozen direction, Lambda_t = sum_{s<t} lrs[s]); otherwise, and always with an L2 pull,
+    `gradient_scale` at the first-order loss ell_k(t) = ell0_k + g_k . (theta_t - theta0).
 
     The domain-loss tracker ``ell_T`` (fit): each group's loss decays exponentially,
     d ell_k = -kappa_k (ell_k / ell0_k) x the first-order effect of the part of the step that the
@@ -310,15 +322,23 @@ def replay_adam(gg: GroupGradients, method: str, lrs: np.ndarray, order: np.ndar
     kappa = torch.ones(K, dtype=torch.float64) if gg.kappa is None else gg.kappa
     state = {"m": torch.zeros(P), "v": torch.zeros(P)}
     traj = []
+    rotating = track and math.isfinite(gg.lam_c) and not l2_coeff
+    lam_t = 0.0
     for t, (lr, b) in enumerate(zip(lrs, order), start=1):
-        rho = gradient_scale(method, trk if RHO_FROM_TRACKER else ell, gg.ell0, gg.tau, w_min) if track else torch.ones(K, dtype=torch.float64)
+        if not track:
+            rho = torch.ones(K, dtype=torch.float64)
+        elif rotating:
+            rho = gradient_scale(method, trk, gg.ell0, gg.tau, w_min) * coherence(lam_t, gg.lam_c)
+        else:
+            rho = gradient_scale(method, ell, gg.ell0, gg.tau, w_min)
+        lam_t += float(lr)
         parts = gg.g[int(b)]
         g = rho.float() @ parts
         if l2_coeff:
             g = g + 2.0 * l2_coeff * delta
         n = float(g.norm())
         c = max_grad_norm / (n + 1e-6) if 0 < max_grad_norm < n else 1.0
-        step = float(lr) * _adam_step(state, g * c, t)
+        step = float(lr) * adam_step(state, g * c, t)
         if track:
             ell = (ell - (gg.ce_mean @ step).double()).clamp_min(0.0)  # theta moves by -step
         denom = (state["v"] / (1 - BETAS[1] ** t)).sqrt_().add_(ADAM_EPS)
@@ -376,7 +396,7 @@ def replay_lora(gg: GroupGradients, layout, lrs: np.ndarray, order: np.ndarray, 
         for (off, o, i, _), A, B in zip(layout, As, Bs):
             G = gfull[off:off + o * i].reshape(o, i)
             parts += [(s * B.t() @ G).reshape(-1), (s * G @ A.t()).reshape(-1)]
-        step = float(lr) * _adam_step(state, _clip(torch.cat(parts), max_grad_norm), t)
+        step = float(lr) * adam_step(state, _clip(torch.cat(parts), max_grad_norm), t)
         k = 0
         for A, B in zip(As, Bs):
             A -= step[k:k + A.numel()].reshape(A.shape)

@@ -13,7 +13,8 @@ from torch import nn
 from .forecast import (LN2, _collate, ComputeMeter, Forecast, ForecastConfig, Shifted, cosine_lrs, lora_layout,
                        HARD_P, method_gradients, replay_adam, replay_lora, sequence_losses, training_run_units)
 
-__all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_kappa", "power_law_probes"]
+__all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
+           "power_law_probes"]
 
 
 def mean_bits(model, examples, pad_token_id, meter=None) -> float:
@@ -39,10 +40,13 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
 
 
 def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.ndarray], cfg: ForecastConfig,
-                 lrs: np.ndarray, meter: ComputeMeter, return_model: bool = False):
+                 lrs: np.ndarray, meter: ComputeMeter, return_model: bool = False,
+                 direction: torch.Tensor | None = None, cosines: list | None = None):
     """Real CE AdamW steps (the trainer's optimiser, rates ``lrs``) on ``examples``; returns
     each step's batch mean loss per token group and overall ``[steps, 3]`` (before the step;
-    NaN where a batch has no token of the group), and the probed model with ``return_model``."""
+    NaN where a batch has no token of the group), and the probed model with ``return_model``.
+    With ``direction`` (flattened, the trainable parameters' order), appends to ``cosines`` each
+    step's cosine between the real (unclipped) gradient and it (no extra passes)."""
     from . import losses as L
     from .models import token_nll
 
@@ -66,10 +70,31 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
             gr["lr"] = float(lr)
         opt.zero_grad()
         loss.backward()
+        if direction is not None and cosines is not None:
+            g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+            cosines.append(float(g @ direction) / max(float(g.norm() * direction.norm()), 1e-30))
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         meter.forward_backward(int(b["attention_mask"].sum()))
     return (out, model) if return_model else out
+
+
+def fit_coherence(cosines: Sequence[float], lrs: np.ndarray) -> float:
+    """lam_c of `sft.forecast.coherence`, exp(-Lambda_t / lam_c) with Lambda_t = sum_{s<t} eta_s, from a
+    probe's cosines between its real gradient at step t and the frozen mean gradient at theta0,
+    relative to step 0's (batch noise makes cos_0 < 1): least squares of log(cos_t / cos_0) on
+    Lambda_t through the origin, over the steps with a positive cosine. inf (no rotation) when
+    the probe shows no decay or cos_0 <= 0."""
+    c = np.asarray(cosines, float)
+    lam = np.concatenate([[0.0], np.cumsum(lrs)[:-1]])[: c.size]
+    if c.size < 2 or not c[0] > 0:
+        return math.inf
+    ok = (c > 0) & (lam > 0)
+    if not ok.any():
+        return math.inf
+    y = np.log(np.minimum(c[ok] / c[0], 1.0))
+    slope = float(np.sum(lam[ok] * y) / np.sum(lam[ok] ** 2))
+    return -1.0 / slope if slope < 0 else math.inf
 
 
 def fit_kappa(gg, lrs: np.ndarray, order: np.ndarray, target: np.ndarray, tail: int = 5) -> torch.Tensor:
@@ -175,13 +200,19 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
         k_steps = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
         groups = token_groups(model, grad_examples, pad, HARD_P, meter)
-        target, pm = probe_losses(model0, grad_examples, groups, cfg, plrs, meter, return_model=True)
+        cos = []
+        target, pm = probe_losses(model0, grad_examples, groups, cfg, plrs, meter, return_model=True,
+                                  direction=grads["ce"].g.sum(1).mean(0), cosines=cos)
+        lam_c = fit_coherence(cos, plrs) if cfg.coherence else math.inf
+        for gk in grads.values():
+            gk.lam_c = lam_c
         probe_dl = mean_bits(pm, d1, pad, meter) - base_d1
         kappa = fit_kappa(grads["ce"], plrs, order[:k_steps], target)
         for gk in grads.values():
             gk.kappa = kappa
         probe = {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
-                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist()}
+                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
+                 "lambda_c": lam_c if math.isfinite(lam_c) else None}
         bar.update(1)
     rows = []
     for m in cfg.methods:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sft.forecast import (GroupGradients, ComputeMeter, ForecastConfig, advise, cosine_lrs, gradient_scale,
-                          replay_adam, replay_lora, training_run_units)
+from sft.forecast import (GroupGradients, ComputeMeter, ForecastConfig, adam_step, advise, coherence, cosine_lrs,
+                          gradient_scale, replay_adam, replay_lora, training_run_units)
+from sft.forecast_run import fit_coherence
 
 
 def _gg(g: torch.Tensor, ce_mean=None, ell0=(1.0, 5.0)) -> GroupGradients:
@@ -103,6 +104,39 @@ def test_config_rejects_bad_input():
         ForecastConfig(lrs=(1e-3, 2.0))
     with pytest.raises(ValueError, match="steps"):
         ForecastConfig(steps=0)
+
+
+def test_fit_coherence_recovers_the_decay_length():
+    lrs = np.array([1e-3, 2e-3, 1e-3, 3e-3, 1e-3])
+    lam = np.concatenate([[0.0], np.cumsum(lrs)[:-1]])  # 0, 1e-3, 3e-3, 4e-3, 7e-3
+    cos = 0.4 * np.exp(-lam / 2.5e-3)  # cos_0 = 0.4 < 1 (batch noise) does not matter
+    assert fit_coherence(cos, lrs) == pytest.approx(2.5e-3, rel=1e-9)
+    assert coherence(5e-3, 2.5e-3) == pytest.approx(np.exp(-2.0)) and coherence(1.0, np.inf) == 1.0
+    assert fit_coherence([0.4, 0.45, 0.5], lrs[:3]) == np.inf  # no decay: no rotation
+    assert fit_coherence([-0.1, 0.3], lrs[:2]) == np.inf  # undefined reference
+    # a step whose gradient turned against the frozen one is left out (log of a negative cosine)
+    cos2 = np.append(cos, -0.05)
+    assert fit_coherence(cos2, np.append(lrs, 1e-3)) == pytest.approx(2.5e-3, rel=1e-9)
+
+
+def test_rotation_keeps_only_the_coherent_part_of_the_gradient():
+    """lam_c -> 0: after step 1 the frozen direction carries no gradient, so the replay is
+    Adam's first step followed by its momentum alone (hand-replayed with zero gradients); an
+    L2 pull keeps the first-order scale (the rotation is ignored)."""
+    g = torch.tensor([[[0.3, -0.02, 0.0]]])
+    lrs, order = np.full(5, 0.1), np.zeros(5, int)
+    gg = _gg(g, ell0=(1.0,))
+    gg.lam_c = 1e-12
+    delta, _ = replay_adam(gg, "ce", lrs, order)
+    state, want = {"m": torch.zeros(3), "v": torch.zeros(3)}, torch.zeros(3)
+    for t in range(1, 6):
+        want -= 0.1 * adam_step(state, g[0, 0] if t == 1 else torch.zeros(3), t)
+    assert delta.tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    coherent, _ = replay_adam(_gg(g, ell0=(1.0,)), "ce", lrs, order)
+    assert float(delta.norm()) < 0.65 * float(coherent.norm())  # 0.297 vs 0.5 per coordinate
+    l2_rot, _ = replay_adam(gg, "l2", lrs, order, l2_coeff=0.01)
+    l2_inf, _ = replay_adam(_gg(g, ell0=(1.0,)), "l2", lrs, order, l2_coeff=0.01)
+    assert l2_rot.tolist() == pytest.approx(l2_inf.tolist())
 
 
 def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
