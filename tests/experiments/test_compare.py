@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (the sft extra is always installed by make test)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from experiments.cli import main  # noqa: E402
