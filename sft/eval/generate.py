@@ -11,14 +11,22 @@ Rows that stopped are fed the pad token (masked out) until the batch ends.
 
 Output: one string per prompt, in input order, cut at the first stop string (kept when
 ``keep_stop=True``, dropped otherwise) and at EOS (never kept).
+
+``generate_and_score(..., completions)`` also codes a given completion per prompt on the same
+prompt cache (one prefill serves both the code length and the generation): the completion's
+tokens are fed after the prompt, their log-probabilities summed in bits (float64), and the cache
+is cropped back to the prompt before decoding. Equal to ``sft.eval.codelength.code_length_bits``
+in conditional mode without BOS, at half the prompt cost.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["greedy_generate", "context_limit"]
+__all__ = ["greedy_generate", "generate_and_score", "context_limit"]
 
 
 def context_limit(model, tokenizer) -> int:
@@ -44,7 +52,6 @@ def _cut(text: str, stops: Sequence[str], keep_stop: bool) -> tuple[str, bool]:
     return text[:k + len(s)] if keep_stop else text[:k], True
 
 
-@torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, stop: Sequence[str] = (),
                     max_new_tokens: int = 256, batch_size: int = 8, keep_stop: bool = False,
                     max_length: int | None = None, progress: bool = True, desc: str = "generate") -> list[str]:
@@ -53,6 +60,22 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, stop: Sequence[
     stop: stop strings (empty strings ignored). max_length: context limit for prompt + new tokens
     (default :func:`context_limit`). batch_size: prompts per batch (>= 1).
     """
+    return generate_and_score(model, tokenizer, prompts, None, stop=stop, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, keep_stop=keep_stop, max_length=max_length,
+                              progress=progress, desc=desc)[0]
+
+
+@torch.inference_mode()
+def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Sequence[str] | None, *,
+                       stop: Sequence[str] = (), max_new_tokens: int = 256, batch_size: int = 8,
+                       keep_stop: bool = False, max_length: int | None = None, progress: bool = True,
+                       desc: str = "generate") -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """(greedy continuations, bits of each completion given its prompt, completion token counts).
+
+    The two arrays are None when ``completions`` is None. Generation as :func:`greedy_generate`.
+    """
+    if completions is not None and len(completions) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -69,6 +92,10 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, stop: Sequence[
     for i, e in enumerate(encoded):
         if not e:
             raise ValueError(f"prompt {i} is empty: nothing to condition on")
+    comp = None if completions is None else [list(tokenizer(c, add_special_tokens=False)["input_ids"])
+                                             for c in completions]
+    bits = None if comp is None else np.zeros(len(prompts), dtype=np.float64)
+    ntok = None if comp is None else np.array([len(c) for c in comp], dtype=np.int64)
     tail = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops), default=0) + 2
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
@@ -94,6 +121,8 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, stop: Sequence[
             cache = DynamicCache()
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                            use_cache=True).logits[:, -1]
+            if comp is not None:
+                _score(model, cache, logits, [comp[i] for i in idx], mask, pos, pad, dev, bits, idx)
             gen: list[list[int]] = [[] for _ in idx]
             done = [False] * len(idx)
             nxt_pos = pos[:, -1:] + 1
@@ -124,4 +153,29 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, stop: Sequence[
         model.train(was)
         if bar is not None:
             bar.close()
-    return out
+    return out, bits, ntok
+
+
+def _score(model, cache, last_logits, comps, mask, pos, pad, dev, bits, idx) -> None:
+    """Bits of each completion given the cached prompt; crops the cache back to the prompt."""
+    width = mask.shape[1]
+    C = max((len(c) for c in comps), default=0)
+    if C == 0:
+        return
+    ids = torch.full((len(comps), C), pad, dtype=torch.long)
+    cmask = torch.zeros((len(comps), C), dtype=torch.long)
+    for r, c in enumerate(comps):
+        ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[r, :len(c)] = 1
+    ids, cmask = ids.to(dev), cmask.to(dev)
+    logits = last_logits[:, None]
+    if C > 1:
+        feed_pos = pos[:, -1:] + 1 + torch.arange(C - 1, device=dev)[None]
+        more = model(input_ids=ids[:, :-1], attention_mask=torch.cat([mask, cmask[:, :-1]], dim=1),
+                     position_ids=feed_pos, past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([logits, more], dim=1)
+        cache.crop(-(C - 1))
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0].double().cpu()
+    per = (-logp / math.log(2.0) * cmask.cpu()).sum(-1)
+    for r, i in enumerate(idx):
+        bits[i] = float(per[r])

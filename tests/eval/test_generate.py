@@ -46,3 +46,17 @@ def test_rejects_bad_budget(tiny_model, tiny_tokenizer):
         greedy_generate(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=0, progress=False)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         greedy_generate(tiny_model, tiny_tokenizer, ["a", ""], progress=False)
+
+
+def test_generate_and_score_codes_completions_like_code_length(tiny_model, tiny_tokenizer):
+    from sft.eval.codelength import code_length_bits
+    from sft.eval.generate import generate_and_score
+
+    comps = [" return a + b", " 48 clips", "{\"answer\": 25}", " is 1.75 m"]
+    texts, bits, ntok = generate_and_score(tiny_model, tiny_tokenizer, PROMPTS, comps, max_new_tokens=6,
+                                           batch_size=3, progress=False)
+    want = code_length_bits(tiny_model, tiny_tokenizer, PROMPTS, comps, add_bos=False, progress=False)
+    assert ntok.tolist() == want.tokens_per_sequence.tolist()
+    assert bits == pytest.approx(want.bits_per_sequence, rel=1e-5)
+    # the cache is cropped back to the prompt: generation unchanged by the scoring
+    assert texts == greedy_generate(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=6, progress=False)
