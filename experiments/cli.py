@@ -19,6 +19,7 @@ COMMANDS = {
     "analyze": "analyze",
     "compare": "compare",
     "demo": "demo",
+    "study": "study",
 }
 
 
