@@ -38,7 +38,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
+# ../shared/data beside the repository (or beside a parent folder of it, for git worktrees)
+SHARED = next((p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()),
+              REPO.parent / "shared" / "data")
 STOP = "</answer>"
 
 
@@ -66,12 +68,12 @@ class StudyConfig:
     max_prompt_tokens: int = 300
     max_length: int = 448  # cot training examples must fit (rows that do not are skipped)
     heldout_fraction: float = 0.25
-    n_eval: int = 16
-    steps: int = 8
+    n_eval: int = 12
+    steps: int = 4
     batch_size: int = 2
-    n_humaneval: int = 8
-    n_gsm8k: int = 16
-    gen_tokens: tuple = (("cot", 192), ("label", 32))
+    n_humaneval: int = 4
+    n_gsm8k: int = 8
+    gen_tokens: tuple = (("cot", 160), ("label", 24))
     gen_batch: int = 8
     lora_r: int = 8
     seed: int = 0
@@ -93,17 +95,20 @@ def _small_grid() -> tuple:
 
 
 def _default_grid() -> tuple:
+    """Most informative first (a report from a partial grid is still useful): label-only CE and
+    TALR at the large rate with WiSE-FT, the other rates, CoT, then the other baselines."""
     hi, mid, lo = LRS[::-1]
-    g = [Entry("label", "ce", hi, wise=(0.5,)), Entry("label", "talr", hi), Entry("cot", "ce", hi, wise=(0.5,)),
-         Entry("cot", "talr", hi), Entry("label", "ce", mid), Entry("label", "talr", mid), Entry("label", "ce", lo),
-         Entry("label", "talr", lo), Entry("cot", "ce", mid), Entry("cot", "talr", mid), Entry("cot", "ce", lo),
-         Entry("cot", "talr", lo), Entry("label", "l2", hi), Entry("label", "lora", 1e-3),
-         Entry("cot", "l2", hi), Entry("cot", "lora", 1e-3), Entry("label", "dft", hi), Entry("cot", "dft", hi)]
+    w = (0.25, 0.5, 0.75)
+    g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=w), Entry("label", "ce", lo),
+         Entry("label", "talr", lo), Entry("cot", "ce", hi, wise=w), Entry("cot", "talr", hi),
+         Entry("label", "ce", mid), Entry("label", "talr", mid), Entry("label", "l2", hi), Entry("label", "lora", 1e-3),
+         Entry("cot", "ce", lo), Entry("cot", "talr", lo), Entry("cot", "ce", mid), Entry("cot", "talr", mid),
+         Entry("label", "dft", hi), Entry("cot", "l2", hi), Entry("cot", "lora", 1e-3), Entry("cot", "dft", hi)]
     return tuple(g)
 
 
 PRESETS = {
-    "small": StudyConfig(grid=_small_grid(), steps=6, n_eval=12),
+    "small": StudyConfig(grid=_small_grid()),
     "default": StudyConfig(grid=_default_grid()),
 }
 
@@ -187,7 +192,11 @@ def prepare_data(cfg: StudyConfig, tok) -> StudyData:
             prompts[id(r)] = p
     if not kept:
         raise ValueError(f"{source}: no row has a prompt of at most {cfg.max_prompt_tokens} tokens")
-    train, held = split_by_note(kept, cfg.heldout_fraction, seed=cfg.seed)
+    # Template notes number their notes 1..20 per calculator: a note is (Calculator ID, Note ID) there
+    # (identical texts across calculators stay together: split_by_note merges identical notes)
+    keyed = [{**r, "Note ID": f"{r['Calculator ID']}:{r['Note ID']}"} if r.get("Note Type") == "Template" else r
+             for r in kept]
+    train, held = split_by_note(keyed, cfg.heldout_fraction, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     held = list(held)
     rng.shuffle(held)
@@ -221,7 +230,7 @@ def prepare_data(cfg: StudyConfig, tok) -> StudyData:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate_model(model, tok, cfg: StudyConfig, data: StudyData, variants=("cot", "label"),
-                   general: bool = True) -> dict:
+                   general: bool = True, log=lambda s: None) -> dict:
     """Domain accuracy and code length per variant, general code lengths (bits/token)."""
     from sft.eval.codelength import code_length_bits
     from sft.eval.generate import generate_and_score
@@ -240,6 +249,8 @@ def evaluate_model(model, tok, cfg: StudyConfig, data: StudyData, variants=("cot
                   "domain_bits_per_token": float(bits.sum() / ntok.sum()),
                   "reached_stop": sum(STOP in p for p in preds), "samples": [p[:300] for p in preds[:2]]}
         secs[f"domain {v}"] = time.perf_counter() - t
+        log(f"  {v}: acc {acc['accuracy']:.3f}, {out[v]['domain_bits']:.1f} bits/completion "
+            f"({secs[f'domain {v}']:.0f} s)")
     if general:
         t = time.perf_counter()
         he = code_length_bits(model, tok, *data.humaneval, batch_size=4, progress=False)
@@ -321,12 +332,17 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
 
     out = Path(out)
     cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
+    plain_log = log
+
+    def log(msg: str) -> None:
+        plain_log(f"[{time.strftime('%H:%M:%S')}] {msg}")
+
     if report_only:
         return write_report(out)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     base, tok, desc = load_base(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
     log(f"loaded {desc} in {time.perf_counter() - t0:.0f} s")
     data = prepare_data(cfg, tok)
     peak = matmul_gflops()
@@ -346,7 +362,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     bpath = cache / f"base-{dhash}.json"
     if not bpath.exists():
         t = time.perf_counter()
-        res = evaluate_model(base, tok, cfg, data)
+        res = evaluate_model(base, tok, cfg, data, log=log)
         atomic_write_json(bpath, {"kind": "base", "data_key": dhash, "eval": res, "seconds": time.perf_counter() - t})
         log(f"base evaluated in {time.perf_counter() - t:.0f} s")
     bar.update(1)
@@ -368,7 +384,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
             f"({rec['tokens_per_s']:.1f} tokens/s, MFU {100 * rec['mfu']:.1f}% of {peak:.1f} GFLOP/s)")
         if not rpath.exists():
             t = time.perf_counter()
-            ev = evaluate_model(tuned, tok, cfg, data, variants=(e.variant,))
+            ev = evaluate_model(tuned, tok, cfg, data, variants=(e.variant,), log=log)
             atomic_write_json(rpath, {"kind": "run", "data_key": dhash, "entry": asdict(e), "train": rec, "eval": ev,
                                       "eval_seconds": time.perf_counter() - t})
             log(f"{e.name}: evaluated in {time.perf_counter() - t:.0f} s: acc {ev[e.variant]['domain_acc']:.3f}")
@@ -378,7 +394,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
 
             for a, m in wise_ft(base, tuned, e.wise):
                 if not wise_paths[a].exists():
-                    ev = evaluate_model(m, tok, cfg, data, variants=(e.variant,))
+                    ev = evaluate_model(m, tok, cfg, data, variants=(e.variant,), log=log)
                     atomic_write_json(wise_paths[a], {"kind": "wise", "data_key": dhash, "entry": asdict(e), "alpha": a, "eval": ev})
                     log(f"{e.name} WiSE-FT alpha={a:g}: acc {ev[e.variant]['domain_acc']:.3f}")
                 bar.update(1)

