@@ -18,7 +18,7 @@ COMMANDS = {
     "train": "train",
     "analyze": "analyze",
     "compare": "compare",
-    "demo": "demo",
+    "demo": "demo_cmd",
     "study": "study",
 }
 

@@ -24,6 +24,7 @@ from torch import nn
 from .data import IGNORE_INDEX, PadCollator
 from .losses import HARD_P
 from .models import token_nll
+from .plotting import pyplot, save_png
 
 __all__ = ["token_probs", "hard_token_fraction", "frac_above", "summary", "heatmap_png", "boxplot_png",
            "curriculum_png", "target_tokens"]
@@ -141,28 +142,9 @@ def summary(probs, hard_threshold: float = HARD_P) -> dict:
 # ----------------------------------------------------------------------------------------------
 # figures (matplotlib, Agg; every function writes one PNG and returns its path)
 # ----------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
-    tmp.replace(path)
-    return path
-
-
 def heatmap_png(tokens: Sequence[str], probs, path, *, per_row: int = 16, title: str | None = None) -> Path:
     """One example's target tokens as a grid of cells coloured by probability (Figure 3a)."""
-    plt = _plt()
+    plt = pyplot()
     probs = np.asarray(probs, dtype=np.float64)
     if len(tokens) != probs.size:
         raise ValueError(f"heatmap: {len(tokens)} tokens but {probs.size} probabilities")
@@ -180,13 +162,13 @@ def heatmap_png(tokens: Sequence[str], probs, path, *, per_row: int = 16, title:
     ax.set_yticks([])
     fig.colorbar(im, ax=ax, fraction=0.03, label="p(target token)")
     ax.set_title(title or "target-token probabilities")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=120)
 
 
 def boxplot_png(probs_by_name: Mapping[str, object], path, *, hard_threshold: float | None = HARD_P,
                 title: str | None = None) -> Path:
     """Box plots of pooled target-token probabilities, one box per model / checkpoint (Figure 3b)."""
-    plt = _plt()
+    plt = pyplot()
     names = list(probs_by_name)
     data = [_pool(probs_by_name[k]) for k in names]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
@@ -202,13 +184,13 @@ def boxplot_png(probs_by_name: Mapping[str, object], path, *, hard_threshold: fl
     ax.set_ylim(0, 1)
     ax.set_ylabel("p(target token)")
     ax.set_title(title or "target-token probabilities")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=120)
 
 
 def curriculum_png(fractions_per_epoch, path, *, threshold: float = 0.2, title: str | None = None) -> Path:
     """Fraction of target tokens with ``p > threshold`` per epoch (Figure 3c). Accepts one
     sequence of fractions or ``{name: sequence}``."""
-    plt = _plt()
+    plt = pyplot()
     series = fractions_per_epoch if isinstance(fractions_per_epoch, Mapping) else {"": fractions_per_epoch}
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, fr in series.items():
@@ -220,4 +202,4 @@ def curriculum_png(fractions_per_epoch, path, *, threshold: float = 0.2, title: 
     if any(series):
         ax.legend(fontsize=8)
     ax.set_title(title or "curriculum: easy-token fraction")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=120)

@@ -10,8 +10,6 @@ as the column ``flow_weight`` (the collator turns it into the loss's ``sequence_
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +17,11 @@ import numpy as np
 import torch
 
 from .data import PadCollator
+from .io import atomic_write_json
 from .models import token_nll
+
+# sft.trainer still imports this name from here (its owner moves it to sft.io); do not use it in new code
+write_json_atomic = atomic_write_json
 
 
 @torch.no_grad()
@@ -69,15 +71,5 @@ def attach_flow_weights(model, dataset, *, batch_size: int = 8, pad_token_id: in
     ell0 = np.array([-x.mean() for x in lp])
     w, tau = flow_weights(ell0)
     if save_to is not None:
-        write_json_atomic(save_to, {"tau": tau, "weights": w.tolist()})
+        atomic_write_json(save_to, {"tau": tau, "weights": w.tolist()})
     return dataset.with_column("flow_weight", w.tolist()), tau
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to ``path`` via a temporary file and rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)

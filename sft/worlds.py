@@ -26,9 +26,9 @@ Token layout (tree ids equal model ids): content ``0..n_content-1``, hard tokens
 index), ``PAD = V + 1`` and ``BOS = V + 2``. A model reads ``[BOS] + response (+ [EOS])``;
 the tree root's conditional is the model's prediction at ``BOS``.
 
-Exactness: :func:`tree_logprobs` gives the model's natural-log conditionals on every node, so
-``theory.divergence.kl(p1, tree_logprobs(model, p1))`` is KL(P1 || q_model) in bits per
-response with no sampling. The model may put a little mass on PAD / BOS; that mass is simply
+Exactness: `sft.treeprobs.exact_tree_logprobs(model, p1, bos_id=..., eos_id=...)` gives the model's
+natural-log conditionals on every node, so ``theory.divergence.kl(p1, ...)`` of it is KL(P1 || q_model)
+in bits per response with no sampling. The model may put a little mass on PAD / BOS; that mass is simply
 outside P's support (the KL is still the exact KL to the model's sequence distribution).
 """
 from __future__ import annotations
@@ -49,9 +49,11 @@ from theory.divergence import TreeLogProbs, kl
 from theory.tree import TokenTree
 
 from .data import IGNORE_INDEX
+from .io import atomic_write_json, publish_dir
+from .treeprobs import exact_tree_logprobs
 
-__all__ = ["WorldConfig", "World", "build_world", "pretrain", "tree_logprobs", "tree_full_logprobs",
-           "exact_metrics", "conditional_code_length_bits", "greedy_complete", "pretrain_dataset"]
+__all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exact_metrics",
+           "conditional_code_length_bits", "greedy_complete", "pretrain_dataset", "entropy_bits"]
 
 _CACHE_VERSION = 1  # bump when the world's construction or the pretraining recipe changes
 _NOT_PRETRAINING = ("variant", "cot_len", "n_prompt", "n_train")  # P2-only fields
@@ -253,88 +255,8 @@ def pretrain_dataset(world: World, n: int, seed: int = 1) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# exact model conditionals on a tree
+# exact metrics (model conditionals from sft.treeprobs)
 # ----------------------------------------------------------------------------------------------
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def tree_full_logprobs(model: nn.Module, tree: TokenTree, *, bos_id: int | None = None, eos_id: int | None = None,
-                       batch_size: int = 512, renormalize: bool = False) -> np.ndarray:
-    """Dense natural-log model conditionals ``[N, V + 1]`` at every node (EOS last).
-
-    Method: one forward pass per *maximal path* (a node without children), batched and
-    right-padded; the conditional of node ``u`` is read at the position of ``u``'s last token
-    in one maximal path through ``u`` (the path of its first descendant leaf). Every node is
-    read exactly once; the compute is ``#leaves x depth`` token positions (no KV bookkeeping).
-    Tree token ``t < V`` is model id ``t``; EOS is ``eos_id`` (default ``V``); the model's
-    input starts with ``bos_id`` (default ``V + 2``, the world layout).
-
-    ``renormalize=False`` keeps the model's raw probabilities (rows sum to 1 minus the mass the
-    model puts on ids outside the tree: PAD, BOS); ``True`` renormalises over the ``V + 1``.
-    """
-    V = tree.vocab_size
-    eos_id = V if eos_id is None else int(eos_id)
-    bos_id = V + 2 if bos_id is None else int(bos_id)
-    N = tree.n_nodes
-    # leaf_of[u]: a maximal path through u (first child's, bottom-up over levels)
-    leaf_of = np.arange(N)
-    for sl in reversed(tree.level_slices()[:-1]):
-        ids = np.arange(sl.start, sl.stop)
-        has = tree.child_count[ids] > 0
-        leaf_of[ids[has]] = leaf_of[tree.child_start[ids[has]]]
-    leaves = np.flatnonzero(tree.child_count == 0)
-    row_of_leaf = np.full(N, -1)
-    row_of_leaf[leaves] = np.arange(leaves.size)
-    row = row_of_leaf[leaf_of]  # path row of each node
-    pos = tree.depth  # position of node u's last token, with BOS at position 0
-    # path token matrix [n_leaves, 1 + max depth]
-    T = int(tree.depth.max()) + 1
-    paths = np.full((leaves.size, T), 0, dtype=np.int64)
-    paths[:, 0] = bos_id
-    node = leaves.copy()
-    while True:
-        live = node > 0
-        if not live.any():
-            break
-        paths[live, tree.depth[node[live]]] = tree.token[node[live]]
-        node[live] = tree.parent[node[live]]
-    lengths = tree.depth[leaves] + 1
-    cols = np.r_[np.arange(V), eos_id]
-    dev = _model_device(model)
-    out = np.empty((N, V + 1))
-    order = np.argsort(row, kind="stable")  # nodes grouped by path row
-    bounds = np.searchsorted(row[order], np.arange(0, leaves.size + batch_size, batch_size))
-    was = model.training
-    model.eval()
-    try:
-        for bi, r0 in enumerate(range(0, leaves.size, batch_size)):
-            r1 = min(r0 + batch_size, leaves.size)
-            L = int(lengths[r0:r1].max())
-            ids = torch.as_tensor(paths[r0:r1, :L], device=dev)
-            mask = torch.as_tensor(np.arange(L)[None, :] < lengths[r0:r1, None], device=dev).long()
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            nodes = order[bounds[bi]:bounds[bi + 1]]
-            sel = logits[torch.as_tensor(row[nodes] - r0, device=dev), torch.as_tensor(pos[nodes], device=dev)]
-            logp = torch.log_softmax(sel.double(), dim=-1)[:, torch.as_tensor(cols, device=dev)]
-            if renormalize:
-                logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
-            out[nodes] = logp.cpu().numpy()
-    finally:
-        model.train(was)
-    return np.minimum(out, 0.0)
-
-
-def tree_logprobs(model: nn.Module, tree: TokenTree, *, batch_size: int = 512, bos_id: int | None = None,
-                  eos_id: int | None = None, renormalize: bool = False) -> TreeLogProbs:
-    """Exact model log-conditionals on every edge and EOS leaf of ``tree`` (see
-    :func:`tree_full_logprobs` for the method, ids and ``renormalize``)."""
-    full = tree_full_logprobs(model, tree, bos_id=bos_id, eos_id=eos_id, batch_size=batch_size,
-                              renormalize=renormalize)
-    return TreeLogProbs.from_full(tree, full)
-
-
 def conditional_code_length_bits(tree: TokenTree, lp: TreeLogProbs, prompt_len: int) -> float:
     """``E_P[-log2 q(completion | prompt)]``: the code length of the tokens after the first
     ``prompt_len`` (and of the EOS), what completion-only SFT trains."""
@@ -349,7 +271,7 @@ def conditional_code_length_bits(tree: TokenTree, lp: TreeLogProbs, prompt_len: 
 def greedy_complete(model: nn.Module, world: World, prompts: np.ndarray, max_new: int | None = None) -> np.ndarray:
     """Greedy completions ``[n, max_new]`` of P2 prompts (batched; EOS then anything)."""
     max_new = max_new or world.cfg.max_depth - world.prompt_len + 1
-    dev = _model_device(model)
+    dev = next(model.parameters()).device
     ids = torch.as_tensor(np.c_[np.full(len(prompts), world.bos_id), prompts], device=dev)
     was = model.training
     model.eval()
@@ -374,8 +296,8 @@ def exact_metrics(model: nn.Module, world: World, batch_size: int = 512) -> dict
     prompts whose greedy completion's first hard token is the right answer (exact expectation
     over P2's prompts).
     """
-    lp1 = tree_logprobs(model, world.p1, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
-    lp2 = tree_logprobs(model, world.p2, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
+    lp1 = exact_tree_logprobs(model, world.p1, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
+    lp2 = exact_tree_logprobs(model, world.p2, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
     p2 = world.p2
     cond = conditional_code_length_bits(p2, lp2, world.prompt_len)
     own = TreeLogProbs.from_tree(p2)
@@ -405,7 +327,7 @@ def entropy_bits(tree: TokenTree) -> float:
 # ----------------------------------------------------------------------------------------------
 # pretraining (cached by config hash)
 # ----------------------------------------------------------------------------------------------
-def _new_model(world: World) -> nn.Module:
+def new_model(world: World) -> nn.Module:
     from .models import load_model
 
     cfg = world.cfg
@@ -440,7 +362,7 @@ def pretrain(world: World, cache_dir: str | Path = "runs/.cache/worlds", *, prog
         model = LlamaForCausalLM.from_pretrained(str(folder / "model"), local_files_only=True)
         info = json.loads(info_path.read_text())
         return model, {**info, "cached": True, "path": str(folder)}
-    model = _new_model(world)
+    model = new_model(world)
     data = pretrain_dataset(world, cfg.pretrain_steps * cfg.pretrain_batch)
     old_threads = torch.get_num_threads()
     if threads:
@@ -458,16 +380,16 @@ def pretrain(world: World, cache_dir: str | Path = "runs/.cache/worlds", *, prog
         raise RuntimeError(f"pretraining of world {cfg.key()} stopped: {res.status} {res.message}")
     model = res.model
     model.config.use_cache = True
-    lp = tree_logprobs(model, world.p1, bos_id=world.bos_id, eos_id=world.eos_id)
+    lp = exact_tree_logprobs(model, world.p1, bos_id=world.bos_id, eos_id=world.eos_id)
     info = {"kl_p1_bits": kl(world.p1, lp), "H_p1_bits": entropy_bits(world.p1), "pretrain_seconds": secs,
             "train_loss": res.train_loss, "p1_nodes": world.p1.n_nodes,
             "p1_responses": int(world.p1.leaves()[0].size), "config": asdict(cfg)}
     tmp = folder / "model.tmp"
-    model.save_pretrained(str(tmp))
-    if (folder / "model").exists():
+    if tmp.exists():  # left by an interrupted earlier save
         import shutil
 
-        shutil.rmtree(folder / "model")
-    tmp.rename(folder / "model")
-    info_path.write_text(json.dumps(info, indent=2))  # written last: its presence marks a complete cache
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    publish_dir(tmp, folder / "model", overwrite=True)
+    atomic_write_json(info_path, info)  # written last: its presence marks a complete cache
     return model, {**info, "cached": False, "path": str(folder)}

@@ -6,14 +6,19 @@ exact simulators and the claims ledger.
 
 Public entries (one per capability; submodules hold the rest):
 
-* ``TokenTree`` (tree) -- Definition 3.1;
+* ``TokenTree`` (tree) -- Definition 3.1 (= B.1); ``union_aligned`` -- Proposition B.2;
 * ``encode`` / ``decode`` / ``decode_with_model`` (coding) -- Definition 3.2 with real bits;
 * ``TreeLogProbs``, ``kl``, ``chi2``, ``code_length_bits``, ``delta_code_length`` (divergence)
-  -- Proposition 3.1;
-* ``tilt_log``, ``schedule``, ``fit_effective_step`` (tilting) -- Definition B.3, Theorem E.1;
-* ``Constants`` and the bound functions (bounds) -- Theorems 3.1/3.2, B.2/B.3, E.2-E.5;
+  -- Proposition 3.1 (= B.3), Proposition B.1;
+* ``tilt_log``, ``schedule``, ``fit_effective_step`` (tilting) -- Definition B.3, Theorem B.1 (= E.1);
+* ``Constants`` and the bound functions (bounds) -- Theorems 3.1, 3.2, E.2, E.3, B.2 (= E.4),
+  B.3 (= E.5); ``theorem_e3_cumulative`` and ``theorem_e4_at_gain`` draw them over a run;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
   ``run_ledger`` (claims).
+
+Paper index: ``docs/PAPER.md`` maps every numbered statement of arXiv 2509.20758 to its
+function here, its test and its ledger entry (restated results carry both numbers, e.g.
+"Theorem B.2 (= E.4)"). The bridge from a model to these arrays is ``sft.treeprobs``.
 
 Names are imported lazily, so ``import theory`` stays cheap (sympy loads only on use).
 """
@@ -32,6 +37,7 @@ _WHERE = {
     "fit_effective_step": "tilting",
     "Constants": "bounds", "degradation_bound": "bounds", "Lambda_T_min": "bounds",
     "lambda_max": "bounds", "theorem_3_1_k": "bounds",
+    "theorem_e3_cumulative": "bounds", "theorem_e4_at_gain": "bounds",
     "estimate_constants": "estimate",
     "run_tabular": "simulate", "run_softmax": "simulate",
     "run_ledger": "claims",

@@ -23,9 +23,12 @@ equal to the paper's ``(b - sqrt(...)) / 2a`` but free of cancellation and valid
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+LN2 = math.log(2.0)
 
 __all__ = [
     "Constants",
@@ -42,10 +45,12 @@ __all__ = [
     "theorem_e3_domain",
     "theorem_e3_general",
     "theorem_e3_general_sparse",
+    "theorem_e3_cumulative",
     "Lambda_T_min",
     "degradation_bound",
     "degradation_bound_expansion",
     "equal_step_degradation_bound",
+    "theorem_e4_at_gain",
     "lambda_max",
     "lambda_max_asymptotic",
     "theorem_3_1_k",
@@ -63,6 +68,15 @@ def _check_nonneg(**kw) -> None:
         a = _arr(v)
         if np.any(np.isnan(a)) or np.any(a < 0):
             raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+
+def _nats_per(unit: str) -> float:
+    """Nats in one ``unit`` (the constants of Appendix E are in nats)."""
+    if unit == "nats":
+        return 1.0
+    if unit == "bits":
+        return LN2
+    raise ValueError(f"unit must be 'bits' or 'nats', not {unit!r}")
 
 
 def _check_pos(**kw) -> None:
@@ -249,9 +263,26 @@ def theorem_e3_general_sparse(lams, c: Constants) -> np.ndarray:
     return c.A * lams.sum(-1) + c.C1 * (lams**2).sum(-1)
 
 
-# -------------------------------------------------------------- Theorem E.4/B.2
+def theorem_e3_cumulative(lams, c: Constants, unit: str = "nats") -> np.ndarray:
+    """Theorem E.3 (sparse form, eq. (10)) after each step of a schedule:
+    ``A Lambda_t + C1 S_t`` for ``t = 1 .. T`` with ``Lambda_t = sum_{s<=t} lam_s`` and
+    ``S_t = sum_{s<=t} lam_s^2`` (:func:`theorem_e3_general_sparse` at every prefix of ``lams``).
+
+    ``lams``: the steps ``lam_t`` (1-D; e.g. fitted between evaluations by
+    `theory.tilting.fit_effective_step`); a negative fitted step (the update moved away from the
+    target) counts as 0, the theorem's schedules having ``lam_t >= 0``. ``c`` holds ``A`` (via
+    ``H_T``, ``w_S``, ``M_h``, ``M_l``) and ``C1`` in nats; the curve is returned in ``unit``
+    (``"bits"`` divides by ln 2, to draw it over code lengths). NaN/inf constants propagate.
+    """
+    lam = np.clip(_arr(lams), 0.0, None)
+    if lam.ndim != 1:
+        raise ValueError(f"lams must be 1-D (one lam per step), got shape {lam.shape}")
+    return (c.A * np.cumsum(lam) + c.C1 * np.cumsum(lam**2)) / _nats_per(unit)
+
+
+# ------------------------------------------------------ Theorem B.2 (= E.4)
 def Lambda_T_min(T, delta_star, mu_T, C2) -> np.ndarray:
-    """Smallest total weight meeting the domain target with equal steps (Theorem E.4).
+    """Smallest total weight meeting the domain target with equal steps (Theorem B.2 (= E.4)).
 
     The smaller root of ``mu_T Lambda - (C2/T) Lambda^2 = Delta_*`` (eq. (9) with
     ``S_T = Lambda^2/T``):  ``T/(2 C2) (mu_T - sqrt(mu_T^2 - 4 C2 Delta_*/T))``.
@@ -264,7 +295,7 @@ def Lambda_T_min(T, delta_star, mu_T, C2) -> np.ndarray:
     if np.any(disc < 0):
         i = np.unravel_index(np.argmin(disc), disc.shape)
         raise ValueError(
-            "Theorem E.4: no equal-steps schedule meets the domain target: need "
+            "Theorem B.2 (= E.4): no equal-steps schedule meets the domain target: need "
             f"T > 4*C2*Delta_*/mu_T^2 = {4 * C2[i] * d[i] / mu[i]**2:.6g}, got T={T[i]:.6g} "
             f"(C2={C2[i]:.6g}, Delta_*={d[i]:.6g}, mu_T={mu[i]:.6g}; discriminant {disc[i]:.6g} < 0)"
         )
@@ -272,7 +303,7 @@ def Lambda_T_min(T, delta_star, mu_T, C2) -> np.ndarray:
 
 
 def degradation_bound(T, delta_star, mu_T, C1, C2, A) -> np.ndarray:
-    """Minimal degradation bound over T-step schedules (Theorem E.4):
+    """Minimal degradation bound over T-step schedules (Theorem B.2 (= E.4), eq. (10)):
     ``A Lambda + C1 Lambda^2 / T`` at ``Lambda = Lambda_T_min`` (eq. (10), equal steps)."""
     Lam = Lambda_T_min(T, delta_star, mu_T, C2)
     _check_nonneg(C1=C1, A=A)
@@ -280,7 +311,7 @@ def degradation_bound(T, delta_star, mu_T, C1, C2, A) -> np.ndarray:
 
 
 def degradation_bound_expansion(T, delta_star, mu_T, C1, C2, A) -> np.ndarray:
-    """``A Delta_*/mu_T + (A C2/mu_T^3 + C1/mu_T^2) Delta_*^2 / T`` (Theorem E.4 / B.2),
+    """``A Delta_*/mu_T + (A C2/mu_T^3 + C1/mu_T^2) Delta_*^2 / T`` (Theorem B.2 (= E.4)),
     the 1/T expansion of :func:`degradation_bound` without its O(1/T^2) remainder."""
     T, d, mu = _arr(T), _arr(delta_star), _arr(mu_T)
     _check_pos(T=T, mu_T=mu)
@@ -289,7 +320,7 @@ def degradation_bound_expansion(T, delta_star, mu_T, C1, C2, A) -> np.ndarray:
 
 
 def equal_step_degradation_bound(lam, delta_star, mu_T, C1, C2, A) -> np.ndarray:
-    """The same bound at a *fixed per-step* weight ``lam`` (eqs. (9)-(10), equal steps):
+    """Theorem B.2 (= E.4) at a *fixed per-step* weight ``lam`` (eqs. (9)-(10), equal steps):
     feasibility ``Lambda (mu_T - C2 lam) >= Delta_*`` gives
     ``Delta L_T(P1) <= Delta_* (A + C1 lam) / (mu_T - C2 lam)``.
     Its expansion ``A Delta_*/mu_T + Delta_* (C1/mu_T + A C2/mu_T^2) lam + O(lam^2)`` is
@@ -299,26 +330,40 @@ def equal_step_degradation_bound(lam, delta_star, mu_T, C1, C2, A) -> np.ndarray
     den = mu - C2 * lam
     if np.any(den <= 0):
         raise ValueError(
-            f"Theorem E.4: per-step weight lam={lam!r} too large: need lam < mu_T/C2 = {mu / np.maximum(C2, 1e-300)!r}"
+            f"Theorem B.2 (= E.4): per-step weight lam={lam!r} too large: "
+            f"need lam < mu_T/C2 = {mu / np.maximum(C2, 1e-300)!r}"
         )
     return d * (A + C1 * lam) / den
 
 
-# -------------------------------------------------------------- Theorem E.5/B.3
+def theorem_e4_at_gain(T, gain, c: Constants, unit: str = "nats") -> float:
+    """Theorem B.2 (= E.4) (eq. (10), equal steps) at a measured domain gain ``Delta_* = gain``:
+    :func:`degradation_bound` with ``A``, ``mu_T``, ``C1``, ``C2`` from ``c`` (nats).
+
+    ``gain`` and the returned bound are in ``unit`` (``"bits"``: the gain is converted to nats
+    before the bound, the bound back to bits). ``T``: the number of steps (or evaluation
+    intervals) the gain took. Raises ``ValueError`` when no equal-steps schedule of ``T`` steps
+    reaches the gain (see :func:`Lambda_T_min`) or the gain is negative.
+    """
+    k = _nats_per(unit)
+    return float(degradation_bound(T, gain * k, c.mu_T, c.C1, c.C2, c.A)) / k
+
+
+# ------------------------------------------------------ Theorem B.3 (= E.5)
 def lambda_max(T, eps_fg, H_T, V_s, C1) -> np.ndarray:
-    """Largest equal per-step weight guaranteeing ``Delta L_T(P1) <= eps_fg`` (eq. (19)):
-    the positive root of ``C1 lam^2 + H_T V_s lam - eps_fg/T = 0``."""
+    """Largest equal per-step weight guaranteeing ``Delta L_T(P1) <= eps_fg`` (Theorem B.3 (= E.5),
+    eq. (19)): the positive root of ``C1 lam^2 + H_T V_s lam - eps_fg/T = 0``."""
     T, eps, b, C1 = _arr(T), _arr(eps_fg), _arr(H_T) * _arr(V_s), _arr(C1)
     _check_pos(T=T)
     _check_nonneg(eps_fg=eps, H_T=H_T, V_s=V_s, C1=C1)
     disc = b**2 + 4 * C1 * eps / T  # >= 0 for admissible inputs
     if np.any((b == 0) & (C1 == 0)):
-        raise ValueError("Theorem E.5: H_T*V_s = 0 and C1 = 0: every lam is safe, lambda_max is unbounded")
+        raise ValueError("Theorem B.3 (= E.5): H_T*V_s = 0 and C1 = 0: every lam is safe, lambda_max is unbounded")
     return 2 * (eps / T) / (b + np.sqrt(disc))  # = (-b + sqrt(disc)) / (2 C1), rationalised
 
 
 def lambda_max_asymptotic(T, eps_fg, H_T, V_s) -> np.ndarray:
-    """``eps_fg / (H_T V_s T)`` (eq. (20)), the leading term of :func:`lambda_max`."""
+    """``eps_fg / (H_T V_s T)`` (Theorem B.3 (= E.5), eq. (20)), the leading term of :func:`lambda_max`."""
     T = _arr(T)
     _check_pos(T=T, H_T=H_T, V_s=V_s)
     return _arr(eps_fg) / (_arr(H_T) * _arr(V_s) * T)
@@ -326,7 +371,7 @@ def lambda_max_asymptotic(T, eps_fg, H_T, V_s) -> np.ndarray:
 
 # ---------------------------------------------------------- Theorems 3.1 and 3.2
 def theorem_3_1_k(A, mu_T, C1, C2) -> tuple[np.ndarray, np.ndarray]:
-    """``(k1, k2)`` of Theorem 3.1 read off Theorem E.4:
+    """``(k1, k2)`` of Theorem 3.1 read off Theorem B.2 (= E.4):
     ``k1 = A / mu_T``, ``k2 = A C2 / mu_T^3 + C1 / mu_T^2``.
 
     Caveat (ledger): Theorem 3.1's ``k2 Delta_*^2 lam`` matches E.4 only if ``lam`` is
@@ -339,13 +384,13 @@ def theorem_3_1_k(A, mu_T, C1, C2) -> tuple[np.ndarray, np.ndarray]:
 
 
 def theorem_3_1_bound(delta_star, lam, A, mu_T, C1, C2) -> np.ndarray:
-    """``k1 Delta_* + k2 Delta_*^2 lam`` (Theorem 3.1, as stated)."""
+    """``k1 Delta_* + k2 Delta_*^2 lam`` (Theorem 3.1, as stated; eq. (3))."""
     k1, k2 = theorem_3_1_k(A, mu_T, C1, C2)
     d = _arr(delta_star)
     return k1 * d + k2 * d**2 * _arr(lam)
 
 
 def theorem_3_2_lambda_max(eps_fg, s, T, H_T, M_h) -> np.ndarray:
-    """``lambda_max ~ eps_fg / (H_T M_h sqrt(s) T)`` (Theorem 3.2 / E.5 with M_e << M_h)."""
+    """``lambda_max ~ eps_fg / (H_T M_h sqrt(s) T)`` (Theorem 3.2: Theorem B.3 (= E.5) with M_e << M_h)."""
     _check_pos(s=s)
     return lambda_max_asymptotic(T, eps_fg, H_T, _arr(M_h) * np.sqrt(_arr(s)))

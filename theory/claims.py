@@ -83,7 +83,7 @@ def check_prop_3_1(n: int, rng) -> Claim:
         tot, _ = delta_code_length_per_level(w.p1, q1, q2, unit="nats")
         errs.append(abs(tot - delta_code_length(w.p1, q1, q2, unit="nats")))
     bad = sum(e > 1e-9 for e in errs)
-    return Claim("Prop 3.1", "Delta L(P) per level = KL(P||q2) - KL(P||q1)",
+    return Claim("Proposition 3.1", "Delta L(P) per level = KL(P||q2) - KL(P||q1)",
                  "holds" if not bad else "fails", n, bad, note=f"max |difference| = {max(errs):.2e} nats")
 
 
@@ -176,7 +176,7 @@ def check_lemma_e3(n: int, rng) -> Claim:
 
 
 def b1_slope(V: int = 3, seed: int = 0, n_lr: int = 10) -> dict:
-    """Theorem B.1 in the softmax world: one SGD step per learning rate, log-log slope of
+    """Theorem B.1 (= E.1) in the softmax world: one SGD step per learning rate, log-log slope of
     the residual (per-node lam_{t,u}) against eps = KL(q_t||q_{t+1})."""
     sw = make_softmax_world(V=V, seed=seed)
     res, eps, mis = [], [], []
@@ -197,7 +197,7 @@ def check_theorem_e1(n: int, rng) -> Claim:
     slopes = [r["slope"] for r in runs]
     ce = runs[int(np.argmin(slopes))]
     return Claim(
-        "Theorem E.1 / B.1",
+        "Theorem B.1 (= E.1)",
         "||log q_{t+1} - tilt(lam_{t,u})||_{t,u} = O(eps), eps = KL(q_t||q_{t+1})",
         "fails" if min(slopes) < 0.9 else "holds", len(runs), sum(s < 0.9 for s in slopes), ce,
         note=(f"Softmax world, shared parameters, SGD: log-log slope {np.median(slopes):.3f} over "
@@ -286,7 +286,7 @@ def check_theorem_e4(n: int, rng) -> Claim:
     tab_m = equal_gain_degradation(w, [1, 4, 16], 0.3, rho="model")
     spread_u = max(r["dL_P1_nats"] for r in tab_u) - min(r["dL_P1_nats"] for r in tab_u)
     return Claim(
-        "Theorem E.4 / B.2",
+        "Theorem B.2 (= E.4)",
         "Lambda_T^min = T/(2C2)(mu - sqrt(mu^2 - 4C2 Delta/T)); bound A Delta/mu + (A C2/mu^3 + C1/mu^2) Delta^2/T + O(1/T^2), decreasing in T",
         "holds (bound); not reflected by exact tilting" if bad_alg == 0 else "fails", n, bad_alg,
         {"equal_gain_rho_uniform": tab_u, "equal_gain_rho_model": tab_m},
@@ -317,7 +317,7 @@ def check_theorem_e5(n: int, rng) -> Claim:
             loose.append(np.sqrt(Vs**2 / per_token))
         asym.append(float(B.lambda_max_asymptotic(T * 1e4, eps, H, Vs) / B.lambda_max(T * 1e4, eps, H, Vs, C1)))
     return Claim(
-        "Theorem E.5 / B.3",
+        "Theorem B.3 (= E.5)",
         "lam_max(T;s) = (-H V_s + sqrt((H V_s)^2 + 4 C1 eps/T))/(2 C1) = eps/(H V_s T) + O(1/T^2); V_s ~ M_h sqrt(s)",
         "holds (loose)" if not bad else "fails", n, bad, None, _q(loose),
         note=("Root and expansion verified (asymptotic/exact ratio at 1e4 T: median "
@@ -375,15 +375,15 @@ def check_theorem_3_2(n: int, rng) -> Claim:
 
 
 CHECKS = {
-    "Prop 3.1": check_prop_3_1,
+    "Proposition 3.1": check_prop_3_1,
     "Lemma E.1": check_lemma_e1,
     "Lemma E.2": check_lemma_e2,
     "Lemma E.3": check_lemma_e3,
-    "Theorem E.1 / B.1": check_theorem_e1,
+    "Theorem B.1 (= E.1)": check_theorem_e1,
     "Theorem E.2": check_theorem_e2,
     "Theorem E.3": check_theorem_e3,
-    "Theorem E.4 / B.2": check_theorem_e4,
-    "Theorem E.5 / B.3": check_theorem_e5,
+    "Theorem B.2 (= E.4)": check_theorem_e4,
+    "Theorem B.3 (= E.5)": check_theorem_e5,
     "Theorem 3.1": check_theorem_3_1,
     "Theorem 3.2": check_theorem_3_2,
 }

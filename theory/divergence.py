@@ -1,4 +1,4 @@
-"""Divergences and code lengths on token trees (Proposition 3.1 / B.1 / B.3).
+"""Divergences and code lengths on token trees (Proposition 3.1 (= B.3), Proposition B.1).
 
 A model ``Q`` is given on a tree by its natural-log conditionals on the tree's edges and
 EOS leaves (:class:`TreeLogProbs`). The tree's own masses are ``P``. Every function here is
@@ -216,14 +216,14 @@ def var_q(tree: TokenTree, lp: TreeLogProbs, f_leaf: np.ndarray, tol: float = 1e
 def delta_code_length(
     tree: TokenTree, lp1: TreeLogProbs, lp2: TreeLogProbs, unit: str = "bits"
 ) -> float:
-    """``Delta L(P) = KL(P || q2) - KL(P || q1)`` (Proposition 3.1, second form)."""
+    """``Delta L(P) = KL(P || q2) - KL(P || q1)`` (Proposition 3.1 (= B.3), second form)."""
     return kl(tree, lp2, unit) - kl(tree, lp1, unit)
 
 
 def delta_code_length_per_level(
     tree: TokenTree, lp1: TreeLogProbs, lp2: TreeLogProbs, unit: str = "bits"
 ) -> tuple[float, np.ndarray]:
-    """Proposition 3.1, first form: ``-sum_l sum_j p_{l,j} log(q2_{l,j} / q1_{l,j})``.
+    """Proposition 3.1 (= B.3), first form: ``-sum_l sum_j p_{l,j} log(q2_{l,j} / q1_{l,j})``.
 
     Layer ``l`` holds the edges into depth-``l`` nodes and the EOS leaves of depth
     ``l - 1`` nodes. Returns ``(total, per_layer)`` with ``per_layer[l - 1]`` for

@@ -283,7 +283,7 @@ def talr_weights(tree: TokenTree, logq: np.ndarray, P: TokenTree, w_min: float =
 def run_softmax(sw: SoftmaxWorld, cfg: SoftmaxConfig, record_every: int = 1) -> list[dict]:
     """Train on D2 (exact expected loss over P2) and record per step:
     ``dL_P1_nats``, ``dL_P2_nats``, the fitted pooled ``lam`` (weights P2(u)),
-    ``residual`` (Theorem B.1's norm with the per-node lam_{t,u}, P2-weighted RMS),
+    ``residual`` (Theorem B.1 (= E.1)'s norm with the per-node lam_{t,u}, P2-weighted RMS),
     ``residual_pooled`` (one lam for all nodes), ``misalignment`` (mean sine between the
     true shift and the tilting direction), ``eps = KL(q_t||q_{t+1})`` (P2-weighted) and
     TALR's ``tau``."""
@@ -422,7 +422,7 @@ def lambda_max_vs_s(
 ) -> dict:
     """Finding 2: the largest constant ``lam`` with ``Delta L_T(P1) <= eps_fg`` for worlds
     with nested hard levels (``n_hard = s``), and the fitted exponent ``b`` of
-    ``lam_max ~ s^b`` (seed fixed effects, 95% t-interval). Theorem B.3 predicts -1/2."""
+    ``lam_max ~ s^b`` (seed fixed effects, 95% t-interval). Theorem B.3 (= E.5) predicts -1/2."""
     from scipy import stats
     from scipy.optimize import brentq
 

@@ -1,5 +1,5 @@
 """Exponential tilting (Definition B.3), smoothing (Assumption B.1), schedules lambda_t and
-the effective step fitted from a real update (Theorem B.1 / E.1, Step 5).
+the effective step fitted from a real update (Theorem B.1 (= E.1), Step 5).
 
 Everything works on per-node conditional arrays ``[N, K]`` (``K = V + 1``, EOS last) in
 natural-log space, vectorised over all nodes at once. Rows are independent prefixes u.
@@ -128,10 +128,10 @@ def schedule(
     """Per-step weights ``lam_t`` (``t = 0..T-1``).
 
     kinds:
-        ``constant``: ``lam`` every step (the equal-steps schedule of Theorem E.4);
+        ``constant``: ``lam`` every step (the equal-steps schedule of Theorem B.2 (= E.4));
         ``cosine``: linear warm-up over ``warmup`` steps, then cosine from ``lam`` to ``lam_min``;
         ``linear``: linear warm-up, then linear decay from ``lam`` to ``lam_min``;
-        ``inverse``: ``lam / T`` every step (the ``lam_t ~ 1/T`` scaling of Theorem B.2).
+        ``inverse``: ``lam / T`` every step (the ``lam_t ~ 1/T`` scaling of Theorem B.2 (= E.4)).
     """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
@@ -167,7 +167,7 @@ def lambda_from_lr(lrs: np.ndarray, lam_per_lr: float) -> np.ndarray:
 # ------------------------------------------------------- effective step (E.1)
 @dataclass
 class EffectiveStep:
-    """Theorem E.1, Step 5, per node (arrays ``[N]``) and pooled (scalars).
+    """Theorem B.1 (= E.1), Step 5, per node (arrays ``[N]``) and pooled (scalars).
 
     Attributes:
         lam: ``lam_{t,u} = E_qt[s r_c] / E_qt[r_c^2]`` (q_t-least squares).
@@ -200,7 +200,7 @@ def fit_effective_step(
     logp: np.ndarray,
     weights: np.ndarray | None = None,
 ) -> EffectiveStep:
-    """Fit the effective tilting step of a real update ``q_t -> q_{t+1}`` (Theorem E.1).
+    """Fit the effective tilting step of a real update ``q_t -> q_{t+1}`` (Theorem B.1 (= E.1)).
 
     ``s = log(q_{t+1}/q_t) - E_qt[.]``, ``r_c = r - E_qt[r]``, ``lam = <s, r_c> / <r_c, r_c>``
     in ``L2(q_t)``. Nodes with ``||r_c|| = 0`` (target already reached) get ``lam = 0``.

@@ -1,4 +1,4 @@
-"""Token trees (Definition 3.1 / B.1 of arXiv 2509.20758).
+"""Token trees (Definition 3.1 (= B.1) of arXiv 2509.20758).
 
 A :class:`TokenTree` stores a distribution ``P`` over responses ``z`` (token sequences
 followed by EOS) as a prefix tree. Every node ``u`` is a prefix; its children are the
@@ -525,6 +525,17 @@ class TokenTree:
             level_parent, level_token, level_count, level_eos, V, self.max_depth
         )
         return tree, idx_a, idx_b
+
+    def union_aligned(self, other: "TokenTree") -> tuple["TokenTree", "TokenTree", "TokenTree"]:
+        """Both distributions on one topology (Proposition B.2): ``(union, self_on_union,
+        other_on_union)``. ``union`` is :meth:`union` with weights 1/2; the other two share its
+        nodes and carry ``self``'s and ``other``'s own masses (zero off their support), so one
+        model evaluated on the union's nodes scores both (the constants of Appendix E need it)."""
+        union, idx_self, idx_other = self.union(other)
+        e_self, e_other = np.zeros(union.n_nodes), np.zeros(union.n_nodes)
+        np.add.at(e_self, idx_self, self.eos_mass)
+        np.add.at(e_other, idx_other, other.eos_mass)
+        return union, union.with_masses(e_self), union.with_masses(e_other)
 
     def with_masses(self, eos_mass: np.ndarray) -> "TokenTree":
         """Same topology with another distribution given by its EOS-leaf masses."""

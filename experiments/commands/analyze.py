@@ -44,16 +44,15 @@ def _split_name(spec: str) -> tuple[str, str]:
 
 
 def handler(args) -> int:
-    import os
     from pathlib import Path
 
     import torch
 
+    from experiments.outputs import write_json, write_text
     from sft import analysis as A
     from sft.data import DataError, SFTDataset, load_sft_dataset
     from sft.losses import HARD_P
     from sft.models import byte_tokenizer, load_model, load_tokenizer
-    from sft.weighting import write_json_atomic
 
     specs = [_split_name(s) for s in args.model]
     names = [n for n, _ in specs]
@@ -77,29 +76,27 @@ def handler(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ex = min(max(args.example, 0), len(examples) - 1)
     stats, probs_by_name = {}, {}
-    tmp_lines = out / "token_probs.jsonl.tmp"
-    with open(tmp_lines, "w", encoding="utf-8") as fh:
-        for name, spec in specs:
-            try:
-                model = load_model(spec, dtype=getattr(torch, args.dtype), seed=args.seed)
-            except (FileNotFoundError, OSError, ValueError) as exc:
-                print(f"talr analyze: model {spec}: {exc}")
-                tmp_lines.unlink(missing_ok=True)
-                return 2
-            if spec.startswith("tiny") and model.config.vocab_size < len(tok):
-                model.resize_token_embeddings(len(tok))
-            probs = A.token_probs(model, tok, examples, args.batch_size, progress=not args.no_progress, desc=name)
-            probs_by_name[name] = probs
-            stats[name] = {"model": spec, **A.summary(probs, thr)}
-            for i, p in enumerate(probs):
-                fh.write(json.dumps({"model": name, "example": i, "p": [round(float(x), 6) for x in p]}) + "\n")
-            toks = [tok.decode([t]) for t in A.target_tokens(examples[ex])]
-            A.heatmap_png(toks, probs[ex], out / f"heatmap_{name}.png", title=f"{name}: example {ex}")
-            del model
-    os.replace(tmp_lines, out / "token_probs.jsonl")
+    lines = []
+    for name, spec in specs:
+        try:
+            model = load_model(spec, dtype=getattr(torch, args.dtype), seed=args.seed)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            print(f"talr analyze: model {spec}: {exc}")
+            return 2
+        if spec.startswith("tiny") and model.config.vocab_size < len(tok):
+            model.resize_token_embeddings(len(tok))
+        probs = A.token_probs(model, tok, examples, args.batch_size, progress=not args.no_progress, desc=name)
+        probs_by_name[name] = probs
+        stats[name] = {"model": spec, **A.summary(probs, thr)}
+        for i, p in enumerate(probs):
+            lines.append(json.dumps({"model": name, "example": i, "p": [round(float(x), 6) for x in p]}) + "\n")
+        toks = [tok.decode([t]) for t in A.target_tokens(examples[ex])]
+        A.heatmap_png(toks, probs[ex], out / f"heatmap_{name}.png", title=f"{name}: example {ex}")
+        del model
+    write_text(out / "token_probs.jsonl", "".join(lines))
     A.boxplot_png(probs_by_name, out / "boxplot.png", hard_threshold=thr)
-    write_json_atomic(out / "stats.json", {"data": args.data, "n_examples": len(examples), "template": args.template,
-                                           "models": stats})
+    write_json(out / "stats.json", {"data": args.data, "n_examples": len(examples), "template": args.template,
+                                    "models": stats}, indent=2)
     for name, s in stats.items():
         print(f"talr analyze: {name}: {s['n_tokens']} target tokens, median p {s['median_p']:.3f}, "
               f"hard (p < {thr}) {s['hard_fraction']:.3f}, p > 0.2 {s['frac_above_0.2']:.3f}")

@@ -4,7 +4,7 @@
 
 The evaluation sets default to ``general_eval`` / ``domain_eval`` in ``RUN/config.json``. Writes
 ``compare.json``, ``compare.md`` and ``compare.png`` into RUN (or ``--out``). See
-`experiments.compare` for what is measured and the approximations behind the theory side.
+`experiments.studies.compare` for what is measured and the approximations behind the theory side.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import dataclasses
 
 
 def register(subparsers) -> None:
-    from experiments.compare import CompareConfig
+    from experiments.studies.compare import CompareConfig
 
     p = subparsers.add_parser("compare", help="hold a training run against the theory (bound vs measured)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from experiments.compare import CompareConfig, CompareError, run_compare
+    from experiments.studies.compare import CompareConfig, CompareError, run_compare
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig) if f.name != "progress"}
     try:
@@ -37,11 +37,11 @@ def handler(args) -> int:
     except (CompareError, FileNotFoundError) as exc:
         print(f"talr compare: {exc}")
         return 2
-    from experiments.report import _table
+    from experiments.outputs import markdown_table
 
     rows = [[p["checkpoint"], p["step"], p["dL_P1_bits"], p["dL_P1_tree_bits"], p["domain_gain_tree_bits"],
              p.get("lam"), p.get("e3_bound_bits"), p.get("e4_bound_bits")] for p in res["points"]]
-    print(_table(["checkpoint", "step", "dL(P1) full", "dL(P1) tree", "D2 gain tree", "lambda", "Thm E.3",
+    print(markdown_table(["checkpoint", "step", "dL(P1) full", "dL(P1) tree", "D2 gain tree", "lambda", "Thm E.3",
                   "Thm E.4"], rows))
     print(f"\nwrote {args.out or args.run}/compare.md, compare.json, compare.png ({res['wall_seconds']:.0f} s)")
     return 0

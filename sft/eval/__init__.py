@@ -14,7 +14,7 @@ _PUBLIC = {
     # synthetic MedCalc-like data
     "generate_synthetic_medcalc": ("synth_medcalc", "generate"), "write_synthetic_csv": "synth_medcalc",
     # general capability
-    "code_length_bits": "codelength", "CodeLength": "codelength", "humaneval_corpus": "codelength",
+    "corpus_code_length_bits": "codelength", "CodeLength": "codelength", "humaneval_corpus": "codelength",
     "gsm8k_corpus": "codelength", "evaluate_gsm8k": "lmeval", "run_task": "lmeval", "GenerationTask": "lmeval",
 }
 __all__ = sorted(_PUBLIC)

@@ -1,7 +1,7 @@
 """Code length of a corpus under a causal LM, in bits (the ideal code length -log2 Q(z) of
 Definition 3.2, summed over tokens).
 
-``code_length_bits(model, tokenizer, texts)`` codes each text token by token: token t costs
+``corpus_code_length_bits(model, tokenizer, texts)`` codes each text token by token: token t costs
 -log2 q(x_t | x_<t). When the tokenizer has a BOS token it is prepended (never coded), so every
 text token is coded; without one the first token of each text has no context and is not coded
 (``n_tokens`` says how many were). In conditional mode (``completions=...``) the prompt and the
@@ -79,7 +79,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 @torch.inference_mode()
-def code_length_bits(model, tokenizer, texts: Sequence[str], completions: Sequence[str] | None = None, *,
+def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions: Sequence[str] | None = None, *,
                      batch_size: int = 8, max_length: int | None = None, add_bos: bool | None = None,
                      progress: bool = True) -> CodeLength:
     """Code length in bits of `texts` (or of `completions` given `texts` as prompts) under `model`.

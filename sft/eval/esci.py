@@ -21,6 +21,8 @@ import re
 from collections import defaultdict
 from typing import Hashable, Sequence
 
+from ..io import atomic_write_text
+
 EXAMPLE_COLUMNS = ("example_id", "query", "query_id", "product_id", "product_locale", "esci_label",
                    "small_version", "large_version", "split")
 PRODUCT_COLUMNS = ("product_id", "product_title", "product_description", "product_bullet_point",
@@ -205,10 +207,9 @@ def _read_table(pq, path, columns, filters=None, schema_only=False):
 
 def write_jsonl_export(records: Sequence[dict], path: str | os.PathLike) -> None:
     """Write joined records (as returned by :func:`load_esci`) as a JSONL export, atomically."""
-    from .medcalc import _atomic_write
     fields = EXAMPLE_COLUMNS + tuple(c for c in PRODUCT_COLUMNS if c not in EXAMPLE_COLUMNS)
     text = "".join(json.dumps({f: r.get(f) for f in fields}, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write(os.fspath(path), text)
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- prompts

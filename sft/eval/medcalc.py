@@ -35,13 +35,14 @@ import math
 import operator
 import os
 import re
-import tempfile
 import zipfile
 from collections import defaultdict
 from datetime import date
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ..io import atomic_write_text
 
 COLUMNS = (
     "Row Number", "Calculator ID", "Calculator Name", "Category", "Output Type", "Note ID",
@@ -248,7 +249,7 @@ def write_sft_jsonl(rows: Iterable[dict], path: str | os.PathLike, *, form: str 
             rec.update({"row_number": row.get("Row Number"), "calculator_id": row.get("Calculator ID"),
                         "note_id": row.get("Note ID")})
         lines.append(json.dumps(rec, ensure_ascii=False))
-    _atomic_write(os.fspath(path), "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -265,20 +266,7 @@ def write_medcalc_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     w.writerow(COLUMNS)
     for row in rows:
         w.writerow([row[c] for c in COLUMNS])
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- split

@@ -7,7 +7,7 @@ import torch
 
 from evalhelpers import GSM8K_DIR
 from sft.eval import codelength as cl
-from sft.eval.codelength import code_length_bits, gsm8k_corpus, humaneval_corpus
+from sft.eval.codelength import corpus_code_length_bits, gsm8k_corpus, humaneval_corpus
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Natalia sold clips.", "x", "The patient's weight is 70 kg."]
 
@@ -22,7 +22,7 @@ def hand_bits(model, ids: list[int], first_coded: int) -> tuple[float, int]:
 
 
 def test_bits_equal_hand_computation(tiny_model, tiny_tokenizer):
-    res = code_length_bits(tiny_model, tiny_tokenizer, TEXTS, batch_size=3, progress=False)
+    res = corpus_code_length_bits(tiny_model, tiny_tokenizer, TEXTS, batch_size=3, progress=False)
     bos = tiny_tokenizer.bos_token_id
     for i, text in enumerate(TEXTS):
         ids = [bos] + tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -33,14 +33,14 @@ def test_bits_equal_hand_computation(tiny_model, tiny_tokenizer):
     assert res.bits_per_token == pytest.approx(res.bits_per_sequence.sum() / res.tokens_per_sequence.sum())
     assert res.bits_per_byte == pytest.approx(res.total_bits / sum(len(t.encode()) for t in TEXTS))
     # batching and padding do not change the numbers
-    one = code_length_bits(tiny_model, tiny_tokenizer, TEXTS, batch_size=1, progress=False)
+    one = corpus_code_length_bits(tiny_model, tiny_tokenizer, TEXTS, batch_size=1, progress=False)
     np.testing.assert_allclose(one.bits_per_sequence, res.bits_per_sequence, rtol=1e-5)
 
 
 def test_conditional_codes_only_the_completion(tiny_model, tiny_tokenizer):
     prompts = ["Question: how many clips?\nAnswer:", "def add(a, b):"]
     comps = [" 48 #### 48", "\n    return a + b\n"]
-    res = code_length_bits(tiny_model, tiny_tokenizer, prompts, comps, batch_size=2, progress=False)
+    res = corpus_code_length_bits(tiny_model, tiny_tokenizer, prompts, comps, batch_size=2, progress=False)
     bos = tiny_tokenizer.bos_token_id
     for i in range(2):
         p = [bos] + tiny_tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
@@ -58,13 +58,13 @@ def test_uniform_model_costs_log2_vocab_per_token(tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer))
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0: q = 1/V for every token
-    res = code_length_bits(model, tiny_tokenizer, TEXTS, batch_size=2, progress=False)
+    res = corpus_code_length_bits(model, tiny_tokenizer, TEXTS, batch_size=2, progress=False)
     # float32 log-softmax: each term carries ~1e-7 relative rounding (module docstring)
     assert res.bits_per_token == pytest.approx(math.log2(len(tiny_tokenizer)), rel=1e-7)
 
 
 def test_without_bos_the_first_token_is_not_coded(tiny_model, tiny_tokenizer):
-    res = code_length_bits(tiny_model, tiny_tokenizer, TEXTS, add_bos=False, progress=False)
+    res = corpus_code_length_bits(tiny_model, tiny_tokenizer, TEXTS, add_bos=False, progress=False)
     for i, text in enumerate(TEXTS):
         ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
         bits, n = hand_bits(tiny_model, ids, 1)
@@ -73,12 +73,12 @@ def test_without_bos_the_first_token_is_not_coded(tiny_model, tiny_tokenizer):
 
 
 def test_truncation_is_counted(tiny_model, tiny_tokenizer):
-    res = code_length_bits(tiny_model, tiny_tokenizer, TEXTS, max_length=4, progress=False)
+    res = corpus_code_length_bits(tiny_model, tiny_tokenizer, TEXTS, max_length=4, progress=False)
     lengths = [1 + len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
     assert res.n_truncated == sum(n > 4 for n in lengths)
     assert list(res.tokens_per_sequence) == [min(n, 4) - 1 for n in lengths]
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
-        code_length_bits(tiny_model, tiny_tokenizer, TEXTS[:2], TEXTS[:1])
+        corpus_code_length_bits(tiny_model, tiny_tokenizer, TEXTS[:2], TEXTS[:1])
 
 
 def test_humaneval_from_the_wheel(tiny_model, tiny_tokenizer):
@@ -87,7 +87,7 @@ def test_humaneval_from_the_wheel(tiny_model, tiny_tokenizer):
     assert texts[0].startswith("from typing import List") and "def has_close_elements" in texts[0]
     prompts, sols = humaneval_corpus(conditional=True)
     assert prompts[0] + sols[0] == texts[0]
-    res = code_length_bits(tiny_model, tiny_tokenizer, texts[:4], batch_size=4, progress=False)
+    res = corpus_code_length_bits(tiny_model, tiny_tokenizer, texts[:4], batch_size=4, progress=False)
     assert np.all(res.bits_per_sequence > 0) and np.isfinite(res.bits_per_token)
 
 

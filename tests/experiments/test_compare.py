@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -14,8 +15,8 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from experiments.cli import main  # noqa: E402
-from experiments.compare import (CompareError, EvalSet, build_trees, checkpoints, load_eval_set,  # noqa: E402
-                                 pooled_logq, sequence_rows, tree_logqs)
+from experiments.studies.compare import CompareError, bounds_at, load_eval_set  # noqa: E402
+from sft.runs import checkpoints  # noqa: E402
 from sft.models import byte_tokenizer, load_model  # noqa: E402
 
 TINY = "tiny:hidden=32,layers=1,heads=2,intermediate=64"
@@ -64,17 +65,42 @@ def test_compare_end_to_end(trained_run, capsys):
     assert all(p["e3_bound_bits"] is not None and p["e3_bound_bits"] > 0 for p in pts[1:])
     # the E.3 bound grows with the accumulated steps
     assert pts[2]["e3_bound_bits"] >= pts[1]["e3_bound_bits"]
+    # the stored bounds are `bounds_at` (theory.bounds) of the stored steps, gains and constants
+    from theory.bounds import Constants
+
+    const = Constants(**{k: c[k] if c[k] is not None else float("nan")
+                         for k in ("M_h", "M_l", "w_S", "beta", "gamma", "H_T", "mu_T", "C1", "C2")})
+    b = bounds_at(const, [p["lam"] for p in pts[1:]], [p["domain_gain_tree_bits"] for p in pts[1:]])
+    assert [p["e3_bound_bits"] for p in pts[1:]] == b["e3_bits"]
+    assert [p["e4_bound_bits"] for p in pts[1:]] == b["e4_bits"]
+
+
+def test_bounds_at_by_hand():
+    """compare's curve is Theorem E.3 with S_t the sum of SQUARED steps and E.4 per checkpoint
+    (T = intervals so far), in bits; hand values, so S_t -> Lambda_t^2 fails here."""
+    from theory.bounds import Constants
+
+    ln2 = math.log(2)
+    c = Constants(M_h=2.0, M_l=0.5, w_S=0.25, H_T=3.0, C1=2.0, C2=1.0, mu_T=1.0)  # A = 4.5
+    b = bounds_at(c, [0.3, -0.1, 0.2], [1.0 / ln2, -1.0, 0.5 / ln2])  # gains 1 nat, a loss, 0.5 nat
+    # Lambda_t = 0.3, 0.3, 0.5;  S_t = 0.09, 0.09, 0.13
+    want = [4.5 * 0.3 + 2 * 0.09, 4.5 * 0.3 + 2 * 0.09, 4.5 * 0.5 + 2 * 0.13]
+    assert b["e3_bits"] == pytest.approx([w / ln2 for w in want], rel=1e-12)
+    # t=1: needs T > 4 C2 Delta/mu^2 = 4 -> none; t=2: no gain; t=3, Delta = 0.5: Lambda = 1.5 (1 - sqrt(1/3))
+    assert b["e4_bits"][:2] == [None, None] and "no domain gain" in b["e4_errors"][1]
+    lam = 1.5 * (1 - math.sqrt(1 / 3))
+    assert b["e4_bits"][2] == pytest.approx((4.5 * lam + 2 * lam**2 / 3) / ln2, rel=1e-12)
 
 
 def test_initial_model_is_rebuilt_exactly(trained_run):
     """compare's step-0 code length is the one of the model `talr train` started from."""
-    from sft.eval.codelength import code_length_bits
+    from sft.eval.codelength import corpus_code_length_bits
 
     d, run, domain, general = trained_run
     res = json.loads((run / "compare.json").read_text())
     tok = byte_tokenizer()
     model = load_model(TINY, seed=0)
-    cl = code_length_bits(model, tok, GENERAL, progress=False)
+    cl = corpus_code_length_bits(model, tok, GENERAL, progress=False)
     assert res["points"][0]["general"]["total_bits"] == pytest.approx(cl.total_bits, rel=1e-9)
 
 
@@ -83,45 +109,6 @@ def test_missing_eval_sets_are_named(trained_run, capsys):
     rc = main(["compare", str(run), "--domain", domain, "--no-progress"])
     assert rc == 2
     assert "general_eval" in capsys.readouterr().out
-
-
-def test_pooled_conditionals_are_distributions_and_average():
-    """Rows of the tree conditionals sum to 1 over (used tokens, other, EOS); a node shared by two
-    sequences holds the average of their conditionals; a lone sequence's rows are kept exactly."""
-    tok = byte_tokenizer()
-    model = load_model(TINY, seed=1)
-    general = EvalSet("g", [None, None], ["xab", "xac"])  # no BOS: "x" is the context
-    domain = EvalSet("d", ["x", "y"], ["ab", "b"])
-    ts = build_trees(tok, general, domain, depth=4, model_vocab=model.config.vocab_size)
-    assert ts.has_other and ts.V == 3 + 1  # used {a, b, c} + other
-    rows = sequence_rows(model, ts)
-    for r, s in zip(rows, ts.seqs):
-        assert r.shape == (len(s) + 1, ts.V + 1)
-        np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-9)
-    lq = tree_logqs(ts, rows)
-    # D2: the root is shared by both domain sequences (prompts x and y): the average
-    np.testing.assert_allclose(np.exp(lq["p2"][0]), (rows[2][0] + rows[3][0]) / 2, atol=1e-12)
-    # D1: node "a" is shared by "xab" and "xac" (one context): equal rows
-    assert ts.seqs[0] == [ord("a"), ord("b")] or tok.decode(ts.seqs[0]) == "ab"
-    a = ts.p1.find([0])
-    assert a > 0
-    np.testing.assert_allclose(np.exp(lq["p1"][a]), rows[0][1], atol=1e-12)
-    np.testing.assert_allclose(rows[0][1], rows[1][1], atol=1e-12)
-    # hand check of the compression: the 'a' column is q(a | BOS-context) of the full softmax
-    ids = torch.tensor([ts.contexts[0] + ts.seqs[0]])
-    with torch.no_grad():
-        p = torch.softmax(model(input_ids=ids).logits[0].double(), -1)
-    assert rows[0][0, 0] == pytest.approx(float(p[len(ts.contexts[0]) - 1, ts.vocab_ids[0]]), rel=1e-5)
-    assert rows[0][0, -1] == pytest.approx(float(p[len(ts.contexts[0]) - 1, tok.eos_token_id]), rel=1e-5)
-
-
-def test_pooled_logq_weights():
-    paths = [np.array([0, 1]), np.array([0, 2])]
-    rows = [np.array([[0.5, 0.5], [0.9, 0.1]]), np.array([[0.1, 0.9], [0.2, 0.8]])]
-    lq = np.exp(pooled_logq(4, paths, rows, np.array([3.0, 1.0]), 2))
-    np.testing.assert_allclose(lq[0], [0.4, 0.6])
-    np.testing.assert_allclose(lq[1], [0.9, 0.1])
-    np.testing.assert_allclose(lq[3], [0.5, 0.5])  # never visited: uniform
 
 
 def test_eval_set_forms(tmp_path):

@@ -101,3 +101,49 @@ def test_one_and_multi_step_forms():
     assert B.theorem_e3_general_sparse(np.array([0.1, 0.1]), c) == pytest.approx(2 * 0.5 * 0.2 + 0.02)
     assert B.lemma_e2_second_moment_bound(0.25, 2, 1) == pytest.approx(1 + 0.75)
     assert B.lemma_e2_variance_bound(0.25, 2, 1, 0.1, 0.1) == pytest.approx(1 + 1.4**2)
+
+
+def test_theorem_e3_cumulative_hand_values():
+    """A Lambda_t + C1 S_t after each step, S_t the sum of SQUARED steps; negative steps count as 0."""
+    c = B.Constants(M_h=2.0, M_l=0.5, w_S=0.25, H_T=3.0, C1=2.0)  # A = 3 (0.5 * 2 + 0.5) = 4.5
+    assert c.A == pytest.approx(4.5)
+    lams = [0.1, 0.2, -0.3, 0.4]
+    # Lambda_t = 0.1, 0.3, 0.3, 0.7;  S_t = 0.01, 0.05, 0.05, 0.21
+    want = [4.5 * 0.1 + 2 * 0.01, 4.5 * 0.3 + 2 * 0.05, 4.5 * 0.3 + 2 * 0.05, 4.5 * 0.7 + 2 * 0.21]
+    np.testing.assert_allclose(B.theorem_e3_cumulative(lams, c), want, rtol=1e-14)
+    np.testing.assert_allclose(B.theorem_e3_cumulative(lams, c, unit="bits"), np.array(want) / np.log(2), rtol=1e-14)
+    # the last point is the one-shot sparse form of the whole (clipped) schedule
+    assert B.theorem_e3_cumulative(lams, c)[-1] == pytest.approx(
+        float(B.theorem_e3_general_sparse(np.clip(lams, 0, None), c)), rel=1e-14)
+    with pytest.raises(ValueError, match="unit"):
+        B.theorem_e3_cumulative(lams, c, unit="bytes")
+
+
+def test_theorem_e4_at_gain_converts_units():
+    c = B.Constants(M_h=2.0, M_l=0.5, w_S=0.25, H_T=3.0, C1=2.0, C2=1.0, mu_T=1.0)
+    # T = 10, Delta_* = 1 nat: Lambda = 5 (1 - sqrt(0.6)); bound = A Lambda + C1 Lambda^2 / T
+    lam = 5 * (1 - np.sqrt(0.6))
+    assert B.theorem_e4_at_gain(10, 1.0, c) == pytest.approx(4.5 * lam + 2 * lam**2 / 10, rel=1e-13)
+    # the same gain in bits gives the same bound, in bits
+    ln2 = np.log(2)
+    assert B.theorem_e4_at_gain(10, 1.0 / ln2, c, unit="bits") == pytest.approx(
+        (4.5 * lam + 2 * lam**2 / 10) / ln2, rel=1e-13)
+    with pytest.raises(ValueError, match="T > 4"):
+        B.theorem_e4_at_gain(3, 1.0, c)
+
+
+def test_lemma_e3_identity_on_three_outcomes():
+    """E_P f - E_Q f = KL(P||Q) + KL(Q||P~2) - KL(P||P~2), f = log p~2 - log q (brute force)."""
+    p, q, p2 = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.2, 0.6]), np.array([0.1, 0.7, 0.2])
+    f = np.log(p2) - np.log(q)
+
+    def kl(a, b):
+        return float(np.sum(a * np.log(a / b)))
+
+    lhs = float(p @ f - q @ f)
+    assert B.lemma_e3_rhs(kl(p, q), kl(q, p2), kl(p, p2)) == pytest.approx(lhs, rel=1e-12)
+
+
+def test_theorem_3_2_lambda_max_hand_value():
+    # eps_fg / (H_T M_h sqrt(s) T) = 0.1 / (2 * 0.5 * 2 * 10)
+    assert B.theorem_3_2_lambda_max(0.1, 4, 10, 2.0, 0.5) == pytest.approx(0.005, rel=1e-14)

@@ -8,22 +8,26 @@ def ledger():
     return {c.id: c for c in run_ledger(n=24, seed=0)}
 
 
+# SNAPSHOT: the ledger's verdict strings as of this commit. This pins the ledger's own output (a
+# change of wording or verdict must be made here on purpose); the tests below it check the numbers
+# behind the verdicts (counterexamples, tightness >= 1), which is where the ledger could be wrong.
 EXPECTED = {
-    "Prop 3.1": "holds",
+    "Proposition 3.1": "holds",
     "Lemma E.1": "fails",
     "Lemma E.2": "holds (leakage step is a non sequitur)",
     "Lemma E.3": "holds",
-    "Theorem E.1 / B.1": "fails",
+    "Theorem B.1 (= E.1)": "fails",
     "Theorem E.2": "holds (loose)",
     "Theorem E.3": "holds (loose)",
-    "Theorem E.4 / B.2": "holds (bound); not reflected by exact tilting",
-    "Theorem E.5 / B.3": "holds (loose)",
+    "Theorem B.2 (= E.4)": "holds (bound); not reflected by exact tilting",
+    "Theorem B.3 (= E.5)": "holds (loose)",
     "Theorem 3.1": "fails (not implied by E.4)",
     "Theorem 3.2": "holds only asymptotically",
 }
 
 
 def test_verdicts_pinned(ledger):
+    """Snapshot of every verdict (see EXPECTED)."""
     assert {k: v.verdict for k, v in ledger.items()} == EXPECTED
 
 
@@ -32,11 +36,11 @@ def test_counterexamples_carry_numbers(ledger):
     assert e1["depth"] >= 2 and e1["gap"] > 1e-6
     e2 = ledger["Lemma E.2"].counterexample
     assert e2["realised_shift_second_moment"] > e2["effective_bound"]
-    b1 = ledger["Theorem E.1 / B.1"].counterexample
+    b1 = ledger["Theorem B.1 (= E.1)"].counterexample
     assert b1["slope"] < 0.6 and b1["decades"] >= 2
     t31 = ledger["Theorem 3.1"].counterexample
     assert t31["thm31_bound"] < t31["E4_bound_at_lam"]
-    e4 = ledger["Theorem E.4 / B.2"].counterexample["equal_gain_rho_uniform"]
+    e4 = ledger["Theorem B.2 (= E.4)"].counterexample["equal_gain_rho_uniform"]
     assert max(r["dL_P1_nats"] for r in e4) - min(r["dL_P1_nats"] for r in e4) < 1e-9
 
 

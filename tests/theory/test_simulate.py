@@ -66,9 +66,23 @@ def test_theorem_b1_residual_is_order_sqrt_eps_not_eps():
 
 
 def test_finding2_exponent_near_minus_half():
+    from scipy import stats
+
     r = lambda_max_vs_s(s_values=(1, 2, 4, 8), seeds=(0, 1), depth=8, eps_fg=0.05)
+    # the interval, recomputed independently: OLS of log lam_max on log s with one intercept per
+    # seed (lstsq on the full design), classical standard error, Student t with n - 1 - seeds dof
+    rows = r["rows"]
+    seeds = sorted({row["seed"] for row in rows})
+    X = np.array([[np.log(row["s"])] + [float(row["seed"] == k) for k in seeds] for row in rows])
+    y = np.log([row["lam_max"] for row in rows])
+    coef, rss, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = len(rows) - X.shape[1]
+    se = np.sqrt(rss[0] / dof * np.linalg.inv(X.T @ X)[0, 0])
+    half = stats.t.ppf(0.975, dof) * se
+    assert r["exponent"] == pytest.approx(coef[0], rel=1e-9)
+    np.testing.assert_allclose(r["ci95"], (coef[0] - half, coef[0] + half), rtol=1e-9)
     lo, hi = r["ci95"]
-    assert lo < r["exponent"] < hi
+    assert lo < -0.5 < hi  # Theorem B.3 (= E.5)'s exponent -1/2 lies inside this world's interval
     assert -0.6 < r["exponent"] < -0.35
     lams = [row["lam_max"] for row in r["rows"] if row["seed"] == 0]
     assert all(np.diff(lams) < 0)  # more hard tokens -> smaller safe step

@@ -139,6 +139,25 @@ def test_union_is_the_mixture(a, b, w):
     assert np.allclose(tu.eos_mass, expect)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seqs_st, seqs_st)
+def test_union_aligned_keeps_each_distribution(a, b):
+    """Each input's prefix and response masses, read off the shared topology, are its own (by
+    enumeration); the union's masses are their average."""
+    ta = TokenTree.from_sequences(a, vocab_size=4)
+    tb = TokenTree.from_sequences(b, vocab_size=4)
+    tu, ua, ub = ta.union_aligned(tb)
+    for t in (tu, ua, ub):
+        t.validate()
+    assert ua.prefixes() == ub.prefixes() == tu.prefixes()
+    for seqs, on_u in ((a, ua), (b, ub)):
+        pre, full = brute_prefix_mass(seqs, [1.0] * len(seqs))
+        for u, prefix in enumerate(on_u.prefixes()):
+            assert on_u.mass[u] == pytest.approx(pre.get(prefix, 0.0), abs=1e-12)
+            assert on_u.eos_mass[u] == pytest.approx(full.get(prefix, 0.0), abs=1e-12)
+    np.testing.assert_allclose(tu.mass, (ua.mass + ub.mass) / 2, atol=1e-12)
+
+
 def test_sampling_matches_distribution():
     tree = TokenTree.from_sequences([[0, 1], [0], [1, 1, 1], [0, 1], [2]], weights=[1, 2, 3, 1, 3], vocab_size=3)
     draws = tree.sample(20000, rng=0)

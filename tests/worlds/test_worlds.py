@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from sft.worlds import (WorldConfig, build_world, conditional_code_length_bits, entropy_bits, exact_metrics,
-                        pretrain, tree_full_logprobs, tree_logprobs)
+from sft.treeprobs import exact_full_logprobs, exact_tree_logprobs
+from sft.worlds import (WorldConfig, build_world, conditional_code_length_bits, entropy_bits, exact_metrics, new_model,
+                        pretrain)
 from theory.divergence import TreeLogProbs, kl
 from theory.tree import TokenTree
 
 
 def _random_model(world, seed=0):
-    from sft.worlds import _new_model
-
     torch.manual_seed(seed)
-    return _new_model(world)
+    return new_model(world)
 
 
 def test_world_structure(smoke_world):
@@ -82,7 +81,7 @@ def test_exact_kl_equals_brute_force(smoke_world, which):
     w = smoke_world
     tree = w.p1.truncate(4) if which == "p1" else w.p2
     model = _random_model(w, seed=3)
-    lp = tree_logprobs(model, tree, batch_size=7, bos_id=w.bos_id, eos_id=w.eos_id)  # several padded batches
+    lp = exact_tree_logprobs(model, tree, batch_size=7, bos_id=w.bos_id, eos_id=w.eos_id)  # several padded batches
     brute = _brute_force_leaf_logq(model, w, tree)
     ids, p = tree.leaves()
     logq = np.array([brute[int(u)] for u in ids])
@@ -92,10 +91,10 @@ def test_exact_kl_equals_brute_force(smoke_world, which):
 
     np.testing.assert_allclose(leaf_log_prob(tree, lp)[ids], logq, rtol=1e-5, atol=1e-5)
     # dense conditionals: rows are the model's softmax restricted to tree tokens + EOS
-    full = tree_full_logprobs(model, tree, bos_id=w.bos_id, eos_id=w.eos_id, batch_size=5)
+    full = exact_full_logprobs(model, tree, bos_id=w.bos_id, eos_id=w.eos_id, batch_size=5)
     assert full.shape == (tree.n_nodes, tree.vocab_size + 1)
     assert np.all(np.exp(full).sum(1) <= 1 + 1e-9)
-    norm = tree_full_logprobs(model, tree, bos_id=w.bos_id, eos_id=w.eos_id, renormalize=True)
+    norm = exact_full_logprobs(model, tree, bos_id=w.bos_id, eos_id=w.eos_id, renormalize=True)
     np.testing.assert_allclose(np.exp(norm).sum(1), 1.0, atol=1e-9)
 
 

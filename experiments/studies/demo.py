@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-LN2 = math.log(2.0)
 METHODS = ("ce", "talr", "dft", "clip", "flow", "l2", "kl", "lora")
 
 
@@ -81,12 +79,13 @@ class _Curve:
         self._prev = None
 
     def measure(self, model, step: int) -> dict:
-        from sft.worlds import exact_metrics, tree_full_logprobs
+        from sft.treeprobs import exact_full_logprobs
+        from sft.worlds import exact_metrics
         from theory.tilting import fit_effective_step
 
         w = self.world
         m = exact_metrics(model, w)
-        logq = tree_full_logprobs(model, w.p2, bos_id=w.bos_id, eos_id=w.eos_id, renormalize=True)
+        logq = exact_full_logprobs(model, w.p2, bos_id=w.bos_id, eos_id=w.eos_id, renormalize=True)
         point = {"step": step, **m}
         if self._prev is not None:
             a = self.active
@@ -158,35 +157,26 @@ def _interp_at_gain(points: list[dict], base: dict, gain: float) -> float | None
 # ------------------------------------------------------------------------------ theory side
 def _constants(world, model0):
     """Constants of Appendix E at q0 on the union of the P1 and P2 trees."""
-    from sft.worlds import tree_full_logprobs
+    from sft.treeprobs import exact_full_logprobs
     from theory.estimate import estimate_constants
 
-    u, i1, i2 = world.p1.union(world.p2)
-    e1 = np.zeros(u.n_nodes)
-    e2 = np.zeros(u.n_nodes)
-    np.add.at(e1, i1, world.p1.eos_mass)
-    np.add.at(e2, i2, world.p2.eos_mass)
-    p1u, p2u = u.with_masses(e1), u.with_masses(e2)
-    logq = tree_full_logprobs(model0, u, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
+    u, p1u, p2u = world.p1.union_aligned(world.p2)
+    logq = exact_full_logprobs(model0, u, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
     return estimate_constants(p1u, p2u, logq, alpha=0.1, threshold=0.1)
 
 
-def _bounds(est, lams: list[float], gain_bits: float) -> dict:
-    """Theorem E.3 over the fitted steps (nats -> bits) and Theorem E.4 at the measured gain."""
+def bounds_of_run(constants, lams: list[float], gain_bits: float) -> dict:
+    """Theorem E.3 over the fitted steps and Theorem E.4 at the measured gain, in bits
+    (`theory.bounds.theorem_e3_cumulative`, `theorem_e4_at_gain`; ``T`` = evaluation intervals)."""
     from theory import bounds as B
 
-    c = est.constants
+    c = constants
     out: dict = {"A": c.A if np.isfinite(c.C1) else float("nan")}
-    lam = np.clip(np.asarray(lams, dtype=float), 0.0, None)
-    if lam.size and np.isfinite(c.C1):
-        curve = c.A * np.cumsum(lam) + c.C1 * np.cumsum(lam**2)  # Theorem E.3, sparse form
-        out["e3_curve_bits"] = (curve / LN2).tolist()
-    else:
-        out["e3_curve_bits"] = []
-    T = max(int(lam.size), 1)
+    lam = np.asarray(lams, dtype=float)
+    out["e3_curve_bits"] = (B.theorem_e3_cumulative(lam, c, unit="bits").tolist()
+                            if lam.size and np.isfinite(c.C1) else [])
     try:
-        b = float(B.degradation_bound(T, gain_bits * LN2, c.mu_T, c.C1, c.C2, c.A))
-        out["e4_bound_bits"] = b / LN2
+        out["e4_bound_bits"] = B.theorem_e4_at_gain(max(int(lam.size), 1), gain_bits, c, unit="bits")
     except ValueError as exc:
         out["e4_bound_bits"] = None
         out["e4_error"] = str(exc).splitlines()[0]
@@ -213,10 +203,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
     from sft.analysis import frac_above, token_probs
     from sft.merge import wise_ft
-    from sft.worlds import WorldConfig, build_world, exact_metrics, pretrain, tree_full_logprobs
+    from sft.treeprobs import exact_full_logprobs
+    from sft.worlds import WorldConfig, build_world, exact_metrics, pretrain
     from theory.claims import run_ledger
 
-    from . import report
+    from ..outputs import write_json
+    from . import demo_report as report
 
     wfactory = WorldConfig.smoke if cfg.preset == "smoke" else WorldConfig.default
     results: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -231,7 +223,7 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
         world = build_world(wfactory(variant=variant, seed=cfg.seed, **cfg.world_overrides))
         model0, info = pretrain(world, cfg.cache_dir)
         base = exact_metrics(model0, world)
-        base_logq = tree_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
+        base_logq = exact_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
         est = _constants(world, model0)
         bar.update(1)
         vres = {"pretrain": {k: v for k, v in info.items() if k != "config"}, "base": base,
@@ -244,7 +236,7 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
                 model, points, res, secs = _finetune(world, model0, method, lr, cfg,
                                                      out / "runs" / variant / name.replace("@", "_lr"), base, base_logq)
                 summ = _summarise(points, base)
-                summ.update(_bounds(est, summ["lams"], summ["domain_gain_bits"]))
+                summ.update(bounds_of_run(est.constants, summ["lams"], summ["domain_gain_bits"]))
                 summ.update(points=points, seconds=secs, status=res.status)
                 stats_path = res.token_stats_path
                 if stats_path.exists():
@@ -275,7 +267,7 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
     for v in slim["variants"].values():
         v["token_probs"] = {k: {"median": float(np.median(np.concatenate(p))) if p else None,
                                 "frac_p_gt_0.2": frac_above(p)} for k, p in v["token_probs"].items()}
-    _write_json(out / "results.json", slim)
+    write_json(out / "results.json", slim)
     return slim
 
 
@@ -315,22 +307,6 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
         rc, rl = f["cot"]["degradation_ratio_large_over_small"], f["label"]["degradation_ratio_large_over_small"]
         f["finding2_holds"] = (rc is not None and rl is not None and rl < rc)
     return f
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    tmp.replace(path)
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
 
 
 def _bar(total: int, enabled: bool, desc: str):

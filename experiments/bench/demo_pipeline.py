@@ -3,7 +3,7 @@
 Runs the demo in a child process with a fresh pretraining cache (what a new machine does)
 and prints wall time and the child's peak resident memory. Targets (issue 6): <= 10 min,
 <= 4 GiB on a 2-core machine.
-Run: .venv/bin/python experiments/bench/demo.py [--preset smoke|default] [--warm]
+Run: .venv/bin/python experiments/bench/demo_pipeline.py [--preset smoke|default] [--warm]
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo's report: ``report.md`` with PNG figures beside it.
+"""The tiny-world demo's report (`experiments.studies.demo`): ``report.md`` with PNG figures beside it.
 
 Sections: (a) trade-off plane with the Pareto front, (b) bound vs measured degradation over
 steps, (c) token-probability box plots and the p > 0.2 curriculum curve, (d) the claims
@@ -10,22 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    _plt().close(fig)
-    return path.name
+from ..outputs import fmt, markdown_table, pyplot, save_figure, write_text
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -38,7 +23,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _tradeoff_png(variant: str, v: dict, lrs, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     markers = {min(lrs): "o", max(lrs): "s"}
     points = [(name, r, dict(marker=markers.get(float(name.split("@")[1]), "^"), s=40), dict(fontsize=7, xytext=(3, 3)))
@@ -57,11 +42,11 @@ def _tradeoff_png(variant: str, v: dict, lrs, path: Path) -> str:
     ax.set_ylabel("general retention: -dL(P1) (bits/response)")
     ax.set_title(f"Trade-off ({variant}); circles lr={min(lrs):g}, squares lr={max(lrs):g}, x WiSE-FT")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bound_png(variant: str, v: dict, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, r in v["runs"].items():
         if not (name.startswith("ce@") or name.startswith("talr@")):
@@ -77,11 +62,11 @@ def _bound_png(variant: str, v: dict, path: Path) -> str:
     ax.set_ylabel("dL(P1) = KL(P1||q_t) - KL(P1||q0) (bits)")
     ax.set_title(f"Bound over measured general degradation ({variant})")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _tokens_png(variant: str, v: dict, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
     tp = v.get("token_probs", {})
     names = [k for k, p in tp.items() if len(p)]
@@ -100,7 +85,7 @@ def _tokens_png(variant: str, v: dict, path: Path) -> str:
     a2.set_title("Curriculum (Fig. 3c): clipping and TALR")
     a2.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curriculum(run: dict) -> tuple[list[int], list[float]]:
@@ -112,24 +97,6 @@ def curriculum(run: dict) -> tuple[list[int], list[float]]:
     vals = np.asarray([x if x is not None else np.nan for x in fr], dtype=float)
     keys = sorted(set(e.tolist()))
     return keys, [float(np.nanmean(vals[e == k])) for k in keys]
-
-
-def _fmt(x, nd=3):
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if not np.isfinite(x):
-            return str(x)
-        return f"{x:.{nd}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{nd}f}"
-    return str(x)
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
 
 
 def summary_rows(results: dict) -> list[list]:
@@ -162,14 +129,14 @@ def write(results: dict, out: Path) -> Path:
     for variant, v in results["variants"].items():
         pre, base, c = v["pretrain"], v["base"], v["constants"]
         lines += [f"## World: {variant}", "",
-                  f"Pretrained q0: KL(P1||q0) = {_fmt(pre.get('kl_p1_bits'))} bits per response against "
-                  f"H(P1) = {_fmt(pre.get('H_p1_bits'))} bits; conditional code length on P2 = "
-                  f"{_fmt(base['cond_code_len_p2_bits'])} bits; domain accuracy {_fmt(base['domain_acc'])}.", "",
-                  "Constants at q0 (nats): " + ", ".join(f"{k}={_fmt(c.get(k))}" for k in
+                  f"Pretrained q0: KL(P1||q0) = {fmt(pre.get('kl_p1_bits'))} bits per response against "
+                  f"H(P1) = {fmt(pre.get('H_p1_bits'))} bits; conditional code length on P2 = "
+                  f"{fmt(base['cond_code_len_p2_bits'])} bits; domain accuracy {fmt(base['domain_acc'])}.", "",
+                  "Constants at q0 (nats): " + ", ".join(f"{k}={fmt(c.get(k))}" for k in
                                                          ("M_h", "M_l", "w_S", "s", "m", "H_T", "mu_T", "C1", "C2")),
                   ""]
         if (c.get("H_T") or 0) > 100:
-            lines += [f"H_T = sqrt(chi2(P1||q0)) = {_fmt(c['H_T'])}: the chi-square divergence over whole responses "
+            lines += [f"H_T = sqrt(chi2(P1||q0)) = {fmt(c['H_T'])}: the chi-square divergence over whole responses "
                       "is dominated by the few responses q0 finds least likely, so every bound that carries H_T "
                       "(Theorems E.2-E.5) is loose by orders of magnitude in this world.", ""]
         lines += ["### (a) Trade-off plane", "",
@@ -186,48 +153,44 @@ def write(results: dict, out: Path) -> Path:
                 rows.append([k, float(np.median(allp)) if allp.size else None,
                              float((allp > 0.2).mean()) if allp.size else None,
                              float((allp < 0.1).mean()) if allp.size else None])
-            lines += [_table(["model", "median p", "frac p > 0.2", "frac hard (p < 0.1)"], rows), ""]
+            lines += [markdown_table(["model", "median p", "frac p > 0.2", "frac hard (p < 0.1)"], rows), ""]
         for lr in lrs:
             rows = [[name.split("@")[0], r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"], -r["dL_P1_bits"]]
                     for name, r in v["runs"].items() if float(name.split("@")[1]) == lr]
             rows += [[f"WiSE-FT a={r['alpha']:g}", r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"],
                       -r["dL_P1_bits"]] for r in v.get("wise", {}).values() if r["lr"] == lr]
             lines += [f"### (e) Table (paper Tables 1-2 analogue), {variant}, lr = {lr:g}", "",
-                      _table(["method", "domain acc", "domain gain (bits)", "dL(P1) (bits)", "retention (bits)"],
-                             rows), ""]
+                      markdown_table(["method", "domain acc", "domain gain (bits)", "dL(P1) (bits)",
+                                      "retention (bits)"], rows), ""]
     lines += ["## Findings, tested", ""]
     f = results.get("findings", {})
     for variant, e in f.items():
         if not isinstance(e, dict):
             continue
         lines += [f"- **{variant}, Finding 1 (smaller lr, better trade-off):** at an equal domain gain of "
-                  f"{_fmt(e['equal_gain_bits'])} bits, CE degraded P1 by {_fmt(e['dL_P1_at_equal_gain_small'])} "
-                  f"bits at the small lr vs {_fmt(e['dL_P1_at_equal_gain_large'])} at the large lr -> "
+                  f"{fmt(e['equal_gain_bits'])} bits, CE degraded P1 by {fmt(e['dL_P1_at_equal_gain_small'])} "
+                  f"bits at the small lr vs {fmt(e['dL_P1_at_equal_gain_large'])} at the large lr -> "
                   f"{'holds' if e['finding1_holds'] else 'does not hold'} here. End of training: small lr "
-                  f"gain {_fmt(e['ce_small']['gain_bits'])} / dL(P1) {_fmt(e['ce_small']['dL_P1_bits'])} / acc "
-                  f"{_fmt(e['ce_small']['acc'])}; large lr gain {_fmt(e['ce_large']['gain_bits'])} / dL(P1) "
-                  f"{_fmt(e['ce_large']['dL_P1_bits'])} / acc {_fmt(e['ce_large']['acc'])}."]
+                  f"gain {fmt(e['ce_small']['gain_bits'])} / dL(P1) {fmt(e['ce_small']['dL_P1_bits'])} / acc "
+                  f"{fmt(e['ce_small']['acc'])}; large lr gain {fmt(e['ce_large']['gain_bits'])} / dL(P1) "
+                  f"{fmt(e['ce_large']['dL_P1_bits'])} / acc {fmt(e['ce_large']['acc'])}."]
         if "talr_best_retention_at_large_lr" in e:
             lines += [f"- **{variant}, TALR at the large lr:** retention ranking (least degradation first): "
                       f"{', '.join(e['retention_rank_at_large_lr'])} -> TALR "
                       f"{'is' if e['talr_best_retention_at_large_lr'] else 'is not'} the best here."]
         t = e.get("e4_tightness", {})
         lines += [f"- **{variant}, bound tightness:** Theorem E.4 bound / measured dL(P1) over {t.get('n')} runs: "
-                  f"median {_fmt(t.get('median'))}, min {_fmt(t.get('min'))} (a value below 1 would be a violation)."]
+                  f"median {fmt(t.get('median'))}, min {fmt(t.get('min'))} (a value below 1 would be a violation)."]
     if "finding2_holds" in f:
         lines += [f"- **Finding 2 (label-only widens the safe range):** degradation ratio large/small lr is "
-                  f"{_fmt(f['label']['degradation_ratio_large_over_small'])} label-only vs "
-                  f"{_fmt(f['cot']['degradation_ratio_large_over_small'])} CoT (expected hard tokens per example s = "
-                  f"{_fmt(f['label']['s_hard_per_example'])} vs {_fmt(f['cot']['s_hard_per_example'])}) -> "
+                  f"{fmt(f['label']['degradation_ratio_large_over_small'])} label-only vs "
+                  f"{fmt(f['cot']['degradation_ratio_large_over_small'])} CoT (expected hard tokens per example s = "
+                  f"{fmt(f['label']['s_hard_per_example'])} vs {fmt(f['cot']['s_hard_per_example'])}) -> "
                   f"{'holds' if f['finding2_holds'] else 'does not hold'} here."]
     lines += ["", "## (d) Claims ledger", "",
-              _table(["statement", "verdict", "checked", "violations"],
+              markdown_table(["statement", "verdict", "checked", "violations"],
                      [[c["id"], c["verdict"], c.get("n_instances"), c.get("n_violations")]
                       for c in results.get("ledger", [])]),
               "", "Run `talr claims` for the counterexamples and notes behind each verdict.", "",
-              "## Summary", "", _table(SUMMARY_HEADERS, summary_rows(results)), ""]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+              "## Summary", "", markdown_table(SUMMARY_HEADERS, summary_rows(results)), ""]
+    return write_text(out / "report.md", "\n".join(lines))

@@ -1,4 +1,4 @@
-"""`talr demo`: the main job (tiny-transformer world; see experiments/demo.py)."""
+"""`talr demo`: the main job (tiny-transformer world; see experiments/studies/demo.py)."""
 from __future__ import annotations
 
 import argparse
@@ -28,12 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
         return run_smollm2(argparse.Namespace(preset="small", out=args.out, medcalc=None, gsm8k=None, model="smollm2",
                                               report_only=False, no_progress=args.no_progress))
-    from experiments.demo import make_config, run_demo
-    from experiments.report import SUMMARY_HEADERS, _table, summary_rows
+    from experiments.outputs import markdown_table
+    from experiments.studies.demo import make_config, run_demo
+    from experiments.studies.demo_report import SUMMARY_HEADERS, summary_rows
 
     cfg = make_config(args.preset, out=args.out, seed=args.seed, progress=not args.no_progress,
                       cache_dir=args.cache_dir)
     res = run_demo(cfg)
-    print(_table(SUMMARY_HEADERS, summary_rows(res)))
+    print(markdown_table(SUMMARY_HEADERS, summary_rows(res)))
     print(f"\nreport: {cfg.out}/report.md  ({res['wall_seconds']:.0f} s)")
     return 0
