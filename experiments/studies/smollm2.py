@@ -232,7 +232,7 @@ def prepare_data(cfg: StudyConfig, tok) -> StudyData:
 def evaluate_model(model, tok, cfg: StudyConfig, data: StudyData, variants=("cot", "label"),
                    general: bool = True, log=lambda s: None) -> dict:
     """Domain accuracy and code length per variant, general code lengths (bits/token)."""
-    from sft.eval.codelength import code_length_bits
+    from sft.eval.codelength import corpus_code_length_bits
     from sft.eval.generate import generate_and_score
     from sft.eval.medcalc import accuracy
 
@@ -253,8 +253,8 @@ def evaluate_model(model, tok, cfg: StudyConfig, data: StudyData, variants=("cot
             f"({secs[f'domain {v}']:.0f} s)")
     if general:
         t = time.perf_counter()
-        he = code_length_bits(model, tok, *data.humaneval, batch_size=4, progress=False)
-        gs = code_length_bits(model, tok, data.gsm8k, batch_size=8, progress=False)
+        he = corpus_code_length_bits(model, tok, *data.humaneval, batch_size=4, progress=False)
+        gs = corpus_code_length_bits(model, tok, data.gsm8k, batch_size=8, progress=False)
         out["general"] = {"humaneval_bits_per_token": he.bits_per_token, "gsm8k_bits_per_token": gs.bits_per_token,
                           "humaneval_tokens": he.n_tokens, "gsm8k_tokens": gs.n_tokens}
         secs["general"] = time.perf_counter() - t

@@ -91,7 +91,7 @@ def label(r: dict) -> str:
 
 
 def write_report(out: str | Path) -> dict:
-    from sft.io import atomic_write_json, atomic_write_text
+    from experiments.outputs import write_json, write_text
 
     from .smollm2_text import report_markdown, tradeoff_png
 
@@ -113,6 +113,6 @@ def write_report(out: str | Path) -> dict:
         rows = [r for r in runs if r["variant"] == v]
         if rows:
             figs[v] = tradeoff_png(rows, out / f"tradeoff_{v}.png", title=f"SmolLM2 study, {v}")
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "report.md", report_markdown(study, base, runs, figs))
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", report_markdown(study, base, runs, figs))
     return summary

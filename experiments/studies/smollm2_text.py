@@ -1,36 +1,16 @@
 """Markdown and figure of the SmolLM2 study report (see `experiments.studies.smollm2_report`)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+from experiments.outputs import fmt, markdown_table as md_table, pyplot, save_figure
 
 from .smollm2_report import general_delta, label, pareto
 
 
-def fmt(x, nd: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return "n/a"
-        return f"{x:.{nd}g}" if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4) else f"{x:.{nd}f}"
-    return str(x)
-
-
-def md_table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(out + ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
-
-
 def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
     """Domain gain (x) vs general degradation (y) per run; the Pareto set circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sft.io import atomic_path
-
+    plt = pyplot()
     front = {id(r) for r in pareto(rows)}
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.scatter([0], [0], marker="*", s=120, color="k", zorder=3)
@@ -54,10 +34,7 @@ def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
     ax.set_ylabel("general degradation (bits/token, mean of HumanEval and GSM8K)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, path)
 
 
 def _by(runs, variant, method=None):

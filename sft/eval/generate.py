@@ -15,7 +15,7 @@ Output: one string per prompt, in input order, cut at the first stop string (kep
 ``generate_and_score(..., completions)`` also codes a given completion per prompt on the same
 prompt cache (one prefill serves both the code length and the generation): the completion's
 tokens are fed after the prompt, their log-probabilities summed in bits (float64), and the cache
-is cropped back to the prompt before decoding. Equal to ``sft.eval.codelength.code_length_bits``
+is cropped back to the prompt before decoding. Equal to ``sft.eval.codelength.corpus_code_length_bits``
 in conditional mode without BOS, at half the prompt cost.
 """
 from __future__ import annotations

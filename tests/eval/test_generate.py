@@ -49,7 +49,7 @@ def test_rejects_bad_budget(tiny_model, tiny_tokenizer):
 
 
 def test_generate_and_score_codes_completions_like_code_length(tiny_model, tiny_tokenizer):
-    from sft.eval.codelength import code_length_bits
+    from sft.eval.codelength import corpus_code_length_bits as code_length_bits
     from sft.eval.generate import generate_and_score
 
     comps = [" return a + b", " 48 clips", "{\"answer\": 25}", " is 1.75 m"]
