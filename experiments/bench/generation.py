@@ -13,9 +13,16 @@ Run: PYTHONPATH=. .venv/bin/python experiments/bench/generation.py [--n 8] [--ma
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 import time
 
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def one_at_a_time(model, tok, prompts, max_new, stop):

@@ -10,8 +10,15 @@ Run: PYTHONPATH=. .venv/bin/python experiments/bench/mfu.py [--steps 2] [--batch
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 import copy
 import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(argv=None) -> int:
@@ -33,7 +40,7 @@ def main(argv=None) -> int:
     print(f"model: {desc}, N = {n / 1e6:.1f} M parameters; fp32 matmul {a.matmul}^3: {peak:.1f} GFLOP/s")
     for method, lr in (("ce", 1e-4), ("lora", 1e-3)):
         with tempfile.TemporaryDirectory() as d:
-            _, rec = train_entry(copy.deepcopy(base), tok, cfg, data, Entry("label", method, lr), __import__("pathlib").Path(d))
+            _, rec = train_entry(copy.deepcopy(base), tok, cfg, data, Entry("label", method, lr), Path(d))
         mfu = rec["model_gflops_per_s"] / peak
         print(f"{'full fine-tuning' if method == 'ce' else 'LoRA r=8'}: {rec['train_tokens']} tokens in "
               f"{rec['train_seconds']:.1f} s = {rec['tokens_per_s']:.1f} tokens/s, 6N tokens/s = "

@@ -350,13 +350,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     peak = matmul_gflops()
     dkey = {**cfg.data_key(), "model_desc": desc}
     dhash = key_of(dkey)
-    atomic_write_json(out / "study.json", {"data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]},
-                                           "model": desc, "data": data.source, "n_rows": data.n_rows,
-                                           "n_kept": data.n_kept, "n_train_rows": {v: len(x) for v, x in data.train.items()},
-                                           "train_tokens": {v: sum(len(e["input_ids"]) for e in x)
-                                                            for v, x in data.train.items()},
-                                           "n_eval": len(data.eval_rows), "calculators": data.calculators,
-                                           "matmul_gflops": peak, "n_params": sum(p.numel() for p in base.parameters())})
+    n_params = sum(p.numel() for p in base.parameters())
+    atomic_write_json(out / "study.json", {
+        "data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]}, "model": desc,
+        "data": data.source, "n_rows": data.n_rows, "n_kept": data.n_kept,
+        "n_train_rows": {v: len(x) for v, x in data.train.items()},
+        "train_tokens": {v: sum(len(e["input_ids"]) for e in x) for v, x in data.train.items()},
+        "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak, "n_params": n_params})
     units = 1 + sum(1 + len(e.wise) for e in cfg.grid)
     from tqdm.auto import tqdm
 
@@ -397,7 +397,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
             for a, m in wise_ft(base, tuned, e.wise):
                 if not wise_paths[a].exists():
                     ev = evaluate_model(m, tok, cfg, data, variants=(e.variant,), log=log)
-                    atomic_write_json(wise_paths[a], {"kind": "wise", "data_key": dhash, "entry": asdict(e), "alpha": a, "eval": ev})
+                    atomic_write_json(wise_paths[a], {"kind": "wise", "data_key": dhash, "entry": asdict(e),
+                                                      "alpha": a, "eval": ev})
                     log(f"{e.name} WiSE-FT alpha={a:g}: acc {ev[e.variant]['domain_acc']:.3f}")
                 bar.update(1)
                 del m

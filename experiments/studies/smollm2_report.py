@@ -52,7 +52,8 @@ def run_record(rec: dict, base: dict, steps: int) -> dict:
            - b["general"]["humaneval_bits_per_token"],
            "general_delta_bits_gsm8k": ev["general"]["gsm8k_bits_per_token"] - b["general"]["gsm8k_bits_per_token"],
            "n_correct": ev[v]["n_correct"], "n_unparsed": ev[v]["n_unparsed"],
-           "reached_stop": ev[v]["reached_stop"]}
+           "reached_stop": ev[v]["reached_stop"], "sample": (ev[v].get("samples") or [""])[0],
+           "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
     if rec["kind"] == "run":
         t = rec["train"]
         taus = [x for x in t["tau"] if x is not None and x == x]
@@ -107,7 +108,10 @@ def write_report(out: str | Path) -> dict:
                "base": {"cot": {k: v for k, v in b["cot"].items() if k != "samples"},
                         "label": {k: v for k, v in b["label"].items() if k != "samples"}, "general": b["general"],
                         "seconds": b["seconds"]},
-               "runs": runs}
+               "runs": runs,
+               "compute_seconds": {"base_eval": sum(b["seconds"].values()),
+                                   "train": sum(r.get("train_seconds") or 0.0 for r in runs),
+                                   "eval": sum(r.get("eval_seconds") or 0.0 for r in runs)}}
     figs = {}
     for v in ("cot", "label"):
         rows = [r for r in runs if r["variant"] == v]

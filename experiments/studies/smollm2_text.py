@@ -59,7 +59,8 @@ def finding1(runs: list[dict]) -> list[str]:
                          f"{'no worse on both axes' if better else 'not better on both axes'}.")
     if not verdicts:
         return ["Not decidable: no method has two learning rates in the completed runs."]
-    return lines + [f"Verdict: Finding 1 {'holds' if all(verdicts) else 'holds in part' if any(verdicts) else 'does not hold'} "
+    word = "holds" if all(verdicts) else "holds in part" if any(verdicts) else "does not hold"
+    return lines + [f"Verdict: Finding 1 {word} "
                     f"here ({sum(verdicts)} of {len(verdicts)} method/variant pairs: the smallest rate degrades "
                     f"general capability no more and keeps domain accuracy no lower than the largest)."]
 
@@ -75,7 +76,8 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
                    + f"; safe (<= {tol:g} bits/token): {', '.join(f'{x:g}' for x in ranges[v]) or 'none'}.")
     if not _by(runs, "cot", "ce") or not _by(runs, "label", "ce"):
         return out + ["Not decidable: CE runs of both variants are needed."]
-    wider = max(ranges["label"], default=0) >= max(ranges["cot"], default=0) and len(ranges["label"]) >= len(ranges["cot"])
+    wider = (max(ranges["label"], default=0) >= max(ranges["cot"], default=0)
+             and len(ranges["label"]) >= len(ranges["cot"]))
     return out + [f"Verdict: Finding 2 {'holds' if wider else 'does not hold'} here (label-only safe range "
                   f"{'at least as wide as' if wider else 'narrower than'} CoT's)."]
 
@@ -87,7 +89,8 @@ def talr_vs_baselines(runs: list[dict]) -> list[str]:
         if not trained:
             continue
         hi = max(r["lr"] for r in trained)
-        at = [r for r in _by(runs, v) if (r["lr"] == hi and r["method"] != "wise-ft") or r["method"] in ("lora", "wise-ft")]
+        at = [r for r in _by(runs, v)
+              if (r["lr"] == hi and r["method"] != "wise-ft") or r["method"] in ("lora", "wise-ft")]
         talr = [r for r in at if r["method"] == "talr" and r["lr"] == hi]
         if not talr:
             out.append(f"- {v}: no TALR run at lr {hi:g} yet.")
@@ -97,10 +100,25 @@ def talr_vs_baselines(runs: list[dict]) -> list[str]:
         beats = [r for r in others if general_delta(t) <= general_delta(r) and t["domain_acc"] >= r["domain_acc"]]
         out.append(f"- {v} at lr {hi:g}: TALR acc {fmt(t['domain_acc'])}, gain {fmt(t['domain_gain_bits'])} bits, "
                    f"general {fmt(general_delta(t))} bits/token; baselines: "
-                   + "; ".join(f"{label(r)} acc {fmt(r['domain_acc'])}, general {fmt(general_delta(r))}" for r in others)
+                   + "; ".join(f"{label(r)} acc {fmt(r['domain_acc'])}, general {fmt(general_delta(r))}"
+                               for r in others)
                    + f". TALR is at least as good on both axes as {len(beats)} of {len(others)} "
                      f"({', '.join(label(r) for r in beats) or 'none'}).")
     return out or ["Not decidable: no runs yet."]
+
+
+def samples_section(base: dict, runs: list[dict]) -> list[str]:
+    """The first held-out generation of the base model and of the best run per variant."""
+    out = ["## Sample generations (first held-out row, first 300 characters)", ""]
+    for v in ("label", "cot"):
+        rs = _by(runs, v)
+        picks = [("base", base["eval"][v]["samples"][0] if base["eval"][v].get("samples") else "")]
+        if rs:
+            best = max(rs, key=lambda r: (r["domain_acc"], r["domain_gain_bits"]))
+            picks.append((label(best), best.get("sample", "")))
+        for name, text in picks:
+            out += [f"**{v}, {name}:**", "", "```", (text or "(empty)").strip(), "```", ""]
+    return out
 
 
 def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> str:
@@ -137,7 +155,8 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> st
                         "GSM8K d (bits/tok)", "tau first/last", "frac p>0.2 first/last", "train s"],
                        [[label(r), r["domain_acc"], 100 * (r["domain_acc"] - b[v]["domain_acc"]), r["domain_gain_bits"],
                          r["general_delta_bits_humaneval"], r["general_delta_bits_gsm8k"],
-                         f"{fmt(r.get('tau_first'))}/{fmt(r.get('tau_last'))}" if r.get("tau_first") is not None else "n/a",
+                         f"{fmt(r.get('tau_first'))}/{fmt(r.get('tau_last'))}"
+                         if r.get("tau_first") is not None else "n/a",
                          f"{fmt(r.get('frac_p_gt_02_first'))}/{fmt(r.get('frac_p_gt_02_last'))}"
                          if r.get("frac_p_gt_02_first") is not None else "n/a", r.get("train_seconds")]
                         for r in rows]), ""]
@@ -160,9 +179,17 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> st
     tr = [r for r in runs if r.get("mfu") is not None]
     if tr:
         L += ["## Throughput", "", md_table(["run", "tokens/s", "MFU (6 N tokens/s / matmul peak)"],
-                                           [[f"{r['variant']} {label(r)}", r["tokens_per_s"], r["mfu"]] for r in tr]), "",
+                                           [[f"{r['variant']} {label(r)}", r["tokens_per_s"], r["mfu"]]
+                                            for r in tr]), "",
               f"Matmul peak measured in the same process: {fmt(cfg.get('matmul_gflops', study.get('matmul_gflops')))} "
               "GFLOP/s (fp32). For LoRA 6 N over-counts the work (no weight gradients of frozen weights).", ""]
+    L += samples_section(base, runs)
+    ev = sum(r.get("eval_seconds") or 0.0 for r in runs)
+    tr_s = sum(r.get("train_seconds") or 0.0 for r in runs)
+    L += ["## Compute", "", f"{len(runs)} runs ({sum(r['method'] != 'wise-ft' for r in runs)} trained, "
+          f"{sum(r['method'] == 'wise-ft' for r in runs)} WiSE-FT points): training {tr_s / 60:.1f} min, evaluation "
+          f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores shared with "
+          "other jobs (load average 6-9 during the run).", ""]
     L += ["## Theory and forecast columns", "",
           "`bound_over_measured` (the per-prefix bound over the measured degradation on compare's empirical trees) "
           "and `forecast_general_delta_bits` (`talr forecast`) are null until `sft.treeprobs` with "
