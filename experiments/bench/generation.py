@@ -3,7 +3,7 @@
 Both decode the same Table-4 prompts of real MedCalc-Bench rows (the shortest ``--n`` prompts;
 synthetic rows when the file is absent) greedily with the same budget and stop string
 ``</answer>``. The reference is the plain way: ``model.generate`` on one prompt at a time (KV cache,
-no padding), its output cut at the stop string. The batched path left-pads ``--batch-size``
+no padding) stopped by a per-step check of the decoded tail, its output cut at the stop string. The batched path left-pads ``--batch-size``
 prompts, decodes them together and stops each row at ``</answer>``. Outputs must be equal; the
 last line prints ``speed-up: N.NNx`` (target >= 3x, issue 12).
 
@@ -26,12 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def one_at_a_time(model, tok, prompts, max_new, stop):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TailStop(StoppingCriteria):  # the cheap per-step check (HF's stop_strings pre-computes over the vocabulary)
+        def __init__(self, width):
+            self.width = width
+
+        def __call__(self, input_ids, scores, **kw):
+            return torch.tensor([stop in tok.decode(input_ids[0, self.width:][-8:])])
+
     outs = []
     with torch.inference_mode():
         for p in prompts:
             ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
             g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                               do_sample=False, pad_token_id=tok.pad_token_id, stop_strings=[stop], tokenizer=tok)
+                               do_sample=False, pad_token_id=tok.pad_token_id,
+                               stopping_criteria=StoppingCriteriaList([TailStop(ids.shape[1])]))
             text = tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True)
             outs.append(text[:text.index(stop) + len(stop)] if stop in text else text)
     return outs

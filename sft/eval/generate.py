@@ -120,7 +120,7 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
+                           use_cache=True, logits_to_keep=1).logits[:, -1]  # lm-head on the last position only
             if comp is not None:
                 _score(model, cache, logits, [comp[i] for i in idx], mask, pos, pad, dev, bits, idx)
             gen: list[list[int]] = [[] for _ in idx]
@@ -143,7 +143,7 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
                 feed = torch.tensor([pad if d else int(t) for d, t in zip(done, nxt)], device=dev)[:, None]
                 mask = torch.cat([mask, torch.tensor([[0 if d else 1] for d in done], device=dev)], dim=1)
                 logits = model(input_ids=feed, attention_mask=mask, position_ids=nxt_pos, past_key_values=cache,
-                               use_cache=True).logits[:, -1]
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
                 nxt_pos = nxt_pos + 1
             for r, i in enumerate(idx):
                 out[i] = _cut(tokenizer.decode(gen[r], skip_special_tokens=True), stops, keep_stop)[0]

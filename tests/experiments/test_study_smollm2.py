@@ -82,3 +82,11 @@ def test_synthetic_fallback_split_by_note(tmp_path):
     assert len(data.train["label"]) == cfg.steps * cfg.batch_size
     prompts, comps = data.eval_texts["label"]
     assert all(c.lstrip().startswith("</think>") for c in comps) and len(prompts) == cfg.n_eval
+
+
+def test_cli_rejects_nonpositive_sizes(tmp_path, capsys):
+    from experiments.cli import main
+
+    assert main(["study", "smollm2", "--steps", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
