@@ -19,6 +19,8 @@ COMMANDS = {
     "analyze": "analyze",
     "compare": "compare",
     "demo": "demo_cmd",
+    "forecast": "forecast",
+    "advise": "forecast",
     "study": "study",
 }
 

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .io import text_lines
+
 IGNORE_INDEX = -100
 
 CHATML_TEMPLATE = (
@@ -153,8 +155,8 @@ def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
     """All rows of a JSONL file (blank lines skipped); the first bad row raises `DataError`."""
     rows = []
     path = str(path)
-    with open(path, encoding="utf-8") as fh:
-        for i, text in enumerate(fh, start=1):
+    try:
+        for i, text in text_lines(path):
             if not text.strip():
                 continue
             try:
@@ -162,6 +164,10 @@ def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
             except json.JSONDecodeError as exc:
                 raise _err(path, i, "<row>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
             rows.append(parse_row(obj, path, i, template))
+    except DataError:
+        raise
+    except ValueError as exc:  # not UTF-8: the message names line and byte offset
+        raise DataError(str(exc)) from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -245,6 +251,33 @@ def tokenize_rows(tokenizer, rows: Iterable[Row], *, max_length: int | None = No
     if not examples:
         raise DataError("no example keeps a completion token after truncation; raise max_length")
     return SFTDataset(examples, dropped)
+
+
+def as_sft_dataset(data, tokenizer=None, *, max_length: int | None = None) -> SFTDataset:
+    """An `SFTDataset` from what `sft.trainer.train` accepts.
+
+    ``data``: an `SFTDataset` (returned as is), or any sequence of rows -- a list of dicts or a
+    ``datasets.Dataset`` -- either tokenized (``input_ids`` and ``labels``, HF convention with
+    -100 on prompt tokens) or untokenized in one of the JSONL forms of this module (then
+    ``tokenizer`` is required).
+    """
+    if isinstance(data, SFTDataset):
+        return data
+    rows = [data[i] for i in range(len(data))]
+    if not rows:
+        raise DataError("the training set is empty")
+    if "input_ids" in rows[0]:
+        for i, r in enumerate(rows):
+            if "labels" not in r:
+                raise DataError(f"<dataset>:{i + 1}: field 'labels' missing (tokenized rows need input_ids and labels)")
+            if len(r["labels"]) != len(r["input_ids"]):
+                raise DataError(f"<dataset>:{i + 1}: field 'labels': length {len(r['labels'])} != input_ids "
+                                f"length {len(r['input_ids'])}")
+        return SFTDataset(rows)
+    if tokenizer is None:
+        raise DataError("<dataset>:1: untokenized rows (no 'input_ids') need a tokenizer")
+    return tokenize_rows(tokenizer, [parse_row(r, "<dataset>", i + 1) for i, r in enumerate(rows)],
+                         max_length=max_length)
 
 
 def load_sft_dataset(path: str | Path, tokenizer, *, template: str | None = None, max_length: int | None = None,

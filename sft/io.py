@@ -14,6 +14,7 @@ completed temporary directory into place and refuses to replace a non-empty one 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -31,6 +32,8 @@ __all__ = [
     "atomic_path",
     "publish_dir",
     "write_with",
+    "remove_dir",
+    "text_lines",
 ]
 
 
@@ -137,3 +140,37 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` so that no reader sees it half-deleted.
+
+    It is first renamed to a hidden sibling (atomic), then removed; a crash in between leaves
+    only the hidden ``.NAME.deleting`` folder, which the next call for the same ``path`` removes.
+    """
+    path = Path(path)
+    aside = path.with_name(f".{path.name}.deleting")
+    if aside.exists():
+        shutil.rmtree(aside)
+    if path.exists():
+        os.replace(path, aside)
+        shutil.rmtree(aside)
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(1-based line number, text)`` of every line of a UTF-8 file (gzip when ``.gz``).
+
+    A line that is not valid UTF-8 raises `ValueError` naming the file, the line and the byte
+    offset (in the uncompressed stream) of the first bad byte.
+    """
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte offset {offset + exc.start} in the file, "
+                                 f"byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+            offset += len(raw)

@@ -55,10 +55,7 @@ from typing import Callable
 import torch
 
 IGNORE_INDEX = -100
-W_MIN = 0.01  # Appendix D.2: "we set this cutoff to 0.01"
-CLIP_THRESHOLD = 0.2  # Figure 3(c)
-HARD_P = 0.1  # default probability threshold of the hard-token set S in reported statistics
-METHOD_NAMES = ("ce", "talr", "dft", "clip")
+from .config import CLIP_THRESHOLD, HARD_P, METHOD_NAMES, W_MIN  # noqa: E402,F401  (defaults, torch-free)
 _MIN_TAU = 1e-12
 
 
@@ -357,3 +354,26 @@ def clipped_loss(logits, labels, *, num_items_in_batch=None, **options):
 
 
 LOSSES: dict[str, Callable] = {"ce": ce_loss, "talr": talr_loss, "dft": dft_loss, "clip": clipped_loss}
+
+
+def compute_loss_func(method: str = "talr", **options) -> Callable:
+    """A drop-in ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for
+    ``transformers.Trainer(compute_loss_func=...)`` and TRL's ``SFTTrainer(compute_loss_func=...)``.
+
+    ``method`` is one of ``ce | talr | dft | clip`` (`sft_loss`); ``options`` as in `sft_loss`
+    (``tau``, ``w_min``, ``threshold``). Labels follow the HF convention (unshifted, -100 on
+    ignored tokens); the loss is ``sum_t w_t ell_t / num_items_in_batch`` like the Trainer's own,
+    from full logits (`sft.trainer` uses the chunked form of the same loss). Example::
+
+        from transformers import Trainer
+        from sft.losses import compute_loss_func
+        Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=compute_loss_func("talr"))
+    """
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method {method!r}: expected one of {METHOD_NAMES}")
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return sft_loss(method, outputs.logits, labels, num_items_in_batch=num_items_in_batch, **options)
+
+    loss_func.__name__ = f"{method}_compute_loss_func"
+    return loss_func

@@ -93,12 +93,18 @@ def _drop_quantizer(model: nn.Module) -> nn.Module:
 
 
 def load_tokenizer(spec):
-    """Tokenizer of a local HF folder or a GGUF file; None for config/tiny specs."""
+    """Tokenizer of a local HF folder or a GGUF file; `byte_tokenizer` for ``tiny[:...]``; None
+    for config objects. A path that does not exist raises `FileNotFoundError` before transformers
+    sees it (offline: nothing is fetched)."""
     from transformers import AutoTokenizer
 
-    if not isinstance(spec, (str, Path)) or str(spec).startswith("tiny"):
+    if not isinstance(spec, (str, Path)):
         return None
+    if str(spec) == "tiny" or str(spec).startswith("tiny:"):
+        return byte_tokenizer()
     path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {str(spec)!r}: no such file or folder (offline: hub names are not fetched)")
     if path.is_file() and path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     else:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KL_COEFF = 0.001  # Appendix C.4: "we add a KL penalty term with coefficient 0.001"
-L2_COEFF = 0.01
+from .config import KL_COEFF, L2_COEFF  # noqa: E402,F401  (defaults, torch-free)
 
 
 class L2ToInit:

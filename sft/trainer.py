@@ -1,6 +1,9 @@
 """SFT on the ``transformers.Trainer`` with token-weighted losses, regularisers, LoRA and stats.
 
-One entry: ``train(config, model, train_dataset) -> TrainResult``. ``config.method`` picks
+Entries: ``train(config, model, train_dataset) -> TrainResult`` (prepare the run folder, build,
+run, write the result) and ``build_trainer(config, model, train_dataset)`` (the configured
+`TokenWeightedTrainer` alone, for benches and studies that drive it themselves).
+``config.method`` picks
 
 =======  ==========================================================================
 ce       standard SFT (cross entropy)
@@ -23,9 +26,21 @@ equivalence; ``"micro"`` (default) uses each micro-batch's own median at no cost
 Run folder ``out/``: ``config.json`` (resolved), ``token_stats.jsonl`` (one line per optimizer
 step: tau, weight quantiles, fraction p > 0.2, hard-token fraction, ...), ``metrics.jsonl``
 (Trainer logs), ``checkpoint-*`` (model, optimizer, scheduler, RNG: exact resume), ``final/``,
-``result.json``. A non-finite loss raises before its backward, stops the run, writes
-``result.json`` with status ``non_finite_loss``, keeps the last checkpoint (the last good one:
-no checkpoint is written after the bad step) and restores the in-memory model from it.
+``result.json``. The folder must be empty unless the run resumes (``resume_from_checkpoint``) or
+``overwrite`` replaces it: two runs never mix (`sft.runs.prepare_run_dir`).
+
+Checkpoints are atomic: written under ``.partial/`` and renamed into place when complete
+(`sft.runs`), so ``resume_from_checkpoint="last"`` after a ``kill -9`` during a save resumes
+from the last complete one.
+
+Non-finite guard: a non-finite loss raises before its backward; non-finite gradients raise
+before the optimizer step; non-finite parameters raise after it; and before a checkpoint is
+written the last micro-batch is re-scored under the new weights (eval mode, no gradient): a
+non-finite loss there (weights blown up to ~1e30 give inf activations) refuses the checkpoint.
+Each stops the run with status ``non_finite_loss`` in ``result.json``, keeps the last written
+checkpoint (finite, from before the divergence) and restores the in-memory model from it.
+A loss that rises above `DIVERGENCE_RATIO` times its first value completes with a warning
+(``TrainResult.warnings``, ``result.json``).
 """
 from __future__ import annotations
 
@@ -33,6 +48,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,68 +58,15 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
-from .data import PadCollator
+from .config import METHODS, TrainConfig  # noqa: F401  (re-exported: sft.trainer.TrainConfig)
+from .data import PadCollator, as_sft_dataset
+from .io import atomic_write_json, atomic_write_text, publish_dir, remove_dir
 from .models import lm_head_of, token_nll  # also sets HF_HUB_OFFLINE before transformers loads
-from .regularizers import KL_COEFF, L2_COEFF, KLToReference, L2ToInit
-from .weighting import attach_flow_weights, write_json_atomic
+from .regularizers import KLToReference, L2ToInit
+from .runs import PARTIAL, complete_checkpoints, last_checkpoint, prepare_run_dir
+from .weighting import attach_flow_weights
 
-METHODS = ("ce", "talr", "dft", "clip", "flow", "l2", "kl", "lora")
-
-
-@dataclass
-class TrainConfig:
-    """Resolved training configuration (HfArgumentParser-compatible; every field has help)."""
-
-    method: str = field(default="ce", metadata={"help": "ce|talr|dft|clip|flow|l2|kl|lora"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW, cosine schedule)"})
-    epochs: float = field(default=1.0, metadata={"help": "training epochs (ignored when max_steps > 0)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from epochs"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    warmup: float = field(default=0.0, metadata={"help": "warm-up steps (>= 1) or fraction of steps (< 1)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = off"})
-    seed: int = field(default=0, metadata={"help": "seed of sampling, LoRA init and the Trainer"})
-    out: str = field(default="runs/default", metadata={"help": "run folder (runs/NAME)"})
-    # TALR / DFT / clipping
-    tau: float | None = field(default=None, metadata={"help": "TALR temperature; None = median per-sequence loss"})
-    tau_scope: str = field(default="micro", metadata={"help": "median over: micro (micro-batch) | step (all "
-                                                              "micro-batches and processes of a step)"})
-    w_min: float = field(default=L.W_MIN, metadata={"help": "TALR weight floor (Appendix D.2: 0.01)"})
-    clip_threshold: float = field(default=L.CLIP_THRESHOLD, metadata={"help": "clip: keep tokens with p > this"})
-    hard_p: float = field(default=L.HARD_P, metadata={"help": "statistics: a token is hard when p < hard_p"})
-    # regularisers, LoRA
-    l2_coeff: float = field(default=L2_COEFF, metadata={"help": "l2: coefficient of ||theta - theta0||^2"})
-    kl_coeff: float = field(default=KL_COEFF, metadata={"help": "kl: coefficient of the k3 KL (C.4: 0.001)"})
-    lora_r: int = field(default=8, metadata={"help": "lora: rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "lora: alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "lora: target modules (comma list or "
-                                                                      "all-linear)"})
-    # engine
-    chunked: bool = field(default=True, metadata={"help": "chunked lm-head loss (no full logits)"})
-    chunk_size: int | None = field(default=None, metadata={"help": "rows per lm-head chunk; None = auto"})
-    group_by_length: bool = field(default=False, metadata={"help": "length-grouped sampling (less padding)"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps; 0 = none"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
-    save_final: bool = field(default=True, metadata={"help": "save the final model to out/final"})
-    logging_steps: int = field(default=10, metadata={"help": "Trainer log interval (metrics.jsonl)"})
-    token_stats: bool = field(default=True, metadata={"help": "write token_stats.jsonl every step"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "data loader workers"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'last'"})
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
-        if self.tau_scope not in ("micro", "step"):
-            raise ValueError(f"tau_scope {self.tau_scope!r}: expected 'micro' or 'step'")
-
-    @property
-    def loss_method(self) -> str:
-        return self.method if self.method in L.METHOD_NAMES else "ce"
+DIVERGENCE_RATIO = 100.0  # final / first loss above this: "diverged" warning
 
 
 @dataclass
@@ -116,6 +79,7 @@ class TrainResult:
     last_checkpoint: Path | None
     log_history: list[dict[str, Any]]
     message: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def token_stats_path(self) -> Path:
@@ -182,6 +146,9 @@ class TokenWeightedTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # our loss divides by the step's global token count
         self._step_tau: torch.Tensor | None = None
         self._micro_in_step = 1
+        self._last_inputs: dict | None = None  # re-scored before a checkpoint is written
+        self.loss_first: float | None = None  # first and largest finite micro-batch losses
+        self.loss_max: float | None = None
 
     # -- one optimizer step's micro-batches: global token count and (step scope) tau --------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -242,18 +209,73 @@ class TokenWeightedTrainer(Trainer):
         if self.l2 is not None:
             loss = loss + self.l2(unwrap_trainable(model)) / self._micro_in_step
         self._check_finite(loss)
+        self._last_inputs = inputs
         if self.step_stats is not None:
             self.step_stats.add(nll, w, tau_used)
         return (loss, None) if return_outputs else loss
 
-    def _check_finite(self, loss):
-        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """True when ``value`` is finite on every process (one all-reduce under DDP)."""
+        ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
         if self.accelerator.num_processes > 1:
             import torch.distributed as dist
 
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() < 1:
+        return ok.item() == 1
+
+    def _check_finite(self, loss):
+        value = float(loss.detach())
+        if not self.all_finite(loss):
             raise NonFiniteLoss(f"non-finite loss at step {self.state.global_step + 1}")
+        if self.loss_first is None:
+            self.loss_first = value
+        self.loss_max = max(value, self.loss_max or value)
+
+    # -- atomic checkpoints, written only when the weights are finite ------------------------
+    def check_weights_finite(self, what: str) -> None:
+        """Raise `NonFiniteLoss` unless every parameter is finite and the last micro-batch's
+        loss under the current weights is finite (eval mode: no dropout, no RNG consumed)."""
+        model = unwrap_trainable(self.model)
+        params = [p.detach() for p in model.parameters()]
+        if not self.all_finite(torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)):
+            raise NonFiniteLoss(f"non-finite parameters after step {self.state.global_step}; {what}")
+        b = self._last_inputs
+        if b is None:
+            return
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                nll, _ = token_nll(model, b["input_ids"], b.get("attention_mask"), b["labels"],
+                                   chunked=self.sft_config.chunked, chunk_size=self.sft_config.chunk_size)
+        finally:
+            model.train(was)
+        if not self.all_finite(nll.sum()):
+            raise NonFiniteLoss(f"non-finite loss under the weights of step {self.state.global_step} "
+                                f"(diverged); {what}")
+
+    def _save_checkpoint(self, model, trial):
+        """Save into ``.partial/checkpoint-N`` and rename it into place when complete."""
+        step = self.state.global_step
+        self.check_weights_finite(f"checkpoint-{step} not written")
+        run_dir = Path(self.args.output_dir)
+        staging = run_dir / PARTIAL
+        if self.args.should_save:
+            remove_dir(staging / f"checkpoint-{step}")
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_dir(staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}", overwrite=True)
+            limit = self.sft_config.save_total_limit
+            done = complete_checkpoints(run_dir, warn=False)
+            for _, old in done[:max(len(done) - limit, 0)] if limit else []:
+                remove_dir(old)
+        self.accelerator.wait_for_everyone()
 
 
 def unwrap_trainable(model: nn.Module) -> nn.Module:
@@ -263,7 +285,27 @@ def unwrap_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
-def _callbacks(run_dir: Path, cfg: TrainConfig, step_stats: StepStats | None):
+class FiniteGuard(TrainerCallback):
+    """Stops the run on non-finite gradients (before the optimizer step) or parameters (after)."""
+
+    def __init__(self, trainer: TokenWeightedTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        model = unwrap_trainable(self.trainer.model)
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads and not self.trainer.all_finite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)):
+            raise NonFiniteLoss(f"non-finite gradients at step {state.global_step + 1}")
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        model = unwrap_trainable(self.trainer.model)
+        params = [p.detach() for p in model.parameters()]
+        if not self.trainer.all_finite(torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)):
+            raise NonFiniteLoss(f"non-finite parameters after the optimizer step of step {state.global_step + 1}")
+
+
+def run_callbacks(run_dir: Path, cfg: TrainConfig, step_stats: StepStats | None) -> list[TrainerCallback]:
+    """The run-folder writers: ``metrics.jsonl`` and (with ``step_stats``) ``token_stats.jsonl``."""
     class TokenStatsCallback(TrainerCallback):
         """Writes one JSON line of token statistics per optimizer step to token_stats.jsonl."""
 
@@ -299,27 +341,21 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint-N folder with the largest N under ``run_dir``, or None."""
-    ck = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(ck, key=lambda p: int(p.name.split("-")[-1])) if ck else None
-
-
-def _training_args(cfg: TrainConfig, run_dir: Path):
+def training_args(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
+    """The `TrainingArguments` of ``cfg`` (AdamW 0.9/0.999, cosine; checkpoint rotation is ours)."""
     kw = dict(
         output_dir=str(run_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=max(cfg.save_steps, 1), save_total_limit=cfg.save_total_limit, report_to="none",
+        save_steps=max(cfg.save_steps, 1), save_total_limit=None, report_to="none",
         disable_tqdm=not cfg.progress, remove_unused_columns=False, bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing, dataloader_pin_memory=torch.cuda.is_available(), dataloader_num_workers=cfg.dataloader_num_workers,
+        activation_checkpointing=cfg.gradient_checkpointing, dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=cfg.dataloader_num_workers,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         average_tokens_across_devices=True, save_only_model=False,
     )
@@ -340,39 +376,25 @@ def _apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return get_peft_model(model, lc)
 
 
-def train(config: TrainConfig, model: nn.Module, train_dataset: Sequence[dict], *, tokenizer=None,
-          ref_model: nn.Module | None = None, pad_token_id: int | None = None, callbacks: Sequence = (),
-          extra_config: dict[str, Any] | None = None) -> TrainResult:
-    """Fine-tune ``model`` in place on ``train_dataset`` and return a `TrainResult`.
+def build_trainer(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=None,
+                  ref_model: nn.Module | None = None, pad_token_id: int | None = None,
+                  callbacks: Sequence = ()) -> TokenWeightedTrainer:
+    """The `TokenWeightedTrainer` of ``config``: loss, regulariser, LoRA, FLOW weights, padding
+    collator, run-folder writers and the non-finite guard. Writes nothing but FLOW's weights
+    (``out/flow_weights.json``); call ``.train()`` on it, or use `train` for the whole run.
 
-    ``train_dataset``: examples ``{"input_ids": [...], "labels": [...]}`` (an `sft.data.SFTDataset`
-    or any sequence of such dicts; ``flow_weight`` is added for ``method="flow"`` when absent).
+    ``train_dataset``: tokenized examples ``{"input_ids", "labels"}`` (an `sft.data.SFTDataset`,
+    a list of dicts or a ``datasets.Dataset``), or untokenized rows (prompt/completion, messages)
+    when ``tokenizer`` is given; see `sft.data.as_sft_dataset`.
     ``ref_model``: the frozen reference for ``kl`` (default: a copy of ``model`` at the start).
-    ``extra_config``: more fields to record in ``config.json`` (model / data paths, ...).
     """
     cfg = config
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    train_dataset = as_sft_dataset(train_dataset, tokenizer)
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-
-    resume = cfg.resume_from_checkpoint
-    if resume == "last":
-        resume = last_checkpoint(run_dir)
-        if resume is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint-* to resume from")
-    if resume is not None:
-        resume = str(resume)
-        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-        _truncate_jsonl(run_dir / "token_stats.jsonl", step)
-        _truncate_jsonl(run_dir / "metrics.jsonl", step)
-    else:
-        for name in ("token_stats.jsonl", "metrics.jsonl"):
-            if (run_dir / name).exists() and int(os.environ.get("RANK", "0")) == 0:
-                (run_dir / name).unlink()
-
     if cfg.method == "flow" and "flow_weight" not in train_dataset[0]:
         train_dataset, _ = attach_flow_weights(model, train_dataset, batch_size=cfg.batch_size,
                                                pad_token_id=pad_token_id, progress=cfg.progress,
@@ -383,42 +405,107 @@ def train(config: TrainConfig, model: nn.Module, train_dataset: Sequence[dict], 
     if cfg.method == "lora":
         model = _apply_lora(model, cfg)
     l2 = L2ToInit(model, cfg.l2_coeff) if cfg.method == "l2" else None
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_json_atomic(run_dir / "config.json", {**(extra_config or {}), **asdict(cfg),
-                                                    "chunked_lm_head": lm_head_of(model) is not None})
     step_stats = StepStats() if cfg.token_stats else None
-    args = _training_args(cfg, run_dir)
-    trainer = TokenWeightedTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=PadCollator(pad_token_id),
-                  processing_class=tokenizer, callbacks=[*_callbacks(run_dir, cfg, step_stats), *callbacks],
-                  sft_config=cfg, l2=l2, kl=kl, step_stats=step_stats, compute_loss_func=_loss_func(cfg))
+    trainer = TokenWeightedTrainer(model=model, args=training_args(cfg, run_dir), train_dataset=train_dataset,
+                                   data_collator=PadCollator(pad_token_id), processing_class=tokenizer,
+                                   callbacks=[*run_callbacks(run_dir, cfg, step_stats), *callbacks],
+                                   sft_config=cfg, l2=l2, kl=kl, step_stats=step_stats)
+    trainer.add_callback(FiniteGuard(trainer))
     if not cfg.progress:  # quiet programmatic runs: no per-log printing either
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    status, message, train_loss = "completed", "", math.nan
+    return trainer
+
+
+def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> str | None:
+    resume = cfg.resume_from_checkpoint
+    if resume == "last":
+        resume = last_checkpoint(run_dir)
+        if resume is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint-* to resume from")
+    if resume is None:
+        return None
+    step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+    _truncate_jsonl(run_dir / "token_stats.jsonl", step)
+    _truncate_jsonl(run_dir / "metrics.jsonl", step)
+    return str(resume)
+
+
+def train(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=None,
+          ref_model: nn.Module | None = None, pad_token_id: int | None = None, callbacks: Sequence = (),
+          extra_config: dict[str, Any] | None = None) -> TrainResult:
+    """Fine-tune ``model`` in place on ``train_dataset`` and return a `TrainResult`.
+
+    Prepares the run folder (refuses a non-empty one unless resuming or ``overwrite``), builds
+    the trainer (`build_trainer`, which documents the arguments), writes ``config.json``, trains,
+    and writes ``result.json``. ``extra_config``: more fields for ``config.json`` (model / data
+    paths, ...).
+    """
+    cfg = config
+    run_dir = Path(cfg.out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if cfg.resume_from_checkpoint == "last" and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint-* to resume from (no such folder)")
+    if rank0:
+        prepare_run_dir(run_dir, resume=cfg.resume_from_checkpoint is not None, overwrite=cfg.overwrite)
+    resume = _resolve_resume(cfg, run_dir)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # also transformers' own bars (weights loading, shard writing), restored below
+        hf_logging.disable_progress_bar()
+    try:
+        return _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model, pad_token_id, callbacks,
+                    extra_config)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model, pad_token_id, callbacks,
+         extra_config) -> TrainResult:
+    trainer = build_trainer(cfg, model, train_dataset, tokenizer=tokenizer, ref_model=ref_model,
+                            pad_token_id=pad_token_id, callbacks=callbacks)
+    if rank0:
+        atomic_write_json(run_dir / "config.json", {**(extra_config or {}), **asdict(cfg),
+                                                    "chunked_lm_head": lm_head_of(trainer.model) is not None})
+    status, message, train_loss, notes = "completed", "", math.nan, []
     try:
         out = trainer.train(resume_from_checkpoint=resume)
         train_loss = out.training_loss
     except NonFiniteLoss as exc:
         status, message = "non_finite_loss", str(exc)
-        good = last_checkpoint(run_dir)
+        good = last_checkpoint(run_dir, warn=False)
         if good is not None:
             _restore_weights(trainer, good)
+            message += f"; model restored from {good.name}"
+        else:
+            message += "; no checkpoint from before the divergence: the returned model is not usable"
         for cb in trainer.callback_handler.callbacks:  # close progress bars
             bar = getattr(cb, "training_bar", None)
             if bar is not None:
                 bar.close()
                 cb.training_bar = None
-    if status == "completed" and cfg.save_final:
-        trainer.save_model(str(run_dir / "final"))
+    first, top = trainer.loss_first, trainer.loss_max
+    if status == "completed" and first and top is not None and top > DIVERGENCE_RATIO * first:
+        notes.append(f"training diverged: the loss rose from {first:.4g} to {top:.4g} nats/token "
+                     f"(x{top / first:.3g}); lower the learning rate (lr={cfg.lr:g})")
+        warnings.warn(notes[-1], stacklevel=2)
+    if status == "completed" and cfg.save_final:  # atomic, like the checkpoints
+        trainer.save_model(str(run_dir / PARTIAL / "final"))
+        trainer.accelerator.wait_for_everyone()
+        if rank0:
+            publish_dir(run_dir / PARTIAL / "final", run_dir / "final", overwrite=True)
+    if rank0 and (run_dir / PARTIAL).is_dir() and not any((run_dir / PARTIAL).iterdir()):
+        (run_dir / PARTIAL).rmdir()
     result = TrainResult(model=trainer.model, run_dir=run_dir, status=status, global_step=trainer.state.global_step,
-                         train_loss=train_loss, last_checkpoint=last_checkpoint(run_dir),
-                         log_history=list(trainer.state.log_history), message=message)
+                         train_loss=train_loss, last_checkpoint=last_checkpoint(run_dir, warn=False),
+                         log_history=list(trainer.state.log_history), message=message, warnings=notes)
     if trainer.is_world_process_zero():
-        write_json_atomic(run_dir / "result.json", {
-            "status": status, "message": message, "global_step": result.global_step, "train_loss": train_loss
-            if math.isfinite(train_loss) else None, "last_checkpoint": str(result.last_checkpoint or "") or None})
+        atomic_write_json(run_dir / "result.json", {
+            "status": status, "message": message, "global_step": result.global_step, "train_loss": train_loss,
+            "last_checkpoint": str(result.last_checkpoint or "") or None, "warnings": notes})
     return result
 
 
@@ -436,18 +523,6 @@ def _restore_weights(trainer, checkpoint: Path) -> None:
     for f in files:
         state.update(load_file(str(f)))
     model.load_state_dict(state, strict=False)
-
-
-def _loss_func(cfg: TrainConfig):
-    """The data loss as a Trainer ``compute_loss_func(outputs, labels, num_items_in_batch)`` on
-    full logits (what the Trainer would call with an unmodified compute_loss; our compute_loss
-    uses the chunked form of the same function)."""
-
-    def compute_loss_func(outputs, labels, num_items_in_batch=None):
-        return L.sft_loss(cfg.loss_method, outputs.logits, labels, num_items_in_batch=num_items_in_batch,
-                          tau=cfg.tau, w_min=cfg.w_min, threshold=cfg.clip_threshold)
-
-    return compute_loss_func
 
 
 def config_fields() -> list:

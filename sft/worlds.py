@@ -14,7 +14,8 @@ one token space (so ``p1.union(p2)`` gives one topology for `theory.estimate`):
   the pretrained model gives them probability ~0 (knowledge absent from P1, like the clinical
   conversion factors of Section 4.3). Variant ``"cot"``: ``cot_len`` easy tokens first, the
   most probable P1 continuation of the state ``(x, y)`` (predictable from P1's structure),
-  then ``h``; variant ``"label"``: ``h`` alone.
+  then ``h`` (``answer_first=True``: ``h`` first, then the easy tokens); variant ``"label"``:
+  ``h`` alone.
 
 Design (issue 5's prototype notes): D2 has its own marker, so P2's nodes are disjoint from
 P1's and fine-tuning reaches P1 only through shared parameters (Assumption B.5). The marker
@@ -50,13 +51,13 @@ from theory.tree import TokenTree
 
 from .data import IGNORE_INDEX
 from .io import atomic_write_json, publish_dir
-from .treeprobs import exact_tree_logprobs
+from .treeprobs import exact_full_logprobs, exact_tree_logprobs
 
-__all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exact_metrics",
+__all__ = ["WorldConfig", "World", "build_world", "pretrain", "new_model", "exact_metrics", "p1_mode_and_entropy",
            "conditional_code_length_bits", "greedy_complete", "pretrain_dataset", "entropy_bits"]
 
 _CACHE_VERSION = 1  # bump when the world's construction or the pretraining recipe changes
-_NOT_PRETRAINING = ("variant", "cot_len", "n_prompt", "n_train")  # P2-only fields
+_NOT_PRETRAINING = ("variant", "cot_len", "n_prompt", "n_train", "answer_first")  # P2-only fields
 
 
 @dataclass
@@ -74,6 +75,8 @@ class WorldConfig:
     concentration: float = field(default=1.0, metadata={"help": "Dirichlet concentration of P1's transitions"})
     variant: str = field(default="cot", metadata={"help": "P2 completion: cot (easy tokens + answer) | label"})
     cot_len: int = field(default=6, metadata={"help": "easy tokens before the answer (variant cot)"})
+    answer_first: bool = field(default=False, metadata={"help": "variant cot: the hard answer token right after "
+                                                                 "the prompt, the easy tokens after it"})
     n_prompt: int = field(default=6, metadata={"help": "prompt tokens x, y range over the first n_prompt"})
     marker_rate: float = field(default=0.1, metadata={"help": "pretraining fraction starting with the D2 marker"})
     n_train: int = field(default=256, metadata={"help": "SFT examples sampled from P2 (d2_train)"})
@@ -226,7 +229,8 @@ def build_world(cfg: WorldConfig) -> World:
                 c = int(np.argmax(trans[_state(C, a, b)]))
                 comp.append(c)
                 a, b = b, c
-            comp.append(int(hard[(x + 2 * y) % H]))
+            h = int(hard[(x + 2 * y) % H])
+            comp = [h, *comp] if cfg.answer_first else [*comp, h]
             seqs.append([m2, x, y, *comp])
             weights.append(1.0 / n_prompts)
     p2 = TokenTree.from_sequences(seqs, weights=weights, max_depth=cfg.max_depth, vocab_size=V)
@@ -286,17 +290,41 @@ def greedy_complete(model: nn.Module, world: World, prompts: np.ndarray, max_new
     return torch.stack(gen, 1).cpu().numpy()
 
 
-def exact_metrics(model: nn.Module, world: World, batch_size: int = 512) -> dict:
+def p1_mode_and_entropy(p1: TokenTree, logq_full: np.ndarray) -> dict:
+    """General measures beside KL on P1's coded prefixes (weights P1(u)):
+
+    ``mode_acc_p1``: the P1-mass-weighted fraction of prefixes where q's argmax over the tree's
+    alphabet is P1's argmax (benchmark-accuracy analogue: forgetting lowers it, sharpening does
+    not); ``q_entropy_p1_bits``: ``sum_u P1(u) H(q_u)`` in bits per response (equal to H(P1) at
+    q = P1; a fall at unchanged mode accuracy is sharpening, not forgetting)."""
+    act = (~p1.forced_end()) & (p1.mass > 0)
+    w = p1.mass[act]
+    lq = np.asarray(logq_full, dtype=np.float64)[act, : p1.vocab_size + 1]
+    same = np.argmax(lq, axis=1) == np.argmax(p1.cond_full()[act], axis=1)
+    q = np.exp(lq)
+    with np.errstate(invalid="ignore"):
+        h = -np.where(q > 0, q * lq, 0.0).sum(1) / math.log(2.0)
+    return {"mode_acc_p1": float(np.dot(w, same) / w.sum()), "q_entropy_p1_bits": float(np.dot(w, h))}
+
+
+def exact_metrics(model: nn.Module, world: World, batch_size: int = 512,
+                  logq_p1_full: np.ndarray | None = None) -> dict:
     """Exact scores of ``model`` on the world (bits per response unless said otherwise).
 
-    ``kl_p1_bits`` KL(P1 || q); ``kl_p2_bits`` KL(P2 || q) over whole P2 responses;
+    ``logq_p1_full``: the model's raw conditionals on P1 (`sft.treeprobs.exact_full_logprobs`,
+    ``renormalize=False``) when the caller already has them (one forward pass saved).
+    ``kl_p1_bits`` KL(P1 || q); ``mode_acc_p1`` and ``q_entropy_p1_bits``
+    (:func:`p1_mode_and_entropy`); ``kl_p2_bits`` KL(P2 || q) over whole P2 responses;
     ``cond_code_len_p2_bits`` E_P2[-log2 q(completion | prompt)]; ``cond_kl_p2_bits`` that
     minus P2's conditional entropy; ``answer_code_len_bits`` the answer token's share;
     ``answer_prob`` E_P2[q(answer | prompt, gold CoT)]; ``domain_acc`` P2-weighted fraction of
     prompts whose greedy completion's first hard token is the right answer (exact expectation
     over P2's prompts).
     """
-    lp1 = exact_tree_logprobs(model, world.p1, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
+    if logq_p1_full is None:
+        logq_p1_full = exact_full_logprobs(model, world.p1, batch_size=batch_size, bos_id=world.bos_id,
+                                           eos_id=world.eos_id)
+    lp1 = TreeLogProbs.from_full(world.p1, logq_p1_full)
     lp2 = exact_tree_logprobs(model, world.p2, batch_size=batch_size, bos_id=world.bos_id, eos_id=world.eos_id)
     p2 = world.p2
     cond = conditional_code_length_bits(p2, lp2, world.prompt_len)
@@ -313,7 +341,8 @@ def exact_metrics(model: nn.Module, world: World, batch_size: int = 512) -> dict
     first = np.where(is_hard.any(1), gen[np.arange(len(gen)), is_hard.argmax(1)], -1)
     gold = np.array([world.answer_of(p) for p in prompts])
     acc = float(np.dot(w, first == gold) / w.sum())
-    return {"kl_p1_bits": kl(world.p1, lp1), "kl_p2_bits": kl(p2, lp2), "cond_code_len_p2_bits": cond,
+    return {"kl_p1_bits": kl(world.p1, lp1), **p1_mode_and_entropy(world.p1, logq_p1_full),
+            "kl_p2_bits": kl(p2, lp2), "cond_code_len_p2_bits": cond,
             "cond_kl_p2_bits": cond - h_cond, "answer_code_len_bits": ans_bits, "answer_prob": ans_prob,
             "domain_acc": acc}
 

@@ -13,8 +13,15 @@ Public entries (one per capability; submodules hold the rest):
 * ``tilt_log``, ``schedule``, ``fit_effective_step`` (tilting) -- Definition B.3, Theorem B.1 (= E.1);
 * ``Constants`` and the bound functions (bounds) -- Theorems 3.1, 3.2, E.2, E.3, B.2 (= E.4),
   B.3 (= E.5); ``theorem_e3_cumulative`` and ``theorem_e4_at_gain`` draw them over a run;
+* ``prefix_decomposition`` (prefix, re-exported by bounds) -- the exact per-prefix
+  decomposition of Delta L(P1) (Proposition 3.1 node by node) and its chi2_bar bound;
+* the corrected statements (corrected, re-exported by bounds): ``lemma_e1_corrected``,
+  ``oracle_inequality_corrected``, ``theorem_e1_corrected_residual_lower_bound``,
+  ``pooled_sin_theta``, ``theorem_e3_corrected``, ``theorem_3_1_corrected``,
+  ``lambda_max_bracket``, ``lambda_max_per_token``, ``lemma_e2_corrected``;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
-  ``run_ledger`` (claims).
+  ``run_ledger`` (claims);
+* ``check_range``, ``ranged`` (checks) -- the one range check of numeric options (configs, CLI flags).
 
 Paper index: ``docs/PAPER.md`` maps every numbered statement of arXiv 2509.20758 to its
 function here, its test and its ledger entry (restated results carry both numbers, e.g.
@@ -38,6 +45,11 @@ _WHERE = {
     "Constants": "bounds", "degradation_bound": "bounds", "Lambda_T_min": "bounds",
     "lambda_max": "bounds", "theorem_3_1_k": "bounds",
     "theorem_e3_cumulative": "bounds", "theorem_e4_at_gain": "bounds",
+    "prefix_decomposition": "prefix", "PrefixDecomposition": "prefix",
+    "lemma_e1_corrected": "corrected", "oracle_inequality_corrected": "corrected",
+    "theorem_e1_corrected_residual_lower_bound": "corrected", "theorem_e3_corrected": "corrected",
+    "theorem_3_1_corrected": "corrected", "lambda_max_bracket": "corrected",
+    "lambda_max_per_token": "corrected", "lemma_e2_corrected": "corrected", "pooled_sin_theta": "corrected",
     "estimate_constants": "estimate",
     "run_tabular": "simulate", "run_softmax": "simulate",
     "run_ledger": "claims",

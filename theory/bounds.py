@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .prefix import PrefixDecomposition, prefix_decomposition  # per-prefix Prop. 3.1 (re-export)
+
 LN2 = math.log(2.0)
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "theorem_3_1_k",
     "theorem_3_1_bound",
     "theorem_3_2_lambda_max",
+    "PrefixDecomposition",
+    "prefix_decomposition",
 ]
 
 
@@ -287,11 +291,17 @@ def Lambda_T_min(T, delta_star, mu_T, C2) -> np.ndarray:
     The smaller root of ``mu_T Lambda - (C2/T) Lambda^2 = Delta_*`` (eq. (9) with
     ``S_T = Lambda^2/T``):  ``T/(2 C2) (mu_T - sqrt(mu_T^2 - 4 C2 Delta_*/T))``.
     Exists only for ``T > 4 C2 Delta_* / mu_T^2`` (``>=`` gives a double root, kept).
+    Infeasible inputs: all scalar -> `ValueError` naming the condition; any array -> NaN at
+    the infeasible entries only (so one call can scan T or Delta_*).
     """
+    scalar = all(np.ndim(x) == 0 for x in (T, delta_star, mu_T, C2))
     T, d, mu, C2 = np.broadcast_arrays(_arr(T), _arr(delta_star), _arr(mu_T), _arr(C2))
     _check_pos(T=T, mu_T=mu)
     _check_nonneg(delta_star=d, C2=C2)
     disc = mu**2 - 4 * C2 * d / T
+    if not scalar:
+        with np.errstate(invalid="ignore"):
+            return np.where(disc >= 0, 2 * d / (mu + np.sqrt(np.maximum(disc, 0))), np.nan)
     if np.any(disc < 0):
         i = np.unravel_index(np.argmin(disc), disc.shape)
         raise ValueError(
@@ -304,7 +314,8 @@ def Lambda_T_min(T, delta_star, mu_T, C2) -> np.ndarray:
 
 def degradation_bound(T, delta_star, mu_T, C1, C2, A) -> np.ndarray:
     """Minimal degradation bound over T-step schedules (Theorem B.2 (= E.4), eq. (10)):
-    ``A Lambda + C1 Lambda^2 / T`` at ``Lambda = Lambda_T_min`` (eq. (10), equal steps)."""
+    ``A Lambda + C1 Lambda^2 / T`` at ``Lambda = Lambda_T_min`` (eq. (10), equal steps).
+    Infeasible: scalar inputs raise, array inputs give NaN there (as `Lambda_T_min`)."""
     Lam = Lambda_T_min(T, delta_star, mu_T, C2)
     _check_nonneg(C1=C1, A=A)
     return _arr(A) * Lam + _arr(C1) * Lam**2 / _arr(T)
@@ -394,3 +405,20 @@ def theorem_3_2_lambda_max(eps_fg, s, T, H_T, M_h) -> np.ndarray:
     """``lambda_max ~ eps_fg / (H_T M_h sqrt(s) T)`` (Theorem 3.2: Theorem B.3 (= E.5) with M_e << M_h)."""
     _check_pos(s=s)
     return lambda_max_asymptotic(T, eps_fg, H_T, _arr(M_h) * np.sqrt(_arr(s)))
+
+
+_CORRECTED = (
+    "lemma_e1_corrected", "oracle_inequality_corrected", "theorem_e1_corrected_residual_lower_bound",
+    "theorem_e3_corrected", "theorem_3_1_corrected", "lambda_max_bracket", "lambda_max_per_token",
+    "lemma_e2_corrected",
+)
+
+
+def __getattr__(name: str):
+    """The corrected statements live in :mod:`theory.corrected` (which imports this module);
+    ``theory.bounds.<name>_corrected`` resolves there on first use."""
+    if name in _CORRECTED:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.corrected"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,54 +8,26 @@ Each check returns a :class:`Claim` with a verdict:
 * ``fails`` -- a violation was found; ``counterexample`` is the smallest one found
   (fewest nodes / smallest parameters), with the numbers.
 
-Instances are exact worlds from :func:`theory.simulate.make_world` (complete trees, all
-divergences exact sums, natural logs). ``run_ledger(n)`` runs every check with ``n``
+Instances are exact worlds on complete trees (all divergences exact sums, natural logs):
+batches of them as arrays (:mod:`theory.batched`, >= 1000 per check, vectorised) and, for the
+simulation checks, :func:`theory.simulate.make_world` / ``make_softmax_world``. Each paper
+statement is followed by its corrected statement(s) (:mod:`theory.claims_corrected`). ``run_ledger(n)`` runs every check with ``n``
 random instances per check (the verdicts are pinned by ``tests/theory/test_claims.py``).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 
 from . import bounds as B
-from .divergence import TreeLogProbs, delta_code_length, delta_code_length_per_level, expect_p, expect_q, kl, leaf_log_prob
-from .estimate import (
-    admissible_C, estimate_constants, first_order_coefficient, kl_model_target,
-    one_step_delta, sequence_var_f, smoothed_target,
-)
+from . import batched as Bt
+from .claim import Claim, quantiles
+from .corrected import lemma_e1_corrected
 from .simulate import SoftmaxConfig, equal_gain_degradation, make_softmax_world, make_world, run_softmax, run_tabular
-from .tilting import tilt_log
-from .tree import TokenTree
 
-__all__ = ["Claim", "CHECKS", "run_ledger", "format_ledger", "random_world", "b1_slope"]
+__all__ = ["Claim", "CHECKS", "run_ledger", "format_ledger", "random_world", "b1_slope", "quantiles"]
 
 
-@dataclass
-class Claim:
-    id: str
-    statement: str
-    verdict: str
-    n_instances: int
-    n_violations: int = 0
-    counterexample: dict | None = None
-    tightness: dict | None = None  # quantiles of bound / actual
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _q(x) -> dict | None:
-    x = np.asarray([v for v in x if np.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return None
-    qs = np.quantile(x, [0.0, 0.1, 0.5, 0.9, 1.0])
-    return {k: float(v) for k, v in zip(["min", "p10", "median", "p90", "max"], qs)}
-
-
-def _lp(tree: TokenTree, logq: np.ndarray) -> TreeLogProbs:
-    return TreeLogProbs.from_full(tree, np.minimum(logq, 0.0))
+_q = quantiles
 
 
 def random_world(rng: np.random.Generator, depth: int | None = None, V: int | None = None):
@@ -76,49 +48,49 @@ def _sizes_first(items):
 
 # --------------------------------------------------------------------- checks
 def check_prop_3_1(n: int, rng) -> Claim:
+    """Per-level (leaf) form vs chain-rule KL difference on ``n`` batched worlds."""
     errs = []
-    for _ in range(n):
-        w = random_world(rng)
-        q1, q2 = _lp(w.tree, w.logq0), _lp(w.tree, tilt_log(w.logq0, smoothed_target(w.p2, 0.1), 0.3))
-        tot, _ = delta_code_length_per_level(w.p1, q1, q2, unit="nats")
-        errs.append(abs(tot - delta_code_length(w.p1, q1, q2, unit="nats")))
-    bad = sum(e > 1e-9 for e in errs)
+    for bw in Bt.batches(rng, n):
+        t = bw.tree
+        q2 = Bt.tilt_b(t, bw.logq0, Bt.smoothed_b(t, bw.logp2, 0.1), 0.3)
+        P = np.exp(Bt.leaf_log_prob_b(t, bw.logp1))
+        per_level = (P * (Bt.leaf_log_prob_b(t, bw.logq0) - Bt.leaf_log_prob_b(t, q2))).sum(-1)
+        errs.append(np.abs(per_level - (Bt.chain_kl(t, bw.logp1, q2) - Bt.chain_kl(t, bw.logp1, bw.logq0))))
+    errs = np.concatenate(errs)
+    bad = int((errs > 1e-9).sum())
     return Claim("Proposition 3.1", "Delta L(P) per level = KL(P||q2) - KL(P||q1)",
-                 "holds" if not bad else "fails", n, bad, note=f"max |difference| = {max(errs):.2e} nats")
+                 "holds" if not bad else "fails", n, bad, note=f"max |difference| = {errs.max():.2e} nats")
 
 
 def check_lemma_e1(n: int, rng) -> Claim:
     """Lemma E.1 with sequence-level f = log p~2(z) - log q(z) and per-prefix tilting."""
-    found, gaps1, o3 = [], [], []
-    for i in range(n):
-        w = random_world(rng, depth=1 + i % 3)
-        logp = smoothed_target(w.p2, 0.1)
-        F = leaf_log_prob(w.tree, _lp(w.tree, logp)) - leaf_log_prob(w.tree, _lp(w.tree, w.logq0))
-        paper = -(expect_p(w.p1, F) - expect_q(w.tree, _lp(w.tree, w.logq0), F))
-        exact = first_order_coefficient(w.p1, w.logq0, logp)
-        gap = abs(exact - paper)
-        rec = {"n_nodes": w.tree.n_nodes, "V": w.tree.vocab_size, "depth": int(w.tree.max_depth),
-               "exact_derivative": exact, "paper_derivative": paper, "gap": gap}
-        if w.tree.max_depth == 1:
+    found, gaps1, n_deep = [], [], 0
+    for bw in Bt.batches(rng, n):
+        t = bw.tree
+        logp = Bt.smoothed_b(t, bw.logp2, 0.1)
+        F = Bt.leaf_log_prob_b(t, logp) - Bt.leaf_log_prob_b(t, bw.logq0)
+        EP, EQ, _ = Bt.seq_moments(t, bw.logp1, bw.logq0, F)
+        paper = -(EP - EQ)
+        exact = lemma_e1_corrected(Bt.node_weights(t, bw.logp1), np.exp(bw.logp1), bw.logq0, logp, 0.0).first_order
+        gap = np.abs(exact - paper)
+        if t.max_depth == 1:
             gaps1.append(gap)
-            var = sequence_var_f(w.tree, w.logq0, logp)
-            lam = np.array([1e-2, 1e-3])
-            dl = one_step_delta(w.p1, w.logq0, logp, lam)
-            o3.append(np.abs(dl - (paper * lam + 0.5 * var * lam**2)) / lam**3)
-        elif gap > 1e-8 * max(1.0, abs(exact)):
-            found.append(rec)
-    ok1 = max(gaps1) < 1e-9
+            continue
+        n_deep += gap.size
+        for i in np.flatnonzero(gap > 1e-8 * np.maximum(1.0, np.abs(exact))):
+            found.append({"n_nodes": t.n_nodes, "V": t.vocab_size, "depth": int(t.max_depth),
+                          "exact_derivative": float(exact[i]), "paper_derivative": float(paper[i]),
+                          "gap": float(gap[i])})
+    g1 = float(np.concatenate(gaps1).max()) if gaps1 else 0.0
     ce = _sizes_first(found)[0] if found else None
     return Claim(
         "Lemma E.1",
         "d/dlam KL(P||Q_lam)|0 = -(E_P f - E_Q f), remainder lam^2/2 Var_Q(f) + O(lam^3)",
         "fails" if found else "holds", n, len(found), ce,
-        note=(f"depth 1 (one prefix): exact, max gap {max(gaps1):.1e}, O(lam^3) remainder "
-              f"coefficient stable ({np.median([r[1] / max(r[0], 1e-300) for r in o3]):.2f} ratio at lam=1e-3 vs 1e-2). "
-              "Depth >= 2 with per-prefix tilting (Def. B.3): the true first-order term is "
-              "-sum_u P(u)(E_p(.|u) f_u - E_q(.|u) f_u); E_Q f weights prefixes by Q, not P, "
-              f"so the lemma's coefficient is wrong on {len(found)}/{n - len(gaps1)} deeper trees "
-              "(exact for sequence-level geometric interpolation only)." if ok1 else "depth-1 mismatch"),
+        note=(f"depth 1 (one prefix): exact, max gap {g1:.1e}. Depth >= 2 with per-prefix tilting "
+              "(Def. B.3): the true first-order term is -sum_u P(u)(E_p(.|u) f_u - E_q(.|u) f_u); E_Q f "
+              f"weights prefixes by Q, not P, so the lemma's coefficient is wrong on {len(found)}/{n_deep} "
+              "deeper trees (exact for sequence-level geometric interpolation only)."),
     )
 
 
@@ -162,17 +134,18 @@ def check_lemma_e2(n: int, rng) -> Claim:
 
 def check_lemma_e3(n: int, rng) -> Claim:
     errs = []
-    for _ in range(n):
-        w = random_world(rng)
-        logp = smoothed_target(w.p2, 0.2)
-        lq, lp = _lp(w.tree, w.logq0), _lp(w.tree, logp)
-        F = leaf_log_prob(w.tree, lp) - leaf_log_prob(w.tree, lq)
-        lhs = expect_p(w.p1, F) - expect_q(w.tree, lq, F)
-        rhs = B.lemma_e3_rhs(kl(w.p1, lq, "nats"), kl_model_target(w.tree, w.logq0, logp), kl(w.p1, lp, "nats"))
-        errs.append(abs(lhs - float(rhs)))
-    bad = sum(e > 1e-8 for e in errs)
+    for bw in Bt.batches(rng, n):
+        t = bw.tree
+        logp = Bt.smoothed_b(t, bw.logp2, 0.2)
+        F = Bt.leaf_log_prob_b(t, logp) - Bt.leaf_log_prob_b(t, bw.logq0)
+        EP, EQ, _ = Bt.seq_moments(t, bw.logp1, bw.logq0, F)
+        rhs = B.lemma_e3_rhs(Bt.chain_kl(t, bw.logp1, bw.logq0), Bt.chain_kl(t, bw.logq0, logp),
+                             Bt.chain_kl(t, bw.logp1, logp))
+        errs.append(np.abs(EP - EQ - rhs))
+    errs = np.concatenate(errs)
+    bad = int((errs > 1e-8).sum())
     return Claim("Lemma E.3", "E_P f - E_Q f = KL(P||Q) + KL(Q||P~2) - KL(P||P~2)",
-                 "holds" if not bad else "fails", n, bad, note=f"max |lhs - rhs| = {max(errs):.2e}")
+                 "holds" if not bad else "fails", n, bad, note=f"max |lhs - rhs| = {errs.max():.2e}")
 
 
 def b1_slope(V: int = 3, seed: int = 0, n_lr: int = 10) -> dict:
@@ -192,7 +165,7 @@ def b1_slope(V: int = 3, seed: int = 0, n_lr: int = 10) -> dict:
 
 
 def check_theorem_e1(n: int, rng) -> Claim:
-    runs = [b1_slope(V=3, seed=int(rng.integers(1 << 30))) for _ in range(max(1, n // 50))]
+    runs = [b1_slope(V=3, seed=int(rng.integers(1 << 30))) for _ in range(max(1, min(n // 50, 10)))]
     binary = b1_slope(V=1, seed=0)
     slopes = [r["slope"] for r in runs]
     ce = runs[int(np.argmin(slopes))]
@@ -208,41 +181,67 @@ def check_theorem_e1(n: int, rng) -> Claim:
     )
 
 
+def _admissible_C_b(t, logP, logq, logp, lin, lam0, n_grid=40):
+    """Batched :func:`theory.estimate.admissible_C` (``inf`` where the exact derivative > lin)."""
+    d = lemma_e1_corrected(Bt.node_weights(t, logP), np.exp(logP), logq, logp, 0.0).first_order
+    base = Bt.chain_kl(t, logP, logq)
+    C = np.zeros_like(base)
+    for lam in lam0 * np.geomspace(1e-3, 1.0, n_grid):
+        dl = Bt.chain_kl(t, logP, Bt.tilt_b(t, logq, logp, lam)) - base
+        C = np.maximum(C, (dl - lam * lin) / lam**2)
+    return np.where(d > lin + 1e-12 * np.maximum(1.0, np.abs(lin)), np.inf, C)
+
+
 def check_theorem_e2(n: int, rng) -> Claim:
     viol, tight1, ratioC = [], [], []
-    for i in range(n):
-        w = random_world(rng, depth=1 + i % 3)
-        alpha = float(rng.uniform(0.02, 0.5))
-        e = estimate_constants(w.p1, w.p2, w.logq0, alpha=alpha, lam0=0.3)
-        rec = {"n_nodes": w.tree.n_nodes, "depth": int(w.tree.max_depth), "d1": e.d1, "lin1": e.lin1,
-               "d2": e.d2, "lin2": e.lin2}
-        if not (np.isfinite(e.constants.C1) and np.isfinite(e.constants.C2)):
-            rec["gap"] = max(e.d1 - e.lin1, e.d2 - e.lin2)
-            viol.append(rec)
-            continue
-        logp = smoothed_target(w.p2, alpha)
-        dl = one_step_delta(w.p1, w.logq0, logp, [0.3])[0]
-        if dl > 1e-9:
-            tight1.append(float(B.theorem_e2_general(0.3, e.var_f, e.chi2_P1_Q, e.constants.C1)) / dl)
-        if e.var_f > 0:
-            ratioC.append(e.constants.C1 / (0.5 * e.var_f))
+    from .claims_corrected import _oracle_batches
+
+    for bw in _oracle_batches(rng, n):
+        t = bw.tree
+        alpha = rng.uniform(0.02, 0.5, size=bw.logq0.shape[0])
+        logp = Bt.smoothed_b(t, bw.logp2, alpha)
+        F = Bt.leaf_log_prob_b(t, logp) - Bt.leaf_log_prob_b(t, bw.logq0)
+        _, _, var_f = Bt.seq_moments(t, bw.logp1, bw.logq0, F)
+        c2 = np.maximum(Bt.chi2_seq(t, bw.logp1, bw.logq0), 0.0)
+        lin1 = np.sqrt(var_f * c2)
+        lin2 = -(Bt.chain_kl(t, bw.logq0, logp) - Bt.chain_kl(t, bw.logp2, logp))
+        C1 = _admissible_C_b(t, bw.logp1, bw.logq0, logp, lin1, 0.3)
+        C2 = _admissible_C_b(t, bw.logp2, bw.logq0, logp, lin2, 0.3)
+        d1 = lemma_e1_corrected(Bt.node_weights(t, bw.logp1), np.exp(bw.logp1), bw.logq0, logp, 0.0).first_order
+        d2 = lemma_e1_corrected(Bt.node_weights(t, bw.logp2), np.exp(bw.logp2), bw.logq0, logp, 0.0).first_order
+        for i in np.flatnonzero(~(np.isfinite(C1) & np.isfinite(C2))):
+            viol.append({"n_nodes": t.n_nodes, "V": t.vocab_size, "depth": int(t.max_depth), "C1": float(C1[i]),
+                         "C2": float(C2[i]), "exact_d1": float(d1[i]), "paper_lin1": float(lin1[i]),
+                         "exact_d2": float(d2[i]), "paper_lin2": float(lin2[i]),
+                         "gap": float(max(d1[i] - lin1[i], d2[i] - lin2[i]))})
+        dl = Bt.chain_kl(t, bw.logp1, Bt.tilt_b(t, bw.logq0, logp, 0.3)) - Bt.chain_kl(t, bw.logp1, bw.logq0)
+        ok = (dl > 1e-9) & np.isfinite(C1)
+        tight1.append((0.3 * lin1 + C1 * 0.09)[ok] / dl[ok])
+        ratioC.append((C1 / (0.5 * var_f))[(var_f > 0) & np.isfinite(C1)])
+    med = np.median(np.concatenate(ratioC)) if ratioC else float("nan")
     return Claim(
         "Theorem E.2",
         "one step: Delta L(P2) <= -lam(KL(Q||P~2)-KL(P2||P~2)) + C2 lam^2; "
         "Delta L(P1) <= lam sqrt(Var_Q f) sqrt(chi2(P1||Q)) + C1 lam^2",
         "holds (loose)" if not viol else "fails", n, len(viol),
-        _sizes_first(viol)[0] if viol else None, _q(tight1),
-        note=("Admissible C1, C2 (smallest over lam in [0, 0.3]) are finite on every instance: the "
-              "first-order terms of the bound dominate the exact derivatives. The D1 bound drops "
-              "the +lam^2/2 Var_Q(f) term into C1; the smallest admissible C1 is "
-              f"{_q(ratioC)['median'] if ratioC else float('nan'):.2f} x Var_Q(f)/2 (median; often 0 because the "
+        _sizes_first(viol)[0] if viol else None, _q(np.concatenate(tight1)),
+        note=(f"{len(viol)}/{n} instances (trees of depth >= 2; half the instances are general pairs (Q, P2) as in the "
+              "oracle-inequality check) have no finite C1 or C2: the exact per-prefix "
+              "derivative exceeds the bound's first-order term (Lemma E.1 and the oracle inequality fail there; "
+              "see their corrected forms). Admissible C1, C2 (smallest over lam in [0, 0.3]) finite means the "
+              "first-order terms of the bound dominate the exact derivatives. The D1 bound drops the +lam^2/2 Var_Q(f) term into "
+              f"C1; the smallest admissible C1 is {med:.2f} x Var_Q(f)/2 (median; often 0 because the "
               "Cauchy-Schwarz first-order term already over-covers). Tightness = bound/actual at lam=0.3."),
     )
 
 
+def _n_e3(n: int) -> int:
+    return max(2, min(n // 10, 30))  # simulated trajectories (each fits C1, C2 per step)
+
+
 def check_theorem_e3(n: int, rng) -> Claim:
     tight, viol = [], []
-    for i in range(max(2, n // 10)):
+    for i in range(_n_e3(n)):
         w = random_world(rng, depth=1 + i % 3)
         T = int(rng.integers(2, 8))
         lams = np.full(T, float(rng.uniform(0.02, 0.3)))
@@ -256,34 +255,34 @@ def check_theorem_e3(n: int, rng) -> Claim:
     return Claim(
         "Theorem E.3",
         "Delta L_T(P2) <= -sum lam_t KL(Q_t||P2) + C2 S_T; Delta L_T(P1) <= H_T sum lam_t sqrt(Var) + C1 S_T",
-        "holds (loose)" if not viol else "fails", max(2, n // 10), len(viol),
+        "holds (loose)" if not viol else "fails", _n_e3(n), len(viol),
         _sizes_first(viol)[0] if viol else None, _q(tight),
         note="Tabular tilting trajectories with running sup H_t and max admissible C1, C2; tightness = bound/actual at T.",
     )
 
 
 def check_theorem_e4(n: int, rng) -> Claim:
+    mu, C2, d, C1, A = rng.uniform(0.1, 2, (5, n, 1))
+    T0 = 4 * C2 * d / mu**2
+    Ts = T0 * np.array([1.01, 2, 10, 100, 1000])  # [n, 5]
+    Lam = B.Lambda_T_min(Ts, d, mu, C2)
+    # brute force: smallest Lambda on a grid over [0, 2 Lam] meeting mu L - C2 L^2/T >= d
+    grid = np.linspace(0, 2, 20001)
     bad_alg = 0
-    rems = []
-    for _ in range(n):
-        mu, C2, d, C1, A = rng.uniform(0.1, 2, 5)
-        T0 = 4 * C2 * d / mu**2
-        Ts = T0 * np.array([1.01, 2, 10, 100, 1000])
-        Lam = B.Lambda_T_min(Ts, d, mu, C2)
-        # brute force: smallest Lambda on a fine grid meeting mu L - C2 L^2/T >= d
-        for T, L in zip(Ts, Lam):
-            grid = np.linspace(0, 2 * L, 200001)
-            feas = grid[mu * grid - C2 * grid**2 / T >= d - 1e-12]
-            if feas.size == 0 or abs(feas[0] - L) > 2e-5 * L:
-                bad_alg += 1
-        b = B.degradation_bound(Ts, d, mu, C1, C2, A)
-        if np.any(np.diff(b) >= 0):
-            bad_alg += 1
-        e = B.degradation_bound_expansion(Ts[-2:], d, mu, C1, C2, A)
-        rems.append(float(((b[-2:] - e) * Ts[-2:] ** 2)[1] / ((b[-2:] - e) * Ts[-2:] ** 2)[0]))
+    for k in range(Ts.shape[1]):
+        Lg = Lam[:, k : k + 1] * grid  # [n, G]
+        feas = mu * Lg - C2 * Lg**2 / Ts[:, k : k + 1] >= d - 1e-12
+        first = np.where(feas.any(1), grid[np.argmax(feas, axis=1)], np.inf)
+        bad_alg += int((np.abs(first - 1.0) > 2e-4).sum())
+    b = B.degradation_bound(Ts, d, mu, C1, C2, A)
+    bad_alg += int((np.diff(b, axis=1) >= 0).any(1).sum())
+    e = B.degradation_bound_expansion(Ts[:, -2:], d, mu, C1, C2, A)
+    r = (b[:, -2:] - e) * Ts[:, -2:] ** 2
+    rems = r[:, 1] / r[:, 0]
     w = make_world(V=2, depth=3, n_hard=1, q_noise=0.05, seed=int(rng.integers(1 << 30)))
-    tab_u = equal_gain_degradation(w, [1, 4, 16], 0.3, rho="uniform")
-    tab_m = equal_gain_degradation(w, [1, 4, 16], 0.3, rho="model")
+    dstar = 0.5 * -run_tabular(w, [1.0], 0.1, constants=False)[-1]["dL_P2_nats"]  # reachable in one step
+    tab_u = equal_gain_degradation(w, [1, 4, 16], dstar, rho="uniform")
+    tab_m = equal_gain_degradation(w, [1, 4, 16], dstar, rho="model")
     spread_u = max(r["dL_P1_nats"] for r in tab_u) - min(r["dL_P1_nats"] for r in tab_u)
     return Claim(
         "Theorem B.2 (= E.4)",
@@ -291,11 +290,13 @@ def check_theorem_e4(n: int, rng) -> Claim:
         "holds (bound); not reflected by exact tilting" if bad_alg == 0 else "fails", n, bad_alg,
         {"equal_gain_rho_uniform": tab_u, "equal_gain_rho_model": tab_m},
         None,
-        note=("Algebra verified by brute force (smallest feasible Lambda, strict decrease in T, "
-              f"remainder x T^2 converges: ratio {np.median(rems):.3f} between T=100T0 and 1000T0). But with a "
+        note=("Algebra verified by brute force (smallest feasible Lambda on a 20001-point grid, strict decrease "
+              f"in T, remainder x T^2 converges: ratio {np.median(rems):.3f} between T=100T0 and 1000T0). But with a "
               "fixed target (rho uniform) T steps of lam equal one step of 1-(1-lam)^T, so at equal domain gain "
               f"the exact degradation is independent of T (spread {spread_u:.1e} nats over T=1..16): the 1/T "
-              "improvement of the bound comes from C1 S_T only. With rho = current model the path matters."),
+              "improvement of the bound comes from C1 S_T only. With rho = current model the path matters. "
+              "Note: (9) is sufficient for the target, not necessary: read E.4 as the least degradation bound "
+              "among schedules the domain bound certifies."),
     )
 
 
@@ -389,23 +390,31 @@ CHECKS = {
 }
 
 
-def run_ledger(n: int = 60, seed: int = 0, only: list[str] | None = None) -> list[Claim]:
-    """Run every check (or those whose id contains one of ``only``) with ``n`` instances.
-    Each check gets its own generator derived from ``seed`` (so ``only`` does not change
-    the instances a check sees)."""
+def run_ledger(n: int = 1000, seed: int = 0, only: list[str] | None = None) -> list[Claim]:
+    """Run every check (or those whose id contains one of ``only``) with ``n`` instances;
+    each paper statement is followed by its corrected statement(s)
+    (:data:`theory.claims_corrected.CORRECTED_CHECKS`). Each check gets its own generator
+    derived from ``seed`` (so ``only`` does not change the instances a check sees)."""
+    from .claims_corrected import CORRECTED_CHECKS
+
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: {n!r} is outside [1, inf) (random instances per check)")
+
     seeds = np.random.SeedSequence(seed).spawn(len(CHECKS))
     out = []
-    for (cid, chk), ss in zip(CHECKS.items(), seeds):
+    for k, ((cid, chk), ss) in enumerate(zip(CHECKS.items(), seeds)):
         if only and not any(o.lower() in cid.lower() for o in only):
             continue
         out.append(chk(n, np.random.default_rng(ss)))
+        for j, fn in enumerate(CORRECTED_CHECKS.get(cid, [])):
+            out.append(fn(n, np.random.default_rng(np.random.SeedSequence([seed, k, j + 1]))))
     return out
 
 
 def format_ledger(claims: list[Claim]) -> str:
     lines = []
     for c in claims:
-        lines.append(f"{c.id:<20} {c.verdict:<45} n={c.n_instances:<4} violations={c.n_violations}")
+        lines.append(f"{c.id:<36} {c.verdict:<45} n={c.n_instances:<5} violations={c.n_violations}")
         lines.append(f"    claim: {c.statement}")
         if c.tightness:
             t = c.tightness

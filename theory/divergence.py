@@ -160,12 +160,30 @@ def code_length_bits(tree: TokenTree, lp: TreeLogProbs) -> float:
     return cross_entropy(tree, lp, unit="bits")
 
 
-def kl(tree: TokenTree, lp: TreeLogProbs, unit: str = "bits") -> float:
+def check_subnormalised(tree: TokenTree, lp: TreeLogProbs, tol: float = 1e-6) -> None:
+    """Raise `ValueError` unless at every node ``sum_children q(c|u) + q(EOS|u) <= 1 + tol``.
+
+    Q may put mass on tokens outside the tree (the rest of each row), never more than one in
+    all: otherwise Q is not a distribution and KL(P || Q) can come out negative.
+    """
+    lp.check(tree)
+    with np.errstate(over="ignore"):
+        total = np.exp(_eos_eff(tree, lp))
+        np.add.at(total, tree.parent[1:], np.exp(lp.edge[1:]))
+    u = int(np.argmax(total))
+    if total[u] > 1.0 + tol:
+        raise ValueError(f"Q's conditionals at node {u} sum to {total[u]:.9g} > 1 (tolerance {tol:g}): "
+                         "normalise them (e.g. log_softmax) before computing KL")
+
+
+def kl(tree: TokenTree, lp: TreeLogProbs, unit: str = "bits", tol: float = 1e-6) -> float:
     """``KL(P || Q) = E_P[-log Q(z)] - H(P)`` (>= 0 up to rounding).
 
     Summing the per-level terms ``P(c) (log p(c|u) - log q(c|u))`` telescopes to this: the
-    tree's own conditionals contribute exactly ``-H(P)``.
+    tree's own conditionals contribute exactly ``-H(P)``. Q's conditionals must sum to at most
+    one at every node (`check_subnormalised`, within ``tol``); otherwise `ValueError`.
     """
+    check_subnormalised(tree, lp, tol)
     return cross_entropy(tree, lp, unit) - entropy(tree, unit)
 
 

@@ -21,12 +21,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .checks import check_range
 from .divergence import TreeLogProbs, chi2, kl, leaf_log_prob
 from .estimate import admissible_C, kl_model_target, sequence_var_f, smoothed_target
 from .tilting import fit_effective_step, log_softmax, tilt_log
 from .tree import TokenTree
 
 __all__ = [
+    "MAX_NODES",
+    "complete_tree_nodes",
     "World",
     "make_world",
     "tilted_path",
@@ -64,10 +67,21 @@ class World:
     hard_levels: tuple[int, ...]
 
 
-def _complete_tree(V: int, depth: int) -> TokenTree:
+MAX_NODES = 2_000_000  # worlds above this many nodes need max_nodes=None (`talr simulate --force`)
+
+
+def complete_tree_nodes(V: int, depth: int) -> int:
+    """Nodes of the complete tree: sum_{k=0}^{depth} V^k (EOS children are leaves of their node).
+
+    Memory is about ``nodes * (V + 1) * 8`` bytes per stored table, and a world keeps about
+    ten of them (``depth=12, V=4`` is 22 million nodes, > 10 GB)."""
+    return sum(int(V) ** k for k in range(int(depth) + 1))
+
+
+def _complete_tree(V: int, depth: int, progress: bool = False) -> TokenTree:
     uni = np.full(V + 1, 1.0 / (V + 1))
     return TokenTree.from_distribution(
-        lambda prefs: np.tile(uni, (len(prefs), 1)), V, depth, batched=True
+        lambda prefs: np.tile(uni, (len(prefs), 1)), V, depth, batched=True, progress=progress
     )
 
 
@@ -102,17 +116,26 @@ def make_world(
     concentration: float = 1.0,
     hard_levels: tuple[int, ...] | None = None,
     seed: int | np.random.Generator | None = 0,
+    max_nodes: int | None = MAX_NODES,
+    progress: bool = False,
 ) -> World:
     """Draw a world (see module docstring). ``n_hard <= depth``; hard levels are the
-    first ``n_hard`` of a random permutation of ``0..depth-1`` unless given."""
+    first ``n_hard`` of a random permutation of ``0..depth-1`` unless given. A tree of more
+    than ``max_nodes`` nodes (`complete_tree_nodes`) is refused before anything is built
+    (``None``: no limit); ``progress`` shows a bar while the tree is built."""
     rng = np.random.default_rng(seed)
     if V < 1 or depth < 1:
         raise ValueError(f"need V >= 1 and depth >= 1, got V={V}, depth={depth}")
+    n_nodes = complete_tree_nodes(V, depth)
+    if max_nodes is not None and n_nodes > max_nodes:
+        raise ValueError(f"V={V}, depth={depth}: the complete tree has {n_nodes:,} nodes (about "
+                         f"{10 * n_nodes * (V + 1) * 8 / 1e9:.1f} GB), above the limit of {max_nodes:,}; "
+                         f"lower --depth/--vocab or pass --force")
     if not 0 <= n_hard <= depth:
         raise ValueError(f"n_hard must be in [0, depth={depth}], got {n_hard}")
     if not 0 < hard_mass < 1 or not 0 <= eos_prob < 1:
         raise ValueError("hard_mass must be in (0, 1) and eos_prob in [0, 1)")
-    tree = _complete_tree(V, depth)
+    tree = _complete_tree(V, depth, progress=progress)
     N = tree.n_nodes
     tok = rng.dirichlet(np.full(V, concentration), size=N)
     tok = 0.98 * tok + 0.02 / V  # keep every token above 0.02/V
@@ -156,6 +179,7 @@ def run_tabular(
     rho: str = "uniform",
     constants: bool = True,
     lam0: float | None = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Tilt on a schedule and record, per step t (after ``t`` steps):
 
@@ -164,8 +188,11 @@ def run_tabular(
     ``constants=True`` the step's admissible ``C1``, ``C2`` (Theorem E.2, over
     ``[0, lam0]``, default ``max(lams)``) and the running Theorem E.3 bound
     ``bound_P1_nats = H_t sum lam sqrt(Var) + C1_t S_t`` / ``bound_P2_nats``.
+    ``progress``: a tqdm bar over the steps (each is a pass over the whole tree).
     """
     lams = np.asarray(lams, dtype=np.float64)
+    if lams.size and (not np.all(np.isfinite(lams)) or lams.min() < 0 or lams.max() > 1):
+        raise ValueError(f"lams: every lambda_t must lie in [0, 1], got min {lams.min():g}, max {lams.max():g}")
     lam0 = float(lams.max()) if lam0 is None else lam0
     p1, p2 = world.p1, world.p2
     base1, base2 = _kl(p1, world.logq0), _kl(p2, world.logq0)
@@ -173,7 +200,12 @@ def run_tabular(
     rows: list[dict] = []
     H = C1 = C2 = 0.0
     lin_sum1 = dom_sum = S = 0.0
-    for t in range(lams.size + 1):
+    steps = range(lams.size + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"tilting ({p1.n_nodes:,} nodes)", unit="step")
+    for t in steps:
         logp = smoothed_target(p2, alpha, logq if rho == "model" else None)
         c2 = max(chi2(p1, TreeLogProbs.from_full(p1, logq)), 0.0)
         var_f = sequence_var_f(p1, logq, logp)
@@ -232,6 +264,19 @@ class SoftmaxConfig:
     w_min: float = 0.01
     alpha: float = 0.1
     p1_noise: float = 0.2
+
+    def __post_init__(self):
+        """Range-check every option (message: option, value, allowed range)."""
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        if self.weighting not in ("ce", "talr"):
+            raise ValueError(f"weighting must be ce or talr, got {self.weighting!r}")
+        check_range("n_features", self.n_features, 1, integer=True)
+        check_range("lr", self.lr, 0, lo_open=True)
+        check_range("steps", self.steps, 1, integer=True)
+        check_range("w_min", self.w_min, 0, 1)
+        check_range("alpha", self.alpha, 0, 1)
+        check_range("p1_noise", self.p1_noise, 0)
 
 
 @dataclass

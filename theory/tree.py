@@ -64,7 +64,8 @@ def _build_by_sorting(tokens, starts, lengths, w, vocab_size):
     n = lengths.size
     L = int(lengths.max())
     col = np.arange(L)
-    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4"
+    # big-endian so byte order = numeric order; wide enough for every id + 1 (ids >= 2**32 used to wrap)
+    width = ">u2" if vocab_size + 1 < (1 << 16) else ">u4" if vocab_size + 1 < (1 << 32) else ">u8"
     inside = col[None, :] < lengths[:, None]
     M = np.zeros((n, L), dtype=width)
     if int(lengths.sum()) == tokens.size:  # no truncation: tokens are the row-major cells
@@ -342,6 +343,9 @@ class TokenTree:
         if L > 0 and (_method == "sorted" or (_method is None and n_seq * L <= 4 * int(lengths.sum()) + (1 << 20))):
             arrays = _build_by_sorting(tokens, starts, lengths, w, vocab_size)
             return cls._from_arrays(*arrays, vocab_size=vocab_size, max_depth=max_depth)
+        if vocab_size * (int(lengths.sum()) + 1) >= 2**63:  # node * V + token must fit in int64
+            arrays = _build_by_sorting(tokens, starts, lengths, w, vocab_size)
+            return cls._from_arrays(*arrays, vocab_size=vocab_size, max_depth=max_depth)
         key_base = np.int64(vocab_size)
         node = np.zeros(n_seq, dtype=np.int64)  # current node of every sequence
         level_parent = [np.array([-1])]
@@ -378,8 +382,10 @@ class TokenTree:
         max_depth: int,
         min_mass: float = 0.0,
         batched: bool = False,
+        progress: bool = False,
     ) -> "TokenTree":
-        """Exact token tree of a generative distribution given per prefix.
+        """Exact token tree of a generative distribution given per prefix (``progress``: a tqdm
+        bar over the depth levels, for large trees).
 
         Args:
             next_probs: ``next_probs(prefix) -> probs[V + 1]`` (EOS last), or with
@@ -402,7 +408,12 @@ class TokenTree:
         cur_mass = np.array([1.0])
         offset = 0
         pruned = 0.0
-        for depth in range(max_depth + 1):
+        levels = range(max_depth + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            levels = tqdm(levels, desc="building the tree", unit="level")
+        for depth in levels:
             if depth == max_depth:
                 level_eos.append(cur_mass.copy())  # forced end
                 break

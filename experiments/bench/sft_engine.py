@@ -171,21 +171,14 @@ def _throughput(timer, counter, warmup=1):
 
 
 def ours(ds, method, steps, pad_id, out):
-    from sft.data import PadCollator
-    from sft.trainer import TrainConfig, TokenWeightedTrainer, _training_args
+    from sft.trainer import TrainConfig, build_trainer
 
     cfg = TrainConfig(method=method, lr=1e-4, max_steps=steps, batch_size=8, out=out, progress=False,
                       save_final=False, token_stats=True, logging_steps=1000)
-    timer, counter = StepTimer(), CountingCollator(PadCollator(pad_id))
-    from sft.trainer import StepStats, _callbacks
-
-    stats = StepStats()
-    tr = TokenWeightedTrainer(model=tiny_model(), args=_training_args(cfg, Path(out)), train_dataset=ds,
-                              data_collator=counter, callbacks=[*_callbacks(Path(out), cfg, stats), timer],
-                              sft_config=cfg, step_stats=stats)
-    from transformers.trainer_callback import PrinterCallback
-
-    tr.remove_callback(PrinterCallback)
+    timer = StepTimer()
+    tr = build_trainer(cfg, tiny_model(), ds, pad_token_id=pad_id, callbacks=[timer])
+    counter = CountingCollator(tr.data_collator)
+    tr.data_collator = counter
     res = tr.train()
     return _throughput(timer, counter), res.training_loss
 

@@ -16,6 +16,8 @@ import json
 
 
 def register(subparsers) -> None:
+    from theory.checks import ranged
+
     p = subparsers.add_parser("analyze", help="token-level probability analysis (Figure 3)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="[NAME=]folder | file.gguf | tiny[:k=v] (repeat)")
@@ -23,11 +25,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder, e.g. runs/NAME")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / .gguf (default: the first model's)")
     p.add_argument("--template", default=None, help="prompt template: medcalc | esci | esci_cot (Tables 4-6)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
-    p.add_argument("--limit", type=int, default=None, help="analyse only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    p.add_argument("--hard-threshold", type=float, default=None, help="hard token: p < this (default sft.losses.HARD_P)")
-    p.add_argument("--example", type=int, default=0, help="example shown in the heatmaps")
+    p.add_argument("--max-length", type=ranged("max-length", 1, integer=True), default=None,
+                   help="truncate examples to this many tokens")
+    p.add_argument("--limit", type=ranged("limit", 1, integer=True), default=None,
+                   help="analyse only the first N examples")
+    p.add_argument("--batch-size", type=ranged("batch-size", 1, integer=True), default=8,
+                   help="examples per forward pass")
+    p.add_argument("--hard-threshold", type=ranged("hard-threshold", 0, 1, lo_open=True), default=None,
+                   help="hard token: p < this, in (0, 1] (default sft.losses.HARD_P)")
+    p.add_argument("--example", type=ranged("example", 0, integer=True), default=0,
+                   help="example shown in the heatmaps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"], help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of tiny:... models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,8 +66,8 @@ def handler(args) -> int:
     if len(set(names)) != len(names):
         print(f"talr analyze: model names repeat ({names}); name them with NAME=PATH")
         return 2
-    tok = load_tokenizer(args.tokenizer or specs[0][1]) or byte_tokenizer()
     try:
+        tok = load_tokenizer(args.tokenizer or specs[0][1]) or byte_tokenizer()
         ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
     except (DataError, FileNotFoundError) as exc:
         print(f"talr analyze: {exc}")

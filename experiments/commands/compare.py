@@ -33,7 +33,12 @@ def handler(args) -> int:
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig) if f.name != "progress"}
     try:
-        res = run_compare(CompareConfig(**kw, progress=not args.no_progress))
+        cfg = CompareConfig(**kw, progress=not args.no_progress)
+    except ValueError as exc:  # CompareConfig range-checks its numbers
+        print(f"talr compare: --{str(exc).replace('_', '-')}")
+        return 2
+    try:
+        res = run_compare(cfg)
     except (CompareError, FileNotFoundError) as exc:
         print(f"talr compare: {exc}")
         return 2
@@ -41,7 +46,7 @@ def handler(args) -> int:
 
     rows = [[p["checkpoint"], p["step"], p["dL_P1_bits"], p["dL_P1_tree_bits"], p["domain_gain_tree_bits"],
              p.get("lam"), p.get("e3_bound_bits"), p.get("e4_bound_bits")] for p in res["points"]]
-    print(markdown_table(["checkpoint", "step", "dL(P1) full", "dL(P1) tree", "D2 gain tree", "lambda", "Thm E.3",
-                  "Thm E.4"], rows))
+    print(markdown_table(["checkpoint", "step", "dL(P1) full [bits]", "dL(P1) tree [bits]", "D2 gain tree [bits]",
+                          "lambda", "Thm E.3 [bits]", "Thm E.4 [bits]"], rows))
     print(f"\nwrote {args.out or args.run}/compare.md, compare.json, compare.png ({res['wall_seconds']:.0f} s)")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -14,17 +13,21 @@ from pathlib import Path
 import numpy as np
 
 
-def _pos(name):
-    def conv(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} must be a number, got {text!r}")
-        if not math.isfinite(v) or v < 0:
-            raise argparse.ArgumentTypeError(f"--{name} must be finite and >= 0, got {text!r}")
-        return v
+def _ranged(name, lo=-math.inf, hi=math.inf, **opt):
+    from theory.checks import ranged
 
-    return conv
+    return ranged(name, lo, hi, **opt)
+
+
+def _pos(name):
+    return _ranged(name, 0)
+
+
+# units of the printed quantities (code lengths and their bounds are in nats: natural logs)
+UNITS = {"Lambda_T_min": "(total weight)", "lam_per_step": "(weight per step)", "bound": "nats",
+         "expansion": "nats", "expansion_error": "nats", "limit_T_inf": "nats", "k1": "(ratio)",
+         "k2": "(1/nats)", "lambda_max": "(weight per step)", "asymptotic": "(weight per step)",
+         "relative_error": "(ratio)"}
 
 
 def _jsonable(x):
@@ -47,7 +50,12 @@ def _emit(result: dict, as_json: bool) -> None:
         print(json.dumps(_jsonable(result), indent=2))
     else:
         for k, v in result.items():
-            print(f"{k:>24}: {v:.6g}" if isinstance(v, float) else f"{k:>24}: {v}")
+            unit = UNITS.get(k, "")
+            print(f"{k:>24}: {v:.6g} {unit}".rstrip() if isinstance(v, float) else f"{k:>24}: {v} {unit}".rstrip())
+
+
+def _non_finite(result: dict) -> list[str]:
+    return [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
 
 
 # ------------------------------------------------------------------- bounds
@@ -55,14 +63,16 @@ def _bounds_degradation(args) -> int:
     from theory import bounds as B
 
     try:
-        lam_min = float(B.Lambda_T_min(args.T, args.delta_star, args.mu_T, args.C2))
-        bound = float(B.degradation_bound(args.T, args.delta_star, args.mu_T, args.C1, args.C2, args.A))
+        with np.errstate(all="ignore"):
+            lam_min = float(B.Lambda_T_min(args.T, args.delta_star, args.mu_T, args.C2))
+            bound = float(B.degradation_bound(args.T, args.delta_star, args.mu_T, args.C1, args.C2, args.A))
     except ValueError as exc:
         print(f"talr bounds degradation: {exc}", file=sys.stderr)
         return 2
-    exp = float(B.degradation_bound_expansion(args.T, args.delta_star, args.mu_T, args.C1, args.C2, args.A))
-    k1, k2 = B.theorem_3_1_k(args.A, args.mu_T, args.C1, args.C2)
-    _emit({
+    with np.errstate(all="ignore"):
+        exp = float(B.degradation_bound_expansion(args.T, args.delta_star, args.mu_T, args.C1, args.C2, args.A))
+        k1, k2 = B.theorem_3_1_k(args.A, args.mu_T, args.C1, args.C2)
+    result = {
         "Lambda_T_min": lam_min,
         "lam_per_step": lam_min / args.T,
         "bound": bound,
@@ -71,7 +81,13 @@ def _bounds_degradation(args) -> int:
         "limit_T_inf": args.A * args.delta_star / args.mu_T,
         "k1": float(k1),
         "k2": float(k2),
-    }, args.json)
+    }
+    bad = _non_finite(result)
+    if bad:
+        print(f"talr bounds degradation: {', '.join(bad)} overflow float64 (not finite) for these constants; "
+              f"rescale them (e.g. measure in bits or per token)", file=sys.stderr)
+        return 2
+    _emit(result, args.json)
     return 0
 
 
@@ -84,7 +100,14 @@ def _bounds_lambda_max(args) -> int:
     except ValueError as exc:
         print(f"talr bounds lambda-max: {exc}", file=sys.stderr)
         return 2
-    _emit({"lambda_max": lm, "asymptotic": asym, "relative_error": (asym - lm) / lm}, args.json)
+    result = {"lambda_max": lm, "asymptotic": asym}
+    if lm > 0:  # eps_fg = 0 gives lambda_max = 0: no step is safe, and no relative error
+        result["relative_error"] = (asym - lm) / lm
+    bad = _non_finite(result)
+    if bad:
+        print(f"talr bounds lambda-max: {', '.join(bad)} not finite for these constants", file=sys.stderr)
+        return 2
+    _emit(result, args.json)
     return 0
 
 
@@ -118,25 +141,44 @@ def _simulate(args) -> int:
     from theory.tilting import schedule
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"talr simulate: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"talr simulate: {out} exists and is not empty (use --overwrite)", file=sys.stderr)
         return 2
+    if args.lam_min > args.lam:
+        print(f"talr simulate: --lam-min {args.lam_min:g} is outside [0, --lam = {args.lam:g}]", file=sys.stderr)
+        return 2
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out")}
+    n_nodes = S.complete_tree_nodes(args.vocab, args.depth)
+    big = n_nodes > 100_000
+    if big and not args.json and (args.force or n_nodes <= S.MAX_NODES):
+        print(f"talr simulate: building a complete tree of {n_nodes:,} nodes", file=sys.stderr)
     try:
         if args.world == "tabular":
             lams = schedule(args.schedule, args.steps, args.lam, warmup=args.warmup, lam_min=args.lam_min)
-            world = S.make_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, q_noise=args.q_noise, seed=args.seed)
-            rows = S.run_tabular(world, lams, alpha=args.alpha, rho=args.rho)
+            world = S.make_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, q_noise=args.q_noise,
+                                 seed=args.seed, max_nodes=None if args.force else S.MAX_NODES,
+                                 progress=big and not args.no_progress)
+            rows = S.run_tabular(world, lams, alpha=args.alpha, rho=args.rho, progress=big and not args.no_progress)
         else:
             if args.schedule not in ("constant",):
-                print("talr simulate: the softmax world uses the optimiser's learning rate; --schedule must be constant", file=sys.stderr)
+                print("talr simulate: the softmax world uses the optimiser's learning rate; --schedule must be "
+                      "constant", file=sys.stderr)
                 return 2
+            cfg = S.SoftmaxConfig(lr=args.lr, steps=args.steps, optimizer=args.optimizer, weighting=args.weighting,
+                                  alpha=args.alpha)
+            if n_nodes > S.MAX_NODES and not args.force:
+                raise ValueError(f"V={args.vocab}, depth={args.depth}: {n_nodes:,} nodes, above the limit of "
+                                 f"{S.MAX_NODES:,}; lower --depth/--vocab or pass --force")
             sw = S.make_softmax_world(V=args.vocab, depth=args.depth, n_hard=args.n_hard, seed=args.seed)
-            cfg = S.SoftmaxConfig(lr=args.lr, steps=args.steps, optimizer=args.optimizer, weighting=args.weighting, alpha=args.alpha)
             rows = S.run_softmax(sw, cfg)
     except ValueError as exc:
         print(f"talr simulate: {exc}", file=sys.stderr)
         return 2
+    from sft.io import publish_dir
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -145,15 +187,18 @@ def _simulate(args) -> int:
             for r in rows:
                 fh.write(json.dumps(_jsonable(r)) + "\n")
         _plot(tmp / "delta_L.png", rows, f"{args.world} world, schedule={args.schedule}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out, overwrite=True)  # non-empty `out` reached here only with --overwrite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     last = rows[-1]
-    print(f"wrote {out}/metrics.jsonl ({len(rows)} rows), config.json, delta_L.png; "
-          f"final dL(P1)={last['dL_P1_nats']:.4g} nats, dL(P2)={last['dL_P2_nats']:.4g} nats")
+    if args.json:
+        print(json.dumps(_jsonable({"out": str(out), "rows": len(rows), "n_nodes": n_nodes,
+                                    "final_dL_P1_nats": last["dL_P1_nats"], "final_dL_P2_nats": last["dL_P2_nats"]}),
+                         indent=2))
+    else:
+        print(f"wrote {out}/metrics.jsonl ({len(rows)} rows), config.json, delta_L.png; "
+              f"final dL(P1)={last['dL_P1_nats']:.4g} nats, dL(P2)={last['dL_P2_nats']:.4g} nats")
     return 0
 
 
@@ -161,11 +206,19 @@ def _simulate(args) -> int:
 def _claims(args) -> int:
     from theory.claims import format_ledger, run_ledger
 
+    import time
+
+    t0 = time.perf_counter()
     claims = run_ledger(n=args.n, seed=args.seed, only=args.only)
+    if not claims:
+        print(f"talr claims: --only {' '.join(args.only)!r} matches no claim id", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(_jsonable([c.to_dict() for c in claims]), indent=2))
     else:
         print(format_ledger(claims))
+        print(f"{len(claims)} checks, {args.n} instances each (simulations fewer, see n=), "
+              f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -197,27 +250,36 @@ def register(subparsers) -> None:
                    help="tabular: exact tilting of per-node tables; softmax: shared-parameter model trained by SGD/Adam")
     s.add_argument("--schedule", choices=["constant", "inverse", "cosine", "linear"], default="constant",
                    help="tabular: lambda_t schedule")
-    s.add_argument("--lam", type=float, default=0.1, help="tabular: peak per-step weight")
-    s.add_argument("--lam-min", dest="lam_min", type=float, default=0.0, help="tabular: floor of cosine/linear decay")
-    s.add_argument("--warmup", type=int, default=0, help="tabular: linear warm-up steps")
-    s.add_argument("--steps", type=int, default=20, help="tilting / optimizer steps")
-    s.add_argument("--vocab", type=int, default=2, help="tokens per node (EOS extra)")
-    s.add_argument("--depth", type=int, default=3, help="tree depth d")
-    s.add_argument("--n-hard", dest="n_hard", type=int, default=1, help="hard tokens of the domain P2")
-    s.add_argument("--q-noise", dest="q_noise", type=float, default=0.05, help="logit noise of q0 around P1")
-    s.add_argument("--alpha", type=float, default=0.1, help="smoothing of the target (Assumption B.1)")
+    s.add_argument("--lam", type=_ranged("lam", 0, 1), default=0.1, help="tabular: peak per-step weight, in [0, 1]")
+    s.add_argument("--lam-min", dest="lam_min", type=_ranged("lam-min", 0, 1), default=0.0,
+                   help="tabular: floor of cosine/linear decay, in [0, --lam]")
+    s.add_argument("--warmup", type=_ranged("warmup", 0, integer=True), default=0, help="tabular: linear warm-up steps")
+    s.add_argument("--steps", type=_ranged("steps", 1, integer=True), default=20, help="tilting / optimizer steps")
+    s.add_argument("--vocab", type=_ranged("vocab", 1, integer=True), default=2, help="tokens per node (EOS extra)")
+    s.add_argument("--depth", type=_ranged("depth", 1, integer=True), default=3, help="tree depth d")
+    s.add_argument("--n-hard", dest="n_hard", type=_ranged("n-hard", 0, integer=True), default=1,
+                   help="hard tokens of the domain P2 (<= depth)")
+    s.add_argument("--q-noise", dest="q_noise", type=_ranged("q-noise", 0), default=0.05,
+                   help="logit noise of q0 around P1")
+    s.add_argument("--alpha", type=_ranged("alpha", 0, 1), default=0.1, help="smoothing of the target (Assumption B.1)")
     s.add_argument("--rho", choices=["uniform", "model"], default="uniform",
                    help="smoothing reference rho: uniform or the current model")
-    s.add_argument("--lr", type=float, default=0.5, help="softmax: learning rate")
+    s.add_argument("--lr", type=_ranged("lr", 0, lo_open=True), default=0.5, help="softmax: learning rate, > 0")
     s.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="softmax: optimizer")
     s.add_argument("--weighting", choices=["ce", "talr"], default="ce", help="softmax: token weighting of the loss")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--out", required=True, help="output folder (runs/NAME)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--force", action="store_true",
+                   help="build trees above the node limit (theory.simulate.MAX_NODES; memory ~ 80 bytes x nodes "
+                        "x (V+1))")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar for large trees")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=_simulate)
 
     c = subparsers.add_parser("claims", help="the claims ledger: every statement checked")
-    c.add_argument("--n", type=int, default=60, help="random instances per check")
+    c.add_argument("--n", type=_ranged("n", 1, integer=True), default=1000,
+                   help="random instances per check, >= 1 (simulation-based checks use fewer, shown as n=)")
     c.add_argument("--seed", type=int, default=0, help="random seed")
     c.add_argument("--only", nargs="*", default=None, help="ids to run (substring match)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -29,7 +29,8 @@ def _field_type(f):
 
 
 def register(subparsers) -> None:
-    from sft.trainer import METHODS, TrainConfig
+    from sft.config import METHODS, TrainConfig
+    from theory.checks import ranged
 
     p = subparsers.add_parser("train", help="fine-tune a model (CE, TALR, DFT, clip, FLOW, L2, KL, LoRA)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,12 +42,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / .gguf (default: the model's)")
     p.add_argument("--template", default=None, help="prompt template: medcalc | esci | esci_cot (Tables 4-6)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--max-length", type=ranged("max-length", 1, integer=True), default=None,
+                   help="truncate examples to this many tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"], help="model dtype")
     p.add_argument("--general-eval", default=None,
                    help="general evaluation set recorded for `talr compare` (JSONL, or humaneval[:N])")
     p.add_argument("--domain-eval", default=None,
                    help="domain evaluation set recorded for `talr compare` (JSONL with prompt/completion)")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SKIP:
@@ -61,32 +64,83 @@ def register(subparsers) -> None:
     p.set_defaults(func=handler)
 
 
+def _recorded_path(spec: str | None) -> str | None:
+    """An existing file as its absolute path (so `talr compare` works from any folder); other
+    specs (``humaneval:N``, ``tiny``) unchanged."""
+    from pathlib import Path
+
+    return str(Path(spec).resolve()) if spec and Path(spec).is_file() else spec
+
+
 def handler(args) -> int:
+    import json
+    import warnings
+    from pathlib import Path
+
+    from sft.runs import RunDirError, file_fingerprint
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(_config_class())}
+    if (args.general_eval or args.domain_eval) and args.save_total_limit == _config_class()().save_total_limit:
+        kw["save_total_limit"] = None  # `talr compare` reads every checkpoint: keep them all
+    try:
+        cfg = _config_class()(**kw)
+    except ValueError as exc:  # one validation layer: TrainConfig names the option and its range
+        print(f"talr train: --{str(exc).replace('_', '-')}")
+        return 2
     import torch
 
     from sft.data import DataError, load_sft_dataset
-    from sft.models import byte_tokenizer, load_model, load_tokenizer
-    from sft.trainer import TrainConfig, train
+    from sft.models import load_model, load_tokenizer
+    from sft.trainer import train
 
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if (args.general_eval or args.domain_eval) and args.save_total_limit == TrainConfig().save_total_limit:
-        kw["save_total_limit"] = None  # `talr compare` reads every checkpoint: keep them all
-    cfg = TrainConfig(**kw)
-    tok = load_tokenizer(args.tokenizer or args.model)
-    if tok is None:
-        tok = byte_tokenizer()
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
+        tok = load_tokenizer(args.tokenizer or args.model)
+        if tok is None:
+            raise FileNotFoundError(f"--model {args.model!r}: expected tiny[:k=v,...], a local HF folder "
+                                    f"or a .gguf file")
         ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
-    except (DataError, FileNotFoundError) as exc:
+        model = load_model(args.model, dtype=getattr(torch, args.dtype), seed=cfg.seed)
+    except (DataError, OSError, ValueError) as exc:  # FileNotFoundError is an OSError
         print(f"talr train: {exc}")
         return 2
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), seed=cfg.seed)
     if args.model.startswith("tiny") and model.config.vocab_size < len(tok):
         model.resize_token_embeddings(len(tok))
-    extra = {"model": args.model, "data": args.data, "tokenizer": args.tokenizer, "template": args.template,
+    files = {name: file_fingerprint(spec) for name, spec in
+             (("data", args.data), ("general_eval", args.general_eval), ("domain_eval", args.domain_eval))
+             if spec and Path(spec).is_file()}
+    extra = {"model": _recorded_path(args.model), "data": _recorded_path(args.data),
+             "tokenizer": _recorded_path(args.tokenizer), "template": args.template,
              "max_length": args.max_length, "dtype": args.dtype, "n_examples": len(ds), "n_dropped": ds.dropped,
-             "general_eval": args.general_eval, "domain_eval": args.domain_eval}
-    res = train(cfg, model, ds, tokenizer=tok, extra_config=extra)
-    print(f"talr train: {res.status} after {res.global_step} steps, train loss {res.train_loss:.4f}; "
-          f"results in {res.run_dir}" + (f" ({res.message})" if res.message else ""))
+             "general_eval": _recorded_path(args.general_eval), "domain_eval": _recorded_path(args.domain_eval),
+             "data_files": files}
+    try:
+        with warnings.catch_warnings(record=True):  # divergence is reported below, once
+            warnings.simplefilter("always")
+            res = train(cfg, model, ds, tokenizer=tok, extra_config=extra)
+    except (RunDirError, FileNotFoundError) as exc:  # folder refused; nothing to resume from
+        print(f"talr train: {exc}")
+        return 2
+    summary = {"status": res.status, "global_step": res.global_step, "train_loss_nats_per_token": res.train_loss,
+               "run_dir": str(res.run_dir),
+               "last_checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None,
+               "message": res.message, "warnings": res.warnings}
+    if args.json:
+        from sft.io import to_jsonable
+
+        print(json.dumps(to_jsonable(summary), indent=2))
+    else:
+        print(f"talr train: {res.status} after {res.global_step} steps, train loss {res.train_loss:.4f} nats/token; "
+              f"results in {res.run_dir}" + (f" ({res.message})" if res.message else ""))
+        for w in res.warnings:
+            print(f"talr train: warning: {w}")
     return 0 if res.status == "completed" else 1
+
+
+def _config_class():
+    from sft.config import TrainConfig
+
+    return TrainConfig

@@ -14,6 +14,10 @@ step has no checkpoint), on a general evaluation set (D1) and a domain evaluatio
   the union of the two trees), Theorem E.3 (sparse form, ``A Lambda_t + C1 S_t``) over the
   fitted steps and Theorem E.4 at each checkpoint's measured domain gain (`theory.bounds.
   theorem_e3_cumulative`, `theorem_e4_at_gain`);
+* the per-prefix bound of the tree dL(P1) (`theory.bounds.prefix_decomposition` against the initial
+  model on the D1 tree, the model's mass outside the tree's alphabet as one extra outcome) and the
+  alignment ``sin(theta)`` of each interval's update with the tilting direction
+  (`theory.corrected.pooled_sin_theta`);
 * ``compare.json``, ``compare.md`` and ``compare.png`` (bound over measured degradation) in RUN.
 
 Approximations (the theory is about one distribution over responses; a real LLM conditions on
@@ -38,13 +42,14 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from sft.runs import RunFolderError, checkpoints, load_checkpoint, load_initial
+from sft.runs import RunFolderError, changed_files, checkpoints, load_checkpoint, load_initial
 
 from .compare_report import write_outputs
 
@@ -76,6 +81,14 @@ class CompareConfig:
     batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
     out: str | None = field(default=None, metadata={"help": "output folder; default RUN"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self):  # one validation layer: the range is in the message
+        from theory.checks import check_range
+
+        for name in ("limit", "depth", "max_length", "batch_size"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("alpha", self.alpha, 0, 1)
+        check_range("threshold", self.threshold, 0, 1, lo_open=True)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -113,7 +126,10 @@ def load_eval_set(spec: str, tokenizer, *, template: str | None = None, limit: i
         return EvalSet(spec, list(prompts[:n]), list(sols[:n]))
     if not Path(spec).exists():
         raise CompareError(f"evaluation set {spec!r}: no such file (or use 'humaneval[:N]')")
-    recs = read_jsonl(spec)
+    try:
+        recs = read_jsonl(spec)
+    except ValueError as exc:  # not JSON / not UTF-8: names line (and byte offset)
+        raise CompareError(str(exc)) from None
     if not recs:
         raise CompareError(f"{spec}: no rows")
     recs = recs[:limit] if limit else recs
@@ -185,7 +201,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     import torch
 
     from sft.treeprobs import TreeProbsError, build_empirical_trees
+    from theory.corrected import pooled_sin_theta
     from theory.estimate import estimate_constants, smoothed_target
+    from theory.prefix import prefix_decomposition, with_other
     from theory.tilting import fit_effective_step
 
     t0 = time.perf_counter()
@@ -193,6 +211,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     if not (run / "config.json").exists():
         raise CompareError(f"{run}: no config.json (not a run folder written by `talr train`)")
     config = json.loads((run / "config.json").read_text())
+    for msg in changed_files(config.get("data_files", {})):
+        warnings.warn(f"{run / 'config.json'}: {msg}; results may not match the training run", stacklevel=2)
     general_spec = cfg.general or config.get("general_eval")
     domain_spec = cfg.domain or config.get("domain_eval")
     for name, spec in (("general_eval", general_spec), ("domain_eval", domain_spec)):
@@ -231,8 +251,11 @@ def run_compare(cfg: CompareConfig) -> dict:
         model = load_checkpoint(folder, config)
         pt, lq = _measure(model, tok, general, domain, ts, cfg)
         fit = fit_effective_step(prev[active], lq.p2[active], logp2[active], weights=ts.p2.mass[active])
+        pd = prefix_decomposition(ts.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
         pt.update(step=step, checkpoint=folder.name, lam=fit.lam_pooled, eps=fit.eps_pooled,
-                  residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)))
+                  residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)),
+                  sin_theta=pooled_sin_theta(prev[active], lq.p2[active], logp2[active], ts.p2.mass[active]),
+                  prefix_bound_bits=pd.bound, prefix_delta_bits=pd.delta, prefix_chi2_bar=pd.chi2_bar)
         points.append(pt)
         prev = lq.p2
         del model

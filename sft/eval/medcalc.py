@@ -17,6 +17,14 @@ calling ``eval`` on model output:
   ``Lower Limit <= answer <= Upper Limit``;
 * anything unparsable is incorrect.
 
+Bounded work (model output is untrusted): judging one output costs O(len(output)) regex steps
+plus at most `MAX_EXPR_NODES` arithmetic operations on floats or small integers. The raw answer
+is refused (judged incorrect) above `MAX_ANSWER_CHARS` characters or with a digit run longer
+than `MAX_DIGITS`; ``**`` and ``pow`` are computed in floats (``pow(7, 10**8)`` overflows at
+once instead of building a 10^8-digit integer); ``round``'s digit count is limited; only the
+text up to the last ``}`` is searched for ``"answer": ...}`` (so every attempt that starts there
+succeeds, and the search is linear).
+
 Deviations from the official code, on purpose: (a) the ``(weeks, days)`` pattern requires a
 separator between the two numbers (the official pattern reads "14 weeks" as (1, 4)) and also
 accepts "4 weeks and 3 days"; (b) the answer is taken from the last ``<answer>..</answer>`` block
@@ -226,11 +234,13 @@ def write_sft_jsonl(rows: Iterable[dict], path: str | os.PathLike, *, form: str 
     ASSISTANT_PREFIX + target. form="prompt_completion": conversational
     ``{"prompt": [system, user], "completion": [assistant]}``, or, when `tokenizer` is given, plain
     strings ``{"prompt": chat_template + ASSISTANT_PREFIX, "completion": target}`` so the prefix is
-    part of the prompt as in Table 4. include_meta adds Row Number, Calculator ID and Note ID.
+    part of the prompt as in Table 4. form="template": ``{"note", "question", "completion"}``, the
+    fields of ``talr train --template medcalc`` (the template adds Table 4's prompt and prefix).
+    include_meta adds Row Number, Calculator ID and Note ID.
     The file is written to a temporary name and renamed, so a failure leaves nothing behind.
     """
-    if form not in ("messages", "prompt_completion"):
-        raise ValueError(f"form must be 'messages' or 'prompt_completion', got {form!r}")
+    if form not in ("messages", "prompt_completion", "template"):
+        raise ValueError(f"form must be 'messages', 'prompt_completion' or 'template', got {form!r}")
     lines = []
     for k, row in enumerate(rows):
         missing = [c for c in ("Patient Note", "Question", "Ground Truth Answer", "Ground Truth Explanation")
@@ -239,7 +249,9 @@ def write_sft_jsonl(rows: Iterable[dict], path: str | os.PathLike, *, form: str 
             raise MedCalcFormatError(f"row {k} (Row Number {row.get('Row Number', '?')}): missing field(s) {missing}")
         msgs = build_messages(row)
         target = sft_target(row)
-        if form == "messages":
+        if form == "template":
+            rec = {"note": row["Patient Note"], "question": row["Question"], "completion": target}
+        elif form == "messages":
             rec = {"messages": msgs + [{"role": "assistant", "content": ASSISTANT_PREFIX + target}]}
         elif tokenizer is None:
             rec = {"prompt": msgs, "completion": [{"role": "assistant", "content": ASSISTANT_PREFIX + target}]}
@@ -315,7 +327,16 @@ def split_by_note(rows: Sequence[dict], heldout_fraction: float = 0.2, seed: int
 
 
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
-_JSON_ANSWER = re.compile(r"""[Aa]nswer['"]\s*:\s*(.*?)\}""", re.S)
+_JSON_ANSWER = re.compile(r"""[Aa]nswer['"]\s*:\s*([^}]*)\}""")  # = the official (.*?)\} with re.S
+MAX_ANSWER_CHARS = 1000  # longer raw answers are judged incorrect (answers are numbers or dates)
+MAX_DIGITS = 40  # longest digit run accepted in a raw answer
+MAX_EXPR_NODES = 200  # AST nodes of a "str(<arithmetic>)" answer
+_LONG_DIGITS = re.compile(r"\d{%d}" % (MAX_DIGITS + 1))
+
+
+def _json_answers(text: str) -> list[str]:
+    end = text.rfind("}")
+    return _JSON_ANSWER.findall(text[: end + 1]) if end >= 0 else []
 _NUMBER = re.compile(r"(-?\d+(\.\d+)?)")
 
 
@@ -331,10 +352,10 @@ def extract_answer_text(text: str) -> str | None:
     blocks = _ANSWER_BLOCK.findall(text)
     if blocks:
         block = blocks[-1]
-        inner = _JSON_ANSWER.findall(block)
+        inner = _json_answers(block)
         found = inner[-1] if inner else block
     else:
-        anywhere = _JSON_ANSWER.findall(text)
+        anywhere = _json_answers(text)
         if anywhere:
             found = anywhere[-1]
         elif "\n" not in text.strip():
@@ -350,6 +371,8 @@ def extract_answer_text(text: str) -> str | None:
     found = found.strip().strip('"').strip("'").strip()
     if not found or found in _PLACEHOLDERS:
         return None
+    if len(found) > MAX_ANSWER_CHARS or _LONG_DIGITS.search(found):
+        return None  # bounded work: no real answer is this long
     return found
 
 
@@ -402,7 +425,7 @@ def _parse_decimal(s: str) -> float | None:
     """Official decimal extraction, with a safe arithmetic evaluator instead of eval."""
     m = re.search(r"str\((.*)\)", s)
     if m:
-        return _safe_arith(m.group(1))
+        return safe_arith(m.group(1))
     m = re.search(r"(-?\d+(\.\d+)?)\s*mL/min/1.73", s)
     if m:
         return float(m.group(1))
@@ -413,31 +436,50 @@ def _parse_decimal(s: str) -> float | None:
     return float(nums[-1][0]) if nums else None
 
 
+def _float_pow(a, b):
+    return float(a) ** float(b)  # OverflowError at once, never a huge integer
+
+
+def _round(x, ndigits=None):
+    if ndigits is None:
+        return round(float(x))
+    if not isinstance(ndigits, int) or abs(ndigits) > 20:
+        raise ValueError("round: ndigits must be an integer in [-20, 20]")
+    return round(float(x), ndigits)
+
+
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.Pow: operator.pow, ast.Mod: operator.mod}
-_FUNCS = {"round": round, "abs": abs, "min": min, "max": max, "pow": pow, "sqrt": math.sqrt,
+           ast.Div: operator.truediv, ast.Pow: _float_pow, ast.Mod: operator.mod}
+_FUNCS = {"round": _round, "abs": abs, "min": min, "max": max, "pow": _float_pow, "sqrt": math.sqrt,
           "log": math.log, "log10": math.log10, "exp": math.exp, "int": int, "float": float}
+_SMALL_INT = 2**53
 
 
-def _safe_arith(expr: str) -> float | None:
-    """Evaluate numbers, + - * / ** %, unary minus and a few math calls; anything else -> None."""
+def safe_arith(expr: str) -> float | None:
+    """Evaluate numbers, + - * / ** %, unary minus and a few math calls; anything else -> None.
+
+    Bounded: at most `MAX_EXPR_NODES` nodes; integer literals above 2**53 become floats, so the
+    only integers are products/sums of at most that many small ones; ``**``/``pow`` in floats.
+    """
     expr = expr.replace("^", "**").split("#")[0].replace("math.", "")
     expr += ")" * max(0, expr.count("(") - expr.count(")"))
+    if len(expr) > MAX_ANSWER_CHARS:
+        return None
     try:
         tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if sum(1 for _ in ast.walk(tree)) > MAX_EXPR_NODES:
         return None
 
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
+            v = node.value
+            return float(v) if isinstance(v, int) and abs(v) > _SMALL_INT else v
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
-                raise ValueError("exponent too large")
-            return _BINOPS[type(node.op)](left, right)
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = ev(node.operand)
             return -v if isinstance(node.op, ast.USub) else v

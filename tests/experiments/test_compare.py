@@ -65,6 +65,15 @@ def test_compare_end_to_end(trained_run, capsys):
     assert all(p["e3_bound_bits"] is not None and p["e3_bound_bits"] > 0 for p in pts[1:])
     # the E.3 bound grows with the accumulated steps
     assert pts[2]["e3_bound_bits"] >= pts[1]["e3_bound_bits"]
+    # the per-prefix decomposition reproduces the measured tree degradation and bounds it
+    for p in pts[1:]:
+        assert p["prefix_delta_bits"] == pytest.approx(p["dL_P1_tree_bits"], abs=1e-9)
+        assert p["prefix_bound_bits"] >= p["dL_P1_tree_bits"] - 1e-12
+        assert 0 <= p["sin_theta"] <= 1
+    if any(p["dL_P1_tree_bits"] > 1e-9 for p in pts[1:]):
+        assert "per-prefix bound / measured tree dL(P1)" in md and "violations 0" in md
+    else:
+        assert "per-prefix bound: no checkpoint with a positive measured tree dL(P1)" in md
     # the stored bounds are `bounds_at` (theory.bounds) of the stored steps, gains and constants
     from theory.bounds import Constants
 

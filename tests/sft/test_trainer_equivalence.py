@@ -89,3 +89,25 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert max(float((at4[k] - full[k]).abs().max()) for k in full if k in at4) > 1e-4
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "token_stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_kill_inside_a_checkpoint_save_then_resume_last_equals_uninterrupted(tmp_path):
+    """SIGKILL while checkpoint-4's optimizer.pt is half written: `last` skips it (with a warning),
+    resumes from checkpoint-2, and the run ends equal to the uninterrupted one."""
+    out = tmp_path / "killed" / "talr-micro"
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path / "killed"), "talr:micro", "--batch-size", "4", "--max-steps", "6",
+           "--save-steps", "2", "--kill-in-save", "4"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL inside the save
+    half = list(out.rglob("checkpoint-4/optimizer.pt"))
+    assert len(half) == 1 and half[0].stat().st_size > 0  # the kill did land inside the save
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        assert last_checkpoint(out).name == "checkpoint-2"
+    resumed = train(config(out, "talr", "micro", 4, 6, save_steps=2, resume="last"), make_model(), make_dataset(),
+                    pad_token_id=256)
+    assert resumed.status == "completed" and resumed.global_step == 6
+    full = _run(tmp_path / "full", "talr", "micro", batch_size=4, max_steps=6)
+    assert max_param_diff(params(resumed.model), full) < 1e-6
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    lines = (out / "token_stats.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,171 @@
+"""``talr forecast`` and ``talr advise``: predict a fine-tuning grid before training (`sft.forecast`).
+
+    talr forecast --model world:0 --out runs/fc
+    talr forecast --model PATH --domain d2.jsonl --general d1.jsonl --lrs 1e-5,3e-5,1e-4 --out runs/fc
+    talr advise --budget 2.0 --model world:0 --out runs/fc
+
+``--model world:N`` is the tiny-transformer world with seed N (D2 = its SFT set, D1 = samples of
+P1; ``--domain``/``--general`` are then not needed). Otherwise ``--model`` is a local HF folder,
+a ``.gguf`` file or ``tiny[:k=v]``, and both JSONL files are read by `sft.data` (completion-only
+labels: for D1 give general prompts with reference responses). Outputs in OUT: forecast.json,
+forecast.md (the table), tradeoff.png (the predicted trade-off plane). ``advise`` reuses
+OUT/forecast.json when it matches the inputs, else forecasts first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def _floats(text: str, name: str) -> tuple:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not (0 < v < 1) or not math.isfinite(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"--{name}: every value must be in (0, 1), got {text!r}")
+    return vals
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+METHODS = ("ce", "talr", "dft", "l2", "lora", "flow")  # = sft.forecast.METHODS (not imported: --help needs no torch)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="world:N (tiny world, seed N) | HF folder | file.gguf | tiny[:k=v]")
+    p.add_argument("--domain", help="D2: the SFT JSONL (not needed with world:N)")
+    p.add_argument("--general", help="D1: general JSONL with reference responses (not needed with world:N)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    p.add_argument("--lrs", type=lambda s: _floats(s, "lrs"), default=(3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3),
+                   help="comma-separated peak learning rates (default: 5 over two decades, 3e-5..3e-3)")
+    p.add_argument("--steps", type=_positive_int, default=150, help="optimizer steps T of each run")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step B")
+    p.add_argument("--seed", type=int, default=0, help="seed of the forecast's batches and probe")
+    p.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained tiny worlds (by config hash)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("forecast", help="predict every (method, lr)'s dL(P1) and domain gain before training",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.set_defaults(func=run_forecast)
+    a = sub.add_parser("advise", help="the (method, lr) with the largest predicted gain within a dL(P1) budget",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(a)
+    a.add_argument("--budget", type=float, required=True, help="largest acceptable dL(P1), bits per sequence")
+    a.set_defaults(func=run_advise)
+
+
+def _inputs(args):
+    """(model0, d2 examples, d1 examples, pad id, the D1 sample as a `SampleTree` or None)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if args.model.startswith("world:"):
+        from experiments.studies.forecast import general_sample, general_tree
+        from sft.worlds import WorldConfig, build_world, pretrain
+
+        try:
+            seed = int(args.model.split(":", 1)[1])
+        except ValueError:
+            raise SystemExit(f"--model {args.model!r}: expected world:N with an integer N") from None
+        world = build_world(WorldConfig.default(variant="cot", seed=seed))
+        model0, _ = pretrain(world, args.cache_dir)
+        return model0, world.d2_train, general_sample(world, 128), world.pad_id, general_tree(world, 128)
+    if not args.domain or not args.general:
+        raise SystemExit("--domain and --general are required unless --model is world:N")
+    from sft.data import DataError, load_sft_dataset
+    from sft.models import byte_tokenizer, load_model, load_tokenizer
+
+    tok = load_tokenizer(args.model) or byte_tokenizer()  # tiny models: the offline byte tokenizer
+    try:
+        d2 = load_sft_dataset(args.domain, tok)
+        d1 = load_sft_dataset(args.general, tok)
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"talr forecast: {exc}") from None
+    if len(d2) < args.batch_size:
+        raise SystemExit(f"talr forecast: {args.domain} has {len(d2)} usable examples < --batch-size {args.batch_size}")
+    model0 = load_model(args.model, seed=args.seed)
+    if args.model.startswith("tiny") and model0.config.vocab_size < len(tok):
+        model0.resize_token_embeddings(len(tok))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return model0, [d2[i] for i in range(len(d2))], [d1[i] for i in range(len(d1))], pad, None
+
+
+def _config(args, pad):
+    from sft.forecast import ForecastConfig
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    return ForecastConfig(methods=methods, lrs=tuple(args.lrs), steps=args.steps, batch=args.batch_size,
+                          seed=args.seed, pad_token_id=pad)
+
+
+def _request(args) -> dict:
+    return {"model": args.model, "domain": args.domain, "general": args.general, "methods": args.methods,
+            "lrs": list(args.lrs), "steps": args.steps, "batch": args.batch_size, "seed": args.seed}
+
+
+def forecast_to(args) -> dict:
+    """Forecast into ``args.out`` (or reuse a matching forecast.json there)."""
+    from experiments.outputs import markdown_table, write_json, write_text
+    from experiments.studies.forecast_report import tradeoff_figure
+    from sft.forecast_run import forecast_grid
+
+    out = Path(args.out)
+    path = out / "forecast.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("request") == _request(args):
+            return old
+    try:
+        cfg_probe = _config(args, 0)  # validates methods before any model is loaded
+    except ValueError as exc:
+        raise SystemExit(f"talr forecast: {exc}") from None
+    del cfg_probe
+    model0, d2, d1, pad, tree = _inputs(args)
+    res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree)
+    res["request"] = _request(args)
+    write_json(path, res)
+    rows = res["rows"]
+    txt = (f"# Forecast ({args.model}, T = {args.steps}, B = {args.batch_size})\n\ncompute ratio "
+           f"{res['compute']['compute_ratio']:.3f} ({res['compute']['unit']}; forecast of the whole grid / one "
+           "training run)\n\n" + markdown_table(["method", "lr", "predicted dL(P1) bits", "predicted domain gain bits"],
+                                           [[r["method"], r["lr"], r["dL_P1_bits"], r["domain_gain_bits"]] for r in rows]) + "\n")
+    write_text(out / "forecast.md", txt)
+    tradeoff_figure(out / "tradeoff.png", rows)
+    return json.loads(path.read_text())
+
+
+def run_forecast(args) -> int:
+    res = forecast_to(args)
+    print(Path(args.out, "forecast.md").read_text())
+    return 0 if res["rows"] else 1
+
+
+def run_advise(args) -> int:
+    from sft.forecast import advise
+
+    if not math.isfinite(args.budget) or args.budget <= 0:
+        raise SystemExit(f"--budget must be a positive number of bits, got {args.budget}")
+    res = forecast_to(args)
+    best, second = advise(res["rows"], args.budget)
+    if best is None:
+        low = min(res["rows"], key=lambda r: r["dL_P1_bits"])
+        print(f"no configuration is predicted within {args.budget:g} bits; the smallest predicted dL(P1) is "
+              f"{low['dL_P1_bits']:.3g} bits ({low['method']} at lr {low['lr']:g})")
+        return 1
+    for tag, r in (("advice", best), ("runner-up", second)):
+        if r is not None:
+            print(f"{tag}: {r['method']} at lr {r['lr']:g}: predicted domain gain {r['domain_gain_bits']:.3g} bits, "
+                  f"predicted dL(P1) {r['dL_P1_bits']:.3g} bits (budget {args.budget:g})")
+    return 0

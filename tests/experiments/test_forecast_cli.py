@@ -1,0 +1,75 @@
+"""`talr forecast` / `talr advise` on a tiny random model and JSONL files (the real-LLM path)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiments.cli import main
+
+torch.set_num_threads(1)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fc")
+    dom = _jsonl(d / "d2.jsonl", [{"prompt": f"add {i} and {i}", "completion": f"= {2 * i}"} for i in range(12)])
+    gen = _jsonl(d / "d1.jsonl", [{"prompt": "say", "completion": f"word {i} again"} for i in range(8)])
+    return d, dom, gen
+
+
+def _args(d, dom, gen, *extra):
+    return ["--model", "tiny", "--domain", dom, "--general", gen, "--methods", "ce,l2", "--lrs", "1e-3,1e-2",
+            "--steps", "4", "--batch-size", "2", "--out", str(d / "out"), "--no-progress", *extra]
+
+
+def test_forecast_writes_table_and_plane_and_advise_reuses_it(files, capsys):
+    d, dom, gen = files
+    assert main(["forecast", *_args(d, dom, gen)]) == 0
+    res = json.loads((d / "out" / "forecast.json").read_text())
+    assert [(r["method"], r["lr"]) for r in res["rows"]] == [("ce", 1e-3), ("ce", 1e-2), ("l2", 1e-3), ("l2", 1e-2)]
+    assert (d / "out" / "forecast.md").read_text().count("| ce |") == 2
+    assert (d / "out" / "tradeoff.png").stat().st_size > 0
+    mtime = (d / "out" / "forecast.json").stat().st_mtime_ns
+    big = max(r["dL_P1_bits"] for r in res["rows"]) + 1.0
+    capsys.readouterr()
+    assert main(["advise", "--budget", str(big), *_args(d, dom, gen)]) == 0
+    out = capsys.readouterr().out
+    best = max(res["rows"], key=lambda r: r["domain_gain_bits"])
+    assert out.startswith("advice: ") and "runner-up: " in out
+    assert (d / "out" / "forecast.json").stat().st_mtime_ns == mtime  # reused, not recomputed
+    low = min(r["dL_P1_bits"] for r in res["rows"])
+    if low > 0:
+        assert main(["advise", "--budget", str(low / 2), *_args(d, dom, gen)]) == 1  # nothing feasible
+    assert best["domain_gain_bits"] >= min(r["domain_gain_bits"] for r in res["rows"])
+
+
+def test_bad_options_are_rejected(files):
+    d, dom, gen = files
+    base = ["--model", "tiny", "--domain", dom, "--general", gen, "--steps", "4", "--batch-size", "2",
+            "--no-progress"]
+    with pytest.raises(SystemExit):  # argparse: not a number
+        main(["forecast", *base, "--lrs", "0.1,abc", "--out", str(d / "bad1")])
+    with pytest.raises(SystemExit):  # argparse: a rate outside (0, 1)
+        main(["forecast", *base, "--lrs", "0.1,3", "--out", str(d / "bad1")])
+    with pytest.raises(SystemExit, match="budget"):
+        main(["advise", *base, "--budget", "-1", "--out", str(d / "bad1")])
+    with pytest.raises(SystemExit, match="methods"):
+        main(["forecast", *base, "--methods", "ce,sgd", "--out", str(d / "bad2")])
+    with pytest.raises(SystemExit, match="missing.jsonl"):
+        main(["forecast", *base[:3], str(d / "missing.jsonl"), *base[4:], "--out", str(d / "bad3")])
+    for name in ("bad1", "bad2", "bad3"):
+        assert not (d / name / "forecast.json").exists()
+
+
+def test_command_method_list_matches_the_library():
+    from experiments.commands.forecast import METHODS as CLI_METHODS
+    from sft.forecast import METHODS
+
+    assert CLI_METHODS == METHODS

@@ -1,0 +1,128 @@
+"""sft.forecast: the optimiser replay, the compute accounting, the advisor, and a forecast on
+the smoke world."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sft.forecast import (GroupGradients, ComputeMeter, ForecastConfig, advise, cosine_lrs, gradient_scale,
+                          replay_adam, replay_lora, training_run_units)
+
+
+def _gg(g: torch.Tensor, ce_mean=None, ell0=(1.0, 5.0)) -> GroupGradients:
+    n_b, K, P = g.shape
+    return GroupGradients(g=g, ce_mean=torch.zeros(K, P) if ce_mean is None else ce_mean,
+                          ell0=torch.tensor(ell0, dtype=torch.float64), tau=1.0,
+                          tokens_per_seq=torch.ones(K, dtype=torch.float64))
+
+
+def test_cosine_schedule_matches_trainer():
+    lrs = cosine_lrs(1e-3, 4)
+    assert lrs == pytest.approx([1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 1e-3 * (1 + np.cos(3 * np.pi / 4)) / 2])
+
+
+def test_adam_first_step_is_lr_sign_and_linear_in_lr():
+    g = torch.tensor([[[0.3, -0.02, 0.0]], [[0.3, -0.02, 0.0]]])  # [n_b=2, K=1, P=3]
+    gg = _gg(g, ell0=(1.0,))
+    d1, _ = replay_adam(gg, "ce", np.array([0.1]), np.array([0]), track=False)
+    assert d1.tolist() == pytest.approx([-0.1, 0.1, 0.0], abs=1e-6)  # Adam's first step: lr * sign(g)
+    da, _ = replay_adam(gg, "ce", cosine_lrs(1e-3, 20), np.zeros(20, int), track=False)
+    db, _ = replay_adam(gg, "ce", cosine_lrs(2e-3, 20), np.zeros(20, int), track=False)
+    assert db.tolist() == pytest.approx((2 * da).tolist(), rel=1e-5)  # frozen replay: displacement ~ lr
+
+
+def test_l2_pull_shrinks_the_displacement_and_clipping_applies():
+    g = torch.full((1, 1, 4), 0.01)
+    gg = _gg(g, ell0=(1.0,))
+    lrs, order = np.full(200, 0.05), np.zeros(200, int)
+    free, _ = replay_adam(gg, "ce", lrs, order, track=False)
+    pulled, _ = replay_adam(gg, "l2", lrs, order, l2_coeff=1.0, track=False)
+    assert float(pulled.norm()) < 0.5 * float(free.norm())
+
+
+def test_gradient_scale_follows_the_logit_gradient():
+    ell0 = torch.tensor([0.5, 8.0], dtype=torch.float64)
+    assert gradient_scale("ce", ell0, ell0, 1.0).tolist() == pytest.approx([1.0, 1.0])
+    # CE: (1 - p) / (1 - p0), p = exp(-ell)
+    r = gradient_scale("ce", torch.tensor([0.1, 8.0], dtype=torch.float64), ell0, 1.0)
+    assert float(r[0]) == pytest.approx((1 - np.exp(-0.1)) / (1 - np.exp(-0.5)))
+    # DFT's weight p grows as the loss falls: the scale exceeds 1
+    assert float(gradient_scale("dft", torch.tensor([0.5, 4.0], dtype=torch.float64), ell0, 1.0)[1]) > 1.0
+
+
+def test_tracker_slows_the_replay_once_the_domain_is_learned():
+    g = torch.full((1, 1, 4), 0.1)
+    ce_mean = torch.full((1, 4), 0.1)  # moving along -g lowers the loss
+    gg = _gg(g, ce_mean=ce_mean, ell0=(0.5,))
+    lrs, order = np.full(100, 0.5), np.zeros(100, int)
+    frozen, _ = replay_adam(gg, "ce", lrs, order, track=False)
+    tracked, ell = replay_adam(gg, "ce", lrs, order, track=True)
+    assert float(tracked.norm()) < 0.5 * float(frozen.norm())
+    assert float(ell[0]) < 0.5
+
+
+def test_lora_replay_is_low_rank():
+    torch.manual_seed(0)
+    o, i, r = 6, 5, 2
+    g = torch.randn(3, 1, o * i)
+    layout = [(0, o, i, 0)]
+    delta, _ = replay_lora(_gg(g, ell0=(1.0,)), layout, np.full(10, 1e-2), np.arange(10) % 3, r=r, alpha=4,
+                           track=False)
+    W = delta.reshape(o, i)
+    assert float(W.norm()) > 0
+    assert int(torch.linalg.matrix_rank(W, atol=1e-7)) <= r
+
+
+def test_compute_accounting():
+    m = ComputeMeter()
+    m.forward(10)
+    m.forward_backward(10)
+    assert m.units == 40.0
+    ex = [{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3, 4, 5]}]
+    assert training_run_units(ex, steps=10, batch=2) == 3 * 10 * 2 * 4.0
+
+
+def test_advise_on_a_hand_made_table():
+    rows = [{"method": "ce", "lr": 1e-4, "dL_P1_bits": 0.5, "domain_gain_bits": 5.0},
+            {"method": "ce", "lr": 3e-4, "dL_P1_bits": 2.0, "domain_gain_bits": 9.0},
+            {"method": "talr", "lr": 3e-4, "dL_P1_bits": 1.0, "domain_gain_bits": 7.0},
+            {"method": "l2", "lr": 3e-4, "dL_P1_bits": 0.9, "domain_gain_bits": 7.02}]
+    best, second = advise(rows, 1.5)
+    assert (best["method"], second["method"]) == ("l2", "talr")  # 7.02 and 7.0 tie within 1%: less dL first
+    best, second = advise(rows, 1.5, gain_tol=0.0)
+    assert (best["method"], second["method"]) == ("l2", "talr")
+    assert advise(rows, 5.0)[0]["lr"] == 3e-4 and advise(rows, 5.0)[0]["method"] == "ce"
+    assert advise(rows, 0.1) == (None, None)
+
+
+def test_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="methods"):
+        ForecastConfig(methods=("ce", "adam"))
+    with pytest.raises(ValueError, match="lrs"):
+        ForecastConfig(lrs=(1e-3, 2.0))
+    with pytest.raises(ValueError, match="steps"):
+        ForecastConfig(steps=0)
+
+
+def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
+    from experiments.studies.forecast import general_sample
+    from sft.forecast_run import forecast_grid
+
+    model, _, _ = pretrained
+    w = smoke_world
+    cfg = ForecastConfig(methods=("ce", "talr"), lrs=(3e-4, 1e-3, 3e-3), steps=20, batch=8, n_batches=2,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+    res = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
+    ce = [r for r in res["rows"] if r["method"] == "ce"]
+    assert len(res["rows"]) == 6
+    dls = [r["dL_P1_bits"] for r in ce]
+    gains = [r["domain_gain_bits"] for r in ce]
+    assert dls[0] < dls[1] < dls[2]
+    assert gains[0] <= gains[1] <= gains[2] and gains[0] > 0
+    c = res["compute"]
+    assert c["compute_ratio"] == pytest.approx(c["forecast_units"] / c["training_run_units"])
+    assert c["training_run_units"] == pytest.approx(training_run_units(w.d2_train, 20, 8))
+    # the model is untouched by the forecast
+    res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
+    assert [r["dL_P1_bits"] for r in res2["rows"]] == pytest.approx([r["dL_P1_bits"] for r in res["rows"]])

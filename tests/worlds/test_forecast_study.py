@@ -1,0 +1,30 @@
+"""`talr study forecast` end to end on a tiny grid: summary keys, caching, files."""
+from __future__ import annotations
+
+import json
+import math
+
+from experiments.studies.forecast import make_config, run_study
+
+
+def test_study_smoke_writes_summary_and_resumes(pretrained, tmp_path):
+    _, _, cache = pretrained
+    cfg = make_config("smoke", out=str(tmp_path / "study"), cache_dir=str(cache), methods=("ce", "l2"),
+                      lrs=(1e-3, 1e-2), seeds=(0, 1), progress=False, world_overrides={"pretrain_steps": 150})
+    s = run_study(cfg)
+    assert s["n_configs"] == 4 and s["n_runs"] == 8
+    for k in ("spearman", "spearman_within_lr", "spearman_ceiling", "within_2x", "advisor_hit_rate",
+              "advisor_within_budget", "compute_ratio"):
+        assert k in s
+    assert set(s["baselines"]) == {"lr_alone", "paper_rule", "finch", "power_law", "kl_domain_after"}
+    assert math.isfinite(s["compute_ratio"]) and s["compute_ratio"] > 0
+    out = tmp_path / "study"
+    for name in ("summary.json", "table.md", "forecast_vs_measured.png", "tradeoff.png", "forecast.json"):
+        assert (out / name).stat().st_size > 0
+    json.loads((out / "summary.json").read_text())  # strict JSON
+    runs = sorted((out / "runs").glob("*.json"))
+    assert len(runs) == 8
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    s2 = run_study(cfg)  # everything cached: no run is redone
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    assert s2["spearman"] == s["spearman"] or (math.isnan(s2["spearman"]) and math.isnan(s["spearman"]))

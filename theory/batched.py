@@ -1,0 +1,190 @@
+"""Batches of exact worlds on one complete tree, as arrays ``[B, N, K]`` (vectorised checks).
+
+The claims ledger checks each statement on >= 1000 random instances; one Python loop per
+instance would take minutes, so here ``B`` worlds share the complete topology of
+``theory.simulate`` (all ``V`` children at every node up to ``depth``, EOS forced there) and
+every quantity is one numpy expression over the batch. Natural logs (nats) throughout.
+
+Arrays: ``log-conditionals [B, N, K]`` (``K = V + 1``, EOS last; forced-end rows are the
+EOS one-hot ``[-inf, ..., 0]``), prefix masses ``[B, N]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .simulate import _complete_tree
+from .tree import TokenTree
+
+__all__ = [
+    "BatchWorld",
+    "random_batch",
+    "log_softmax_rows",
+    "prefix_log_mass",
+    "chain_kl",
+    "leaf_log_prob_b",
+    "chi2_seq",
+    "tilt_b",
+    "node_weights",
+    "SHAPES",
+    "batches",
+    "smoothed_b",
+    "seq_moments",
+]
+
+
+@dataclass
+class BatchWorld:
+    """``B`` exact worlds on one complete topology ``tree``.
+
+    ``logp1``, ``logp2``, ``logq0``: ``[B, N, K]``; ``hard`` ``[B, depth]`` marks the hard
+    levels (P2 puts ``hard_mass`` on P1's least likely token there)."""
+
+    tree: TokenTree
+    logp1: np.ndarray
+    logp2: np.ndarray
+    logq0: np.ndarray
+    hard: np.ndarray
+
+    @property
+    def coded(self) -> np.ndarray:
+        return ~self.tree.forced_end()
+
+
+def log_softmax_rows(x: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis (``-inf`` entries stay ``-inf``)."""
+    mx = np.max(x, axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    z = x - mx
+    with np.errstate(divide="ignore"):
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _forced_rows(tree: TokenTree, arr: np.ndarray) -> np.ndarray:
+    K = tree.vocab_size + 1
+    out = arr.copy()
+    row = np.full(K, -np.inf)
+    row[-1] = 0.0
+    out[..., tree.forced_end(), :] = row
+    return out
+
+
+def random_batch(
+    rng: np.random.Generator, B: int, V: int, depth: int, *, hard_mass=(0.5, 0.95),
+    eos_prob=(0.01, 0.3), q_noise=(0.0, 1.0), concentration=(0.3, 3.0), independent: bool = False,
+) -> BatchWorld:
+    """``B`` random worlds in the manner of :func:`theory.simulate.make_world`, each with its
+    own hard levels (``n_hard`` uniform in ``0..depth``), hard mass, EOS probability, model
+    noise and Dirichlet concentration (drawn uniformly from the given ranges).
+
+    ``independent=True``: P2 and the model are drawn independently of P1 and of each other
+    (Dirichlet conditionals, floored at 0.001/K) -- general pairs, for statements the paper
+    makes for *any* Q and P2 (the oracle inequality)."""
+    tree = _complete_tree(V, depth)
+    N, K = tree.n_nodes, V + 1
+    u = lambda r: rng.uniform(r[0], r[1], size=(B, 1, 1))  # noqa: E731
+    conc, eos, noise, hm = u(concentration), u(eos_prob), u(q_noise), u(hard_mass)
+    g = rng.gamma(np.broadcast_to(conc, (B, N, V)))
+    tok = g / g.sum(-1, keepdims=True)
+    tok = 0.98 * tok + 0.02 / V
+    p1 = np.concatenate([(1 - eos) * tok, np.broadcast_to(eos, (B, N, 1))], axis=-1)
+    n_hard = rng.integers(0, depth + 1, size=B)
+    order = np.argsort(rng.random((B, depth)), axis=1)
+    hard = np.zeros((B, depth), dtype=bool)
+    rows = np.repeat(np.arange(B), depth)
+    hard[rows, order.ravel()] = (np.tile(np.arange(depth), B) < np.repeat(n_hard, depth))
+    node_hard = hard[:, np.minimum(tree.depth, depth - 1)] & (tree.depth < depth)[None, :]  # [B, N]
+    ht = np.argmin(p1[..., :V], axis=-1)  # [B, N]
+    onehot = np.eye(K)[ht]  # [B, N, K]
+    rest = p1 * (1 - onehot)
+    rest = rest * (1 - hm) / rest.sum(-1, keepdims=True) + onehot * hm
+    p2 = np.where(node_hard[..., None], rest, p1)
+    with np.errstate(divide="ignore"):
+        logp1, logp2 = _forced_rows(tree, np.log(p1)), _forced_rows(tree, np.log(p2))
+    logq0 = _forced_rows(tree, log_softmax_rows(np.log(p1) + noise * rng.standard_normal((B, N, K))))
+    if independent:
+        def draw():
+            g = rng.gamma(np.broadcast_to(conc, (B, N, K)))
+            return _forced_rows(tree, np.log(0.999 * g / g.sum(-1, keepdims=True) + 0.001 / K))
+        logp2, logq0 = draw(), draw()
+    return BatchWorld(tree, logp1, logp2, logq0, hard)
+
+
+def prefix_log_mass(tree: TokenTree, logc: np.ndarray) -> np.ndarray:
+    """``log P(u)`` ``[B, N]`` from log-conditionals ``[B, N, K]`` (one pass per level)."""
+    out = np.zeros(logc.shape[:-1])
+    for sl in tree.level_slices()[1:]:
+        par = tree.parent[sl]
+        out[..., sl] = out[..., par] + logc[..., par, tree.token[sl]]
+    return out
+
+
+def node_weights(tree: TokenTree, logc: np.ndarray) -> np.ndarray:
+    """``P(u)`` at coded prefixes, 0 at forced ends ``[B, N]`` (the chain-rule weights)."""
+    return np.exp(prefix_log_mass(tree, logc)) * (~tree.forced_end())
+
+
+def _row_kl(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    p = np.exp(logp)
+    with np.errstate(invalid="ignore"):
+        t = np.where(p > 0, p * (logp - logq), 0.0)
+    return t.sum(-1)
+
+
+def chain_kl(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, weights_from=None) -> np.ndarray:
+    """``KL(P || Q) = sum_u P(u) KL(p_u || q_u)`` ``[B]`` (chain rule, exact on the
+    complete tree). ``weights_from``: log-conditionals whose prefix masses weight the nodes
+    (default ``logp``, i.e. the KL; pass another to get ``sum_u R(u) KL(p_u||q_u)``)."""
+    w = node_weights(tree, logp if weights_from is None else weights_from)
+    return (w * _row_kl(logp, logq)).sum(-1)
+
+
+def leaf_log_prob_b(tree: TokenTree, logc: np.ndarray) -> np.ndarray:
+    """``log P(z)`` of the response ending at each node ``[B, N]`` (forced EOS costs 0)."""
+    eos = np.where(tree.forced_end(), 0.0, logc[..., -1])
+    return prefix_log_mass(tree, logc) + eos
+
+
+def chi2_seq(tree: TokenTree, logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """Whole-response ``chi2(P || Q) = sum_z P(z)^2 / Q(z) - 1`` ``[B]``."""
+    lp, lq = leaf_log_prob_b(tree, logp), leaf_log_prob_b(tree, logq)
+    return np.exp(2 * lp - lq).sum(-1) - 1.0
+
+
+def tilt_b(tree: TokenTree, logq: np.ndarray, logp: np.ndarray, lam) -> np.ndarray:
+    """Per-prefix tilting (Definition B.3) of every world at once; ``lam`` scalar or ``[B]``."""
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1, 1, 1) if np.ndim(lam) else float(lam)
+    with np.errstate(invalid="ignore"):
+        mixed = (1 - lam) * logq + lam * logp
+    return _forced_rows(tree, log_softmax_rows(np.where(np.isnan(mixed), -np.inf, mixed)))
+
+
+SHAPES = ((1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2), (1, 3), (2, 3))  # (V, depth)
+
+
+def batches(rng: np.random.Generator, n: int, shapes=SHAPES, **kw):
+    """``n`` random worlds split over the ``(V, depth)`` shapes (one :class:`BatchWorld` each)."""
+    sizes = np.full(len(shapes), n // len(shapes))
+    sizes[: n % len(shapes)] += 1
+    for (V, depth), b in zip(shapes, sizes):
+        if b:
+            yield random_batch(rng, int(b), V, depth, **kw)
+
+
+def smoothed_b(tree: TokenTree, logp: np.ndarray, alpha) -> np.ndarray:
+    """``log((1 - alpha) p + alpha / K)`` at coded rows (Assumption B.1, uniform rho);
+    ``alpha`` scalar or ``[B]``."""
+    a = np.asarray(alpha, dtype=np.float64).reshape(-1, 1, 1) if np.ndim(alpha) else float(alpha)
+    K = logp.shape[-1]
+    with np.errstate(divide="ignore"):
+        return _forced_rows(tree, np.log((1 - a) * np.exp(logp) + a / K))
+
+
+def seq_moments(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, F: np.ndarray) -> tuple:
+    """``(E_P F, E_Q F, Var_Q F)`` ``[B]`` for a function ``F`` ``[B, N]`` of the response
+    ending at each node (exact: the complete tree holds both supports)."""
+    P = np.exp(leaf_log_prob_b(tree, logp))
+    Q = np.exp(leaf_log_prob_b(tree, logq))
+    EQ = (Q * F).sum(-1)
+    return (P * F).sum(-1), EQ, np.maximum((Q * F * F).sum(-1) - EQ**2, 0.0)
