@@ -278,18 +278,39 @@ def matmul_gflops(n: int = 1024, reps: int = 4) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+TREE_DEPTH = 16  # depth d of the empirical trees (as `talr compare` builds them, its default)
+
+
+def general_trees(tok, data: StudyData, model_vocab: int):
+    """Empirical token trees (`sft.treeprobs`, restricted alphabet + other, depth 16) of the general
+    set (HumanEval solutions given prompts, GSM8K questions); the domain side (two held-out rows)
+    only completes the pair the bridge builds."""
+    from sft.treeprobs import build_empirical_trees
+
+    he_p, he_s = data.humaneval
+    general = (list(he_p) + [None] * len(data.gsm8k), list(he_s) + list(data.gsm8k))
+    prompts, comps = data.eval_texts["label"]
+    return build_empirical_trees(tok, general, (prompts[:2], comps[:2]), depth=TREE_DEPTH, model_vocab=model_vocab)
+
+
+def prefix_bound(trees, logq0, model) -> dict:
+    """The per-prefix bound (Proposition 3.1 node by node, `theory.prefix.prefix_decomposition`) of
+    the general tree's Delta L(P1) from the base conditionals ``logq0`` to ``model``'s, in bits."""
+    from sft.treeprobs import empirical_tree_logprobs
+    from theory.prefix import prefix_decomposition, with_other
+
+    lq = empirical_tree_logprobs(model, trees)
+    pd = prefix_decomposition(trees.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
+    return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "depth": trees.depth}
+
+
 def bound_over_measured(run: dict, base: dict) -> float | None:
-    """The per-prefix bound over the measured degradation on the empirical trees; None until
-    ``sft.treeprobs`` and ``theory.bounds.prefix_decomposition`` exist."""
-    import importlib.util
-
-    if importlib.util.find_spec("sft.treeprobs") is None:
+    """The per-prefix bound over the measured Delta L(P1) on the empirical general tree; None when
+    the run was evaluated before the bound existed or the measured change is not a degradation."""
+    pb = run.get("prefix")
+    if not pb or pb["delta_bits"] <= 0:
         return None
-    from theory import bounds
-
-    if not hasattr(bounds, "prefix_decomposition"):
-        return None
-    return None  # the bridge exists: wire compare's empirical trees here
+    return pb["bound_bits"] / pb["delta_bits"]
 
 
 def forecast_general_delta_bits(run: dict, base: dict) -> float | None:
@@ -348,6 +369,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     log(f"loaded {desc} in {time.perf_counter() - t0:.0f} s")
     data = prepare_data(cfg, tok)
     peak = matmul_gflops()
+    from sft.treeprobs import empirical_tree_logprobs
+
+    trees = general_trees(tok, data, base.get_output_embeddings().weight.shape[0])
+    logq0 = empirical_tree_logprobs(base, trees)
     dkey = {**cfg.data_key(), "model_desc": desc}
     dhash = key_of(dkey)
     n_params = sum(p.numel() for p in base.parameters())
@@ -387,8 +412,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         if not rpath.exists():
             t = time.perf_counter()
             ev = evaluate_model(tuned, tok, cfg, data, variants=(e.variant,), log=log)
+            pb = prefix_bound(trees, logq0, tuned)
             atomic_write_json(rpath, {"kind": "run", "data_key": dhash, "entry": asdict(e), "train": rec, "eval": ev,
-                                      "eval_seconds": time.perf_counter() - t})
+                                      "prefix": pb, "eval_seconds": time.perf_counter() - t})
             log(f"{e.name}: evaluated in {time.perf_counter() - t:.0f} s: acc {ev[e.variant]['domain_acc']:.3f}")
         bar.update(1)
         if e.wise:
@@ -398,7 +424,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
                 if not wise_paths[a].exists():
                     ev = evaluate_model(m, tok, cfg, data, variants=(e.variant,), log=log)
                     atomic_write_json(wise_paths[a], {"kind": "wise", "data_key": dhash, "entry": asdict(e),
-                                                      "alpha": a, "eval": ev})
+                                                      "alpha": a, "eval": ev, "prefix": prefix_bound(trees, logq0, m)})
                     log(f"{e.name} WiSE-FT alpha={a:g}: acc {ev[e.variant]['domain_acc']:.3f}")
                 bar.update(1)
                 del m

@@ -62,7 +62,10 @@ def run_record(rec: dict, base: dict, steps: int) -> dict:
                    tokens_per_s=t["tokens_per_s"], mfu=t["mfu"], tau_first=taus[0] if taus else None,
                    tau_last=taus[-1] if taus else None, frac_p_gt_02_first=fr[0] if fr else None,
                    frac_p_gt_02_last=fr[-1] if fr else None)
-    row["bound_over_measured"] = bound_over_measured(row, base)
+    pb = rec.get("prefix")
+    row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
+    row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
+    row["bound_over_measured"] = bound_over_measured({"prefix": pb}, base)
     row["forecast_general_delta_bits"] = forecast_general_delta_bits(row, base)
     return row
 
