@@ -95,17 +95,17 @@ def _small_grid() -> tuple:
 
 
 def _default_grid() -> tuple:
-    """Most informative first (a report from a partial grid is still useful): label-only CE and
-    TALR at the large rate with WiSE-FT (evaluation only, cheap), CoT at the large rate, the other
-    rates and baselines; CoT evaluations cost ~3x label-only ones (long generations)."""
+    """Most informative per minute first (a report from a partial grid is still useful): label-only
+    CE and TALR at the large rate with WiSE-FT (evaluation only), the other label-only rates and
+    baselines, then CoT (its evaluations cost ~3x label-only ones: long generations)."""
     hi, mid, lo = LRS[::-1]
     w = (0.25, 0.5, 0.75)
     g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=w), Entry("label", "ce", lo, wise=(0.5,)),
-         Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi), Entry("label", "talr", lo),
-         Entry("label", "l2", hi), Entry("label", "lora", 1e-3), Entry("label", "ce", mid, wise=(0.5,)),
-         Entry("label", "talr", mid), Entry("cot", "ce", lo), Entry("cot", "talr", lo), Entry("label", "dft", hi),
-         Entry("cot", "ce", mid), Entry("cot", "talr", mid), Entry("cot", "l2", hi), Entry("cot", "lora", 1e-3),
-         Entry("cot", "dft", hi)]
+         Entry("label", "talr", lo), Entry("label", "l2", hi), Entry("label", "lora", 1e-3),
+         Entry("label", "ce", mid, wise=(0.5,)), Entry("label", "talr", mid), Entry("cot", "talr", hi),
+         Entry("cot", "ce", hi, wise=(0.5,)), Entry("label", "dft", hi), Entry("cot", "ce", lo),
+         Entry("cot", "talr", lo), Entry("cot", "ce", mid), Entry("cot", "talr", mid), Entry("cot", "l2", hi),
+         Entry("cot", "lora", 1e-3), Entry("cot", "dft", hi)]
     return tuple(g)
 
 
