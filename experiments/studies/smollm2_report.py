@@ -59,7 +59,8 @@ def run_record(rec: dict, base: dict, steps: int) -> dict:
         taus = [x for x in t["tau"] if x is not None and x == x]
         fr = [x for x in t["frac_p_gt_0.2"] if x is not None]
         row.update(status=t["status"], train_loss=t["train_loss"], train_seconds=t["train_seconds"],
-                   tokens_per_s=t["tokens_per_s"], mfu=t["mfu"], tau_first=taus[0] if taus else None,
+                   tokens_per_s=t["tokens_per_s"], mfu=t["mfu"], matmul_gflops=t.get("matmul_gflops"),
+                   model_gflops_per_s=t.get("model_gflops_per_s"), tau_first=taus[0] if taus else None,
                    tau_last=taus[-1] if taus else None, frac_p_gt_02_first=fr[0] if fr else None,
                    frac_p_gt_02_last=fr[-1] if fr else None)
     pb = rec.get("prefix")
