@@ -102,8 +102,8 @@ def _default_grid() -> tuple:
     w = (0.25, 0.5, 0.75)
     g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=w), Entry("label", "ce", lo, wise=(0.5,)),
          Entry("label", "talr", lo), Entry("label", "l2", hi), Entry("label", "lora", 1e-3),
-         Entry("label", "ce", mid, wise=(0.5,)), Entry("label", "talr", mid), Entry("cot", "talr", hi),
-         Entry("cot", "ce", hi, wise=(0.5,)), Entry("label", "dft", hi), Entry("cot", "ce", lo),
+         Entry("label", "ce", mid, wise=(0.5,)), Entry("label", "talr", mid), Entry("label", "dft", hi),
+         Entry("cot", "talr", hi), Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "ce", lo),
          Entry("cot", "talr", lo), Entry("cot", "ce", mid), Entry("cot", "talr", mid), Entry("cot", "l2", hi),
          Entry("cot", "lora", 1e-3), Entry("cot", "dft", hi)]
     return tuple(g)
