@@ -327,7 +327,7 @@ def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_
     model = copy.deepcopy(base)
     tc = TrainConfig(method=entry.method, lr=entry.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
                      seed=cfg.seed, out=str(run_dir), lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
-                     progress=False, save_final=False, logging_steps=1)
+                     progress=False, save_final=False, logging_steps=1, overwrite=True)  # a lost attempt is redone
     ds = SFTDataset(data.train[entry.variant])
     t = time.perf_counter()
     res = train(tc, model, ds, tokenizer=tok, extra_config={"study": "smollm2", "data": data.source})
