@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="default", choices=["default", "smoke"],
                    help="default: the full study (minutes); smoke: a ~1-minute check of the pipeline")
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
-                   help="tiny: the embedded tiny-transformer world; smollm2: SmolLM2-135M on MedCalc")
+                   help="tiny: the embedded tiny-transformer world; smollm2: the small preset of "
+                        "`talr study smollm2` (SmolLM2-135M on MedCalc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="runs/.cache/worlds",
                    help="where pretrained tiny-world checkpoints are cached (by config hash)")
@@ -23,9 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.model == "smollm2":
-        from experiments.smollm2_demo import run_smollm2_demo
+        from experiments.commands.study import run_smollm2
 
-        return run_smollm2_demo(out=args.out, seed=args.seed, progress=not args.no_progress)
+        return run_smollm2(argparse.Namespace(preset="small", out=args.out, medcalc=None, gsm8k=None, model="smollm2",
+                                              report_only=False, no_progress=args.no_progress))
     from experiments.outputs import markdown_table
     from experiments.studies.demo import make_config, run_demo
     from experiments.studies.demo_report import SUMMARY_HEADERS, summary_rows

@@ -15,7 +15,9 @@ _PUBLIC = {
     "generate_synthetic_medcalc": ("synth_medcalc", "generate"), "write_synthetic_csv": "synth_medcalc",
     # general capability
     "corpus_code_length_bits": "codelength", "CodeLength": "codelength", "humaneval_corpus": "codelength",
-    "gsm8k_corpus": "codelength", "evaluate_gsm8k": "lmeval", "run_task": "lmeval", "GenerationTask": "lmeval",
+    "gsm8k_corpus": "codelength", "evaluate_gsm8k": "lmeval",
+    # generation (batched greedy, KV cache, stop strings)
+    "greedy_generate": "generate", "generate_and_score": "generate", "run_task": "lmeval", "GenerationTask": "lmeval",
 }
 __all__ = sorted(_PUBLIC)
 

