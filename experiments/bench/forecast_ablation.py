@@ -20,7 +20,7 @@ def score_forecast(cfg, fc: dict, runs: list[dict]) -> dict:
     """The forecast's summary figures against the grid's seed-mean measurements."""
     from scipy.stats import spearmanr
 
-    from experiments.studies.forecast import _measured as measured
+    from experiments.studies.forecast import measured_scores as measured
     from experiments.studies.forecast_metrics import (advisor_scores, budgets_over, spearman, spearman_within_lr,
                                                       within_2x)
 

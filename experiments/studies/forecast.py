@@ -214,7 +214,7 @@ def _run(cfg: StudyConfig, out: Path, write) -> dict:
     return summary
 
 
-def _measured(cfg: StudyConfig, fc: dict, runs: list[dict]) -> dict[str, np.ndarray]:
+def measured_scores(cfg: StudyConfig, fc: dict, runs: list[dict]) -> dict[str, np.ndarray]:
     by = {}
     for r in runs:
         s = r["spec"]
@@ -234,7 +234,7 @@ def _measured(cfg: StudyConfig, fc: dict, runs: list[dict]) -> dict[str, np.ndar
 def score(cfg: StudyConfig, fc: dict, runs: list[dict], base: dict, power: dict) -> dict:
     """Every figure of the summary (see the module docstring and `forecast_metrics`)."""
     rows = fc["rows"]
-    meas = _measured(cfg, fc, runs)
+    meas = measured_scores(cfg, fc, runs)
     lrs = sorted(cfg.lrs)
     method = np.array([r["method"] for r in rows])
     lr_index = np.array([lrs.index(r["lr"]) for r in rows])
