@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, PadCollator
 from .losses import HARD_P
-from .models import token_nll
+from .models import inference, token_nll
 from .plotting import pyplot, save_png
 
 __all__ = ["token_probs", "hard_token_fraction", "frac_above", "summary", "heatmap_png", "boxplot_png",
@@ -71,14 +71,7 @@ def token_probs(model: nn.Module, tokenizer, dataset: Sequence[dict], batch_size
     collate = PadCollator(_pad_id(tokenizer, pad_token_id))
     dev = next(model.parameters()).device
     out: list[np.ndarray] = [np.zeros(0)] * n
-    was = model.training
-    model.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=desc, unit="ex")
-    try:
+    with inference(model, n, desc=desc, unit="ex", progress=progress) as advance:
         for idx in batches:
             batch = collate([dataset[int(i)] for i in idx])
             labels = batch["labels"].to(dev)
@@ -90,12 +83,7 @@ def token_probs(model: nn.Module, tokenizer, dataset: Sequence[dict], batch_size
             counts = np.bincount(seq.cpu().numpy(), minlength=len(idx))
             for i, part in zip(idx, np.split(p, np.cumsum(counts)[:-1])):
                 out[int(i)] = part
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        model.train(was)
-        if bar is not None:
-            bar.close()
+            advance(len(idx))
     return out
 
 

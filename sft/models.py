@@ -18,6 +18,7 @@ LoRA-wrapped head) it falls back to full logits.
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 import os
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,24 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
                                      chunk_size=chunk_size)
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return token_nll_from_logits(out.logits, labels)
+
+
+@contextmanager
+def inference(model: nn.Module, total: int, *, desc: str, unit: str, progress: bool):
+    """Put ``model`` in eval mode for a batched pass; yield ``advance(n)`` for a tqdm bar.
+
+    The model's train/eval mode is restored and the bar closed however the pass ends.
+    """
+    was = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit=unit)
+    try:
+        yield (bar.update if bar is not None else (lambda n: None))
+    finally:
+        model.train(was)
+        if bar is not None:
+            bar.close()

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..models import inference
+
 __all__ = ["greedy_generate", "generate_and_score", "context_limit"]
 
 
@@ -101,14 +103,7 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     dev = next(model.parameters()).device
     out = [""] * len(prompts)
-    was = model.training
-    model.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
-    try:
+    with inference(model, len(prompts), desc=desc, unit="prompt", progress=progress) as advance:
         for idx in batches:
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -147,12 +142,7 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
                 nxt_pos = nxt_pos + 1
             for r, i in enumerate(idx):
                 out[i] = _cut(tokenizer.decode(gen[r], skip_special_tokens=True), stops, keep_stop)[0]
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        model.train(was)
-        if bar is not None:
-            bar.close()
+            advance(len(idx))
     return out, bits, ntok
 
 
