@@ -174,3 +174,10 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte offset {offset + exc.start} in the file, "
                                  f"byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
             offset += len(raw)
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> str:
+    """Write ``rows`` (dicts) as strict JSON lines atomically; return ``str(path)``."""
+    text = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows)
+    atomic_write_text(path, text)
+    return str(path)

@@ -18,6 +18,7 @@ from experiments.cli import main  # noqa: E402
 from experiments.studies.compare import CompareError, bounds_at, load_eval_set  # noqa: E402
 from sft.runs import checkpoints  # noqa: E402
 from sft.models import byte_tokenizer, load_model  # noqa: E402
+from sft.io import write_jsonl
 
 TINY = "tiny:hidden=32,layers=1,heads=2,intermediate=64"
 DOMAIN = [("What is 2+3?", "2+3=5. #### 5"), ("What is 4+1?", "4+1=5. #### 5"),
@@ -25,17 +26,12 @@ DOMAIN = [("What is 2+3?", "2+3=5. #### 5"), ("What is 4+1?", "4+1=5. #### 5"),
 GENERAL = ["def add(a, b):\n    return a + b\n", "The cat sat on the mat.", "def sub(a, b):\n    return a - b\n"]
 
 
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny Llama fine-tuned for 4 steps by `talr train`, checkpoints at steps 2 and 4."""
     d = tmp_path_factory.mktemp("cmp")
-    domain = _write(d / "domain.jsonl", [{"prompt": p, "completion": c} for p, c in DOMAIN])
-    general = _write(d / "general.jsonl", [{"text": t} for t in GENERAL])
+    domain = write_jsonl(d / "domain.jsonl", [{"prompt": p, "completion": c} for p, c in DOMAIN])
+    general = write_jsonl(d / "general.jsonl", [{"text": t} for t in GENERAL])
     run = d / "run"
     rc = main(["train", "--model", TINY, "--data", domain, "--out", str(run), "--lr", "3e-3", "--max-steps", "4",
                "--batch-size", "4", "--save-steps", "2", "--save-total-limit", "10", "--no-progress",
@@ -122,13 +118,13 @@ def test_missing_eval_sets_are_named(trained_run, capsys):
 
 def test_eval_set_forms(tmp_path):
     tok = byte_tokenizer()
-    es = load_eval_set(_write(tmp_path / "t.jsonl", [{"text": "hi"}]), tok)
+    es = load_eval_set(write_jsonl(tmp_path / "t.jsonl", [{"text": "hi"}]), tok)
     assert not es.conditional and es.texts == ["hi"]
-    es = load_eval_set(_write(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}]), tok)
+    es = load_eval_set(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}]), tok)
     assert es.conditional and es.prompts[0].endswith("assistant\n") and es.texts[0].startswith("c")
     with pytest.raises(CompareError, match="mixes"):
-        load_eval_set(_write(tmp_path / "m.jsonl", [{"text": "a"}, {"prompt": "p", "completion": "c"}]), tok)
+        load_eval_set(write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}, {"prompt": "p", "completion": "c"}]), tok)
     with pytest.raises(CompareError, match=r"b\.jsonl:1"):
-        load_eval_set(_write(tmp_path / "b.jsonl", [{"prompt": "p"}]), tok)
+        load_eval_set(write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p"}]), tok)
     with pytest.raises(CompareError, match="no such file"):
         load_eval_set(str(tmp_path / "absent.jsonl"), tok)

@@ -7,20 +7,16 @@ import pytest
 import torch
 
 from experiments.cli import main
+from sft.io import write_jsonl
 
 torch.set_num_threads(1)
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("fc")
-    dom = _jsonl(d / "d2.jsonl", [{"prompt": f"add {i} and {i}", "completion": f"= {2 * i}"} for i in range(12)])
-    gen = _jsonl(d / "d1.jsonl", [{"prompt": "say", "completion": f"word {i} again"} for i in range(8)])
+    dom = write_jsonl(d / "d2.jsonl", [{"prompt": f"add {i} and {i}", "completion": f"= {2 * i}"} for i in range(12)])
+    gen = write_jsonl(d / "d1.jsonl", [{"prompt": "say", "completion": f"word {i} again"} for i in range(8)])
     return d, dom, gen
 
 
