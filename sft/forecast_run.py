@@ -140,12 +140,14 @@ class SampleTree:
 
 
 def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig, *,
-                  progress: bool = True, calibrate: bool = True, d1_tree: SampleTree | None = None) -> dict:
+                  progress: bool = True, calibrate: bool = True, d1_tree: SampleTree | None = None,
+                  only: set | None = None) -> dict:
     """Forecast every (method, lr) of ``cfg``: returns {"rows": [Forecast dicts], "compute": {...},
     "probe": {...}}. ``d2``: the SFT training examples; ``d1``: general examples (labels on
     every response token); both as {"input_ids", "labels"} dicts. With ``d1_tree`` (the same
     sample as a token tree) dL(P1) comes from the per-prefix decomposition on its prefixes and
-    each row also holds its first-order and KL terms."""
+    each row also holds its first-order and KL terms. ``only``: a set of (method, lr) pairs of
+    the product to forecast (the others are skipped; gradients and probe are shared anyway)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -165,7 +167,8 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
         flow_tau = max(float(np.median(means)), 1e-12)
     order = rng.integers(0, n_b, size=cfg.steps)
     need = {("ce" if m in ("l2", "lora") else m) for m in cfg.methods}
-    bar = tqdm(total=len(need) + len(cfg.methods) * len(cfg.lrs) + (1 if calibrate else 0), desc="forecast",
+    pairs = [(m, lr) for m in cfg.methods for lr in cfg.lrs if only is None or (m, lr) in only]
+    bar = tqdm(total=len(need) + len(pairs) + (1 if calibrate else 0), desc="forecast",
                unit="job", disable=not progress)
     grads = {}
     for m in sorted(need):
@@ -215,14 +218,13 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
                  "lambda_c": lam_c if math.isfinite(lam_c) else None}
         bar.update(1)
     rows = []
-    for m in cfg.methods:
-        for lr in cfg.lrs:
-            delta, ell = replay(m, lr)
-            dl, parts = evaluate(delta)
-            gain = grads["ce" if m in ("l2", "lora") else m].gain_bits(ell)
-            rows.append(Forecast(m, lr, dl, gain, extras={"Lambda": float(cosine_lrs(lr, cfg.steps).sum()),
-                                                           "tracked_loss_nats": ell.tolist(), **parts}).to_dict())
-            bar.update(1)
+    for m, lr in pairs:
+        delta, ell = replay(m, lr)
+        dl, parts = evaluate(delta)
+        gain = grads["ce" if m in ("l2", "lora") else m].gain_bits(ell)
+        rows.append(Forecast(m, lr, dl, gain, extras={"Lambda": float(cosine_lrs(lr, cfg.steps).sum()),
+                                                       "tracked_loss_nats": ell.tolist(), **parts}).to_dict())
+        bar.update(1)
     bar.close()
     run_units = training_run_units(d2, cfg.steps, cfg.batch)
     return {"rows": rows, "probe": probe,

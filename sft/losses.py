@@ -257,7 +257,7 @@ def token_stats(
     """Summary of one step's supervised tokens.
 
     Keys: n_tokens, tau (NaN when the method has none), mean_nll, w_q{0,10,25,50,75,90,100},
-    frac_p_gt_0.2 (Figure 3c), frac_hard (p < hard_p: the hard set S), frac_floor (weights at
+    frac_p_gt_0.2 (Figure 3c), median_p (the median token probability), frac_hard (p < hard_p: the hard set S), frac_floor (weights at
     w_min; TALR only).
     """
     ell = nll.detach().to(torch.float64)
@@ -273,6 +273,7 @@ def token_stats(
         out[name] = q
     out["w_mean"] = float(w.mean())
     out["frac_p_gt_0.2"] = float((p > 0.2).to(torch.float64).mean())
+    out["median_p"] = float(torch.quantile(p, 0.5))
     out["frac_hard"] = float((p < hard_p).to(torch.float64).mean())
     if w_min is not None:
         out["frac_floor"] = float((w <= w_min).to(torch.float64).mean())

@@ -73,18 +73,29 @@ class StudyConfig:
     batch_size: int = 2
     n_humaneval: int = 4
     n_gsm8k: int = 8
-    gen_tokens: tuple = (("cot", 160), ("label", 24))
+    gen_tokens: tuple = (("cot", 240), ("label", 40))  # gold completions: CoT 112-229 tokens (MME ~530), label 23-30
     gen_batch: int = 8
     lora_r: int = 8
     seed: int = 0
     n_synthetic: int = 240
     grid: tuple = ()
+    # the forecast (`sft.forecast`, before any training): its own unit per variant, not in data_key
+    forecast: bool = True
+    forecast_batches: int = 2  # mini-batch gradients per method at theta0 (each [2, N] floats: memory)
+    forecast_probe_steps: int = 6  # real CE steps of the calibration probe
 
     def data_key(self) -> dict:
         """Settings that change any evaluation (hashed into every cache key)."""
         d = asdict(self)
-        d.pop("grid")
+        for k in ("grid",) + FORECAST_FIELDS:
+            d.pop(k)
         return d
+
+    def forecast_key(self) -> dict:
+        return {k: getattr(self, k) for k in FORECAST_FIELDS}
+
+
+FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps")
 
 
 LRS = (3e-5, 1e-4, 3e-4)
@@ -97,21 +108,26 @@ def _small_grid() -> tuple:
 def _default_grid() -> tuple:
     """Most informative per minute first (a report from a partial grid is still useful): label-only
     CE and TALR at the large rate with WiSE-FT (evaluation only), the other label-only rates and
-    baselines, then CoT (its evaluations cost ~3x label-only ones: long generations)."""
+    baselines, then CoT (its units cost ~2x label-only ones: longer examples and generations).
+    17 trained runs + 7 WiSE-FT points; DFT on label-only only (the budget)."""
     hi, mid, lo = LRS[::-1]
     w = (0.25, 0.5, 0.75)
-    g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=w), Entry("label", "ce", lo, wise=(0.5,)),
-         Entry("label", "talr", lo), Entry("label", "l2", hi), Entry("label", "lora", 1e-3),
-         Entry("label", "ce", mid, wise=(0.5,)), Entry("label", "talr", mid), Entry("label", "dft", hi),
-         Entry("cot", "talr", hi), Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "ce", lo),
-         Entry("cot", "talr", lo), Entry("cot", "ce", mid), Entry("cot", "talr", mid), Entry("cot", "l2", hi),
-         Entry("cot", "lora", 1e-3), Entry("cot", "dft", hi)]
+    g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=(0.5,)), Entry("label", "ce", mid, wise=(0.5,)),
+         Entry("label", "talr", mid), Entry("label", "ce", lo), Entry("label", "talr", lo), Entry("label", "l2", hi),
+         Entry("label", "lora", 1e-3), Entry("label", "dft", hi),
+         Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi, wise=(0.5,)), Entry("cot", "ce", mid),
+         Entry("cot", "talr", mid), Entry("cot", "ce", lo), Entry("cot", "talr", lo), Entry("cot", "l2", hi),
+         Entry("cot", "lora", 1e-3)]
     return tuple(g)
 
 
+# default: 20 AdamW steps of 4 sequences (80 rows, about half the training notes), every held-out
+# row (52 with the default split), CoT examples up to 512 tokens (all calculators but MME fit);
+# about 2 h on 2 quiet cores. small: the pipeline check of the issue (<= 45 min).
 PRESETS = {
     "small": StudyConfig(grid=_small_grid()),
-    "default": StudyConfig(grid=_default_grid()),
+    "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=16,
+                           n_humaneval=8, n_gsm8k=16),
 }
 
 
@@ -313,9 +329,70 @@ def bound_over_measured(run: dict, base: dict) -> float | None:
     return pb["bound_bits"] / pb["delta_bits"]
 
 
-def forecast_general_delta_bits(run: dict, base: dict) -> float | None:
-    """`talr forecast`'s prediction of the general degradation; None until it exists."""
-    return None
+def general_examples(tok, data: StudyData) -> list[dict]:
+    """The general set as SFT examples for `sft.forecast`, supervised exactly where
+    `sft.eval.codelength.corpus_code_length_bits` codes: HumanEval solutions given BOS + prompt,
+    GSM8K questions after BOS (labels aligned with input_ids, -100 elsewhere)."""
+    from sft.data import IGNORE_INDEX
+
+    def enc(text):
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    out = []
+    he_p, he_s = data.humaneval
+    pairs = [(head + enc(p), enc(c)) for p, c in zip(he_p, he_s)]
+    pairs += [(head, enc(q)) if head else (enc(q)[:1], enc(q)[1:]) for q in data.gsm8k]
+    for prompt, comp in pairs:
+        if comp:
+            out.append({"input_ids": prompt + comp, "labels": [IGNORE_INDEX] * len(prompt) + comp})
+    return out
+
+
+def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
+    """`sft.forecast_run.forecast_grid` for one variant's grid, from theta0 and one short CE probe
+    only (no grid run is read): every (method, lr) of the variant's entries, the study's steps, batch, LoRA rank and L2 coefficient; D2 = the variant's training
+    examples, D1 = the general set (:func:`general_examples`). Each row gains
+    ``dL_general_bits_per_token``: the predicted dL(P1) per sequence turned into bits per
+    supervised token of the pooled general set, the unit of the measured general deltas."""
+    from sft.config import L2_COEFF
+    from sft.forecast import ForecastConfig
+    from sft.forecast_run import forecast_grid
+
+    entries = [e for e in cfg.grid if e.variant == variant]
+    d1 = general_examples(tok, data)
+    n_tok = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in d1)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    fc = ForecastConfig(methods=tuple(sorted({e.method for e in entries})), lrs=tuple(sorted({e.lr for e in entries})),
+                        steps=cfg.steps, batch=cfg.batch_size, n_batches=cfg.forecast_batches, n_general=len(d1),
+                        probe_steps=cfg.forecast_probe_steps, seed=cfg.seed, l2_coeff=L2_COEFF, lora_r=cfg.lora_r,
+                        lora_alpha=2 * cfg.lora_r, pad_token_id=pad)
+    t = time.perf_counter()
+    res = forecast_grid(base, data.train[variant], d1, fc, progress=progress,
+                        only={(e.method, e.lr) for e in entries})
+    for r in res["rows"]:
+        r["dL_general_bits_per_token"] = r["dL_P1_bits"] * len(d1) / n_tok
+    res["seconds"] = time.perf_counter() - t
+    res["n_general"], res["n_general_tokens"] = len(d1), n_tok
+    return res
+
+
+def pooled_general_delta(ev: dict, base_ev: dict) -> float:
+    """Measured change of the pooled general code length (HumanEval + GSM8K tokens), bits/token:
+    the unit of ``dL_general_bits_per_token``."""
+    g, b = ev["general"], base_ev["general"]
+    nh, ng = g["humaneval_tokens"], g["gsm8k_tokens"]
+    return ((g["humaneval_bits_per_token"] - b["humaneval_bits_per_token"]) * nh
+            + (g["gsm8k_bits_per_token"] - b["gsm8k_bits_per_token"]) * ng) / (nh + ng)
+
+
+def forecast_general_delta_bits(run: dict, forecasts: dict) -> float | None:
+    """The forecast's general degradation (bits/token of the pooled general set) for a trained
+    run's (variant, method, lr); None for WiSE-FT points and where no forecast unit exists."""
+    if run.get("alpha") is not None:
+        return None
+    f = forecasts.get((run["variant"], run["method"], float(run["lr"])))
+    return None if f is None else f["dL_general_bits_per_token"]
 
 
 # ----------------------------------------------------------------------------------------------- grid
@@ -340,7 +417,7 @@ def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_
     rec = {"status": res.status, "train_loss": res.train_loss, "train_seconds": secs, "train_tokens": tokens,
            "tokens_per_s": tokens / secs, "model_gflops_per_s": 6 * n_params * tokens / secs / 1e9,
            "tau": [s.get("tau") for s in stats], "frac_p_gt_0.2": [s.get("frac_p_gt_0.2") for s in stats],
-           "frac_hard": [s.get("frac_hard") for s in stats], "mean_nll": [s.get("mean_nll") for s in stats]}
+           "frac_hard": [s.get("frac_hard") for s in stats], "median_p": [s.get("median_p") for s in stats], "mean_nll": [s.get("mean_nll") for s in stats]}
     return tuned, rec
 
 
@@ -382,7 +459,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         "n_train_rows": {v: len(x) for v, x in data.train.items()},
         "train_tokens": {v: sum(len(e["input_ids"]) for e in x) for v, x in data.train.items()},
         "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak, "n_params": n_params})
-    units = 1 + sum(1 + len(e.wise) for e in cfg.grid)
+    fvariants = sorted({e.variant for e in cfg.grid}) if cfg.forecast else []
+    units = 1 + len(fvariants) + sum(1 + len(e.wise) for e in cfg.grid)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=units, desc="smollm2 study", unit="unit", disable=not progress)
@@ -393,6 +471,15 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         atomic_write_json(bpath, {"kind": "base", "data_key": dhash, "eval": res, "seconds": time.perf_counter() - t})
         log(f"base evaluated in {time.perf_counter() - t:.0f} s")
     bar.update(1)
+    for v in fvariants:  # before any training run: the forecast reads theta0 and its own probe only
+        fentries = [asdict(e) for e in cfg.grid if e.variant == v]
+        fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
+        if not fpath.exists():
+            fres = forecast_variant(base, tok, cfg, data, v)
+            atomic_write_json(fpath, {"kind": "forecast", "data_key": dhash, "variant": v, **fres})
+            log(f"forecast {v}: {len(fres['rows'])} configurations in {fres['seconds']:.0f} s "
+                f"(compute ratio {fres['compute']['compute_ratio']:.2f} of one training run)")
+        bar.update(1)
     for e in cfg.grid:
         rkey = key_of({**dkey, "entry": asdict(e)})
         rpath = cache / f"run-{e.name}-{rkey}.json"

@@ -19,27 +19,32 @@ RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain
               "forecast_general_delta_bits")
 
 
-def load_results(out: Path) -> tuple[dict, dict, list[dict]]:
-    """(study record, base cache record, run/WiSE cache records) of the current data key."""
+def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
+    """(study record, base cache record, run/WiSE cache records, forecast rows by (variant,
+    method, lr)) of the current data key and grid."""
     study = json.loads((out / "study.json").read_text())
     key = study["data_key"]
-    base, runs = None, []
+    grid = {(e["variant"], e["method"], float(e["lr"])) for e in study["config"]["grid"]}
+    base, runs, forecasts = None, [], {}
     for p in sorted((out / "cache").glob("*.json")):
         rec = json.loads(p.read_text())
         if rec.get("data_key") != key:
             continue
         if rec["kind"] == "base":
             base = rec
-        else:
+        elif rec["kind"] == "forecast":
+            forecasts.update({(rec["variant"], r["method"], float(r["lr"])): {**r, "unit": rec}
+                              for r in rec["rows"]})
+        elif (rec["entry"]["variant"], rec["entry"]["method"], float(rec["entry"]["lr"])) in grid:
             runs.append(rec)
     if base is None:
         raise FileNotFoundError(f"{out}/cache: no base evaluation for data key {key}; run the study first")
-    return study, base, runs
+    return study, base, runs, forecasts
 
 
-def run_record(rec: dict, base: dict, steps: int) -> dict:
+def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None) -> dict:
     """One summary row from a cache record (a trained run or a WiSE-FT point)."""
-    from .smollm2 import bound_over_measured, forecast_general_delta_bits
+    from .smollm2 import bound_over_measured, forecast_general_delta_bits, pooled_general_delta
 
     e = rec["entry"]
     v = e["variant"]
@@ -51,6 +56,7 @@ def run_record(rec: dict, base: dict, steps: int) -> dict:
            "general_delta_bits_humaneval": ev["general"]["humaneval_bits_per_token"]
            - b["general"]["humaneval_bits_per_token"],
            "general_delta_bits_gsm8k": ev["general"]["gsm8k_bits_per_token"] - b["general"]["gsm8k_bits_per_token"],
+           "general_delta_bits_pooled": pooled_general_delta(ev, b),
            "n_correct": ev[v]["n_correct"], "n_unparsed": ev[v]["n_unparsed"],
            "reached_stop": ev[v]["reached_stop"], "sample": (ev[v].get("samples") or [""])[0],
            "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
@@ -58,17 +64,41 @@ def run_record(rec: dict, base: dict, steps: int) -> dict:
         t = rec["train"]
         taus = [x for x in t["tau"] if x is not None and x == x]
         fr = [x for x in t["frac_p_gt_0.2"] if x is not None]
+        mp = [x for x in t.get("median_p", []) if x is not None]
         row.update(status=t["status"], train_loss=t["train_loss"], train_seconds=t["train_seconds"],
                    tokens_per_s=t["tokens_per_s"], mfu=t["mfu"], matmul_gflops=t.get("matmul_gflops"),
                    model_gflops_per_s=t.get("model_gflops_per_s"), tau_first=taus[0] if taus else None,
                    tau_last=taus[-1] if taus else None, frac_p_gt_02_first=fr[0] if fr else None,
-                   frac_p_gt_02_last=fr[-1] if fr else None)
+                   frac_p_gt_02_last=fr[-1] if fr else None, median_p_first=mp[0] if mp else None,
+                   median_p_last=mp[-1] if mp else None)
     pb = rec.get("prefix")
     row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
     row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
     row["bound_over_measured"] = bound_over_measured({"prefix": pb}, base)
-    row["forecast_general_delta_bits"] = forecast_general_delta_bits(row, base)
+    row["forecast_general_delta_bits"] = forecast_general_delta_bits(row, forecasts or {})
+    f = None if row["alpha"] is not None else (forecasts or {}).get((v, row["method"], float(row["lr"])))
+    row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]
     return row
+
+
+def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
+    """Forecast vs measured over the trained runs that have a forecast, per variant and pooled:
+    Spearman and within-2x of the general degradation (bits/token of the pooled general set),
+    Spearman of the domain gain; the forecast's cost (compute ratio, seconds) per variant."""
+    from .forecast_metrics import spearman, within_2x
+
+    out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
+                                    "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c")}}
+                     for u in units}}
+    for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):
+        rs = [r for r in runs if r.get("forecast_general_delta_bits") is not None and sel in (None, r["variant"])]
+        fc = [r["forecast_general_delta_bits"] for r in rs]
+        ms = [r["general_delta_bits_pooled"] for r in rs]
+        out[name] = {"n": len(rs), "spearman_general": spearman(fc, ms) if rs else None,
+                     "within_2x_general": within_2x(fc, ms) if rs else None,
+                     "spearman_gain": spearman([r["forecast_domain_gain_bits"] for r in rs],
+                                               [r["domain_gain_bits"] for r in rs]) if rs else None}
+    return out
 
 
 def general_delta(r: dict) -> float:
@@ -101,12 +131,12 @@ def write_report(out: str | Path) -> dict:
     from .smollm2_text import report_markdown, tradeoff_png
 
     out = Path(out)
-    study, base, recs = load_results(out)
+    study, base, recs, forecasts = load_results(out)
     steps = study["config"]["steps"]
     order = {(e["variant"], e["method"], e["lr"]): k for k, e in enumerate(study["config"]["grid"])}
     recs.sort(key=lambda r: (r["entry"]["variant"], order.get((r["entry"]["variant"], r["entry"]["method"],
                                                               r["entry"]["lr"]), 999), r.get("alpha") or 0))
-    runs = [run_record(r, base, steps) for r in recs]
+    runs = [run_record(r, base, steps, forecasts) for r in recs]
     b = base["eval"]
     summary = {"model": study["model"], "data": study["data"], "config": study["config"],
                "base": {"cot": {k: v for k, v in b["cot"].items() if k != "samples"},
@@ -121,6 +151,8 @@ def write_report(out: str | Path) -> dict:
         rows = [r for r in runs if r["variant"] == v]
         if rows:
             figs[v] = tradeoff_png(rows, out / f"tradeoff_{v}.png", title=f"SmolLM2 study, {v}")
+    units = {id(f["unit"]): f["unit"] for f in forecasts.values()}
+    summary["forecast"] = forecast_summary(runs, list(units.values()))
     write_json(out / "summary.json", summary)
-    write_text(out / "report.md", report_markdown(study, base, runs, figs))
+    write_text(out / "report.md", report_markdown(study, base, runs, figs, summary["forecast"]))
     return summary

@@ -120,7 +120,35 @@ def samples_section(base: dict, runs: list[dict]) -> list[str]:
     return out
 
 
-def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> str:
+def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
+    """Forecast (before training, `sft.forecast`) vs measured, per trained run and in summary."""
+    L = ["## Forecast vs measured", ""]
+    rs = [r for r in runs if r.get("forecast_general_delta_bits") is not None]
+    if not fs or not rs:
+        return L + ["No forecast unit in the cache (run the study with the forecast on).", ""]
+    u = fs["units"]
+    L += ["`sft.forecast` (as `talr forecast` runs it) predicted every (method, lr) of each variant from theta0 "
+          "before any run of the grid: mini-batch gradients at theta0, AdamW replayed on them, one short real "
+          "CE probe at the grid's geometric middle rate (" + "; ".join(
+              f"{v}: probe {fmt(x['probe']['steps'])} steps at lr {fmt(x['probe']['lr'])}, compute ratio "
+              f"{fmt(x['compute_ratio'])} of one training run, {fmt((x['seconds'] or 0) / 60)} min"
+              for v, x in sorted(u.items())) + "). The forecast's dL(P1) is turned into bits per token of the "
+          "pooled general set (HumanEval solution tokens + GSM8K question tokens), and compared with the "
+          "measured pooled change in the same unit. The forecast gain is in bits per training sequence on "
+          "the training examples, the measured one per held-out gold completion: only its ranking is compared.", "",
+          md_table(["run", "variant", "forecast general (bits/tok)", "measured general (bits/tok)", "ratio",
+                    "forecast gain (bits)", "measured gain (bits)"],
+                   [[label(r), r["variant"], r["forecast_general_delta_bits"], r["general_delta_bits_pooled"],
+                     r["forecast_general_delta_bits"] / r["general_delta_bits_pooled"]
+                     if r["general_delta_bits_pooled"] else None, r.get("forecast_domain_gain_bits"),
+                     r["domain_gain_bits"]] for r in rs]), "",
+          md_table(["runs", "n", "Spearman general", "within 2x general", "Spearman gain"],
+                   [[k, fs[k]["n"], fs[k]["spearman_general"], fs[k]["within_2x_general"], fs[k]["spearman_gain"]]
+                    for k in ("label", "cot", "all") if fs.get(k)]), ""]
+    return L
+
+
+def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None) -> str:
     cfg = study["config"]
     b = base["eval"]
     gen = dict((k, v) for k, v in cfg["gen_tokens"])
@@ -151,11 +179,14 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> st
             continue
         L += [f"## {title}", "",
               md_table(["run", "domain acc", "d acc (pts)", "domain gain (bits)", "HumanEval d (bits/tok)",
-                        "GSM8K d (bits/tok)", "tau first/last", "frac p>0.2 first/last", "train s"],
+                        "GSM8K d (bits/tok)", "tau first/last", "median p first/last", "frac p>0.2 first/last",
+                        "train s"],
                        [[label(r), r["domain_acc"], 100 * (r["domain_acc"] - b[v]["domain_acc"]), r["domain_gain_bits"],
                          r["general_delta_bits_humaneval"], r["general_delta_bits_gsm8k"],
                          f"{fmt(r.get('tau_first'))}/{fmt(r.get('tau_last'))}"
                          if r.get("tau_first") is not None else "n/a",
+                         f"{fmt(r.get('median_p_first'))}/{fmt(r.get('median_p_last'))}"
+                         if r.get("median_p_first") is not None else "n/a",
                          f"{fmt(r.get('frac_p_gt_02_first'))}/{fmt(r.get('frac_p_gt_02_last'))}"
                          if r.get("frac_p_gt_02_first") is not None else "n/a", r.get("train_seconds")]
                         for r in rows]), ""]
@@ -181,17 +212,15 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> st
               md_table(["run", "tokens/s", "6 N tokens/s (GFLOP/s)", "fp32 matmul peak (GFLOP/s)", "MFU"],
                        [[f"{r['variant']} {label(r)}", r["tokens_per_s"], r.get("model_gflops_per_s"),
                          r.get("matmul_gflops"), r["mfu"]] for r in tr]), "",
-              "The peak is a 1024^3 fp32 matmul timed in the same process at its start; the machine's 2 cores "
-              "were shared with other jobs, so both numbers swing with the load (20.7 GFLOP/s under a load "
-              "average of 8, 168-176 GFLOP/s when quieter). For LoRA 6 N over-counts the work (the frozen "
-              "weights get no gradient).", ""]
+              "The peak is a 1024^3 fp32 matmul timed in the same process at its start (both numbers swing "
+              "with other load on the 2 cores). For LoRA 6 N over-counts the work (the frozen weights get no "
+              "gradient).", ""]
     L += samples_section(base, runs)
     ev = sum(r.get("eval_seconds") or 0.0 for r in runs)
     tr_s = sum(r.get("train_seconds") or 0.0 for r in runs)
     L += ["## Compute", "", f"{len(runs)} runs ({sum(r['method'] != 'wise-ft' for r in runs)} trained, "
           f"{sum(r['method'] == 'wise-ft' for r in runs)} WiSE-FT points): training {tr_s / 60:.1f} min, evaluation "
-          f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores shared with "
-          "other jobs (load average 6-9 during the run).", ""]
+          f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores.", ""]
     withb = [r for r in runs if r.get("prefix_bound_bits") is not None]
     L += ["## Per-prefix bound over measured degradation", ""]
     if withb:
@@ -205,6 +234,5 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict) -> st
               f"{len(runs) - len(withb)} runs were evaluated before the bound was wired in (null).", ""]
     else:
         L += ["No run carries the per-prefix bound yet (runs evaluated before it was wired in).", ""]
-    L += ["`forecast_general_delta_bits` (`talr forecast`) is null: the forecast is defined on the tiny world's "
-          "exact trees; wiring it to SmolLM2 runs is open.", ""]
+    L += forecast_section(runs, fsum)
     return "\n".join(L)

@@ -26,18 +26,34 @@ def test_study_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "study"
     summary = run_study(cfg, out, progress=False, log=lambda s: None)
     runs = summary["runs"]
+    assert len(list((out / "cache").glob("forecast-*.json"))) == 2  # one forecast unit per variant
     assert [(r["variant"], r["method"], r["lr"], r["alpha"]) for r in runs] == [
         ("cot", "ce", 1e-4, None), ("label", "ce", 1e-3, None), ("label", "wise-ft", 1e-3, 0.5),
         ("label", "talr", 1e-3, None)]
     for r in runs:
         for f in ("domain_acc", "domain_gain_bits", "general_delta_bits_humaneval", "general_delta_bits_gsm8k"):
             assert isinstance(r[f], float) and r[f] == r[f]
-        assert r["forecast_general_delta_bits"] is None
+        # the forecast (before training) covers every trained run, not the WiSE-FT points
+        fc = r["forecast_general_delta_bits"]
+        assert (fc is None) == (r["alpha"] is not None)
+        assert fc is None or (isinstance(fc, float) and fc == fc)
         # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
         assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
         ratio = r["bound_over_measured"]
         assert (ratio is None) == (r["prefix_delta_bits"] <= 0)
         assert ratio is None or ratio >= 1 - 1e-9
+    fs = summary["forecast"]
+    assert fs["all"]["n"] == 3 and set(fs["units"]) == {"cot", "label"}
+    assert fs["units"]["label"]["compute_ratio"] > 0
+    assert "## Forecast vs measured" in (out / "report.md").read_text()
+    # unit check: the forecast's general sample is the evaluated general set, token for token
+    # (its base bits per sequence, per supervised token, equal the measured pooled bits/token)
+    unit = json.loads(next((out / "cache").glob("forecast-label-*.json")).read_text())
+    g = summary["base"]["general"]
+    pooled = ((g["humaneval_bits_per_token"] * g["humaneval_tokens"] + g["gsm8k_bits_per_token"] * g["gsm8k_tokens"])
+              / (g["humaneval_tokens"] + g["gsm8k_tokens"]))
+    assert unit["n_general_tokens"] == g["humaneval_tokens"] + g["gsm8k_tokens"]
+    assert unit["base"]["d1_bits"] * unit["n_general"] / unit["n_general_tokens"] == pytest.approx(pooled, rel=1e-4)
     ce = runs[1]
     assert ce["tau_first"] is None and runs[3]["tau_first"] > 0  # TALR logs tau, CE does not
     assert ce["domain_gain_bits"] != 0 and ce["mfu"] > 0

@@ -195,3 +195,13 @@ def test_half_precision_hidden_states_upcast_logits():
     a = L.chunked_loss("ce", h, W, labels, chunk_size=3)
     b = L.ce_loss((h @ W.t()), labels)
     assert a.dtype == torch.float32 and abs(float(a - b)) < 1e-5
+
+
+def test_token_stats_median_p_and_fractions_by_hand():
+    from sft.losses import token_stats
+
+    p = torch.tensor([0.1, 0.5, 0.9, 0.15], dtype=torch.float64)
+    s = token_stats(-torch.log(p), torch.ones(4))
+    assert s["median_p"] == pytest.approx(0.325)  # mean of the middle pair 0.15, 0.5
+    assert s["frac_p_gt_0.2"] == pytest.approx(0.5)
+    assert s["frac_hard"] == pytest.approx(float((p < L.HARD_P).double().mean()))

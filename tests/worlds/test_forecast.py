@@ -160,3 +160,9 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     # the model is untouched by the forecast
     res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
     assert [r["dL_P1_bits"] for r in res2["rows"]] == pytest.approx([r["dL_P1_bits"] for r in res["rows"]])
+    # ``only`` forecasts a subset of the product, with the same numbers for the pairs it keeps
+    sub = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False,
+                        only={("talr", 1e-3), ("ce", 3e-3)})
+    assert [(r["method"], r["lr"]) for r in sub["rows"]] == [("ce", 3e-3), ("talr", 1e-3)]
+    full = {(r["method"], r["lr"]): r["dL_P1_bits"] for r in res["rows"]}
+    assert [r["dL_P1_bits"] for r in sub["rows"]] == pytest.approx([full["ce", 3e-3], full["talr", 1e-3]])
