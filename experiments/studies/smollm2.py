@@ -83,11 +83,14 @@ class StudyConfig:
     forecast: bool = True
     forecast_batches: int = 2  # mini-batch gradients per method at theta0 (each [2, N] floats: memory)
     forecast_probe_steps: int = 6  # real CE steps of the calibration probe
+    # methods left out of the forecast: DFT's own gradients would add 6 N floats (3.2 GB for SmolLM2)
+    # to CE's and TALR's, more than 2-core machines with 24 GB hold beside the study
+    forecast_skip: tuple = ("dft",)
 
     def data_key(self) -> dict:
         """Settings that change any evaluation (hashed into every cache key)."""
         d = asdict(self)
-        for k in ("grid",) + FORECAST_FIELDS:
+        for k in ("grid", "forecast_skip") + FORECAST_FIELDS:
             d.pop(k)
         return d
 
@@ -349,6 +352,11 @@ def general_examples(tok, data: StudyData) -> list[dict]:
     return out
 
 
+def forecast_entries(cfg: StudyConfig, variant: str) -> list[Entry]:
+    """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods)."""
+    return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip]
+
+
 def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
     """`sft.forecast_run.forecast_grid` for one variant's grid, from theta0 and one short CE probe
     only (no grid run is read): every (method, lr) of the variant's entries, the study's steps, batch, LoRA rank and L2 coefficient; D2 = the variant's training
@@ -359,7 +367,7 @@ def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str,
     from sft.forecast import ForecastConfig
     from sft.forecast_run import forecast_grid
 
-    entries = [e for e in cfg.grid if e.variant == variant]
+    entries = forecast_entries(cfg, variant)
     d1 = general_examples(tok, data)
     n_tok = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in d1)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -388,7 +396,8 @@ def pooled_general_delta(ev: dict, base_ev: dict) -> float:
 
 def forecast_general_delta_bits(run: dict, forecasts: dict) -> float | None:
     """The forecast's general degradation (bits/token of the pooled general set) for a trained
-    run's (variant, method, lr); None for WiSE-FT points and where no forecast unit exists."""
+    run's (variant, method, lr); None for WiSE-FT points, skipped methods and where no forecast
+    unit exists."""
     if run.get("alpha") is not None:
         return None
     f = forecasts.get((run["variant"], run["method"], float(run["lr"])))
@@ -459,7 +468,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         "n_train_rows": {v: len(x) for v, x in data.train.items()},
         "train_tokens": {v: sum(len(e["input_ids"]) for e in x) for v, x in data.train.items()},
         "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak, "n_params": n_params})
-    fvariants = sorted({e.variant for e in cfg.grid}) if cfg.forecast else []
+    fvariants = sorted({e.variant for e in cfg.grid if e.method not in cfg.forecast_skip}) if cfg.forecast else []
     units = 1 + len(fvariants) + sum(1 + len(e.wise) for e in cfg.grid)
     from tqdm.auto import tqdm
 
@@ -472,7 +481,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         log(f"base evaluated in {time.perf_counter() - t:.0f} s")
     bar.update(1)
     for v in fvariants:  # before any training run: the forecast reads theta0 and its own probe only
-        fentries = [asdict(e) for e in cfg.grid if e.variant == v]
+        fentries = [asdict(e) for e in forecast_entries(cfg, v)]
         fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
         if not fpath.exists():
             fres = forecast_variant(base, tok, cfg, data, v)

@@ -21,7 +21,8 @@ def tiny_config(tmp_path, grid) -> StudyConfig:
 
 
 def test_study_runs_resumes_and_reports(tmp_path):
-    grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4))
+    grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4),
+            Entry("label", "dft", 1e-3))
     cfg = tiny_config(tmp_path, grid)
     out = tmp_path / "study"
     summary = run_study(cfg, out, progress=False, log=lambda s: None)
@@ -29,13 +30,14 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert len(list((out / "cache").glob("forecast-*.json"))) == 2  # one forecast unit per variant
     assert [(r["variant"], r["method"], r["lr"], r["alpha"]) for r in runs] == [
         ("cot", "ce", 1e-4, None), ("label", "ce", 1e-3, None), ("label", "wise-ft", 1e-3, 0.5),
-        ("label", "talr", 1e-3, None)]
+        ("label", "talr", 1e-3, None), ("label", "dft", 1e-3, None)]
     for r in runs:
         for f in ("domain_acc", "domain_gain_bits", "general_delta_bits_humaneval", "general_delta_bits_gsm8k"):
             assert isinstance(r[f], float) and r[f] == r[f]
-        # the forecast (before training) covers every trained run, not the WiSE-FT points
+        # the forecast (before training) covers every trained run but DFT's (forecast_skip), not the
+        # WiSE-FT points
         fc = r["forecast_general_delta_bits"]
-        assert (fc is None) == (r["alpha"] is not None)
+        assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft")
         assert fc is None or (isinstance(fc, float) and fc == fc)
         # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
         assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
