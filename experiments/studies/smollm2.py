@@ -90,7 +90,7 @@ class StudyConfig:
     def data_key(self) -> dict:
         """Settings that change any evaluation (hashed into every cache key)."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip") + FORECAST_FIELDS:
+        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS:  # gen_batch: speed only
             d.pop(k)
         return d
 
@@ -112,13 +112,13 @@ def _default_grid() -> tuple:
     """Most informative per minute first (a report from a partial grid is still useful): label-only
     CE and TALR at the large rate with WiSE-FT (evaluation only), the other label-only rates and
     baselines, then CoT (its units cost ~2x label-only ones: longer examples and generations).
-    17 trained runs + 7 WiSE-FT points; DFT on label-only only (the budget)."""
+    16 trained runs + 6 WiSE-FT points; DFT and FLOW left out (the budget: 2 h on 2 cores)."""
     hi, mid, lo = LRS[::-1]
     w = (0.25, 0.5, 0.75)
     g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=(0.5,)), Entry("label", "ce", mid, wise=(0.5,)),
          Entry("label", "talr", mid), Entry("label", "ce", lo), Entry("label", "talr", lo), Entry("label", "l2", hi),
-         Entry("label", "lora", 1e-3), Entry("label", "dft", hi),
-         Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi, wise=(0.5,)), Entry("cot", "ce", mid),
+         Entry("label", "lora", 1e-3),
+         Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi), Entry("cot", "ce", mid),
          Entry("cot", "talr", mid), Entry("cot", "ce", lo), Entry("cot", "talr", lo), Entry("cot", "l2", hi),
          Entry("cot", "lora", 1e-3)]
     return tuple(g)
@@ -129,7 +129,7 @@ def _default_grid() -> tuple:
 # about 2 h on 2 quiet cores. small: the pipeline check of the issue (<= 45 min).
 PRESETS = {
     "small": StudyConfig(grid=_small_grid()),
-    "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=16,
+    "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=32,
                            n_humaneval=8, n_gsm8k=16),
 }
 
@@ -468,7 +468,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         "n_train_rows": {v: len(x) for v, x in data.train.items()},
         "train_tokens": {v: sum(len(e["input_ids"]) for e in x) for v, x in data.train.items()},
         "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak, "n_params": n_params})
-    fvariants = sorted({e.variant for e in cfg.grid if e.method not in cfg.forecast_skip}) if cfg.forecast else []
+    fvariants = [v for v in ("label", "cot") if cfg.forecast and forecast_entries(cfg, v)]
     units = 1 + len(fvariants) + sum(1 + len(e.wise) for e in cfg.grid)
     from tqdm.auto import tqdm
 
@@ -480,15 +480,6 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         atomic_write_json(bpath, {"kind": "base", "data_key": dhash, "eval": res, "seconds": time.perf_counter() - t})
         log(f"base evaluated in {time.perf_counter() - t:.0f} s")
     bar.update(1)
-    for v in fvariants:  # before any training run: the forecast reads theta0 and its own probe only
-        fentries = [asdict(e) for e in forecast_entries(cfg, v)]
-        fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
-        if not fpath.exists():
-            fres = forecast_variant(base, tok, cfg, data, v)
-            atomic_write_json(fpath, {"kind": "forecast", "data_key": dhash, "variant": v, **fres})
-            log(f"forecast {v}: {len(fres['rows'])} configurations in {fres['seconds']:.0f} s "
-                f"(compute ratio {fres['compute']['compute_ratio']:.2f} of one training run)")
-        bar.update(1)
     for e in cfg.grid:
         rkey = key_of({**dkey, "entry": asdict(e)})
         rpath = cache / f"run-{e.name}-{rkey}.json"
@@ -525,6 +516,15 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
                 bar.update(1)
                 del m
         del tuned
+    for v in fvariants:  # theta0 and its own probe only (no run is read); last, so runs come first
+        fentries = [asdict(e) for e in forecast_entries(cfg, v)]
+        fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
+        if not fpath.exists():
+            fres = forecast_variant(base, tok, cfg, data, v)
+            atomic_write_json(fpath, {"kind": "forecast", "data_key": dhash, "variant": v, **fres})
+            log(f"forecast {v}: {len(fres['rows'])} configurations in {fres['seconds']:.0f} s "
+                f"(compute ratio {fres['compute']['compute_ratio']:.2f} of one training run)")
+        bar.update(1)
     bar.close()
     summary = write_report(out)
     log(f"report: {out}/report.md  ({time.perf_counter() - t0:.0f} s)")

@@ -148,6 +148,11 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
     return L
 
 
+def _rates(cfg: dict, lora: bool) -> str:
+    lrs = sorted({e["lr"] for e in cfg["grid"] if (e["method"] == "lora") == lora})
+    return ", ".join(f"{x:g}" for x in lrs) or "none"
+
+
 def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None) -> str:
     cfg = study["config"]
     b = base["eval"]
@@ -164,9 +169,9 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum:
          f"with {gen['cot']} new tokens (CoT) / {gen['label']} (label-only), stopped at `</answer>`, judged by the "
          f"official MedCalc rules; domain code length of the held-out gold completions given their prompts (bits "
          f"per completion); general code length of {cfg['n_humaneval']} HumanEval canonical solutions given their "
-         f"prompts and of {cfg['n_gsm8k']} GSM8K test questions (bits/token). Learning rates 3e-5..3e-4 (LoRA "
-         f"1e-3): the paper's 1e-6..5e-6 for a 3B model over thousands of steps barely moves a 135M model in "
-         f"{cfg['steps']} steps.", "",
+         f"prompts and of {cfg['n_gsm8k']} GSM8K test questions (bits/token). Learning rates {_rates(cfg, False)} "
+         f"(LoRA {_rates(cfg, True)}): the paper's 1e-6..5e-6 for a 3B model over thousands of steps barely moves "
+         f"a 135M model in {cfg['steps']} steps.", "",
          "## Base model", "",
          md_table(["variant", "domain acc", "correct / n", "unparsed", "reached </answer>", "domain bits/completion"],
                   [[v, b[v]["domain_acc"], f"{b[v]['n_correct']}/{b[v]['n_eval']}", b[v]["n_unparsed"],
