@@ -166,3 +166,23 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     assert [(r["method"], r["lr"]) for r in sub["rows"]] == [("ce", 3e-3), ("talr", 1e-3)]
     full = {(r["method"], r["lr"]): r["dL_P1_bits"] for r in res["rows"]}
     assert [r["dL_P1_bits"] for r in sub["rows"]] == pytest.approx([full["ce", 3e-3], full["talr", 1e-3]])
+
+
+@pytest.mark.parametrize("lam_c", [float("inf"), 0.02])
+def test_fit_kappa_binary_search_equals_the_exhaustive_grid(lam_c):
+    """The tracked loss falls monotonically in kappa, so the binary search lands on the grid's
+    argmin: targets above, inside and below the reachable range, with and without rotation."""
+    from sft.forecast_run import fit_kappa
+
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(3, 2, 500, generator=gen) * 1e-2 + 3e-3
+    lrs, order = cosine_lrs(3e-3, 40)[:8], np.arange(8) % 3
+    for hard_target in (3.99, 3.5, 2.0, 0.3, 1e-3):
+        for easy_target in (0.49, 0.3, 0.05):
+            target = np.tile([easy_target, hard_target, 0.0], (8, 1))
+            ks = []
+            for exhaustive in (False, True):
+                gg = _gg(g.clone(), ce_mean=g.mean(0), ell0=(0.5, 4.0))
+                gg.lam_c = lam_c
+                ks.append(fit_kappa(gg, lrs, order, target, exhaustive=exhaustive).tolist())
+            assert ks[0] == ks[1], (hard_target, easy_target)
