@@ -59,8 +59,9 @@ def run_forecast_study(args) -> int:
 def register_smollm2(sub) -> None:
     p = sub.add_parser("smollm2", help="SFT of SmolLM2-135M-Instruct on real MedCalc-Bench rows (resumable grid)",
                        description="Fine-tune SmolLM2-135M-Instruct on MedCalc-Bench (CoT and label-only) with "
-                                   "CE, TALR, L2, LoRA, DFT and WiSE-FT at several learning rates; measure domain "
+                                   "CE, TALR, L2, LoRA and WiSE-FT at several learning rates; measure domain "
                                    "accuracy and gain and general degradation (HumanEval, GSM8K code length); "
+                                   "forecast every run's degradation from theta0 (sft.forecast) and compare; "
                                    "write DIR/report.md and DIR/summary.json. A second call skips cached work.")
     p.add_argument("--preset", default="default", choices=["small", "default"],
                    help="small: CE and TALR x 3 rates on CoT + label-only CE; default: the full grid")
@@ -71,6 +72,8 @@ def register_smollm2(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out rows evaluated (default: the preset's)")
+    p.add_argument("--no-forecast", action="store_true",
+                   help="skip the forecast units (sft.forecast from theta0; ~10 min and ~15 GB per variant on SmolLM2)")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and summary.json from the cache")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_smollm2)
@@ -86,7 +89,7 @@ def run_smollm2(args: argparse.Namespace) -> int:
             print(f"talr study smollm2: --{k.replace('_', '-')} must be >= 1, got {v}")
             return 2
     cfg = make_config(args.preset, medcalc=args.medcalc, gsm8k=args.gsm8k, model=args.model,
-                      **{k: v for k, v in sizes.items() if v is not None})
+                      forecast=not args.no_forecast, **{k: v for k, v in sizes.items() if v is not None})
     try:
         run_study(cfg, out, progress=not args.no_progress, report_only=args.report_only)
     except FileNotFoundError as exc:

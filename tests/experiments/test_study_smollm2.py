@@ -113,3 +113,16 @@ def test_cli_rejects_nonpositive_sizes(tmp_path, capsys):
     assert main(["study", "smollm2", "--steps", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_no_forecast_reaches_the_config(monkeypatch, tmp_path):
+    import experiments.studies.smollm2 as st
+    from experiments.cli import main
+
+    seen = []
+    monkeypatch.setattr(st, "run_study", lambda cfg, out, **kw: seen.append(cfg))
+    for flag in ([], ["--no-forecast"]):
+        assert main(["study", "smollm2", "--preset", "small", "--out", str(tmp_path / "o"), *flag]) == 0
+    assert [c.forecast for c in seen] == [True, False]
+    # the forecast settings stay out of the data key: a study resumed without them reuses its cache
+    assert seen[0].data_key() == seen[1].data_key()
