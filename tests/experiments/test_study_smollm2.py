@@ -126,3 +126,17 @@ def test_cli_no_forecast_reaches_the_config(monkeypatch, tmp_path):
     assert [c.forecast for c in seen] == [True, False]
     # the forecast settings stay out of the data key: a study resumed without them reuses its cache
     assert seen[0].data_key() == seen[1].data_key()
+
+
+def test_default_preset_meets_the_issue_shape():
+    """>= 20 runs (WiSE-FT points count) over both variants; CE, TALR, L2, LoRA and WiSE-FT;
+    >= 3 learning rates spread over at least a decade; every held-out row evaluated."""
+    from experiments.studies.smollm2 import PRESETS
+
+    cfg = PRESETS["default"]
+    assert sum(1 + len(e.wise) for e in cfg.grid) >= 20
+    assert {e.variant for e in cfg.grid} == {"cot", "label"}
+    assert {"ce", "talr", "l2", "lora"} <= {e.method for e in cfg.grid} and any(e.wise for e in cfg.grid)
+    rates = sorted({e.lr for e in cfg.grid if e.method != "lora"})
+    assert len(rates) >= 3 and rates[-1] / rates[0] >= 10 * (1 - 1e-9)
+    assert cfg.data_key() == PRESETS["default"].data_key()  # hashable, stable
