@@ -52,10 +52,22 @@ class Entry:
     method: str
     lr: float
     wise: tuple = ()
+    steps: int | None = None  # optimizer steps of this run (None: the study's); more rows are cycled
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-{self.method}-{self.lr:g}"
+        return f"{self.variant}-{self.method}-{self.lr:g}" + (f"-s{self.steps}" if self.steps else "")
+
+    def key(self) -> dict:
+        """The entry's part of its cache key (``steps`` only when set: older keys stay valid)."""
+        d = asdict(self)
+        if d["steps"] is None:
+            d.pop("steps")
+        return d
+
+
+def entry_steps(cfg: "StudyConfig", e: Entry) -> int:
+    return e.steps or cfg.steps
 
 
 @dataclass
@@ -112,13 +124,15 @@ def _default_grid() -> tuple:
     """Most informative per minute first (a report from a partial grid is still useful): label-only
     CE and TALR at the large rate with WiSE-FT (evaluation only), the other label-only rates and
     baselines, then CoT (its units cost ~2.5x label-only ones: longer examples and generations,
-    ~9 min each), at two rates. 14 trained runs + 6 WiSE-FT points; DFT and FLOW left out (the
-    budget: about 2 h on 2 cores)."""
+    ~9 min each), at two rates. 15 trained runs + 6 WiSE-FT points; one label-only CE run three
+    times longer (60 steps: ~1.6 epochs over the label rows), since 20 steps teach the answer
+    format but not the calculators' magnitudes; DFT and FLOW left out (the budget: about 2 h on 2
+    cores)."""
     hi, mid, lo = LRS[::-1]
     w = (0.25, 0.5, 0.75)
     g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=(0.5,)), Entry("label", "ce", mid, wise=(0.5,)),
          Entry("label", "talr", mid), Entry("label", "ce", lo), Entry("label", "talr", lo), Entry("label", "l2", hi),
-         Entry("label", "lora", 1e-3),
+         Entry("label", "lora", 1e-3), Entry("label", "ce", mid, steps=60),
          Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi), Entry("cot", "ce", mid),
          Entry("cot", "talr", mid), Entry("cot", "l2", hi), Entry("cot", "lora", 1e-3)]
     return tuple(g)
@@ -228,16 +242,19 @@ def prepare_data(cfg: StudyConfig, tok) -> StudyData:
     ex, trows, texts = {}, {}, {}
     for v in ("cot", "label"):
         ex[v], trows[v] = [], []
+        longest = max([entry_steps(cfg, e) * cfg.batch_size for e in cfg.grid if e.variant == v], default=need)
         for r in train:
             e = tokenize_row(tok, sft_row(r, v))
             if e is not None and len(e["input_ids"]) <= cfg.max_length:
                 ex[v].append(e)
                 trows[v].append(r)
-                if len(ex[v]) == need:
+                if len(ex[v]) == max(need, longest):
                     break
         if len(ex[v]) < need:
             raise ValueError(f"{source}: only {len(ex[v])} {v} training rows fit max_length={cfg.max_length}, "
                              f"need steps*batch_size={need}")
+        # entries with more steps than rows: further epochs over the same rows, in the same order
+        ex[v] += [ex[v][k % len(ex[v])] for k in range(len(ex[v]), longest)]
         pc = [split_text(tok, sft_row(r, v))[:2] for r in eval_rows]
         texts[v] = ([p for p, _ in pc], [c for _, c in pc])
     he_p, he_s = humaneval_corpus(conditional=True)
@@ -353,8 +370,9 @@ def general_examples(tok, data: StudyData) -> list[dict]:
 
 
 def forecast_entries(cfg: StudyConfig, variant: str) -> list[Entry]:
-    """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods)."""
-    return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip]
+    """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods and
+    entries with their own step count)."""
+    return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip and e.steps is None]
 
 
 def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
@@ -376,7 +394,7 @@ def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str,
                         probe_steps=cfg.forecast_probe_steps, seed=cfg.seed, l2_coeff=L2_COEFF, lora_r=cfg.lora_r,
                         lora_alpha=2 * cfg.lora_r, pad_token_id=pad)
     t = time.perf_counter()
-    res = forecast_grid(base, data.train[variant], d1, fc, progress=progress,
+    res = forecast_grid(base, data.train[variant][:cfg.steps * cfg.batch_size], d1, fc, progress=progress,
                         only={(e.method, e.lr) for e in entries})
     for r in res["rows"]:
         r["dL_general_bits_per_token"] = r["dL_P1_bits"] * len(d1) / n_tok
@@ -411,10 +429,11 @@ def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_
     from sft.trainer import TrainConfig, train
 
     model = copy.deepcopy(base)
-    tc = TrainConfig(method=entry.method, lr=entry.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
+    steps = entry_steps(cfg, entry)
+    tc = TrainConfig(method=entry.method, lr=entry.lr, max_steps=steps, batch_size=cfg.batch_size,
                      seed=cfg.seed, out=str(run_dir), lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
                      progress=False, save_final=False, logging_steps=1, overwrite=True)  # a lost attempt is redone
-    ds = SFTDataset(data.train[entry.variant])
+    ds = SFTDataset(data.train[entry.variant][:steps * cfg.batch_size])  # one pass: the first steps x batch
     t = time.perf_counter()
     res = train(tc, model, ds, tokenizer=tok, extra_config={"study": "smollm2", "data": data.source})
     secs = time.perf_counter() - t
@@ -462,11 +481,12 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     dkey = {**cfg.data_key(), "model_desc": desc}
     dhash = key_of(dkey)
     n_params = sum(p.numel() for p in base.parameters())
+    need = cfg.steps * cfg.batch_size
     atomic_write_json(out / "study.json", {
         "data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]}, "model": desc,
         "data": data.source, "n_rows": data.n_rows, "n_kept": data.n_kept,
-        "n_train_rows": {v: len(x) for v, x in data.train.items()},
-        "train_tokens": {v: sum(len(e["input_ids"]) for e in x) for v, x in data.train.items()},
+        "n_train_rows": {v: len(x[:need]) for v, x in data.train.items()},
+        "train_tokens": {v: sum(len(e["input_ids"]) for e in x[:need]) for v, x in data.train.items()},
         "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak, "n_params": n_params})
     fvariants = [v for v in ("label", "cot") if cfg.forecast and forecast_entries(cfg, v)]
     units = 1 + len(fvariants) + sum(1 + len(e.wise) for e in cfg.grid)
@@ -481,9 +501,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         log(f"base evaluated in {time.perf_counter() - t:.0f} s")
     bar.update(1)
     for e in cfg.grid:
-        rkey = key_of({**dkey, "entry": asdict(e)})
+        rkey = key_of({**dkey, "entry": e.key()})
         rpath = cache / f"run-{e.name}-{rkey}.json"
-        wise_paths = {a: cache / f"wise-{e.name}-a{a:g}-{key_of({**dkey, 'entry': asdict(e), 'alpha': a})}.json"
+        wise_paths = {a: cache / f"wise-{e.name}-a{a:g}-{key_of({**dkey, 'entry': e.key(), 'alpha': a})}.json"
                       for a in e.wise}
         todo = not rpath.exists() or any(not p.exists() for p in wise_paths.values())
         if not todo:
@@ -517,7 +537,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
                 del m
         del tuned
     for v in fvariants:  # theta0 and its own probe only (no run is read); last, so runs come first
-        fentries = [asdict(e) for e in forecast_entries(cfg, v)]
+        fentries = [e.key() for e in forecast_entries(cfg, v)]
         fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
         if not fpath.exists():
             fres = forecast_variant(base, tok, cfg, data, v)

@@ -19,12 +19,17 @@ RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain
               "forecast_general_delta_bits")
 
 
+def grid_key(e: dict) -> tuple:
+    """(variant, method, lr, steps or None) of a grid entry dict."""
+    return e["variant"], e["method"], float(e["lr"]), e.get("steps")
+
+
 def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
     """(study record, base cache record, run/WiSE cache records, forecast rows by (variant,
     method, lr)) of the current data key and grid."""
     study = json.loads((out / "study.json").read_text())
     key = study["data_key"]
-    grid = {(e["variant"], e["method"], float(e["lr"])) for e in study["config"]["grid"]}
+    grid = {grid_key(e) for e in study["config"]["grid"]}
     base, runs, forecasts = None, [], {}
     for p in sorted((out / "cache").glob("*.json")):
         rec = json.loads(p.read_text())
@@ -35,7 +40,7 @@ def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
         elif rec["kind"] == "forecast":
             forecasts.update({(rec["variant"], r["method"], float(r["lr"])): {**r, "unit": rec}
                               for r in rec["rows"]})
-        elif (rec["entry"]["variant"], rec["entry"]["method"], float(rec["entry"]["lr"])) in grid:
+        elif grid_key(rec["entry"]) in grid:
             runs.append(rec)
     if base is None:
         raise FileNotFoundError(f"{out}/cache: no base evaluation for data key {key}; run the study first")
@@ -48,10 +53,13 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
 
     e = rec["entry"]
     v = e["variant"]
+    own_steps = e.get("steps")  # an entry with its own step count has no forecast (the grid's T differs)
+    steps = own_steps or steps
+    forecasts = {} if own_steps else (forecasts or {})
     ev, b = rec["eval"], base["eval"]
     row = {"variant": v, "method": "wise-ft" if rec["kind"] == "wise" else e["method"], "lr": e["lr"],
-           "steps": steps, "alpha": rec.get("alpha"), "parent": None if rec["kind"] == "run" else
-           f"{v}-{e['method']}-{e['lr']:g}",
+           "steps": steps, "own_steps": bool(own_steps), "alpha": rec.get("alpha"),
+           "parent": None if rec["kind"] == "run" else f"{v}-{e['method']}-{e['lr']:g}",
            "domain_acc": ev[v]["domain_acc"], "domain_gain_bits": b[v]["domain_bits"] - ev[v]["domain_bits"],
            "general_delta_bits_humaneval": ev["general"]["humaneval_bits_per_token"]
            - b["general"]["humaneval_bits_per_token"],
@@ -122,7 +130,7 @@ def pareto(rows: list[dict]) -> list[dict]:
 def label(r: dict) -> str:
     if r["method"] == "wise-ft":
         return f"WiSE-FT({r['parent']}, a={r['alpha']:g})"
-    return f"{r['method']}@{r['lr']:g}"
+    return f"{r['method']}@{r['lr']:g}" + (f" ({r['steps']} steps)" if r.get("own_steps") else "")
 
 
 def write_report(out: str | Path) -> dict:
@@ -133,9 +141,8 @@ def write_report(out: str | Path) -> dict:
     out = Path(out)
     study, base, recs, forecasts = load_results(out)
     steps = study["config"]["steps"]
-    order = {(e["variant"], e["method"], e["lr"]): k for k, e in enumerate(study["config"]["grid"])}
-    recs.sort(key=lambda r: (r["entry"]["variant"], order.get((r["entry"]["variant"], r["entry"]["method"],
-                                                              r["entry"]["lr"]), 999), r.get("alpha") or 0))
+    order = {grid_key(e): k for k, e in enumerate(study["config"]["grid"])}
+    recs.sort(key=lambda r: (r["entry"]["variant"], order.get(grid_key(r["entry"]), 999), r.get("alpha") or 0))
     runs = [run_record(r, base, steps, forecasts) for r in recs]
     b = base["eval"]
     summary = {"model": study["model"], "data": study["data"], "config": study["config"],

@@ -22,7 +22,7 @@ def tiny_config(tmp_path, grid) -> StudyConfig:
 
 def test_study_runs_resumes_and_reports(tmp_path):
     grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4),
-            Entry("label", "dft", 1e-3))
+            Entry("label", "dft", 1e-3), Entry("label", "ce", 1e-3, steps=5))
     cfg = tiny_config(tmp_path, grid)
     out = tmp_path / "study"
     summary = run_study(cfg, out, progress=False, log=lambda s: None)
@@ -30,14 +30,17 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert len(list((out / "cache").glob("forecast-*.json"))) == 2  # one forecast unit per variant
     assert [(r["variant"], r["method"], r["lr"], r["alpha"]) for r in runs] == [
         ("cot", "ce", 1e-4, None), ("label", "ce", 1e-3, None), ("label", "wise-ft", 1e-3, 0.5),
-        ("label", "talr", 1e-3, None), ("label", "dft", 1e-3, None)]
+        ("label", "talr", 1e-3, None), ("label", "dft", 1e-3, None), ("label", "ce", 1e-3, None)]
+    long = runs[-1]  # its own step count (5 > the rows that fit: further epochs), no forecast
+    assert long["steps"] == 5 and runs[1]["steps"] == 2 and "(5 steps)" in (out / "report.md").read_text()
+    assert long["train_loss"] != runs[1]["train_loss"]
     for r in runs:
         for f in ("domain_acc", "domain_gain_bits", "general_delta_bits_humaneval", "general_delta_bits_gsm8k"):
             assert isinstance(r[f], float) and r[f] == r[f]
         # the forecast (before training) covers every trained run but DFT's (forecast_skip), not the
         # WiSE-FT points
         fc = r["forecast_general_delta_bits"]
-        assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft")
+        assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5)
         assert fc is None or (isinstance(fc, float) and fc == fc)
         # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
         assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
@@ -140,3 +143,17 @@ def test_default_preset_meets_the_issue_shape():
     rates = sorted({e.lr for e in cfg.grid if e.method != "lora"})
     assert len(rates) >= 3 and rates[-1] / rates[0] >= 10 * (1 - 1e-9)
     assert cfg.data_key() == PRESETS["default"].data_key()  # hashable, stable
+
+
+def test_long_entry_cycles_the_training_rows_in_order(tmp_path):
+    from experiments.studies.smollm2 import prepare_data
+    from sft.models import byte_tokenizer
+
+    cfg = tiny_config(tmp_path, (Entry("label", "ce", 1e-3, steps=200),))
+    cfg.medcalc, cfg.n_synthetic = str(tmp_path / "absent.csv"), 40
+    data = prepare_data(cfg, byte_tokenizer())
+    rows = data.train["label"]
+    n = len(data.train_rows["label"])
+    assert len(rows) == 200 > n  # more steps x batch than rows: further epochs
+    assert all(rows[k] is rows[k % n] for k in range(200))
+    assert len(data.train["cot"]) == cfg.steps * cfg.batch_size  # the other variant is not stretched
