@@ -449,6 +449,20 @@ def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_
     return tuned, rec
 
 
+def forecast_unit(base, tok, cfg: StudyConfig, data: StudyData, v: str, cache: Path, dkey: dict, dhash: str,
+                  log) -> None:
+    """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
+    from sft.io import atomic_write_json
+
+    fentries = [e.key() for e in forecast_entries(cfg, v)]
+    fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
+    if not fpath.exists():
+        fres = forecast_variant(base, tok, cfg, data, v)
+        atomic_write_json(fpath, {"kind": "forecast", "data_key": dhash, "variant": v, **fres})
+        log(f"forecast {v}: {len(fres['rows'])} configurations in {fres['seconds']:.0f} s "
+            f"(compute ratio {fres['compute']['compute_ratio']:.2f} of one training run)")
+
+
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, report_only: bool = False,
               log=print) -> dict:
     """Run (or resume) the grid and write the report; returns the summary."""
@@ -500,7 +514,17 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
         atomic_write_json(bpath, {"kind": "base", "data_key": dhash, "eval": res, "seconds": time.perf_counter() - t})
         log(f"base evaluated in {time.perf_counter() - t:.0f} s")
     bar.update(1)
-    for e in cfg.grid:
+    variants = list(dict.fromkeys(e.variant for e in cfg.grid))  # in the grid's order
+    # each variant's runs, then its forecast (theta0 and its own probe only: no run is read; after
+    # the runs so that a time-limited call gets runs first)
+    schedule = []
+    for v in variants:
+        schedule += [(e, None) for e in cfg.grid if e.variant == v] + ([(None, v)] if v in fvariants else [])
+    for e, fv in schedule:
+        if fv is not None:
+            forecast_unit(base, tok, cfg, data, fv, cache, dkey, dhash, log)
+            bar.update(1)
+            continue
         rkey = key_of({**dkey, "entry": e.key()})
         rpath = cache / f"run-{e.name}-{rkey}.json"
         wise_paths = {a: cache / f"wise-{e.name}-a{a:g}-{key_of({**dkey, 'entry': e.key(), 'alpha': a})}.json"
@@ -536,15 +560,6 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
                 bar.update(1)
                 del m
         del tuned
-    for v in fvariants:  # theta0 and its own probe only (no run is read); last, so runs come first
-        fentries = [e.key() for e in forecast_entries(cfg, v)]
-        fpath = cache / f"forecast-{v}-{key_of({**dkey, 'forecast': cfg.forecast_key(), 'entries': fentries})}.json"
-        if not fpath.exists():
-            fres = forecast_variant(base, tok, cfg, data, v)
-            atomic_write_json(fpath, {"kind": "forecast", "data_key": dhash, "variant": v, **fres})
-            log(f"forecast {v}: {len(fres['rows'])} configurations in {fres['seconds']:.0f} s "
-                f"(compute ratio {fres['compute']['compute_ratio']:.2f} of one training run)")
-        bar.update(1)
     bar.close()
     summary = write_report(out)
     log(f"report: {out}/report.md  ({time.perf_counter() - t0:.0f} s)")
