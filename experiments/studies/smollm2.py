@@ -142,7 +142,7 @@ def _default_grid() -> tuple:
 # row (52 with the default split), CoT examples up to 512 tokens (all calculators but MME fit);
 # about 2 h on 2 quiet cores. small: the pipeline check of the issue (<= 45 min).
 PRESETS = {
-    "small": StudyConfig(grid=_small_grid()),
+    "small": StudyConfig(grid=_small_grid(), forecast_batches=1),  # forecast memory ~8 GB
     "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=32,
                            n_humaneval=8, n_gsm8k=16),
 }
