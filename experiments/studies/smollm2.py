@@ -159,6 +159,15 @@ def key_of(obj) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- data
+def shown(path: Path) -> str:
+    """``path`` as the reports show it: relative to the repository when beside it (../shared/...)."""
+    try:
+        rel = os.path.relpath(Path(path).resolve(), REPO)
+    except ValueError:
+        return str(path)
+    return rel if rel.count("..") <= 1 else str(path)
+
+
 def medcalc_path(cfg: StudyConfig) -> Path:
     return Path(cfg.medcalc or os.environ.get("TALR_MEDCALC") or SHARED / "medcalc-bench-v1.0" / "test_data.csv")
 
@@ -215,7 +224,7 @@ def prepare_data(cfg: StudyConfig, tok) -> StudyData:
 
     path = medcalc_path(cfg)
     if path.exists():
-        rows, source = load_medcalc(path), f"MedCalc-Bench v1.0 ({path})"
+        rows, source = load_medcalc(path), f"MedCalc-Bench v1.0 ({shown(path)})"
     else:
         rows, source = generate(cfg.n_synthetic, seed=cfg.seed), f"synthetic MedCalc rows ({path} not found)"
     prompts = {}

@@ -37,8 +37,11 @@ def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
     return save_figure(fig, path)
 
 
-def _by(runs, variant, method=None):
-    return [r for r in runs if r["variant"] == variant and (method is None or r["method"] == method)]
+def _by(runs, variant, method=None, sweep=False):
+    """The variant's runs (of ``method``); ``sweep``: only the rate sweep (runs with the study's
+    step count: the findings compare rates at equal steps)."""
+    return [r for r in runs if r["variant"] == variant and (method is None or r["method"] == method)
+            and not (sweep and r.get("own_steps"))]
 
 
 def finding1(runs: list[dict]) -> list[str]:
@@ -46,7 +49,7 @@ def finding1(runs: list[dict]) -> list[str]:
     lines, verdicts = [], []
     for v in ("cot", "label"):
         for m in sorted({r["method"] for r in _by(runs, v)} - {"wise-ft"}):
-            rs = sorted(_by(runs, v, m), key=lambda r: r["lr"])
+            rs = sorted(_by(runs, v, m, sweep=True), key=lambda r: r["lr"])
             if len(rs) < 2:
                 continue
             lo, hi = rs[0], rs[-1]
@@ -69,7 +72,7 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
     """Finding 2: label-only supervision widens the safe range (rates whose degradation <= tol)."""
     out, ranges = [], {}
     for v in ("cot", "label"):
-        rs = [r for r in _by(runs, v, "ce")]
+        rs = _by(runs, v, "ce", sweep=True)
         ranges[v] = sorted(r["lr"] for r in rs if general_delta(r) <= tol)
         out.append(f"- {v}/ce: general degradation by rate: "
                    + ", ".join(f"{r['lr']:g}: {fmt(general_delta(r))}" for r in sorted(rs, key=lambda r: r["lr"]))
@@ -85,11 +88,11 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
 def talr_vs_baselines(runs: list[dict]) -> list[str]:
     out = []
     for v in ("cot", "label"):
-        trained = [r for r in _by(runs, v) if r["method"] not in ("wise-ft", "lora")]
+        trained = [r for r in _by(runs, v, sweep=True) if r["method"] not in ("wise-ft", "lora")]
         if not trained:
             continue
         hi = max(r["lr"] for r in trained)
-        at = [r for r in _by(runs, v) if r["lr"] == hi or r["method"] == "lora"]  # WiSE-FT of the hi-rate runs
+        at = [r for r in _by(runs, v, sweep=True) if r["lr"] == hi or r["method"] == "lora"]  # WiSE-FT of the hi-rate runs
         talr = [r for r in at if r["method"] == "talr" and r["lr"] == hi]
         if not talr:
             out.append(f"- {v}: no TALR run at lr {hi:g} yet.")

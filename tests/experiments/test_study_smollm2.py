@@ -157,3 +157,11 @@ def test_long_entry_cycles_the_training_rows_in_order(tmp_path):
     assert len(rows) == 200 > n  # more steps x batch than rows: further epochs
     assert all(rows[k] is rows[k % n] for k in range(200))
     assert len(data.train["cot"]) == cfg.steps * cfg.batch_size  # the other variant is not stretched
+
+
+def test_shown_paths_are_relative_beside_the_repository():
+    from experiments.studies.smollm2 import REPO, shown
+
+    assert shown(REPO.parent / "shared" / "data" / "x.csv") == "../shared/data/x.csv"
+    assert shown(REPO / "tests" / "x.csv") == "tests/x.csv"
+    assert shown(Path("/") / "etc" / "x.csv") == "/etc/x.csv"
