@@ -96,7 +96,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     from .forecast_metrics import spearman, within_2x
 
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
-                                    "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c")}}
+                                    "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}
     for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):
         rs = [r for r in runs if r.get("forecast_general_delta_bits") is not None and sel in (None, r["variant"])]

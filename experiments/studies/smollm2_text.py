@@ -131,9 +131,12 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
         return L + ["No forecast unit in the cache (run the study with the forecast on).", ""]
     u = fs["units"]
     L += ["`sft.forecast` (as `talr forecast` runs it) predicted every (method, lr) of each variant from theta0 "
-          "before any run of the grid: mini-batch gradients at theta0, AdamW replayed on them, one short real "
-          "CE probe at the grid's geometric middle rate (" + "; ".join(
-              f"{v}: probe {fmt(x['probe']['steps'])} steps at lr {fmt(x['probe']['lr'])}, compute ratio "
+          "and its own probe only, reading no run of the grid (the study schedules it after the variant's runs): "
+          "mini-batch gradients at theta0, AdamW replayed on them, one short real CE probe at the grid's "
+          "geometric middle rate (" + "; ".join(
+              f"{v}: probe {fmt(x['probe']['steps'])} steps at lr {fmt(x['probe']['lr'])}, fitted kappa "
+              f"{'/'.join(fmt(k) for k in x['probe'].get('kappa') or [])} (easy/hard token group; grid 0.02..5), "
+              f"lambda_c {fmt(x['probe']['lambda_c'])}, compute ratio "
               f"{fmt(x['compute_ratio'])} of one training run, {fmt((x['seconds'] or 0) / 60)} min"
               for v, x in sorted(u.items())) + "). The forecast's dL(P1) is turned into bits per token of the "
           "pooled general set (HumanEval solution tokens + GSM8K question tokens), and compared with the "
