@@ -162,7 +162,7 @@ def key_of(obj) -> str:
 def shown(path: Path) -> str:
     """``path`` as the reports show it: relative to the repository when beside it (../shared/...)."""
     try:
-        rel = os.path.relpath(Path(path).resolve(), REPO)
+        rel = os.path.relpath(os.path.abspath(path), REPO)  # no resolve(): a symlinked ../shared stays beside
     except ValueError:
         return str(path)
     return rel if rel.count("..") <= 1 else str(path)
