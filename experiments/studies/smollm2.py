@@ -421,14 +421,13 @@ def pooled_general_delta(ev: dict, base_ev: dict) -> float:
             + (g["gsm8k_bits_per_token"] - b["gsm8k_bits_per_token"]) * ng) / (nh + ng)
 
 
-def forecast_general_delta_bits(run: dict, forecasts: dict) -> float | None:
-    """The forecast's general degradation (bits/token of the pooled general set) for a trained
-    run's (variant, method, lr); None for WiSE-FT points, skipped methods and where no forecast
-    unit exists."""
-    if run.get("alpha") is not None:
+def forecast_row(run: dict, forecasts: dict) -> dict | None:
+    """The forecast row of a trained run's (variant, method, lr): its ``dL_general_bits_per_token``
+    (bits/token of the pooled general set) and ``domain_gain_bits``; None for WiSE-FT points,
+    runs with their own step count, skipped methods and where no forecast unit exists."""
+    if run.get("alpha") is not None or run.get("own_steps"):
         return None
-    f = forecasts.get((run["variant"], run["method"], float(run["lr"])))
-    return None if f is None else f["dL_general_bits_per_token"]
+    return forecasts.get((run["variant"], run["method"], float(run["lr"])))
 
 
 # ----------------------------------------------------------------------------------------------- grid

@@ -49,13 +49,12 @@ def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
 
 def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None) -> dict:
     """One summary row from a cache record (a trained run or a WiSE-FT point)."""
-    from .smollm2 import bound_over_measured, forecast_general_delta_bits, pooled_general_delta
+    from .smollm2 import bound_over_measured, forecast_row, pooled_general_delta
 
     e = rec["entry"]
     v = e["variant"]
     own_steps = e.get("steps")  # an entry with its own step count has no forecast (the grid's T differs)
     steps = own_steps or steps
-    forecasts = {} if own_steps else (forecasts or {})
     ev, b = rec["eval"], base["eval"]
     row = {"variant": v, "method": "wise-ft" if rec["kind"] == "wise" else e["method"], "lr": e["lr"],
            "steps": steps, "own_steps": bool(own_steps), "alpha": rec.get("alpha"),
@@ -83,8 +82,8 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
     row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
     row["bound_over_measured"] = bound_over_measured({"prefix": pb}, base)
-    row["forecast_general_delta_bits"] = forecast_general_delta_bits(row, forecasts or {})
-    f = None if row["alpha"] is not None else (forecasts or {}).get((v, row["method"], float(row["lr"])))
+    f = forecast_row(row, forecasts or {})
+    row["forecast_general_delta_bits"] = None if f is None else f["dL_general_bits_per_token"]
     row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]
     return row
 
