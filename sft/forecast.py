@@ -77,10 +77,10 @@ from torch import nn
 
 from . import losses as L
 from .data import PadCollator
+from .methods import forecast_methods, get_method
 from .models import token_nll
 
 LN2 = math.log(2.0)
-METHODS = ("ce", "talr", "dft", "l2", "lora", "flow")
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -92,7 +92,7 @@ __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "cosine_lrs", "method_g
 class ForecastConfig:
     """The grid to forecast and the forecast's own sizes."""
 
-    methods: tuple = METHODS
+    methods: tuple = field(default_factory=forecast_methods)  # the registry's (`sft.methods`)
     lrs: tuple = (3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3)
     steps: int = 150
     batch: int = 16
@@ -110,9 +110,9 @@ class ForecastConfig:
     coherence: bool = True  # measure the gradient's rotation on the probe (False: the first-order scale)
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in forecast_methods()]
         if bad:
-            raise ValueError(f"methods {bad}: expected a subset of {METHODS}")
+            raise ValueError(f"methods {bad}: expected a subset of {forecast_methods()}")
         if not self.lrs or any(not (0 < lr < 1) or not math.isfinite(lr) for lr in self.lrs):
             raise ValueError(f"lrs {self.lrs}: each must be in (0, 1)")
         for name in ("steps", "batch", "n_batches", "n_general", "probe_steps"):
@@ -177,7 +177,7 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-HARD_P = 0.2  # tokens with p0 < HARD_P form the "hard" group (Figure 3c's threshold)
+HARD_GROUP_P = 0.2  # the gradients' token groups: hard (p0 < HARD_GROUP_P), easy (Figure 3c's threshold)
 
 
 @dataclass
@@ -203,7 +203,7 @@ class GroupGradients:
 
 
 def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method: str, *, pad_token_id: int,
-                     flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_P,
+                     flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
                      meter: ComputeMeter | None = None) -> GroupGradients:
     """Gradients of ``method``'s data loss at the current parameters, per batch and token group
     (easy: p0 >= ``hard_p``; hard: p0 < ``hard_p``). L2 and LoRA use CE's (their differences
@@ -260,18 +260,15 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
 def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN) -> torch.Tensor:
     """rho_k = phi(ell_k) / phi(ell0_k): how a token group's gradient has shrunk once its mean
     loss fell from ell0 to ell. The CE gradient of a token w.r.t. its logits has size 1 - p,
-    p = exp(-ell); a stop-gradient weight w(p) multiplies it: phi = w(p) (1 - p) with
-    w = 1 (CE, L2, LoRA, FLOW), max(p^{1/tau}, w_min) (TALR), p (DFT)."""
+    p = exp(-ell); a stop-gradient weight w(p) multiplies it: phi = w(p) (1 - p) with w the
+    method's token weight (`sft.methods`, the loss's own): 1 (CE, L2, LoRA, FLOW),
+    max(p^{1/tau}, w_min) (TALR), p (DFT)."""
+    m = get_method(method)
 
     def phi(e):
-        p = torch.exp(-e.clamp_min(0.0))
-        if method == "talr":
-            w = torch.clamp(p ** (1.0 / tau), min=w_min)
-        elif method == "dft":
-            w = p
-        else:
-            w = torch.ones_like(p)
-        return w * (1.0 - p)
+        e = e.clamp_min(0.0)
+        p = torch.exp(-e)
+        return m.token_weight(e, tau=tau, w_min=w_min) * (1.0 - p)
 
     return (phi(ell) / phi(ell0).clamp_min(1e-30)).clamp(0.0, 1e3)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .forecast import (LN2, _collate, ComputeMeter, Forecast, ForecastConfig, Shifted, cosine_lrs, lora_layout,
-                       HARD_P, method_gradients, replay_adam, replay_lora, sequence_losses, training_run_units)
+                       HARD_GROUP_P, method_gradients, replay_adam, replay_lora, sequence_losses, training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
            "power_law_probes"]
@@ -227,7 +227,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
         lr_p = float(np.exp(np.mean(np.log(cfg.lrs))))  # the grid's geometric middle
         k_steps = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
-        groups = token_groups(model, grad_examples, pad, HARD_P, meter)
+        groups = token_groups(model, grad_examples, pad, HARD_GROUP_P, meter)
         cos = []
         target, pm = probe_losses(model0, grad_examples, groups, cfg, plrs, meter, return_model=True,
                                   direction=grads["ce"].g.sum(1).mean(0), cosines=cos)

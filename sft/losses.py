@@ -9,7 +9,8 @@ of the whole accumulated, all-process batch; the micro-batch's own count when No
 sum by the global N is what makes k accumulated micro-batches, or k processes, equal one batch
 of k times the size.
 
-Token weights (all computed from ell.detach(), so no gradient flows through them):
+Token weights (all computed from ell.detach(), so no gradient flows through them) are the
+records of `sft.methods` (``Method.token_weight``, the same function the forecast calls):
 
 =========  ==============================================  =============================
 method     w_t                                             source
@@ -19,6 +20,8 @@ talr       max(exp(-ell_t / tau), w_min),  w_min = 0.01    Algorithm 1, Appendix
 dft        p_t = exp(-ell_t)                               DFT (TALR with tau = 1, no floor)
 clip       1[p_t > threshold], threshold = 0.2             Figure 3(c)
 =========  ==============================================  =============================
+
+(flow, l2, kl and lora use CE's weights; a registered method brings its own.)
 
 TALR's temperature tau is, unless fixed by the caller, the median over sequences of the mean
 token loss of each sequence (Appendix D.2). *Which* sequences is the tau scope:
@@ -56,6 +59,7 @@ import torch
 
 IGNORE_INDEX = -100
 from .config import CLIP_THRESHOLD, HARD_P, METHOD_NAMES, W_MIN  # noqa: E402,F401  (defaults, torch-free)
+from .methods import get_method  # noqa: E402
 _MIN_TAU = 1e-12
 
 
@@ -207,21 +211,22 @@ def token_weights(
     tau: float | torch.Tensor | None = None,
     w_min: float = W_MIN,
     threshold: float = CLIP_THRESHOLD,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stop-gradient token weights of ``method`` and the tau used (TALR only, else None)."""
+    """Stop-gradient token weights of ``method`` (its `sft.methods` record) and the tau used
+    (methods with a temperature, e.g. TALR; else None). ``options``: a registered method's own
+    weight options (default: its record's)."""
+    m = get_method(method)
+    unknown = set(options) - {p.arg for p in m.params if p.arg}
+    if unknown:
+        raise TypeError(f"method {method!r}: unknown weight options {sorted(unknown)}")
     ell = nll.detach()
-    if method == "ce":
-        return torch.ones_like(ell), None
-    if method == "dft":
-        return torch.exp(-ell), None
-    if method == "clip":
-        return (torch.exp(-ell) > threshold).to(ell.dtype), None
-    if method == "talr":
-        if tau is None:
-            tau = talr_tau(sequence_mean_losses(ell, seq_index, batch_size))
-        tau_t = torch.as_tensor(tau, dtype=ell.dtype, device=ell.device).clamp_min(_MIN_TAU)
-        return torch.exp(-ell / tau_t).clamp_min(w_min), tau_t  # Algorithm 1: max(sg(w~), w_min)
-    raise ValueError(f"unknown loss method {method!r}; expected one of {METHOD_NAMES}")
+    if not m.tau:
+        return m.token_weight(ell, w_min=w_min, threshold=threshold, **options), None
+    if tau is None:
+        tau = talr_tau(sequence_mean_losses(ell, seq_index, batch_size))
+    tau_t = torch.as_tensor(tau, dtype=ell.dtype, device=ell.device).clamp_min(_MIN_TAU)
+    return m.token_weight(ell, tau=tau_t, w_min=w_min, threshold=threshold, **options), tau_t
 
 
 def weighted_sum(
@@ -284,13 +289,19 @@ def token_stats(
 # public losses
 # ----------------------------------------------------------------------------------------------
 def _finish(method, nll, seq_index, batch_size, num_items_in_batch, return_stats, sequence_weights,
-            tau=None, w_min=W_MIN, threshold=CLIP_THRESHOLD, hard_p=HARD_P):
-    w, tau_used = token_weights(method, nll, seq_index, batch_size, tau=tau, w_min=w_min, threshold=threshold)
+            tau=None, w_min=W_MIN, threshold=CLIP_THRESHOLD, hard_p=HARD_P, **options):
+    w, tau_used = token_weights(method, nll, seq_index, batch_size, tau=tau, w_min=w_min, threshold=threshold,
+                                **options)
     loss = reduce(weighted_sum(nll, w, seq_index, sequence_weights=sequence_weights), nll.numel(), num_items_in_batch)
     if not return_stats:
         return loss
-    stats = token_stats(nll, w, tau_used, hard_p=hard_p, w_min=w_min if method == "talr" else None)
+    stats = token_stats(nll, w, tau_used, hard_p=hard_p, w_min=w_min if has_floor(method) else None)
     return loss, stats
+
+
+def has_floor(method: str) -> bool:
+    """The method's weights have the floor ``w_min`` (its statistics report ``frac_floor``)."""
+    return any(p.arg == "w_min" for p in get_method(method).params)
 
 
 def sft_loss(
@@ -303,10 +314,11 @@ def sft_loss(
     return_stats: bool = False,
     **options,
 ):
-    """Loss ``method`` ("ce", "talr", "dft", "clip") from full logits ``[B, T, V]``.
+    """Loss ``method`` (a token-weighted loss of `sft.methods`: "ce", "talr", "dft", "clip", ...)
+    from full logits ``[B, T, V]``.
 
     options: ``tau`` (TALR; None = micro-batch median), ``w_min`` (TALR floor, 0.01),
-    ``threshold`` (clip, 0.2), ``hard_p`` (statistics, 0.1).
+    ``threshold`` (clip, 0.2), ``hard_p`` (statistics, 0.1), a registered method's own.
     """
     nll, seq_index = token_nll_from_logits(logits, labels)
     return _finish(method, nll, seq_index, labels.shape[0], num_items_in_batch, return_stats,
@@ -361,7 +373,7 @@ def compute_loss_func(method: str = "talr", **options) -> Callable:
     """A drop-in ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for
     ``transformers.Trainer(compute_loss_func=...)`` and TRL's ``SFTTrainer(compute_loss_func=...)``.
 
-    ``method`` is one of ``ce | talr | dft | clip`` (`sft_loss`); ``options`` as in `sft_loss`
+    ``method`` is a token-weighted loss of `sft.methods` (``ce | talr | dft | clip``, `sft_loss`); ``options`` as in `sft_loss`
     (``tau``, ``w_min``, ``threshold``). Labels follow the HF convention (unshifted, -100 on
     ignored tokens); the loss is ``sum_t w_t ell_t / num_items_in_batch`` like the Trainer's own,
     from full logits (`sft.trainer` uses the chunked form of the same loss). Example::
@@ -370,8 +382,8 @@ def compute_loss_func(method: str = "talr", **options) -> Callable:
         from sft.losses import compute_loss_func
         Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=compute_loss_func("talr"))
     """
-    if method not in METHOD_NAMES:
-        raise ValueError(f"method {method!r}: expected one of {METHOD_NAMES}")
+    if not get_method(method).is_loss:
+        raise ValueError(f"method {method!r}: expected a token-weighted loss, one of {METHOD_NAMES}")
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         return sft_loss(method, outputs.logits, labels, num_items_in_batch=num_items_in_batch, **options)

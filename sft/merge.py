@@ -1,6 +1,7 @@
 """WiSE-FT (Wortsman et al., 2022): theta_alpha = (1 - alpha) * theta_0 + alpha * theta_ft.
 
-alpha = 0 gives the initial model, alpha = 1 the fine-tuned one. Floating tensors are
+alpha = 0 gives the initial model, alpha = 1 the fine-tuned one. A post-hoc method, not a training
+one: its record is `sft.methods.POST_HOC["wise_ft"]`. Floating tensors are
 interpolated; integer buffers (and any tensor equal in both) are copied from theta_ft.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import KL_COEFF, L2_COEFF  # noqa: E402,F401  (defaults, torch-free)
+from .methods import KL_COEFF, L2_COEFF  # noqa: E402,F401  (defaults of the records, torch-free)
 
 
 class L2ToInit:

@@ -3,18 +3,9 @@
 Entries: ``train(config, model, train_dataset) -> TrainResult`` (prepare the run folder, build,
 run, write the result) and ``build_trainer(config, model, train_dataset)`` (the configured
 `TokenWeightedTrainer` alone, for benches and studies that drive it themselves).
-``config.method`` picks
-
-=======  ==========================================================================
-ce       standard SFT (cross entropy)
-talr     TALR, Algorithm 1 (tau: fixed, or median per-sequence loss; scope micro|step)
-dft      DFT, w = sg(p)
-clip     only tokens with p > clip_threshold (Figure 3c)
-flow     CE with FLOW's static sequence weights (`sft.weighting`), computed before training
-l2       CE + l2_coeff * ||theta - theta0||^2
-kl       CE + kl_coeff * k3-KL to the frozen initial model (Appendix C.4)
-lora     CE on a LoRA adapter (peft)
-=======  ==========================================================================
+``config.method`` picks a record of `sft.methods` (``talr --help`` lists them): its token weight
+(`sft.losses`), FLOW's sequence weights (`sft.weighting`), a regulariser (`sft.regularizers`:
+L2 to theta0, k3-KL to the frozen initial model) or a LoRA adapter (peft).
 
 Optimiser AdamW (beta = 0.9, 0.999) with a cosine schedule (Appendix C.2). Loss reduction is
 ``sum / N`` with N the supervised-token count of the whole step over all micro-batches and all
@@ -167,7 +158,7 @@ class TokenWeightedTrainer(Trainer):
             n = self.accelerator.gather(n.reshape(1)).sum()
         cfg = self.sft_config
         self._step_tau = None
-        if cfg.loss_method == "talr" and cfg.tau is None and cfg.tau_scope == "step":
+        if cfg.method_record.tau and cfg.tau is None and cfg.tau_scope == "step":
             self._step_tau = self._prepass_tau(batches)
         return batches, n
 
@@ -195,8 +186,7 @@ class TokenWeightedTrainer(Trainer):
         nll, seq_index = token_nll(model, inputs["input_ids"], inputs.get("attention_mask"), labels,
                                    chunked=cfg.chunked, chunk_size=cfg.chunk_size)
         tau = cfg.tau if cfg.tau is not None else self._step_tau
-        w, tau_used = L.token_weights(cfg.loss_method, nll, seq_index, labels.shape[0], tau=tau,
-                                      w_min=cfg.w_min, threshold=cfg.clip_threshold)
+        w, tau_used = L.token_weights(cfg.method, nll, seq_index, labels.shape[0], tau=tau, **cfg.weight_options())
         loss = L.reduce(L.weighted_sum(nll, w, seq_index, sequence_weights=seq_w), nll.numel(),
                         num_items_in_batch)
         if self.kl is not None:
@@ -313,10 +303,10 @@ def run_callbacks(run_dir: Path, cfg: TrainConfig, step_stats: StepStats | None)
             self.path = run_dir / "token_stats.jsonl"
 
         def on_step_end(self, args, state, control, **kw):
-            stats = step_stats.flush(cfg.hard_p, cfg.w_min if cfg.loss_method == "talr" else None)
+            stats = step_stats.flush(cfg.hard_p, cfg.w_min if L.has_floor(cfg.method) else None)
             if state.is_world_process_zero:
                 line = {"step": state.global_step, "epoch": state.epoch, "method": cfg.method,
-                        "tau_scope": cfg.tau_scope if cfg.loss_method == "talr" else None, **stats}
+                        "tau_scope": cfg.tau_scope if cfg.method_record.tau else None, **stats}
                 with open(self.path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(_finite_or_none(line)) + "\n")
 
@@ -395,16 +385,17 @@ def build_trainer(config: TrainConfig, model: nn.Module, train_dataset, *, token
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if cfg.method == "flow" and "flow_weight" not in train_dataset[0]:
+    method = cfg.method_record
+    if method.sequence_weights == "flow" and "flow_weight" not in train_dataset[0]:
         train_dataset, _ = attach_flow_weights(model, train_dataset, batch_size=cfg.batch_size,
                                                pad_token_id=pad_token_id, progress=cfg.progress,
                                                save_to=run_dir / "flow_weights.json")
     kl = None
-    if cfg.method == "kl":
+    if method.regularizer == "kl":
         kl = KLToReference(ref_model if ref_model is not None else copy.deepcopy(model), cfg.kl_coeff)
-    if cfg.method == "lora":
+    if method.lora:
         model = _apply_lora(model, cfg)
-    l2 = L2ToInit(model, cfg.l2_coeff) if cfg.method == "l2" else None
+    l2 = L2ToInit(model, cfg.l2_coeff) if method.regularizer == "l2" else None
     step_stats = StepStats() if cfg.token_stats else None
     trainer = TokenWeightedTrainer(model=model, args=training_args(cfg, run_dir), train_dataset=train_dataset,
                                    data_collator=PadCollator(pad_token_id), processing_class=tokenizer,

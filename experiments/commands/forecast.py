@@ -36,14 +36,14 @@ def _positive_int(text: str) -> int:
     return v
 
 
-METHODS = ("ce", "talr", "dft", "l2", "lora", "flow")  # = sft.forecast.METHODS (not imported: --help needs no torch)
-
-
 def _common(p: argparse.ArgumentParser) -> None:
+    from sft.methods import forecast_methods  # torch-free: --help needs no torch
+
+    methods = ",".join(forecast_methods())
     p.add_argument("--model", required=True, help="world:N (tiny world, seed N) | HF folder | file.gguf | tiny[:k=v]")
     p.add_argument("--domain", help="D2: the SFT JSONL (not needed with world:N)")
     p.add_argument("--general", help="D1: general JSONL with reference responses (not needed with world:N)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    p.add_argument("--methods", default=methods, help=f"comma list from {methods} (sft.methods)")
     p.add_argument("--lrs", type=lambda s: _floats(s, "lrs"), default=(3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3),
                    help="comma-separated peak learning rates (default: 5 over two decades, 3e-5..3e-3)")
     p.add_argument("--steps", type=_positive_int, default=150, help="optimizer steps T of each run")

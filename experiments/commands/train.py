@@ -36,7 +36,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="tiny[:k=v,...] | local HF folder | file.gguf")
     p.add_argument("--data", required=True, help="JSONL: prompt/completion, messages, or template fields")
-    p.add_argument("--method", choices=METHODS, default="ce", help="loss / baseline")
+    p.add_argument("--method", choices=tuple(METHODS), default="ce", help="loss / baseline (sft.methods)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("ce", "talr", "dft", "clip", "flow", "l2", "kl", "lora")
+from sft.methods import METHODS
 
 
 @dataclass
@@ -36,7 +36,7 @@ class DemoConfig:
 
     preset: str = "default"
     out: str = "runs/demo"
-    methods: tuple = METHODS
+    methods: tuple = tuple(METHODS)  # every registered method (`sft.methods`)
     label_methods: tuple = ("ce", "talr")  # label-only variant: enough for Finding 2, keeps the demo short
     lrs: tuple = (3e-4, 3e-3)
     variants: tuple = ("cot", "label")

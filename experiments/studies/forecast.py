@@ -30,18 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
+from sft.methods import forecast_methods
+
 from .forecast_metrics import advisor_scores, budgets_over, spearman, spearman_within_lr, within_2x
 
 LN2 = math.log(2.0)
-METHODS = ("ce", "talr", "dft", "l2", "lora", "flow")
 
 
 @dataclass
-class StudyConfig:
+class ForecastStudyConfig:
     preset: str = "default"
     out: str = "runs/forecast_study"
     world_seed: int = 0
-    methods: tuple = METHODS
+    methods: tuple = field(default_factory=forecast_methods)  # the registry's (`sft.methods`)
     lrs: tuple = (3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3)
     seeds: tuple = (0, 1, 2)
     steps: int = 150
@@ -60,13 +61,13 @@ PRESETS = {
 }
 
 
-def make_config(preset: str = "default", **overrides) -> StudyConfig:
+def make_config(preset: str = "default", **overrides) -> ForecastStudyConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return StudyConfig(preset=preset, **{**PRESETS[preset], **overrides})
+    return ForecastStudyConfig(preset=preset, **{**PRESETS[preset], **overrides})
 
 
-def world_config(cfg: StudyConfig):
+def world_config(cfg: ForecastStudyConfig):
     from sft.worlds import WorldConfig
 
     factory = WorldConfig.smoke if cfg.preset == "smoke" else WorldConfig.default
@@ -95,7 +96,7 @@ def general_tree(world, n: int, seed: int = 123):
     return SampleTree(tree, world.bos_id, world.eos_id)
 
 
-def forecast_config(cfg: StudyConfig, world):
+def forecast_config(cfg: ForecastStudyConfig, world):
     from sft.forecast import ForecastConfig
 
     kw = dict(methods=tuple(cfg.methods), lrs=tuple(cfg.lrs), steps=cfg.steps, batch=cfg.batch,
@@ -120,7 +121,7 @@ def paper_rule_dl(lrs_t: np.ndarray, c: float, HV: float, C1: float) -> float:
     return float(np.sum(C1 * lam**2 + HV * lam) / LN2)
 
 
-def baselines(cfg: StudyConfig, fc: dict, rule: dict, power: dict) -> dict[str, list[float]]:
+def baselines(cfg: ForecastStudyConfig, fc: dict, rule: dict, power: dict) -> dict[str, list[float]]:
     """Per configuration (the forecast's row order) each before-training baseline's dL (bits)."""
     from scipy.optimize import brentq
 
@@ -148,7 +149,7 @@ def baselines(cfg: StudyConfig, fc: dict, rule: dict, power: dict) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------- study
-def run_study(cfg: StudyConfig) -> dict:
+def run_study(cfg: ForecastStudyConfig) -> dict:
     """Run (or resume) the study into ``cfg.out``; returns the summary."""
     import torch
 
@@ -174,7 +175,7 @@ def _cached_json(path: Path, make, write):
     return json.loads(path.read_text())
 
 
-def _run(cfg: StudyConfig, out: Path, write) -> dict:
+def _run(cfg: ForecastStudyConfig, out: Path, write) -> dict:
     from sft.forecast_run import forecast_grid, power_law_probes
     from sft.worlds import build_world, pretrain
 
@@ -214,7 +215,7 @@ def _run(cfg: StudyConfig, out: Path, write) -> dict:
     return summary
 
 
-def measured_scores(cfg: StudyConfig, fc: dict, runs: list[dict]) -> dict[str, np.ndarray]:
+def measured_scores(cfg: ForecastStudyConfig, fc: dict, runs: list[dict]) -> dict[str, np.ndarray]:
     by = {}
     for r in runs:
         s = r["spec"]
@@ -231,7 +232,7 @@ def measured_scores(cfg: StudyConfig, fc: dict, runs: list[dict]) -> dict[str, n
     }
 
 
-def score(cfg: StudyConfig, fc: dict, runs: list[dict], base: dict, power: dict) -> dict:
+def score(cfg: ForecastStudyConfig, fc: dict, runs: list[dict], base: dict, power: dict) -> dict:
     """Every figure of the summary (see the module docstring and `forecast_metrics`)."""
     rows = fc["rows"]
     meas = measured_scores(cfg, fc, runs)

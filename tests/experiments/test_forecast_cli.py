@@ -65,7 +65,12 @@ def test_bad_options_are_rejected(files):
 
 
 def test_command_method_list_matches_the_library():
-    from experiments.commands.forecast import METHODS as CLI_METHODS
-    from sft.forecast import METHODS
+    import argparse
 
-    assert CLI_METHODS == METHODS
+    from experiments.commands.forecast import register
+    from sft.forecast import ForecastConfig
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    default = sub.choices["forecast"].parse_args(["--model", "world:0", "--out", "x"]).methods
+    assert tuple(default.split(",")) == ForecastConfig().methods == ("ce", "talr", "dft", "flow", "l2", "lora")
