@@ -383,7 +383,7 @@ def compute_loss_func(method: str = "talr", **options) -> Callable:
         Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=compute_loss_func("talr"))
     """
     if not get_method(method).is_loss:
-        raise ValueError(f"method {method!r}: expected a token-weighted loss, one of {METHOD_NAMES}")
+        raise ValueError(f"method {method!r}: expected one of {METHOD_NAMES} (a token-weighted loss alone)")
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         return sft_loss(method, outputs.logits, labels, num_items_in_batch=num_items_in_batch, **options)

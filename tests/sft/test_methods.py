@@ -103,7 +103,7 @@ def test_register_refuses_bad_records_and_unknown_options():
     assert "toy_bad" not in METHODS
     with pytest.raises(TypeError, match="unknown weight options"):
         L.token_weights("ce", ELL, torch.zeros(3, dtype=torch.long), 1, power=2.0)
-    with pytest.raises(ValueError, match="token-weighted loss"):
+    with pytest.raises(ValueError, match="token-weighted loss alone"):
         L.compute_loss_func("l2")
 
 
@@ -124,3 +124,22 @@ def test_a_registered_weight_option_reaches_the_weight():
     finally:
         unregister("toy_pow")
     assert "toy_pow" not in METHODS
+
+
+def test_readme_adding_a_method_runs_as_written():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Adding a method\n", 1)[1].split("\n## ", 1)[0]
+    record, row = re.findall(r"```py\n(.*?)```", section, re.S)
+    ns: dict = {"HAND": dict(HAND), "math": math}
+    try:
+        exec(compile(record, "README.md", "exec"), ns)
+        exec(compile(row, "README.md", "exec"), ns)
+        w, _ = L.token_weights("pow", ELL, torch.zeros(3, dtype=torch.long), 1)
+        assert w.tolist() == pytest.approx(ns["HAND"]["pow"], rel=1e-12)
+        assert TrainConfig(method="pow").method_record.param("power").default == 0.5
+        assert "pow" in ForecastConfig().methods
+    finally:
+        unregister("pow")
