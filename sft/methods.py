@@ -69,7 +69,8 @@ class Param:
         """``value`` when allowed, else ValueError naming the field and its range."""
         if self.choices:
             if value not in self.choices:
-                raise ValueError(f"{self.name} {value!r}: expected one of {self.choices}")
+                *head, last = map(repr, self.choices)
+                raise ValueError(f"{self.name} {value!r}: expected {', '.join(head) + ' or ' if head else ''}{last}")
             return value
         if isinstance(self.default, str):
             return value
