@@ -32,8 +32,10 @@ def register(subparsers) -> None:
     from sft.config import METHODS, TrainConfig
     from theory.checks import ranged
 
+    methods = "\n".join(f"  {n:6s} {m.help}" for n, m in METHODS.items())
     p = subparsers.add_parser("train", help="fine-tune a model (CE, TALR, DFT, clip, FLOW, L2, KL, LoRA)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=f"methods (sft.methods):\n{methods}")
     p.add_argument("--model", required=True, help="tiny[:k=v,...] | local HF folder | file.gguf")
     p.add_argument("--data", required=True, help="JSONL: prompt/completion, messages, or template fields")
     p.add_argument("--method", choices=tuple(METHODS), default="ce", help="loss / baseline (sft.methods)")
