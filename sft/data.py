@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .io import text_lines
+from .io import json_lines
 
 IGNORE_INDEX = -100
 
@@ -84,9 +84,11 @@ TEMPLATES: dict[str, PromptTemplate] = _paper_templates()
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Row:
-    """A parsed row: prompt messages (or plain text), assistant prefix, completion text."""
+    """A parsed row: prompt messages (or plain text), assistant prefix, completion text.
 
-    prompt: list[dict[str, str]] | str
+    ``prompt`` None: an evaluation text coded whole (`parse_eval_row`)."""
+
+    prompt: list[dict[str, str]] | str | None
     completion: str
     assistant_prefix: str = ""
     where: str = ""  # "file:line" for error messages
@@ -131,6 +133,9 @@ def parse_row(obj: Any, path: str = "<memory>", line: int = 0, template: str | N
             raise _err(path, line, "messages", "needs at least one prompt message before the assistant's")
         return Row(msgs[:-1], msgs[-1]["content"], "", where)
     if "prompt" not in obj:
+        if "text" in obj:
+            raise _err(path, line, "text", "a plain text is an evaluation row (talr compare / forecast --general); "
+                                           "training rows need 'prompt'+'completion' or 'messages'")
         raise _err(path, line, "prompt", "missing (expected 'prompt'+'completion' or 'messages')")
     if "completion" not in obj:
         raise _err(path, line, "completion", "missing")
@@ -151,26 +156,66 @@ def parse_row(obj: Any, path: str = "<memory>", line: int = 0, template: str | N
     return Row(prompt, completion, "", where)
 
 
-def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
-    """All rows of a JSONL file (blank lines skipped); the first bad row raises `DataError`."""
-    rows = []
-    path = str(path)
+def _rows(path: str, parse) -> list[Row]:
+    """``parse(obj, path, line)`` of every row of a JSONL file; the first bad row raises `DataError`."""
     try:
-        for i, text in text_lines(path):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _err(path, i, "<row>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            rows.append(parse_row(obj, path, i, template))
+        rows = [parse(obj, path, i) for i, obj in json_lines(path)]
     except DataError:
         raise
-    except ValueError as exc:  # not UTF-8: the message names line and byte offset
+    except ValueError as exc:  # not UTF-8 / not JSON / too deep / lone surrogate: names file and line
         raise DataError(str(exc)) from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def read_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
+    """All training rows of a JSONL file (blank lines skipped); the first bad row raises `DataError`."""
+    return _rows(str(path), lambda obj, p, i: parse_row(obj, p, i, template))
+
+
+def parse_eval_row(obj: Any, path: str = "<memory>", line: int = 0, template: str | None = None) -> Row:
+    """One row of an evaluation set (`talr compare`, ``talr forecast --general``): every form of
+    `parse_row`, plus ``{"text": str}`` (a whole text: ``prompt`` None) and the HumanEval form
+    ``{"prompt": str, "canonical_solution": str}`` (raw text, no chat template: ``extra["raw"]``)."""
+    if isinstance(obj, dict) and "text" in obj:
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise _err(path, line, "text", f"expected a string, got {type(text).__name__}")
+        if not text:
+            raise _err(path, line, "text", "empty (nothing to code)")
+        return Row(None, text, "", f"{path}:{line}")  # type: ignore[arg-type]
+    if isinstance(obj, dict) and "canonical_solution" in obj:
+        for f in ("prompt", "canonical_solution"):
+            if not isinstance(obj.get(f), str) or not obj[f]:
+                raise _err(path, line, f, "missing, empty or not a string (HumanEval form)")
+        return Row(obj["prompt"], obj["canonical_solution"], "", f"{path}:{line}", {"raw": True})
+    return parse_row(obj, path, line, template)
+
+
+def read_eval_jsonl(path: str | Path, *, template: str | None = None) -> list[Row]:
+    """All rows of an evaluation JSONL (`parse_eval_row`); one form per file (text rows, or rows
+    with a prompt), since a set is coded either whole or conditionally."""
+    rows = _rows(str(path), lambda obj, p, i: parse_eval_row(obj, p, i, template))
+    kinds = {r.prompt is None for r in rows}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: mixes 'text' rows with prompt/completion rows; use one form per file")
+    return rows
+
+
+def eval_texts(tokenizer, rows: Sequence[Row]) -> tuple[list[str | None], list[str]]:
+    """(prompts, texts) to code: ``(None, text)`` for text rows, the raw HumanEval pair, else the
+    rendered prompt and completion exactly as `talr train` tokenizes them (`split_text`)."""
+    prompts, texts = [], []
+    for r in rows:
+        if r.prompt is None or (r.extra or {}).get("raw"):
+            prompts.append(r.prompt)
+            texts.append(r.completion)
+        else:
+            p, c, _ = split_text(tokenizer, r)
+            prompts.append(p)
+            texts.append(c)
+    return prompts, texts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +228,13 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
 
 
 def split_text(tokenizer, row: Row, *, chat_template: bool | None = None) -> tuple[str, str, bool]:
-    """(prompt text, completion text, is_chat). The completion text ends with the turn end / EOS."""
+    """(prompt text, completion text, is_chat). The completion text ends with the turn end / EOS.
+
+    An evaluation text row (``prompt`` None) is ``("", text, False)``; a raw HumanEval row is
+    ``(prompt, solution, False)`` (no template, no EOS).
+    """
+    if row.prompt is None or (row.extra or {}).get("raw"):
+        return row.prompt or "", row.completion, False
     conversational = isinstance(row.prompt, list)
     use_chat = chat_template if chat_template is not None else (
         conversational or getattr(tokenizer, "chat_template", None) is not None)

@@ -18,7 +18,9 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "write_with",
     "remove_dir",
     "text_lines",
+    "json_lines",
 ]
 
 
@@ -174,6 +177,59 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte offset {offset + exc.start} in the file, "
                                  f"byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
             offset += len(raw)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The field path (``messages[0].content``) of the first string in ``obj`` holding a lone
+    UTF-16 surrogate (``"\\ud800"`` parses to a str that no encoder accepts), else None.
+    Iterative: the depth is whatever the JSON parser accepted."""
+    stack = [(obj, "")]
+    while stack:
+        x, where = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "<row>"
+        elif isinstance(x, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in reversed(list(x.items())))
+            stack.extend((k, where or "<row>") for k in x)
+        elif isinstance(x, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(x))))
+    return None
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(1-based line number, parsed value)`` of every non-blank line of a JSONL file (gzip when ``.gz``).
+
+    The one JSONL reader of talr. Every line that is not usable JSON text raises `ValueError`
+    starting ``PATH:LINE:`` and saying what is wrong: not UTF-8 (with the byte offset), a syntax
+    error (with the column), nesting deeper than the parser's recursion limit, an integer of more
+    digits than Python converts, or a string holding a lone surrogate escape (``"\\ud800"``, not
+    Unicode text; the message names the field).
+    """
+    path = os.fspath(path)
+    for lineno, text in text_lines(path):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{lineno}: invalid JSON: nested deeper than the parser's limit "
+                             f"(~{sys.getrecursionlimit()} levels)") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+        if _SURROGATE_ESCAPE.search(text):
+            field = _lone_surrogate(obj)
+            if field is not None:
+                raise ValueError(f"{path}:{lineno}: field {field!r}: a lone surrogate escape (\\ud800-\\udfff "
+                                 f"without its pair) is not Unicode text")
+        yield lineno, obj
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> str:

@@ -49,14 +49,86 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+_TINY_INT_KEYS = set(_TINY_KEYS.values())
+_TINY_BOOL_KEYS = {"tie_word_embeddings"}
+
+
 def _parse_tiny(spec: str) -> dict[str, Any]:
+    """The overrides of ``tiny:k=v,...``; a `ValueError` names the key and says what is wrong.
+
+    Keys: the short names of `_TINY_KEYS` or their LlamaConfig names (integers >= 1), and
+    ``tie_word_embeddings`` (true/false). The attention heads must divide the width into heads of
+    an even size (rotary embeddings rotate pairs), and the key-value heads must divide the heads.
+    """
     out: dict[str, Any] = {}
-    if ":" in spec:
-        for part in spec.split(":", 1)[1].split(","):
-            k, _, v = part.partition("=")
-            key = _TINY_KEYS.get(k.strip(), k.strip())
-            out[key] = (v.strip().lower() == "true") if v.strip().lower() in ("true", "false") else int(v)
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    for part in filter(None, (x.strip() for x in body.split(","))):
+        k, eq, v = (x.strip() for x in part.partition("="))
+        key = _TINY_KEYS.get(k, k)
+        if key in _TINY_BOOL_KEYS:
+            if v.lower() not in ("true", "false"):
+                raise ValueError(f"model {spec!r}: {part!r}: expected true or false")
+            out[key] = v.lower() == "true"
+        elif key in _TINY_INT_KEYS:
+            if not eq or not v.isascii() or not v.isdigit() or int(v) < 1:
+                raise ValueError(f"model {spec!r}: {part!r}: expected an integer >= 1")
+            out[key] = int(v)
+        else:
+            known = ", ".join(sorted(_TINY_KEYS) + sorted(_TINY_BOOL_KEYS))
+            raise ValueError(f"model {spec!r}: unknown key {k!r} (known: {known})")
+    kw = {**TINY_DEFAULTS, **out}
+    if "num_key_value_heads" not in out:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+    hidden, heads, kv = kw["hidden_size"], kw["num_attention_heads"], kw["num_key_value_heads"]
+    if hidden % heads or (hidden // heads) % 2:
+        raise ValueError(f"model {spec!r}: hidden={hidden} must split into heads={heads} heads of an even size")
+    if heads % kv:
+        raise ValueError(f"model {spec!r}: kv_heads={kv} must divide heads={heads}")
     return out
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise `ValueError` / `FileNotFoundError` now for a model spec `load_model` would refuse
+    later: a bad ``tiny:k=v`` (`_parse_tiny`), a path that does not exist, a truncated
+    ``*.safetensors`` in a folder. Reads no weights (for validating options before any work)."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        _parse_tiny(spec)
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r}: no such file or folder (offline: hub names are not fetched)")
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")):
+            check_safetensors(f)
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise `ValueError` naming the file (and the tensor) when a ``.safetensors`` file is cut short.
+
+    Format: 8 bytes little-endian header size ``n``, ``n`` bytes of JSON header mapping each
+    tensor to ``data_offsets = [begin, end]`` in the byte buffer that follows; the file must hold
+    ``8 + n + max(end)`` bytes.
+    """
+    import json
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise ValueError(f"{path}: truncated ({size} bytes, the header is cut short); copy the file again")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: header is not JSON (not a safetensors file, or damaged)") from None
+    room = size - 8 - n
+    for name, info in header.items() if isinstance(header, dict) else ():
+        end = info.get("data_offsets", [0, 0])[1] if isinstance(info, dict) else 0
+        if name != "__metadata__" and end > room:
+            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data, the file holds "
+                             f"{room}; copy the file again")
 
 
 def load_model(spec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -74,6 +146,8 @@ def load_model(spec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r}: no such file or folder (offline: hub names are not fetched)")
+    if path.is_dir():
+        check_model_spec(str(path))  # a truncated safetensors file: say so, not a loader traceback
     if path.is_file() and path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                      local_files_only=True)
@@ -93,6 +167,11 @@ def _drop_quantizer(model: nn.Module) -> nn.Module:
     return model
 
 
+# files one of which every HF tokenizer folder holds (fast, sentencepiece, BPE, WordPiece, tiktoken)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
 def load_tokenizer(spec):
     """Tokenizer of a local HF folder or a GGUF file; `byte_tokenizer` for ``tiny[:...]``; None
     for config objects. A path that does not exist raises `FileNotFoundError` before transformers
@@ -106,6 +185,9 @@ def load_tokenizer(spec):
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {str(spec)!r}: no such file or folder (offline: hub names are not fetched)")
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer in the folder (none of {', '.join(_TOKENIZER_FILES)}); "
+                                f"copy the tokenizer files there or pass --tokenizer FOLDER")
     if path.is_file() and path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     else:

@@ -53,6 +53,16 @@ def _split_name(spec: str) -> tuple[str, str]:
 def handler(args) -> int:
     from pathlib import Path
 
+    from experiments.cli import UserError, user_errors
+    from sft.models import check_model_spec
+
+    specs = [_split_name(s) for s in args.model]
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"model names repeat ({names}); name them with NAME=PATH")
+    with user_errors(FileNotFoundError, ValueError):  # every model spec, before any model is loaded
+        for _, spec in specs:
+            check_model_spec(spec)
     import torch
 
     from experiments.outputs import write_json, write_text
@@ -61,35 +71,26 @@ def handler(args) -> int:
     from sft.losses import HARD_P
     from sft.models import byte_tokenizer, load_model, load_tokenizer
 
-    specs = [_split_name(s) for s in args.model]
-    names = [n for n, _ in specs]
-    if len(set(names)) != len(names):
-        print(f"talr analyze: model names repeat ({names}); name them with NAME=PATH")
-        return 2
-    try:
+    with user_errors(DataError, OSError):  # FileNotFoundError is an OSError
         tok = load_tokenizer(args.tokenizer or specs[0][1]) or byte_tokenizer()
         ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"talr analyze: {exc}")
-        return 2
     examples = list(ds.examples if isinstance(ds, SFTDataset) else ds)
     if args.limit is not None:
         examples = examples[: args.limit]
     if not examples:
-        print(f"talr analyze: {args.data}: no usable examples")
-        return 2
+        raise UserError(f"{args.data}: no usable examples")
+    ex = args.example
+    if ex >= len(examples):
+        raise UserError(f"--example {ex}: {args.data} has {len(examples)} usable examples "
+                        f"(--example 0..{len(examples) - 1})")
     thr = HARD_P if args.hard_threshold is None else args.hard_threshold
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ex = min(max(args.example, 0), len(examples) - 1)
     stats, probs_by_name = {}, {}
     lines = []
     for name, spec in specs:
-        try:
+        with user_errors(OSError, ValueError):  # FileNotFoundError is an OSError
             model = load_model(spec, dtype=getattr(torch, args.dtype), seed=args.seed)
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            print(f"talr analyze: model {spec}: {exc}")
-            return 2
         if spec.startswith("tiny") and model.config.vocab_size < len(tok):
             model.resize_token_embeddings(len(tok))
         probs = A.token_probs(model, tok, examples, args.batch_size, progress=not args.no_progress, desc=name)

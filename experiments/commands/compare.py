@@ -29,19 +29,16 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
+    from experiments.cli import UserError, user_errors
     from experiments.studies.compare import CompareConfig, CompareError, run_compare
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig) if f.name != "progress"}
     try:
         cfg = CompareConfig(**kw, progress=not args.no_progress)
     except ValueError as exc:  # CompareConfig range-checks its numbers
-        print(f"talr compare: --{str(exc).replace('_', '-')}")
-        return 2
-    try:
+        raise UserError(f"--{str(exc).replace('_', '-')}") from None
+    with user_errors(CompareError, FileNotFoundError):
         res = run_compare(cfg)
-    except (CompareError, FileNotFoundError) as exc:
-        print(f"talr compare: {exc}")
-        return 2
     from experiments.outputs import markdown_table
 
     rows = [[p["checkpoint"], p["step"], p["dL_P1_bits"], p["dL_P1_tree_bits"], p["domain_gain_tree_bits"],

@@ -36,19 +36,81 @@ def _positive_int(text: str) -> int:
     return v
 
 
+SEED_MAX = 2**32 - 1  # seeds of the world, the batches and the probe: numpy and torch both take [0, 2^32)
+
+
+def _methods(text: str) -> str:
+    """``--methods``: a non-empty comma list of distinct known methods (the text is kept as given)."""
+    from sft.methods import forecast_methods  # torch-free
+
+    known = forecast_methods()
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in known]
+    if not names or bad or len(set(names)) != len(names):
+        why = f"unknown {bad}" if bad else "repeated names" if names else "empty"
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}; expected a comma list of distinct methods from "
+                                         f"{','.join(known)}")
+    return text
+
+
+def _world_seed(spec: str) -> int | None:
+    """N of ``world:N`` (an integer in [0, 2^32)), None for any other model spec."""
+    if not spec.startswith("world:"):
+        return None
+    n = spec.split(":", 1)[1].strip()
+    if not (n.isascii() and n.isdigit()) or int(n) > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected world:N with N an integer in [0, {SEED_MAX}]")
+    return int(n)
+
+
+def _model(spec: str) -> str:
+    """``--model``: world:N, or a spec `sft.models.check_model_spec` accepts (tiny:k=v, folder, .gguf)."""
+    if _world_seed(spec) is None:
+        from sft.models import check_model_spec
+
+        try:
+            check_model_spec(spec)
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
+def _check_options(args) -> None:
+    """The checks that need several options, before any work (`UserError`)."""
+    from experiments.cli import UserError
+
+    world = _world_seed(args.model) is not None
+    given = [f"--{k}" for k in ("domain", "general") if getattr(args, k)]
+    if world and given:
+        raise UserError(f"{' and '.join(given)}: not used with --model {args.model} (the world has its own D1 and "
+                        f"D2); drop them or give a model")
+    if not world and len(given) < 2:
+        raise UserError("--domain and --general are required unless --model is world:N")
+    for k in ("domain", "general"):
+        path = getattr(args, k)
+        if path and not Path(path).is_file():
+            raise UserError(f"--{k} {path}: no such file")
+    budget = getattr(args, "budget", None)
+    if budget is not None and (not math.isfinite(budget) or budget <= 0):
+        raise UserError(f"--budget must be a positive number of bits, got {budget}")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     from sft.methods import forecast_methods  # torch-free: --help needs no torch
+    from theory.checks import ranged
 
     methods = ",".join(forecast_methods())
-    p.add_argument("--model", required=True, help="world:N (tiny world, seed N) | HF folder | file.gguf | tiny[:k=v]")
+    p.add_argument("--model", required=True, type=_model,
+                   help="world:N (tiny world, seed N) | HF folder | file.gguf | tiny[:k=v]")
     p.add_argument("--domain", help="D2: the SFT JSONL (not needed with world:N)")
     p.add_argument("--general", help="D1: general JSONL with reference responses (not needed with world:N)")
-    p.add_argument("--methods", default=methods, help=f"comma list from {methods} (sft.methods)")
+    p.add_argument("--methods", type=_methods, default=methods, help=f"comma list from {methods} (sft.methods)")
     p.add_argument("--lrs", type=lambda s: _floats(s, "lrs"), default=(3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3),
                    help="comma-separated peak learning rates (default: 5 over two decades, 3e-5..3e-3)")
     p.add_argument("--steps", type=_positive_int, default=150, help="optimizer steps T of each run")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step B")
-    p.add_argument("--seed", type=int, default=0, help="seed of the forecast's batches and probe")
+    p.add_argument("--seed", type=ranged("seed", 0, SEED_MAX, integer=True), default=0,
+                   help="seed of the forecast's batches and probe")
     p.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained tiny worlds (by config hash)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -75,27 +137,21 @@ def _inputs(args):
         from experiments.studies.forecast import general_sample, general_tree
         from sft.worlds import WorldConfig, build_world, pretrain
 
-        try:
-            seed = int(args.model.split(":", 1)[1])
-        except ValueError:
-            raise SystemExit(f"--model {args.model!r}: expected world:N with an integer N") from None
-        world = build_world(WorldConfig.default(variant="cot", seed=seed))
+        world = build_world(WorldConfig.default(variant="cot", seed=_world_seed(args.model)))
         model0, _ = pretrain(world, args.cache_dir)
         return model0, world.d2_train, general_sample(world, 128), world.pad_id, general_tree(world, 128)
-    if not args.domain or not args.general:
-        raise SystemExit("--domain and --general are required unless --model is world:N")
-    from sft.data import DataError, load_sft_dataset
+    from experiments.cli import UserError, user_errors
+    from sft.data import DataError, load_sft_dataset, read_eval_jsonl, tokenize_rows
     from sft.models import byte_tokenizer, load_model, load_tokenizer
 
-    tok = load_tokenizer(args.model) or byte_tokenizer()  # tiny models: the offline byte tokenizer
-    try:
+    with user_errors(DataError, OSError):  # tiny models: the offline byte tokenizer
+        tok = load_tokenizer(args.model) or byte_tokenizer()
         d2 = load_sft_dataset(args.domain, tok)
-        d1 = load_sft_dataset(args.general, tok)
-    except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"talr forecast: {exc}") from None
+        d1 = tokenize_rows(tok, read_eval_jsonl(args.general))  # the rows `talr compare` reads (also {"text"})
     if len(d2) < args.batch_size:
-        raise SystemExit(f"talr forecast: {args.domain} has {len(d2)} usable examples < --batch-size {args.batch_size}")
-    model0 = load_model(args.model, seed=args.seed)
+        raise UserError(f"{args.domain} has {len(d2)} usable examples < --batch-size {args.batch_size}")
+    with user_errors(OSError, ValueError):
+        model0 = load_model(args.model, seed=args.seed)
     if args.model.startswith("tiny") and model0.config.vocab_size < len(tok):
         model0.resize_token_embeddings(len(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -117,6 +173,7 @@ def _request(args) -> dict:
 
 def forecast_to(args) -> dict:
     """Forecast into ``args.out`` (or reuse a matching forecast.json there)."""
+    from experiments.cli import user_errors
     from experiments.outputs import markdown_table, write_json, write_text
     from experiments.studies.forecast_report import tradeoff_figure
     from sft.forecast_run import forecast_grid
@@ -127,11 +184,8 @@ def forecast_to(args) -> dict:
         old = json.loads(path.read_text())
         if old.get("request") == _request(args):
             return old
-    try:
-        cfg_probe = _config(args, 0)  # validates methods before any model is loaded
-    except ValueError as exc:
-        raise SystemExit(f"talr forecast: {exc}") from None
-    del cfg_probe
+    with user_errors(ValueError):
+        _config(args, 0)  # ForecastConfig's own checks, before any model is loaded
     model0, d2, d1, pad, tree = _inputs(args)
     res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree)
     res["request"] = _request(args)
@@ -147,6 +201,7 @@ def forecast_to(args) -> dict:
 
 
 def run_forecast(args) -> int:
+    _check_options(args)
     res = forecast_to(args)
     print(Path(args.out, "forecast.md").read_text())
     return 0 if res["rows"] else 1
@@ -155,8 +210,7 @@ def run_forecast(args) -> int:
 def run_advise(args) -> int:
     from sft.forecast import advise
 
-    if not math.isfinite(args.budget) or args.budget <= 0:
-        raise SystemExit(f"--budget must be a positive number of bits, got {args.budget}")
+    _check_options(args)
     res = forecast_to(args)
     best, second = advise(res["rows"], args.budget)
     if best is None:

@@ -1,18 +1,24 @@
-"""``talr study NAME``: the studies under ``experiments/studies/``.
-
-    talr study forecast [--preset smoke|default] [--world-seed N] --out DIR
-    talr study smollm2 [--preset small|default] [--out DIR] [--report-only]
-
-Each study registers its sub-sub-command in ``register`` (one ``register_<name>`` function each).
-"""
+"""``talr study NAME``: the studies under ``experiments/studies/`` (one ``register_<name>`` each)."""
 from __future__ import annotations
 
 import argparse
 
 
+DESCRIPTION = """\
+Run a study: a grid of fine-tuning runs, measured and held against the theory, with a report.
+
+  talr study forecast --out DIR [--preset smoke]   how well `talr forecast` predicts a grid of
+                                                   tiny-world runs (about 20 min; smoke: 1 min)
+  talr study smollm2 [--preset small] [--out DIR]  SFT of SmolLM2-135M-Instruct on MedCalc-Bench
+
+Finished runs are cached in the output folder: the same call again resumes where it stopped.
+`talr study NAME --help` lists the options of one study.
+"""
+
+
 def register(sub) -> None:
     p = sub.add_parser("study", help="run a study (forecast: the forecast's validation grid; smollm2: SFT of SmolLM2 on MedCalc)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     studies = p.add_subparsers(dest="study", metavar="STUDY")
     register_forecast(studies)
     register_smollm2(studies)
@@ -43,7 +49,9 @@ def run_forecast_study(args) -> int:
     kw = dict(out=args.out, world_seed=args.world_seed, cache_dir=args.cache_dir, progress=not args.no_progress)
     if args.workers is not None:
         if args.workers < 1:
-            raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+            from experiments.cli import UserError
+
+            raise UserError(f"--workers must be >= 1, got {args.workers}")
         kw["workers"] = args.workers
     s = run_study(make_config(args.preset, **kw))
     keys = ("n_configs", "spearman", "spearman_ceiling", "spearman_within_lr", "within_2x", "advisor_hit_rate",

@@ -115,42 +115,24 @@ def load_eval_set(spec: str, tokenizer, *, template: str | None = None, limit: i
       messages, template fields): the completion is coded given the rendered prompt, exactly
       as `talr train` tokenizes it.
     """
-    from sft.data import DataError, parse_row, split_text
-    from sft.eval.codelength import humaneval_corpus, read_jsonl
+    from sft.data import DataError, eval_texts, read_eval_jsonl
+    from sft.eval.codelength import humaneval_corpus
 
     m = re.fullmatch(r"humaneval(?::(\d+))?", spec)
     if m:
+        if m.group(1) and int(m.group(1)) < 1:
+            raise CompareError(f"evaluation set {spec!r}: humaneval:N needs N >= 1")
         prompts, sols = humaneval_corpus(conditional=True)
         n = int(m.group(1)) if m.group(1) else len(prompts)
         n = min(n, limit) if limit else n
         return EvalSet(spec, list(prompts[:n]), list(sols[:n]))
-    if not Path(spec).exists():
+    if not Path(spec).is_file():
         raise CompareError(f"evaluation set {spec!r}: no such file (or use 'humaneval[:N]')")
-    try:
-        recs = read_jsonl(spec)
-    except ValueError as exc:  # not JSON / not UTF-8: names line (and byte offset)
+    try:  # one reader for `talr compare` and `talr forecast --general`
+        rows = read_eval_jsonl(spec, template=template)
+        prompts, texts = eval_texts(tokenizer, rows[:limit] if limit else rows)
+    except DataError as exc:  # names file, line and field
         raise CompareError(str(exc)) from None
-    if not recs:
-        raise CompareError(f"{spec}: no rows")
-    recs = recs[:limit] if limit else recs
-    prompts, texts = [], []
-    for i, r in enumerate(recs, start=1):
-        if isinstance(r, dict) and isinstance(r.get("text"), str):
-            prompts.append(None)
-            texts.append(r["text"])
-        elif isinstance(r, dict) and isinstance(r.get("canonical_solution"), str) and isinstance(r.get("prompt"), str):
-            prompts.append(r["prompt"])
-            texts.append(r["canonical_solution"])
-        else:
-            try:
-                p, c, _ = split_text(tokenizer, parse_row(r, spec, i, template))
-            except DataError as exc:
-                raise CompareError(str(exc)) from None
-            prompts.append(p)
-            texts.append(c)
-    kinds = {p is None for p in prompts}
-    if len(kinds) > 1:
-        raise CompareError(f"{spec}: mixes 'text' rows with prompt/completion rows; use one form per file")
     return EvalSet(spec, prompts, texts)
 
 
@@ -198,6 +180,10 @@ def bounds_at(constants, lams: Sequence[float], gains_bits: Sequence[float]) -> 
 
 def run_compare(cfg: CompareConfig) -> dict:
     """Measure, fit, estimate and bound (see the module docstring); write compare.{json,md,png}."""
+    t0 = time.perf_counter()
+    run = Path(cfg.run)
+    if not (run / "config.json").is_file():  # before the imports below (seconds): a typo fails at once
+        raise CompareError(f"{run}: no config.json (not a run folder written by `talr train`)")
     import torch
 
     from sft.treeprobs import TreeProbsError, build_empirical_trees
@@ -206,10 +192,6 @@ def run_compare(cfg: CompareConfig) -> dict:
     from theory.prefix import prefix_decomposition, with_other
     from theory.tilting import fit_effective_step
 
-    t0 = time.perf_counter()
-    run = Path(cfg.run)
-    if not (run / "config.json").exists():
-        raise CompareError(f"{run}: no config.json (not a run folder written by `talr train`)")
     config = json.loads((run / "config.json").read_text())
     for msg in changed_files(config.get("data_files", {})):
         warnings.warn(f"{run / 'config.json'}: {msg}; results may not match the training run", stacklevel=2)

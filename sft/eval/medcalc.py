@@ -194,6 +194,8 @@ def load_medcalc(path: str | os.PathLike) -> list[dict]:
         row = {c: values[i] for c, i in index.items()}
         _check_row(row, lambda field, _s=start: _where(shown, _s, field))
         rows.append(row)
+    if not rows:
+        raise MedCalcFormatError(f"{shown}: no rows after the header line")
     return rows
 
 
