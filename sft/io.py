@@ -218,12 +218,12 @@ def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            raise ValueError(f"{path}:{lineno}: field '<row>': invalid JSON: {exc.msg} (column {exc.colno})") from None
         except RecursionError:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: nested deeper than the parser's limit "
+            raise ValueError(f"{path}:{lineno}: field '<row>': invalid JSON: nested deeper than the parser's limit "
                              f"(~{sys.getrecursionlimit()} levels)") from None
         except ValueError as exc:  # e.g. an integer of more than 4300 digits
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+            raise ValueError(f"{path}:{lineno}: field '<row>': invalid JSON: {exc}") from None
         if _SURROGATE_ESCAPE.search(text):
             field = _lone_surrogate(obj)
             if field is not None:

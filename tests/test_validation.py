@@ -138,4 +138,4 @@ def test_other_commands_range_check_at_parse_time(argv, expect, capsys):
 
 def test_compare_options_are_range_checked(tmp_path, capsys):
     assert main(["compare", str(tmp_path), "--alpha", "2"]) == 2
-    assert "--alpha: 2.0 is outside [0, 1]" in capsys.readouterr().out
+    assert capsys.readouterr().err == "talr compare: --alpha: 2.0 is outside [0, 1]\n"

@@ -100,8 +100,8 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
         if completions is None:
             ids = head + _encode(tokenizer, text)
             start = len(head) if head else 1  # first position that is coded
-            if len(ids) <= start:
-                raise ValueError(f"sequence {i}: {text!r} has no token to code (empty, or one token and no BOS)")
+            if not ids:
+                raise ValueError(f"sequence {i}: empty text and no BOS token: nothing to code")
             nbytes.append(len(text.encode("utf-8")))
         else:
             prompt = head + _encode(tokenizer, text)

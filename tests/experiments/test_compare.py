@@ -113,7 +113,27 @@ def test_missing_eval_sets_are_named(trained_run, capsys):
     d, run, domain, general = trained_run
     rc = main(["compare", str(run), "--domain", domain, "--no-progress"])
     assert rc == 2
-    assert "general_eval" in capsys.readouterr().out
+    assert "general_eval" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows,expect", [
+    ([{"text": ""}], ":1: field 'text': empty"),
+    ([{"text": "ok"}, {"text": 5}], ":2: field 'text': expected a string, got int"),
+    (['{"text": "a\\ud800"}'], ":1: field 'text': a lone surrogate"),
+    (None, "humaneval:N needs N >= 1"),
+], ids=["empty", "int", "surrogate", "humaneval0"])
+def test_bad_general_sets_are_one_line(trained_run, rows, expect, capsys, tmp_path):
+    """Each of these was a traceback (IndexError, a tokenizer TypeError, ...) or named 'prompt'."""
+    d, run, domain, general = trained_run
+    if rows is None:
+        spec = "humaneval:0"
+    else:
+        spec = str(tmp_path / "g.jsonl")
+        (tmp_path / "g.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    assert main(["compare", str(run), "--general", spec, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"talr compare: {spec if rows else ''}") and expect in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_eval_set_forms(tmp_path):
