@@ -178,23 +178,18 @@ def bounds_at(constants, lams: Sequence[float], gains_bits: Sequence[float]) -> 
     return {"e3_bits": [None if not np.isfinite(x) else float(x) for x in e3], "e4_bits": e4, "e4_errors": errors}
 
 
-def run_compare(cfg: CompareConfig) -> dict:
-    """Measure, fit, estimate and bound (see the module docstring); write compare.{json,md,png}."""
-    t0 = time.perf_counter()
+def _run_folder(cfg: CompareConfig) -> tuple[Path, dict, str, str, list]:
+    """(run folder, its config.json, general and domain set specs, checkpoints); a folder that
+    cannot be compared raises `CompareError` naming the file and field. Cheap: no torch."""
     run = Path(cfg.run)
-    if not (run / "config.json").is_file():  # before the imports below (seconds): a typo fails at once
+    if not (run / "config.json").is_file():
         raise CompareError(f"{run}: no config.json (not a run folder written by `talr train`)")
-    import torch
-
-    from sft.treeprobs import TreeProbsError, build_empirical_trees
-    from theory.corrected import pooled_sin_theta
-    from theory.estimate import estimate_constants, smoothed_target
-    from theory.prefix import prefix_decomposition, with_other
-    from theory.tilting import fit_effective_step
-
-    config = json.loads((run / "config.json").read_text())
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except ValueError as exc:  # not UTF-8 / not JSON
+        raise CompareError(f"{run / 'config.json'}: not a JSON file ({exc})") from None
     for msg in changed_files(config.get("data_files", {})):
-        warnings.warn(f"{run / 'config.json'}: {msg}; results may not match the training run", stacklevel=2)
+        warnings.warn(f"{run / 'config.json'}: {msg}; results may not match the training run", stacklevel=3)
     general_spec = cfg.general or config.get("general_eval")
     domain_spec = cfg.domain or config.get("domain_eval")
     for name, spec in (("general_eval", general_spec), ("domain_eval", domain_spec)):
@@ -203,6 +198,21 @@ def run_compare(cfg: CompareConfig) -> dict:
     ckpts = checkpoints(run)
     if not ckpts:
         raise CompareError(f"{run}: no checkpoint-* or final/ (train with --save-steps N)")
+    return run, config, general_spec, domain_spec, ckpts
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Measure, fit, estimate and bound (see the module docstring); write compare.{json,md,png}."""
+    t0 = time.perf_counter()
+    run, config, general_spec, domain_spec, ckpts = _run_folder(cfg)  # before the imports (seconds)
+    import torch
+
+    from sft.treeprobs import TreeProbsError, build_empirical_trees
+    from theory.corrected import pooled_sin_theta
+    from theory.estimate import estimate_constants, smoothed_target
+    from theory.prefix import prefix_decomposition, with_other
+    from theory.tilting import fit_effective_step
+
     torch.manual_seed(0)
     try:
         model0, tok = load_initial(config)

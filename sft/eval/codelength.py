@@ -76,24 +76,12 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@torch.inference_mode()
-def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions: Sequence[str] | None = None, *,
-                     batch_size: int = 8, max_length: int | None = None, add_bos: bool | None = None,
-                     progress: bool = True) -> CodeLength:
-    """Code length in bits of `texts` (or of `completions` given `texts` as prompts) under `model`.
+def _sequences(tokenizer, texts: Sequence[str], completions: Sequence[str] | None,
+               bos: int | None) -> tuple[list[list[int]], list[int], list[int]]:
+    """Token ids of every sequence, the first coded position of each, and the coded text's bytes.
 
-    batch_size: sequences per forward pass (sorted by length to keep padding small; results come
-    back in input order). max_length: keep at most this many tokens per sequence (BOS included),
-    dropping the tail; sequences cut are counted in ``n_truncated``. add_bos: prepend the
-    tokenizer's BOS token; None = when it has one.
-    """
-    if completions is not None and len(completions) != len(texts):
-        raise ValueError(f"{len(texts)} prompts but {len(completions)} completions")
-    if not len(texts):
-        raise ValueError("no sequences to code")
-    bos = tokenizer.bos_token_id if add_bos in (None, True) else None
-    if add_bos is True and bos is None:
-        raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
+    A sequence with nothing to code (an empty text without BOS, an empty completion) or nothing
+    to condition on raises `ValueError` naming its index."""
     seqs, starts, nbytes = [], [], []
     for i, text in enumerate(texts):
         head = [bos] if bos is not None else []
@@ -114,6 +102,28 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
             nbytes.append(len(completions[i].encode("utf-8")))
         seqs.append(ids)
         starts.append(start)
+    return seqs, starts, nbytes
+
+
+@torch.inference_mode()
+def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions: Sequence[str] | None = None, *,
+                     batch_size: int = 8, max_length: int | None = None, add_bos: bool | None = None,
+                     progress: bool = True) -> CodeLength:
+    """Code length in bits of `texts` (or of `completions` given `texts` as prompts) under `model`.
+
+    batch_size: sequences per forward pass (sorted by length to keep padding small; results come
+    back in input order). max_length: keep at most this many tokens per sequence (BOS included),
+    dropping the tail; sequences cut are counted in ``n_truncated``. add_bos: prepend the
+    tokenizer's BOS token; None = when it has one.
+    """
+    if completions is not None and len(completions) != len(texts):
+        raise ValueError(f"{len(texts)} prompts but {len(completions)} completions")
+    if not len(texts):
+        raise ValueError("no sequences to code")
+    bos = tokenizer.bos_token_id if add_bos in (None, True) else None
+    if add_bos is True and bos is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
+    seqs, starts, nbytes = _sequences(tokenizer, texts, completions, bos)
     n_truncated = 0
     if max_length is not None:
         for i, ids in enumerate(seqs):
