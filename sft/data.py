@@ -16,12 +16,16 @@ assistant prefix such as Table 4's "Let me solve this step by step.\\n<think>") 
 on completion tokens. Prompt and completion are tokenized separately and concatenated, so the
 label boundary is exact.
 
+Evaluation sets (`read_eval_jsonl`: `talr compare`, ``talr forecast --general``) accept these
+forms and also ``{"text": str}`` (coded whole) and the HumanEval form ``{"prompt",
+"canonical_solution"}``; one reader for both commands.
+
 A bad row raises `DataError` naming the file, the 1-based line and the field; nothing is
-returned or written for a file with a bad row.
+returned or written for a file with a bad row. Lines are read by `sft.io.json_lines` (not
+UTF-8, not JSON, nested too deep, an over-long integer, a lone surrogate: each names its line).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
