@@ -145,7 +145,7 @@ def test_non_utf8_jsonl_names_line_and_byte_offset_in_train_analyze_compare(tmp_
     assert cli(["train", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     assert expect in capsys.readouterr().out
     assert cli(["analyze", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
-    assert expect in capsys.readouterr().out
+    assert expect in capsys.readouterr().err  # the CLI convention: errors on stderr
     from experiments.studies.compare import CompareError, load_eval_set
 
     with pytest.raises(CompareError, match="byte offset"):
