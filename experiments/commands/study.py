@@ -9,7 +9,10 @@ Run a study: a grid of fine-tuning runs, measured and held against the theory, w
 
   talr study forecast --out DIR [--preset smoke]   how well `talr forecast` predicts a grid of
                                                    tiny-world runs (about 20 min; smoke: 1 min)
-  talr study smollm2 [--preset small] [--out DIR]  SFT of SmolLM2-135M-Instruct on MedCalc-Bench
+  talr study grid --domain medcalc|esci [--preset smoke|small] [--data PATH] [--model M] [--out DIR]
+                                                   SFT of SmolLM2-135M-Instruct (or a tiny Llama:
+                                                   smoke, about a minute) on a domain, methods x rates
+  talr study smollm2 [--preset small] [--out DIR]  the same for --domain medcalc (an alias)
 
 Finished runs are cached in the output folder: the same call again resumes where it stopped.
 `talr study NAME --help` lists the options of one study.
@@ -17,10 +20,12 @@ Finished runs are cached in the output folder: the same call again resumes where
 
 
 def register(sub) -> None:
-    p = sub.add_parser("study", help="run a study (forecast: the forecast's validation grid; smollm2: SFT of SmolLM2 on MedCalc)",
+    p = sub.add_parser("study", help="run a study (forecast: the forecast's validation grid; grid: methods x rates "
+                                     "on a domain, SmolLM2 or a tiny model)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     studies = p.add_subparsers(dest="study", metavar="STUDY")
     register_forecast(studies)
+    register_grid(studies)
     register_smollm2(studies)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -64,44 +69,98 @@ def run_forecast_study(args) -> int:
     return 0 if all(math.isfinite(float(s[k])) for k in keys) else 1
 
 
-def register_smollm2(sub) -> None:
-    p = sub.add_parser("smollm2", help="SFT of SmolLM2-135M-Instruct on real MedCalc-Bench rows (resumable grid)",
-                       description="Fine-tune SmolLM2-135M-Instruct on MedCalc-Bench (CoT and label-only) with "
-                                   "CE, TALR, L2, LoRA and WiSE-FT at several learning rates; measure domain "
-                                   "accuracy and gain and general degradation (HumanEval, GSM8K code length); "
-                                   "forecast every run's degradation from theta0 (sft.forecast) and compare; "
-                                   "write DIR/report.md and DIR/summary.json. A second call skips cached work.")
-    p.add_argument("--preset", default="default", choices=["small", "default"],
-                   help="small: CE and TALR x 3 rates on CoT + label-only CE; default: the full grid")
-    p.add_argument("--out", default=None, help="output directory (default runs/study-smollm2[-small])")
-    p.add_argument("--medcalc", default=None, help="MedCalc-Bench CSV (default ../shared/data/...)")
+GRID_DESCRIPTION = ("Fine-tune SmolLM2-135M-Instruct (or a tiny Llama) on one domain (sft.domains: medcalc, esci) "
+                    "in its supervision variants (CoT, label-only) with CE, TALR, L2, LoRA and WiSE-FT at several "
+                    "learning rates; measure the domain metric and gain and the general degradation (HumanEval, "
+                    "GSM8K code length); forecast every run's degradation from theta0 (sft.forecast) and compare; "
+                    "write DIR/report.md and DIR/summary.json. A second call skips cached work.")
+
+
+def _grid_options(p, domain: bool) -> None:
+    from experiments.studies.grid import SMALL_MEMORY
+
+    if domain:
+        from sft.domains import DOMAINS
+
+        p.add_argument("--domain", required=True, choices=sorted(DOMAINS), help="the domain (sft.domains)")
+    p.add_argument("--preset", default="default", choices=["smoke", "small", "default"],
+                   help="smoke: a tiny Llama on a few rows, about a minute (ESCI: the tests' fixture pair when "
+                        "no data is given); small: CE and TALR x 3 rates on CoT + label-only CE on SmolLM2 "
+                        f"(<= 45 min, memory {SMALL_MEMORY}); default: the full grid (about 2 h)")
+    p.add_argument("--out", default=None, help="output directory (default runs/study-smollm2[-PRESET] for medcalc, "
+                                               "runs/study-grid-DOMAIN[-PRESET] otherwise)")
+    p.add_argument("--data", "--medcalc", dest="data", default=None,
+                   help="the domain's data (MedCalc: the official CSV; ESCI: the folder of the official parquet "
+                        "pair, the examples parquet or a JSONL export); default ../shared/data/...; a path given "
+                        "must exist")
     p.add_argument("--gsm8k", default=None, help="GSM8K test JSONL (default ../shared/data/gsm8k/test.jsonl)")
-    p.add_argument("--model", default="smollm2", help="smollm2, or a tiny spec 'tiny:...' (pipeline checks)")
+    p.add_argument("--model", default=None, help="smollm2, or a tiny spec 'tiny:...' (pipeline checks; a SmolLM2 "
+                                                 "preset's token limits are then counted in bytes, x4); default: "
+                                                 "the preset's")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out rows evaluated (default: the preset's)")
     p.add_argument("--no-forecast", action="store_true",
-                   help="skip the forecast units (sft.forecast from theta0; ~10 min and ~15 GB per variant on SmolLM2)")
+                   help=f"skip the forecast units (sft.forecast from theta0; ~15-19 min per variant on SmolLM2, "
+                        f"most of the small preset's memory, {SMALL_MEMORY})")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and summary.json from the cache")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register_grid(sub) -> None:
+    p = sub.add_parser("grid", help="methods x learning rates x supervision variants on one domain (resumable)",
+                       description=GRID_DESCRIPTION)
+    _grid_options(p, domain=True)
+    p.set_defaults(func=run_grid)
+
+
+def register_smollm2(sub) -> None:
+    p = sub.add_parser("smollm2", help="alias of `talr study grid --domain medcalc`",
+                       description="An alias of `talr study grid --domain medcalc`. " + GRID_DESCRIPTION)
+    _grid_options(p, domain=False)
     p.set_defaults(func=run_smollm2)
 
 
-def run_smollm2(args: argparse.Namespace) -> int:
-    from experiments.studies.smollm2 import make_config, run_study
+def default_out(domain: str, preset: str) -> str:
+    """``runs/study-smollm2[-PRESET]`` for MedCalc (the former command's folders: their caches are
+    reused), ``runs/study-grid-DOMAIN[-PRESET]`` otherwise."""
+    stem = "runs/study-smollm2" if domain == "medcalc" else f"runs/study-grid-{domain}"
+    return stem if preset == "default" else f"{stem}-{preset}"
 
-    out = args.out or ("runs/study-smollm2" if args.preset == "default" else "runs/study-smollm2-small")
+
+def _report_hint(args, out: str) -> str:
+    """For --report-only on a folder without a study: the presets whose default folder holds one."""
+    from pathlib import Path
+
+    if args.out is not None or Path(out, "study.json").is_file():
+        return ""
+    found = [p for p in ("smoke", "small", "default") if Path(default_out(args.domain, p), "study.json").is_file()]
+    return f" (a study is in the default folder of --preset {' / '.join(found)})" if found else ""
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    from experiments.cli import UserError
+    from experiments.studies.grid import make_config, run_study
+
+    out = args.out or default_out(args.domain, args.preset)
     sizes = {k: getattr(args, k, None) for k in ("steps", "batch_size", "n_eval")}
     for k, v in sizes.items():
         if v is not None and v < 1:
-            print(f"talr study smollm2: --{k.replace('_', '-')} must be >= 1, got {v}")
-            return 2
-    cfg = make_config(args.preset, medcalc=args.medcalc, gsm8k=args.gsm8k, model=args.model,
-                      forecast=not args.no_forecast, **{k: v for k, v in sizes.items() if v is not None})
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    over = {k: v for k, v in dict(sizes, model=args.model).items() if v is not None}
+    cfg = make_config(args.preset, args.domain, data=args.data, gsm8k=args.gsm8k,
+                      forecast=not getattr(args, "no_forecast", False), **over)
     try:
         run_study(cfg, out, progress=not args.no_progress, report_only=args.report_only)
-    except FileNotFoundError as exc:
-        print(f"talr study smollm2: {exc}")
-        return 2
+    except (FileNotFoundError, ValueError) as exc:  # missing or unusable data, model or study folder
+        raise UserError(f"{exc}{_report_hint(args, out) if args.report_only else ''}") from None
     print(f"report: {out}/report.md")
     return 0
+
+
+def run_smollm2(args: argparse.Namespace) -> int:
+    print("talr study smollm2: an alias of `talr study grid --domain medcalc`")
+    args.domain = "medcalc"
+    args.model = getattr(args, "model", None)
+    args.data = getattr(args, "data", None) or getattr(args, "medcalc", None)
+    return run_grid(args)

@@ -1,11 +1,34 @@
-"""Markdown and figure of the SmolLM2 study report (see `experiments.studies.smollm2_report`)."""
+"""Markdown and figure of the grid study's report (see `experiments.studies.grid_report`); the
+trade-off plane's helpers (:func:`general_delta`, :func:`pareto`, :func:`label`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from experiments.outputs import fmt, markdown_table as md_table, pyplot, save_figure
 
-from .smollm2_report import general_delta, label, pareto
+
+def general_delta(r: dict) -> float:
+    """The general degradation used on the trade-off plane: mean of the two bits/token deltas."""
+    return 0.5 * (r["general_delta_bits_humaneval"] + r["general_delta_bits_gsm8k"])
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (domain gain: higher, general degradation: lower)."""
+    keep = []
+    for r in rows:
+        dominated = any(o is not r and o["domain_gain_bits"] >= r["domain_gain_bits"]
+                        and general_delta(o) <= general_delta(r)
+                        and (o["domain_gain_bits"] > r["domain_gain_bits"] or general_delta(o) < general_delta(r))
+                        for o in rows)
+        if not dominated:
+            keep.append(r)
+    return sorted(keep, key=lambda r: r["domain_gain_bits"])
+
+
+def label(r: dict) -> str:
+    if r["method"] == "wise-ft":
+        return f"WiSE-FT({r['parent']}, a={r['alpha']:g})"
+    return f"{r['method']}@{r['lr']:g}" + (f" ({r['steps']} steps)" if r.get("own_steps") else "")
 
 
 def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
@@ -25,16 +48,22 @@ def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
             ax.annotate(f"{r['lr']:g}" if m != "wise-ft" else f"a={r['alpha']:g}",
                         (r["domain_gain_bits"], general_delta(r)), xytext=(3, 3), textcoords="offset points",
                         fontsize=7)
-    for r in rows:
-        if id(r) in front:
-            ax.scatter([r["domain_gain_bits"]], [general_delta(r)], s=160, facecolors="none", edgecolors="k")
+    fr = [r for r in rows if id(r) in front]
+    ax.scatter([r["domain_gain_bits"] for r in fr], [general_delta(r) for r in fr], s=160, facecolors="none",
+               edgecolors="k", label="Pareto set")
+    ax.margins(x=0.15, y=0.15)  # room for the rate labels beside the outermost points
     ax.axhline(0, lw=0.6, color="gray")
     ax.axvline(0, lw=0.6, color="gray")
     ax.set_xlabel("domain gain (bits saved per held-out gold completion)")
     ax.set_ylabel("general degradation (bits/token, mean of HumanEval and GSM8K)")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)
+
+
+NOT_TESTABLE = "not testable with this grid"
+MIN_SPEARMAN_N = 3  # a rank correlation of fewer runs is +-1 or undefined: no evidence either way
 
 
 def _by(runs, variant, method=None, sweep=False):
@@ -61,7 +90,7 @@ def finding1(runs: list[dict]) -> list[str]:
                          f"{fmt(general_delta(hi))} bits/token -> smaller rate "
                          f"{'no worse on both axes' if better else 'not better on both axes'}.")
     if not verdicts:
-        return ["Not decidable: no method has two learning rates in the completed runs."]
+        return [f"Finding 1: {NOT_TESTABLE} (no method has two learning rates in the completed runs)."]
     word = "holds" if all(verdicts) else "holds in part" if any(verdicts) else "does not hold"
     return lines + [f"Verdict: Finding 1 {word} "
                     f"here ({sum(verdicts)} of {len(verdicts)} method/variant pairs: the smallest rate degrades "
@@ -74,11 +103,15 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
     for v in ("cot", "label"):
         rs = _by(runs, v, "ce", sweep=True)
         ranges[v] = sorted(r["lr"] for r in rs if general_delta(r) <= tol)
+        if not rs:
+            continue
         out.append(f"- {v}/ce: general degradation by rate: "
                    + ", ".join(f"{r['lr']:g}: {fmt(general_delta(r))}" for r in sorted(rs, key=lambda r: r["lr"]))
                    + f"; safe (<= {tol:g} bits/token): {', '.join(f'{x:g}' for x in ranges[v]) or 'none'}.")
-    if not _by(runs, "cot", "ce") or not _by(runs, "label", "ce"):
-        return out + ["Not decidable: CE runs of both variants are needed."]
+    short = [v for v in ("cot", "label") if len(_by(runs, v, "ce", sweep=True)) < 2]
+    if short:
+        return out + [f"Finding 2: {NOT_TESTABLE} (CE of {' and '.join(short)} at fewer than two learning "
+                      "rates: a safe range needs a rate sweep in both variants)."]
     wider = (max(ranges["label"], default=0) >= max(ranges["cot"], default=0)
              and len(ranges["label"]) >= len(ranges["cot"]))
     return out + [f"Verdict: Finding 2 {'holds' if wider else 'does not hold'} here (label-only safe range "
@@ -112,7 +145,7 @@ def talr_vs_baselines(runs: list[dict]) -> list[str]:
 def samples_section(base: dict, runs: list[dict]) -> list[str]:
     """The first held-out generation of the base model and of the best run per variant."""
     out = ["## Sample generations (first held-out row, first 300 characters)", ""]
-    for v in ("label", "cot"):
+    for v in [v for v in ("label", "cot") if v in base["eval"]]:
         rs = _by(runs, v)
         picks = [("base", base["eval"][v]["samples"][0] if base["eval"][v].get("samples") else "")]
         if rs:
@@ -149,9 +182,16 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
                      if r["general_delta_bits_pooled"] else None, r.get("forecast_domain_gain_bits"),
                      r["domain_gain_bits"]] for r in rs]), "",
           md_table(["runs", "n", "Spearman general", "within 2x general", "Spearman gain"],
-                   [[k, fs[k]["n"], fs[k]["spearman_general"], fs[k]["within_2x_general"], fs[k]["spearman_gain"]]
-                    for k in ("label", "cot", "all") if fs.get(k)]), ""]
+                   [[k, fs[k]["n"], _rank(fs[k], "spearman_general"), fs[k]["within_2x_general"],
+                     _rank(fs[k], "spearman_gain")] for k in ("label", "cot", "all") if fs.get(k) and fs[k]["n"]]), ""]
     return L
+
+
+def _rank(f: dict, key: str):
+    """A Spearman cell: the value, or why the grid cannot give one."""
+    if f["n"] < MIN_SPEARMAN_N or f[key] is None or f[key] != f[key]:
+        return f"{NOT_TESTABLE} (n = {f['n']})"
+    return f[key]
 
 
 def _rates(cfg: dict, lora: bool) -> str:
@@ -159,91 +199,137 @@ def _rates(cfg: dict, lora: bool) -> str:
     return ", ".join(f"{x:g}" for x in lrs) or "none"
 
 
-def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None) -> str:
-    cfg = study["config"]
-    b = base["eval"]
+MEDCALC = {"name": "medcalc", "title": "MedCalc-Bench v1.0", "metric": "accuracy", "stop": "</answer>",
+           "categories": "calculators", "group": "note", "variants": ["cot", "label"]}  # studies from before the domain axis
+
+
+def study_domain(study: dict) -> dict:
+    """The study's domain record as ``study.json`` states it (MedCalc for older studies)."""
+    return study.get("domain") or MEDCALC
+
+
+def _header(study: dict) -> list[str]:
+    cfg, dom = study["config"], study_domain(study)
     gen = dict((k, v) for k, v in cfg["gen_tokens"])
-    L = ["# talr study smollm2: SFT of SmolLM2-135M-Instruct on real MedCalc-Bench rows", "",
-         f"Model: {study['model']} ({study['n_params'] / 1e6:.1f} M parameters, float32). Data: {study['data']}: "
-         f"{study['n_kept']} of {study['n_rows']} rows have a Table-4 prompt of at most {cfg['max_prompt_tokens']} "
-         f"tokens ({len(study['calculators'])} calculators: short notes, a stated selection that keeps 2-core "
-         f"training affordable); split by Note ID ({cfg['heldout_fraction']:g} held out). Training: "
-         f"{cfg['steps']} AdamW steps (cosine schedule) of {cfg['batch_size']} sequences, one epoch over "
-         f"{study['n_train_rows']['cot']} CoT rows ({study['train_tokens']['cot']} tokens, examples <= "
-         f"{cfg['max_length']} tokens) or {study['n_train_rows']['label']} label-only rows "
-         f"({study['train_tokens']['label']} tokens). Evaluation: {study['n_eval']} held-out rows; greedy generation "
-         f"with {gen['cot']} new tokens (CoT) / {gen['label']} (label-only), stopped at `</answer>`, judged by the "
-         f"official MedCalc rules; domain code length of the held-out gold completions given their prompts (bits "
-         f"per completion); general code length of {cfg['n_humaneval']} HumanEval canonical solutions given their "
-         f"prompts and of {cfg['n_gsm8k']} GSM8K test questions (bits/token). Learning rates {_rates(cfg, False)} "
-         f"(LoRA {_rates(cfg, True)}): the paper's 1e-6..5e-6 for a 3B model over thousands of steps barely moves "
-         f"a 135M model in {cfg['steps']} steps.", "",
-         "## Base model", "",
-         md_table(["variant", "domain acc", "correct / n", "unparsed", "reached </answer>", "domain bits/completion"],
-                  [[v, b[v]["domain_acc"], f"{b[v]['n_correct']}/{b[v]['n_eval']}", b[v]["n_unparsed"],
-                    b[v]["reached_stop"], b[v]["domain_bits"]] for v in ("cot", "label")]), "",
-         f"General code length: HumanEval {fmt(b['general']['humaneval_bits_per_token'])} bits/token, GSM8K "
-         f"{fmt(b['general']['gsm8k_bits_per_token'])} bits/token.", ""]
+    vs = [v for v in ("cot", "label") if v in study["n_train_rows"]]
+    names = {"cot": "CoT", "label": "label-only"}
+    rows = " or ".join(f"{study['n_train_rows'][v]} {names[v]} rows ({study['train_tokens'][v]} tokens"
+                       + (f", examples <= {cfg['max_length']} tokens)" if v == "cot" else ")") for v in vs)
+    budgets = " / ".join(f"{gen[v]} ({names[v]})" for v in vs)
+    return [f"# talr study grid --domain {dom['name']}: SFT of {study['model'].split(' (')[0]} on {dom['title']}", "",
+            f"Model: {study['model']} ({study['n_params'] / 1e6:.1f} M parameters, float32). Data: {study['data']}: "
+            f"{study['n_kept']} of {study['n_rows']} rows have a label-only prompt of at most "
+            f"{cfg['max_prompt_tokens']} tokens ({len(study['calculators'])} {dom['categories']}: short prompts, a "
+            f"stated selection that keeps 2-core training affordable); split by "
+            f"{dom['group']} ({cfg['heldout_fraction']:g} held out). Training: "
+            f"{cfg['steps']} AdamW steps (cosine schedule) of {cfg['batch_size']} sequences, one epoch over {rows}. "
+            f"Evaluation: {study['n_eval']} held-out rows; greedy generation with {budgets} new tokens, stopped at "
+            f"`{dom['stop']}`, {dom['metric']} by the domain's judge; domain code length of the held-out gold "
+            f"completions given their prompts (bits per completion); general code length of {cfg['n_humaneval']} "
+            f"HumanEval canonical solutions given their prompts and of {cfg['n_gsm8k']} GSM8K test questions "
+            f"(bits/token). Learning rates {_rates(cfg, False)} (LoRA {_rates(cfg, True)}): the paper's 1e-6..5e-6 "
+            f"for a 3B model over thousands of steps barely moves a 135M model in {cfg['steps']} steps.", ""]
+
+
+def _base_section(study: dict, b: dict) -> list[str]:
+    dom = study_domain(study)
+    return ["## Base model", "",
+            md_table(["variant", f"domain {dom['metric']}", "correct / n", "unparsed", f"reached {dom['stop']}",
+                      "domain bits/completion"],
+                     [[v, b[v]["domain_acc"], f"{b[v]['n_correct']}/{b[v]['n_eval']}", b[v]["n_unparsed"],
+                       b[v]["reached_stop"], b[v]["domain_bits"]] for v in ("cot", "label") if v in b]), "",
+            f"General code length: HumanEval {fmt(b['general']['humaneval_bits_per_token'])} bits/token, GSM8K "
+            f"{fmt(b['general']['gsm8k_bits_per_token'])} bits/token.", ""]
+
+
+def _pair(r: dict, key: str) -> str:
+    first = r.get(f"{key}_first")
+    return "n/a" if first is None else f"{fmt(first)}/{fmt(r.get(f'{key}_last'))}"
+
+
+def _variant_tables(runs: list[dict], b: dict, figs: dict, metric: str) -> list[str]:
+    """Tables 1-2 analogues, each with its trade-off plane and Pareto set."""
+    L = []
     for v, title in (("label", "Table 1 analogue: label-only"), ("cot", "Table 2 analogue: CoT")):
         rows = _by(runs, v)
         if not rows:
             continue
         L += [f"## {title}", "",
-              md_table(["run", "domain acc", "d acc (pts)", "domain gain (bits)", "HumanEval d (bits/tok)",
+              md_table(["run", f"domain {metric}", "d (pts)", "domain gain (bits)", "HumanEval d (bits/tok)",
                         "GSM8K d (bits/tok)", "tau first/last", "median p first/last", "frac p>0.2 first/last",
                         "train s"],
                        [[label(r), r["domain_acc"], 100 * (r["domain_acc"] - b[v]["domain_acc"]), r["domain_gain_bits"],
-                         r["general_delta_bits_humaneval"], r["general_delta_bits_gsm8k"],
-                         f"{fmt(r.get('tau_first'))}/{fmt(r.get('tau_last'))}"
-                         if r.get("tau_first") is not None else "n/a",
-                         f"{fmt(r.get('median_p_first'))}/{fmt(r.get('median_p_last'))}"
-                         if r.get("median_p_first") is not None else "n/a",
-                         f"{fmt(r.get('frac_p_gt_02_first'))}/{fmt(r.get('frac_p_gt_02_last'))}"
-                         if r.get("frac_p_gt_02_first") is not None else "n/a", r.get("train_seconds")]
-                        for r in rows]), ""]
+                         r["general_delta_bits_humaneval"], r["general_delta_bits_gsm8k"], _pair(r, "tau"),
+                         _pair(r, "median_p"), _pair(r, "frac_p_gt_02"), r.get("train_seconds")] for r in rows]), ""]
         if v in figs:
-            front = pareto(rows)
             L += [f"![trade-off {v}]({figs[v]})", "",
                   f"Pareto set ({v}; higher domain gain, lower general degradation): "
                   + "; ".join(f"{label(r)} (gain {fmt(r['domain_gain_bits'])}, general {fmt(general_delta(r))})"
-                              for r in front) + ".", ""]
+                              for r in pareto(rows)) + ".", ""]
+    return L
+
+
+def _findings_section(runs: list[dict], b: dict, metric: str) -> list[str]:
+    L = ["## Findings", "", "**Finding 1 (smaller learning rate, better trade-off).**", "", *finding1(runs), "",
+         "**Finding 2 (label-only widens the safe range).**", "", *finding2(runs), "",
+         "**TALR vs the baselines at the larger rate.**", "", *talr_vs_baselines(runs), ""]
     best = max(runs, key=lambda r: r["domain_acc"] - b[r["variant"]]["domain_acc"], default=None)
-    L += ["## Findings", "", "**Finding 1 (smaller learning rate, better trade-off).**", "", *finding1(runs), "",
-          "**Finding 2 (label-only widens the safe range).**", "", *finding2(runs), "",
-          "**TALR vs the baselines at the larger rate.**", "", *talr_vs_baselines(runs), ""]
     if best is not None:
         d = 100 * (best["domain_acc"] - b[best["variant"]]["domain_acc"])
-        L += [f"**Domain accuracy target (+10 points over base).** Best: {best['variant']} {label(best)}, "
+        L += [f"**Domain {metric} target (+10 points over base).** Best: {best['variant']} {label(best)}, "
               f"{fmt(100 * best['domain_acc'], 3)}% vs base {fmt(100 * b[best['variant']]['domain_acc'], 3)}% "
               f"({d:+.1f} points on {b[best['variant']]['n_eval']} held-out rows): target "
               f"{'met' if d >= 10 else 'not met'}.", ""]
-    tr = [r for r in runs if r.get("mfu") is not None]
-    if tr:
-        L += ["## Throughput (model FLOPs utilisation)", "",
-              md_table(["run", "tokens/s", "6 N tokens/s (GFLOP/s)", "fp32 matmul peak (GFLOP/s)", "MFU"],
-                       [[f"{r['variant']} {label(r)}", r["tokens_per_s"], r.get("model_gflops_per_s"),
-                         r.get("matmul_gflops"), r["mfu"]] for r in tr]), "",
-              "The peak is a 1024^3 fp32 matmul timed in the same process at its start (both numbers swing "
-              "with other load on the 2 cores). For LoRA 6 N over-counts the work (the frozen weights get no "
-              "gradient).", ""]
-    L += samples_section(base, runs)
+    return L
+
+
+def shown_mfu(mfu) -> str:
+    """MFU as the report prints it: never above 100 % (None: the run beat the timed peak)."""
+    return "n/a (above the timed peak)" if mfu is None or mfu > 1 else f"{100 * mfu:.1f}%"
+
+
+def _throughput_section(runs: list[dict]) -> list[str]:
+    tr = [r for r in runs if r.get("tokens_per_s") is not None]
+    if not tr:
+        return []
+    return ["## Throughput (model FLOPs utilisation)", "",
+            md_table(["run", "tokens/s", "6 N tokens/s (GFLOP/s)", "fp32 matmul peak (GFLOP/s)", "MFU"],
+                     [[f"{r['variant']} {label(r)}", r["tokens_per_s"], r.get("model_gflops_per_s"),
+                       r.get("matmul_gflops"), shown_mfu(r.get("mfu"))] for r in tr]), "",
+            "The peak is the best of 8 timings of a 1024^3 fp32 matmul, taken at the start and again after each "
+            "training run in the same process (the running maximum); both numbers swing with other load on the "
+            "cores, and a run that beat the timed peak shows n/a, never a utilisation above 100 %. For LoRA 6 N "
+            "over-counts the work (the frozen weights get no gradient).", ""]
+
+
+def _compute_section(runs: list[dict], b: dict) -> list[str]:
     ev = sum(r.get("eval_seconds") or 0.0 for r in runs)
     tr_s = sum(r.get("train_seconds") or 0.0 for r in runs)
-    L += ["## Compute", "", f"{len(runs)} runs ({sum(r['method'] != 'wise-ft' for r in runs)} trained, "
-          f"{sum(r['method'] == 'wise-ft' for r in runs)} WiSE-FT points): training {tr_s / 60:.1f} min, evaluation "
-          f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores.", ""]
+    return ["## Compute", "", f"{len(runs)} runs ({sum(r['method'] != 'wise-ft' for r in runs)} trained, "
+            f"{sum(r['method'] == 'wise-ft' for r in runs)} WiSE-FT points): training {tr_s / 60:.1f} min, evaluation "
+            f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores.", ""]
+
+
+def _bound_section(runs: list[dict]) -> list[str]:
     withb = [r for r in runs if r.get("prefix_bound_bits") is not None]
-    L += ["## Per-prefix bound over measured degradation", ""]
-    if withb:
-        L += [f"On the empirical general tree (HumanEval + GSM8K sequences, restricted alphabet + other, depth 16, "
-              "built by `sft.treeprobs` as `talr compare` builds it), the exact Delta L(P1) and its per-prefix "
-              "bound (`theory.prefix.prefix_decomposition`, Proposition 3.1 node by node), bits per sequence:", "",
-              md_table(["run", "variant", "measured Delta L(P1)", "bound", "bound / measured"],
-                       [[label(r), r["variant"], r["prefix_delta_bits"], r["prefix_bound_bits"],
-                         r["bound_over_measured"]] for r in withb]), "",
-              "bound / measured is null where the measured change is not a degradation (Delta L(P1) <= 0). "
-              f"{len(runs) - len(withb)} runs were evaluated before the bound was wired in (null).", ""]
-    else:
-        L += ["No run carries the per-prefix bound yet (runs evaluated before it was wired in).", ""]
-    L += forecast_section(runs, fsum)
-    return "\n".join(L)
+    L = ["## Per-prefix bound over measured degradation", ""]
+    if not withb:
+        return L + ["No run carries the per-prefix bound yet (runs evaluated before it was wired in).", ""]
+    return L + [
+        f"On the empirical general tree (HumanEval + GSM8K sequences, restricted alphabet + other, depth 16, "
+        "built by `sft.treeprobs` as `talr compare` builds it), the exact Delta L(P1) and its per-prefix "
+        "bound (`theory.prefix.prefix_decomposition`, Proposition 3.1 node by node), bits per sequence:", "",
+        md_table(["run", "variant", "measured Delta L(P1)", "bound", "bound / measured"],
+                 [[label(r), r["variant"], r["prefix_delta_bits"], r["prefix_bound_bits"],
+                   r["bound_over_measured"]] for r in withb]), "",
+        "bound / measured is null where the measured change is not a degradation (Delta L(P1) <= 0). "
+        f"{len(runs) - len(withb)} runs were evaluated before the bound was wired in (null).", ""]
+
+
+def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None) -> str:
+    """``report.md``: one writer per section."""
+    b = base["eval"]
+    metric = study_domain(study)["metric"]
+    return "\n".join(_header(study) + _base_section(study, b) + _variant_tables(runs, b, figs, metric)
+                     + _findings_section(runs, b, metric) + _throughput_section(runs) + samples_section(base, runs)
+                     + _compute_section(runs, b) + _bound_section(runs) + forecast_section(runs, fsum))

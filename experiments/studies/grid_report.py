@@ -1,4 +1,4 @@
-"""Report of `talr study smollm2`, rebuilt from ``out/study.json`` and ``out/cache/*.json`` alone.
+"""Report of `talr study grid` (`experiments.studies.grid`), rebuilt from ``out/study.json`` and ``out/cache/*.json`` alone.
 
 ``summary.json``: ``base`` (the untouched model) and ``runs`` (one record per trained run and per
 WiSE-FT point, fields listed in :data:`RUN_FIELDS`). ``report.md``: data and budget, the
@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .grid_text import general_delta, label, pareto, report_markdown, study_domain, tradeoff_png
+
+__all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "run_record", "write_report"]
+
 RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain_gain_bits",
               "general_delta_bits_humaneval", "general_delta_bits_gsm8k", "bound_over_measured",
               "forecast_general_delta_bits")
@@ -27,6 +31,9 @@ def grid_key(e: dict) -> tuple:
 def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
     """(study record, base cache record, run/WiSE cache records, forecast rows by (variant,
     method, lr)) of the current data key and grid."""
+    if not (out / "study.json").is_file():
+        raise FileNotFoundError(f"{out}: no study here (no study.json): run the study first, or pass the --out "
+                                f"(or --preset, which picks the default --out) of the study whose report to rebuild")
     study = json.loads((out / "study.json").read_text())
     key = study["data_key"]
     grid = {grid_key(e) for e in study["config"]["grid"]}
@@ -47,10 +54,35 @@ def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
     return study, base, runs, forecasts
 
 
+def pooled_general_delta(ev: dict, base_ev: dict) -> float:
+    """Measured change of the pooled general code length (HumanEval + GSM8K tokens), bits/token:
+    the unit of the forecast's ``dL_general_bits_per_token``."""
+    g, b = ev["general"], base_ev["general"]
+    nh, ng = g["humaneval_tokens"], g["gsm8k_tokens"]
+    return ((g["humaneval_bits_per_token"] - b["humaneval_bits_per_token"]) * nh
+            + (g["gsm8k_bits_per_token"] - b["gsm8k_bits_per_token"]) * ng) / (nh + ng)
+
+
+def bound_over_measured(run: dict) -> float | None:
+    """The per-prefix bound over the measured Delta L(P1) on the empirical general tree; None when
+    the run was evaluated before the bound existed or the measured change is not a degradation."""
+    pb = run.get("prefix")
+    if not pb or pb["delta_bits"] <= 0:
+        return None
+    return pb["bound_bits"] / pb["delta_bits"]
+
+
+def forecast_row(run: dict, forecasts: dict) -> dict | None:
+    """The forecast row of a trained run's (variant, method, lr): its ``dL_general_bits_per_token``
+    (bits/token of the pooled general set) and ``domain_gain_bits``; None for WiSE-FT points,
+    runs with their own step count, skipped methods and where no forecast unit exists."""
+    if run.get("alpha") is not None or run.get("own_steps"):
+        return None
+    return forecasts.get((run["variant"], run["method"], float(run["lr"])))
+
+
 def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None) -> dict:
     """One summary row from a cache record (a trained run or a WiSE-FT point)."""
-    from .smollm2 import bound_over_measured, forecast_row, pooled_general_delta
-
     e = rec["entry"]
     v = e["variant"]
     own_steps = e.get("steps")  # an entry with its own step count has no forecast (the grid's T differs)
@@ -81,7 +113,7 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     pb = rec.get("prefix")
     row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
     row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
-    row["bound_over_measured"] = bound_over_measured({"prefix": pb}, base)
+    row["bound_over_measured"] = bound_over_measured({"prefix": pb})
     f = forecast_row(row, forecasts or {})
     row["forecast_general_delta_bits"] = None if f is None else f["dL_general_bits_per_token"]
     row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]
@@ -108,34 +140,8 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     return out
 
 
-def general_delta(r: dict) -> float:
-    """The general degradation used on the trade-off plane: mean of the two bits/token deltas."""
-    return 0.5 * (r["general_delta_bits_humaneval"] + r["general_delta_bits_gsm8k"])
-
-
-def pareto(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (domain gain: higher, general degradation: lower)."""
-    keep = []
-    for r in rows:
-        dominated = any(o is not r and o["domain_gain_bits"] >= r["domain_gain_bits"]
-                        and general_delta(o) <= general_delta(r)
-                        and (o["domain_gain_bits"] > r["domain_gain_bits"] or general_delta(o) < general_delta(r))
-                        for o in rows)
-        if not dominated:
-            keep.append(r)
-    return sorted(keep, key=lambda r: r["domain_gain_bits"])
-
-
-def label(r: dict) -> str:
-    if r["method"] == "wise-ft":
-        return f"WiSE-FT({r['parent']}, a={r['alpha']:g})"
-    return f"{r['method']}@{r['lr']:g}" + (f" ({r['steps']} steps)" if r.get("own_steps") else "")
-
-
 def write_report(out: str | Path) -> dict:
     from experiments.outputs import write_json, write_text
-
-    from .smollm2_text import report_markdown, tradeoff_png
 
     out = Path(out)
     study, base, recs, forecasts = load_results(out)
@@ -144,10 +150,11 @@ def write_report(out: str | Path) -> dict:
     recs.sort(key=lambda r: (r["entry"]["variant"], order.get(grid_key(r["entry"]), 999), r.get("alpha") or 0))
     runs = [run_record(r, base, steps, forecasts) for r in recs]
     b = base["eval"]
-    summary = {"model": study["model"], "data": study["data"], "config": study["config"],
-               "base": {"cot": {k: v for k, v in b["cot"].items() if k != "samples"},
-                        "label": {k: v for k, v in b["label"].items() if k != "samples"}, "general": b["general"],
-                        "seconds": b["seconds"]},
+    dom = study_domain(study)
+    variants = [v for v in ("cot", "label") if v in b]
+    summary = {"model": study["model"], "data": study["data"], "config": study["config"], "domain": dom,
+               "base": {**{v: {k: x for k, x in b[v].items() if k != "samples"} for v in variants},
+                        "general": b["general"], "seconds": b["seconds"]},
                "runs": runs,
                "compute_seconds": {"base_eval": sum(b["seconds"].values()),
                                    "train": sum(r.get("train_seconds") or 0.0 for r in runs),
@@ -156,7 +163,7 @@ def write_report(out: str | Path) -> dict:
     for v in ("cot", "label"):
         rows = [r for r in runs if r["variant"] == v]
         if rows:
-            figs[v] = tradeoff_png(rows, out / f"tradeoff_{v}.png", title=f"SmolLM2 study, {v}")
+            figs[v] = tradeoff_png(rows, out / f"tradeoff_{v}.png", title=f"{dom['title']} grid, {v}")
     units = {id(f["unit"]): f["unit"] for f in forecasts.values()}
     summary["forecast"] = forecast_summary(runs, list(units.values()))
     write_json(out / "summary.json", summary)

