@@ -60,28 +60,28 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from experiments.studies.smollm2 import STOP, StudyConfig, load_base, medcalc_path, sft_row
+    from experiments.studies.grid import SHARED, StudyConfig, load_base
     from sft.data import split_text
+    from sft.domains import get_domain
     from sft.eval.generate import greedy_generate
-    from sft.eval.medcalc import load_medcalc
-    from sft.eval.synth_medcalc import generate
 
     cfg = StudyConfig(model=a.model)
     model, tok, desc = load_base(cfg)
     model.eval()
-    path = medcalc_path(cfg)
-    rows = load_medcalc(path) if path.exists() else generate(64, seed=0)
-    prompts = [split_text(tok, sft_row(r, "label"))[0] for r in rows]
+    dom = get_domain("medcalc")
+    stop = dom.stop
+    rows, _ = dom.load(None, shared=SHARED, n_synthetic=64)
+    prompts = [split_text(tok, dom.row(r, "label"))[0] for r in rows]
     prompts = sorted(prompts, key=lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))[:a.n]
     t = time.perf_counter()
-    ref = one_at_a_time(model, tok, prompts, a.max_new, STOP)
+    ref = one_at_a_time(model, tok, prompts, a.max_new, stop)
     t_ref = time.perf_counter() - t
     t = time.perf_counter()
-    got = greedy_generate(model, tok, prompts, stop=[STOP], keep_stop=True, max_new_tokens=a.max_new,
+    got = greedy_generate(model, tok, prompts, stop=[stop], keep_stop=True, max_new_tokens=a.max_new,
                           batch_size=a.batch_size, progress=False)
     t_new = time.perf_counter() - t
     equal = sum(x == y for x, y in zip(ref, got))
-    print(f"model: {desc}; {a.n} prompts, {a.max_new} new tokens max, stop {STOP!r}")
+    print(f"model: {desc}; {a.n} prompts, {a.max_new} new tokens max, stop {stop!r}")
     print(f"one-at-a-time model.generate: {t_ref:.2f} s")
     print(f"batched (batch {a.batch_size}, KV cache, left padding): {t_new:.2f} s")
     print(f"equal outputs: {equal}/{a.n}")

@@ -1,7 +1,7 @@
 """Benchmark: training throughput of SmolLM2 as a fraction of this machine's fp32 matmul peak (MFU).
 
 Times ``--steps`` optimizer steps of full fine-tuning (CE) and of LoRA (r=8) on the study's
-label-only MedCalc examples (`experiments.studies.smollm2`), and a large fp32 matmul in the same
+label-only MedCalc examples (`experiments.studies.grid`), and a large fp32 matmul in the same
 process. MFU = 6 N tokens/s / matmul GFLOP/s, N = all parameters (for LoRA 6 N over-counts the
 work: the frozen weights get no gradient). The study log prints the same number for every run.
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.matmul < 64:
         ap.error("--steps and --batch-size must be >= 1, --matmul >= 64")
-    from experiments.studies.smollm2 import Entry, StudyConfig, load_base, matmul_gflops, prepare_data, train_entry
+    from experiments.studies.grid import Entry, StudyConfig, load_base, matmul_gflops, prepare_data, train_entry
 
     cfg = StudyConfig(model=a.model, steps=a.steps, batch_size=a.batch_size)
     base, tok, desc = load_base(cfg)

@@ -81,6 +81,24 @@ def forecast_row(run: dict, forecasts: dict) -> dict | None:
     return forecasts.get((run["variant"], run["method"], float(run["lr"])))
 
 
+def _ends(xs: list) -> tuple:
+    """(first, last) of the finite values in ``xs`` (None, None when there is none)."""
+    xs = [x for x in xs if x is not None and x == x]
+    return (xs[0], xs[-1]) if xs else (None, None)
+
+
+def train_fields(t: dict) -> dict:
+    """A trained run's summary fields from its training record: status, loss, throughput (MFU None
+    where the run beat the timed peak: never a utilisation above 1) and the token statistics'
+    first and last values."""
+    (tau0, tau1), (fr0, fr1), (mp0, mp1) = _ends(t["tau"]), _ends(t["frac_p_gt_0.2"]), _ends(t.get("median_p", []))
+    mfu = t["mfu"] if t.get("mfu") is not None and t["mfu"] <= 1 else None
+    return dict(status=t["status"], train_loss=t["train_loss"], train_seconds=t["train_seconds"],
+                tokens_per_s=t["tokens_per_s"], mfu=mfu, matmul_gflops=t.get("matmul_gflops"),
+                model_gflops_per_s=t.get("model_gflops_per_s"), tau_first=tau0, tau_last=tau1,
+                frac_p_gt_02_first=fr0, frac_p_gt_02_last=fr1, median_p_first=mp0, median_p_last=mp1)
+
+
 def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None) -> dict:
     """One summary row from a cache record (a trained run or a WiSE-FT point)."""
     e = rec["entry"]
@@ -100,16 +118,7 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
            "reached_stop": ev[v]["reached_stop"], "sample": (ev[v].get("samples") or [""])[0],
            "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
     if rec["kind"] == "run":
-        t = rec["train"]
-        taus = [x for x in t["tau"] if x is not None and x == x]
-        fr = [x for x in t["frac_p_gt_0.2"] if x is not None]
-        mp = [x for x in t.get("median_p", []) if x is not None]
-        row.update(status=t["status"], train_loss=t["train_loss"], train_seconds=t["train_seconds"],
-                   tokens_per_s=t["tokens_per_s"], mfu=t["mfu"], matmul_gflops=t.get("matmul_gflops"),
-                   model_gflops_per_s=t.get("model_gflops_per_s"), tau_first=taus[0] if taus else None,
-                   tau_last=taus[-1] if taus else None, frac_p_gt_02_first=fr[0] if fr else None,
-                   frac_p_gt_02_last=fr[-1] if fr else None, median_p_first=mp[0] if mp else None,
-                   median_p_last=mp[-1] if mp else None)
+        row.update(train_fields(rec["train"]))
     pb = rec.get("prefix")
     row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
     row["prefix_delta_bits"] = pb["delta_bits"] if pb else None

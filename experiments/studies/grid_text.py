@@ -118,28 +118,30 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
                   f"{'at least as wide as' if wider else 'narrower than'} CoT's)."]
 
 
+def _talr_line(runs: list[dict], v: str) -> str | None:
+    """TALR vs the other runs of variant ``v`` at its largest rate (LoRA at its own rate, WiSE-FT of
+    the large-rate runs); None when ``v`` has no full fine-tuning run."""
+    trained = [r for r in _by(runs, v, sweep=True) if r["method"] not in ("wise-ft", "lora")]
+    if not trained:
+        return None
+    hi = max(r["lr"] for r in trained)
+    at = [r for r in _by(runs, v, sweep=True) if r["lr"] == hi or r["method"] == "lora"]  # WiSE-FT of the hi-rate runs
+    talr = [r for r in at if r["method"] == "talr" and r["lr"] == hi]
+    if not talr:
+        return f"- {v}: no TALR run at lr {hi:g} yet."
+    t = talr[0]
+    others = [r for r in at if r is not t]
+    beats = [r for r in others if general_delta(t) <= general_delta(r) and t["domain_acc"] >= r["domain_acc"]]
+    return (f"- {v} at lr {hi:g}: TALR acc {fmt(t['domain_acc'])}, gain {fmt(t['domain_gain_bits'])} bits, "
+            f"general {fmt(general_delta(t))} bits/token; baselines: "
+            + "; ".join(f"{label(r)} acc {fmt(r['domain_acc'])}, general {fmt(general_delta(r))}" for r in others)
+            + f". TALR is at least as good on both axes as {len(beats)} of {len(others)} "
+              f"({', '.join(label(r) for r in beats) or 'none'}).")
+
+
 def talr_vs_baselines(runs: list[dict]) -> list[str]:
-    out = []
-    for v in ("cot", "label"):
-        trained = [r for r in _by(runs, v, sweep=True) if r["method"] not in ("wise-ft", "lora")]
-        if not trained:
-            continue
-        hi = max(r["lr"] for r in trained)
-        at = [r for r in _by(runs, v, sweep=True) if r["lr"] == hi or r["method"] == "lora"]  # WiSE-FT of the hi-rate runs
-        talr = [r for r in at if r["method"] == "talr" and r["lr"] == hi]
-        if not talr:
-            out.append(f"- {v}: no TALR run at lr {hi:g} yet.")
-            continue
-        t = talr[0]
-        others = [r for r in at if r is not t]
-        beats = [r for r in others if general_delta(t) <= general_delta(r) and t["domain_acc"] >= r["domain_acc"]]
-        out.append(f"- {v} at lr {hi:g}: TALR acc {fmt(t['domain_acc'])}, gain {fmt(t['domain_gain_bits'])} bits, "
-                   f"general {fmt(general_delta(t))} bits/token; baselines: "
-                   + "; ".join(f"{label(r)} acc {fmt(r['domain_acc'])}, general {fmt(general_delta(r))}"
-                               for r in others)
-                   + f". TALR is at least as good on both axes as {len(beats)} of {len(others)} "
-                     f"({', '.join(label(r) for r in beats) or 'none'}).")
-    return out or ["Not decidable: no runs yet."]
+    out = [line for line in (_talr_line(runs, v) for v in ("cot", "label")) if line is not None]
+    return out or [f"TALR vs the baselines: {NOT_TESTABLE} (no full fine-tuning run yet)."]
 
 
 def samples_section(base: dict, runs: list[dict]) -> list[str]:
