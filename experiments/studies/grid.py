@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from sft.domains import get_domain
+from sft.methods import get_method
 
 REPO = Path(__file__).resolve().parents[2]
 # ../shared/data beside the repository (or beside a parent folder of it, for git worktrees)
@@ -184,6 +185,8 @@ def make_config(preset: str, domain: str = "medcalc", **overrides) -> StudyConfi
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
     dom = get_domain(domain)
+    for e in overrides.get("grid", ()):
+        get_method(e.method)  # a ValueError naming the registered methods
     cfg = replace(PRESETS[preset], domain=domain, grid=tuple(e for e in PRESETS[preset].grid if e.variant in dom.variants))
     if preset != "smoke" and is_tiny(overrides.get("model", cfg.model)):
         b = BYTES_PER_TOKEN
@@ -414,7 +417,8 @@ def general_examples(tok, data: StudyData) -> list[dict]:
 def forecast_entries(cfg: StudyConfig, variant: str) -> list[Entry]:
     """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods and
     entries with their own step count)."""
-    return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip and e.steps is None]
+    return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip and e.steps is None
+            and get_method(e.method).forecast]
 
 
 def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:

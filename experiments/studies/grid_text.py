@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.outputs import fmt, markdown_table as md_table, pyplot, save_figure
+from sft.methods import METHODS
+
+
+def is_lora(method: str) -> bool:
+    """Whether ``method`` (a registered name, or "wise-ft") trains LoRA adapters (`sft.methods`)."""
+    return method in METHODS and METHODS[method].lora
 
 
 def general_delta(r: dict) -> float:
@@ -121,11 +127,11 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
 def _talr_line(runs: list[dict], v: str) -> str | None:
     """TALR vs the other runs of variant ``v`` at its largest rate (LoRA at its own rate, WiSE-FT of
     the large-rate runs); None when ``v`` has no full fine-tuning run."""
-    trained = [r for r in _by(runs, v, sweep=True) if r["method"] not in ("wise-ft", "lora")]
+    trained = [r for r in _by(runs, v, sweep=True) if r["method"] != "wise-ft" and not is_lora(r["method"])]
     if not trained:
         return None
     hi = max(r["lr"] for r in trained)
-    at = [r for r in _by(runs, v, sweep=True) if r["lr"] == hi or r["method"] == "lora"]  # WiSE-FT of the hi-rate runs
+    at = [r for r in _by(runs, v, sweep=True) if r["lr"] == hi or is_lora(r["method"])]  # WiSE-FT of the hi-rate runs
     talr = [r for r in at if r["method"] == "talr" and r["lr"] == hi]
     if not talr:
         return f"- {v}: no TALR run at lr {hi:g} yet."
@@ -197,7 +203,7 @@ def _rank(f: dict, key: str):
 
 
 def _rates(cfg: dict, lora: bool) -> str:
-    lrs = sorted({e["lr"] for e in cfg["grid"] if (e["method"] == "lora") == lora})
+    lrs = sorted({e["lr"] for e in cfg["grid"] if is_lora(e["method"]) == lora})
     return ", ".join(f"{x:g}" for x in lrs) or "none"
 
 

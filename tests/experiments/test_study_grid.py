@@ -356,3 +356,10 @@ def test_study_modules_form_no_import_loop():
 
     assert "grid" not in imports("grid_report") | imports("grid_text")
     assert "grid_report" not in imports("grid_text")
+
+
+def test_grid_methods_come_from_the_registry():
+    from experiments.studies.grid import make_config
+
+    with pytest.raises(ValueError, match="method 'nope': expected one of"):
+        make_config("smoke", grid=(Entry("label", "nope", 1e-3),))
