@@ -124,10 +124,15 @@ def finding2(runs: list[dict], tol: float = 0.01) -> list[str]:
                   f"{'at least as wide as' if wider else 'narrower than'} CoT's)."]
 
 
+def _full_ft(r: dict) -> bool:
+    """A full fine-tuning run (not a WiSE-FT point, not LoRA)."""
+    return r["method"] != "wise-ft" and not is_lora(r["method"])
+
+
 def _talr_line(runs: list[dict], v: str) -> str | None:
     """TALR vs the other runs of variant ``v`` at its largest rate (LoRA at its own rate, WiSE-FT of
     the large-rate runs); None when ``v`` has no full fine-tuning run."""
-    trained = [r for r in _by(runs, v, sweep=True) if r["method"] != "wise-ft" and not is_lora(r["method"])]
+    trained = [r for r in _by(runs, v, sweep=True) if _full_ft(r)]
     if not trained:
         return None
     hi = max(r["lr"] for r in trained)

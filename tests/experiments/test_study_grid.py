@@ -26,6 +26,21 @@ def tiny_config(tmp_path, grid) -> StudyConfig:
                        gen_tokens=(("cot", 4), ("label", 4)), gen_batch=2, grid=grid)
 
 
+def check_run_row(r: dict) -> None:
+    for f in ("domain_acc", "domain_gain_bits", "general_delta_bits_humaneval", "general_delta_bits_gsm8k"):
+        assert isinstance(r[f], float) and r[f] == r[f]
+    # the forecast (before training) covers every trained run but DFT's (forecast_skip), not the
+    # WiSE-FT points
+    fc = r["forecast_general_delta_bits"]
+    assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5)
+    assert fc is None or (isinstance(fc, float) and fc == fc)
+    # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
+    assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
+    ratio = r["bound_over_measured"]
+    assert (ratio is None) == (r["prefix_delta_bits"] <= 0)
+    assert ratio is None or ratio >= 1 - 1e-9
+
+
 def test_study_runs_resumes_and_reports(tmp_path):
     grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4),
             Entry("label", "dft", 1e-3), Entry("label", "ce", 1e-3, steps=5))
@@ -41,18 +56,7 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert long["steps"] == 5 and runs[1]["steps"] == 2 and "(5 steps)" in (out / "report.md").read_text()
     assert long["train_loss"] != runs[1]["train_loss"]
     for r in runs:
-        for f in ("domain_acc", "domain_gain_bits", "general_delta_bits_humaneval", "general_delta_bits_gsm8k"):
-            assert isinstance(r[f], float) and r[f] == r[f]
-        # the forecast (before training) covers every trained run but DFT's (forecast_skip), not the
-        # WiSE-FT points
-        fc = r["forecast_general_delta_bits"]
-        assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5)
-        assert fc is None or (isinstance(fc, float) and fc == fc)
-        # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
-        assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
-        ratio = r["bound_over_measured"]
-        assert (ratio is None) == (r["prefix_delta_bits"] <= 0)
-        assert ratio is None or ratio >= 1 - 1e-9
+        check_run_row(r)
     fs = summary["forecast"]
     assert fs["all"]["n"] == 3 and set(fs["units"]) == {"cot", "label"}
     assert fs["units"]["label"]["compute_ratio"] > 0
