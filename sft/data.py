@@ -32,14 +32,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .chatml import CHATML_TEMPLATE
 from .io import json_lines
 
 IGNORE_INDEX = -100
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class DataError(ValueError):

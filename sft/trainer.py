@@ -51,7 +51,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import losses as L
 from .config import METHODS, TrainConfig  # noqa: F401  (re-exported: sft.trainer.TrainConfig)
 from .data import PadCollator, as_sft_dataset
-from .io import atomic_write_json, atomic_write_text, publish_dir, remove_dir
+from .io import atomic_write_json, atomic_write_text, publish_dir, remove_dir, to_jsonable
 from .models import lm_head_of, token_nll  # also sets HF_HUB_OFFLINE before transformers loads
 from .regularizers import KLToReference, L2ToInit
 from .runs import PARTIAL, complete_checkpoints, last_checkpoint, prepare_run_dir
@@ -308,22 +308,18 @@ def run_callbacks(run_dir: Path, cfg: TrainConfig, step_stats: StepStats | None)
                 line = {"step": state.global_step, "epoch": state.epoch, "method": cfg.method,
                         "tau_scope": cfg.tau_scope if cfg.method_record.tau else None, **stats}
                 with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(_finite_or_none(line)) + "\n")
+                    fh.write(json.dumps(to_jsonable(line), allow_nan=False) + "\n")
 
     class MetricsCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs:
                 with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(_finite_or_none({"step": state.global_step, **logs})) + "\n")
+                    fh.write(json.dumps(to_jsonable({"step": state.global_step, **logs}), allow_nan=False) + "\n")
 
     cbs = [MetricsCallback()]
     if step_stats is not None:
         cbs.append(TokenStatsCallback())
     return cbs
-
-
-def _finite_or_none(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:

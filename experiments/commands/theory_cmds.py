@@ -32,24 +32,16 @@ UNITS = {"Lambda_T_min": "(total weight)", "lam_per_step": "(weight per step)", 
          "relative_error": "(ratio)"}
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else str(v)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    return x
+def _dumps(x, indent: int | None = None) -> str:
+    """Strict JSON (non-finite floats as null, numpy as Python) through the one sanitiser, `sft.io.to_jsonable`."""
+    from sft.io import to_jsonable
+
+    return json.dumps(to_jsonable(x), indent=indent, allow_nan=False)
 
 
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(_jsonable(result), indent=2))
+        print(_dumps(result, indent=2))
     else:
         for k, v in result.items():
             unit = UNITS.get(k, "")
@@ -208,10 +200,10 @@ def _simulate(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+        (tmp / "config.json").write_text(_dumps(config, indent=2))
         with open(tmp / "metrics.jsonl", "w") as fh:
             for r in rows:
-                fh.write(json.dumps(_jsonable(r)) + "\n")
+                fh.write(_dumps(r) + "\n")
         _plot(tmp / "delta_L.png", rows, f"{args.world} world, schedule={args.schedule}")
         publish_dir(tmp, out, overwrite=True)  # non-empty `out` reached here only with --overwrite
     finally:
@@ -219,9 +211,8 @@ def _simulate(args) -> int:
             shutil.rmtree(tmp)
     last = rows[-1]
     if args.json:
-        print(json.dumps(_jsonable({"out": str(out), "rows": len(rows), "n_nodes": n_nodes,
-                                    "final_dL_P1_nats": last["dL_P1_nats"], "final_dL_P2_nats": last["dL_P2_nats"]}),
-                         indent=2))
+        print(_dumps({"out": str(out), "rows": len(rows), "n_nodes": n_nodes,
+                      "final_dL_P1_nats": last["dL_P1_nats"], "final_dL_P2_nats": last["dL_P2_nats"]}, indent=2))
     else:
         print(f"wrote {out}/metrics.jsonl ({len(rows)} rows), config.json, delta_L.png; "
               f"final dL(P1)={last['dL_P1_nats']:.4g} nats, dL(P2)={last['dL_P2_nats']:.4g} nats")
@@ -239,7 +230,7 @@ def _claims(args) -> int:
     if not claims:
         raise UserError(f"--only {' '.join(args.only)!r} matches no claim id")
     if args.json:
-        print(json.dumps(_jsonable([c.to_dict() for c in claims]), indent=2))
+        print(_dumps([c.to_dict() for c in claims], indent=2))
     else:
         print(format_ledger(claims))
         print(f"{len(claims)} checks, {args.n} instances each (simulations fewer, see n=), "
