@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from sft.io import atomic_write_json, atomic_write_text
 from sft.plotting import pyplot, save_png
 
-__all__ = ["fmt", "markdown_table", "pyplot", "save_figure", "write_json", "write_text"]
+__all__ = ["annotate_points", "fmt", "markdown_table", "pyplot", "save_figure", "seed_verdict", "write_json", "write_text"]
 
 FIGURE_DPI = 110
 
@@ -59,3 +59,82 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """UTF-8 text written atomically."""
     return atomic_write_text(path, text)
+
+
+def seed_verdict(lower: Sequence[float | None], upper: Sequence[float | None], *, yes: str = "holds",
+                 no: str = "does not hold") -> str:
+    """A verdict on "``lower`` < ``upper``" from one value per fine-tuning seed on each side.
+
+    ``yes`` when every seed's ``lower`` is below every seed's ``upper`` (the gap is larger than
+    the seeds' spread, so all seeds agree), ``no`` when every ``lower`` is above every ``upper``,
+    ``"undecided"`` otherwise: the seed ranges overlap, a value is missing or not finite, or a
+    side has fewer than two seeds (one seed has no spread to compare the gap with).
+    """
+    lo, hi = list(lower), list(upper)
+    if min(len(lo), len(hi)) < 2 or any(x is None or not math.isfinite(x) for x in lo + hi):
+        return "undecided"
+    if max(lo) < min(hi):
+        return yes
+    if min(lo) > max(hi):
+        return no
+    return "undecided"
+
+
+_RINGS = (6, 14, 24, 36, 50, 66)  # label offsets tried, in pixels from the point
+_DIRECTIONS = ((1, 0.3), (1, -1), (0, 1), (0, -1.2), (-1, 0.3), (-1, -1), (1, 1), (-1, 1))
+
+
+def _label_box(ann, renderer, r: float, d: tuple[float, float], scale: float, pad_px: float):
+    """Move ``ann`` to offset ``r * d`` pixels (aligned away from its point) and return its text box."""
+    dx, dy = d
+    ann.set_ha("left" if dx > 0 else "right" if dx < 0 else "center")
+    ann.set_va("bottom" if dy > 0 else "top" if dy < 0 else "center")
+    ann.xyann = (dx * r * scale, dy * r * scale)
+    return ann.get_window_extent(renderer).padded(pad_px)
+
+
+def _free(box, frame, placed, points) -> bool:
+    """``box`` lies inside ``frame``, meets no box of ``placed`` and contains none of ``points``."""
+    inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    return inside and not any(box.overlaps(b) for b in placed) and not any(box.contains(*p) for p in points)
+
+
+def annotate_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[str], *,
+                    fontsize: float | Sequence[float] = 7, color: str | None | Sequence[str | None] = None,
+                    pad_px: float = 1.5) -> list:
+    """Label each point of a scatter so that no two labels overlap each other or a marker.
+
+    Greedy in the order given: each label tries offsets on growing rings around its point (right,
+    above, below, left, diagonals) and takes the first whose box (measured by the renderer) meets no
+    label placed before, contains no point, and stays inside the axes; a label moved past the first
+    ring gets a thin leader line to its point. If no offset is free the label goes to the first
+    ring's right (it may then overlap). ``fontsize`` and ``color`` are one value or one per label.
+    Call after every point is drawn and the limits are final. Returns the annotation artists.
+    """
+    fig = ax.figure
+    ax.autoscale_view()
+    renderer = fig.canvas.get_renderer()
+    px = [tuple(p) for p in ax.transData.transform(points)] if len(points) else []
+    frame = ax.get_window_extent(renderer)
+    scale = 72.0 / fig.dpi  # pixels -> points
+    sizes = [fontsize] * len(labels) if isinstance(fontsize, (int, float)) else list(fontsize)
+    colors = list(color) if isinstance(color, (list, tuple)) else [color] * len(labels)
+    placed, artists = [], []
+    for i, (xy, text, fontsize, color) in enumerate(zip(points, labels, sizes, colors)):
+        ann = ax.annotate(text, xy, textcoords="offset points", xytext=(0, 0), fontsize=fontsize, color=color)
+        others = [p for j, p in enumerate(px) if j != i]
+        tries = ((r, d) for r in _RINGS for d in _DIRECTIONS)
+        for r, d in tries:
+            box = _label_box(ann, renderer, r, d, scale, pad_px)
+            if _free(box, frame, placed, others):
+                break
+        else:
+            r, box = _RINGS[0], _label_box(ann, renderer, _RINGS[0], _DIRECTIONS[0], scale, pad_px)
+        if r > _RINGS[0]:
+            leader = dict(arrowstyle="-", lw=0.5, color=color or "0.4", shrinkA=0, shrinkB=3)
+            ann.remove()
+            ann = ax.annotate(text, xy, textcoords="offset points", xytext=ann.xyann, fontsize=fontsize, color=color,
+                              ha=ann.get_ha(), va=ann.get_va(), arrowprops=leader)
+        placed.append(box)
+        artists.append(ann)
+    return artists

@@ -22,12 +22,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from sft.methods import METHODS
+
+from ..outputs import seed_verdict
 
 
 @dataclass
@@ -45,7 +47,8 @@ class DemoConfig:
     eval_every: int = 50
     wise_alphas: tuple = (0.25, 0.5, 0.75)
     ledger_n: int = 1000  # instances per ledger check (the whole ledger takes ~10 s)
-    seed: int = 0
+    seed: int = 0  # world, pretraining and the first fine-tuning seed
+    ft_seeds: int = 2  # fine-tuning seeds seed, seed+1, ... for the configurations a verdict compares (`decisive`)
     cache_dir: str = "runs/.cache/worlds"
     progress: bool = True
     world_overrides: dict = field(default_factory=dict)
@@ -183,6 +186,40 @@ def _interp_at_gain(points: list[dict], base: dict, gain: float) -> float | None
     return float(d[i - 1] + t * (d[i] - d[i - 1]))
 
 
+def decisive(cfg: DemoConfig, variant: str) -> list[tuple[str, float]]:
+    """The (method, lr) pairs the verdicts compare: CE at every rate (Findings 1 and 2) and every
+    method at the largest rate (TALR's retention)."""
+    methods = cfg.label_methods if variant == "label" else cfg.methods
+    pairs = [("ce", lr) for lr in cfg.lrs if "ce" in methods]
+    return pairs + [(m, max(cfg.lrs)) for m in methods if (m, max(cfg.lrs)) not in pairs]
+
+
+def n_units(cfg: DemoConfig) -> int:
+    """Progress units of a demo: one per world variant (pretraining, constants) and one per fine-tuning run."""
+    runs = sum(len(cfg.label_methods if v == "label" else cfg.methods) * len(cfg.lrs) for v in cfg.variants)
+    return len(cfg.variants) + runs + sum(len(decisive(cfg, v)) for v in cfg.variants) * (cfg.ft_seeds - 1)
+
+
+def seed_runs(world, model0, variant: str, cfg: DemoConfig, out: Path, at_q0: tuple, bar) -> dict:
+    """The `decisive` configurations again with fine-tuning seeds ``cfg.seed + 1`` ..
+    ``cfg.seed + cfg.ft_seeds - 1`` (same world and q0; ``at_q0`` = (base metrics, q0's conditionals on
+    P2, on P1)): ``{name: {seed: summary with its points}}``."""
+    base, base_logq, base_logq1 = at_q0
+    res: dict = {}
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.ft_seeds):
+        scfg = replace(cfg, seed=seed)
+        for method, lr in decisive(cfg, variant):
+            name = f"{method}@{lr:g}"
+            run_dir = out / "runs" / variant / f"seed{seed}" / name.replace("@", "_lr")
+            _, points, r, secs = finetune(world, model0, method, lr, scfg, run_dir, base, base_logq, base_logq1)
+            summ = summarise(points, base)
+            res.setdefault(name, {})[str(seed)] = {
+                k: summ[k] for k in ("dL_P1_bits", "domain_gain_bits", "domain_acc", "mode_acc_p1")}
+            res[name][str(seed)].update(points=points, seconds=secs, status=r.status)
+            bar.update(1)
+    return res
+
+
 # ------------------------------------------------------------------------------ theory side
 def appendix_e_constants(world, model0):
     """Constants of Appendix E at q0 on the union of the P1 and P2 trees."""
@@ -246,8 +283,7 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
     def methods_of(variant):
         return cfg.label_methods if variant == "label" else cfg.methods
 
-    jobs = [(v, m, lr) for v in cfg.variants for m in methods_of(v) for lr in cfg.lrs]
-    bar = _bar(len(jobs) + len(cfg.variants), cfg.progress, "demo")
+    bar = _bar(n_units(cfg), cfg.progress, "demo")
     for variant in cfg.variants:
         world = build_world(wfactory(variant=variant, seed=cfg.seed, **cfg.world_overrides))
         model0, info = pretrain(world, cfg.cache_dir)
@@ -287,6 +323,7 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
                             "domain_acc": m["domain_acc"]}
                 vres["runs"][name] = summ
                 bar.update(1)
+        vres["seed_runs"] = seed_runs(world, model0, variant, cfg, out, (base, base_logq, base_logq1), bar)
         results["variants"][variant] = vres
     bar.close()
     results["findings"] = findings(results, cfg)
@@ -303,47 +340,103 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
 
 
 def findings(results: dict, cfg: DemoConfig) -> dict:
-    """The paper's findings, tested on this run's numbers."""
-    small, large = min(cfg.lrs), max(cfg.lrs)
+    """The paper's findings, tested on this run's numbers. Each verdict (`experiments.outputs.seed_verdict`)
+    rests on every fine-tuning seed of the configurations it compares and is "undecided" when the
+    seeds' ranges overlap; the other entries describe the first seed's runs."""
     f: dict = {}
     for variant, v in results["variants"].items():
-        runs = v["runs"]
-        if f"ce@{small:g}" not in runs or f"ce@{large:g}" not in runs:
-            continue
-        a, b = runs[f"ce@{small:g}"], runs[f"ce@{large:g}"]
-        common = min(a["domain_gain_bits"], b["domain_gain_bits"])
-        base = v["base"]
-        da = _interp_at_gain(a["points"], base, common) if common > 0 else None
-        db = _interp_at_gain(b["points"], base, common) if common > 0 else None
-        entry = {
-            "ce_small": {"dL_P1_bits": a["dL_P1_bits"], "gain_bits": a["domain_gain_bits"], "acc": a["domain_acc"]},
-            "ce_large": {"dL_P1_bits": b["dL_P1_bits"], "gain_bits": b["domain_gain_bits"], "acc": b["domain_acc"]},
-            "equal_gain_bits": common, "dL_P1_at_equal_gain_small": da, "dL_P1_at_equal_gain_large": db,
-            "s_hard_per_example": v["constants"].get("s"),
-        }
-        entry["finding1_holds"] = (da is not None and db is not None and da < db)
-        talr_l, ce_l = runs.get(f"talr@{large:g}"), runs.get(f"ce@{large:g}")
-        if talr_l and ce_l:
-            others = {k: r["dL_P1_bits"] for k, r in runs.items() if k.endswith(f"@{large:g}")}
-            entry["retention_rank_at_large_lr"] = sorted(others, key=others.get)
-            entry["talr_best_retention_at_large_lr"] = min(others, key=others.get) == f"talr@{large:g}"
-        entry["degradation_ratio_large_over_small"] = (b["dL_P1_bits"] / a["dL_P1_bits"]
-                                                      if abs(a["dL_P1_bits"]) > 1e-12 else None)
-        bounds = [r["e4_bound_bits"] / r["dL_P1_bits"] for r in runs.values()
-                  if r.get("e4_bound_bits") is not None and r["dL_P1_bits"] > 1e-9]
-        entry["e4_tightness"] = {"n": len(bounds), "median": float(np.median(bounds)) if bounds else None,
-                                 "min": float(np.min(bounds)) if bounds else None}
-        entry["prefix_tightness"] = prefix_tightness(runs, base)
-        entry["ranking"] = rankings(runs, cfg.lrs)
-        entry["pareto"] = pareto_runs(v)
-        entry["sin_theta_median"] = {k: (float(np.median(r["sin_theta"])) if r.get("sin_theta") else None)
-                                     for k, r in runs.items()}
-        entry["finding2_tight"] = finding2_per_token(results["variants"])
-        f[variant] = entry
+        entry = variant_findings(v, cfg)
+        if entry is not None:
+            entry["finding2_tight"] = finding2_per_token(results["variants"])
+            f[variant] = entry
     if "cot" in f and "label" in f:
-        rc, rl = f["cot"]["degradation_ratio_large_over_small"], f["label"]["degradation_ratio_large_over_small"]
-        f["finding2_holds"] = (rc is not None and rl is not None and rl < rc)
+        f["finding2"] = finding2(results["variants"], cfg)
     return f
+
+
+def seed_values(v: dict, name: str) -> list[dict]:
+    """Run ``name``'s summaries, one per fine-tuning seed: the main run, then `seed_runs` in seed order."""
+    extra = v.get("seed_runs", {}).get(name, {})
+    return [v["runs"][name]] + [extra[k] for k in sorted(extra, key=int)]
+
+
+def variant_findings(v: dict, cfg: DemoConfig) -> dict | None:
+    """Findings of one world variant (None without CE at both the smallest and the largest rate)."""
+    small, large = min(cfg.lrs), max(cfg.lrs)
+    runs = v["runs"]
+    if f"ce@{small:g}" not in runs or f"ce@{large:g}" not in runs:
+        return None
+    a, b = runs[f"ce@{small:g}"], runs[f"ce@{large:g}"]
+    entry = {
+        "ce_small": {"dL_P1_bits": a["dL_P1_bits"], "gain_bits": a["domain_gain_bits"], "acc": a["domain_acc"]},
+        "ce_large": {"dL_P1_bits": b["dL_P1_bits"], "gain_bits": b["domain_gain_bits"], "acc": b["domain_acc"]},
+        "s_hard_per_example": v["constants"].get("s"),
+        "finding1": finding1(v, f"ce@{small:g}", f"ce@{large:g}"),
+        "degradation_ratio_large_over_small": _ratio(b["dL_P1_bits"], a["dL_P1_bits"]),
+    }
+    f1 = entry["finding1"]
+    entry.update(equal_gain_bits=f1["equal_gain_bits"][0], dL_P1_at_equal_gain_small=f1["small"][0],
+                 dL_P1_at_equal_gain_large=f1["large"][0])
+    talr = talr_retention(v, large)
+    if talr is not None:
+        entry.update(talr)
+    bounds = [r["e4_bound_bits"] / r["dL_P1_bits"] for r in runs.values()
+              if r.get("e4_bound_bits") is not None and r["dL_P1_bits"] > 1e-9]
+    entry["e4_tightness"] = {"n": len(bounds), "median": float(np.median(bounds)) if bounds else None,
+                             "min": float(np.min(bounds)) if bounds else None}
+    entry["prefix_tightness"] = prefix_tightness(runs, v["base"])
+    entry["ranking"] = rankings(runs, cfg.lrs)
+    entry["pareto"] = pareto_runs(v)
+    entry["sin_theta_median"] = {k: (float(np.median(r["sin_theta"])) if r.get("sin_theta") else None)
+                                 for k, r in runs.items()}
+    return entry
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if abs(den) > 1e-12 else None
+
+
+def finding1(v: dict, small: str, large: str) -> dict:
+    """Finding 1 (a smaller rate degrades P1 less at an equal domain gain), seed by seed: each seed's
+    CE runs at the two rates compared at the smaller of their two gains."""
+    per = []
+    for a, b in zip(seed_values(v, small), seed_values(v, large)):
+        common = min(a["domain_gain_bits"], b["domain_gain_bits"])
+        da = _interp_at_gain(a["points"], v["base"], common) if common > 0 else None
+        db = _interp_at_gain(b["points"], v["base"], common) if common > 0 else None
+        per.append((common, da, db))
+    small_d, large_d = [p[1] for p in per], [p[2] for p in per]
+    return {"verdict": seed_verdict(small_d, large_d), "n_seeds": len(per),
+            "equal_gain_bits": [p[0] for p in per], "small": small_d, "large": large_d}
+
+
+def talr_retention(v: dict, large: float) -> dict | None:
+    """TALR at the largest rate against every other method there: "is the best" when its dL(P1) is
+    below each other method's in every seed (ranges apart), "is not the best" when some method's
+    range lies wholly below TALR's. The ranking is the first seed's."""
+    names = [k for k in v["runs"] if k.endswith(f"@{large:g}")]
+    talr = f"talr@{large:g}"
+    if talr not in names or f"ce@{large:g}" not in names:
+        return None
+    vals = {k: [r["dL_P1_bits"] for r in seed_values(v, k)] for k in names}
+    ranking = sorted(names, key=lambda k: vals[k][0])
+    against = [seed_verdict(vals[talr], x, yes="lower", no="higher") for k, x in vals.items() if k != talr]
+    verdict = ("is the best" if all(x == "lower" for x in against)
+               else "is not the best" if "higher" in against else "undecided")
+    return {"retention_rank_at_large_lr": ranking,
+            "talr_retention": {"verdict": verdict, "n_seeds": min(len(x) for x in vals.values()),
+                               "dL_P1_bits": vals}}
+
+
+def finding2(variants: dict, cfg: DemoConfig) -> dict:
+    """Finding 2 (label-only widens the safe range): CE's degradation ratio large/small rate, seed by
+    seed, is lower label-only than with CoT."""
+    small, large = f"ce@{min(cfg.lrs):g}", f"ce@{max(cfg.lrs):g}"
+    ratios = {k: [_ratio(b["dL_P1_bits"], a["dL_P1_bits"])
+                  for a, b in zip(seed_values(variants[k], small), seed_values(variants[k], large))]
+              for k in ("label", "cot")}
+    return {"verdict": seed_verdict(ratios["label"], ratios["cot"]),
+            "n_seeds": min(len(x) for x in ratios.values()), **ratios}
 
 
 def prefix_tightness(runs: dict, base: dict) -> dict:
