@@ -108,3 +108,15 @@ def test_csv_round_trip(tmp_path, rows):
     written = write_synthetic_csv(p, N, seed=11)
     assert written == rows
     assert load_medcalc(p) == rows
+
+
+def test_one_generator_per_calculator():
+    """The per-calculator table covers exactly the calculators listed, and an unknown id says which exist."""
+    import numpy as np
+    import pytest
+
+    from sft.eval.synth_medcalc import _CASES, CALCULATORS, _case
+
+    assert set(_CASES) == set(CALCULATORS)
+    with pytest.raises(ValueError, match=r"calculator id 3; choose from \[2, 4, 5, 6, 10, 11, 39\]"):
+        _case(3, np.random.default_rng(0))
