@@ -77,9 +77,8 @@ def _recorded_path(spec: str | None) -> str | None:
 def handler(args) -> int:
     import json
     import warnings
-    from pathlib import Path
 
-    from sft.runs import RunDirError, file_fingerprint
+    from sft.runs import RunDirError
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(_config_class())}
     if (args.general_eval or args.domain_eval) and args.save_total_limit == _config_class()().save_total_limit:
@@ -111,14 +110,7 @@ def handler(args) -> int:
         return 2
     if args.model.startswith("tiny") and model.config.vocab_size < len(tok):
         model.resize_token_embeddings(len(tok))
-    files = {name: file_fingerprint(spec) for name, spec in
-             (("data", args.data), ("general_eval", args.general_eval), ("domain_eval", args.domain_eval))
-             if spec and Path(spec).is_file()}
-    extra = {"model": _recorded_path(args.model), "data": _recorded_path(args.data),
-             "tokenizer": _recorded_path(args.tokenizer), "template": args.template,
-             "max_length": args.max_length, "dtype": args.dtype, "n_examples": len(ds), "n_dropped": ds.dropped,
-             "general_eval": _recorded_path(args.general_eval), "domain_eval": _recorded_path(args.domain_eval),
-             "data_files": files}
+    extra = _recorded_inputs(args, ds)
     try:
         with warnings.catch_warnings(record=True):  # divergence is reported below, once
             warnings.simplefilter("always")
@@ -140,6 +132,23 @@ def handler(args) -> int:
         for w in res.warnings:
             print(f"talr train: warning: {w}")
     return 0 if res.status == "completed" else 1
+
+
+def _recorded_inputs(args, ds) -> dict:
+    """What config.json records beside TrainConfig: the inputs as given, the data's size and the
+    fingerprints of the data and evaluation files (so `talr compare` can tell when they changed)."""
+    from pathlib import Path
+
+    from sft.runs import file_fingerprint
+
+    files = {name: file_fingerprint(spec) for name, spec in
+             (("data", args.data), ("general_eval", args.general_eval), ("domain_eval", args.domain_eval))
+             if spec and Path(spec).is_file()}
+    return {"model": _recorded_path(args.model), "data": _recorded_path(args.data),
+            "tokenizer": _recorded_path(args.tokenizer), "template": args.template,
+            "max_length": args.max_length, "dtype": args.dtype, "n_examples": len(ds), "n_dropped": ds.dropped,
+            "general_eval": _recorded_path(args.general_eval), "domain_eval": _recorded_path(args.domain_eval),
+            "data_files": files}
 
 
 def _config_class():
