@@ -81,6 +81,7 @@ def seed_verdict(lower: Sequence[float | None], upper: Sequence[float | None], *
 
 
 _RINGS = (6, 14, 24, 36, 50, 66)  # label offsets tried, in pixels from the point
+_BACKDROP = dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.75)  # a line under a label stays readable
 _DIRECTIONS = ((1, 0.3), (1, -1), (0, 1), (0, -1.2), (-1, 0.3), (-1, -1), (1, 1), (-1, 1))
 
 
@@ -93,21 +94,23 @@ def _label_box(ann, renderer, r: float, d: tuple[float, float], scale: float, pa
     return ann.get_window_extent(renderer).padded(pad_px)
 
 
-def _free(box, frame, placed, points) -> bool:
-    """``box`` lies inside ``frame``, meets no box of ``placed`` and contains none of ``points``."""
+def _free(box, frame, placed, points, marker_px: float) -> bool:
+    """``box`` lies inside ``frame``, meets no box of ``placed`` and keeps ``marker_px`` from ``points``."""
     inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-    return inside and not any(box.overlaps(b) for b in placed) and not any(box.contains(*p) for p in points)
+    clear = box.padded(marker_px)
+    return inside and not any(box.overlaps(b) for b in placed) and not any(clear.contains(*p) for p in points)
 
 
 def annotate_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[str], *,
                     fontsize: float | Sequence[float] = 7, color: str | None | Sequence[str | None] = None,
-                    pad_px: float = 1.5) -> list:
+                    pad_px: float = 1.5, marker_px: float = 8.0) -> list:
     """Label each point of a scatter so that no two labels overlap each other or a marker.
 
     Greedy in the order given: each label tries offsets on growing rings around its point (right,
     above, below, left, diagonals) and takes the first whose box (measured by the renderer) meets no
-    label placed before, contains no point, and stays inside the axes; a label moved past the first
-    ring gets a thin leader line to its point. If no offset is free the label goes to the first
+    label placed before, keeps ``marker_px`` pixels from every other point, and stays inside the
+    axes; a label moved past the first ring gets a thin leader line to its point, and a light
+    backdrop keeps a line under a label readable. If no offset is free the label goes to the first
     ring's right (it may then overlap). ``fontsize`` and ``color`` are one value or one per label.
     Call after every point is drawn and the limits are final. Returns the annotation artists.
     """
@@ -121,12 +124,13 @@ def annotate_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[
     colors = list(color) if isinstance(color, (list, tuple)) else [color] * len(labels)
     placed, artists = [], []
     for i, (xy, text, fontsize, color) in enumerate(zip(points, labels, sizes, colors)):
-        ann = ax.annotate(text, xy, textcoords="offset points", xytext=(0, 0), fontsize=fontsize, color=color)
+        ann = ax.annotate(text, xy, textcoords="offset points", xytext=(0, 0), fontsize=fontsize, color=color,
+                          bbox=_BACKDROP)
         others = [p for j, p in enumerate(px) if j != i]
         tries = ((r, d) for r in _RINGS for d in _DIRECTIONS)
         for r, d in tries:
             box = _label_box(ann, renderer, r, d, scale, pad_px)
-            if _free(box, frame, placed, others):
+            if _free(box, frame, placed, others, marker_px):
                 break
         else:
             r, box = _RINGS[0], _label_box(ann, renderer, _RINGS[0], _DIRECTIONS[0], scale, pad_px)
@@ -134,7 +138,7 @@ def annotate_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[
             leader = dict(arrowstyle="-", lw=0.5, color=color or "0.4", shrinkA=0, shrinkB=3)
             ann.remove()
             ann = ax.annotate(text, xy, textcoords="offset points", xytext=ann.xyann, fontsize=fontsize, color=color,
-                              ha=ann.get_ha(), va=ann.get_va(), arrowprops=leader)
+                              ha=ann.get_ha(), va=ann.get_va(), arrowprops=leader, bbox=_BACKDROP)
         placed.append(box)
         artists.append(ann)
     return artists
