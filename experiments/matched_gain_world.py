@@ -62,14 +62,10 @@ def train_run(world, model0, method: str, lr: float, cfg: MatchedGainConfig, run
 def compare_variant(runs: dict, cfg: MatchedGainConfig, n_coded: float) -> dict:
     """Matched-gain frontier, equal-step table and CE's plateau steps of one variant's runs
     (``runs``: (method, lr) -> trajectory)."""
+    from sft.trajectory import pool_trajectories
     from theory.frontier import matched_gain
 
-    points, labels = {}, {}
-    for (m, lr), traj in runs.items():
-        g, d = points.setdefault(m, ([], []))
-        g += [p["domain_gain_bits"] for p in traj]
-        d += [p["general_delta_bits_pooled"] for p in traj]
-        labels.setdefault(m, []).extend({"lr": lr, "step": p["step"]} for p in traj)
+    points, labels = pool_trajectories(runs)
     mg = matched_gain(points, fractions=cfg.fractions, tol=cfg.tol_bits_per_token, labels=labels)
     mg["least_degradation_bits_per_response"] = {
         m: [None if x is None else x * n_coded for x in v] for m, v in mg["least_degradation"].items()}

@@ -35,7 +35,8 @@ Invariants the callback keeps:
 ``stop_on=Plateau(...)`` (`sft.plateau`) stops training at the first point where the held-out
 domain code length meets the plateau criterion.
 
-:func:`read_trajectory` reads the file back (``summary.json``'s per-run ``trajectory``).
+:func:`read_trajectory` reads the file back (``summary.json``'s per-run ``trajectory``);
+:func:`pool_trajectories` gathers a variant's runs per method for `theory.frontier.matched_gain`.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ from .io import write_jsonl
 from .plateau import Plateau
 
 __all__ = ["TRAJECTORY_FILE", "TrajectoryCallback", "codelength_probe", "world_probe", "read_trajectory",
-           "run_probe", "trajectory_point"]
+           "run_probe", "trajectory_point", "pool_trajectories"]
 
 TRAJECTORY_FILE = "trajectory.jsonl"
 REQUIRED = ("domain_bits", "general_bits_per_token")
@@ -189,6 +190,22 @@ def read_trajectory(run_dir: str | Path) -> list[dict]:
         if i and p["step"] <= points[i - 1]["step"]:
             raise ValueError(f"{path}: line {i + 1}, field 'step': {p['step']} does not follow {points[i - 1]['step']}")
     return points
+
+
+def pool_trajectories(runs: Mapping[tuple[str, float], Sequence[Mapping]]) -> tuple[dict, dict]:
+    """Every point each method reached, for `theory.frontier.matched_gain(points, labels=labels)`.
+
+    runs: (method, lr) -> trajectory points. Returns ``points`` (method -> (gains, degradations):
+    ``domain_gain_bits`` and ``general_delta_bits_pooled``) and ``labels`` (method -> ``{"lr",
+    "step"}`` of each point, in the same order)."""
+    points: dict = {}
+    labels: dict = {}
+    for (method, lr), traj in runs.items():
+        gains, degs = points.setdefault(method, ([], []))
+        gains += [float(p["domain_gain_bits"]) for p in traj]
+        degs += [float(p["general_delta_bits_pooled"]) for p in traj]
+        labels.setdefault(method, []).extend({"lr": lr, "step": int(p["step"])} for p in traj)
+    return points, labels
 
 
 # ----------------------------------------------------------------------------------------------

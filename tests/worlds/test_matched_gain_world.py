@@ -31,6 +31,10 @@ def test_matched_gain_end_to_end(pretrained, tmp_path):
         for i, level in enumerate(mg["levels"]):
             want = d[g >= level].min() if (g >= level).any() else None
             assert mg["least_degradation"][m][i] == want
+            at = mg["at"][m][i]  # the (lr, step) realising it: where to run the expensive evaluations
+            if want is not None:
+                pt = next(p for p in trajs[(m, at["lr"])] if p["step"] == at["step"])
+                assert pt["general_delta_bits_pooled"] == want and pt["domain_gain_bits"] >= level
     tree = build_world(WorldConfig.smoke(pretrain_steps=150)).p1  # E_P1[coded tokens], from the tree
     n_coded = tree.mass[1:].sum() + tree.eos_mass[~tree.forced_end()].sum()
     assert r["base"]["general_bits"] / r["base"]["general_bits_per_token"] == pytest.approx(n_coded, rel=1e-12)
