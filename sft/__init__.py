@@ -22,6 +22,9 @@ Public entries (one per capability; import them from their modules):
 * forecasting a grid before training (``sft.forecast``, pipeline in ``sft.forecast_run``):
   ``ForecastConfig``, ``forecast_grid``, ``advise`` -- each (method, lr)'s dL(P1) and domain gain
   from gradients at theta0, an AdamW replay and one probe;
+* trajectories (``sft.trajectory``): ``TrajectoryCallback`` (cheap held-out domain / pooled general
+  code lengths every k steps to ``trajectory.jsonl``, resumable), ``codelength_probe``, ``world_probe``;
+  the stopping criterion ``sft.plateau.Plateau``;
 * token analysis (``sft.analysis``): ``token_probs`` and the Figure 3 plots;
 * evaluation (``sft.eval``): MedCalc-Bench, ESCI, code length, lm-eval adapter.
 

@@ -21,7 +21,9 @@ Public entries (one per capability; submodules hold the rest):
   ``lambda_max_bracket``, ``lambda_max_per_token``, ``lemma_e2_corrected``;
 * ``estimate_constants`` (estimate), ``run_tabular`` / ``run_softmax`` (simulate),
   ``run_ledger`` (claims);
-* ``check_range``, ``ranged`` (checks) -- the one range check of numeric options (configs, CLI flags).
+* ``check_range``, ``ranged`` (checks) -- the one range check of numeric options (configs, CLI flags);
+* ``matched_gain`` (frontier) -- each method's least general degradation at domain
+  gain >= g over all the points it reached, compared at matched gain (no interpolation).
 
 Paper index: ``docs/PAPER.md`` maps every numbered statement of arXiv 2509.20758 to its
 function here, its test and its ledger entry (restated results carry both numbers, e.g.
@@ -53,6 +55,7 @@ _WHERE = {
     "estimate_constants": "estimate",
     "run_tabular": "simulate", "run_softmax": "simulate",
     "run_ledger": "claims",
+    "matched_gain": "frontier",
 }
 __all__ = sorted(_WHERE)
 
