@@ -30,7 +30,8 @@ Invariants the callback keeps:
   (a killed run may have evaluated past its last checkpoint) and those up to it are kept, so a
   resumed run neither duplicates nor loses a point; the base (step 0) point is read back, not
   recomputed;
-* only the main process evaluates and writes.
+* only the main process evaluates and writes (``stop_on`` is therefore refused under several
+  processes: the others would not stop).
 
 ``stop_on=Plateau(...)`` (`sft.plateau`) stops training at the first point where the held-out
 domain code length meets the plateau criterion.
@@ -142,6 +143,8 @@ class TrajectoryCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kw):
         if self.run_dir is None:
             self.run_dir = Path(args.output_dir)
+        if self.stop_on is not None and args.world_size > 1:  # only the main process evaluates
+            raise ValueError(f"TrajectoryCallback(stop_on=...) runs in one process, not {args.world_size}")
         if not state.is_world_process_zero:
             return
         if state.global_step == 0:  # a fresh run: whatever the file held is not this run's

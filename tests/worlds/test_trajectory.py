@@ -120,3 +120,12 @@ def test_read_trajectory_names_file_line_and_field(tmp_path):
                                             '{"step": 2, "domain_gain_bits": "x", "general_delta_bits_pooled": 0}\n')
     with pytest.raises(ValueError, match=r"trajectory.jsonl: line 2, field 'domain_gain_bits'"):
         read_trajectory(tmp_path)
+
+
+def test_stop_on_is_refused_under_several_processes(tmp_path):
+    from types import SimpleNamespace
+
+    cb = TrajectoryCallback(lambda m: {"domain_bits": 1.0, "general_bits_per_token": 1.0}, 2, stop_on=Plateau())
+    args = SimpleNamespace(output_dir=str(tmp_path), world_size=2)
+    with pytest.raises(ValueError, match="runs in one process, not 2"):
+        cb.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=0), None, model=None)
