@@ -37,6 +37,7 @@ __all__ = [
     "remove_dir",
     "text_lines",
     "json_lines",
+    "umask_mode",
 ]
 
 
@@ -70,6 +71,21 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process's umask applied: what ``open``/``mkdir`` would give a new file or
+    folder (``tempfile`` creates 0600 files and 0700 folders whatever the umask)."""
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return mode & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on normal exit rename it onto ``path``.
@@ -81,6 +97,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix if suffix is None else suffix,
                                dir=path.parent)
+    os.fchmod(fd, umask_mode(0o666))  # mkstemp makes it 0600; the published file follows the umask
     os.close(fd)
     tmp_path = Path(tmp)
     try:

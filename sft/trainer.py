@@ -31,14 +31,26 @@ non-finite loss there (weights blown up to ~1e30 give inf activations) refuses t
 Each stops the run with status ``non_finite_loss`` in ``result.json``, keeps the last written
 checkpoint (finite, from before the divergence) and restores the in-memory model from it.
 A loss that rises above `DIVERGENCE_RATIO` times its first value completes with a warning
-(``TrainResult.warnings``, ``result.json``).
+(``TrainResult.warnings``, ``result.json``). A run whose model ends worse than it started does
+not complete: the first micro-batch is re-scored under the final weights, and a mean token loss
+above its value at the start, or every token at probability 1/V (collapse to uniform), gives
+status ``diverged`` with a warning (`TokenWeightedTrainer.end_problem`; the loss rise is only a
+warning for TALR, DFT and clipping, which do not minimise the mean token loss).
+
+The run folder is locked for the life of the run (`sft.runs.open_run_dir`); resuming checks
+that the configuration and the data's sha256 match the run's ``config.json``
+(`sft.runs.config_mismatch`). Ctrl-C writes ``result.json`` with status ``interrupted`` and
+raises `TrainingInterrupted` (a ``KeyboardInterrupt``); a full disk removes the half-written
+``.partial/`` checkpoint, writes status ``disk_full`` when it can, and raises `DiskFull`.
 """
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -54,7 +66,7 @@ from .data import PadCollator, as_sft_dataset
 from .io import atomic_write_json, atomic_write_text, publish_dir, remove_dir, to_jsonable
 from .models import lm_head_of, token_nll  # also sets HF_HUB_OFFLINE before transformers loads
 from .regularizers import KLToReference, L2ToInit
-from .runs import PARTIAL, complete_checkpoints, last_checkpoint, prepare_run_dir
+from .runs import PARTIAL, RunDirError, complete_checkpoints, config_mismatch, last_checkpoint, open_run_dir
 from .weighting import attach_flow_weights
 
 DIVERGENCE_RATIO = 100.0  # final / first loss above this: "diverged" warning
@@ -64,7 +76,7 @@ DIVERGENCE_RATIO = 100.0  # final / first loss above this: "diverged" warning
 class TrainResult:
     model: nn.Module
     run_dir: Path
-    status: str  # "completed" | "non_finite_loss"
+    status: str  # "completed" | "non_finite_loss" | "diverged" | "interrupted" | "disk_full"
     global_step: int
     train_loss: float
     last_checkpoint: Path | None
@@ -79,6 +91,29 @@ class TrainResult:
 
 class NonFiniteLoss(RuntimeError):
     """Raised inside a step whose loss is NaN or inf (before its backward)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`: ``result.json`` says ``interrupted``; ``.result`` is the `TrainResult`."""
+
+    def __init__(self, result: "TrainResult"):
+        super().__init__(result.message)
+        self.result = result
+
+
+class DiskFull(OSError):
+    """The disk filled up while the run wrote into its folder (the half-written checkpoint is removed)."""
+
+
+_DISK_FULL_TEXT = ("no space left", "unexpected pos", "file write failed", "storagefull", "disk quota")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """True for the errors a full disk gives: ENOSPC/EDQUOT, torch's "unexpected pos" / "file write
+    failed" (`torch.save`), safetensors' StorageFull."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(t in str(exc).lower() for t in _DISK_FULL_TEXT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +175,8 @@ class TokenWeightedTrainer(Trainer):
         self._last_inputs: dict | None = None  # re-scored before a checkpoint is written
         self.loss_first: float | None = None  # first and largest finite micro-batch losses
         self.loss_max: float | None = None
+        self._first_inputs: dict | None = None  # re-scored at the end (`end_problem`)
+        self._first_nll: float | None = None
 
     # -- one optimizer step's micro-batches: global token count and (step scope) tau --------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -200,6 +237,8 @@ class TokenWeightedTrainer(Trainer):
             loss = loss + self.l2(unwrap_trainable(model)) / self._micro_in_step
         self._check_finite(loss)
         self._last_inputs = inputs
+        if self._first_inputs is None:
+            self._first_inputs, self._first_nll = inputs, float(nll.detach().float().mean())
         if self.step_stats is not None:
             self.step_stats.add(nll, w, tau_used)
         return (loss, None) if return_outputs else loss
@@ -243,6 +282,50 @@ class TokenWeightedTrainer(Trainer):
         if not self.all_finite(nll.sum()):
             raise NonFiniteLoss(f"non-finite loss under the weights of step {self.state.global_step} "
                                 f"(diverged); {what}")
+
+    @torch.no_grad()
+    def end_problem(self) -> tuple[bool, str] | None:
+        """``(fatal, why)`` when the final model is worse than the initial one, else None: the
+        first micro-batch, re-scored under the final weights (eval mode), has every token at
+        probability 1/V (collapse to uniform: loss = ln V; always fatal) or a mean token loss above
+        its value at the start (fatal for the CE objectives; TALR, DFT and clipping do not minimise
+        the plain mean, so for them it is a warning)."""
+        b = self._first_inputs
+        if b is None:
+            return None
+        model = unwrap_trainable(self.model)
+        was = model.training
+        model.eval()
+        try:
+            with self.compute_loss_context_manager():
+                nll, _ = token_nll(model, b["input_ids"], b.get("attention_mask"), b["labels"],
+                                   chunked=self.sft_config.chunked, chunk_size=self.sft_config.chunk_size)
+        finally:
+            model.train(was)
+        nll = nll.float()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = int(head.weight.shape[0]) if getattr(head, "weight", None) is not None else 0
+        final, first = float(nll.mean()), self._first_nll
+        code = 0
+        if vocab > 1 and nll.numel() and float((nll - math.log(vocab)).abs().max()) < 1e-3:
+            code = 2
+        elif final > first + 1e-4 * abs(first):
+            code = 1
+        if self.accelerator.num_processes > 1:  # one verdict for all processes
+            import torch.distributed as dist
+
+            t = torch.tensor([code], dtype=torch.float32, device=nll.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        lr = f"lower the learning rate (lr={self.sft_config.lr:g})"
+        if code == 2:
+            return True, (f"training collapsed: every token has probability 1/{vocab} under the final weights "
+                          f"(loss = ln {vocab} = {math.log(vocab):.4f} nats/token, the uniform distribution); {lr}")
+        if code == 1:
+            return self.sft_config.loss_method == "ce", (
+                f"training diverged: the mean token loss of the first batch rose from {first:.4g} to {final:.4g} "
+                f"nats/token under the final weights; {lr}")
+        return None
 
     def _save_checkpoint(self, model, trial):
         """Save into ``.partial/checkpoint-N`` and rename it into place when complete."""
@@ -359,7 +442,12 @@ def _apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                     task_type="CAUSAL_LM")
-    return get_peft_model(model, lc)
+    try:
+        return get_peft_model(model, lc)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"lora_targets {cfg.lora_targets!r}: no module of the model matches ({exc}); "
+                         f"its linear layers are {', '.join(names)} (or use all-linear)") from None
 
 
 def build_trainer(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=None,
@@ -434,20 +522,40 @@ def train(config: TrainConfig, model: nn.Module, train_dataset, *, tokenizer=Non
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if cfg.resume_from_checkpoint == "last" and not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint-* to resume from (no such folder)")
-    if rank0:
-        prepare_run_dir(run_dir, resume=cfg.resume_from_checkpoint is not None, overwrite=cfg.overwrite)
-    resume = _resolve_resume(cfg, run_dir)
+    lock = open_run_dir(run_dir, resume=cfg.resume_from_checkpoint is not None, overwrite=cfg.overwrite) \
+        if rank0 else None  # held until the run ends: a second process is refused at once
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if not cfg.progress:  # also transformers' own bars (weights loading, shard writing), restored below
         hf_logging.disable_progress_bar()
     try:
+        if cfg.resume_from_checkpoint is not None:
+            _check_resume_config(cfg, run_dir, extra_config)
+        resume = _resolve_resume(cfg, run_dir)
         return _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model, pad_token_id, callbacks,
                     extra_config)
     finally:
+        if lock is not None:
+            lock.discard_if_unused()  # a run that failed before writing anything leaves no empty folder
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def _check_resume_config(cfg: TrainConfig, run_dir: Path, extra_config: dict | None) -> None:
+    """Refuse to resume a run whose ``config.json`` differs from this one (method, lr, data ...)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path}: unreadable ({exc.__class__.__name__}); cannot check the run to resume") from None
+    diff = config_mismatch(old, {**(extra_config or {}), **asdict(cfg)})
+    if diff:
+        raise RunDirError(f"{run_dir}: --resume-from-checkpoint refused: this run was started with another "
+                          f"configuration ({'; '.join(diff)}); resume with the same options and data, or start "
+                          f"a new run (another --out, or --overwrite)")
 
 
 def _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model, pad_token_id, callbacks,
@@ -461,29 +569,20 @@ def _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model
     try:
         out = trainer.train(resume_from_checkpoint=resume)
         train_loss = out.training_loss
+    except KeyboardInterrupt:
+        _stopped(trainer, run_dir, rank0, "interrupted",
+                 f"interrupted at step {trainer.state.global_step}", TrainingInterrupted)
     except NonFiniteLoss as exc:
-        status, message = "non_finite_loss", str(exc)
-        good = last_checkpoint(run_dir, warn=False)
-        if good is not None:
-            _restore_weights(trainer, good)
-            message += f"; model restored from {good.name}"
-        else:
-            message += "; no checkpoint from before the divergence: the returned model is not usable"
-        for cb in trainer.callback_handler.callbacks:  # close progress bars
-            bar = getattr(cb, "training_bar", None)
-            if bar is not None:
-                bar.close()
-                cb.training_bar = None
-    first, top = trainer.loss_first, trainer.loss_max
-    if status == "completed" and first and top is not None and top > DIVERGENCE_RATIO * first:
-        notes.append(f"training diverged: the loss rose from {first:.4g} to {top:.4g} nats/token "
-                     f"(x{top / first:.3g}); lower the learning rate (lr={cfg.lr:g})")
-        warnings.warn(notes[-1], stacklevel=2)
+        status, message = "non_finite_loss", _after_non_finite(trainer, run_dir, str(exc))
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        _stopped(trainer, run_dir, rank0, "disk_full",
+                 f"disk full at step {trainer.state.global_step} ({str(exc).strip().splitlines()[-1][:200]})", DiskFull)
+    if status == "completed":
+        status, message, notes = _end_checks(trainer, cfg)
     if status == "completed" and cfg.save_final:  # atomic, like the checkpoints
-        trainer.save_model(str(run_dir / PARTIAL / "final"))
-        trainer.accelerator.wait_for_everyone()
-        if rank0:
-            publish_dir(run_dir / PARTIAL / "final", run_dir / "final", overwrite=True)
+        _save_final(trainer, run_dir, rank0)
     if rank0 and (run_dir / PARTIAL).is_dir() and not any((run_dir / PARTIAL).iterdir()):
         (run_dir / PARTIAL).rmdir()
     result = TrainResult(model=trainer.model, run_dir=run_dir, status=status, global_step=trainer.state.global_step,
@@ -494,6 +593,82 @@ def _run(cfg, run_dir, resume, rank0, model, train_dataset, tokenizer, ref_model
             "status": status, "message": message, "global_step": result.global_step, "train_loss": train_loss,
             "last_checkpoint": str(result.last_checkpoint or "") or None, "warnings": notes})
     return result
+
+
+def _after_non_finite(trainer, run_dir: Path, message: str) -> str:
+    """Restore the last (finite) checkpoint after a non-finite stop; the message for result.json."""
+    good = last_checkpoint(run_dir, warn=False)
+    if good is not None:
+        _restore_weights(trainer, good)
+        message += f"; model restored from {good.name}"
+    else:
+        message += "; no checkpoint from before the divergence: the returned model is not usable"
+    _close_bars(trainer)
+    return message
+
+
+def _end_checks(trainer, cfg: TrainConfig) -> tuple[str, str, list[str]]:
+    """(status, message, warnings) of a run that went through: ``diverged`` when the final model is
+    worse than the initial one (`TokenWeightedTrainer.end_problem`; a warning only where the method
+    does not minimise the mean token loss); a hundredfold loss rise on the way is a warning."""
+    status, message, notes = "completed", "", []
+    problem = trainer.end_problem()
+    if problem:
+        fatal, why = problem
+        if fatal:
+            status, message = "diverged", why
+        notes.append(why)
+        warnings.warn(why, stacklevel=3)
+    first, top = trainer.loss_first, trainer.loss_max
+    if first and top is not None and top > DIVERGENCE_RATIO * first:
+        notes.append(f"training diverged: the loss rose from {first:.4g} to {top:.4g} nats/token "
+                     f"(x{top / first:.3g}); lower the learning rate (lr={cfg.lr:g})")
+        warnings.warn(notes[-1], stacklevel=3)
+    return status, message, notes
+
+
+def _save_final(trainer, run_dir: Path, rank0: bool) -> None:
+    """``final/``, written under ``.partial/`` and renamed into place (atomic, like the checkpoints)."""
+    try:
+        trainer.save_model(str(run_dir / PARTIAL / "final"))
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        _stopped(trainer, run_dir, rank0, "disk_full", f"disk full while saving final/ ({exc})", DiskFull)
+    trainer.accelerator.wait_for_everyone()
+    if rank0:
+        publish_dir(run_dir / PARTIAL / "final", run_dir / "final", overwrite=True)
+
+
+def _close_bars(trainer) -> None:
+    for cb in trainer.callback_handler.callbacks:
+        bar = getattr(cb, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            cb.training_bar = None
+
+
+def _stopped(trainer, run_dir: Path, rank0: bool, status: str, message: str, error: type) -> None:
+    """End a run stopped by Ctrl-C or a full disk: drop the half-written ``.partial/`` checkpoint,
+    record ``status`` in ``result.json`` (when the disk lets us) and raise ``error``."""
+    _close_bars(trainer)
+    if rank0:
+        shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)
+    last = last_checkpoint(run_dir, warn=False)
+    message += f"; last complete checkpoint: {last.name}" if last else "; no checkpoint was written"
+    result = TrainResult(model=trainer.model, run_dir=run_dir, status=status, global_step=trainer.state.global_step,
+                         train_loss=math.nan, last_checkpoint=last, log_history=list(trainer.state.log_history),
+                         message=message)
+    if rank0:
+        try:
+            atomic_write_json(run_dir / "result.json", {
+                "status": status, "message": message, "global_step": result.global_step, "train_loss": None,
+                "last_checkpoint": str(last) if last else None, "warnings": []})
+        except OSError:
+            pass  # the disk is still full: the message below says what happened
+    if error is TrainingInterrupted:
+        raise TrainingInterrupted(result)
+    raise error(errno.ENOSPC, message)
 
 
 def _restore_weights(trainer, checkpoint: Path) -> None:

@@ -367,10 +367,11 @@ def new_model(world: World) -> nn.Module:
     return load_model(spec, dtype=torch.float32, seed=cfg.seed)
 
 
-def pretrain(world: World, cache_dir: str | Path = "runs/.cache/worlds", *, progress: bool = False,
+def pretrain(world: World, cache_dir: str | Path | None = None, *, progress: bool = False,
              force: bool = False, threads: int | None = 1) -> tuple[nn.Module, dict]:
     """Pretrain a small Llama on P1 (with the D2 marker's generic continuations) using
-    `sft.trainer.train` (method ``ce``), or reload it from ``cache_dir/<config hash>/``.
+    `sft.trainer.train` (method ``ce``), or reload it from ``cache_dir/<config hash>/``
+    (``None``: the user's cache, `sft.runs.user_cache_dir` ``("worlds")``, never the working folder).
 
     Returns ``(model, info)``; ``info`` holds ``kl_p1_bits`` (exact KL(P1 || q0), bits per
     response), ``H_p1_bits`` (entropy of P1), ``pretrain_seconds`` (of the run that made the
@@ -384,8 +385,10 @@ def pretrain(world: World, cache_dir: str | Path = "runs/.cache/worlds", *, prog
 
     from .trainer import TrainConfig, train
 
+    from .runs import user_cache_dir
+
     cfg = world.cfg
-    folder = Path(cache_dir) / cfg.key()
+    folder = Path(cache_dir if cache_dir is not None else user_cache_dir("worlds")) / cfg.key()
     info_path = folder / "info.json"
     if info_path.exists() and not force:
         model = LlamaForCausalLM.from_pretrained(str(folder / "model"), local_files_only=True)
@@ -399,7 +402,8 @@ def pretrain(world: World, cache_dir: str | Path = "runs/.cache/worlds", *, prog
     t0 = time.perf_counter()
     tc = TrainConfig(method="ce", lr=cfg.pretrain_lr, max_steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
                      warmup=0.05, seed=cfg.seed, out=str(folder / "run"), progress=progress, save_final=False,
-                     token_stats=False, logging_steps=max(1, cfg.pretrain_steps // 10))
+                     token_stats=False, logging_steps=max(1, cfg.pretrain_steps // 10),
+                     overwrite=True)  # a killed earlier pretraining left its (marked) run folder
     try:
         res = train(tc, model, data, pad_token_id=world.pad_id, extra_config={"world": asdict(cfg)})
     finally:

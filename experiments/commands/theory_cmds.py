@@ -176,17 +176,38 @@ def _run_world(args, n_nodes: int, big: bool) -> list[dict]:
     return rows
 
 
+def _write_run(out: Path, config: dict, rows: list[dict], title: str) -> None:
+    """config.json, metrics.jsonl and delta_L.png, published at ``out`` as one complete folder."""
+    from sft.io import publish_dir, umask_mode
+    from sft.runs import mark_run_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(umask_mode(0o777))  # mkdtemp makes it 0700; the user's umask decides
+        mark_run_dir(tmp, "simulate")  # `--overwrite` may replace it later
+        (tmp / "config.json").write_text(_dumps(config, indent=2))
+        with open(tmp / "metrics.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(_dumps(r) + "\n")
+        _plot(tmp / "delta_L.png", rows, title)
+        publish_dir(tmp, out, overwrite=True)  # non-empty `out` reached here only with --overwrite
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _simulate(args) -> int:
     from theory import simulate as S
 
+    from sft.runs import RunDirError, check_out_dir
+
     _world_options(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"talr simulate: --out {out} is a file, not a folder", file=sys.stderr)
-        return 2
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"talr simulate: {out} exists and is not empty (use --overwrite)", file=sys.stderr)
-        return 2
+    if out.is_symlink():  # the output folder is published by a rename, which would replace the link
+        raise UserError(f"--out {out}: is a symbolic link; pass the folder it points to")
+    with user_errors(RunDirError):  # before any work: not empty, not talr's (--overwrite), read-only
+        check_out_dir(out, overwrite=args.overwrite, hint="use --overwrite to replace an earlier simulate output")
     used = {k for w, opts in WORLD_OPTIONS.items() if w != args.world for k in opts}
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out", *used)}
     n_nodes = S.complete_tree_nodes(args.vocab, args.depth)
@@ -195,20 +216,7 @@ def _simulate(args) -> int:
         print(f"talr simulate: building a complete tree of {n_nodes:,} nodes", file=sys.stderr)
     with user_errors(ValueError):
         rows = _run_world(args, n_nodes, big)
-    from sft.io import publish_dir
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(_dumps(config, indent=2))
-        with open(tmp / "metrics.jsonl", "w") as fh:
-            for r in rows:
-                fh.write(_dumps(r) + "\n")
-        _plot(tmp / "delta_L.png", rows, f"{args.world} world, schedule={args.schedule}")
-        publish_dir(tmp, out, overwrite=True)  # non-empty `out` reached here only with --overwrite
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    _write_run(out, config, rows, f"{args.world} world, schedule={args.schedule}")
     last = rows[-1]
     if args.json:
         print(_dumps({"out": str(out), "rows": len(rows), "n_nodes": n_nodes,

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+
+from experiments.cli import UserError
 
 _SKIP = {"out", "method", "lr", "epochs"}
 
@@ -74,64 +77,152 @@ def _recorded_path(spec: str | None) -> str | None:
     return str(Path(spec).resolve()) if spec and Path(spec).is_file() else spec
 
 
+_RESUME_HINT = "pass --resume-from-checkpoint last to continue that run or --overwrite to replace it"
+
+
+def _eval_spec_problem(flag: str, spec: str | None) -> str | None:
+    """Why ``spec`` (``--general-eval``/``--domain-eval``) cannot be read by `talr compare`, or None."""
+    import re
+    from pathlib import Path
+
+    if spec is None or re.fullmatch(r"humaneval(?::\d+)?", spec) or Path(spec).is_file():
+        return None
+    return f"{flag} {spec!r}: no such file (expected a JSONL file or humaneval[:N])"
+
+
+def _context_problem(ds, model, max_length: int | None, data: str) -> str | None:
+    """Examples longer than the model's context (``max_position_embeddings``), or a ``--max-length``
+    above it: refused (with the option that truncates), never trained on silently."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not ctx:
+        return None
+    if max_length is not None and max_length > ctx:
+        return f"--max-length {max_length} exceeds the model's context of {ctx} tokens; pass --max-length {ctx} or less"
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    long = [i for i, n in enumerate(lengths) if n > ctx]
+    if not long:
+        return None
+    worst = max(long, key=lambda i: lengths[i])
+    return (f"{data}: {len(long)} of {len(lengths)} examples are longer than the model's context of {ctx} tokens "
+            f"(longest: example {worst + 1}, {lengths[worst]} tokens); pass --max-length {ctx} to truncate them "
+            f"(examples left without a completion token are dropped)")
+
+
+def _preflight(args, cfg) -> str | None:
+    """Every check that needs neither the model nor the data: before any work."""
+    from sft.runs import RunDirError, check_out_dir
+
+    for flag, spec in (("--general-eval", args.general_eval), ("--domain-eval", args.domain_eval)):
+        problem = _eval_spec_problem(flag, spec)
+        if problem:
+            return problem
+    try:
+        check_out_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume_from_checkpoint is not None,
+                      protect=[args.model, args.tokenizer, args.data, args.general_eval, args.domain_eval],
+                      hint=_RESUME_HINT)
+    except RunDirError as exc:
+        return str(exc)
+    return None
+
+
 def handler(args) -> int:
-    import json
-    import warnings
-
-    from sft.runs import RunDirError
-
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(_config_class())}
     if (args.general_eval or args.domain_eval) and args.save_total_limit == _config_class()().save_total_limit:
         kw["save_total_limit"] = None  # `talr compare` reads every checkpoint: keep them all
     try:
         cfg = _config_class()(**kw)
     except ValueError as exc:  # one validation layer: TrainConfig names the option and its range
-        print(f"talr train: --{str(exc).replace('_', '-')}")
-        return 2
-    import torch
+        raise UserError(f"--{str(exc).replace('_', '-')}") from None
+    problem = _preflight(args, cfg)
+    if problem:
+        raise UserError(problem)
+    try:
+        return _train(args, cfg)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, the conventional 128 + SIGINT
+        from sft.trainer import TrainingInterrupted
 
-    from sft.data import DataError, load_sft_dataset
-    from sft.models import load_model, load_tokenizer
-    from sft.trainer import train
+        if isinstance(exc, TrainingInterrupted):
+            res = exc.result
+            how = ("resume with the same command plus --resume-from-checkpoint last" if res.last_checkpoint else
+                   "start again with --overwrite (pass --save-steps N to make a run resumable)")
+            print(f"talr train: {res.message}; status 'interrupted' in {res.run_dir}/result.json; {how}",
+                  file=sys.stderr)
+        else:
+            print("talr train: interrupted before training started; nothing was trained", file=sys.stderr)
+        return 130
+
+
+def _train(args, cfg) -> int:
+    import errno
+    import warnings
+
+    from sft.data import DataError
+    from sft.runs import RunDirError
+    from sft.trainer import DiskFull, train
 
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
-        tok = load_tokenizer(args.tokenizer or args.model)
-        if tok is None:
-            raise FileNotFoundError(f"--model {args.model!r}: expected tiny[:k=v,...], a local HF folder "
-                                    f"or a .gguf file")
-        ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
-        model = load_model(args.model, dtype=getattr(torch, args.dtype), seed=cfg.seed)
+        tok, ds, model = _load(args, cfg)
     except (DataError, OSError, ValueError) as exc:  # FileNotFoundError is an OSError
-        print(f"talr train: {exc}")
-        return 2
-    if args.model.startswith("tiny") and model.config.vocab_size < len(tok):
-        model.resize_token_embeddings(len(tok))
+        raise UserError(str(exc)) from None
     extra = _recorded_inputs(args, ds)
     try:
         with warnings.catch_warnings(record=True):  # divergence is reported below, once
             warnings.simplefilter("always")
             res = train(cfg, model, ds, tokenizer=tok, extra_config=extra)
     except (RunDirError, FileNotFoundError) as exc:  # folder refused; nothing to resume from
-        print(f"talr train: {exc}")
-        return 2
+        raise UserError(str(exc)) from None
+    except ValueError as exc:  # an option the model cannot take (--lora-targets)
+        raise UserError(f"--{str(exc).replace('_', '-', 1)}" if str(exc).startswith("lora_") else str(exc)) from None
+    except OSError as exc:
+        if not isinstance(exc, DiskFull) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = exc.strerror if isinstance(exc, DiskFull) else f"disk full ({exc})"
+        raise UserError(f"{what}; the half-written checkpoint in {cfg.out} was removed; free space first") from None
+    _print_summary(res, args.json)
+    return 0 if res.status == "completed" else 1
+
+
+def _load(args, cfg):
+    """(tokenizer, dataset, model) of the command line; examples longer than the context refused."""
+    import torch
+
+    from sft.data import load_sft_dataset
+    from sft.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer or args.model)
+    if tok is None:
+        raise FileNotFoundError(f"--model {args.model!r}: expected tiny[:k=v,...], a local HF folder or a .gguf file")
+    ds = load_sft_dataset(args.data, tok, template=args.template, max_length=args.max_length)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), seed=cfg.seed)
+    problem = _context_problem(ds, model, args.max_length, args.data)
+    if problem:
+        raise ValueError(problem)
+    if args.model.startswith("tiny") and model.config.vocab_size < len(tok):
+        model.resize_token_embeddings(len(tok))
+    return tok, ds, model
+
+
+def _print_summary(res, as_json: bool) -> None:
+    import json
+
     summary = {"status": res.status, "global_step": res.global_step, "train_loss_nats_per_token": res.train_loss,
                "run_dir": str(res.run_dir),
                "last_checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None,
                "message": res.message, "warnings": res.warnings}
-    if args.json:
+    if as_json:
         from sft.io import to_jsonable
 
         print(json.dumps(to_jsonable(summary), indent=2))
     else:
         print(f"talr train: {res.status} after {res.global_step} steps, train loss {res.train_loss:.4f} nats/token; "
-              f"results in {res.run_dir}" + (f" ({res.message})" if res.message else ""))
+              f"results in {res.run_dir}" + (f" ({res.message})" if res.message and res.message not in res.warnings
+                                             else ""))
         for w in res.warnings:
             print(f"talr train: warning: {w}")
-    return 0 if res.status == "completed" else 1
 
 
 def _recorded_inputs(args, ds) -> dict:

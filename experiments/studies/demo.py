@@ -14,12 +14,19 @@ Pipeline (one call of :func:`run_demo`):
 5. token-level analysis (Figure 3 analogue) and the claims ledger;
 6. write ``report.md`` with PNG figures and ``results.json``.
 
+Re-runnable: ``out`` is marked as a demo folder and locked while the demo runs (a non-empty
+folder that is not a demo's is refused; ``overwrite`` empties a demo folder first). Each
+fine-tuning run (its curve, bounds, WiSE-FT points and token probabilities) is cached in
+``out/runs/<variant>/<method>_lr<lr>.<hash>.json``, the hash over everything the run depends on;
+a second call, or one after a killed demo, redoes only the runs without a complete cache file.
+
 Units: code lengths and degradations in bits per response; the theory's constants live in
 nats, so bounds are converted (``/ ln 2``) where they are drawn over measurements.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +37,9 @@ import numpy as np
 from sft.methods import METHODS
 
 from ..outputs import seed_verdict
+
+DEMO_HINT = ("it holds no `talr demo` marker (another command's output, an older talr's, or other files): "
+             "remove it or choose another --out")
 
 
 @dataclass
@@ -49,9 +59,10 @@ class DemoConfig:
     ledger_n: int = 1000  # instances per ledger check (the whole ledger takes ~10 s)
     seed: int = 0  # world, pretraining and the first fine-tuning seed
     ft_seeds: int = 2  # fine-tuning seeds seed, seed+1, ... for the configurations a verdict compares (`decisive`)
-    cache_dir: str = "runs/.cache/worlds"
+    cache_dir: str | None = None  # pretrained worlds; None: the user's cache (`sft.runs.user_cache_dir`)
     progress: bool = True
     world_overrides: dict = field(default_factory=dict)
+    overwrite: bool = False  # empty a demo's own (marked) ``out`` first instead of reusing its cached runs
 
 
 PRESETS = {
@@ -141,7 +152,8 @@ def finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Pa
     model = copy.deepcopy(model0)
     tc = TrainConfig(method=method, lr=lr, max_steps=cfg.steps, batch_size=cfg.batch, seed=cfg.seed,
                      out=str(run_dir), progress=False, save_final=False, token_stats=True,
-                     logging_steps=max(1, cfg.steps // 5), warmup=0.0)
+                     logging_steps=max(1, cfg.steps // 5), warmup=0.0,
+                     overwrite=True)  # a scratch folder: a killed earlier attempt's run is redone
     t0 = time.perf_counter()
     res = train(tc, model, SFTDataset(world.d2_train), pad_token_id=world.pad_id,
                 callbacks=[_callback(curve, cfg.eval_every)])
@@ -152,6 +164,38 @@ def finetune(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Pa
     if curve.points[-1]["step"] != res.global_step:
         curve.measure(model, res.global_step)
     return model, curve.points, res, secs
+
+
+def _one_run(world, model0, method: str, lr: float, cfg: DemoConfig, run_dir: Path, base: dict, base_logq,
+             base_logq1, est) -> dict:
+    """One fine-tuning run of the demo and everything measured on it: ``{"summary", "wise",
+    "token_probs"}`` (WiSE-FT merges for CE; token probabilities for CE/TALR at the large rate)."""
+    from sft.analysis import token_probs
+    from sft.merge import wise_ft
+    from sft.worlds import exact_metrics
+
+    model, points, res, secs = finetune(world, model0, method, lr, cfg, run_dir, base, base_logq, base_logq1)
+    summ = summarise(points, base)
+    summ.update(bounds_of_run(est.constants, summ["lams"], summ["domain_gain_bits"]))
+    summ.update(points=points, seconds=secs, status=res.status)
+    stats_path = res.token_stats_path
+    if stats_path.exists():
+        rows = [json.loads(x) for x in stats_path.read_text().splitlines() if x.strip()]
+        summ["frac_p_gt_0.2"] = [r.get("frac_p_gt_0.2") for r in rows]
+        summ["epoch_of_step"] = [r.get("epoch") for r in rows]
+    probs = None
+    if method in ("ce", "talr") and lr == max(cfg.lrs):
+        probs = token_probs(model, None, world.d2_train, batch_size=64, pad_token_id=world.pad_id, progress=False)
+    wise = {}
+    if method == "ce":
+        for a, merged in wise_ft(model0, model, cfg.wise_alphas):
+            m = exact_metrics(merged, world)
+            wise[f"wise{a:g}@{lr:g}"] = {
+                "alpha": a, "lr": lr, "mode_acc_p1": m["mode_acc_p1"],
+                "dL_P1_bits": m["kl_p1_bits"] - base["kl_p1_bits"],
+                "domain_gain_bits": base["cond_code_len_p2_bits"] - m["cond_code_len_p2_bits"],
+                "domain_acc": m["domain_acc"]}
+    return {"summary": summ, "wise": wise, "token_probs": probs}
 
 
 def summarise(points: list[dict], base: dict) -> dict:
@@ -204,6 +248,8 @@ def seed_runs(world, model0, variant: str, cfg: DemoConfig, out: Path, at_q0: tu
     """The `decisive` configurations again with fine-tuning seeds ``cfg.seed + 1`` ..
     ``cfg.seed + cfg.ft_seeds - 1`` (same world and q0; ``at_q0`` = (base metrics, q0's conditionals on
     P2, on P1)): ``{name: {seed: summary with its points}}``."""
+    from ..outputs import write_json
+
     base, base_logq, base_logq1 = at_q0
     res: dict = {}
     for seed in range(cfg.seed + 1, cfg.seed + cfg.ft_seeds):
@@ -211,11 +257,16 @@ def seed_runs(world, model0, variant: str, cfg: DemoConfig, out: Path, at_q0: tu
         for method, lr in decisive(cfg, variant):
             name = f"{method}@{lr:g}"
             run_dir = out / "runs" / variant / f"seed{seed}" / name.replace("@", "_lr")
-            _, points, r, secs = finetune(world, model0, method, lr, scfg, run_dir, base, base_logq, base_logq1)
-            summ = summarise(points, base)
-            res.setdefault(name, {})[str(seed)] = {
-                k: summ[k] for k in ("dL_P1_bits", "domain_gain_bits", "domain_acc", "mode_acc_p1")}
-            res[name][str(seed)].update(points=points, seconds=secs, status=r.status)
+            cache = run_dir.with_name(f"{run_dir.name}.{run_key(world.cfg, method, lr, scfg)}.json")
+            entry = _load_cached(cache)  # cached like the main runs: a re-run redoes only what is missing
+            if entry is None:
+                _, points, r, secs = finetune(world, model0, method, lr, scfg, run_dir, base, base_logq, base_logq1)
+                summ = summarise(points, base)
+                entry = {k: summ[k] for k in ("dL_P1_bits", "domain_gain_bits", "domain_acc", "mode_acc_p1")}
+                entry.update(points=points, seconds=secs, status=r.status)
+                write_json(cache, entry)
+                entry = json.loads(cache.read_text())
+            res.setdefault(name, {})[str(seed)] = entry
             bar.update(1)
     return res
 
@@ -251,24 +302,52 @@ def bounds_of_run(constants, lams: list[float], gain_bits: float) -> dict:
 
 # --------------------------------------------------------------------------------- driver
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the whole study into ``cfg.out`` (report.md, figures, results.json)."""
+    """Run the whole study into ``cfg.out`` (report.md, figures, results.json), reusing the runs a
+    previous call cached there (see the module docstring); `sft.runs.RunDirError` when ``cfg.out``
+    is a non-empty folder that is not a demo's, or another process is using it."""
     import torch
+    from transformers.utils import logging as hf_logging
+
+    from sft.runs import open_run_dir
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = open_run_dir(out, resume=False, overwrite=cfg.overwrite, kind="demo",
+                        hint=DEMO_HINT)
     torch.manual_seed(cfg.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 64-wide models are all per-op overhead: one thread is fastest
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # also transformers' "Loading weights" bars (a cached world's checkpoint)
+        hf_logging.disable_progress_bar()
     try:
         return _run(cfg, out, t_start)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+        lock.release()
+
+
+def run_key(world_cfg, method: str, lr: float, cfg: DemoConfig) -> str:
+    """Hash of everything one fine-tuning run of the demo depends on (its cache file's name)."""
+    blob = json.dumps({"v": 1, "world": asdict(world_cfg), "method": method, "lr": lr, "steps": cfg.steps,
+                       "batch": cfg.batch, "eval_every": cfg.eval_every, "seed": cfg.seed,
+                       "wise_alphas": list(cfg.wise_alphas) if method == "ce" else None,
+                       "token_probs": lr == max(cfg.lrs)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_cached(path: Path) -> dict | None:
+    """A run's cache file, or None when absent or unreadable (then the run is redone)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
     from sft.analysis import frac_above, token_probs
-    from sft.merge import wise_ft
     from sft.treeprobs import exact_full_logprobs
     from sft.worlds import WorldConfig, build_world, exact_metrics, pretrain
     from theory.claims import run_ledger
@@ -299,29 +378,17 @@ def _run(cfg: DemoConfig, out: Path, t_start: float) -> dict:
         for method in methods_of(variant):
             for lr in cfg.lrs:
                 name = f"{method}@{lr:g}"
-                model, points, res, secs = finetune(world, model0, method, lr, cfg,
-                                                    out / "runs" / variant / name.replace("@", "_lr"), base, base_logq,
-                                                    base_logq1)
-                summ = summarise(points, base)
-                summ.update(bounds_of_run(est.constants, summ["lams"], summ["domain_gain_bits"]))
-                summ.update(points=points, seconds=secs, status=res.status)
-                stats_path = res.token_stats_path
-                if stats_path.exists():
-                    rows = [json.loads(x) for x in stats_path.read_text().splitlines() if x.strip()]
-                    summ["frac_p_gt_0.2"] = [r.get("frac_p_gt_0.2") for r in rows]
-                    summ["epoch_of_step"] = [r.get("epoch") for r in rows]
-                if method in ("ce", "talr") and lr == max(cfg.lrs):
-                    vres["token_probs"][name] = token_probs(model, None, world.d2_train, batch_size=64,
-                                                            pad_token_id=world.pad_id, progress=False)
-                if method == "ce":
-                    for a, merged in wise_ft(model0, model, cfg.wise_alphas):
-                        m = exact_metrics(merged, world)
-                        vres["wise"][f"wise{a:g}@{lr:g}"] = {
-                            "alpha": a, "lr": lr, "mode_acc_p1": m["mode_acc_p1"],
-                            "dL_P1_bits": m["kl_p1_bits"] - base["kl_p1_bits"],
-                            "domain_gain_bits": base["cond_code_len_p2_bits"] - m["cond_code_len_p2_bits"],
-                            "domain_acc": m["domain_acc"]}
-                vres["runs"][name] = summ
+                run_dir = out / "runs" / variant / name.replace("@", "_lr")
+                cache = run_dir.with_name(f"{run_dir.name}.{run_key(world.cfg, method, lr, cfg)}.json")
+                done = _load_cached(cache)
+                if done is None:
+                    done = _one_run(world, model0, method, lr, cfg, run_dir, base, base_logq, base_logq1, est)
+                    write_json(cache, done)
+                    done = json.loads(cache.read_text())  # the same values whether fresh or cached
+                vres["runs"][name] = done["summary"]
+                vres["wise"].update(done["wise"])
+                if done["token_probs"] is not None:
+                    vres["token_probs"][name] = [np.asarray(p, dtype=float) for p in done["token_probs"]]
                 bar.update(1)
         vres["seed_runs"] = seed_runs(world, model0, variant, cfg, out, (base, base_logq, base_logq1), bar)
         results["variants"][variant] = vres

@@ -13,7 +13,8 @@ only P2-side fields change, so the checkpoint cache is shared):
 For each variant and method (CE, TALR) at one learning rate: the exact dL(P1), its per-prefix
 split (`theory.prefix.prefix_decomposition`: first-order term vs KL term), P1 mode accuracy and
 the change of q's entropy on P1's prefixes, and the domain gain. Runs are cached by a hash of
-their config in ``OUT/runs/*.json`` (a second call skips what is done).
+their config in ``OUT/runs/*.json`` (a second call skips what is done; a run without its file, after
+a kill or with another ``--steps``/``--train-seed``, is redone in its scratch folder).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class ForgettingConfig:
     seed: int = 0  # world seed (P1, P2, pretrained q0)
     train_seed: int | None = None  # fine-tuning seed (batch order); None = seed
     preset: str = "default"  # world size: default | smoke
-    cache_dir: str = "runs/.cache/worlds"
+    cache_dir: str | None = None  # pretrained worlds; None: the user's cache (`sft.runs.user_cache_dir`)
     progress: bool = True
     world_overrides: dict = field(default_factory=dict)
 
@@ -78,7 +79,8 @@ def run_one(cfg: ForgettingConfig, variant: str, method: str, run_dir: Path) -> 
     torch.manual_seed(ts)
     tc = TrainConfig(method=method, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch, seed=ts,
                      out=str(run_dir), progress=False, save_final=False, token_stats=True, warmup=0.0,
-                     logging_steps=max(1, cfg.steps // 5))
+                     logging_steps=max(1, cfg.steps // 5),
+                     overwrite=True)  # a scratch folder: the result is the cached JSON row
     res = train(tc, copy.deepcopy(model0), SFTDataset(world.d2_train), pad_token_id=world.pad_id)
     model = res.model
     full = exact_full_logprobs(model, world.p1, bos_id=world.bos_id, eos_id=world.eos_id)
@@ -105,8 +107,13 @@ def run_study(cfg: ForgettingConfig) -> dict:
 
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # also transformers' "Loading weights" bars
+        hf_logging.disable_progress_bar()
     rows = []
     try:
         jobs = [(v, m) for v in cfg.variants for m in cfg.methods]
@@ -120,6 +127,8 @@ def run_study(cfg: ForgettingConfig) -> dict:
             rows.append(row)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
     result = {"config": {k: (list(x) if isinstance(x, tuple) else x) for k, x in asdict(cfg).items()},
               "rows": rows, "talr_minus_ce": talr_minus_ce(rows)}
     write_json(out / "forgetting.json", result)
@@ -167,7 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="learning rate of every run")
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="world variants")
-    ap.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained checkpoint cache")
+    ap.add_argument("--cache-dir", default=None, help="pretrained checkpoint cache (default: the user's cache, "
+                    "$TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     ap.add_argument("--train-seed", type=int, default=None, help="fine-tuning seed (default: the world seed 0)")
     a = ap.parse_args(argv)
     if not (a.lr > 0 and np.isfinite(a.lr)) or a.steps < 1:

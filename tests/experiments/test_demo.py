@@ -163,3 +163,53 @@ def test_demo_results_use_the_theory_bounds(demo):
             b = bounds_of_run(c, r["lams"], r["domain_gain_bits"])
             assert r["e3_curve_bits"] == b["e3_curve_bits"] and len(r["e3_curve_bits"]) == len(r["lams"])
             assert r["e4_bound_bits"] == b["e4_bound_bits"]
+
+
+def test_second_demo_reuses_every_cached_run_and_shows_no_loading_bars(demo, capfd):
+    """`make demo; make demo` failed the second time (RunDirError traceback naming a flag the demo
+    lacks); `--no-progress` still showed transformers' "Loading weights" bars."""
+    from experiments.cli import main as cli
+
+    out, res = demo
+    cached = sorted((out / "runs").rglob("*.json"))
+    assert len(sorted((out / "runs").glob("*/*.json"))) == 10  # 3 CoT + 2 label-only methods x 2 rates
+    assert len(cached) > 10  # and the extra fine-tuning seeds of the verdicts
+    stamp = [c.stat().st_mtime_ns for c in cached]
+    capfd.readouterr()
+    assert cli(["demo", "--preset", "smoke", "--out", str(out), "--cache-dir", str(out / "cache"),
+                "--no-progress"]) == 0
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "%|" not in captured.err
+    assert [c.stat().st_mtime_ns for c in cached] == stamp  # nothing retrained
+    again = json.loads((out / "results.json").read_text())
+    for v in ("cot", "label"):
+        assert again["variants"][v]["runs"] == res["variants"][v]["runs"]
+
+
+def test_demo_after_a_kill_redoes_only_the_missing_run(demo):
+    """A killed demo left a run folder without its result: the next call redoes that run only."""
+    out, res = demo
+    cfg = make_config("smoke", out=str(out), cache_dir=str(out / "cache"), progress=False)
+    (victim,) = (out / "runs" / "cot").glob("talr_lr0.01.*.json")
+    victim.unlink()  # the run folder runs/cot/talr_lr0.01 stays, as a kill leaves it
+    others = {c: c.stat().st_mtime_ns for c in (out / "runs").rglob("*.json") if c != victim}
+    again = run_demo(cfg)
+    assert victim.exists()
+    assert {c: c.stat().st_mtime_ns for c in others} == others
+    a, b = res["variants"]["cot"]["runs"]["talr@0.01"], again["variants"]["cot"]["runs"]["talr@0.01"]
+    assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"], rel=1e-9)  # same seed, same run
+
+
+def test_demo_refuses_a_foreign_non_empty_out_and_overwrites_only_its_own(tmp_path, capsys):
+    from experiments.cli import main as cli
+
+    study = tmp_path / "forecast-study"
+    study.mkdir()
+    (study / "report.md").write_text("someone else's results")
+    assert cli(["demo", "--preset", "smoke", "--out", str(study), "--cache-dir", str(tmp_path / "c"),
+                "--no-progress"]) == 2
+    msg = capsys.readouterr().err
+    assert msg.count("\n") == 1 and msg.startswith("talr demo: --out") and "no `talr demo` marker" in msg
+    assert cli(["demo", "--preset", "smoke", "--out", str(study), "--overwrite", "--no-progress"]) == 2
+    assert "not a folder talr created" in capsys.readouterr().err
+    assert (study / "report.md").read_text() == "someone else's results"

@@ -37,3 +37,16 @@ def test_study_runs_caches_and_splits(tmp_path):
     assert [c.stat().st_mtime_ns for c in cached] == stamp
     assert json.dumps(again["rows"]) == json.dumps(res["rows"])
     assert "TALR minus CE" in (tmp_path / "f" / "forgetting.md").read_text()
+
+
+def test_study_reruns_with_other_steps_and_seed(tmp_path):
+    """A re-run with another --steps or --train-seed failed: the scratch run folder of the first
+    call was refused as "not empty"."""
+    kw = dict(out=str(tmp_path / "f"), preset="smoke", batch=8, lr=1e-2, variants=("cot",),
+              cache_dir=str(tmp_path / "cache"), progress=False)
+    first = run_study(ForgettingConfig(steps=2, **kw))
+    second = run_study(ForgettingConfig(steps=3, **kw))
+    third = run_study(ForgettingConfig(steps=2, train_seed=7, **kw))
+    assert [r["steps"] for r in second["rows"]] == [3, 3] and [r["train_seed"] for r in third["rows"]] == [7, 7]
+    assert len(list((tmp_path / "f" / "runs").glob("*.json"))) == 6
+    assert json.dumps(run_study(ForgettingConfig(steps=2, **kw))["rows"]) == json.dumps(first["rows"])  # cached

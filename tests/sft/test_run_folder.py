@@ -70,11 +70,11 @@ def test_second_run_into_a_non_empty_folder_is_refused_unless_overwrite(tmp_path
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # rotation
     assert not (out / ".partial").exists()
     assert _train(tmp_path, out, "--max-steps", "1") == 2
-    msg = capsys.readouterr().out
+    msg = capsys.readouterr().err
     assert "not empty" in msg and "--overwrite" in msg and "--resume-from-checkpoint" in msg
     assert (out / "checkpoint-3").is_dir()  # the first run is untouched
     assert _train(tmp_path, tmp_path / "nothing", "--resume-from-checkpoint", "last") == 2
-    assert "no complete checkpoint" in capsys.readouterr().out
+    assert "no complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
     assert _train(tmp_path, out, "--max-steps", "1", "--overwrite") == 0
     assert [p.name for p in out.glob("checkpoint-*")] == []  # the old run's checkpoints are gone
@@ -120,7 +120,7 @@ def test_bad_numeric_option_is_refused_with_its_range_and_writes_nothing(tmp_pat
     """Bugs 5/6: these were tracebacks, silently clamped, or accepted; `--lr nan` left config.json."""
     out = tmp_path / "run"
     assert _train(tmp_path, out, *flags) == 2
-    msg = capsys.readouterr().out
+    msg = capsys.readouterr().err
     assert name in msg and interval in msg
     assert not out.exists()
 
@@ -131,7 +131,7 @@ def test_missing_model_or_tokenizer_path_is_a_clear_error(tmp_path, capsys, flag
     args = ["train", "--model", missing if flag == "--model" else "tiny", "--data", str(_data(tmp_path)),
             "--out", str(tmp_path / "r"), "--no-progress"] + (["--tokenizer", missing] if flag == "--tokenizer" else [])
     assert cli(args) == 2
-    msg = capsys.readouterr().out
+    msg = capsys.readouterr().err
     assert "no-such-model" in msg and "no such file or folder" in msg
     assert not (tmp_path / "r").exists()
 
@@ -143,7 +143,7 @@ def test_non_utf8_jsonl_names_line_and_byte_offset_in_train_analyze_compare(tmp_
     offset = len(first) + len(b'{"prompt": "caf')
     expect = f"{bad}:2: not UTF-8 text (byte offset {offset} in the file"
     assert cli(["train", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
-    assert expect in capsys.readouterr().out
+    assert expect in capsys.readouterr().err
     assert cli(["analyze", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     assert expect in capsys.readouterr().err  # the CLI convention: errors on stderr
     from experiments.studies.compare import CompareError, load_eval_set
@@ -153,15 +153,17 @@ def test_non_utf8_jsonl_names_line_and_byte_offset_in_train_analyze_compare(tmp_
 
 
 def test_divergence_warning_when_the_loss_rises_by_orders_of_magnitude(tmp_path, capsys):
-    """Bug 6: `--lr 1e3` "completed" with loss ~1e6 and exit 0, without a word."""
+    """Bug 6: `--lr 1e3` "completed" with loss ~1e6 and exit 0, without a word. Since issue 21 a
+    model that ends collapsed (every token at 1/V) is not "completed" either: rc 1, status diverged."""
     out = tmp_path / "hot"
     data = tmp_path / "same.jsonl"
     data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 16)
     assert cli(["train", "--model", "tiny", "--data", str(data), "--out", str(out), "--batch-size", "4",
-                "--no-progress", "--lr", "1e3", "--max-steps", "4"]) == 0
+                "--no-progress", "--lr", "1e3", "--max-steps", "4"]) == 1
     msg = capsys.readouterr().out
     assert "warning: training diverged" in msg
-    assert "diverged" in json.loads((out / "result.json").read_text())["warnings"][0]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and any("diverged" in w for w in result["warnings"])
     calm = tmp_path / "calm"
     assert _train(tmp_path, calm, "--max-steps", "4") == 0
     assert json.loads((calm / "result.json").read_text())["warnings"] == []

@@ -122,5 +122,5 @@ def test_cli_bad_data_names_line_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "runs" / "bad"
     rc = cli(["train", "--model", "tiny", "--data", str(data), "--out", str(out), "--no-progress"])
     assert rc == 2
-    assert f"{data}:2: field 'completion'" in capsys.readouterr().out
+    assert f"{data}:2: field 'completion'" in capsys.readouterr().err
     assert not out.exists()
