@@ -165,13 +165,18 @@ def test_demo_results_use_the_theory_bounds(demo):
             assert r["e4_bound_bits"] == b["e4_bound_bits"]
 
 
+def _run_caches(out):
+    """The demo's per-run cache files (``runs/<variant>[/seedN]/<name>.<hash>.json``)."""
+    return sorted([*(out / "runs").glob("*/*.json"), *(out / "runs").glob("*/seed*/*.json")])
+
+
 def test_second_demo_reuses_every_cached_run_and_shows_no_loading_bars(demo, capfd):
     """`make demo; make demo` failed the second time (RunDirError traceback naming a flag the demo
     lacks); `--no-progress` still showed transformers' "Loading weights" bars."""
     from experiments.cli import main as cli
 
     out, res = demo
-    cached = sorted((out / "runs").rglob("*.json"))
+    cached = _run_caches(out)
     assert len(sorted((out / "runs").glob("*/*.json"))) == 10  # 3 CoT + 2 label-only methods x 2 rates
     assert len(cached) > 10  # and the extra fine-tuning seeds of the verdicts
     stamp = [c.stat().st_mtime_ns for c in cached]
@@ -192,7 +197,7 @@ def test_demo_after_a_kill_redoes_only_the_missing_run(demo):
     cfg = make_config("smoke", out=str(out), cache_dir=str(out / "cache"), progress=False)
     (victim,) = (out / "runs" / "cot").glob("talr_lr0.01.*.json")
     victim.unlink()  # the run folder runs/cot/talr_lr0.01 stays, as a kill leaves it
-    others = {c: c.stat().st_mtime_ns for c in (out / "runs").rglob("*.json") if c != victim}
+    others = {c: c.stat().st_mtime_ns for c in _run_caches(out)}
     again = run_demo(cfg)
     assert victim.exists()
     assert {c: c.stat().st_mtime_ns for c in others} == others

@@ -43,6 +43,7 @@ def test_overwrite_never_deletes_the_model_folder_nor_an_unmarked_run(tmp_path, 
     """`--model mymodel --out mymodel --overwrite` deleted the model (it holds config.json)."""
     model = _model_folder(tmp_path)
     before = sorted(p.name for p in model.iterdir())
+    capsys.readouterr()  # save_pretrained's own progress bar
     assert _train(tmp_path, model, "--max-steps", "1", "--overwrite", model=str(model)) == 2
     msg = capsys.readouterr().err
     assert msg.count("\n") == 1 and "talr train: --out" in msg and "input" in msg
