@@ -12,58 +12,78 @@ Model (what is theory, what is fit):
    s_u is the model's exact shift for the predicted step, no linearisation of log q in theta);
    on the sample's empirical tree the two terms sum to the mean of log q0(z) - log q'(z).
 
-2. **The step d_theta (theory: the optimiser, replayed on frozen gradients).** Each method's
-   mini-batch gradients of the domain loss are computed once at theta0 (``n_batches`` batches
-   of B sequences, with the method's stop-gradient token weights: CE 1, TALR max(p^{1/tau},
-   w_min) with tau = the batch median of per-sequence mean losses, DFT p, FLOW's sequence
-   weights exp(-loss0/tau)), split into two token groups (hard: p0 < 0.2; easy). AdamW (beta =
-   0.9, 0.999, eps 1e-8; the trainer's cosine schedule without warm-up; global-norm clipping at
-   1) is then replayed for T steps in parameter space, one of these batches per step. What
-   depends on where the parameters are is done exactly: L2's pull 2 l2 (theta - theta0) joins
-   every step's gradient; LoRA is replayed on its own factors (Delta W = s B A, B = 0 and peft's
-   kaiming-uniform A at the start, dL/dB = s G A^T, dL/dA = s B^T G with G the frozen weight
-   gradient), so its restricted bilinear subspace and slow start come out of the replay.
-   Gradients shrink as the domain is learned: each group's gradient is scaled by
-   phi(ell) / phi(ell0), phi = w(p) (1 - p), p = exp(-ell) (the size of a token's logit gradient
-   times the method's weight). Adam's second moment keeps the early, large gradients, so the
-   steps shrink with them. The replay needs no model passes.
+2. **The step d_theta (theory: the optimiser, replayed on frozen gradient moments).** Each
+   method's mini-batch gradients of the domain loss at theta0 (``n_batches`` batches of B
+   sequences, with the method's stop-gradient token weights: CE 1, TALR max(p^{1/tau}, w_min)
+   with tau = the batch median of per-sequence mean losses, DFT p, FLOW's sequence weights
+   exp(-loss0/tau)), split into two token groups (hard: p0 < 0.2; easy), are streamed into
+   moments: the mean gradient of each group and, per coordinate, the batch mean of the products
+   g_bk g_bl (`GradientMoments`). AdamW (beta = 0.9, 0.999, eps 1e-8; the trainer's cosine
+   schedule without warm-up; global-norm clipping at 1) is then replayed for T steps in
+   expectation over the batch drawn at each step (mean field: m from the mean gradient, v from
+   the second moments, the clip from the expected squared norm). What depends on where the
+   parameters are is done exactly: L2's pull 2 l2 (theta - theta0) joins every step's gradient;
+   LoRA is replayed on its own factors (Delta W = s B A, B = 0 and peft's kaiming-uniform A at
+   the start, dL/dB = s G A^T, dL/dA = s B^T G), so its bilinear subspace and slow start come
+   out of the replay. Gradients shrink as the domain is learned: each group's gradient is
+   scaled by phi(ell) / phi(ell0), phi = w(p) (1 - p), p = exp(-ell) (`gradient_scale`: a
+   token's logit gradient times the method's weight). The replay needs no model passes.
+   Replacing the old replay of the n_batches explicit gradients (in a random order) by the mean
+   field changed the forecasts of world 0's grid by 4 % (median; 21 % at most) and none of its
+   scores by more than 0.035 (`experiments/bench/forecast_ablation.py`).
 
-   *Rotation (measured on the probe of 3).* The real gradient does not only shrink, it turns:
-   on the probe, its cosine with the frozen mean gradient at theta0 decays with the distance
-   travelled, close to exp(-Lambda_t / lam_c) with Lambda_t = sum_{s<t} eta_t (Adam moves every
-   coordinate by about eta per step), while its norm falls much more slowly. A frozen replay can
-   only carry the part along its frozen direction, so (methods without an L2 pull) each group
-   is scaled by phi at its *tracked* loss (the realised loss of 3: the gradient's size) times
-   exp(-Lambda_t / lam_c) (the part still along the frozen direction); lam_c is fitted on the
-   probe's 12 cosines (no extra passes). The previous rule, phi at the first-order loss
-   ell = ell0 + g . d_theta, declared the hard tokens learned within a few steps and stopped
-   CE's, L2's and FLOW's replays too early (CE@3e-4: 1.85 bits forecast vs 3.43 measured); the
-   rotation rule ranks the methods at a rate better on both validation worlds (spearman_within_lr
-   0.42 -> 0.67 and 0.55 -> 0.69, `experiments/bench/forecast_ablation.py`). L2 keeps the
-   first-order rule: its pull is balanced in the real run by the whole (rotated) gradient, which
-   the frozen replay lacks, so with the rotation rule the pull erases the displacement (L2@3e-3:
-   0.08 bits forecast vs 4.6 measured). LoRA's replay keeps the first-order rule too.
+   *Rotation (measured on the calibration probe).* The real gradient does not only shrink, it
+   turns: its cosine with the frozen mean gradient decays close to exp(-Lambda_t / lam_c) with
+   Lambda_t = sum_{s<t} eta_s (`coherence`; lam_c fitted on the probe's cosines, no extra
+   passes). Methods without an L2 pull scale each group by phi at its *tracked* loss (3.) times
+   exp(-Lambda_t / lam_c); L2 and LoRA keep phi at the first-order loss ell = ell0 + ce . d_theta.
 
-3. **The domain gain (fit: one CE probe shared by the grid).** Theory gives the first-order
-   loss change of each group for a step, not how fast the realised loss approaches its floor.
-   A tracker lets each group's mean loss fall as d ell = -kappa (ell / ell0)^2 x (the first-order
-   effect of the part of the step that the group's own gradient makes; no spill-over between
-   groups). kappa (one per group) is fitted on ONE short real CE run at the grid's middle rate
-   (``probe_steps`` AdamW steps, the first steps of the real schedule), matching its measured
-   group losses; the forecast gain is sum_k (ell0_k - ell_k(T)) x (group-k tokens per sequence).
-   The probe's dL(P1) is kept for the baselines; it does not enter the forecast of dL(P1).
+3. **The domain gain (fit: one CE probe shared by the grid).** A tracker lets each group's mean
+   loss fall as d ell = -kappa (ell / ell0)^2 x (the first-order effect of the part of the step
+   that the group's own gradient makes). kappa (one per group) is fitted on ONE short real CE run
+   at the grid's geometric middle rate (``probe_steps`` steps, the first of the real schedule),
+   matching its measured group losses; the gain is sum_k (ell0_k - ell_k(T)) x (group-k tokens
+   per sequence).
+
+4. **The size (fit: two probes, interpolated in log-rate).** A frozen direction cannot follow
+   the real trajectory's curvature: the replay's dL(P1) grows about linearly in the summed rate
+   while the real one bends (world 0, CE: 40 vs 19 bits at 3e-3). A second real CE probe of
+   ``probe_steps`` steps at the grid's largest rate, and the calibration probe, each give the
+   ratio of its measured dL(P1) (D1 sample) to the replay of the same steps; log of the ratio is
+   interpolated linearly in log-rate between the two (held outside them) and multiplies every
+   method's forecast at that rate (`sft.forecast_run.size_correction`; ``size_probe=False``
+   leaves the replay's size). Fitted knobs in all: kappa (2), lam_c, the two size ratios, each
+   from the probes of the model at hand; nothing is set on validation worlds.
 
 Assumptions: exchangeable mini-batches whose gradients at theta0 represent the run's up to the
 tracked shrinkage; a D1 sample of ``n_general`` sequences estimates dL(P1) (the tiny world's
 exact dL is over P1's whole tree); the domain gain is measured on the tokens the SFT loss sees.
-Known limits (docs/forecast): the displacement along the rotated directions is not replayed
-(only its effect on the tracked loss), so the frozen replay cannot see that the curved real
-trajectory learns the domain with a smaller displacement: L2 at large rates (whose pull
-equilibrium depends on that) and every method at the largest rate are over-predicted; lam_c
-comes from one probe at the grid's middle rate.
+Known limits (docs/forecast): the size ratio of the CE probes is applied to every method; L2's
+replay (first-order scale) is too small at the middle rate and too large at the largest (world 0:
+1.6 vs 3.2 bits at 3e-4, 9.8 vs 4.6 at 3e-3), because its pull balances a rotated gradient that
+the replay lacks (scaling L2 at its tracked loss instead: 21.5 bits at 3e-4, worse); the largest
+rate's ratio is measured after ``probe_steps`` steps, not T.
 
-Compute is counted in forward-token passes (a backward costs two): ``compute_ratio`` = the
-whole grid's forecast / one training run of one configuration (T steps of B sequences).
+**Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
+per weight, s per stored moment; one method's moments live at a time, so neither the number of
+methods, of rates nor of probe batches enters):
+    peak = w N + max(7 s N + 4 N + w N, 7 s N + 3 w N) + 32 CHUNK x 4
+(the model; moments 5 s N + the CE direction or L2's Adam state 2 s N; the float32 displacement;
+theta0's copy while a configuration is evaluated; or the two group gradients of a pass).
+A 3B model (N = 3.21e9) in bf16 with ``store_dtype="bfloat16"`` (s = w = 2): 22 N = 70.6 GB + 0.5 GB
+of chunks: one 80 GB GPU (a training run of the same model with AdamW in fp32 states: 16 N = 51 GB).
+Storing the moments in bf16 instead of float32: see docs/forecast/README.md for the change of
+world 0's 30 forecasts (`experiments/bench/forecast_ablation.py`).
+
+**Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
+one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
+n_b probe batches, n_w token weightings (<= 4), G = methods x rates, k = ``probe_steps``):
+    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + 15 G T] / (3 T B L2)
+(the last term: the replays, about 30 N flops per step and configuration, a token pass being
+2 N flops; it does not depend on N). A 3B model, T = 150, B = 16, L2 = L1 = 512, n_1 = 128,
+n_b = 2, n_w = 4, G = 30, k = 6: 0.80 (passes) + 0.02 (replays) = 0.82 of one training run,
+whatever N. In the tiny world (sequences of about 12 tokens) the replays cost more than the
+passes: world 0, 0.80 (passes) + 1.07 (replays, with the probes' fits and LoRA's factor algebra).
 """
 from __future__ import annotations
 
@@ -83,9 +103,10 @@ from .models import token_nll
 LN2 = math.log(2.0)
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| / sqrt(v_hat) (Kingma & Ba, sec. 2.1)
 
-__all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "cosine_lrs", "method_gradients", "replay_adam", "coherence", "adam_step",
-           "replay_lora", "sequence_losses", "forecast_grid", "advise"]
+__all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
+           "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise"]
 
 
 @dataclass
@@ -108,6 +129,8 @@ class ForecastConfig:
     pad_token_id: int = 0
     track: bool = True  # scale group gradients by their tracked loss (False: frozen replay)
     coherence: bool = True  # measure the gradient's rotation on the probe (False: the first-order scale)
+    size_probe: bool = True  # a second CE probe at the largest rate sizes the replay (`size_correction`)
+    store_dtype: str = "float32"  # the gradient moments' storage ("bfloat16": half the memory, see the docstring)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -115,6 +138,8 @@ class ForecastConfig:
             raise ValueError(f"methods {bad}: expected a subset of {forecast_methods()}")
         if not self.lrs or any(not (0 < lr < 1) or not math.isfinite(lr) for lr in self.lrs):
             raise ValueError(f"lrs {self.lrs}: each must be in (0, 1)")
+        if self.store_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"store_dtype {self.store_dtype!r}: expected float32, bfloat16 or float16")
         for name in ("steps", "batch", "n_batches", "n_general", "probe_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,12 +150,19 @@ class ComputeMeter:
 
     def __init__(self):
         self.units = 0.0
+        self.replay_units = 0.0  # the part of ``units`` spent in replays (no model pass)
 
     def forward(self, n_tokens: int) -> None:
         self.units += float(n_tokens)
 
     def forward_backward(self, n_tokens: int) -> None:
         self.units += 3.0 * float(n_tokens)
+
+    def replay(self, steps: int, flops_per_param: float = 30.0) -> None:
+        """A replay of ``steps`` steps costing ``flops_per_param`` x N flops each (no model pass):
+        a token's forward costs 2 N flops, so it counts flops_per_param x steps / 2."""
+        self.units += flops_per_param * float(steps) / 2.0
+        self.replay_units += flops_per_param * float(steps) / 2.0
 
 
 def training_run_units(examples: Sequence[dict], steps: int, batch: int) -> float:
@@ -178,41 +210,106 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
 
 
 HARD_GROUP_P = 0.2  # the gradients' token groups: hard (p0 < HARD_GROUP_P), easy (Figure 3c's threshold)
+PAIRS = ((0, 0), (0, 1), (1, 1))  # the group pairs (k, l) whose products E_b[g_bk g_bl] the moments keep
 
 
 @dataclass
-class GroupGradients:
-    """A method's mini-batch gradients at theta0, split by token group.
+class GradientMoments:
+    """A method's mini-batch gradients at theta0, split by token group, kept as moments over the
+    probe batches (streamed: memory independent of their number).
 
-    ``g [n_batches, K, P]``: gradient of the method's batch loss restricted to group k's tokens;
-    ``ce_mean [K, P]``: gradient of group k's mean CE token loss over all batches (progress
-    tracking); ``ell0 [K]``: group k's mean initial token loss (nats); ``tau``: TALR's temperature
-    at theta0 (median per-sequence mean loss)."""
+    ``mean [K, N]``: mean over batches of the gradient of the method's batch loss restricted to
+    group k's tokens; ``sq [3, N]``: per coordinate the mean over batches of g_b0^2, g_b0 g_b1,
+    g_b1^2 (Adam's second moment of any group mixture rho: E_b[(rho . g_b)^2] = sum_kl rho_k rho_l
+    sq_kl); ``ce_mean [K, N]``: gradient of group k's mean CE token loss over all batches (the
+    progress direction of the tracker; None: ``ce_scale`` x ``mean``, exact for a CE loss whose
+    batches have equal token counts); ``ell0 [K]``: group k's mean initial token loss (nats);
+    ``tau``: TALR's temperature at theta0 (median per-sequence mean loss); ``sq_sum [3]``: the
+    coordinate sums of ``sq`` (the expected squared norm of a batch gradient, for clipping)."""
 
-    g: torch.Tensor
-    ce_mean: torch.Tensor
+    mean: torch.Tensor
+    sq: torch.Tensor
+    ce_mean: torch.Tensor | None
     ell0: torch.Tensor
     tau: float
     tokens_per_seq: torch.Tensor  # [K] mean supervised tokens of group k per sequence
+    ce_scale: torch.Tensor | None = None  # [K] ce_mean = ce_scale x mean when ce_mean is None
     kappa: torch.Tensor | None = None  # [K] realised / first-order loss progress (the probe's fit; 1 = theory)
     lam_c: float = math.inf  # coherence length of the frozen direction in summed rate (the probe's fit)
+    sq_sum: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.sq_sum = self.sq.double().sum(1)
+
+    @classmethod
+    def from_batches(cls, g: torch.Tensor, ce_mean: torch.Tensor, ell0, tau: float = 1.0, tokens_per_seq=None,
+                     dtype=torch.float32) -> "GradientMoments":
+        """The moments of explicit per-batch group gradients ``g [n_batches, K, N]`` (tests, references)."""
+        K = g.shape[1]
+        sq = torch.stack([(g[:, k] * g[:, min(l, K - 1)]).mean(0) for k, l in PAIRS[: 1 if K == 1 else 3]])
+        tps = torch.ones(K, dtype=torch.float64) if tokens_per_seq is None else tokens_per_seq
+        return cls(g.mean(0).to(dtype), sq.to(dtype), None if ce_mean is None else ce_mean.to(dtype),
+                   torch.as_tensor(ell0, dtype=torch.float64), tau, tps)
+
+    def ce(self, sl: slice = slice(None)) -> torch.Tensor:
+        """The tracker's progress direction on the coordinates ``sl`` (float32)."""
+        if self.ce_mean is not None:
+            return self.ce_mean[:, sl].float()
+        return self.mean[:, sl].float() * self.ce_scale.float()[:, None]
+
+    def second_moment(self, rho: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        """E_b[(sum_k rho_k g_bk)^2] on the coordinates ``sl``."""
+        return (_pair_weights(rho).float() @ self.sq[:, sl].float()).clamp_min_(0.0)
 
     def gain_bits(self, ell: torch.Tensor) -> float:
         """Predicted drop of the domain code length per sequence (bits) at tracked losses ``ell``."""
         return float(((self.ell0 - ell) * self.tokens_per_seq).sum() / LN2)
 
 
+def _pair_weights(rho: torch.Tensor) -> torch.Tensor:
+    """(rho_0^2, 2 rho_0 rho_1, rho_1^2): E[(rho . g)^2] = this . (sq_00, sq_01, sq_11); K = 1: (rho_0^2,)."""
+    if rho.numel() == 1:
+        return rho**2
+    return torch.stack([rho[0] ** 2, 2 * rho[0] * rho[1], rho[1] ** 2])
+
+
+def _flat_grad(loss, params) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+class _Moments:
+    """Running sums of `GradientMoments` over batches, accumulated in ``dtype``."""
+
+    def __init__(self, N: int, with_ce: bool, dtype):
+        self.mean, self.sq = torch.zeros(2, N, dtype=dtype), torch.zeros(3, N, dtype=dtype)
+        self.ce = torch.zeros(2, N, dtype=dtype) if with_ce else None
+        self.n = 0
+        self.ell, self.n_tok = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+
+    def add(self, per: list[torch.Tensor]) -> None:
+        self.n += 1
+        for k in range(2):
+            self.mean[k] += per[k].to(self.mean.dtype)
+        for j, (k, l) in enumerate(PAIRS):
+            self.sq[j] += (per[k] * per[l]).to(self.sq.dtype)
+
+
 def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method: str, *, pad_token_id: int,
                      flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
-                     meter: ComputeMeter | None = None) -> GroupGradients:
-    """Gradients of ``method``'s data loss at the current parameters, per batch and token group
-    (easy: p0 >= ``hard_p``; hard: p0 < ``hard_p``). L2 and LoRA use CE's (their differences
-    are replayed, see the module docstring); FLOW uses CE token weights and its sequence weights."""
+                     meter: ComputeMeter | None = None, ce_mean: torch.Tensor | None = None,
+                     dtype=torch.float32) -> GradientMoments:
+    """`GradientMoments` of ``method``'s data loss at the current parameters over ``batches``
+    (easy tokens: p0 >= ``hard_p``; hard: p0 < ``hard_p``), streamed one batch at a time. L2 and
+    LoRA use CE's (their differences are replayed, see the module docstring); FLOW uses CE token
+    weights and its sequence weights. ``ce_mean``: the shared progress direction when already
+    known (another method's moments); else a CE loss derives it from its own mean (``ce_scale``)
+    and any other loss computes it (one more backward per group and batch)."""
     loss_method = {"l2": "ce", "lora": "ce", "flow": "ce"}.get(method, method)
+    plain_ce = method in ("ce", "l2", "lora")
     params = _params(model)
-    P = sum(p.numel() for p in params)
-    out, ce_sum = [], torch.zeros(2, P)
-    ell_sum, n_tok, taus = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), []
+    acc = _Moments(sum(p.numel() for p in params), ce_mean is None and not plain_ce, dtype)
+    taus, n_all = [], 0
     was = model.training
     model.train()
     try:
@@ -223,38 +320,34 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
             w, tau = L.token_weights(loss_method, nll, si, B, w_min=w_min)
             if loss_method == "talr":
                 taus.append(float(tau))
-            seq_w = None
-            if method == "flow":
-                seq_w = torch.exp(-L.sequence_mean_losses(nll, si, B) / flow_tau)
+            seq_w = torch.exp(-L.sequence_mean_losses(nll, si, B) / flow_tau) if method == "flow" else None
             hard = (torch.exp(-nll.detach()) < hard_p)
             per = []
             for k, mask in enumerate((~hard, hard)):
-                if not bool(mask.any()):
-                    per.append(torch.zeros(P))
-                    continue
-                loss = L.reduce(L.weighted_sum(nll * mask, w, si, sequence_weights=seq_w), nll.numel(), None)
-                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                per.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                      for g, p in zip(grads, params)]))
-                if loss_method == "ce" and seq_w is None:
-                    ce_sum[k] += per[-1] * nll.numel()  # gradient of the group's summed loss
-                else:
-                    gs = torch.autograd.grad((nll * mask).sum(), params, retain_graph=True, allow_unused=True)
-                    ce_sum[k] += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                            for g, p in zip(gs, params)])
-                ell_sum[k] += float(nll.detach()[mask].sum())
-                n_tok[k] += float(mask.sum())
-            out.append(torch.stack(per))
+                per.append(_flat_grad(L.reduce(L.weighted_sum(nll * mask, w, si, sequence_weights=seq_w),
+                                               nll.numel(), None), params))
+                if acc.ce is not None and bool(mask.any()):
+                    acc.ce[k] += _flat_grad((nll * mask).sum(), params).to(acc.ce.dtype)
+                acc.ell[k] += float(nll.detach()[mask].sum())
+                acc.n_tok[k] += float(mask.sum())
+            acc.add(per)
+            del per
+            n_all += nll.numel()
             if meter is not None:
                 n = int(b["attention_mask"].sum())
                 meter.forward(n)
-                meter.units += 2.0 * n * (2 if loss_method == "ce" and seq_w is None else 4)  # backward passes
+                meter.units += 2.0 * n * (4 if acc.ce is not None else 2)  # backward passes
     finally:
         model.train(was)
-    nt = n_tok.clamp_min(1)
+    nt = acc.n_tok.clamp_min(1)
     n_seq = sum(len(ex) for ex in batches)
-    return GroupGradients(torch.stack(out), ce_sum / nt[:, None].float(), ell_sum / nt,
-                          float(np.median(taus)) if taus else 1.0, n_tok / max(n_seq, 1))
+    nb = max(acc.n, 1)
+    acc.mean /= nb
+    acc.sq /= nb
+    if acc.ce is not None:
+        ce_mean = acc.ce / nt[:, None].to(acc.ce.dtype)
+    return GradientMoments(acc.mean, acc.sq, ce_mean, acc.ell / nt, float(np.median(taus)) if taus else 1.0,
+                           acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None)
 
 
 def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN) -> torch.Tensor:
@@ -283,13 +376,6 @@ def adam_step(state: dict, g: torch.Tensor, t: int) -> torch.Tensor:
     return state["m"] / (1 - b1**t) / denom
 
 
-def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:
-    if max_norm <= 0:
-        return g
-    n = float(g.norm())
-    return g * (max_norm / (n + 1e-6)) if n > max_norm else g
-
-
 def coherence(lam_t: float, lam_c: float) -> float:
     """exp(-Lambda_t / lam_c): the fraction of the real gradient that still points along the
     frozen direction at theta0 after the parameters travelled Lambda_t = sum_{s<t} eta_s (Adam moves
@@ -310,55 +396,94 @@ def _decay(ell: torch.Tensor, drop: torch.Tensor, ell0: torch.Tensor) -> torch.T
     return e0 * ((ell / e0).clamp_min(1e-30) ** (1 - g) + (g - 1) * drop / e0) ** (1 / (1 - g))
 
 
-def replay_adam(gg: GroupGradients, method: str, lrs: np.ndarray, order: np.ndarray, *, l2_coeff: float = 0.0,
+CHUNK = 1 << 22  # coordinates per slice of the replay's temporaries (memory: a few CHUNK floats)
+
+
+def _chunks(N: int, chunk: int = CHUNK):
+    return [slice(i, min(i + chunk, N)) for i in range(0, N, chunk)]
+
+
+def _scale(gm: GradientMoments, method: str, mode: str, ell, trk, lam_t: float, w_min: float) -> torch.Tensor:
+    """rho_k(t): 1 (frozen), `gradient_scale` at the first-order loss, or at the tracked loss x the coherence."""
+    if mode == "frozen":
+        return torch.ones(gm.mean.shape[0], dtype=torch.float64)
+    if mode == "rotating":
+        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min) * coherence(lam_t, gm.lam_c)
+    return gradient_scale(method, ell, gm.ell0, gm.tau, w_min)
+
+
+def _clip_factor(norm2: float, max_norm: float) -> float:
+    n = math.sqrt(max(norm2, 0.0))
+    return max_norm / (n + 1e-6) if 0 < max_norm < n else 1.0
+
+
+def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: float = 0.0,
                 max_grad_norm: float = 1.0, w_min: float = L.W_MIN, track: bool = True,
-                trajectory: bool = False):
-    """AdamW replayed on the frozen gradients ``gg``: returns (theta_T - theta0, ell_T) and,
-    with ``trajectory=True``, also the domain-loss tracker after every step ``[T, K]``.
+                trajectory: bool = False, chunk: int = CHUNK):
+    """AdamW replayed on the frozen gradient moments ``gm`` (mean field over the probe batches):
+    returns (theta_T - theta0, ell_T) and, with ``trajectory=True``, also the domain-loss
+    tracker after every step ``[T, K]``.
 
-    The step (theory): step t uses batch ``order[t]``'s group gradients, each group k scaled
-    by rho_k(t) (``track=False`` keeps them frozen), plus L2's pull ``2 l2_coeff (theta_t - theta0)``;
-    clipped to ``max_grad_norm``; applied at rate ``lrs[t]``. With a finite coherence length
-    ``gg.lam_c`` (the probe's, `coherence`), rho_k(t) = `gradient_scale` at the tracked loss
-    ell_k(t) (the real gradient's size) x exp(-Lambda_t / lam_c) (the part of it that still points
-    along the frozen direction, Lambda_t = sum_{s<t} lrs[s]); otherwise, and always with an L2 pull,
-    `gradient_scale` at the first-order loss ell_k(t) = ell0_k + g_k . (theta_t - theta0).
+    The step (theory): step t's batch gradient is g_t = sum_k rho_k(t) g_bk (+ L2's pull
+    2 l2_coeff (theta_t - theta0)) with b a probe batch drawn at random; Adam's moments are
+    replayed in expectation over b: m_t = EMA_beta1(c_t E_b[g_t]), v_t = EMA_beta2(c_t^2 E_b[g_t^2])
+    with E_b[g_t] = rho . mean, E_b[g_t^2] = sum_kl rho_k rho_l sq_kl, and the clipping factor
+    c_t = min(1, max_grad_norm / sqrt(E_b ||g_t||^2)); applied at rate ``lrs[t]``. Without an L2
+    pull, m_t = sum_k a_k(t) mean_k and v_t = sum_kl b_kl(t) sq_kl with scalar EMAs a, b, so the
+    replay keeps no state but the displacement (memory: N floats + a chunk); with it, m and v are
+    replayed per coordinate (2 N more). With a finite coherence length ``gm.lam_c`` (the probe's,
+    `coherence`), rho_k(t) = `gradient_scale` at the tracked loss ell_k(t) (the real gradient's
+    size) x exp(-Lambda_t / lam_c) (the part of it that still points along the frozen direction,
+    Lambda_t = sum_{s<t} lrs[s]); otherwise, and always with an L2 pull, `gradient_scale` at the
+    first-order loss ell_k(t) = ell0_k + ce_k . (theta_t - theta0).
 
-    The domain-loss tracker ``ell_T`` (fit): each group's loss decays exponentially,
-    d ell_k = -kappa_k (ell_k / ell0_k) x the first-order effect of the part of the step that the
-    group's *own* gradient makes (Adam's denominator shared; no spill-over between groups);
+    The domain-loss tracker ``ell_T`` (fit): each group's loss decays as
+    d ell_k = -kappa_k (ell_k / ell0_k)^2 x the first-order effect of the part of the step that the
+    group's *own* mean gradient makes (Adam's denominator shared; no spill-over between groups);
     kappa (the probe's) defaults to 1."""
-    P = gg.g.shape[2]
-    K = gg.g.shape[1]
-    delta = torch.zeros(P)
-    ell = gg.ell0.clone()  # first-order, drives the gradient scale
-    trk = gg.ell0.clone()  # the domain-loss tracker
-    kappa = torch.ones(K, dtype=torch.float64) if gg.kappa is None else gg.kappa
-    state = {"m": torch.zeros(P), "v": torch.zeros(P)}
-    traj = []
-    rotating = track and math.isfinite(gg.lam_c) and not l2_coeff
-    lam_t = 0.0
-    for t, (lr, b) in enumerate(zip(lrs, order), start=1):
-        if not track:
-            rho = torch.ones(K, dtype=torch.float64)
-        elif rotating:
-            rho = gradient_scale(method, trk, gg.ell0, gg.tau, w_min) * coherence(lam_t, gg.lam_c)
-        else:
-            rho = gradient_scale(method, ell, gg.ell0, gg.tau, w_min)
+    K, N = gm.mean.shape
+    b1, b2 = BETAS
+    delta = torch.zeros(N)
+    ell, trk = gm.ell0.clone(), gm.ell0.clone()  # first-order (drives the scale) and the tracker
+    kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
+    mode = "frozen" if not track else ("rotating" if math.isfinite(gm.lam_c) and not l2_coeff else "first_order")
+    a, bb = torch.zeros(K, dtype=torch.float64), torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
+    mv = (torch.zeros(N, dtype=gm.mean.dtype), torch.zeros(N, dtype=gm.mean.dtype)) if l2_coeff else None
+    traj, lam_t, slices = [], 0.0, _chunks(N, chunk)
+    for t, lr in enumerate(lrs, start=1):
+        rho = _scale(gm, method, mode, ell, trk, lam_t, w_min)
         lam_t += float(lr)
-        parts = gg.g[int(b)]
-        g = rho.float() @ parts
-        if l2_coeff:
-            g = g + 2.0 * l2_coeff * delta
-        n = float(g.norm())
-        c = max_grad_norm / (n + 1e-6) if 0 < max_grad_norm < n else 1.0
-        step = float(lr) * adam_step(state, g * c, t)
+        norm2 = float(_pair_weights(rho) @ gm.sq_sum)
+        if mv is not None:  # E||rho.g_b + 2 l2 delta||^2
+            norm2 += sum(float(4 * l2_coeff * (delta[sl] @ (rho.float() @ gm.mean[:, sl].float()))
+                               + 4 * l2_coeff**2 * (delta[sl] @ delta[sl])) for sl in slices)
+        c = _clip_factor(norm2, max_grad_norm)
+        a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
+        bb.mul_(b2).add_(_pair_weights(rho), alpha=(1 - b2) * c * c)
+        fo, own = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+        for sl in slices:
+            mean = gm.mean[:, sl].float()
+            if mv is None:
+                m_hat = (a.float() @ mean) / (1 - b1**t)
+                v_hat = (bb.float() @ gm.sq[:, sl].float()) / (1 - b2**t)
+            else:
+                d, g = delta[sl], rho.float() @ mean
+                m = mv[0][sl].float().mul_(b1).add_(c * (g + 2 * l2_coeff * d), alpha=1 - b1)
+                e2 = gm.second_moment(rho, sl) + 4 * l2_coeff * d * g + 4 * l2_coeff**2 * d * d
+                v = mv[1][sl].float().mul_(b2).add_(c * c * e2, alpha=1 - b2)
+                mv[0][sl], mv[1][sl] = m, v  # stored in the moments' precision
+                m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+            # |m_hat| / sqrt(v_hat) <= ADAM_BOUND as in Adam itself: the floor keeps rounding of sq_01
+            # (cancellation, bf16) from a zero denominator
+            denom = torch.maximum(v_hat, (m_hat / ADAM_BOUND) ** 2).sqrt_().add_(ADAM_EPS)
+            step = float(lr) * m_hat / denom
+            ce = gm.ce(sl)
+            fo += (ce @ step).double()
+            own += ((ce * mean) / denom).sum(1).double() * (c * float(lr))
+            delta[sl] -= step
         if track:
-            ell = (ell - (gg.ce_mean @ step).double()).clamp_min(0.0)  # theta moves by -step
-        denom = (state["v"] / (1 - BETAS[1] ** t)).sqrt_().add_(ADAM_EPS)
-        own = (gg.ce_mean * parts).mul_(c * float(lr)).div_(denom).sum(1).double()
-        trk = _decay(trk, kappa * own.clamp_min(0.0), gg.ell0)
-        delta -= step
+            ell = (ell - fo).clamp_min(0.0)  # theta moves by -step
+        trk = _decay(trk, kappa * own.clamp_min(0.0), gm.ell0)
         if trajectory:
             traj.append(trk.clone())
     return (delta, trk, torch.stack(traj)) if trajectory else (delta, trk)
@@ -377,54 +502,60 @@ def lora_layout(model: nn.Module) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def replay_lora(gg: GroupGradients, layout, lrs: np.ndarray, order: np.ndarray, *, r: int, alpha: int,
-                seed: int = 0, max_grad_norm: float = 1.0, track: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Displacement of the merged weights after AdamW on LoRA factors with frozen weight
-    gradients G (Delta W = s B A, s = alpha / r; B = 0, A ~ peft's kaiming-uniform at start),
-    group-scaled as in `replay_adam`."""
-    s = alpha / r
+def _lora_factors(layout, r: int, seed: int):
+    """peft's start: B = 0, A ~ kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in))."""
     gen = torch.Generator().manual_seed(seed)
-    As, Bs = [], []
-    for _, o, i, _ in layout:
-        bound = 1.0 / math.sqrt(i)  # kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
-        As.append((torch.rand(r, i, generator=gen) * 2 - 1) * bound)
-        Bs.append(torch.zeros(o, r))
-    n = sum(a.numel() + b.numel() for a, b in zip(As, Bs))
-    state = {"m": torch.zeros(n), "v": torch.zeros(n)}
-    P = gg.g.shape[2]
+    As = [(torch.rand(r, i, generator=gen) * 2 - 1) / math.sqrt(i) for _, _, i, _ in layout]
+    return As, [torch.zeros(o, r) for _, o, _, _ in layout]
 
-    def merged():
-        d = torch.zeros(P)
-        for (off, o, i, _), A, B in zip(layout, As, Bs):
-            d[off:off + o * i] = (s * B @ A).reshape(-1)
-        return d
 
-    ell = gg.ell0.clone()
-    trk = gg.ell0.clone()
-    kappa = torch.ones(gg.g.shape[1], dtype=torch.float64) if gg.kappa is None else gg.kappa
-    prev = torch.zeros(P)
-    for t, (lr, bidx) in enumerate(zip(lrs, order), start=1):
-        rho = gradient_scale("lora", ell, gg.ell0, gg.tau) if track else torch.ones(gg.g.shape[1])
-        gfull = rho.float() @ gg.g[int(bidx)]
-        parts = []
-        for (off, o, i, _), A, B in zip(layout, As, Bs):
-            G = gfull[off:off + o * i].reshape(o, i)
-            parts += [(s * B.t() @ G).reshape(-1), (s * G @ A.t()).reshape(-1)]
-        step = float(lr) * adam_step(state, _clip(torch.cat(parts), max_grad_norm), t)
-        k = 0
-        for A, B in zip(As, Bs):
-            A -= step[k:k + A.numel()].reshape(A.shape)
-            k += A.numel()
-            B -= step[k:k + B.numel()].reshape(B.shape)
-            k += B.numel()
-        cur = merged()
-        d = cur - prev
+def _lora_grads(gm: GradientMoments, layout, As, Bs, rho: torch.Tensor, s: float):
+    """Per layer the expected factor gradients (dL/dB = s G A^T, dL/dA = s B^T G at G = rho . mean)
+    and their expected squares, coordinates of G independent: E[(G A^T)^2] = (mean A^T)^2 + var (A^2)^T."""
+    out = []
+    for (off, o, i, _), A, B in zip(layout, As, Bs):
+        sl = slice(off, off + o * i)
+        G = (rho.float() @ gm.mean[:, sl].float()).reshape(o, i)
+        var = (gm.second_moment(rho, sl).reshape(o, i) - G * G).clamp_min_(0.0)
+        gB, gA = s * G @ A.t(), s * B.t() @ G
+        out.append((gA, gB, gA * gA + s * s * (B * B).t() @ var, gB * gB + s * s * var @ (A * A).t()))
+    return out
+
+
+def replay_lora(gm: GradientMoments, layout, lrs: np.ndarray, *, r: int, alpha: int, seed: int = 0,
+                max_grad_norm: float = 1.0, track: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Displacement of the merged weights after AdamW on LoRA factors with frozen weight
+    gradient moments (Delta W = s B A, s = alpha / r; B = 0, A ~ peft's kaiming-uniform at start;
+    the factors' Adam moments in expectation over the probe batches as in `replay_adam`),
+    group-scaled at the first-order loss ell_k = ell0_k + ce_k . Delta W. Memory: the factors and
+    their Adam state (r (in + out) per layer x 3), no N-sized state but the returned displacement."""
+    s = alpha / r
+    K = gm.mean.shape[0]
+    As, Bs = _lora_factors(layout, r, seed)
+    mom = [[torch.zeros_like(x) for x in (A, B, A, B)] for A, B in zip(As, Bs)]  # m_A, m_B, v_A, v_B
+    ell, trk = gm.ell0.clone(), gm.ell0.clone()
+    kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
+    ces = [gm.ce(slice(off, off + o * i)).reshape(K, o, i) for off, o, i, _ in layout]
+    prev = torch.zeros(K, dtype=torch.float64)
+    for t, lr in enumerate(lrs, start=1):
+        rho = gradient_scale("lora", ell, gm.ell0, gm.tau) if track else torch.ones(K, dtype=torch.float64)
+        grads = _lora_grads(gm, layout, As, Bs, rho, s)
+        c = _clip_factor(sum(float(eA.sum() + eB.sum()) for _, _, eA, eB in grads), max_grad_norm)
+        for (gA, gB, eA, eB), A, B, st in zip(grads, As, Bs, mom):
+            for x, g, e, m, v in ((A, gA, eA, st[0], st[2]), (B, gB, eB, st[1], st[3])):
+                m.mul_(BETAS[0]).add_(c * g, alpha=1 - BETAS[0])
+                v.mul_(BETAS[1]).add_(c * c * e, alpha=1 - BETAS[1])
+                x -= float(lr) * (m / (1 - BETAS[0] ** t)) / ((v / (1 - BETAS[1] ** t)).sqrt() + ADAM_EPS)
+        cur = torch.tensor([sum(float((s * (B.t() @ C[k]) * A).sum()) for C, A, B in zip(ces, As, Bs))
+                            for k in range(K)], dtype=torch.float64)  # ce_k . Delta W
+        d, prev = cur - prev, cur
         if track:
-            ell = (ell + (gg.ce_mean @ d).double()).clamp_min(0.0)
-        own = -(gg.ce_mean @ d).double()  # LoRA: the whole merged step (its groups share A, B)
-        trk = _decay(trk, kappa * own.clamp_min(0.0), gg.ell0)
-        prev = cur
-    return cur, trk
+            ell = (ell + d).clamp_min(0.0)
+        trk = _decay(trk, kappa * (-d).clamp_min(0.0), gm.ell0)  # LoRA: the whole merged step (groups share A, B)
+    delta = torch.zeros(gm.mean.shape[1])
+    for (off, o, i, _), A, B in zip(layout, As, Bs):
+        delta[off:off + o * i] = (s * B @ A).reshape(-1)
+    return delta, trk
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -484,7 +615,46 @@ def advise(rows: Sequence[dict], budget: float, *, gain_tol: float = GAIN_TOL, k
     return ok[0], (ok[1] if len(ok) > 1 else None)
 
 
-def forecast_grid(*args, **kwargs):  # defined in sft.forecast_run (keeps this file about the model)
-    from .forecast_run import forecast_grid as fg
+# ------------------------------------------------------------------------------------ budgets
+def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weight_bytes: int = 2,
+                          store_bytes: int = 2, chunk: int = CHUNK) -> dict:
+    """Peak memory of `sft.forecast_run.forecast_grid` beside the activations, in bytes, for N
+    trainable parameters (w = ``weight_bytes``, s = ``store_bytes`` per number):
 
-    return fg(*args, **kwargs)
+    - the model w N, and Shifted's copy of theta0 while a configuration is evaluated, w N;
+    - the moments of one method: mean 2 s N, sq 3 s N, the CE direction 2 s N (TALR, DFT,
+      FLOW; CE, L2 and LoRA derive it from their mean);
+    - the gradient pass: the two group gradients and a flattened copy, 3 w N;
+    - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N, a few chunk floats.
+
+    peak = w N + max(5 s N + 2 s N + 4 N + w N  [CE, L2, LoRA],
+                     7 s N + 4 N + w N            [TALR, DFT, FLOW],
+                     7 s N + 3 w N                [a gradient pass]) + 32 chunk.
+    ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
+    del grid, n_batches
+    w, s = weight_bytes, store_bytes
+    parts = {"ce_family": 7 * s * N + 4 * N + w * N, "own_weights": 7 * s * N + 4 * N + w * N,
+             "gradient_pass": 7 * s * N + 3 * w * N}
+    return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk}
+
+
+def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,
+                           n_batches: int, n_weightings: int, grid: int, probe_steps: int, flow: bool = True,
+                           replay_flops: float = 30.0) -> dict:
+    """The forecast's compute over one training run's (3 T B L2 forward-token passes; a backward
+    costs two forwards), from its parts (L2, L1 = mean tokens of a D2 / D1 sequence):
+
+    - gradients: n_b B L2 (1 + 2 x 2 groups) per token weighting (CE's, TALR's, DFT's, FLOW's),
+      the CE direction shared: 5 n_b B L2 n_w;
+    - token groups and FLOW's temperature: n_b B L2 each; the two probes: 2 x 3 k B L2;
+    - the D1 sample: at theta0, after each probe, at the two replayed probes and at each of the G
+      configurations: (G + 5) n_1 L1;
+    - the replays, no model pass: ``replay_flops`` (about 30) x N flops per step and configuration,
+      a forward-token pass being 2 N flops: G T replay_flops / 2 (N cancels).
+
+    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + G T replay_flops / 2] / (3 T B L2)."""
+    passes = (5 * n_batches * n_weightings + (2 if flow else 1) * n_batches + 6 * probe_steps) * batch * len_d2 \
+        + (grid + 5) * n_general * len_d1
+    replay = grid * steps * replay_flops / 2.0
+    run = 3.0 * steps * batch * len_d2
+    return {"passes_ratio": passes / run, "replay_ratio": replay / run, "ratio": (passes + replay) / run}

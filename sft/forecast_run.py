@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .forecast import (LN2, _collate, ComputeMeter, Forecast, ForecastConfig, Shifted, cosine_lrs, lora_layout,
-                       HARD_GROUP_P, method_gradients, replay_adam, replay_lora, sequence_losses, training_run_units)
+from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
+                       cosine_lrs, lora_layout, method_gradients, replay_adam, replay_lora, sequence_losses,
+                       training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
            "power_law_probes"]
@@ -41,12 +42,13 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
 
 def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.ndarray], cfg: ForecastConfig,
                  lrs: np.ndarray, meter: ComputeMeter, return_model: bool = False,
-                 direction: torch.Tensor | None = None, cosines: list | None = None):
+                 direction: torch.Tensor | None = None, cosines: list | None = None, on_step=None):
     """Real CE AdamW steps (the trainer's optimiser, rates ``lrs``) on ``examples``; returns
     each step's batch mean loss per token group and overall ``[steps, 3]`` (before the step;
     NaN where a batch has no token of the group), and the probed model with ``return_model``.
     With ``direction`` (flattened, the trainable parameters' order), appends to ``cosines`` each
-    step's cosine between the real (unclipped) gradient and it (no extra passes)."""
+    step's cosine between the real (unclipped) gradient and it (no extra passes). ``on_step(model,
+    t)`` is called after each step t = 1..len(lrs)."""
     from . import losses as L
     from .models import token_nll
 
@@ -76,6 +78,8 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         meter.forward_backward(int(b["attention_mask"].sum()))
+        if on_step is not None:
+            on_step(model, t + 1)
     return (out, model) if return_model else out
 
 
@@ -100,8 +104,8 @@ def fit_coherence(cosines: Sequence[float], lrs: np.ndarray) -> float:
 KAPPA_GRID = np.geomspace(0.02, 5.0, 25)
 
 
-def fit_kappa(gg, lrs: np.ndarray, order: np.ndarray, target: np.ndarray, tail: int = 5,
-              exhaustive: bool = False) -> torch.Tensor:
+def fit_kappa(gg: GradientMoments, lrs: np.ndarray, target: np.ndarray, tail: int = 5,
+              exhaustive: bool = False, meter: ComputeMeter | None = None) -> torch.Tensor:
     """kappa [2] so that the replayed CE probe's tracked group losses match the probe's
     (mean over the last ``tail`` steps; coordinate search on the log grid `KAPPA_GRID`, hard
     group first). The tracked loss falls as kappa_k grows, so the error |log(got / want)| is
@@ -123,7 +127,9 @@ def fit_kappa(gg, lrs: np.ndarray, order: np.ndarray, target: np.ndarray, tail: 
             if i not in memo:
                 kappa[k] = float(grid[i])
                 gg.kappa = kappa
-                _, _, traj = replay_adam(gg, "ce", lrs, order, trajectory=True)
+                _, _, traj = replay_adam(gg, "ce", lrs, trajectory=True)
+                if meter is not None:
+                    meter.replay(len(lrs))
                 got = float(traj[-tail:, k].mean())
                 memo[i] = (abs(math.log((got + 1e-3) / (want[k] + 1e-3))), got)
             return memo[i]
@@ -164,6 +170,127 @@ class SampleTree:
         return with_other(exact_full_logprobs(model, self.tree, bos_id=self.bos_id, eos_id=self.eos_id))
 
 
+def _batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> list[list[dict]]:
+    """The ``n_batches`` probe batches of B training examples (a random partition of D2's head)."""
+    perm = rng.permutation(len(d2))
+    n_b = min(cfg.n_batches, max(1, len(d2) // cfg.batch))
+    return [[d2[int(i)] for i in perm[k * cfg.batch:(k + 1) * cfg.batch]] for k in range(n_b)]
+
+
+class _Grid:
+    """What the rows of one forecast share: the model at theta0, its probe batches, the D1 sample
+    and its evaluation, the compute meter."""
+
+    def __init__(self, model0: nn.Module, d2, d1, cfg: ForecastConfig, d1_tree: SampleTree | None):
+        self.cfg, self.meter = cfg, ComputeMeter()
+        self.model = copy.deepcopy(model0)
+        self.d1, self.tree, self.pad = list(d1)[: cfg.n_general], d1_tree, cfg.pad_token_id
+        self.batches = _batches(d2, cfg, np.random.default_rng(cfg.seed))
+        self.examples = [ex for b in self.batches for ex in b]
+        self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
+        self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
+        self.layout = lora_layout(self.model) if "lora" in cfg.methods else None
+        self.dtype = getattr(torch, cfg.store_dtype)
+        self.flow_tau, self.size_points, self._groups = None, [], None
+        if "flow" in cfg.methods:
+            _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
+            self.flow_tau = max(float(np.median(means)), 1e-12)
+
+    def groups(self) -> list[np.ndarray]:
+        """Per probe example, its hard tokens at theta0 (computed once)."""
+        if self._groups is None:
+            self._groups = token_groups(self.model, self.examples, self.pad, HARD_GROUP_P, self.meter)
+        return self._groups
+
+    def moments(self, method: str, ce_mean=None) -> GradientMoments:
+        return method_gradients(self.model, self.batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
+                                w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype)
+
+    def replay(self, gm: GradientMoments, method: str, lr: float):
+        cfg = self.cfg
+        lrs = cosine_lrs(lr, cfg.steps)
+        self.meter.replay(cfg.steps, {"lora": 8.0 * cfg.lora_r + 10.0, "l2": 45.0}.get(method, 30.0))
+        if method == "lora":
+            return replay_lora(gm, self.layout, lrs, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed,
+                               max_grad_norm=cfg.max_grad_norm, track=cfg.track)
+        return replay_adam(gm, method, lrs, l2_coeff=cfg.l2_coeff if method == "l2" else 0.0,
+                           max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min, track=cfg.track)
+
+    def evaluate(self, delta: torch.Tensor) -> tuple[float, dict]:
+        """dL(P1) on the D1 sample at theta0 + delta (bits per sequence) and, with a tree, its two terms."""
+        from theory.prefix import prefix_decomposition
+
+        with Shifted(self.model, delta):
+            if self.tree is None:
+                return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1, {}
+            d = prefix_decomposition(self.tree.tree, self.base_lq, self.tree.logq(self.model, self.meter), unit="bits")
+        return d.delta, {"first_order_bits": d.first_order, "kl_term_bits": d.kl_term}
+
+    def calibrate(self, ce: GradientMoments, model0: nn.Module) -> dict:
+        """The CE probe at the grid's geometric middle rate: lam_c (`fit_coherence`) and kappa (`fit_kappa`)."""
+        cfg = self.cfg
+        lr_p = float(np.exp(np.mean(np.log(cfg.lrs))))
+        k_steps = min(cfg.probe_steps, cfg.steps)
+        plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
+        cos = []
+        target, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True,
+                                  direction=ce.mean.float().sum(0), cosines=cos)
+        ce.lam_c = fit_coherence(cos, plrs) if cfg.coherence else math.inf
+        probe_dl = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
+        del pm
+        kappa = fit_kappa(ce, plrs, target, meter=self.meter)
+        return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
+                "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
+                "lambda_c": ce.lam_c if math.isfinite(ce.lam_c) else None}
+
+    def size_probe(self, ce: GradientMoments, model0: nn.Module, probe: dict) -> list[tuple[float, float, float]]:
+        """(peak rate, measured dL, replayed dL) at the end of two real CE probes of ``probe_steps``
+        steps (the first steps of a real run at that rate): the calibration probe (the grid's middle
+        rate) and one at the grid's largest rate. The replay (CE, the probe's kappa and lam_c) runs
+        the same rates from theta0."""
+        cfg = self.cfg
+        lr_top = float(max(cfg.lrs))
+        k = min(cfg.probe_steps, cfg.steps)
+        plrs = cosine_lrs(lr_top, cfg.steps)[:k]
+        _, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True)
+        top = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
+        del pm
+        return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
+                (lr_top, top, self.replayed_dl(ce, plrs))]
+
+    def replayed_dl(self, ce: GradientMoments, lrs: np.ndarray) -> float:
+        self.meter.replay(len(lrs))
+        delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
+                               track=self.cfg.track)
+        with Shifted(self.model, delta):
+            return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1
+
+    def rows(self, gm: GradientMoments, pairs, progress) -> list[dict]:
+        out = []
+        for m, lr in pairs:
+            delta, ell = self.replay(gm, m, lr)
+            dl, parts = self.evaluate(delta)
+            del delta
+            r = size_correction(self.size_points, lr)
+            out.append(Forecast(m, lr, dl * r, gm.gain_bits(ell), extras={
+                "Lambda": float(cosine_lrs(lr, self.cfg.steps).sum()), "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
+                **parts}).to_dict())
+            progress(1)
+        return out
+
+
+def size_correction(points: Sequence[tuple[float, float, float]], lr: float) -> float:
+    """measured / replayed dL(P1) at peak rate ``lr``: the log of the ratio interpolated linearly in
+    log-rate between the probes' points (rate, measured, replayed), held at the nearest probe
+    outside their range (no extrapolation); points where either dL is not positive are left out;
+    1 without usable points."""
+    pts = sorted((lr_p, m / r) for lr_p, m, r in points if lr_p > 0 and m > 0 and r > 0)
+    if not pts:
+        return 1.0
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.exp(np.interp(math.log(lr), x, y)))
+
+
 def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig, *,
                   progress: bool = True, calibrate: bool = True, d1_tree: SampleTree | None = None,
                   only: set | None = None) -> dict:
@@ -172,90 +299,44 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     every response token); both as {"input_ids", "labels"} dicts. With ``d1_tree`` (the same
     sample as a token tree) dL(P1) comes from the per-prefix decomposition on its prefixes and
     each row also holds its first-order and KL terms. ``only``: a set of (method, lr) pairs of
-    the product to forecast (the others are skipped; gradients and probe are shared anyway)."""
+    the product to forecast (the others are skipped; gradients and probe are shared anyway).
+
+    One method's gradient moments live at a time (CE's first: the probe calibrates on them and
+    CE, L2 and LoRA replay them; then TALR's, DFT's, FLOW's, each freed after its rows), so the
+    memory is that of `sft.forecast.forecast_memory_bytes`, independent of the grid."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(model0)
-    meter = ComputeMeter()
-    rng = np.random.default_rng(cfg.seed)
-    d1 = list(d1)[: cfg.n_general]
-    pad = cfg.pad_token_id
-    perm = rng.permutation(len(d2))
-    n_b = min(cfg.n_batches, max(1, len(d2) // cfg.batch))
-    batches = [[d2[int(i)] for i in perm[k * cfg.batch:(k + 1) * cfg.batch]] for k in range(n_b)]
-    grad_examples = [ex for b in batches for ex in b]
-    base_d1 = mean_bits(model, d1, pad, meter)
-    flow_tau = None
-    if "flow" in cfg.methods:
-        _, means = sequence_losses(model, grad_examples, pad_token_id=pad, meter=meter)
-        flow_tau = max(float(np.median(means)), 1e-12)
-    order = rng.integers(0, n_b, size=cfg.steps)
-    need = {("ce" if m in ("l2", "lora") else m) for m in cfg.methods}
+    grid = _Grid(model0, d2, d1, cfg, d1_tree)
     pairs = [(m, lr) for m in cfg.methods for lr in cfg.lrs if only is None or (m, lr) in only]
-    bar = tqdm(total=len(need) + len(pairs) + (1 if calibrate else 0), desc="forecast",
-               unit="job", disable=not progress)
-    grads = {}
-    for m in sorted(need):
-        grads[m] = method_gradients(model, batches, m, pad_token_id=pad, flow_tau=flow_tau, w_min=cfg.w_min,
-                                    meter=meter)
-        bar.update(1)
-    layout = lora_layout(model) if "lora" in cfg.methods else None
-
-    def replay(method, lr, steps=cfg.steps, schedule=True):
-        lrs = cosine_lrs(lr, steps) if schedule else np.full(steps, lr)
-        g = grads["ce" if method in ("l2", "lora") else method]
-        if method == "lora":
-            return replay_lora(g, layout, lrs, order[:steps], r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed,
-                               max_grad_norm=cfg.max_grad_norm, track=cfg.track)
-        return replay_adam(g, method, lrs, order[:steps], l2_coeff=cfg.l2_coeff if method == "l2" else 0.0,
-                           max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min, track=cfg.track)
-
-    base_lq = d1_tree.logq(model, meter) if d1_tree is not None else None
-
-    def evaluate(delta):
-        from theory.prefix import prefix_decomposition
-
-        with Shifted(model, delta):
-            if d1_tree is None:
-                return mean_bits(model, d1, pad, meter) - base_d1, {}
-            d = prefix_decomposition(d1_tree.tree, base_lq, d1_tree.logq(model, meter), unit="bits")
-        return d.delta, {"first_order_bits": d.first_order, "kl_term_bits": d.kl_term}
-
+    own = [m for m in ("talr", "dft", "flow") if m in cfg.methods]
+    bar = tqdm(total=1 + len(own) + len(pairs) + int(calibrate), desc="forecast", unit="job", disable=not progress)
+    ce = grid.moments("ce")
+    bar.update(1)
     probe = {}
     if calibrate:
-        lr_p = float(np.exp(np.mean(np.log(cfg.lrs))))  # the grid's geometric middle
-        k_steps = min(cfg.probe_steps, cfg.steps)
-        plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
-        groups = token_groups(model, grad_examples, pad, HARD_GROUP_P, meter)
-        cos = []
-        target, pm = probe_losses(model0, grad_examples, groups, cfg, plrs, meter, return_model=True,
-                                  direction=grads["ce"].g.sum(1).mean(0), cosines=cos)
-        lam_c = fit_coherence(cos, plrs) if cfg.coherence else math.inf
-        for gk in grads.values():
-            gk.lam_c = lam_c
-        probe_dl = mean_bits(pm, d1, pad, meter) - base_d1
-        kappa = fit_kappa(grads["ce"], plrs, order[:k_steps], target)
-        for gk in grads.values():
-            gk.kappa = kappa
-        probe = {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
-                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
-                 "lambda_c": lam_c if math.isfinite(lam_c) else None}
+        probe = grid.calibrate(ce, model0)
+        if cfg.size_probe:
+            grid.size_points = grid.size_probe(ce, model0, probe)
+            probe["size_points"] = grid.size_points
         bar.update(1)
-    rows = []
-    for m, lr in pairs:
-        delta, ell = replay(m, lr)
-        dl, parts = evaluate(delta)
-        gain = grads["ce" if m in ("l2", "lora") else m].gain_bits(ell)
-        rows.append(Forecast(m, lr, dl, gain, extras={"Lambda": float(cosine_lrs(lr, cfg.steps).sum()),
-                                                       "tracked_loss_nats": ell.tolist(), **parts}).to_dict())
+    by_method = {m: grid.rows(ce, [p for p in pairs if p[0] == m], bar.update) for m in ("ce", "l2", "lora")}
+    shared = ce.ce(), ce.kappa, ce.lam_c
+    del ce
+    for m in own:
+        gm = grid.moments(m, ce_mean=shared[0].to(grid.dtype))
+        gm.kappa, gm.lam_c = shared[1], shared[2]
         bar.update(1)
+        by_method[m] = grid.rows(gm, [p for p in pairs if p[0] == m], bar.update)
+        del gm
     bar.close()
+    rows = sorted((r for rs in by_method.values() for r in rs), key=lambda r: pairs.index((r["method"], r["lr"])))
     run_units = training_run_units(d2, cfg.steps, cfg.batch)
     return {"rows": rows, "probe": probe,
-            "compute": {"forecast_units": meter.units, "training_run_units": run_units,
-                        "compute_ratio": meter.units / run_units, "unit": "forward-token passes (backward = 2)"},
-            "base": {"d1_bits": base_d1}}
+            "compute": {"forecast_units": grid.meter.units, "training_run_units": run_units,
+                        "compute_ratio": grid.meter.units / run_units, "replay_ratio": grid.meter.replay_units / run_units,
+                        "unit": "forward-token passes (backward = 2; a replay's flops / 2 N)"},
+            "base": {"d1_bits": grid.base_d1}}
 
 
 def power_law_probes(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig,

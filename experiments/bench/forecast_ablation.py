@@ -1,8 +1,11 @@
-"""Ablation: the forecast with and without the probe-measured gradient rotation (`sft.forecast.coherence`),
-scored against an already trained validation grid (`talr study forecast --out DIR` must have run).
+"""Ablation of the forecast's parts, scored against an already trained validation grid
+(`talr study forecast --out DIR`, or its grid alone, must have run): the adopted forecast and
+variants with one part changed -- no size probe (the replay's own size), no rotation, the
+moments stored in bf16 (memory) -- and, for each variant, the largest and median relative
+change of its 30 forecasts against the adopted one (what that change costs or buys).
 
-Prints one JSON line per variant: spearman, spearman_within_lr (and per learning rate), within_2x,
-advisor_hit_rate, advisor_within_budget, compute_ratio. Nothing is written.
+Prints one JSON line per variant: spearman, spearman_within_lr, within_2x (0.01 bits/token
+counts as zero), advisor_hit_rate, advisor_within_budget, compute_ratio. Nothing is written.
 
     PYTHONPATH=$PWD .venv/bin/python -m experiments.bench.forecast_ablation --world-seed 0 --out runs/study_w0
 """
@@ -15,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
+            "bf16_moments": {"store_dtype": "bfloat16"}}
 
-def score_forecast(cfg, fc: dict, runs: list[dict]) -> dict:
+
+def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
     """The forecast's summary figures against the grid's seed-mean measurements."""
-    from scipy.stats import spearmanr
-
     from experiments.studies.forecast import measured_scores as measured
-    from experiments.studies.forecast_metrics import (advisor_scores, budgets_over, spearman, spearman_within_lr,
-                                                      within_2x)
+    from sft.forecast_metrics import advisor_scores, budgets_over, spearman, spearman_within_lr, within_2x
 
     meas = measured(cfg, fc, runs)
     rows, lrs = fc["rows"], sorted(cfg.lrs)
@@ -32,36 +35,48 @@ def score_forecast(cfg, fc: dict, runs: list[dict]) -> dict:
     gain = np.array([r["domain_gain_bits"] for r in rows])
     adv = advisor_scores(method, li, dl, gain, meas["dl"], meas["gain"], budgets_over(meas["dl"], cfg.n_budgets))
     return {"spearman": spearman(dl, meas["dl"]), "spearman_within_lr": spearman_within_lr(li, dl, meas["dl"]),
-            "per_lr": [float(spearmanr(dl[li == k], meas["dl"][li == k])[0]) for k in range(len(lrs))],
-            "within_2x": within_2x(dl, meas["dl"]), "advisor_hit_rate": adv["advisor_hit_rate"],
-            "advisor_within_budget": adv["advisor_within_budget"],
-            "compute_ratio": fc["compute"]["compute_ratio"], "lambda_c": fc["probe"].get("lambda_c")}
+            "within_2x": within_2x(dl, meas["dl"], zero_tol), "advisor_hit_rate": adv["advisor_hit_rate"],
+            "advisor_within_budget": adv["advisor_within_budget"], "compute_ratio": fc["compute"]["compute_ratio"]}
 
 
 def main(argv=None) -> None:
     import torch
 
     from experiments.studies import forecast as S
+    from experiments.studies.forecast_grid import RunSpec
     from sft.forecast_run import forecast_grid
     from sft.worlds import build_world, pretrain
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", required=True, help="the study's folder (its runs/ are read)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
     a = ap.parse_args(argv)
-    runs = [json.loads(p.read_text()) for p in sorted(Path(a.out, "runs").glob("*.json"))]
-    if not runs:
-        raise SystemExit(f"{a.out}/runs: no trained runs; run `talr study forecast --out {a.out}` first")
     torch.set_num_threads(1)
-    cfg = S.make_config("default", world_seed=a.world_seed, out=a.out, progress=False)
-    world = build_world(S.world_config(cfg))
+    cfg = S.make_config("default", world_seed=a.world_seed, steps=a.steps, batch=a.batch_size, out=a.out,
+                        progress=False)
+    wcfg = S.world_config(cfg)
+    paths = [Path(a.out, "runs", f"{RunSpec(wcfg.key(), wcfg.variant, m, float(lr), cfg.steps, cfg.batch, s).key()}.json")
+             for s in cfg.seeds for m in cfg.methods for lr in cfg.lrs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"{a.out}/runs: {len(missing)} of {len(paths)} runs missing; train the grid first")
+    runs = [json.loads(p.read_text()) for p in paths]
+    world = build_world(wcfg)
     model0, _ = pretrain(world, cfg.cache_dir)
     d1 = S.general_sample(world, S.forecast_config(cfg, world).n_general)
-    for coherent in (False, True):
-        fcfg = dataclasses.replace(S.forecast_config(cfg, world), coherence=coherent)
+    ref = None
+    for name in a.variants.split(","):
+        fcfg = dataclasses.replace(S.forecast_config(cfg, world), **VARIANTS[name])
         fc = forecast_grid(model0, world.d2_train, d1, fcfg, progress=False,
                            d1_tree=S.general_tree(world, fcfg.n_general))
-        print(json.dumps({"world_seed": a.world_seed, "coherence": coherent, **score_forecast(cfg, fc, runs)}))
+        dl = np.array([r["dL_P1_bits"] for r in fc["rows"]])
+        ref = dl if ref is None else ref
+        rel = np.abs(dl - ref) / np.maximum(np.abs(ref), 1e-12)
+        print(json.dumps({"world_seed": a.world_seed, "variant": name, **score_forecast(cfg, fc, runs, S.zero_tolerance(d1)),
+                          "max_rel_change": float(rel.max()), "median_rel_change": float(np.median(rel))}))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def register(sub) -> None:
 
 
 def register_forecast(studies) -> None:
+    from experiments.commands.forecast import _floats, _methods, _positive_int
+
     f = studies.add_parser("forecast", help="validate talr forecast on a grid of tiny-world runs (3 seeds)",
                            description="Forecast methods x learning rates before training, train every "
                                        "configuration with 3 seeds, measure exact dL(P1) and domain gain, and "
@@ -39,7 +41,12 @@ def register_forecast(studies) -> None:
     f.add_argument("--preset", default="default", choices=["default", "smoke"],
                    help="default: 5 lrs x 6 methods x 3 seeds (about 20 min on 2 cores); smoke: a 1-minute check")
     f.add_argument("--world-seed", type=int, default=0, help="seed of the tiny world (its languages and model)")
-    f.add_argument("--workers", type=int, default=None, help="training processes (one torch thread each)")
+    f.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps T of every run (default: the preset's)")
+    f.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per step B (default: the preset's)")
+    f.add_argument("--lrs", type=lambda s: _floats(s, "lrs"), default=None,
+                   help="comma-separated peak learning rates in (0, 1) (default: the preset's)")
+    f.add_argument("--methods", type=_methods, default=None, help="comma list of methods (default: the preset's)")
+    f.add_argument("--workers", type=_positive_int, default=None, help="training processes (one torch thread each)")
     f.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained worlds (by config hash)")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -52,12 +59,11 @@ def run_forecast_study(args) -> int:
     from experiments.studies.forecast import make_config, run_study
 
     kw = dict(out=args.out, world_seed=args.world_seed, cache_dir=args.cache_dir, progress=not args.no_progress)
-    if args.workers is not None:
-        if args.workers < 1:
-            from experiments.cli import UserError
-
-            raise UserError(f"--workers must be >= 1, got {args.workers}")
-        kw["workers"] = args.workers
+    for k, name in (("steps", "steps"), ("batch", "batch_size"), ("lrs", "lrs"), ("methods", "methods"),
+                    ("workers", "workers")):
+        if getattr(args, name) is not None:
+            v = getattr(args, name)
+            kw[k] = tuple(m.strip() for m in v.split(",")) if k == "methods" else v
     s = run_study(make_config(args.preset, **kw))
     keys = ("n_configs", "spearman", "spearman_ceiling", "spearman_within_lr", "within_2x", "advisor_hit_rate",
             "advisor_within_budget", "compute_ratio")

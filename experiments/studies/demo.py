@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from sft.methods import METHODS
+from sft.world_runs import appendix_e_constants  # shared with the forecast study
 
 from ..outputs import seed_verdict
 
@@ -272,16 +273,6 @@ def seed_runs(world, model0, variant: str, cfg: DemoConfig, out: Path, at_q0: tu
 
 
 # ------------------------------------------------------------------------------ theory side
-def appendix_e_constants(world, model0):
-    """Constants of Appendix E at q0 on the union of the P1 and P2 trees."""
-    from sft.treeprobs import exact_full_logprobs
-    from theory.estimate import estimate_constants
-
-    u, p1u, p2u = world.p1.union_aligned(world.p2)
-    logq = exact_full_logprobs(model0, u, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
-    return estimate_constants(p1u, p2u, logq, alpha=0.1, threshold=0.1)
-
-
 def bounds_of_run(constants, lams: list[float], gain_bits: float) -> dict:
     """Theorem E.3 over the fitted steps and Theorem E.4 at the measured gain, in bits
     (`theory.bounds.theorem_e3_cumulative`, `theorem_e4_at_gain`; ``T`` = evaluation intervals)."""

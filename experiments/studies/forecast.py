@@ -6,7 +6,7 @@
 2. Train every configuration with 3 seeds and measure its exact dL(P1) and domain gain as the
    demo does (`experiments.studies.forecast_grid`, cached per run).
 3. Score the forecast and the baselines against the seed-mean measurements
-   (`experiments.studies.forecast_metrics`) and write ``summary.json``, ``table.md``,
+   (`sft.forecast_metrics`) and write ``summary.json``, ``table.md``,
    ``forecast_vs_measured.png`` and ``tradeoff.png``.
 
 Baselines (each what a user would otherwise do; their magnitudes are scaled to the forecast's
@@ -32,7 +32,7 @@ import numpy as np
 
 from sft.methods import forecast_methods
 
-from .forecast_metrics import advisor_scores, budgets_over, spearman, spearman_within_lr, within_2x
+from sft.forecast_metrics import advisor_scores, budgets_over, spearman, spearman_within_lr, within_2x
 
 LN2 = math.log(2.0)
 
@@ -109,7 +109,7 @@ def forecast_config(cfg: ForecastStudyConfig, world):
 # ---------------------------------------------------------------------------------- baselines
 def paper_rule_constants(world, model0) -> dict:
     """H_T V_s and C1 of Theorem E.5 (= B.3) at q0 (nats), as the demo estimates them."""
-    from .demo import appendix_e_constants
+    from sft.world_runs import appendix_e_constants
 
     c = appendix_e_constants(world, model0).constants
     return {"H_T_V_s": float(c.H_T * c.V_s), "C1": float(c.C1) if math.isfinite(c.C1) else 0.0}
@@ -165,12 +165,17 @@ def run_study(cfg: ForecastStudyConfig) -> dict:
         torch.set_num_threads(threads)
 
 
-def _cached_json(path: Path, make, write):
+def _cached_json(path: Path, make, write, request: dict | None = None):
+    """``path``'s JSON when it exists (and, with ``request``, was made for it), else ``make()`` written there."""
     import json
 
     if path.exists():
-        return json.loads(path.read_text())
+        old = json.loads(path.read_text())
+        if request is None or old.get("request") == request:
+            return old
     obj = make()
+    if request is not None:
+        obj["request"] = request
     write(path, obj)
     return json.loads(path.read_text())
 
@@ -194,7 +199,8 @@ def _run(cfg: ForecastStudyConfig, out: Path, write) -> dict:
         res["seconds"] = time.perf_counter() - t0
         return res
 
-    fc = _cached_json(out / "forecast.json", make_fc, write)
+    request = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(fcfg).items()}
+    fc = _cached_json(out / "forecast.json", make_fc, write, request)
     power = _cached_json(out / "baseline_power_law.json",
                          lambda: power_law_probes(model0, world.d2_train, d1, fcfg), write)
     rule = _cached_json(out / "baseline_paper_rule.json", lambda: paper_rule_constants(world, model0), write)
@@ -203,7 +209,7 @@ def _run(cfg: ForecastStudyConfig, out: Path, write) -> dict:
     t0 = time.perf_counter()
     runs = run_grid(specs, wcfg, out, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=cfg.progress)
     grid_seconds = time.perf_counter() - t0
-    summary = score(cfg, fc, runs, baselines(cfg, fc, rule, power), power)
+    summary = score(cfg, fc, runs, baselines(cfg, fc, rule, power), power, zero_tol=zero_tolerance(d1))
     summary.update(world_seed=cfg.world_seed, preset=cfg.preset, world_key=wcfg.key(),
                    config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                    forecast_seconds=fc.get("seconds"), grid_seconds_this_call=grid_seconds,
@@ -232,8 +238,18 @@ def measured_scores(cfg: ForecastStudyConfig, fc: dict, runs: list[dict]) -> dic
     }
 
 
-def score(cfg: ForecastStudyConfig, fc: dict, runs: list[dict], base: dict, power: dict) -> dict:
-    """Every figure of the summary (see the module docstring and `forecast_metrics`)."""
+ZERO_BITS_PER_TOKEN = 0.01  # |dL| below this per token is "no change": within 2x whatever the ratio
+
+
+def zero_tolerance(d1: list[dict]) -> float:
+    """0.01 bits/token in the study's unit (bits per D1 sequence): x the mean predicted tokens of a sequence."""
+    return ZERO_BITS_PER_TOKEN * float(np.mean([sum(1 for x in e["labels"] if x >= 0) for e in d1]))
+
+
+def score(cfg: ForecastStudyConfig, fc: dict, runs: list[dict], base: dict, power: dict, zero_tol: float = 0.0) -> dict:
+    """Every figure of the summary (see the module docstring and `sft.forecast_metrics`); ``within_2x``
+    counts a configuration within when |forecast - measured| <= max of the two / 2 or both are within
+    ``zero_tol`` of zero."""
     rows = fc["rows"]
     meas = measured_scores(cfg, fc, runs)
     lrs = sorted(cfg.lrs)
@@ -247,7 +263,7 @@ def score(cfg: ForecastStudyConfig, fc: dict, runs: list[dict], base: dict, powe
         adv = advisor_scores(method, lr_index, pred, gain, meas["dl"], meas["gain"], budgets)
         return {"spearman": spearman(pred, meas["dl"]),
                 "spearman_within_lr": spearman_within_lr(lr_index, pred, meas["dl"]),
-                "within_2x": within_2x(pred, meas["dl"]), **adv}
+                "within_2x": within_2x(pred, meas["dl"], zero_tol), **adv}
 
     main = figures(fc_dl)
     table = []
@@ -264,14 +280,14 @@ def score(cfg: ForecastStudyConfig, fc: dict, runs: list[dict], base: dict, powe
     base_figs["power_law"]["compute_ratio"] = power["compute_ratio"]
     base_figs["kl_domain_after"] = {"spearman": spearman(meas["kl_domain"], meas["dl"]),
                                     "spearman_within_lr": spearman_within_lr(lr_index, meas["kl_domain"], meas["dl"]),
-                                    "within_2x": within_2x(meas["kl_domain"], meas["dl"]),
+                                    "within_2x": within_2x(meas["kl_domain"], meas["dl"], zero_tol),
                                     "compute_ratio": None, "note": "needs every trained model"}
     return {
         "n_configs": int(len(rows)), "n_runs": int(len(runs)), "n_seeds": len(cfg.seeds),
         **{k: v for k, v in main.items() if k != "budgets"},
         "spearman_ceiling": spearman(meas["dl_seed_a"], meas["dl_seed_b"]),
         "spearman_within_lr_ceiling": spearman_within_lr(lr_index, meas["dl_seed_a"], meas["dl_seed_b"]),
-        "compute_ratio": fc["compute"]["compute_ratio"], "compute": fc["compute"],
+        "compute_ratio": fc["compute"]["compute_ratio"], "compute": fc["compute"], "within_2x_zero_tol_bits": zero_tol,
         "advisor_budgets": main["budgets"], "probe": {k: v for k, v in fc["probe"].items() if k != "loss_nats"},
         "baselines": {k: {kk: vv for kk, vv in v.items() if kk != "budgets"} for k, v in base_figs.items()},
         "table": table,

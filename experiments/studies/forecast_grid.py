@@ -1,6 +1,6 @@
 """The measured side of the forecast study: a grid of fine-tuning runs in the tiny world.
 
-Every run is the demo's (`experiments.studies.demo.finetune`: CoT world, AdamW, cosine schedule, no
+Every run is `sft.world_runs.finetune_exact` (the demo's: CoT world, AdamW, cosine schedule, no
 warm-up) with the exact end metrics: ``dL_P1_bits`` = KL(P1 || q_T) - KL(P1 || q0) and
 ``domain_gain_bits`` = the drop of E_P2[-log2 q(completion | prompt)], plus baseline (d),
 ``kl_q0_qT_domain_bits`` = sum over P2's completion prefixes u of P2(u) KL(q0(.|u) || q_T(.|u))
@@ -78,17 +78,15 @@ class WorldCache:
 def run_one(spec: RunSpec, wcfg, worlds: WorldCache) -> dict:
     """Fine-tune and measure one configuration (see the module docstring)."""
     from sft.treeprobs import exact_full_logprobs
-
-    from .demo import DemoConfig, finetune, summarise
+    from sft.world_runs import finetune_exact
 
     world, model0, base, logq0, logq1 = worlds.get(wcfg)
-    dcfg = DemoConfig(steps=spec.steps, batch=spec.batch, eval_every=spec.steps + 1, seed=spec.seed, progress=False)
     tmp = Path(tempfile.mkdtemp(prefix="talr-forecast-run-"))
     try:
-        model, points, res, secs = finetune(world, model0, spec.method, spec.lr, dcfg, tmp, base, logq0, logq1)
+        model, s, res, secs = finetune_exact(world, model0, spec.method, spec.lr, steps=spec.steps, batch=spec.batch,
+                                             seed=spec.seed, run_dir=tmp, base=base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    s = summarise(points, base)
     logqT = exact_full_logprobs(model, world.p2, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
     out = {"spec": asdict(spec), "status": res.status, "seconds": secs,
            "dL_P1_bits": s["dL_P1_bits"], "domain_gain_bits": s["domain_gain_bits"],

@@ -24,7 +24,10 @@ def summary_markdown(s: dict) -> str:
     txt = (f"# Forecast study (world seed {s['world_seed']}, preset {s['preset']})\n\n"
            f"{s['n_configs']} configurations x {s['n_seeds']} seeds; spearman_ceiling (two seeds' "
            f"measurements) = {s['spearman_ceiling']:.3f} (within a rate: {s['spearman_within_lr_ceiling']:.3f}); compute ratio = {s['compute_ratio']:.3f} "
-           f"({s['compute']['unit']}).\n\n" + markdown_table(head, rows) + "\n\n")
+           f"({s['compute']['unit']}; of which the replays {s['compute'].get('replay_ratio', float('nan')):.3f}). "
+           f"within_2x counts a configuration when |forecast - measured| <= max(forecast, measured) / 2 or both are "
+           f"within {s.get('within_2x_zero_tol_bits', 0.0):.3g} bits (0.01 bits/token) of zero.\n\n"
+           + markdown_table(head, rows) + "\n\n")
     cols = ["method", "lr", "forecast_dL_P1_bits", "measured_dL_P1_bits", "measured_dL_P1_sd", "forecast_gain_bits",
             "measured_gain_bits", "lr_alone_dL_P1_bits", "power_law_dL_P1_bits", "kl_domain_after_bits"]
     txt += "## Per configuration (bits per sequence; measured = mean over seeds)\n\n"

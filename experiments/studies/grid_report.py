@@ -133,7 +133,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     """Forecast vs measured over the trained runs that have a forecast, per variant and pooled:
     Spearman and within-2x of the general degradation (bits/token of the pooled general set),
     Spearman of the domain gain; the forecast's cost (compute ratio, seconds) per variant."""
-    from .forecast_metrics import spearman, within_2x
+    from sft.forecast_metrics import spearman, within_2x
 
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}

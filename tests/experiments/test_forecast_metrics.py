@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments.studies.forecast_metrics import (advisor_choice, advisor_scores, budgets_over, spearman,
+from sft.forecast_metrics import (advisor_choice, advisor_scores, budgets_over, spearman,
                                                   spearman_within_lr, within_2x)
 
 
@@ -30,6 +30,10 @@ def test_within_2x_counts_ratio_band_and_sign():
     # ratios 1, 2 (edge, inside), 0.5 (edge), 5 (out), negative (out)
     assert within_2x([1, 2, 0.5, 5, -1], [1, 1, 1, 1, 1]) == pytest.approx(3 / 5)
     assert within_2x([-1.0], [-1.5]) == pytest.approx(1.0)  # same sign, ratio 2/3
+    # |f - m| <= max / 2 is the ratio band; near zero (both within zero_tol) counts as within
+    assert within_2x([0.004, -0.003, 0.02], [-0.002, 0.001, 0.001], zero_tol=0.01) == pytest.approx(2 / 3)
+    assert within_2x([0.004, -0.003, 0.02], [-0.002, 0.001, 0.001]) == 0.0
+    assert within_2x([float("nan"), 1.0], [1.0, 1.0]) == pytest.approx(0.5)
 
 
 def test_advisor_picks_max_gain_feasible_config():

@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from sft.forecast import (GroupGradients, ComputeMeter, ForecastConfig, adam_step, advise, coherence, cosine_lrs,
+from sft.forecast import (ComputeMeter, ForecastConfig, GradientMoments, adam_step, advise, coherence, cosine_lrs,
                           gradient_scale, replay_adam, replay_lora, training_run_units)
 from sft.forecast_run import fit_coherence
 
 
-def _gg(g: torch.Tensor, ce_mean=None, ell0=(1.0, 5.0)) -> GroupGradients:
+def _gg(g: torch.Tensor, ce_mean=None, ell0=(1.0, 5.0)) -> GradientMoments:
     n_b, K, P = g.shape
-    return GroupGradients(g=g, ce_mean=torch.zeros(K, P) if ce_mean is None else ce_mean,
-                          ell0=torch.tensor(ell0, dtype=torch.float64), tau=1.0,
-                          tokens_per_seq=torch.ones(K, dtype=torch.float64))
+    return GradientMoments.from_batches(g, torch.zeros(K, P) if ce_mean is None else ce_mean, ell0)
 
 
 def test_cosine_schedule_matches_trainer():
@@ -26,19 +24,19 @@ def test_cosine_schedule_matches_trainer():
 def test_adam_first_step_is_lr_sign_and_linear_in_lr():
     g = torch.tensor([[[0.3, -0.02, 0.0]], [[0.3, -0.02, 0.0]]])  # [n_b=2, K=1, P=3]
     gg = _gg(g, ell0=(1.0,))
-    d1, _ = replay_adam(gg, "ce", np.array([0.1]), np.array([0]), track=False)
+    d1, _ = replay_adam(gg, "ce", np.array([0.1]), track=False)
     assert d1.tolist() == pytest.approx([-0.1, 0.1, 0.0], abs=1e-6)  # Adam's first step: lr * sign(g)
-    da, _ = replay_adam(gg, "ce", cosine_lrs(1e-3, 20), np.zeros(20, int), track=False)
-    db, _ = replay_adam(gg, "ce", cosine_lrs(2e-3, 20), np.zeros(20, int), track=False)
+    da, _ = replay_adam(gg, "ce", cosine_lrs(1e-3, 20), track=False)
+    db, _ = replay_adam(gg, "ce", cosine_lrs(2e-3, 20), track=False)
     assert db.tolist() == pytest.approx((2 * da).tolist(), rel=1e-5)  # frozen replay: displacement ~ lr
 
 
 def test_l2_pull_shrinks_the_displacement_and_clipping_applies():
     g = torch.full((1, 1, 4), 0.01)
     gg = _gg(g, ell0=(1.0,))
-    lrs, order = np.full(200, 0.05), np.zeros(200, int)
-    free, _ = replay_adam(gg, "ce", lrs, order, track=False)
-    pulled, _ = replay_adam(gg, "l2", lrs, order, l2_coeff=1.0, track=False)
+    lrs = np.full(200, 0.05)
+    free, _ = replay_adam(gg, "ce", lrs, track=False)
+    pulled, _ = replay_adam(gg, "l2", lrs, l2_coeff=1.0, track=False)
     assert float(pulled.norm()) < 0.5 * float(free.norm())
 
 
@@ -56,9 +54,9 @@ def test_tracker_slows_the_replay_once_the_domain_is_learned():
     g = torch.full((1, 1, 4), 0.1)
     ce_mean = torch.full((1, 4), 0.1)  # moving along -g lowers the loss
     gg = _gg(g, ce_mean=ce_mean, ell0=(0.5,))
-    lrs, order = np.full(100, 0.5), np.zeros(100, int)
-    frozen, _ = replay_adam(gg, "ce", lrs, order, track=False)
-    tracked, ell = replay_adam(gg, "ce", lrs, order, track=True)
+    lrs = np.full(100, 0.5)
+    frozen, _ = replay_adam(gg, "ce", lrs, track=False)
+    tracked, ell = replay_adam(gg, "ce", lrs, track=True)
     assert float(tracked.norm()) < 0.5 * float(frozen.norm())
     assert float(ell[0]) < 0.5
 
@@ -68,8 +66,7 @@ def test_lora_replay_is_low_rank():
     o, i, r = 6, 5, 2
     g = torch.randn(3, 1, o * i)
     layout = [(0, o, i, 0)]
-    delta, _ = replay_lora(_gg(g, ell0=(1.0,)), layout, np.full(10, 1e-2), np.arange(10) % 3, r=r, alpha=4,
-                           track=False)
+    delta, _ = replay_lora(_gg(g, ell0=(1.0,)), layout, np.full(10, 1e-2), r=r, alpha=4, track=False)
     W = delta.reshape(o, i)
     assert float(W.norm()) > 0
     assert int(torch.linalg.matrix_rank(W, atol=1e-7)) <= r
@@ -124,18 +121,18 @@ def test_rotation_keeps_only_the_coherent_part_of_the_gradient():
     Adam's first step followed by its momentum alone (hand-replayed with zero gradients); an
     L2 pull keeps the first-order scale (the rotation is ignored)."""
     g = torch.tensor([[[0.3, -0.02, 0.0]]])
-    lrs, order = np.full(5, 0.1), np.zeros(5, int)
+    lrs = np.full(5, 0.1)
     gg = _gg(g, ell0=(1.0,))
     gg.lam_c = 1e-12
-    delta, _ = replay_adam(gg, "ce", lrs, order)
+    delta, _ = replay_adam(gg, "ce", lrs)
     state, want = {"m": torch.zeros(3), "v": torch.zeros(3)}, torch.zeros(3)
     for t in range(1, 6):
         want -= 0.1 * adam_step(state, g[0, 0] if t == 1 else torch.zeros(3), t)
     assert delta.tolist() == pytest.approx(want.tolist(), rel=1e-5)
-    coherent, _ = replay_adam(_gg(g, ell0=(1.0,)), "ce", lrs, order)
+    coherent, _ = replay_adam(_gg(g, ell0=(1.0,)), "ce", lrs)
     assert float(delta.norm()) < 0.65 * float(coherent.norm())  # 0.297 vs 0.5 per coordinate
-    l2_rot, _ = replay_adam(gg, "l2", lrs, order, l2_coeff=0.01)
-    l2_inf, _ = replay_adam(_gg(g, ell0=(1.0,)), "l2", lrs, order, l2_coeff=0.01)
+    l2_rot, _ = replay_adam(gg, "l2", lrs, l2_coeff=0.01)
+    l2_inf, _ = replay_adam(_gg(g, ell0=(1.0,)), "l2", lrs, l2_coeff=0.01)
     assert l2_rot.tolist() == pytest.approx(l2_inf.tolist())
 
 
@@ -176,7 +173,7 @@ def test_fit_kappa_binary_search_equals_the_exhaustive_grid(lam_c):
 
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(3, 2, 500, generator=gen) * 1e-2 + 3e-3
-    lrs, order = cosine_lrs(3e-3, 40)[:8], np.arange(8) % 3
+    lrs = cosine_lrs(3e-3, 40)[:8]
     for hard_target in (3.99, 3.5, 2.0, 0.3, 1e-3):
         for easy_target in (0.49, 0.3, 0.05):
             target = np.tile([easy_target, hard_target, 0.0], (8, 1))
@@ -184,5 +181,92 @@ def test_fit_kappa_binary_search_equals_the_exhaustive_grid(lam_c):
             for exhaustive in (False, True):
                 gg = _gg(g.clone(), ce_mean=g.mean(0), ell0=(0.5, 4.0))
                 gg.lam_c = lam_c
-                ks.append(fit_kappa(gg, lrs, order, target, exhaustive=exhaustive).tolist())
+                ks.append(fit_kappa(gg, lrs, target, exhaustive=exhaustive).tolist())
             assert ks[0] == ks[1], (hard_target, easy_target)
+
+
+def test_mean_field_replay_is_adam_on_the_mean_gradient_when_batches_agree():
+    """Identical batches have no noise (sq = mean^2): the replay is AdamW on that gradient, hand
+    replayed with `adam_step` and the clipping of the trainer; with L2's pull too; and slicing the
+    coordinates into chunks changes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    g1 = torch.randn(1, 2, 7, generator=gen)
+    g = g1.repeat(3, 1, 1)
+    lrs = cosine_lrs(0.05, 12)
+    for l2 in (0.0, 0.5):
+        want, state = torch.zeros(7), {"m": torch.zeros(7), "v": torch.zeros(7)}
+        for t, lr in enumerate(lrs, start=1):
+            gt = g1[0].sum(0) + 2 * l2 * want
+            n = float(gt.norm())
+            c = 1.0 / (n + 1e-6) if n > 1.0 else 1.0
+            want -= float(lr) * adam_step(state, gt * c, t)
+        for chunk in (3, 1 << 20):
+            got, _ = replay_adam(_gg(g), "l2" if l2 else "ce", lrs, l2_coeff=l2, track=False, chunk=chunk)
+            assert got.tolist() == pytest.approx(want.tolist(), rel=1e-4, abs=1e-7)
+
+
+def test_mean_field_noise_slows_adam_where_batches_disagree():
+    """A coordinate whose batch gradients cancel (+1, -1) does not move; one with a consistent
+    sign but the same second moment moves by lr per step (Adam's sign step)."""
+    g = torch.tensor([[[1.0, 1.0]], [[1.0, -1.0]]])  # [n_b=2, K=1, P=2]
+    gm = _gg(g, ell0=(1.0,))
+    assert gm.sq[0].tolist() == pytest.approx([1.0, 1.0]) and gm.mean[0].tolist() == pytest.approx([1.0, 0.0])
+    d, _ = replay_adam(gm, "ce", np.full(10, 0.01), track=False, max_grad_norm=0.0)
+    assert d.tolist() == pytest.approx([-0.1, 0.0], abs=1e-6)
+
+
+def test_streamed_moments_equal_the_per_batch_gradients(smoke_world, pretrained):
+    """`method_gradients` streams the batches: its mean, second moments and CE direction equal the
+    brute-force ones from each batch's explicit group gradients (TALR: its own weights)."""
+    from sft import losses as L
+    from sft.data import PadCollator
+    from sft.forecast import HARD_GROUP_P, method_gradients
+    from sft.models import token_nll
+
+    model, _, _ = pretrained
+    w = smoke_world
+    batches = [w.d2_train[i:i + 4] for i in (0, 4, 8)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def flat(loss):
+        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(gs, params)])
+
+    per, ce, ntok = [], torch.zeros(2, sum(p.numel() for p in params)), torch.zeros(2)
+    for ex in batches:
+        b = PadCollator(w.pad_id)(list(ex))
+        nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
+        wt, _ = L.token_weights("talr", nll, si, 4)
+        hard = torch.exp(-nll.detach()) < HARD_GROUP_P
+        per.append(torch.stack([flat((wt.detach() * nll * m).sum() / nll.numel()) for m in (~hard, hard)]))
+        for k, m in enumerate((~hard, hard)):
+            ce[k] += flat((nll * m).sum())
+            ntok[k] += float(m.sum())
+    g = torch.stack(per)
+    gm = method_gradients(model, batches, "talr", pad_token_id=w.pad_id)
+    ref = GradientMoments.from_batches(g, ce / ntok[:, None], (1.0, 1.0))
+    assert torch.allclose(gm.mean, ref.mean, atol=1e-7) and torch.allclose(gm.sq, ref.sq, atol=1e-9)
+    assert torch.allclose(gm.ce_mean, ref.ce_mean, atol=1e-7)
+    shared = method_gradients(model, batches, "dft", pad_token_id=w.pad_id, ce_mean=gm.ce_mean)
+    assert shared.ce_mean is gm.ce_mean  # a given direction is reused, not recomputed
+
+
+def test_memory_formula_is_linear_in_parameters_and_blind_to_the_grid():
+    from sft.forecast import CHUNK, forecast_memory_bytes
+
+    a = forecast_memory_bytes(1e9, grid=30, n_batches=6)
+    b = forecast_memory_bytes(2e9, grid=30, n_batches=6)
+    assert b["peak"] - 32 * CHUNK == pytest.approx(2 * (a["peak"] - 32 * CHUNK))
+    assert a["peak"] == pytest.approx(1e9 * (2 + 7 * 2 + 4 + 2) + 32 * CHUNK)  # 22 bytes per parameter in bf16
+    assert forecast_memory_bytes(1e9, grid=300, n_batches=60)["peak"] == a["peak"]
+    assert forecast_memory_bytes(3.21e9)["peak"] < 80e9  # a 3B model on one 80 GB GPU (bf16 storage)
+
+
+def test_size_correction_interpolates_the_probe_ratios_in_log_rate():
+    from sft.forecast_run import size_correction
+
+    pts = [(1e-4, 2.0, 1.0), (1e-2, 1.0, 4.0)]  # ratios 2 at 1e-4, 1/4 at 1e-2
+    assert size_correction(pts, 1e-3) == pytest.approx(np.sqrt(2.0 * 0.25))  # the geometric middle
+    assert size_correction(pts, 1e-5) == pytest.approx(2.0) and size_correction(pts, 1.0) == pytest.approx(0.25)
+    assert size_correction([(1e-3, -0.1, 1.0), (1e-2, 3.0, 1.0)], 1e-4) == pytest.approx(3.0)  # a non-positive dL is left out
+    assert size_correction([], 1e-3) == 1.0

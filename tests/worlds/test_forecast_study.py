@@ -28,3 +28,29 @@ def test_study_smoke_writes_summary_and_resumes(pretrained, tmp_path):
     s2 = run_study(cfg)  # everything cached: no run is redone
     assert [p.stat().st_mtime_ns for p in runs] == stamps
     assert s2["spearman"] == s["spearman"] or (math.isnan(s2["spearman"]) and math.isnan(s["spearman"]))
+
+
+def test_study_cli_checks_and_passes_the_grid_options(monkeypatch, tmp_path):
+    import pytest
+
+    from experiments import cli
+    from experiments.studies import forecast as S
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(S, "run_study", fake)
+    out = str(tmp_path / "s")
+    for bad in (["--steps", "0"], ["--batch-size", "-2"], ["--lrs", "0.1,2"], ["--lrs", "x"], ["--methods", "ce,sgd"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["study", "forecast", *bad, "--out", out])
+        assert e.value.code == 2, bad
+    assert "cfg" not in seen
+    with pytest.raises(SystemExit):
+        cli.main(["study", "forecast", "--steps", "60", "--batch-size", "8", "--lrs", "1e-4,1e-3",
+                  "--methods", "ce,l2", "--world-seed", "7", "--out", out])
+    c = seen["cfg"]
+    assert (c.steps, c.batch, c.lrs, c.methods, c.world_seed) == (60, 8, (1e-4, 1e-3), ("ce", "l2"), 7)

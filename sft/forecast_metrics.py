@@ -33,19 +33,22 @@ def spearman_within_lr(lr_index, forecast, measured) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def within_2x(forecast, measured) -> float:
-    """Fraction of configurations with forecast/measured > 0 and |log2(forecast/measured)| <= 1."""
+def within_2x(forecast, measured, zero_tol: float = 0.0) -> float:
+    """Fraction of configurations counted within 2x: |forecast - measured| <= max(|forecast|,
+    |measured|) / 2 (for values of one sign: forecast / measured in [1/2, 2]), or both within
+    ``zero_tol`` of zero (near-zero changes have no meaningful ratio; the studies pass 0.01
+    bits/token in their unit)."""
     f, m = np.asarray(forecast, float), np.asarray(measured, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = f / m
-        ok = (r > 0) & (np.abs(np.log2(np.where(r > 0, r, 1.0))) <= 1.0)
-    return float(np.mean(ok))
+    ok = np.abs(f - m) <= np.maximum(np.abs(f), np.abs(m)) / 2
+    ok &= (f * m > 0) | (f == m)
+    ok |= (np.abs(f) <= zero_tol) & (np.abs(m) <= zero_tol)
+    return float(np.mean(ok & np.isfinite(f) & np.isfinite(m)))
 
 
 def advisor_choice(dl, gain, budget: float, gain_tol: float = 0.0) -> int:
     """Index of `sft.forecast.advise`'s choice on these arrays (largest gain with dl <= budget,
     gains within ``gain_tol`` x the largest tied and broken by the smaller dl); -1 if none."""
-    from sft.forecast import advise
+    from .forecast import advise
 
     rows = [{"i": i, "dL_P1_bits": float(d), "domain_gain_bits": float(g)} for i, (d, g) in enumerate(zip(dl, gain))]
     best, _ = advise(rows, budget, gain_tol=gain_tol)
@@ -84,7 +87,7 @@ def advisor_scores(method, lr_index, fc_dl, fc_gain, ms_dl, ms_gain, budgets) ->
     learning rate at most one step away, or a choice that is feasible (measured dL <= budget)
     and gains at least what the best's method gains one learning-rate step below the best
     (it loses no more than one grid step)."""
-    from sft.forecast import GAIN_TOL
+    from .forecast import GAIN_TOL
 
     method, lr_index = np.asarray(method), np.asarray(lr_index)
     hits, inside, rows = [], [], []
