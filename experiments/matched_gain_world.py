@@ -39,7 +39,7 @@ class MatchedGainConfig:
     plateau: Plateau = field(default_factory=lambda: Plateau(patience=3, rel_tol=0.01, abs_tol=0.01))
     smoke: bool = False
     world_seed: int = 0
-    cache_dir: str = "runs/.cache/worlds"
+    cache_dir: str | None = None  # None: the user cache (sft.runs.user_cache_dir("worlds"))
     out: str = "runs/matched_gain_world"
 
 

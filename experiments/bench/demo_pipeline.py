@@ -19,12 +19,12 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--warm", action="store_true", help="reuse runs/.cache/worlds instead of a fresh cache")
+    ap.add_argument("--warm", action="store_true", help="reuse the user cache of worlds (sft.runs.user_cache_dir) instead of a fresh cache")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cache = "runs/.cache/worlds" if args.warm else str(Path(tmp) / "cache")
+        cache = None if args.warm else str(Path(tmp) / "cache")
         cmd = [sys.executable, "-m", "experiments.cli", "demo", "--preset", args.preset, "--out",
-               str(Path(tmp) / "demo"), "--cache-dir", cache, "--no-progress"]
+               str(Path(tmp) / "demo"), *(["--cache-dir", cache] if cache else []), "--no-progress"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t

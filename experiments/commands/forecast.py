@@ -111,7 +111,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step B")
     p.add_argument("--seed", type=ranged("seed", 0, SEED_MAX, integer=True), default=0,
                    help="seed of the forecast's batches and probe")
-    p.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained tiny worlds (by config hash)")
+    p.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

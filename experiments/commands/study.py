@@ -47,7 +47,7 @@ def register_forecast(studies) -> None:
                    help="comma-separated peak learning rates in (0, 1) (default: the preset's)")
     f.add_argument("--methods", type=_methods, default=None, help="comma list of methods (default: the preset's)")
     f.add_argument("--workers", type=_positive_int, default=None, help="training processes (one torch thread each)")
-    f.add_argument("--cache-dir", default="runs/.cache/worlds", help="pretrained worlds (by config hash)")
+    f.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--no-progress", action="store_true", help="hide progress bars")
     f.set_defaults(func=run_forecast_study)

@@ -49,7 +49,7 @@ class ForecastStudyConfig:
     batch: int = 16
     workers: int = 2
     n_budgets: int = 6
-    cache_dir: str = "runs/.cache/worlds"
+    cache_dir: str | None = None  # None: the user cache (sft.runs.user_cache_dir("worlds"))
     progress: bool = True
     world_overrides: dict = field(default_factory=dict)
 
