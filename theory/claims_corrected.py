@@ -287,7 +287,7 @@ def _trajectories(rng, n, T_max=6):
         for _ in range(T):
             a = per_prefix_terms(w1, p1, logq, logp)
             b = per_prefix_terms(w2, p2, logq, logp)
-            G1.append(np.sqrt(a["chi2_bar"] * a["var"]))
+            G1.append(a["cs"])
             R1.append(a["R"])
             R2.append(b["R"])
             mu.append(Bt.chain_kl(t, bw.logp2, logq) - kl22)

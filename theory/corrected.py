@@ -27,6 +27,7 @@ from functools import partial
 import numpy as np
 
 from . import bounds as B
+from .changemeasure import _lse
 
 __all__ = [
     "TiltBracket",
@@ -54,11 +55,16 @@ def per_prefix_terms(w, p, logq, logp) -> dict:
 
     Returns ``gap = sum_u w (E_{p_u} f_u - E_{q_u} f_u)`` (so the first-order term is
     ``-gap``), ``R = sum_u w range_{q_u}(f_u)^2`` (range over q_u's support), ``var =
-    sum_u w Var_{q_u}(f_u)`` and ``chi2_bar = sum_u w chi2(p_u || q_u)``.
+    sum_u w Var_{q_u}(f_u)``, ``chi2_bar = sum_u w chi2(p_u || q_u)`` and ``cs =
+    sqrt(chi2_bar * var)`` (the Cauchy-Schwarz bound of ``|gap|``, formed in log space).
+
+    The support is ``isfinite(log q)``: a probability that underflows to 0 (``log q < -745``) is
+    still an outcome; chi2 and the variance are summed in log space, so ``chi2_bar`` may be
+    ``inf`` while ``cs`` stays finite.
     """
     w, p, logq, logp = _a(w), _a(p), _a(logq), _a(logp)
     q = np.exp(logq)
-    sup = q > 0
+    sup = np.isfinite(logq)
     with np.errstate(invalid="ignore"):
         f = np.where(sup, logp - np.where(sup, logq, 0.0), 0.0)
     if not np.all(np.isfinite(f)):
@@ -66,16 +72,19 @@ def per_prefix_terms(w, p, logq, logp) -> dict:
     Eq = (q * f).sum(-1)
     Ep = (p * f).sum(-1)
     rng = np.where(sup, f, -np.inf).max(-1) - np.where(sup, f, np.inf).min(-1)
-    var = np.maximum((q * f * f).sum(-1) - Eq**2, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi = np.where(p > 0, p * p / np.where(sup, q, 1.0), 0.0).sum(-1) - 1.0
     ww = np.where(w > 0, w, 0.0)
-    return {
-        "gap": (ww * (Ep - Eq)).sum(-1),
-        "R": (ww * np.where(w > 0, rng, 0.0) ** 2).sum(-1),
-        "var": (ww * var).sum(-1),
-        "chi2_bar": (ww * np.maximum(np.where(w > 0, chi, 0.0), 0.0)).sum(-1),
-    }
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lw = np.log(ww)
+        lvar = _lse(np.where(sup, logq + 2 * np.log(np.abs(f - Eq[..., None])), -np.inf))
+        lchi = _lse(np.where(sup, 2 * np.log(np.abs(p - q)) - np.where(sup, logq, 0.0), -np.inf))
+        lvar_bar, lchi_bar = _lse(lw + lvar), _lse(lw + lchi)
+        return {
+            "gap": (ww * (Ep - Eq)).sum(-1),
+            "R": (ww * np.where(w > 0, rng, 0.0) ** 2).sum(-1),
+            "var": np.exp(lvar_bar),
+            "chi2_bar": np.exp(lchi_bar),
+            "cs": np.exp(0.5 * (lvar_bar + lchi_bar)),
+        }
 
 
 # ------------------------------------------------------------------ Lemma E.1
