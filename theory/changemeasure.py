@@ -159,20 +159,24 @@ def dv_rows(lq: np.ndarray, c: np.ndarray, K: np.ndarray, rep: Rep) -> tuple[np.
     return np.minimum(np.where(np.isnan(val), np.inf, val), cap), t, cap
 
 
-def global_t(w: np.ndarray, K: np.ndarray, rep: Rep, iters: int = 60) -> tuple[float, float]:
+def global_t(w: np.ndarray, K: np.ndarray, rep: Rep, group=None, iters: int = 60):
     """One ``t`` for all rows (weights ``w``): the root of ``sum w KL(r_t,u||q_u) = sum w K_u``
     (bisection on the mean copy) and ``[sum w K_u + sum w Lambda_up,u(t)] / t`` there (valid: the
-    upper copy). Returns ``(bound, t)``."""
-    Kbar = float(w @ K)
-    sc = float(_scale(rep.lm_mean, rep.c_mean).max()) if w.size else 1.0
+    upper copy). Returns ``(bound, t)``; with ``group`` (an int per row), one ``t`` per group, all
+    groups bisected at once, and arrays ``(bound[G], t[G])``."""
+    g = np.zeros(w.size, dtype=np.int64) if group is None else np.asarray(group, dtype=np.int64)
+    G = int(g.max()) + 1 if g.size else 1
+    Kbar = np.bincount(g, weights=w * K, minlength=G)
+    sc = np.ones(G)
+    if w.size:
+        np.maximum.at(sc, g, _scale(rep.lm_mean, rep.c_mean))
     lo, hi = np.log(1.0 / _SPAN / sc), np.log(_SPAN / sc)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if float(w @ tilt_kl(rep.lm_mean, rep.c_mean, np.exp(mid))[0]) < Kbar:
-            lo = mid
-        else:
-            hi = mid
-    t = float(np.exp(0.5 * (lo + hi)))
-    with np.errstate(over="ignore"):
-        val = (Kbar + float(w @ log_mgf(rep.lm_up, rep.c_up, t))) / t
-    return (val if np.isfinite(val) else float("inf")), t
+        below = np.bincount(g, weights=w * tilt_kl(rep.lm_mean, rep.c_mean, np.exp(mid)[g])[0], minlength=G) < Kbar
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    t = np.exp(0.5 * (lo + hi))
+    with np.errstate(over="ignore", invalid="ignore"):
+        val = (Kbar + np.bincount(g, weights=w * log_mgf(rep.lm_up, rep.c_up, t[g]), minlength=G)) / t
+    val = np.where(np.isnan(val), np.inf, val)
+    return (float(val[0]), float(t[0])) if group is None else (val, t)
