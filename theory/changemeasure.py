@@ -17,16 +17,11 @@ the objective falls for all ``t`` and the infimum is its limit ``max_a c_a`` -- 
 also holds directly (``E_p c <= max c`` on q's support). No bound that sees ``p`` only through
 ``KL(p||q)`` is smaller: the tilt ``r_t*`` has the same KL and attains it.
 
-Numerics. Any ``t > 0`` gives a valid bound, so the bisection only *chooses* ``t`` (on a compressed
-copy of wide rows, below) and the bound is evaluated exactly at that ``t``: ``Lambda`` as
-``log1p(E_q expm1(t c))`` where that is small (no cancellation at small ``t``), else as a
-log-sum-exp; probabilities stay in log space (a finite ``log q`` of -1,500 is in the support).
-
-Compression (rows wider than ``bins``): ``c``'s values are cut into ``bins`` equal bins per row; the
-*mean* copy (bin mass, mass-weighted mean of ``c``) chooses ``t``; the *upper* copy (bin mass at
-the bin's upper edge, plus one atom holding all mass below ``exp(-700)`` of the row's largest at
-the largest ``c`` there) gives ``Lambda_up(t) >= Lambda(t)`` for ``t >= 0`` (``e^{tc}`` grows with
-``c``), so bounds computed from it stay valid and exceed the exact ones by at most the bin width.
+Numerics. Any ``t > 0`` gives a valid bound, so the bisection only *chooses* ``t``. ``Lambda`` is
+``log1p(E_q expm1(t c))`` where that is small (no cancellation at small ``t``), else a log-sum-exp;
+probabilities stay in log space (a finite ``log q`` of -1,500 is in the support). Rows wider than
+``2 bins`` (a 49,152-token vocabulary) are first compressed to a mean-preserving spread on ``bins``
+bins (:func:`compress`) whose log-MGF is ``>= Lambda`` at every ``t``: bounds from it stay valid.
 """
 from __future__ import annotations
 
@@ -72,16 +67,16 @@ def log_mgf(lq: np.ndarray, c: np.ndarray, t) -> np.ndarray:
         return np.where(small, np.log1p(np.where(small, M, 0.0)), lse)
 
 
-def tilt_kl(lq: np.ndarray, c: np.ndarray, t) -> tuple[np.ndarray, np.ndarray]:
-    """``(KL(r_t||q), E_{r_t} c)`` per row for the tilt ``r_t ∝ q e^{t c}`` (chooses ``t``)."""
+def tilt_kl(lq: np.ndarray, c: np.ndarray, t, norm=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(KL(r_t||q), E_{r_t} c)`` per row for the tilt ``r_t ∝ q e^{t c}`` (chooses ``t``); ``c`` must
+    be finite (0 off q's support), ``norm``: ``log sum q`` per row when already known."""
     t = np.asarray(t, dtype=np.float64)
     tt = t[..., None] if t.ndim else t
-    sup = np.isfinite(lq)
-    z = np.where(sup, lq + tt * np.where(sup, c, 0.0), -np.inf)
+    z = lq + tt * c
     lam = _lse(z)
     r = np.exp(z - lam[..., None])
-    Er = (r * np.where(sup, c, 0.0)).sum(-1)
-    return np.maximum(t * Er - lam + _lse(lq), 0.0), Er
+    Er = (r * c).sum(-1)
+    return np.maximum(t * Er - lam + (_lse(lq) if norm is None else norm), 0.0), Er
 
 
 def _scale(lq: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -89,94 +84,105 @@ def _scale(lq: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.where(s > 0, s, 1.0)
 
 
-def solve_t(lq: np.ndarray, c: np.ndarray, K: np.ndarray, iters: int = 48) -> np.ndarray:
+def solve_t(lq: np.ndarray, c: np.ndarray, K: np.ndarray, iters: int = 40) -> np.ndarray:
     """The root ``t*`` of ``KL(r_t||q) = K`` per row (bisection in ``log t`` on all rows at once;
     the top of the bracket, ``1e9 / max|c|``, when ``K`` is beyond the tilt's reach)."""
     sc = _scale(lq, c)
+    c = np.where(np.isfinite(lq), c, 0.0)
+    norm = _lse(lq)
     lo = np.full(sc.shape, np.log(1.0 / _SPAN)) - np.log(sc)
     hi = np.full(sc.shape, np.log(_SPAN)) - np.log(sc)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        below = tilt_kl(lq, c, np.exp(mid))[0] < K
+        below = tilt_kl(lq, c, np.exp(mid), norm)[0] < K
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
     return np.exp(0.5 * (lo + hi))
 
 
 @dataclass(frozen=True)
 class Rep:
-    """Rows as ``(log mass, c)`` pairs: ``mean`` chooses ``t``, ``upper`` bounds ``Lambda``
-    (the same arrays when the rows were not compressed). ``width``: the bin width per row (0: exact)."""
+    """Rows as ``(log mass, c)`` atoms whose log-MGF is ``>= Lambda`` at every ``t`` (equal to it when
+    the rows were not compressed); ``width``: the bin width per row (0: exact)."""
 
-    lm_mean: np.ndarray
-    c_mean: np.ndarray
-    lm_up: np.ndarray
-    c_up: np.ndarray
+    lm: np.ndarray
+    c: np.ndarray
     width: np.ndarray
 
 
-def compress(lq: np.ndarray, c: np.ndarray, bins: int = 1024) -> Rep:
-    """``bins`` equal bins of ``c`` per row (+1 atom for masses below ``exp(-700)`` of the row's
-    largest); rows no wider than ``bins`` are kept exact. See the module docstring."""
+def compress(lq: np.ndarray, c: np.ndarray, bins: int = 512, q=None) -> Rep:
+    """Rows no wider than ``2 bins`` are kept exact. Wider rows: ``c``'s range is cut into ``bins``
+    equal bins; each bin's mass ``m`` with mean ``cbar`` in ``[lo, hi]`` becomes two atoms, at ``lo``
+    with mass ``m (hi - cbar)/(hi - lo)`` and at ``hi`` with ``m (cbar - lo)/(hi - lo)`` -- a
+    mean-preserving spread, so ``E e^{t c}`` can only grow (``e^{tc}`` is convex; Edmundson-Madansky):
+    ``Lambda_rep(t) >= Lambda(t)`` for every ``t``, and the excess is ``O(t^2 w^2)`` per unit mass
+    (``w`` the bin width), the bound's ``O(t w^2)``. Masses below ``exp(-700)`` of the row's largest
+    form one more atom at the largest ``c`` among them. ``c`` must be 0 off q's support; ``q``:
+    ``exp(lq)`` when already computed."""
     n, K = lq.shape
     sup = np.isfinite(lq)
-    if K <= bins:
-        cz = np.where(sup, c, 0.0)
-        return Rep(lq, cz, lq, cz, np.zeros(n))
-    cmin = np.where(sup, c, np.inf).min(1)
-    cmax = np.where(sup, c, -np.inf).max(1)
+    full = bool(sup.all())
+    if K <= 2 * bins:
+        return Rep(lq, c if full else np.where(sup, c, 0.0), np.zeros(n))
+    cmin = (c if full else np.where(sup, c, np.inf)).min(1)
+    cmax = (c if full else np.where(sup, c, -np.inf)).max(1)
     w = (cmax - cmin) / bins
     ws = np.where(w > 0, w, 1.0)
-    idx = np.clip(np.floor((np.where(sup, c, 0.0) - cmin[:, None]) / ws[:, None]), 0, bins - 1).astype(np.int64)
+    idx = np.clip(((c - cmin[:, None]) / ws[:, None]).astype(np.int64), 0, bins - 1)
     m = lq.max(1)
-    rel = lq - m[:, None]
-    keep = sup & (rel >= _TINY)
-    qs = np.exp(np.where(keep, rel, -np.inf))
-    flat = (np.arange(n)[:, None] * bins + idx)[keep]
-    mass = np.bincount(flat, weights=qs[keep], minlength=n * bins).reshape(n, bins)
-    cm = np.bincount(flat, weights=(qs * np.where(keep, c, 0.0))[keep], minlength=n * bins).reshape(n, bins)
+    drop = sup & (lq < (m + _TINY)[:, None]) if float((lq - m[:, None]).min()) < _TINY else None
+    if drop is None and q is not None:
+        qs, m = q, np.zeros(n)
+    else:
+        qs = np.exp(lq - m[:, None])
+        if drop is not None:
+            qs[drop] = 0.0
+    idx += (np.arange(n) * bins)[:, None]
+    mass = np.bincount(idx.ravel(), weights=qs.ravel(), minlength=n * bins).reshape(n, bins)
+    mc = np.bincount(idx.ravel(), weights=(qs * c).ravel(), minlength=n * bins).reshape(n, bins)
+    lo = cmin[:, None] + np.arange(bins)[None, :] * w[:, None]
+    hi = lo + w[:, None]
+    hi[:, -1] = cmax
     with np.errstate(divide="ignore", invalid="ignore"):
-        lm = np.log(mass) + m[:, None]
-        cmean = np.where(mass > 0, cm / np.where(mass > 0, mass, 1.0), 0.0)
-    cup = cmin[:, None] + (np.arange(bins)[None, :] + 1) * w[:, None]
-    cup[:, -1] = cmax
-    drop = sup & ~keep
-    lm_d = _lse(np.where(drop, lq, -np.inf))[:, None]
-    c_d = np.where(drop, c, -np.inf).max(1)
-    c_d = np.where(np.isfinite(c_d), c_d, 0.0)[:, None]
-    return Rep(np.concatenate([lm, lm_d], 1), np.concatenate([np.minimum(cmean, cup), c_d], 1),
-               np.concatenate([lm, lm_d], 1), np.concatenate([cup, c_d], 1), np.where(w > 0, w, 0.0))
+        cbar = np.clip(np.where(mass > 0, mc / np.where(mass > 0, mass, 1.0), lo), lo, hi)
+        frac_hi = np.where(hi > lo, (cbar - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
+        parts_lm = [np.log(mass * (1 - frac_hi)) + m[:, None], np.log(mass * frac_hi) + m[:, None]]
+    parts_c = [lo, hi]
+    if drop is not None:
+        c_d = np.where(drop, c, -np.inf).max(1)
+        parts_lm.append(_lse(np.where(drop, lq, -np.inf))[:, None])
+        parts_c.append(np.where(np.isfinite(c_d), c_d, 0.0)[:, None])
+    return Rep(np.concatenate(parts_lm, 1), np.concatenate(parts_c, 1), np.where(w > 0, w, 0.0))
 
 
 def dv_rows(lq: np.ndarray, c: np.ndarray, K: np.ndarray, rep: Rep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: the DV bound ``min(inf_t (K + Lambda(t))/t, max c)`` evaluated exactly at the
-    ``t`` chosen on ``rep``, that ``t``, and the cap ``max_a c_a`` over q's support."""
+    """Per row: the DV bound ``min(inf_t (K + Lambda(t))/t, max c)`` (``Lambda`` from ``rep``: exact or
+    an upper bound, so the value stays valid), its ``t`` and the cap ``max_a c_a`` over q's support."""
     sup = np.isfinite(lq)
     cap = np.where(sup, c, -np.inf).max(-1)
     cap = np.where(np.isfinite(cap), cap, 0.0)
-    t = solve_t(rep.lm_mean, rep.c_mean, K)
+    t = solve_t(rep.lm, rep.c, K)
     with np.errstate(over="ignore"):
-        val = (K + log_mgf(lq, c, t)) / t
+        val = (K + log_mgf(rep.lm, rep.c, t)) / t
     return np.minimum(np.where(np.isnan(val), np.inf, val), cap), t, cap
 
 
 def global_t(w: np.ndarray, K: np.ndarray, rep: Rep, group=None, iters: int = 60):
     """One ``t`` for all rows (weights ``w``): the root of ``sum w KL(r_t,u||q_u) = sum w K_u``
-    (bisection on the mean copy) and ``[sum w K_u + sum w Lambda_up,u(t)] / t`` there (valid: the
-    upper copy). Returns ``(bound, t)``; with ``group`` (an int per row), one ``t`` per group, all
+    and ``[sum w K_u + sum w Lambda_u(t)] / t`` there (bisection and value on ``rep``). Returns ``(bound, t)``; with ``group`` (an int per row), one ``t`` per group, all
     groups bisected at once, and arrays ``(bound[G], t[G])``."""
     g = np.zeros(w.size, dtype=np.int64) if group is None else np.asarray(group, dtype=np.int64)
     G = int(g.max()) + 1 if g.size else 1
     Kbar = np.bincount(g, weights=w * K, minlength=G)
     sc = np.ones(G)
     if w.size:
-        np.maximum.at(sc, g, _scale(rep.lm_mean, rep.c_mean))
+        np.maximum.at(sc, g, _scale(rep.lm, rep.c))
     lo, hi = np.log(1.0 / _SPAN / sc), np.log(_SPAN / sc)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        below = np.bincount(g, weights=w * tilt_kl(rep.lm_mean, rep.c_mean, np.exp(mid)[g])[0], minlength=G) < Kbar
+        below = np.bincount(g, weights=w * tilt_kl(rep.lm, rep.c, np.exp(mid)[g])[0], minlength=G) < Kbar
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
     t = np.exp(0.5 * (lo + hi))
     with np.errstate(over="ignore", invalid="ignore"):
-        val = (Kbar + np.bincount(g, weights=w * log_mgf(rep.lm_up, rep.c_up, t[g]), minlength=G)) / t
+        val = (Kbar + np.bincount(g, weights=w * log_mgf(rep.lm, rep.c, t[g]), minlength=G)) / t
     val = np.where(np.isnan(val), np.inf, val)
     return (float(val[0]), float(t[0])) if group is None else (val, t)

@@ -219,49 +219,100 @@ def _dense(p, shape) -> np.ndarray:
     return p
 
 
-def _check_support(p, lq, lq2, ids) -> None:
-    sup = np.isfinite(lq)
-
+def _check_support(P, sup, full, lq2, ids) -> None:
     def where(bad):
         i = int(np.flatnonzero(bad)[0])
         return f"row {i}" if ids is None else f"node {int(ids[i])}"
 
-    bad = ((p > 0) & ~sup).any(1)
-    if bad.any():
-        raise ValueError(f"lp_before gives zero probability at {where(bad)} to an outcome P1 uses (infinite KL)")
-    bad = (sup & ~np.isfinite(lq2)).any(1)
+    if not full:
+        bad = P.outside(sup)
+        if bad.any():
+            raise ValueError(f"lp_before gives zero probability at {where(bad)} to an outcome P1 uses (infinite KL)")
+    bad = ~np.isfinite(lq2).all(1) if full else (sup & ~np.isfinite(lq2)).any(1)
     if bad.any():
         raise ValueError(f"lp_after is zero at {where(bad)} where lp_before is not (infinite KL(q||q'))")
 
 
-def node_terms(p, logq, logq2, bins: int = 1024, ids=None) -> NodeTerms:
+def node_terms(p, logq, logq2, bins: int = 512, ids=None, normalised: bool = False) -> NodeTerms:
     """Every per-node term of the decomposition for rows ``[n, K]`` (nats), vectorised over rows.
 
     ``p``: P1's conditionals ``[n, <= K]`` (zero-padded) or int ``[n]`` (point masses: an observed
-    next token); ``logq``, ``logq2``: natural-log conditionals of ``q`` and ``q'`` (normalised here).
-    The support is ``isfinite(log q)`` (a probability that underflows to 0 is still in it); chi2
-    and the variance are summed in log space. Raises ``ValueError`` naming the row where ``P1`` uses
-    an outcome ``q`` excludes or ``q'`` excludes one ``q`` allows (``ids``: the rows' node ids, for
-    the message).
+    next token); ``logq``, ``logq2``: natural-log conditionals of ``q`` and ``q'`` (normalised here
+    unless ``normalised``). The support is ``isfinite(log q)`` (a probability that underflows to 0
+    is still in it); rows holding such outcomes get chi2 and the variance summed in log space.
+    Raises ``ValueError`` naming the row (or ``ids[row]``) where ``P1`` uses an outcome ``q`` excludes
+    or ``q'`` excludes one ``q`` allows.
     """
-    lq = _normalise(np.asarray(logq, dtype=np.float64))
-    lq2 = _normalise(np.asarray(logq2, dtype=np.float64))
-    p = _dense(p, lq.shape)
-    _check_support(p, lq, lq2, ids)
+    lq, lq2 = (np.asarray(x, dtype=np.float64) for x in (logq, logq2))
+    if not normalised:
+        lq, lq2 = _normalise(lq), _normalise(lq2)
     sup = np.isfinite(lq)
-    s = np.where(sup, lq2 - np.where(sup, lq, 0.0), 0.0)
+    full = bool(sup.all())
+    P = _P1Rows(p, lq.shape)
+    _check_support(P, sup, full, lq2, ids)
+    s = lq2 - lq if full else np.where(sup, lq2 - np.where(sup, lq, 0.0), 0.0)
     q = np.exp(lq)
-    Eq_s, Ep_s = (q * s).sum(1), (p * s).sum(1)
+    Eq_s = (q * s).sum(1)
     d = s - Eq_s[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_var = _lse(np.where(sup, lq + 2 * np.log(np.abs(d)), -np.inf))
-        log_chi2 = _lse(np.where(sup, 2 * np.log(np.abs(p - q)) - lq, -np.inf))
-        kl_pq = np.maximum(np.where(p > 0, p * (np.log(p) - np.where(sup, lq, 0.0)), 0.0).sum(1), 0.0)
-    c = np.where(sup, -d, 0.0)  # c = -s + E_q s: E_q c = 0, (E_p - E_q)[c] = first_u
-    rep = compress(lq, c, bins)
+    log_chi2, log_var = P.log_chi2(q, lq, sup), _log_var(q, lq, d, sup)
+    c = -d if full else np.where(sup, -d, 0.0)  # c = -s + E_q s: E_q c = 0, (E_p - E_q)[c] = first_u
+    rep = compress(lq, c, bins, q=q)
+    kl_pq = P.kl(lq)
     dv, t, cap = dv_rows(lq, c, kl_pq, rep)
-    return NodeTerms(first_u=Eq_s - Ep_s, kl_u=np.maximum(-Eq_s, 0.0), log_chi2_u=log_chi2, log_var_u=log_var,
-                     kl_pq_u=kl_pq, dv_u=np.maximum(dv, 0.0), t_u=t, cap_u=cap, rep=rep)
+    return NodeTerms(first_u=Eq_s - P.mean(s), kl_u=np.maximum(-Eq_s, 0.0), log_chi2_u=log_chi2,
+                     log_var_u=log_var, kl_pq_u=kl_pq, dv_u=np.maximum(dv, 0.0), t_u=t, cap_u=cap, rep=rep)
+
+
+class _P1Rows:
+    """P1's rows, dense ``[n, K]`` or point masses (int ``[n]``: sums over their one entry only)."""
+
+    def __init__(self, p, shape):
+        p = np.asarray(p)
+        self.point = p.ndim == 1 and np.issubdtype(p.dtype, np.integer)
+        self.rows = np.arange(shape[0])
+        self.p = p.astype(np.int64) if self.point else _dense(p, shape)
+
+    def outside(self, sup) -> np.ndarray:
+        """Rows where P1 uses an outcome outside ``sup``."""
+        return ~sup[self.rows, self.p] if self.point else ((self.p > 0) & ~sup).any(1)
+
+    def mean(self, x) -> np.ndarray:
+        return x[self.rows, self.p] if self.point else (self.p * x).sum(1)
+
+    def kl(self, lq) -> np.ndarray:
+        """``KL(p1_u||q_u)`` (for a point mass ``-log q_u(x)``, the token's code length)."""
+        if self.point:
+            return np.maximum(-lq[self.rows, self.p], 0.0)
+        r, k = np.nonzero(self.p > 0)
+        w = self.p[r, k] * (np.log(self.p[r, k]) - lq[r, k])
+        return np.maximum(np.bincount(r, weights=w, minlength=lq.shape[0]), 0.0)
+
+    def log_chi2(self, q, lq, sup) -> np.ndarray:
+        """``log chi2(p1_u||q_u) = log sum_a (p - q)^2 / q`` (point mass: ``(1 - q_x)^2/q_x + 1 - q_x``,
+        in log space; dense rows holding an outcome below ``exp(-700)``: log space too)."""
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if self.point:
+                lx = lq[self.rows, self.p]
+                l1 = np.log(-np.expm1(lx))  # log(1 - q_x)
+                return np.logaddexp(2 * l1 - lx, l1)
+            p = self.p
+            out = np.log(np.where(q > 0, (p - q) ** 2 / np.where(q > 0, q, 1.0), 0.0).sum(1))
+            tiny = (sup & (lq < -700.0)).any(1)
+            if tiny.any():
+                lt, st = lq[tiny], sup[tiny]
+                out[tiny] = _lse(np.where(st, 2 * np.log(np.abs(p[tiny] - q[tiny])) - np.where(st, lt, 0.0), -np.inf))
+        return out
+
+
+def _log_var(q, lq, d, sup) -> np.ndarray:
+    """``log Var_q(s) = log sum_a q_a d_a^2`` (log space on rows holding an outcome below ``exp(-700)``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log((q * d * d).sum(1))
+        tiny = (lq < -700.0).any(1)
+        if tiny.any():
+            st = sup[tiny]
+            out[tiny] = _lse(np.where(st, lq[tiny] + 2 * np.log(np.abs(d[tiny])), -np.inf))
+    return out
 
 
 def concat_terms(parts) -> NodeTerms:

@@ -120,15 +120,17 @@ def test_compressed_rows_stay_valid_and_close():
     tok[0] = 7
     exact = node_terms(tok, lq, lq2, bins=10**6)
     comp = node_terms(tok, lq, lq2, bins=256)
-    np.testing.assert_allclose(comp.dv_u, exact.dv_u, rtol=1e-3)  # t chosen on bins, value exact
+    # a mean-preserving spread on 256 bins: never below the exact bound, and within O(t w^2)
+    assert np.all(comp.dv_u >= exact.dv_u - 1e-12)
+    np.testing.assert_allclose(comp.dv_u, exact.dv_u, rtol=1e-3)
     w = np.full(n, 1.0 / n)
     de, dc = decompose(w, exact), decompose(w, comp)
-    assert de.bound_kl_global <= dc.bound_kl_global <= de.bound_kl_global + comp.rep.width.max() + 1e-12
+    assert de.bound_kl_global - 1e-12 <= dc.bound_kl_global <= de.bound_kl_global * (1 + 1e-3)
     # the upper copy bounds the log-MGF from above at every t >= 0
     c = -(lq2 - lq) + (np.exp(lq) * (lq2 - lq)).sum(1, keepdims=True)
     rep = compress(lq, c, 256)
     for t in (1e-6, 0.1, 1.0, 30.0):
-        assert np.all(log_mgf(rep.lm_up, rep.c_up, t) >= log_mgf(lq, c, t) - 1e-12)
+        assert np.all(log_mgf(rep.lm, rep.c, t) >= log_mgf(lq, c, t) - 1e-12)
 
 
 def test_log_mgf_small_t_is_accurate():
