@@ -95,6 +95,8 @@ class PrefixDecomposition:
             max_a c_u(a))`` with ``c_u = -s_u + E_{q_u} s_u`` (the change-of-measure bound, t per node).
         bound_kl_global: ``min_t [KL_bar + sum_u P1(u) Lambda_u(t)] / t + kl_term`` (one t for all
             nodes; ``KL_bar = sum_u P1(u) KL(p1_u||q_u)``), capped at ``sum_u P1(u) max c_u + kl_term``.
+        bound_min: ``sum_u P1(u) min(DV_u, sqrt(chi2_u Var_u)) + kl_term``: each node's better bound
+            (it sees p1_u through both KL and chi2), <= ``bound_kl`` and ``bound_nodewise``.
         floor: ``sum_u P1(u) max(F_u, 0) + kl_term``: no node-wise bound that is >= 0 at every
             node (chi2 and KL ones are) goes below it; ``F_u`` = ``first_order_u``.
         kl_bar: ``KL_bar`` (in ``unit``); ``t_global``: the global bound's ``t`` (per nat).
@@ -115,6 +117,7 @@ class PrefixDecomposition:
     bound_nodewise: float
     bound_kl: float
     bound_kl_global: float
+    bound_min: float
     floor: float
     kl_bar: float
     t_global: float
@@ -136,7 +139,7 @@ class PrefixDecomposition:
 
     def to_dict(self) -> dict:
         keys = ("delta", "first_order", "kl_term", "chi2_bar", "var_bar", "bound", "bound_nodewise", "bound_kl",
-                "bound_kl_global", "floor", "kl_bar", "unit")
+                "bound_kl_global", "bound_min", "floor", "kl_bar", "unit")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -283,9 +286,15 @@ class _P1Rows:
         """``KL(p1_u||q_u)`` (for a point mass ``-log q_u(x)``, the token's code length)."""
         if self.point:
             return np.maximum(-lq[self.rows, self.p], 0.0)
+        # sum_a [p log(p/q) - p + q] term by term (each >= 0, no cancellation when p ~ q):
+        # p h(u), u = q/p - 1, h(u) = u - log1p(u); outcomes P1 never emits add their q
         r, k = np.nonzero(self.p > 0)
-        w = self.p[r, k] * (np.log(self.p[r, k]) - lq[r, k])
-        return np.maximum(np.bincount(r, weights=w, minlength=lq.shape[0]), 0.0)
+        pk = self.p[r, k]
+        lr = lq[r, k] - np.log(pk)  # log(q/p) = log1p(u), exact also where q/p underflows
+        u = np.expm1(lr)
+        h = np.where(np.abs(u) < 1e-2, u * u * (0.5 - u / 3 + u * u / 4 - u**3 / 5 + u**4 / 6), u - lr)
+        rest = np.where(self.p > 0, 0.0, np.exp(lq)).sum(1)
+        return np.bincount(r, weights=pk * h, minlength=lq.shape[0]) + rest
 
     def log_chi2(self, q, lq, sup) -> np.ndarray:
         """``log chi2(p1_u||q_u) = log sum_a (p - q)^2 / q`` (point mass: ``(1 - q_x)^2/q_x + 1 - q_x``,
@@ -347,6 +356,7 @@ def decompose(weight, terms: NodeTerms, unit: str = "nats", nodes=None) -> Prefi
             chi2_bar=float(np.exp(lcb)), var_bar=float(np.exp(lvb)) * sc * sc,
             bound=bound * sc + klt, bound_nodewise=float(w @ node_cs) * sc + klt,
             bound_kl=float(w @ terms.dv_u) * sc + klt, bound_kl_global=max(glob, 0.0) * sc + klt,
+            bound_min=float(w @ np.minimum(terms.dv_u, node_cs)) * sc + klt,
             floor=float(w @ np.maximum(terms.first_u, 0.0)) * sc + klt, kl_bar=float(w @ terms.kl_pq_u) * sc,
             t_global=tg, unit=unit, nodes=np.arange(w.size) if nodes is None else np.asarray(nodes), weight=w,
             first_order_u=terms.first_u * sc, kl_u=terms.kl_u * sc, chi2_u=np.exp(terms.log_chi2_u),
@@ -401,8 +411,8 @@ def bound_columns(d: PrefixDecomposition, measured: float | None = None) -> dict
     meas = d.delta if measured is None else float(measured)
     cols = {"unit": d.unit, "measured": meas, "first_order": d.first_order, "kl_term": d.kl_term,
             "bound_chi2": d.bound, "bound_chi2_nodewise": d.bound_nodewise, "bound_kl": d.bound_kl,
-            "bound_kl_global": d.bound_kl_global, "floor": d.floor}
-    for k in ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "floor"):
+            "bound_kl_global": d.bound_kl_global, "bound_min": d.bound_min, "floor": d.floor}
+    for k in ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "bound_min", "floor"):
         cols[f"{k}_over_measured"] = cols[k] / meas if meas > 0 else None
     cols["dominant"] = "KL term" if d.kl_term >= abs(d.first_order) else "first-order term"
     return cols

@@ -50,6 +50,7 @@ def test_kl_bounds_hold_and_order(V, depth, seed, s1, s2):
     assert d.delta <= d.bound_kl + tol
     assert d.floor <= d.bound_kl + tol and d.floor <= d.bound_nodewise + tol
     assert d.bound_kl <= d.bound_kl_global + tol
+    assert d.floor - tol <= d.bound_min <= min(d.bound_kl, d.bound_nodewise) + tol and d.delta <= d.bound_min + tol
     assert d.delta <= d.floor + tol  # sum of max(F_u, 0) >= sum of F_u
     assert np.all(d.first_order_u <= d.dv_u + 1e-9 * np.maximum(1, np.abs(d.dv_u)))
 
