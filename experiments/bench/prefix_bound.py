@@ -76,7 +76,8 @@ def print_row(name: str, c: dict) -> None:
     r = lambda k: f"{c[k]:.3g}" if c[k] is not None else "-"  # noqa: E731
     print(f"| {name} | {c['measured']:.4f} | {c['first_order']:.4f} | {c['kl_term']:.4f} | {r('bound_chi2_over_measured')} "
           f"| {r('bound_chi2_nodewise_over_measured')} | {r('bound_kl_over_measured')} "
-          f"| {r('bound_kl_global_over_measured')} | {r('floor_over_measured')} | {c['dominant']} |")
+          f"| {r('bound_kl_global_over_measured')} | {r('bound_min_over_measured')} | {r('floor_over_measured')} "
+          f"| {c['dominant']} |")
 
 
 def main(argv=None) -> int:
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
         import torch
 
         print("| run | measured (bits/token) | first-order | KL term | chi2 | chi2 node-wise | KL (t per node) "
-              "| KL (one t) | floor | dominant |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| KL (one t) | min(KL, chi2) per node | floor | dominant |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for v in ("cot", "label"):
             f = a.runs / f"{v}.pt"
             if f.exists():
