@@ -6,8 +6,8 @@ against the forward passes that produce them; and the bound / measured table of 
     python experiments/bench/prefix_bound.py --train label --runs /tmp/pb   # train CE@3e-4 (20 x 4), save
     python experiments/bench/prefix_bound.py --table --runs /tmp/pb         # bound / measured per saved run
 
-The general set is the SmolLM2 study's (default preset: 8 HumanEval solutions given their prompts, 16
-GSM8K questions), coded exactly where `sft.eval.codelength` codes. Printed: forward-pass seconds (both
+The general set is the grid study's (`talr study grid`, default preset: 8 HumanEval solutions given
+their prompts, 16 GSM8K questions), coded exactly where `sft.eval.codelength` codes. Printed: forward-pass seconds (both
 models), bound seconds (theory, all nodes), their ratio, the peak resident memory, and per run the
 measured dL (bits/token) with every bound over it. Wall-clock figures are printed, never asserted.
 """
@@ -29,7 +29,7 @@ def _peak_gb() -> float:
 
 
 def study_setup(model: str):
-    from experiments.studies import smollm2 as S
+    from experiments.studies import grid as S
 
     cfg = S.make_config("default", model=model)
     base, tok, desc = S.load_base(cfg)
@@ -38,7 +38,7 @@ def study_setup(model: str):
 
 
 def train(variant: str, runs: Path, model: str) -> None:
-    """The committed study's default-preset entry (variant, CE, 3e-4, 20 steps of 4); saves the weights."""
+    """The grid study's default-preset entry (variant, CE, 3e-4, 20 steps of 4); saves the weights."""
     import torch
 
     S, cfg, base, tok, _, data = study_setup(model)
