@@ -54,6 +54,7 @@ def test_simulate_softmax_and_bad_input(tmp_path, capsys):
 def test_claims_json(capsys):
     assert main(["claims", "--n", "6", "--only", "Proposition 3.1", "Theorem 3.1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [c["id"] for c in out] == ["Proposition 3.1", "Proposition 3.1 per prefix (new)", "Theorem 3.1",
+    assert [c["id"] for c in out] == ["Proposition 3.1", "Proposition 3.1 per prefix (new)",
+                                      "Proposition 3.1 per prefix, KL bound (new)", "Theorem 3.1",
                                       "Theorem 3.1 corrected"]
     assert out[-1]["corrects"] == "Theorem 3.1" and out[-1]["n_violations"] == 0

@@ -31,6 +31,9 @@ __all__ = [
     "batches",
     "smoothed_b",
     "seq_moments",
+    "HARD_SHAPES",
+    "hard_batches",
+    "point_mass_rows",
 ]
 
 
@@ -188,3 +191,50 @@ def seq_moments(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, F: np.ndarr
     Q = np.exp(leaf_log_prob_b(tree, logq))
     EQ = (Q * F).sum(-1)
     return (P * F).sum(-1), EQ, np.maximum((Q * F * F).sum(-1) - EQ**2, 0.0)
+
+
+HARD_SHAPES = ((1, 8), (2, 5), (3, 3), (5, 2), (2, 6))  # deep trees and wider alphabets (V, depth)
+
+
+def point_mass_rows(tree: TokenTree, logc: np.ndarray, tok: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``logc`` with the coded rows where ``mask`` ``[B, N]`` holds replaced by a point mass on
+    ``tok`` ``[B, N]`` (a token index ``< V``)."""
+    K = logc.shape[-1]
+    with np.errstate(divide="ignore"):
+        one = np.log(np.eye(K)[tok])
+    return _forced_rows(tree, np.where(mask[..., None], one, logc))
+
+
+def _harden(rng, tree: TokenTree, logc: np.ndarray, frac: float = 0.25) -> np.ndarray:
+    """Coded rows made near-deterministic (1 - 1e-12 on one outcome) or given one outcome with
+    ``log q`` uniform in [-1500, -700] (far below float64's underflow), each with prob. ``frac``."""
+    B, N, K = logc.shape
+    kind = rng.random((B, N))
+    det = np.full((B, N, K), np.log(1e-12 / (K - 1)) if K > 1 else 0.0)
+    det[np.arange(B)[:, None], np.arange(N)[None, :], rng.integers(0, K, (B, N))] = np.log1p(-1e-12) if K > 1 else 0.0
+    tiny = logc.copy()
+    pick = np.eye(K, dtype=bool)[rng.integers(0, K, (B, N))]
+    tiny = log_softmax_rows(np.where(pick, -rng.uniform(700, 1500, (B, N, 1)), tiny))
+    out = np.where((kind < frac)[..., None], det, np.where((kind > 1 - frac)[..., None], tiny, logc))
+    return _forced_rows(tree, out)
+
+
+def hard_batches(rng: np.random.Generator, n: int, shapes=HARD_SHAPES):
+    """``n`` worlds of the hard family: :func:`random_batch` worlds on deep trees / wide alphabets
+    whose model rows are hardened (near-deterministic rows, ``log q`` down to -1,500) and whose
+    P1 rows are, each with prob. 1/4, near-deterministic or a point mass on the token ``q`` finds
+    least likely (checks add point masses on the most pushed token once they know the update)."""
+    sizes = np.full(len(shapes), n // len(shapes))
+    sizes[: n % len(shapes)] += 1
+    for (V, depth), b in zip(shapes, sizes):
+        if not b:
+            continue
+        bw = random_batch(rng, int(b), V, depth, concentration=(0.1, 3.0), q_noise=(0.0, 3.0))
+        t = bw.tree
+        logq0 = _harden(rng, t, bw.logq0)
+        kind = rng.random(logq0.shape[:2])
+        least = np.argmin(logq0[..., :V], axis=-1)
+        logp1 = point_mass_rows(t, bw.logp1, least, kind < 0.25)
+        near = log_softmax_rows(np.where(np.eye(V + 1, dtype=bool)[least], np.log1p(-1e-12), np.log(1e-12 / V)))
+        logp1 = _forced_rows(t, np.where((kind > 0.75)[..., None], near, logp1))
+        yield BatchWorld(t, logp1, bw.logp2, logq0, bw.hard)

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Claim", "quantiles"]
+__all__ = ["Claim", "quantiles", "power"]
 
 
 @dataclass
@@ -23,6 +23,16 @@ class Claim:
     tightness: dict | None = None  # quantiles of bound / actual
     note: str = ""
     corrects: str | None = None
+    power: dict | None = None  # violation rate of the statement made 1% / 10% too strong
+
+    @property
+    def power_text(self) -> str:
+        """``"1%: 0.3%, 10%: 12%"``, or a sentence when the check catches neither strengthening."""
+        if not self.power:
+            return ""
+        if all(v == 0 for v in self.power.values()):
+            return "catches neither the 1% nor the 10% stronger statement (no power at this resolution)"
+        return ", ".join(f"{k} stronger: {100 * v:.3g}% of instances violate" for k, v in self.power.items())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,3 +45,18 @@ def quantiles(x) -> dict | None:
         return None
     qs = np.quantile(x, [0.0, 0.1, 0.5, 0.9, 1.0])
     return {k: float(v) for k, v in zip(["min", "p10", "median", "p90", "max"], qs)}
+
+
+def power(actual, bound, lower: bool = False, tol: float = 1e-9) -> dict:
+    """The violation rate of an upper bound ``actual <= bound`` made 1% and 10% too strong
+    (``bound - x |bound|``; for a lower bound, ``lower=True``, ``bound + x |bound|``): how often
+    the check would catch a statement that is wrong by that much."""
+    a, b = np.ravel(np.asarray(actual, dtype=np.float64)), np.ravel(np.asarray(bound, dtype=np.float64))
+    if lower:
+        a, b = -a, -b
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if a.size == 0:
+        return {"1%": float("nan"), "10%": float("nan")}
+    return {f"{x:.0%}": float(np.mean(a > b - x * np.abs(b) + tol * np.maximum(1.0, np.abs(a))))
+            for x in (0.01, 0.1)}

@@ -425,5 +425,7 @@ def format_ledger(claims: list[Claim]) -> str:
                     lines.append(f"    {k}: " + ", ".join(f"{a}={b:.3g}" for a, b in (v or {}).items()))
         if c.counterexample:
             lines.append(f"    counterexample: {c.counterexample}")
+        if c.power:
+            lines.append(f"    power: {c.power_text}")
         lines.append(f"    note: {c.note}")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from functools import partial
 import numpy as np
 
 from . import bounds as B
+from .changemeasure import _lse
 
 __all__ = [
     "TiltBracket",
@@ -41,6 +42,7 @@ __all__ = [
     "theorem_3_1_corrected",
     "LambdaMaxBracket",
     "lambda_max_bracket",
+    "lambda_max_bracket_tilting",
     "lambda_max_per_token",
     "lemma_e2_corrected",
 ]
@@ -54,11 +56,16 @@ def per_prefix_terms(w, p, logq, logp) -> dict:
 
     Returns ``gap = sum_u w (E_{p_u} f_u - E_{q_u} f_u)`` (so the first-order term is
     ``-gap``), ``R = sum_u w range_{q_u}(f_u)^2`` (range over q_u's support), ``var =
-    sum_u w Var_{q_u}(f_u)`` and ``chi2_bar = sum_u w chi2(p_u || q_u)``.
+    sum_u w Var_{q_u}(f_u)``, ``chi2_bar = sum_u w chi2(p_u || q_u)`` and ``cs =
+    sqrt(chi2_bar * var)`` (the Cauchy-Schwarz bound of ``|gap|``, formed in log space).
+
+    The support is ``isfinite(log q)``: a probability that underflows to 0 (``log q < -745``) is
+    still an outcome; chi2 and the variance are summed in log space, so ``chi2_bar`` may be
+    ``inf`` while ``cs`` stays finite.
     """
     w, p, logq, logp = _a(w), _a(p), _a(logq), _a(logp)
     q = np.exp(logq)
-    sup = q > 0
+    sup = np.isfinite(logq)
     with np.errstate(invalid="ignore"):
         f = np.where(sup, logp - np.where(sup, logq, 0.0), 0.0)
     if not np.all(np.isfinite(f)):
@@ -66,16 +73,19 @@ def per_prefix_terms(w, p, logq, logp) -> dict:
     Eq = (q * f).sum(-1)
     Ep = (p * f).sum(-1)
     rng = np.where(sup, f, -np.inf).max(-1) - np.where(sup, f, np.inf).min(-1)
-    var = np.maximum((q * f * f).sum(-1) - Eq**2, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi = np.where(p > 0, p * p / np.where(sup, q, 1.0), 0.0).sum(-1) - 1.0
     ww = np.where(w > 0, w, 0.0)
-    return {
-        "gap": (ww * (Ep - Eq)).sum(-1),
-        "R": (ww * np.where(w > 0, rng, 0.0) ** 2).sum(-1),
-        "var": (ww * var).sum(-1),
-        "chi2_bar": (ww * np.maximum(np.where(w > 0, chi, 0.0), 0.0)).sum(-1),
-    }
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lw = np.log(ww)
+        lvar = _lse(np.where(sup, logq + 2 * np.log(np.abs(f - Eq[..., None])), -np.inf))
+        lchi = _lse(np.where(sup, 2 * np.log(np.abs(p - q)) - np.where(sup, logq, 0.0), -np.inf))
+        lvar_bar, lchi_bar = _lse(lw + lvar), _lse(lw + lchi)
+        return {
+            "gap": (ww * (Ep - Eq)).sum(-1),
+            "R": (ww * np.where(w > 0, rng, 0.0) ** 2).sum(-1),
+            "var": np.exp(lvar_bar),
+            "chi2_bar": np.exp(lchi_bar),
+            "cs": np.exp(0.5 * (lvar_bar + lchi_bar)),
+        }
 
 
 # ------------------------------------------------------------------ Lemma E.1
@@ -304,6 +314,14 @@ def lambda_max_bracket(T, eps_fg, L_up, R, L_low=None) -> LambdaMaxBracket:
     3. ``upper / lower -> 1`` as ``eps_fg -> 0`` when ``L_low = L_up``: the bracket is
        exact to first order. The paper's eq. (19) is step 1 with ``L_up`` replaced by
        ``H_T V_s`` (a much larger upper bound): a valid but loose *lower* end.
+
+    Which constants make it valid for ``T > 1``: ``L_t``, ``R_t`` are the rates at the trajectory's
+    points ``q_t`` (``t < T``) for every step size up to the end considered, not at ``q_0``. For equal
+    tilting steps toward one target, ``R_t = (1 - Lambda_t)^2 R_0 <= R_0`` (q_0's R suffices), but
+    ``L_t = (1 - mu) Delta_1'(mu)`` at ``mu = Lambda_t = 1 - (1 - lam)^t`` grows with ``mu`` (``Delta_1``
+    is convex): ``L_up`` must be ``sup_{mu in [0, 1]} (1 - mu) Delta_1'(mu)`` (ledger: q_0's one-step
+    rate puts the lower end above the true lambda_max on many instances at ``T = 2, 10, 100``;
+    the sup gives 0 violations). With q_0's constants use :func:`lambda_max_bracket_tilting`.
     """
     T, eps, L, R = _a(T), _a(eps_fg), _a(L_up), _a(R)
     Ll = L if L_low is None else _a(L_low)
@@ -315,6 +333,33 @@ def lambda_max_bracket(T, eps_fg, L_up, R, L_low=None) -> LambdaMaxBracket:
         lower = np.where(R > 0, 2 * e / (L + np.sqrt(L**2 + R * e / 2)), linear_only)
         upper = np.where(Ll > 0, e / np.where(Ll > 0, Ll, 1.0), np.inf)
     return LambdaMaxBracket(lower=lower, upper=upper)
+
+
+def lambda_max_bracket_tilting(T, eps_fg, L0, R0) -> LambdaMaxBracket:
+    """Theorem 3.2 / B.3 (= E.5), corrected, for ``T`` equal tilting steps with q_0's constants.
+
+    1. Equal steps ``lam`` toward one target: ``log q_{t+1} = (1 - lam) log q_t + lam log p~ - norm``
+       unrolls to ``q_T = tilt(q_0, Lambda_T)`` with ``Lambda_T = 1 - (1 - lam)^T`` (per prefix; the
+       normalisers cancel). So ``Delta L_T(P1)(lam) = Delta_1(Lambda_T(lam))``, one step of weight
+       ``Lambda_T`` from ``q_0``.
+    2. ``Delta_1`` is convex with ``Delta_1(0) = 0``: the safe set is ``[0, mu_max]`` and
+       ``lambda_max = 1 - (1 - mu_max)^(1/T)`` (``Lambda_T`` increases).
+    3. :func:`lambda_max_bracket` at ``T = 1`` with q_0's first-order rate ``L0`` and ``R0 = sum_u
+       P1(u) range(f_u)^2`` brackets ``mu_max`` (Lemma E.1 corrected at q_0, for every weight);
+       mapping both ends through ``mu -> 1 - (1 - mu)^(1/T)`` brackets ``lambda_max``. Ends at or
+       beyond 1 are the domain's edge, 1.
+    """
+    one = lambda_max_bracket(1.0, eps_fg, L0, R0)
+    T = _a(T)
+    if np.any(T < 1):
+        raise ValueError("need T >= 1 equal steps")
+
+    def to_lam(mu):
+        m = np.minimum(np.where(np.isfinite(mu), mu, 1.0), 1.0)
+        with np.errstate(divide="ignore"):
+            return np.where(m >= 1.0, 1.0, -np.expm1(np.log1p(-m) / T))
+
+    return LambdaMaxBracket(lower=to_lam(one.lower), upper=to_lam(one.upper))
 
 
 def lambda_max_per_token(T, eps_fg, H_T, s, m, M_h, M_e, C1) -> np.ndarray:

@@ -210,7 +210,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     from sft.treeprobs import TreeProbsError, build_empirical_trees
     from theory.corrected import pooled_sin_theta
     from theory.estimate import estimate_constants, smoothed_target
-    from theory.prefix import prefix_decomposition, with_other
+    from theory.prefix import bound_columns, prefix_decomposition, with_other
     from theory.tilting import fit_effective_step
 
     torch.manual_seed(0)
@@ -247,7 +247,8 @@ def run_compare(cfg: CompareConfig) -> dict:
         pt.update(step=step, checkpoint=folder.name, lam=fit.lam_pooled, eps=fit.eps_pooled,
                   residual=fit.residual_pooled, misalignment_median=float(np.median(fit.misalignment)),
                   sin_theta=pooled_sin_theta(prev[active], lq.p2[active], logp2[active], ts.p2.mass[active]),
-                  prefix_bound_bits=pd.bound, prefix_delta_bits=pd.delta, prefix_chi2_bar=pd.chi2_bar)
+                  prefix_bound_bits=pd.bound, prefix_delta_bits=pd.delta, prefix_chi2_bar=pd.chi2_bar,
+                  prefix=bound_columns(pd))
         points.append(pt)
         prev = lq.p2
         del model

@@ -73,6 +73,7 @@ def write_outputs(result: dict, out: Path) -> None:
                f"empirical D1 tree, mass outside the alphabet as one outcome): median {fmt(float(np.median(pr)))}, "
                f"max {fmt(float(np.max(pr)))}, violations {viol} over {len(pr)} checkpoints." if pr else
                "per-prefix bound: no checkpoint with a positive measured tree dL(P1)."), "",
+              *_bound_columns_lines(result["points"][1:]),
               "sin(theta): mass-weighted sine between the realised log-shift on the D2 tree and the tilting "
               "direction over each checkpoint interval (`theory.corrected.pooled_sin_theta`; 0 = the update is a "
               "tilt, the paper's picture; near 1 = no tilting step reproduces it).", ""]
@@ -85,3 +86,17 @@ def write_outputs(result: dict, out: Path) -> None:
               "checkpoint interval) are listed in `experiments/studies/compare.py` and `sft/treeprobs.py`.", ""]
     write_text(out / "compare.md", "\n".join(lines))
     write_json(out / "compare.json", result)
+
+
+def _bound_columns_lines(points) -> list[str]:
+    """Per checkpoint, every per-prefix bound over the measured tree dL(P1) (`theory.prefix.bound_columns`)."""
+    cols = [p["prefix"] for p in points if p.get("prefix")]
+    if not cols:
+        return []
+    rows = [[p.get("checkpoint"), c["measured"], c["first_order"], c["kl_term"], c["bound_chi2_over_measured"],
+             c["bound_chi2_nodewise_over_measured"], c["bound_kl_over_measured"], c["bound_kl_global_over_measured"],
+             c["floor_over_measured"], c["dominant"]] for p, c in zip([p for p in points if p.get("prefix")], cols)]
+    return ["Per-prefix bounds / measured tree dL(P1) (bits; `theory.prefix.bound_columns`: chi2 = Cauchy-Schwarz, "
+            "KL = change of measure, floor = no node-wise bound goes below it):", "",
+            markdown_table(["checkpoint", "measured dL", "first-order", "KL term", "chi2", "chi2 node-wise",
+                            "KL (t per node)", "KL (one t)", "floor", "dominant"], rows), ""]

@@ -124,7 +124,9 @@ def prefix_point(p1, base_full, full) -> dict:
 
     d = prefix_decomposition(p1, base_full, full, unit="bits")
     return {"prefix_delta_bits": d.delta, "prefix_bound_bits": d.bound, "prefix_first_order_bits": d.first_order,
-            "prefix_kl_term_bits": d.kl_term, "prefix_chi2_bar": d.chi2_bar}
+            "prefix_kl_term_bits": d.kl_term, "prefix_chi2_bar": d.chi2_bar,
+            "prefix_bound_nodewise_bits": d.bound_nodewise, "prefix_bound_kl_bits": d.bound_kl,
+            "prefix_bound_kl_global_bits": d.bound_kl_global, "prefix_floor_bits": d.floor}
 
 
 def _callback(curve: _Curve, every: int):
@@ -501,22 +503,29 @@ def prefix_tightness(runs: dict, base: dict) -> dict:
     """Per-prefix bound / measured dL(P1) at the end of each run (median, max over runs with
     dL(P1) > 0), violations over every evaluation point, and the largest gap between the
     decomposition's exact delta and the measured dL(P1) (a consistency check, bits)."""
-    ratios, viol, n_pts, gap = [], 0, 0, 0.0
+    kinds = {"kl": "prefix_bound_kl_bits", "kl_global": "prefix_bound_kl_global_bits",
+             "nodewise": "prefix_bound_nodewise_bits", "floor": "prefix_floor_bits"}
+    ratios, more, viol, n_pts, gap, kl_dom = [], {k: [] for k in kinds}, 0, 0, 0.0, 0
     for r in runs.values():
         for p in r["points"]:
             if p.get("prefix_bound_bits") is None:
                 continue
             meas = p["kl_p1_bits"] - base["kl_p1_bits"]
             n_pts += 1
-            viol += int(p["prefix_bound_bits"] < meas - 1e-9)
+            viol += int(min(p["prefix_bound_bits"], p.get("prefix_bound_kl_bits", np.inf)) < meas - 1e-9)
             gap = max(gap, abs(p["prefix_delta_bits"] - meas))
         last = r["points"][-1]
         meas = last["kl_p1_bits"] - base["kl_p1_bits"]
         if last.get("prefix_bound_bits") is not None and meas > 1e-9:
             ratios.append(last["prefix_bound_bits"] / meas)
-    return {"n_runs": len(ratios), "median": float(np.median(ratios)) if ratios else None,
-            "max": float(np.max(ratios)) if ratios else None, "violations": viol, "n_points": n_pts,
-            "max_identity_gap_bits": gap}
+            kl_dom += int(last["prefix_kl_term_bits"] >= abs(last["prefix_first_order_bits"]))
+            for k, key in kinds.items():
+                if last.get(key) is not None:
+                    more[k].append(last[key] / meas)
+    med = lambda x: float(np.median(x)) if x else None  # noqa: E731
+    return {"n_runs": len(ratios), "median": med(ratios), "max": float(np.max(ratios)) if ratios else None,
+            "violations": viol, "n_points": n_pts, "max_identity_gap_bits": gap,
+            **{f"median_{k}": med(v) for k, v in more.items()}, "n_kl_term_dominant": kl_dom}
 
 
 def rankings(runs: dict, lrs) -> dict:

@@ -264,6 +264,12 @@ def bound_lines(variant: str, e: dict) -> list[str]:
                   f"{fmt(pt['median'])}, max {fmt(pt['max'])}, violations {pt['violations']} (over "
                   f"{pt['n_points']} evaluation points; exact delta vs measured dL(P1) within "
                   f"{pt['max_identity_gap_bits']:.1e} bits)."]
+        if pt.get("median_kl") is not None:
+            lines += [f"- **{variant}, per-prefix bounds / measured dL(P1)** (median over the same runs; "
+                      "`theory.prefix.bound_columns`): chi2 " + fmt(pt["median"]) + ", chi2 node-wise "
+                      + fmt(pt["median_nodewise"]) + ", KL (t per node) " + fmt(pt["median_kl"]) + ", KL (one t) "
+                      + fmt(pt["median_kl_global"]) + ", floor of any node-wise bound " + fmt(pt["median_floor"])
+                      + f"; the KL term dominates dL(P1) in {pt['n_kl_term_dominant']} of {pt['n_runs']} runs."]
     return lines
 
 

@@ -391,7 +391,9 @@ def prefix_bound(trees, logq0, model) -> dict:
 
     lq = empirical_tree_logprobs(model, trees)
     pd = prefix_decomposition(trees.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
-    return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "depth": trees.depth}
+    return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "depth": trees.depth,
+            "bound_kl_bits": pd.bound_kl, "bound_kl_global_bits": pd.bound_kl_global, "floor_bits": pd.floor,
+            "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term}
 
 
 def general_examples(tok, data: StudyData) -> list[dict]:

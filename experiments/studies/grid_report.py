@@ -20,6 +20,7 @@ __all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "ru
 
 RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain_gain_bits",
               "general_delta_bits_humaneval", "general_delta_bits_gsm8k", "bound_over_measured",
+              "bound_kl_over_measured", "floor_over_measured",
               "forecast_general_delta_bits")
 
 
@@ -63,13 +64,14 @@ def pooled_general_delta(ev: dict, base_ev: dict) -> float:
             + (g["gsm8k_bits_per_token"] - b["gsm8k_bits_per_token"]) * ng) / (nh + ng)
 
 
-def bound_over_measured(run: dict) -> float | None:
-    """The per-prefix bound over the measured Delta L(P1) on the empirical general tree; None when
-    the run was evaluated before the bound existed or the measured change is not a degradation."""
+def bound_over_measured(run: dict, key: str = "bound_bits") -> float | None:
+    """A per-prefix bound (``key``: the chi2 ``bound_bits``, ``bound_kl_bits``, ``floor_bits``) over the
+    measured Delta L(P1) on the empirical general tree; None when the run was evaluated before that
+    bound existed or the measured change is not a degradation."""
     pb = run.get("prefix")
-    if not pb or pb["delta_bits"] <= 0:
+    if not pb or pb.get(key) is None or pb["delta_bits"] <= 0:
         return None
-    return pb["bound_bits"] / pb["delta_bits"]
+    return pb[key] / pb["delta_bits"]
 
 
 def forecast_row(run: dict, forecasts: dict) -> dict | None:
@@ -123,6 +125,8 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
     row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
     row["bound_over_measured"] = bound_over_measured({"prefix": pb})
+    row["bound_kl_over_measured"] = bound_over_measured({"prefix": pb}, "bound_kl_bits")
+    row["floor_over_measured"] = bound_over_measured({"prefix": pb}, "floor_bits")
     f = forecast_row(row, forecasts or {})
     row["forecast_general_delta_bits"] = None if f is None else f["dL_general_bits_per_token"]
     row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]

@@ -39,6 +39,10 @@ def check_run_row(r: dict) -> None:
     ratio = r["bound_over_measured"]
     assert (ratio is None) == (r["prefix_delta_bits"] <= 0)
     assert ratio is None or ratio >= 1 - 1e-9
+    # the change-of-measure bound and the floor beside it: measured <= floor <= KL bound
+    kl, floor = r["bound_kl_over_measured"], r["floor_over_measured"]
+    assert (kl is None) == (ratio is None) and (floor is None) == (ratio is None)
+    assert kl is None or 1 - 1e-9 <= floor <= kl + 1e-9
 
 
 def test_study_runs_resumes_and_reports(tmp_path):

@@ -11,7 +11,8 @@ def ledger():
 CORRECTED = [
     "Proposition 3.1 per prefix (new)", "Lemma E.1 corrected", "Lemma E.2 corrected", "Oracle inequality corrected",
     "Theorem B.1 (= E.1) corrected", "Theorem E.2 corrected", "Theorem E.3 corrected", "Theorem 3.1 corrected",
-    "Theorem 3.2 / B.3 (= E.5) corrected",
+    "Theorem 3.2 / B.3 (= E.5) corrected", "Proposition 3.1 per prefix, KL bound (new)",
+    "Theorem 3.2 / B.3 (= E.5) corrected, T > 1",
 ]
 
 # SNAPSHOT: the ledger's verdict strings as of this commit. This pins the ledger's own output (a
@@ -83,3 +84,23 @@ def test_oracle_and_e2_counterexamples(ledger):
     assert o["depth"] >= 2 and o["gain_rate"] < o["paper_rate"]
     e2 = ledger["Theorem E.2"].counterexample
     assert e2["exact_d2"] > e2["paper_lin2"] or e2["exact_d1"] > e2["paper_lin1"]
+
+
+def test_every_corrected_entry_reports_its_power(ledger):
+    for cid in CORRECTED:
+        pw = ledger[cid].power
+        assert set(pw) == {"1%", "10%"} and all(0 <= v <= 1 for v in pw.values()), cid
+        assert pw["1%"] <= pw["10%"], cid  # a stronger statement is caught at least as often
+    kl = ledger["Proposition 3.1 per prefix, KL bound (new)"]
+    assert kl.n_instances >= 1000 and kl.n_violations == 0
+    assert kl.power["10%"] > 0.01  # the KL check catches a 10% too strong bound
+    text = format_ledger([ledger["Oracle inequality corrected"], kl])
+    assert "power:" in text
+
+
+def test_lambda_max_at_T_above_one_needs_the_trajectory_constants(ledger):
+    c = ledger["Theorem 3.2 / B.3 (= E.5) corrected, T > 1"]
+    assert c.n_violations == 0
+    import re
+    counts = [int(x) for x in re.findall(r"(\d+) \(T = (?:2|10|100)\)", c.note)]
+    assert len(counts) == 3 and counts[-1] > 0  # q_0's one-step constants fail at T = 100

@@ -147,3 +147,40 @@ def test_lemma_e2_corrected_tight_example_and_paper_counterexample():
     assert paper == pytest.approx(0.51) and paper < realised
     with pytest.raises(ValueError, match="gamma"):
         lemma_e2_corrected(0.5, 1.0, 0.0, 1.0)
+
+
+def test_lambda_max_bracket_tilting_against_iterated_steps():
+    # one prefix: T equal tilts equal one tilt of weight 1 - (1 - lam)^T; the bracket holds there
+    from theory.corrected import lambda_max_bracket_tilting, per_prefix_terms
+    from theory.tilting import log_softmax, tilt_log
+
+    rng = np.random.default_rng(5)
+    lq, lp = log_softmax(rng.standard_normal((1, 4))), log_softmax(2 * rng.standard_normal((1, 4)))
+    p1 = np.exp(log_softmax(lq + 0.1 * rng.standard_normal((1, 4))))  # near q: the tilt toward p degrades
+    delta = lambda l: float((p1 * (lq - l)).sum())  # noqa: E731  KL(p1||q_lam) - KL(p1||q0)
+    lam, T = 0.13, 7
+    it = lq
+    for _ in range(T):
+        it = tilt_log(it, lp, lam)
+    np.testing.assert_allclose(it, tilt_log(lq, lp, 1 - (1 - lam) ** T), atol=1e-12)
+    t = per_prefix_terms(np.ones(1), p1, lq, lp)
+    eps = 0.5 * delta(tilt_log(lq, lp, 1.0))
+    assert eps > 0
+    br = lambda_max_bracket_tilting(T, eps, -t["gap"], t["R"])
+    assert 0 < br.lower[()] <= br.upper[()] <= 1
+    run = lq
+    for _ in range(T):
+        run = tilt_log(run, lp, float(br.lower))
+    assert delta(run) <= eps + 1e-12  # the lower end is safe after T real steps
+
+
+def test_hard_family_has_its_features():
+    from theory import batched as Bt
+
+    rng = np.random.default_rng(0)
+    worlds = list(Bt.hard_batches(rng, 40))
+    assert max(bw.tree.max_depth for bw in worlds) >= 8
+    lq = np.concatenate([bw.logq0[:, ~bw.tree.forced_end()].reshape(-1) for bw in worlds if bw.tree.vocab_size == 2])
+    assert lq.min() < -1000 and np.any(np.exp(lq) > 1 - 1e-11)  # log q far below underflow, near-deterministic rows
+    p = np.concatenate([np.exp(bw.logp1[:, ~bw.tree.forced_end()]).max(-1).ravel() for bw in worlds])
+    assert np.any(p == 1.0)  # point masses
