@@ -142,3 +142,33 @@ def annotate_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[
         placed.append(box)
         artists.append(ann)
     return artists
+
+
+# One colour per method, shared by every figure that draws methods side by side.
+METHOD_COLORS = {"ce": "#1f77b4", "talr": "#d62728", "dft": "#2ca02c", "l2": "#9467bd", "lora": "#ff7f0e",
+                 "flow": "#8c564b"}
+
+
+def tradeoff_figure(path: str | Path, rows: Sequence[dict], title: str = "predicted trade-off") -> None:
+    """Predicted domain gain vs predicted dL(P1), one line per method over the learning rates, each
+    point labelled with its rate (`annotate_points`: no label overlaps another or a marker).
+    ``rows``: dicts with ``method``, ``lr``, ``dL_P1_bits`` and ``domain_gain_bits``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    pts, labels, colors = [], [], []
+    for meth in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == meth), key=lambda r: r["lr"])
+        x = [max(r["dL_P1_bits"], 1e-3) for r in rs]
+        y = [r["domain_gain_bits"] for r in rs]
+        ax.plot(x, y, "o-", color=METHOD_COLORS.get(meth), label=meth, ms=4)
+        pts += list(zip(x, y))
+        labels += [f"{r['lr']:g}" for r in rs]
+        colors += [METHOD_COLORS.get(meth)] * len(rs)
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted dL(P1) (bits)")
+    ax.set_ylabel("predicted domain gain (bits)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    annotate_points(ax, pts, labels, fontsize=6, color=colors)
+    fig.tight_layout()
+    save_figure(fig, path)

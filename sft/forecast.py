@@ -305,8 +305,9 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     weights and its sequence weights. ``ce_mean``: the shared progress direction when already
     known (another method's moments); else a CE loss derives it from its own mean (``ce_scale``)
     and any other loss computes it (one more backward per group and batch)."""
-    loss_method = {"l2": "ce", "lora": "ce", "flow": "ce"}.get(method, method)
-    plain_ce = method in ("ce", "l2", "lora")
+    rec = get_method(method)
+    plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
+    loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
     params = _params(model)
     acc = _Moments(sum(p.numel() for p in params), ce_mean is None and not plain_ce, dtype)
     taus, n_all = [], 0
@@ -320,7 +321,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
             w, tau = L.token_weights(loss_method, nll, si, B, w_min=w_min)
             if loss_method == "talr":
                 taus.append(float(tau))
-            seq_w = torch.exp(-L.sequence_mean_losses(nll, si, B) / flow_tau) if method == "flow" else None
+            seq_w = torch.exp(-L.sequence_mean_losses(nll, si, B) / flow_tau) if rec.sequence_weights == "flow" else None
             hard = (torch.exp(-nll.detach()) < hard_p)
             per = []
             for k, mask in enumerate((~hard, hard)):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .methods import get_method
 from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
                        cosine_lrs, lora_layout, method_gradients, replay_adam, replay_lora, sequence_losses,
                        training_run_units)
@@ -189,10 +190,10 @@ class _Grid:
         self.examples = [ex for b in self.batches for ex in b]
         self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
         self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
-        self.layout = lora_layout(self.model) if "lora" in cfg.methods else None
+        self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
         self.dtype = getattr(torch, cfg.store_dtype)
         self.flow_tau, self.size_points, self._groups = None, [], None
-        if "flow" in cfg.methods:
+        if any(get_method(m).sequence_weights == "flow" for m in cfg.methods):
             _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
             self.flow_tau = max(float(np.median(means)), 1e-12)
 
@@ -210,10 +211,11 @@ class _Grid:
         cfg = self.cfg
         lrs = cosine_lrs(lr, cfg.steps)
         self.meter.replay(cfg.steps, {"lora": 8.0 * cfg.lora_r + 10.0, "l2": 45.0}.get(method, 30.0))
-        if method == "lora":
+        rec = get_method(method)
+        if rec.lora:
             return replay_lora(gm, self.layout, lrs, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed,
                                max_grad_norm=cfg.max_grad_norm, track=cfg.track)
-        return replay_adam(gm, method, lrs, l2_coeff=cfg.l2_coeff if method == "l2" else 0.0,
+        return replay_adam(gm, method, lrs, l2_coeff=cfg.l2_coeff if rec.regularizer == "l2" else 0.0,
                            max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min, track=cfg.track)
 
     def evaluate(self, delta: torch.Tensor) -> tuple[float, dict]:
@@ -309,7 +311,8 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     torch.manual_seed(cfg.seed)
     grid = _Grid(model0, d2, d1, cfg, d1_tree)
     pairs = [(m, lr) for m in cfg.methods for lr in cfg.lrs if only is None or (m, lr) in only]
-    own = [m for m in ("talr", "dft", "flow") if m in cfg.methods]
+    replays_ce = [m for m in cfg.methods if m == "ce" or get_method(m).replay_gradients == "ce"]
+    own = [m for m in cfg.methods if m not in replays_ce]  # methods with gradients of their own (sft.methods)
     bar = tqdm(total=1 + len(own) + len(pairs) + int(calibrate), desc="forecast", unit="job", disable=not progress)
     ce = grid.moments("ce")
     bar.update(1)
@@ -320,7 +323,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
             grid.size_points = grid.size_probe(ce, model0, probe)
             probe["size_points"] = grid.size_points
         bar.update(1)
-    by_method = {m: grid.rows(ce, [p for p in pairs if p[0] == m], bar.update) for m in ("ce", "l2", "lora")}
+    by_method = {m: grid.rows(ce, [p for p in pairs if p[0] == m], bar.update) for m in replays_ce}
     shared = ce.ce(), ce.kappa, ce.lam_c
     del ce
     for m in own:

@@ -6,7 +6,7 @@ import copy
 import time
 from pathlib import Path
 
-__all__ = ["finetune_exact", "appendix_e_constants"]
+__all__ = ["finetune_exact", "appendix_e_constants", "general_sample", "general_tree"]
 
 
 def finetune_exact(world, model0, method: str, lr: float, *, steps: int, batch: int, seed: int, run_dir: Path,
@@ -44,3 +44,25 @@ def appendix_e_constants(world, model0):
     u, p1u, p2u = world.p1.union_aligned(world.p2)
     logq = exact_full_logprobs(model0, u, bos_id=world.bos_id, eos_id=world.eos_id, renormalize=True)
     return estimate_constants(p1u, p2u, logq, alpha=0.1, threshold=0.1)
+
+
+def general_sample(world, n: int, seed: int = 123) -> list[dict]:
+    """``n`` D1 examples sampled from P1 (labels on every response token and the EOS)."""
+    from .data import IGNORE_INDEX
+
+    out = []
+    for z in world.d1_samples(n, seed=seed):
+        ids = world.model_ids(z)
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
+    return out
+
+
+def general_tree(world, n: int, seed: int = 123):
+    """The same ``n`` P1 samples as `general_sample`, as an empirical token tree (`SampleTree`)."""
+    from .forecast_run import SampleTree
+    from theory.tree import TokenTree
+
+    zs = world.d1_samples(n, seed=seed)
+    tree = TokenTree.from_sequences([list(map(int, z)) for z in zs], max_depth=world.cfg.max_depth,
+                                    vocab_size=world.tree_vocab)
+    return SampleTree(tree, world.bos_id, world.eos_id)

@@ -134,7 +134,7 @@ def _inputs(args):
 
     torch.set_num_threads(1)
     if args.model.startswith("world:"):
-        from experiments.studies.forecast import general_sample, general_tree
+        from sft.world_runs import general_sample, general_tree
         from sft.worlds import WorldConfig, build_world, pretrain
 
         world = build_world(WorldConfig.default(variant="cot", seed=_world_seed(args.model)))
@@ -175,7 +175,7 @@ def forecast_to(args) -> dict:
     """Forecast into ``args.out`` (or reuse a matching forecast.json there)."""
     from experiments.cli import user_errors
     from experiments.outputs import markdown_table, write_json, write_text
-    from experiments.studies.forecast_report import tradeoff_figure
+    from experiments.outputs import tradeoff_figure
     from sft.forecast_run import forecast_grid
 
     out = Path(args.out)

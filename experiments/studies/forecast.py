@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sft.methods import forecast_methods
+from sft.world_runs import general_sample, general_tree
 
 from sft.forecast_metrics import advisor_scores, budgets_over, spearman, spearman_within_lr, within_2x
 
@@ -72,28 +73,6 @@ def world_config(cfg: ForecastStudyConfig):
 
     factory = WorldConfig.smoke if cfg.preset == "smoke" else WorldConfig.default
     return factory(variant="cot", seed=cfg.world_seed, **cfg.world_overrides)
-
-
-def general_sample(world, n: int, seed: int = 123) -> list[dict]:
-    """``n`` D1 examples sampled from P1 (labels on every response token and the EOS)."""
-    from sft.data import IGNORE_INDEX
-
-    out = []
-    for z in world.d1_samples(n, seed=seed):
-        ids = world.model_ids(z)
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
-    return out
-
-
-def general_tree(world, n: int, seed: int = 123):
-    """The same ``n`` P1 samples as `general_sample`, as an empirical token tree (`SampleTree`)."""
-    from sft.forecast_run import SampleTree
-    from theory.tree import TokenTree
-
-    zs = world.d1_samples(n, seed=seed)
-    tree = TokenTree.from_sequences([list(map(int, z)) for z in zs], max_depth=world.cfg.max_depth,
-                                    vocab_size=world.tree_vocab)
-    return SampleTree(tree, world.bos_id, world.eos_id)
 
 
 def forecast_config(cfg: ForecastStudyConfig, world):

@@ -5,10 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.outputs import markdown_table, pyplot, save_figure, write_text
+from experiments.outputs import METHOD_COLORS, markdown_table, pyplot, save_figure, tradeoff_figure, write_text
 
-METHOD_COLORS = {"ce": "#1f77b4", "talr": "#d62728", "dft": "#2ca02c", "l2": "#9467bd", "lora": "#ff7f0e",
-                 "flow": "#8c564b"}
 
 
 SCORE_KEYS = ("spearman", "spearman_within_lr", "within_2x", "advisor_hit_rate", "advisor_within_budget",
@@ -69,24 +67,6 @@ def forecast_figure(path: Path, s: dict) -> None:
     ax.set_ylabel("forecast dL(P1) (bits, before training)")
     ax.set_title(f"spearman {s['spearman']:.2f}, within 2x {s['within_2x']:.2f}")
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def tradeoff_figure(path: Path, rows: list[dict], title: str = "predicted trade-off") -> None:
-    """Predicted domain gain vs predicted dL(P1), one line per method over the learning rates."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
-    for meth in dict.fromkeys(r["method"] for r in rows):
-        rs = sorted((r for r in rows if r["method"] == meth), key=lambda r: r["lr"])
-        x = [max(r["dL_P1_bits"], 1e-3) for r in rs]
-        y = [r["domain_gain_bits"] for r in rs]
-        ax.plot(x, y, "o-", color=METHOD_COLORS.get(meth), label=meth, ms=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("predicted dL(P1) (bits)")
-    ax.set_ylabel("predicted domain gain (bits)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 

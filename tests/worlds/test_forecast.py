@@ -137,7 +137,7 @@ def test_rotation_keeps_only_the_coherent_part_of_the_gradient():
 
 
 def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
-    from experiments.studies.forecast import general_sample
+    from sft.world_runs import general_sample
     from sft.forecast_run import forecast_grid
 
     model, _, _ = pretrained

@@ -25,7 +25,7 @@ def toy():
 
 
 def test_a_registered_method_trains_and_forecasts(toy, smoke_world, pretrained, tmp_path):
-    from experiments.studies.forecast import general_sample
+    from sft.world_runs import general_sample
     from sft.data import PadCollator, SFTDataset
     from sft.forecast import ForecastConfig
     from sft.forecast_run import forecast_grid
