@@ -60,3 +60,30 @@ def test_generate_and_score_codes_completions_like_code_length(tiny_model, tiny_
     assert bits == pytest.approx(want.bits_per_sequence, rel=1e-5)
     # the cache is cropped back to the prompt: generation unchanged by the scoring
     assert texts == greedy_generate(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=6, progress=False)
+
+
+SHARED = ["Question: Natalia sold clips to 48", "Question: Natalia sold clips",
+          "Question: Natalia sold clips to 48 of her friends. How"]
+
+
+def test_shared_prefix_and_early_stops_equal_one_at_a_time(tiny_model, tiny_tokenizer):
+    """A prompt prefix computed once for the batch, rows leaving the batch as they stop: each row
+    still equals its own unpadded `generate`."""
+    full = [reference(tiny_model, tiny_tokenizer, p, 16) for p in SHARED]
+    stop = full[1][2:5]
+    assert stop
+    got = greedy_generate(tiny_model, tiny_tokenizer, SHARED, stop=[stop], keep_stop=True, max_new_tokens=16,
+                          batch_size=3, progress=False)
+    assert got == [f[:f.index(stop) + len(stop)] if stop in f else f for f in full]
+    assert sum(stop in f for f in full) < len(full)  # some rows outlive the early stopper
+
+
+def test_scoring_with_a_shared_prefix(tiny_model, tiny_tokenizer):
+    from sft.eval.codelength import corpus_code_length_bits as code_length_bits
+    from sft.eval.generate import generate_and_score
+
+    comps = [" 48 clips", " and", " many?"]
+    _, bits, _ = generate_and_score(tiny_model, tiny_tokenizer, SHARED, comps, max_new_tokens=3, batch_size=3,
+                                    progress=False)
+    want = code_length_bits(tiny_model, tiny_tokenizer, SHARED, comps, add_bos=False, progress=False)
+    assert bits == pytest.approx(want.bits_per_sequence, rel=1e-5)
