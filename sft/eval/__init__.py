@@ -1,4 +1,4 @@
-"""Domain and general evaluation (MedCalc-Bench, ESCI, code length, lm-eval adapter).
+"""Domain and general evaluation (MedCalc-Bench, ESCI, code length, benchmarks, lm-eval adapter).
 
 Public names are loaded on first use, so ``sft.eval.medcalc`` and ``sft.eval.esci`` stay free of
 torch (they import only the standard library and numpy).
@@ -16,6 +16,9 @@ _PUBLIC = {
     # general capability
     "corpus_code_length_bits": "codelength", "CodeLength": "codelength", "humaneval_corpus": "codelength",
     "gsm8k_corpus": "codelength", "evaluate_gsm8k": "lmeval",
+    # multiple-choice benchmarks from ready request files (lm-eval's acc / acc_norm)
+    "evaluate_benchmarks": "benchmarks", "loglikelihoods": "benchmarks", "load_items": "benchmarks",
+    "paired_se": "benchmarks", "BenchmarkFormatError": "benchmarks",
     # generation (batched greedy, KV cache, stop strings)
     "greedy_generate": "generate", "generate_and_score": "generate", "run_task": "lmeval", "GenerationTask": "lmeval",
 }
