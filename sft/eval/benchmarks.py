@@ -33,7 +33,6 @@ equals the unpacked one up to float32 rounding (~1e-5).
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import math
@@ -135,13 +134,9 @@ def _field(obj: dict, dotted: str, kind, where: str):
     return cur
 
 
-def _parse_line(line: str, where: str, task_default: str) -> tuple[Request, object]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BenchmarkFormatError(f"{where}: not JSON ({e.msg})") from None
+def _parse_request(obj, where: str, task_default: str) -> tuple[Request, object]:
     if not isinstance(obj, dict):
-        raise BenchmarkFormatError(f"{where}: a request must be a JSON object")
+        raise BenchmarkFormatError(f"{where}: field '<row>': a request must be a JSON object")
     if _field(obj, "request_type", str, where) != "loglikelihood":
         raise BenchmarkFormatError(f"{where}: field 'request_type' must be 'loglikelihood', got {obj['request_type']!r}")
     cont = _field(obj, "request.continuation", str, where)
@@ -156,27 +151,31 @@ def _parse_line(line: str, where: str, task_default: str) -> tuple[Request, obje
 
 
 def read_requests(path: str | os.PathLike) -> tuple[list[Request], dict]:
-    """(requests, gold label per (task, doc_id)) of one file (gzip or plain JSONL).
+    """(requests, gold label per (task, doc_id)) of one file (gzip or plain JSONL, read by
+    ``sft.io.json_lines``).
 
     Unconditional requests (``doc_id >= uncond_docid_offset`` of a beside ``config.json``) are
     dropped. Raises :class:`BenchmarkFormatError` naming file, line and field.
     """
+    from ..io import json_lines
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such request file")
     offset = _uncond_offset(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     task_default = path.parent.parent.name or "task"
     reqs, labels = [], {}
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            req, label = _parse_line(line, f"{path}:{n}", task_default)
+    try:
+        for n, obj in json_lines(path):
+            req, label = _parse_request(obj, f"{path}:{n}", task_default)
             if offset is not None and req.doc_id >= offset:
                 continue
             reqs.append(req)
             labels.setdefault((req.task, req.doc_id), (label, req.where))
+    except BenchmarkFormatError:
+        raise
+    except ValueError as e:  # json_lines: not UTF-8, not JSON, ... (already names file, line, field)
+        raise BenchmarkFormatError(str(e)) from None
     if not reqs:
         raise BenchmarkFormatError(f"{path}: no requests")
     return reqs, labels

@@ -85,7 +85,8 @@ def _req(**kw):
 
 
 @pytest.mark.parametrize("bad,field", [
-    ("{not json", "not JSON"),
+    ("{not json", "field '<row>': invalid JSON"),
+    ("[1, 2]", "field '<row>': a request must be a JSON object"),
     (_req(request={"continuation": " a"}), "'request.context' is missing"),
     (_req(request={"context": "Q:", "continuation": ""}), "'request.continuation' is empty"),
     (_req(doc_id="7"), "'doc_id' must be int"),
