@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("peer", "published"), default="peer")
     ap.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa")
     ap.add_argument("--variant", default="rc_0shot")
+    ap.add_argument("--zero-shot", action="store_true", help="a k-shot variant's questions alone (doc.query)")
     ap.add_argument("--benchmarks", default=None, help="folder of <task>/<variant>/requests.jsonl.gz")
     ap.add_argument("--per-task", type=int, default=40, help="questions per task (0 = all)")
     ap.add_argument("--hellaswag", type=int, default=0, help="published mode: HellaSwag subset (0 = as --per-task)")
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     items = []
     for task in [t for t in a.tasks.split(",") if t]:
         n = a.hellaswag if (task == "hellaswag" and a.hellaswag) else a.per_task
-        items += stratified_subset(load_items(task, a.variant, a.benchmarks), n or None, a.seed)
+        items += stratified_subset(load_items(task, a.variant, a.benchmarks, a.zero_shot), n or None, a.seed)
     model, tok, desc = load(a.model)
     print(f"model: {desc}; tasks {a.tasks} ({a.variant}); load {os.getloadavg()[0]:.2f}")
     return peer(model, tok, items, a.batch_size) if a.mode == "peer" else published(model, tok, items, a.batch_size, a.out)

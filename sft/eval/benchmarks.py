@@ -134,7 +134,7 @@ def _field(obj: dict, dotted: str, kind, where: str):
     return cur
 
 
-def _parse_request(obj, where: str, task_default: str) -> tuple[Request, object]:
+def _parse_request(obj, where: str, task_default: str, zero_shot: bool = False) -> tuple[Request, object]:
     if not isinstance(obj, dict):
         raise BenchmarkFormatError(f"{where}: field '<row>': a request must be a JSON object")
     if _field(obj, "request_type", str, where) != "loglikelihood":
@@ -145,14 +145,22 @@ def _parse_request(obj, where: str, task_default: str) -> tuple[Request, object]
     task = obj.get("task_name", task_default)
     if not isinstance(task, str) or not task:
         raise BenchmarkFormatError(f"{where}: field 'task_name' must be a non-empty string")
+    context = _field(obj, "request.context", str, where)
+    if zero_shot:  # a k-shot file's question alone: the doc's own query ends the context
+        query = _field(obj, "doc.query", str, where)
+        if not context.endswith(query):
+            raise BenchmarkFormatError(f"{where}: field 'doc.query' does not end 'request.context' (zero_shot)")
+        context = query
     req = Request(task=task, doc_id=_field(obj, "doc_id", int, where), idx=_field(obj, "idx", int, where),
-                  context=_field(obj, "request.context", str, where), continuation=cont, where=where)
+                  context=context, continuation=cont, where=where)
     return req, obj.get("label")
 
 
-def read_requests(path: str | os.PathLike) -> tuple[list[Request], dict]:
+def read_requests(path: str | os.PathLike, zero_shot: bool = False) -> tuple[list[Request], dict]:
     """(requests, gold label per (task, doc_id)) of one file (gzip or plain JSONL, read by
-    ``sft.io.json_lines``).
+    ``sft.io.json_lines``). ``zero_shot``: replace each context by its ``doc.query`` (the
+    question without the few-shot examples of a ``*_5shot`` file; e.g. the ARC test splits,
+    shipped 5-shot only, at 0 shots as lm-eval's ``arc_easy`` / ``arc_challenge``).
 
     Unconditional requests (``doc_id >= uncond_docid_offset`` of a beside ``config.json``) are
     dropped. Raises :class:`BenchmarkFormatError` naming file, line and field.
@@ -167,7 +175,7 @@ def read_requests(path: str | os.PathLike) -> tuple[list[Request], dict]:
     reqs, labels = [], {}
     try:
         for n, obj in json_lines(path):
-            req, label = _parse_request(obj, f"{path}:{n}", task_default)
+            req, label = _parse_request(obj, f"{path}:{n}", task_default, zero_shot)
             if offset is not None and req.doc_id >= offset:
                 continue
             reqs.append(req)
@@ -209,9 +217,10 @@ def group_items(requests: Sequence[Request], labels: dict) -> list[Item]:
     return items
 
 
-def load_items(task: str, variant: str = DEFAULT_VARIANT, root: str | os.PathLike | None = None) -> list[Item]:
-    """The questions of one task (see :func:`request_file`, :func:`group_items`)."""
-    return group_items(*read_requests(request_file(task, variant, root)))
+def load_items(task: str, variant: str = DEFAULT_VARIANT, root: str | os.PathLike | None = None,
+               zero_shot: bool = False) -> list[Item]:
+    """The questions of one task (see :func:`request_file`, :func:`read_requests`, :func:`group_items`)."""
+    return group_items(*read_requests(request_file(task, variant, root), zero_shot))
 
 
 def stratified_subset(items: Sequence[Item], per_task: int | None, seed: int = 0) -> list[Item]:

@@ -223,3 +223,16 @@ def test_equals_lm_eval_on_the_same_items(model, tiny_tokenizer):
     s = B.score_items(items, lls)
     assert s["acc"] == ref["correct"]["toy_qa"]["acc"] and s["acc_norm"] == ref["correct"]["toy_qa"]["acc_norm"]
     assert ref["tasks"]["toy_qa"]["acc"] == pytest.approx(np.mean(s["acc"]))
+
+
+def test_zero_shot_keeps_the_question_of_a_k_shot_file(tmp_path):
+    shots = "Question: 1+1?\nAnswer: 2\n\n"
+    q = "Question: 2+2?\nAnswer:"
+    rows = [_req(doc={"query": q}, request={"context": shots + q, "continuation": c}, idx=k, label=1)
+            for k, c in enumerate([" 3", " 4"])]
+    f = _write(tmp_path, rows)
+    assert [r.context for r in B.read_requests(f)[0]] == [shots + q] * 2
+    assert [r.context for r in B.read_requests(f, zero_shot=True)[0]] == [q, q]
+    f2 = _write(tmp_path / "y", [_req(doc={"query": "other"})])
+    with pytest.raises(B.BenchmarkFormatError, match=r":1: field 'doc.query' does not end"):
+        B.read_requests(f2, zero_shot=True)
