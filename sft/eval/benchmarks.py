@@ -175,9 +175,10 @@ def read_requests(path: str | os.PathLike, zero_shot: bool = False) -> tuple[lis
     reqs, labels = [], {}
     try:
         for n, obj in json_lines(path):
+            d = obj.get("doc_id") if isinstance(obj, dict) else None
+            if offset is not None and isinstance(d, int) and d >= offset:
+                continue  # an unconditional request of OLMES' PMI metric
             req, label = _parse_request(obj, f"{path}:{n}", task_default, zero_shot)
-            if offset is not None and req.doc_id >= offset:
-                continue
             reqs.append(req)
             labels.setdefault((req.task, req.doc_id), (label, req.where))
     except BenchmarkFormatError:
