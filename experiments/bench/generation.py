@@ -95,36 +95,10 @@ def cot_eval(model, tok, spec: str, n: int, rev: str) -> bool:
     return equal == len(prompts) and dbits < 1e-2
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8, help="prompts")
-    ap.add_argument("--max-new", type=int, default=64, help="new tokens per prompt")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--model", default="smollm2", help="smollm2 or a tiny spec")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--cot", type=int, default=12, help="CoT held-out prompts to time against --baseline-rev (0 = skip)")
-    ap.add_argument("--baseline-rev", default="4a1451f", help="git revision whose generator is today's path")
-    a = ap.parse_args(argv)
-    for name in ("n", "max_new", "batch_size"):
-        if getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.cot < 0:
-        ap.error("--cot must be >= 0")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from experiments.studies.grid import SHARED, StudyConfig, load_base
-    from sft.data import split_text
-    from sft.domains import get_domain
+def one_vs_batched(model, tok, prompts, a, stop, desc) -> bool:
+    """One-at-a-time ``model.generate`` against the batched generator: prints the speed-up."""
     from sft.eval.generate import greedy_generate
 
-    cfg = StudyConfig(model=a.model)
-    model, tok, desc = load_base(cfg)
-    model.eval()
-    dom = get_domain("medcalc")
-    stop = dom.stop
-    rows, _ = dom.load(None, shared=SHARED, n_synthetic=64)
-    prompts = [split_text(tok, dom.row(r, "label"))[0] for r in rows]
-    prompts = sorted(prompts, key=lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))[:a.n]
     t = time.perf_counter()
     ref = one_at_a_time(model, tok, prompts, a.max_new, stop)
     t_ref = time.perf_counter() - t
@@ -142,7 +116,42 @@ def main(argv=None) -> int:
         if x != y:
             print(f"  differs: {x[:80]!r} vs {y[:80]!r}")
     print(f"speed-up: {t_ref / t_new:.2f}x")
-    ok = equal == a.n
+    return equal == a.n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8, help="prompts")
+    ap.add_argument("--max-new", type=int, default=64, help="new tokens per prompt")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--model", default="smollm2", help="smollm2 or a tiny spec")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--cot", type=int, default=12, help="CoT held-out prompts to time against --baseline-rev (0 = skip)")
+    ap.add_argument("--cot-only", action="store_true", help="time the CoT evaluation only")
+    ap.add_argument("--baseline-rev", default="4a1451f", help="git revision whose generator is today's path")
+    a = ap.parse_args(argv)
+    for name in ("n", "max_new", "batch_size"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.cot < 0:
+        ap.error("--cot must be >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from experiments.studies.grid import SHARED, StudyConfig, load_base
+    from sft.data import split_text
+    from sft.domains import get_domain
+
+    cfg = StudyConfig(model=a.model)
+    model, tok, desc = load_base(cfg)
+    model.eval()
+    dom = get_domain("medcalc")
+    stop = dom.stop
+    rows, _ = dom.load(None, shared=SHARED, n_synthetic=64)
+    prompts = [split_text(tok, dom.row(r, "label"))[0] for r in rows]
+    prompts = sorted(prompts, key=lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))[:a.n]
+    if a.cot_only:
+        print(f"model: {desc}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    ok = a.cot_only or one_vs_batched(model, tok, prompts, a, stop, desc)
     if a.cot:
         ok &= cot_eval(model, tok, a.model, a.cot, a.baseline_rev)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
