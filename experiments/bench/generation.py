@@ -106,11 +106,18 @@ def one_vs_batched(model, tok, prompts, a, stop, desc) -> bool:
     got = greedy_generate(model, tok, prompts, stop=[stop], keep_stop=True, max_new_tokens=a.max_new,
                           batch_size=a.batch_size, progress=False)
     t_new = time.perf_counter() - t
+    t = time.perf_counter()
+    old = baseline_generator(a.baseline_rev).greedy_generate(model, tok, prompts, stop=[stop], keep_stop=True,
+                                                             max_new_tokens=a.max_new, batch_size=a.batch_size,
+                                                             progress=False)
+    t_old = time.perf_counter() - t
     equal = sum(x == y for x, y in zip(ref, got))
     print(f"model: {desc}; {a.n} prompts, {a.max_new} new tokens max, stop {stop!r}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"one-at-a-time model.generate: {t_ref:.2f} s")
-    print(f"batched (batch {a.batch_size}, KV cache, left padding): {t_new:.2f} s")
+    print(f"batched (batch {a.batch_size}, shared prefix, KV cache, stopped rows leave): {t_new:.2f} s")
+    print(f"batched, revision {a.baseline_rev}'s generator: {t_old:.2f} s ({t_ref / t_old:.2f}x; equal outputs "
+          f"{sum(x == y for x, y in zip(ref, old))}/{a.n})")
     print(f"equal outputs: {equal}/{a.n}")
     for x, y in zip(ref, got):
         if x != y:
