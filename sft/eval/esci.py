@@ -130,15 +130,11 @@ def _keep(rec: dict, split, small_version, locale) -> bool:
 
 
 def _load_jsonl(path, split, small_version, locale, limit) -> list[dict]:
+    from ..io import json_lines  # the one JSONL reader: errors name PATH:LINE and the field
+
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ESCIFormatError(f"{path}: line {lineno}: not JSON ({e})") from None
+    try:
+        for lineno, rec in json_lines(path):
             if not isinstance(rec, dict):
                 raise ESCIFormatError(f"{path}: line {lineno}: expected a JSON object")
             if not _keep(rec, split, small_version, locale):
@@ -146,6 +142,10 @@ def _load_jsonl(path, split, small_version, locale, limit) -> list[dict]:
             out.append(_check_record(rec, f"{path}: line {lineno}, ", need_product=False))
             if limit is not None and len(out) >= limit:
                 break
+    except ESCIFormatError:
+        raise
+    except ValueError as exc:  # not JSON, not UTF-8, too deep...: json_lines names file, line and field
+        raise ESCIFormatError(str(exc)) from None
     return out
 
 

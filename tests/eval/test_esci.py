@@ -81,7 +81,7 @@ def test_jsonl_errors_name_line_and_field(tmp_path):
     with pytest.raises(ESCIFormatError, match=r"e\.jsonl: line 3, field 'query': missing or empty"):
         load_esci(p)
     p.write_text(lines[0] + "\n{oops\n", encoding="utf-8")
-    with pytest.raises(ESCIFormatError, match=r"e\.jsonl: line 2: not JSON"):
+    with pytest.raises(ESCIFormatError, match=r"e\.jsonl:2: field '<row>': invalid JSON"):
         load_esci(p)
 
 
