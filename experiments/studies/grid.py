@@ -60,21 +60,59 @@ class Entry:
     lr: float
     wise: tuple = ()
     steps: int | None = None  # optimizer steps of this run (None: the study's); more rows are cycled
+    # the plateau schedule (:func:`plateau_reference`): cosine over the study's ``plateau_max_steps``,
+    # stopped where CE's held-out domain code length plateaus (the variant's first plateau entry, CE)
+    plateau: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-{self.method}-{self.lr:g}" + (f"-s{self.steps}" if self.steps else "")
+        return (f"{self.variant}-{self.method}-{self.lr:g}" + (f"-s{self.steps}" if self.steps else "")
+                + ("-plateau" if self.plateau else ""))
 
     def key(self) -> dict:
-        """The entry's part of its cache key (``steps`` only when set: older keys stay valid)."""
+        """The entry's part of its cache key (``steps`` and ``plateau`` only when set: older keys
+        stay valid)."""
         d = asdict(self)
         if d["steps"] is None:
             d.pop("steps")
+        if not d["plateau"]:
+            d.pop("plateau")
         return d
 
 
 def entry_steps(cfg: "StudyConfig", e: Entry) -> int:
-    return e.steps or cfg.steps
+    """Optimizer steps of ``e``'s schedule (a plateau entry may stop earlier: :func:`plateau_reference`)."""
+    return cfg.plateau_max_steps if e.plateau else e.steps or cfg.steps
+
+
+def records_trajectory(cfg: "StudyConfig", e: Entry) -> bool:
+    """Whether run ``e`` records a trajectory (`sft.trajectory`): every plateau entry, the others
+    when ``trajectory_short``."""
+    return cfg.trajectory_every > 0 and (e.plateau or cfg.trajectory_short)
+
+
+def plateau_reference(cfg: "StudyConfig", variant: str) -> Entry | None:
+    """The variant's first plateau entry: CE trained until its held-out domain code length meets
+    ``cfg.plateau`` (`sft.plateau.Plateau`); every other plateau entry of the variant stops at the
+    step it met it (same schedule: cosine over ``plateau_max_steps``). None without plateau entries."""
+    return next((e for e in cfg.grid if e.variant == variant and e.plateau), None)
+
+
+def check_config(cfg: "StudyConfig") -> None:
+    """Plateau entries need the criterion, a schedule, trajectories and a CE reference (ValueError)."""
+    from sft.plateau import Plateau
+
+    if not any(e.plateau for e in cfg.grid):
+        return
+    if not cfg.plateau or cfg.plateau_max_steps < 1 or cfg.trajectory_every < 1:
+        raise ValueError("plateau entries need plateau=(patience, rel_tol, abs_tol), plateau_max_steps >= 1 and "
+                         f"trajectory_every >= 1 (got {cfg.plateau}, {cfg.plateau_max_steps}, {cfg.trajectory_every})")
+    Plateau(*cfg.plateau)  # range-checked
+    for v in dict.fromkeys(e.variant for e in cfg.grid if e.plateau):
+        ref = plateau_reference(cfg, v)
+        if ref.method != "ce":
+            raise ValueError(f"{v}: the first plateau entry is {ref.name}: it must be CE (the reference whose "
+                             "plateau step the others stop at)")
 
 
 @dataclass
@@ -106,13 +144,19 @@ class StudyConfig:
     # methods left out of the forecast: DFT's own gradients would add 6 N floats (3.2 GB for SmolLM2)
     # to CE's and TALR's, more than 2-core machines with 24 GB hold beside the study
     forecast_skip: tuple = ("dft",)
+    # trajectories and the plateau schedule (issue 19): not in data_key (they change which runs
+    # exist, not how any model is evaluated); a run's own key names them (:meth:`GridRunner.run_path`)
+    trajectory_every: int = 0  # steps between trajectory points (`sft.trajectory`); 0: none
+    trajectory_short: bool = False  # also record the study-step entries' trajectories (their run keys change)
+    plateau: tuple = ()  # (patience, rel_tol, abs_tol) of `sft.plateau.Plateau`, on held-out domain bits
+    plateau_max_steps: int = 0  # the plateau entries' schedule: cosine over this many steps
 
     def data_key(self) -> dict:
         """Settings that change any evaluation (hashed into every cache key). MedCalc's keys are
         those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
         ``domain``): its caches stay valid."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS:  # gen_batch: speed only
+        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS + RUN_FIELDS:  # gen_batch: speed only
             d.pop(k)
         if d["domain"] == "medcalc":
             d.pop("domain")
@@ -124,6 +168,7 @@ class StudyConfig:
 
 
 FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps")
+RUN_FIELDS = ("trajectory_every", "trajectory_short", "plateau", "plateau_max_steps")
 
 
 LRS = (3e-5, 1e-4, 3e-4)
@@ -131,7 +176,12 @@ LRS = (3e-5, 1e-4, 3e-4)
 
 def _smoke_grid() -> tuple:
     return (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("label", "ce", 1e-4),
-            Entry("cot", "ce", 1e-3), Entry("cot", "talr", 1e-3))
+            Entry("cot", "ce", 1e-3), Entry("cot", "talr", 1e-3)) + plateau_entries(("label",), (3e-3, 1e-3))
+
+
+def plateau_entries(variants: tuple, lrs: tuple) -> tuple:
+    """CE and TALR on the plateau schedule at each rate; CE at the first rate is the reference."""
+    return tuple(Entry(v, m, lr, plateau=True) for v in variants for lr in lrs for m in ("ce", "talr"))
 
 
 def _small_grid() -> tuple:
@@ -145,7 +195,8 @@ def _default_grid() -> tuple:
     ~9 min each), at two rates, LoRA on label-only only. 14 trained runs + 6 WiSE-FT points; one
     label-only CE run three times longer (60 steps: ~1.6 epochs over the label rows), to see
     whether more steps teach the calculators' magnitudes; DFT and FLOW left out (the budget:
-    about 2 h on 2 cores)."""
+    about 2 h on 2 cores). Then CE and TALR at 3e-4 and 1e-4 on the plateau schedule (:data:`PLATEAU_NOTE`),
+    label-only first."""
     hi, mid, lo = LRS[::-1]
     w = (0.25, 0.5, 0.75)
     g = [Entry("label", "ce", hi, wise=w), Entry("label", "talr", hi, wise=(0.5,)), Entry("label", "ce", mid, wise=(0.5,)),
@@ -153,21 +204,33 @@ def _default_grid() -> tuple:
          Entry("label", "lora", 1e-3), Entry("label", "ce", mid, steps=60),
          Entry("cot", "ce", hi, wise=(0.5,)), Entry("cot", "talr", hi), Entry("cot", "ce", mid),
          Entry("cot", "talr", mid), Entry("cot", "l2", hi)]
-    return tuple(g)
+    return tuple(g) + plateau_entries(("label", "cot"), (hi, mid))
 
 
 # default: 20 AdamW steps of 4 sequences (80 rows, about half the training notes), every held-out
 # row (52 with the default split), CoT examples up to 512 tokens (all calculators but MME fit);
 # about 2 h on 2 quiet cores. small: the pipeline check on SmolLM2 (<= 45 min; SMALL_MEMORY).
 # smoke: a tiny Llama (byte tokenizer: the token limits are bytes), a few rows, about a minute.
+# The plateau schedule of the default preset, sized on paper (not run here): cosine over 100 AdamW
+# steps of 4 rows (2.5 epochs of the ~160 label-only training rows), a trajectory point every 10
+# steps (held-out domain + general code length, forward passes only), CE's reference stops at the
+# first point where none of the last 2 improves its held-out domain bits by more than 1 % of the
+# best before them. From the README's 120-167 training tokens/s (the committed study: 7.5 s a
+# label-only step, 13 s a CoT step; label/CoT evaluation 50/240 s) and a probe of ~18k/26k tokens
+# forward (~40/60 s), 8 plateau runs stopping at step S cost about 122 S + 1560 s: S = 60 -> 2.5 h
+# (4.0 h with the 1.5 h of the other entries), S = 100 (never met) -> 3.8 h (5.3 h: two sessions
+# through the cache).
+PLATEAU_NOTE = "Plateau(patience=2, rel_tol=0.01) every 10 steps, cosine over 100 steps"
 SMALL_MEMORY = "about 19 GB peak (18.7 GB measured with the forecast on; --no-forecast saves most of it)"
 PRESETS = {
     "smoke": StudyConfig(model=TINY, grid=_smoke_grid(), max_prompt_tokens=1100, max_length=1600, n_eval=4, steps=2,
                          batch_size=2, n_humaneval=2, n_gsm8k=2, gen_tokens=(("cot", 24), ("label", 12)),
-                         gen_batch=4, forecast_batches=1, forecast_probe_steps=2),
+                         gen_batch=4, forecast_batches=1, forecast_probe_steps=2, trajectory_every=2,
+                         trajectory_short=True, plateau=(1, 0.05, 0.0), plateau_max_steps=12),
     "small": StudyConfig(grid=_small_grid(), forecast_batches=1),
     "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=52,
-                           n_humaneval=8, n_gsm8k=16),
+                           n_humaneval=8, n_gsm8k=16, trajectory_every=10, plateau=(2, 0.01, 0.0),
+                           plateau_max_steps=100),
 }
 # a tiny model reads bytes: a SmolLM2 preset's token limits (max_prompt_tokens, max_length,
 # gen_tokens) are scaled by SmolLM2's bytes per token on MedCalc prompts when such a model runs it
@@ -417,10 +480,10 @@ def general_examples(tok, data: StudyData) -> list[dict]:
 
 
 def forecast_entries(cfg: StudyConfig, variant: str) -> list[Entry]:
-    """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods and
-    entries with their own step count)."""
+    """The variant's grid entries that the forecast covers (all but ``forecast_skip`` methods,
+    entries with their own step count and plateau entries)."""
     return [e for e in cfg.grid if e.variant == variant and e.method not in cfg.forecast_skip and e.steps is None
-            and get_method(e.method).forecast]
+            and not e.plateau and get_method(e.method).forecast]
 
 
 def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
@@ -453,7 +516,7 @@ def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str,
 
 # ----------------------------------------------------------------------------------------------- grid
 def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_dir: Path,
-                progress: bool = False) -> tuple:
+                progress: bool = False, callbacks: tuple = ()) -> tuple:
     """Fine-tune a copy of ``base``: (tuned model, training record)."""
     from sft.data import SFTDataset
     from sft.trainer import TrainConfig, train
@@ -465,7 +528,8 @@ def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_
                      progress=progress, save_final=False, logging_steps=1, overwrite=True)  # a lost attempt is redone
     ds = SFTDataset(data.train[entry.variant][:steps * cfg.batch_size])  # one pass: the first steps x batch
     t = time.perf_counter()
-    res = train(tc, model, ds, tokenizer=tok, extra_config={"study": f"grid-{cfg.domain}", "data": data.source})
+    res = train(tc, model, ds, tokenizer=tok, extra_config={"study": f"grid-{cfg.domain}", "data": data.source},
+                callbacks=callbacks)
     secs = time.perf_counter() - t
     tuned = res.model.merge_and_unload() if hasattr(res.model, "merge_and_unload") else res.model
     tokens = ds.num_tokens()
@@ -477,6 +541,19 @@ def train_entry(base, tok, cfg: StudyConfig, data: StudyData, entry: Entry, run_
            "tau": [s.get("tau") for s in stats], "frac_p_gt_0.2": [s.get("frac_p_gt_0.2") for s in stats],
            "frac_hard": [s.get("frac_hard") for s in stats], "median_p": [s.get("median_p") for s in stats], "mean_nll": [s.get("mean_nll") for s in stats]}
     return tuned, rec
+
+
+def _stop_at(step: int):
+    """A TrainerCallback that ends training after optimizer step ``step`` (a plateau entry that is
+    not the reference: CE's plateau step on the same schedule)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= step:
+                control.should_training_stop = True
+
+    return StopAt()
 
 
 def mfu(model_gflops: float, peak: float) -> float | None:
@@ -531,6 +608,56 @@ class GridRunner:
         self.trees = general_trees(tok, data, base.get_output_embeddings().weight.shape[0])
         self.logq0 = empirical_tree_logprobs(base, self.trees)
         self.peak = matmul_gflops()
+        self.probe_base: dict = {}  # variant -> the trajectory probe's values on the base model
+        self.stop_at: dict = {}  # variant -> the step the plateau reference stopped at
+
+    def probe(self, v: str):
+        """The trajectory probe of variant ``v`` (`sft.trajectory.codelength_probe`): held-out domain
+        bits per completion and general bits per token pooled over HumanEval + GSM8K, so a point's
+        ``general_delta_bits_pooled`` is the summary's ``general_delta_bits_pooled`` along training."""
+        from sft.trajectory import codelength_probe
+
+        return codelength_probe(self.tok, self.data.eval_texts[v], [self.data.humaneval, self.data.gsm8k])
+
+    def run_path(self, e: Entry) -> Path:
+        """The run's cache file; its key adds the trajectory and plateau settings only where they
+        apply (a run without them keeps its former key)."""
+        own = {"entry": e.key()}
+        cfg = self.cfg
+        if records_trajectory(cfg, e):
+            own["trajectory_every"] = cfg.trajectory_every
+        if e.plateau:
+            own["plateau"] = {"criterion": list(cfg.plateau), "max_steps": cfg.plateau_max_steps}
+            if e != plateau_reference(cfg, e.variant):
+                own["plateau"]["stop_at"] = self.stop_at[e.variant]
+        return self.units.path("run", e.name, own)
+
+    def callbacks(self, e: Entry, run_dir: Path) -> tuple:
+        """The trajectory callback (with the plateau criterion for a plateau reference) and the stop
+        at the reference's step for the other plateau entries."""
+        from sft.plateau import Plateau
+        from sft.trajectory import TrajectoryCallback, run_probe
+
+        if not records_trajectory(self.cfg, e):
+            return ()
+        v = e.variant
+        if v not in self.probe_base:
+            self.probe_base[v] = run_probe(self.probe(v), self.base)
+        ref = e.plateau and e == plateau_reference(self.cfg, v)
+        cb = TrajectoryCallback(self.probe(v), self.cfg.trajectory_every, run_dir=run_dir, base=self.probe_base[v],
+                                stop_on=Plateau(*self.cfg.plateau) if ref else None)
+        return (cb,) if ref or not e.plateau else (cb, _stop_at(self.stop_at[v]))
+
+    def plateau_record(self, e: Entry, cb) -> dict:
+        """The plateau schedule's facts of a run: criterion, the step the reference met it (None:
+        not met within ``plateau_max_steps``), the step it stopped at, epochs of the training rows."""
+        from sft.plateau import Plateau
+
+        stopped = cb.points[-1]["step"]
+        ref = e == plateau_reference(self.cfg, e.variant)
+        return {"reference": ref, "criterion": Plateau(*self.cfg.plateau).describe(), "max_steps": self.cfg.plateau_max_steps,
+                "met_step": cb.plateau_step if ref else None, "stopped_at": stopped,
+                "epochs": stopped * self.cfg.batch_size / len(self.data.train_rows[e.variant])}
 
     def evaluate(self, model, variants=None) -> dict:
         return evaluate_model(model, self.tok, self.cfg, self.data, variants=variants, log=self.log,
@@ -554,8 +681,15 @@ class GridRunner:
                                        f"{r['compute']['compute_ratio']:.2f} of one training run")
 
     def train(self, e: Entry, run_dir: Path) -> tuple:
-        """Train ``e``; the peak is timed again right after (the max over the study so far)."""
-        tuned, rec = train_entry(self.base, self.tok, self.cfg, self.data, e, run_dir, progress=self.progress)
+        """Train ``e`` (with its trajectory: ``rec["trajectory"]``, and ``rec["plateau"]`` for a
+        plateau entry); the peak is timed again right after (the max over the study so far)."""
+        cbs = self.callbacks(e, run_dir)
+        tuned, rec = train_entry(self.base, self.tok, self.cfg, self.data, e, run_dir, progress=self.progress,
+                                 callbacks=cbs)
+        if cbs:
+            rec["trajectory"] = cbs[0].points
+        if e.plateau:
+            rec["plateau"] = self.plateau_record(e, cbs[0])
         self.peak = max(self.peak, matmul_gflops())
         rec["matmul_gflops"], rec["mfu"] = self.peak, mfu(rec["model_gflops_per_s"], self.peak)
         shown_mfu = "n/a (above the timed peak)" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
@@ -567,7 +701,7 @@ class GridRunner:
         """A trained run and its WiSE-FT points (``1 + len(e.wise)`` units); trains only when one
         of them is missing."""
         u = self.units
-        rpath = u.path("run", e.name, {"entry": e.key()})
+        rpath = self.run_path(e)
         wise_paths = {a: u.path("wise", f"{e.name}-a{a:g}", {"entry": e.key(), "alpha": a}) for a in e.wise}
         if rpath.exists() and all(p.exists() for p in wise_paths.values()):
             u.bar.update(1 + len(e.wise))
@@ -592,6 +726,11 @@ class GridRunner:
                        done=lambda r: f"{e.name} WiSE-FT alpha={a:g}: {r['eval'][e.variant]['domain_acc']:.3f}")
                 del m
         del tuned
+
+    def note_plateau(self, e: Entry) -> None:
+        """After the variant's plateau reference: the step the others stop at (from its cache)."""
+        if e.plateau and e == plateau_reference(self.cfg, e.variant):
+            self.stop_at[e.variant] = json.loads(self.run_path(e).read_text())["train"]["plateau"]["stopped_at"]
 
 
 def schedule(cfg: StudyConfig) -> list[tuple]:
@@ -637,6 +776,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     def log(msg: str) -> None:
         plain_log(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
+    check_config(cfg)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     base, tok, desc = load_base(cfg)
@@ -651,7 +791,11 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     write_study_record(out, cfg, units.dhash, desc, data, base, runner.peak)
     runner.base_unit()
     for e, fv in plan:
-        runner.run_entry(e) if fv is None else runner.forecast(fv)
+        if fv is None:
+            runner.run_entry(e)
+            runner.note_plateau(e)
+        else:
+            runner.forecast(fv)
     bar.close()
     summary = write_report(out)
     log(f"report: {out}/report.md  ({time.perf_counter() - t0:.0f} s)")

@@ -21,12 +21,18 @@ __all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "ru
 RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain_gain_bits",
               "general_delta_bits_humaneval", "general_delta_bits_gsm8k", "bound_over_measured",
               "bound_kl_over_measured", "floor_over_measured",
-              "forecast_general_delta_bits")
+              "forecast_general_delta_bits", "plateau", "trajectory")
+TRAJECTORY_FIELDS = ("step", "domain_gain_bits", "general_delta_bits_pooled")
+# matched-gain tolerance (`theory.frontier.matched_gain`): two methods' least degradations closer than
+# max(MATCHED_TOL bits/token, MATCHED_REL_TOL of the larger) are "undecided". An assumption, not a
+# measurement: the grid trains one seed; the tiny world's seed-to-seed spread was ~5-10 % of a delta.
+MATCHED_TOL = 0.002
+MATCHED_REL_TOL = 0.1
 
 
 def grid_key(e: dict) -> tuple:
-    """(variant, method, lr, steps or None) of a grid entry dict."""
-    return e["variant"], e["method"], float(e["lr"]), e.get("steps")
+    """(variant, method, lr, steps or None, plateau) of a grid entry dict."""
+    return e["variant"], e["method"], float(e["lr"]), e.get("steps"), bool(e.get("plateau"))
 
 
 def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
@@ -105,12 +111,16 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     """One summary row from a cache record (a trained run or a WiSE-FT point)."""
     e = rec["entry"]
     v = e["variant"]
-    own_steps = e.get("steps")  # an entry with its own step count has no forecast (the grid's T differs)
-    steps = own_steps or steps
+    # an entry with its own step count or the plateau schedule has no forecast (the grid's T differs);
+    # a plateau run's steps are those it stopped at
+    pl = rec["train"].get("plateau") if rec["kind"] == "run" else None
+    own_steps = bool(e.get("steps") or e.get("plateau"))
+    steps = pl["stopped_at"] if pl else e.get("steps") or steps
     ev, b = rec["eval"], base["eval"]
     row = {"variant": v, "method": "wise-ft" if rec["kind"] == "wise" else e["method"], "lr": e["lr"],
            "steps": steps, "own_steps": bool(own_steps), "alpha": rec.get("alpha"),
            "parent": None if rec["kind"] == "run" else f"{v}-{e['method']}-{e['lr']:g}",
+           "plateau": bool(e.get("plateau")), "plateau_met_step": pl["met_step"] if pl else None,
            "domain_acc": ev[v]["domain_acc"], "domain_gain_bits": b[v]["domain_bits"] - ev[v]["domain_bits"],
            "general_delta_bits_humaneval": ev["general"]["humaneval_bits_per_token"]
            - b["general"]["humaneval_bits_per_token"],
@@ -121,6 +131,8 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
            "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
     if rec["kind"] == "run":
         row.update(train_fields(rec["train"]))
+    traj = rec["train"].get("trajectory") if rec["kind"] == "run" else None
+    row["trajectory"] = [{k: p[k] for k in TRAJECTORY_FIELDS} for p in traj] if traj else None
     pb = rec.get("prefix")
     row["prefix_bound_bits"] = pb["bound_bits"] if pb else None
     row["prefix_delta_bits"] = pb["delta_bits"] if pb else None
@@ -153,6 +165,41 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     return out
 
 
+def matched_gain_summary(runs: list[dict]) -> dict:
+    """Per variant: `theory.frontier.matched_gain` over every trajectory point of its trained runs
+    (all rates, both schedules), with the claim "TALR keeps general ability better than CE"; each
+    level's realising point labelled by its run (``{"run", "step"}``). None for a variant without
+    trajectories."""
+    from sft.trajectory import pool_trajectories
+    from theory.frontier import matched_gain
+
+    out = {}
+    for v in ("cot", "label"):
+        trajs = {(r["method"], label(r)): r["trajectory"] for r in runs if r["variant"] == v and r.get("trajectory")}
+        if not trajs:
+            continue
+        points, labels = pool_trajectories(trajs)
+        mg = matched_gain(points, labels=labels, tol=MATCHED_TOL, rel_tol=MATCHED_REL_TOL)
+        mg["at"] = {m: [None if x is None else {"run": x["lr"], "step": x["step"]} for x in xs]
+                    for m, xs in mg["at"].items()}
+        mg["units"] = {"gain": "bits per held-out gold completion", "degradation": "bits/token, pooled general set"}
+        out[v] = mg
+    return out
+
+
+def plateau_summary(recs: list[dict]) -> dict:
+    """Per variant: the plateau reference's criterion, the step it met it and where every plateau
+    run stopped (from the training records)."""
+    out: dict = {}
+    for r in recs:
+        pl = r.get("train", {}).get("plateau") if r["kind"] == "run" else None
+        if pl and pl["reference"]:
+            e = r["entry"]
+            out[e["variant"]] = {"reference": f"{e['method']}@{e['lr']:g}", **{k: pl[k] for k in (
+                "criterion", "max_steps", "met_step", "stopped_at", "epochs")}}
+    return out
+
+
 def write_report(out: str | Path) -> dict:
     from experiments.outputs import write_json, write_text
 
@@ -179,6 +226,9 @@ def write_report(out: str | Path) -> dict:
             figs[v] = tradeoff_png(rows, out / f"tradeoff_{v}.png", title=f"{dom['title']} grid, {v}")
     units = {id(f["unit"]): f["unit"] for f in forecasts.values()}
     summary["forecast"] = forecast_summary(runs, list(units.values()))
+    summary["matched_gain"] = matched_gain_summary(runs)
+    summary["plateau"] = plateau_summary(recs)
     write_json(out / "summary.json", summary)
-    write_text(out / "report.md", report_markdown(study, base, runs, figs, summary["forecast"]))
+    write_text(out / "report.md", report_markdown(study, base, runs, figs, summary["forecast"],
+                                                  summary["matched_gain"], summary["plateau"]))
     return summary

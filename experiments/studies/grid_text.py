@@ -34,6 +34,8 @@ def pareto(rows: list[dict]) -> list[dict]:
 def label(r: dict) -> str:
     if r["method"] == "wise-ft":
         return f"WiSE-FT({r['parent']}, a={r['alpha']:g})"
+    if r.get("plateau"):
+        return f"{r['method']}@{r['lr']:g} (plateau schedule, {r['steps']} steps)"
     return f"{r['method']}@{r['lr']:g}" + (f" ({r['steps']} steps)" if r.get("own_steps") else "")
 
 
@@ -148,6 +150,44 @@ def _talr_line(runs: list[dict], v: str) -> str | None:
             + "; ".join(f"{label(r)} acc {fmt(r['domain_acc'])}, general {fmt(general_delta(r))}" for r in others)
             + f". TALR is at least as good on both axes as {len(beats)} of {len(others)} "
               f"({', '.join(label(r) for r in beats) or 'none'}).")
+
+
+def matched_gain_verdict(mg: dict | None) -> list[str]:
+    """Per variant: "does TALR keep general ability better than CE at matched domain gain?" from
+    `theory.frontier.matched_gain` (summary ``matched_gain``), with the levels' numbers."""
+    out = []
+    for v in ("cot", "label"):
+        m = (mg or {}).get(v)
+        if m is None:
+            continue
+        c = m["claim"]
+        if c is None:
+            out.append(f"- {v}: {NOT_TESTABLE} (trajectories of {', '.join(sorted(m['least_degradation']))} only: "
+                       "the claim needs TALR and CE).")
+            continue
+        ld = m["least_degradation"]
+        cells = "; ".join(f"gain >= {fmt(g)} bits ({fmt(100 * f) + '% of the best' if f else 'absolute'}): "
+                          f"TALR {fmt(ld['talr'][i])}, CE {fmt(ld['ce'][i])} -> {c['per_level'][i]}"
+                          for i, (g, f) in enumerate(zip(m["levels"], m["level_fractions"])))
+        verdict = {"holds": "yes", "fails": "no", "mixed": "mixed (yes at some levels, no at others)",
+                   "undecided": "undecided"}[c["verdict"]]
+        out.append(f"- {v}: least general degradation (bits/token) over every trajectory point reaching the gain, "
+                   f"no interpolation: {cells}. TALR keeps general ability better at matched gain: {verdict} "
+                   f"(tolerance max({fmt(m['tol'])} bits/token, {fmt(100 * m['rel_tol'])}%): one seed, an assumed "
+                   "seed noise).")
+    return out or [f"TALR vs CE at matched gain: {NOT_TESTABLE} (no run recorded a trajectory)."]
+
+
+def plateau_lines(pl: dict | None) -> list[str]:
+    """The plateau schedule's reference runs: criterion and the step each met it."""
+    out = []
+    for v, p in sorted((pl or {}).items()):
+        met = (f"met it at step {p['met_step']}" if p["met_step"] is not None
+               else f"did not meet it within {p['max_steps']} steps")
+        out.append(f"- {v}: {p['reference']} on a cosine schedule over {p['max_steps']} steps: {p['criterion']}; "
+                   f"{met}, stopped at step {p['stopped_at']} ({fmt(p['epochs'])} epochs of the training rows); "
+                   "the other plateau runs of the variant stop at the same step on the same schedule.")
+    return out
 
 
 def talr_vs_baselines(runs: list[dict]) -> list[str]:
@@ -282,10 +322,13 @@ def _variant_tables(runs: list[dict], b: dict, figs: dict, metric: str) -> list[
     return L
 
 
-def _findings_section(runs: list[dict], b: dict, metric: str) -> list[str]:
+def _findings_section(runs: list[dict], b: dict, metric: str, mg: dict | None = None,
+                      pl: dict | None = None) -> list[str]:
     L = ["## Findings", "", "**Finding 1 (smaller learning rate, better trade-off).**", "", *finding1(runs), "",
          "**Finding 2 (label-only widens the safe range).**", "", *finding2(runs), "",
-         "**TALR vs the baselines at the larger rate.**", "", *talr_vs_baselines(runs), ""]
+         "**TALR vs the baselines at the larger rate (equal steps).**", "", *talr_vs_baselines(runs), "",
+         "**TALR vs CE at matched domain gain (trajectories; does TALR keep general ability better?).**", "",
+         *matched_gain_verdict(mg), *plateau_lines(pl), ""]
     best = max(runs, key=lambda r: r["domain_acc"] - b[r["variant"]]["domain_acc"], default=None)
     if best is not None:
         d = 100 * (best["domain_acc"] - b[best["variant"]]["domain_acc"])
@@ -343,10 +386,11 @@ def _bound_section(runs: list[dict]) -> list[str]:
         f"{len(runs) - len(withb)} runs were evaluated before the bound was wired in (null).", ""]
 
 
-def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None) -> str:
+def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None,
+                    mg: dict | None = None, pl: dict | None = None) -> str:
     """``report.md``: one writer per section."""
     b = base["eval"]
     metric = study_domain(study)["metric"]
     return "\n".join(_header(study) + _base_section(study, b) + _variant_tables(runs, b, figs, metric)
-                     + _findings_section(runs, b, metric) + _throughput_section(runs) + samples_section(base, runs)
+                     + _findings_section(runs, b, metric, mg, pl) + _throughput_section(runs) + samples_section(base, runs)
                      + _compute_section(runs, b) + _bound_section(runs) + forecast_section(runs, fsum))

@@ -1,6 +1,7 @@
 """`talr study grid` (and its alias `talr study smollm2`) on a tiny Llama: the MedCalc fixture, the
 ESCI fixture pair and a GSM8K file of 3 lines."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def check_run_row(r: dict) -> None:
     # the forecast (before training) covers every trained run but DFT's (forecast_skip), not the
     # WiSE-FT points
     fc = r["forecast_general_delta_bits"]
-    assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5)
+    assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5 or r["plateau"])
     assert fc is None or (isinstance(fc, float) and fc == fc)
     # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
     assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
@@ -47,16 +48,19 @@ def check_run_row(r: dict) -> None:
 
 def test_study_runs_resumes_and_reports(tmp_path):
     grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4),
-            Entry("label", "dft", 1e-3), Entry("label", "ce", 1e-3, steps=5))
-    cfg = tiny_config(tmp_path, grid)
+            Entry("label", "dft", 1e-3), Entry("label", "ce", 1e-3, steps=5),
+            Entry("label", "ce", 1e-3, plateau=True), Entry("label", "talr", 1e-3, plateau=True))
+    cfg = replace(tiny_config(tmp_path, grid), trajectory_every=1, plateau=(1, 0.02, 0.0), plateau_max_steps=6)
     out = tmp_path / "study"
     summary = run_study(cfg, out, progress=False, log=lambda s: None)
     runs = summary["runs"]
     assert len(list((out / "cache").glob("forecast-*.json"))) == 2  # one forecast unit per variant
     assert [(r["variant"], r["method"], r["lr"], r["alpha"]) for r in runs] == [
         ("cot", "ce", 1e-4, None), ("label", "ce", 1e-3, None), ("label", "wise-ft", 1e-3, 0.5),
-        ("label", "talr", 1e-3, None), ("label", "dft", 1e-3, None), ("label", "ce", 1e-3, None)]
-    long = runs[-1]  # its own step count (5 > the rows that fit: further epochs), no forecast
+        ("label", "talr", 1e-3, None), ("label", "dft", 1e-3, None), ("label", "ce", 1e-3, None),
+        ("label", "ce", 1e-3, None), ("label", "talr", 1e-3, None)]
+    check_plateau_and_matched_gain(summary, out)
+    long = runs[5]  # its own step count (5 > the rows that fit: further epochs), no forecast
     assert long["steps"] == 5 and runs[1]["steps"] == 2 and "(5 steps)" in (out / "report.md").read_text()
     assert long["train_loss"] != runs[1]["train_loss"]
     for r in runs:
@@ -88,6 +92,40 @@ def test_study_runs_resumes_and_reports(tmp_path):
     (out / "summary.json").unlink()
     assert run_study(cfg, out, report_only=True)["runs"] == runs
     assert json.loads((out / "summary.json").read_text())["runs"][0]["method"] == "ce"
+
+
+def check_plateau_and_matched_gain(summary: dict, out: Path) -> None:
+    """The plateau reference stopped where `Plateau` says on its own trajectory, TALR stopped at the
+    same step; trajectory points are the final evaluation's numbers at the last step; the matched-gain
+    frontier equals a brute-force minimum over the pooled points."""
+    from sft.plateau import Plateau
+
+    runs = summary["runs"]
+    ref, tl = runs[6], runs[7]
+    assert ref["plateau"] and tl["plateau"] and all(r["trajectory"] is None for r in runs[:6])  # short runs: none
+    rec = next(json.loads(p.read_text()) for p in (out / "cache").glob("run-label-ce-0.001-plateau-*.json"))
+    pts = rec["train"]["trajectory"]
+    met = Plateau(1, 0.02).met_at([p["step"] for p in pts], [p["domain_bits"] for p in pts])
+    pl = summary["plateau"]["label"]
+    assert pl["met_step"] == met == ref["plateau_met_step"] and pl["stopped_at"] == (met or 6) == ref["steps"]
+    assert pl["epochs"] > 0
+    for r in (ref, tl):
+        assert [p["step"] for p in r["trajectory"]] == list(range(pl["stopped_at"] + 1)) and r["steps"] == pl["stopped_at"]
+        assert r["trajectory"][0]["domain_gain_bits"] == 0 and r["trajectory"][0]["general_delta_bits_pooled"] == 0
+        last = r["trajectory"][-1]  # the probe at the last step measures the model the final evaluation saw
+        assert last["general_delta_bits_pooled"] == pytest.approx(r["general_delta_bits_pooled"], abs=1e-4)
+        assert last["domain_gain_bits"] == pytest.approx(r["domain_gain_bits"], abs=1e-2)
+    mg = summary["matched_gain"]["label"]
+    assert set(mg["least_degradation"]) == {"ce", "talr"} and mg["claim"]["a"] == "talr"
+    for m, r in (("ce", ref), ("talr", tl)):
+        for level, least in zip(mg["levels"], mg["least_degradation"][m]):
+            reach = [p["general_delta_bits_pooled"] for p in r["trajectory"] if p["domain_gain_bits"] >= level]
+            assert least == (min(reach) if reach else None)
+    assert all(a is None or a["run"].startswith(f"{m}@0.001 (plateau schedule") for m, xs in mg["at"].items()
+               for a in xs)
+    text = (out / "report.md").read_text()
+    assert "TALR vs CE at matched domain gain" in text and "TALR keeps general ability better at matched gain: " in text
+    assert f"stopped at step {pl['stopped_at']}" in text
 
 
 def test_pareto_by_hand():
@@ -204,7 +242,14 @@ def test_esci_smoke_runs_end_to_end_on_the_fixture_pair(tmp_path, capsys):
                                                                                                    "seconds"}
     assert s["data"].startswith("ESCI Shopping Queries (") and "shopping_queries_dataset_examples.parquet" in s["data"]
     assert [(r["method"], r["lr"]) for r in s["runs"]] == [("ce", 1e-3), ("wise-ft", 1e-3), ("talr", 1e-3),
-                                                          ("ce", 1e-4)]
+                                                          ("ce", 1e-4), ("ce", 3e-3), ("talr", 3e-3),
+                                                          ("ce", 1e-3), ("talr", 1e-3)]
+    # the smoke preset records every trained run's trajectory (every 2 steps) and exercises the plateau
+    # schedule: CE at 3e-3 is the reference, the three other plateau runs stop where it stopped
+    assert all((r["trajectory"] is None) == (r["method"] == "wise-ft") for r in s["runs"])
+    stop = s["plateau"]["label"]["stopped_at"]
+    assert [r["steps"] for r in s["runs"][4:]] == [stop] * 4 and 0 < stop <= 12
+    assert s["matched_gain"]["label"]["claim"]["verdict"] in ("holds", "fails", "mixed", "undecided")
     for r in s["runs"]:
         assert 0.0 <= r["domain_acc"] <= 1.0 and r["domain_gain_bits"] == r["domain_gain_bits"]
     text = (out / "report.md").read_text()
@@ -347,7 +392,8 @@ def test_medcalc_cache_keys_are_those_of_the_former_smollm2_study():
     legacy = {"model": "smollm2", "medcalc": None, "gsm8k": None, "max_prompt_tokens": 300, "max_length": 512,
               "heldout_fraction": 0.25, "n_eval": 64, "steps": 20, "batch_size": 4, "n_humaneval": 8, "n_gsm8k": 16,
               "gen_tokens": (("cot", 240), ("label", 40)), "lora_r": 8, "seed": 0, "n_synthetic": 240}
-    assert key_of(k) == key_of(legacy)
+    assert key_of(k) == key_of(legacy)  # the trajectory / plateau settings stay out of the data key
+    assert Entry("label", "ce", 3e-4).key() == {"variant": "label", "method": "ce", "lr": 3e-4, "wise": ()}
     esci = make_config("default", "esci").data_key()
     assert esci["domain"] == "esci" and key_of(esci) != key_of(k)
 
