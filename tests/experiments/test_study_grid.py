@@ -417,3 +417,35 @@ def test_grid_methods_come_from_the_registry():
 
     with pytest.raises(ValueError, match="method 'nope': expected one of"):
         make_config("smoke", grid=(Entry("label", "nope", 1e-3),))
+
+
+def test_runs_train_the_base_in_place_and_restore_it_exactly(tmp_path, monkeypatch):
+    """The grid trains the base model itself (no deep copy) and `BaseWeights.restore` undoes every
+    change a run makes: weights, LoRA's frozen parameters and merged adapters, the trainer's
+    ``use_cache = False``; a CE run after a LoRA run and a restore trains exactly as on a fresh model."""
+    import copy
+
+    import torch
+
+    from experiments.studies.grid import BaseWeights, load_base, prepare_data, train_entry
+
+    cfg = tiny_config(tmp_path, (Entry("label", "lora", 1e-2), Entry("label", "l2", 1e-2), Entry("label", "ce", 1e-2)))
+    cfg.data, cfg.n_synthetic = None, 40
+    monkeypatch.setenv("TALR_MEDCALC", str(tmp_path / "absent.csv"))
+    base, tok, _ = load_base(cfg)
+    data = prepare_data(cfg, tok)
+    fresh = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    weights = BaseWeights(base, tmp_path)
+    losses = []
+    for e in cfg.grid:
+        tuned, rec = train_entry(base, tok, cfg, data, e, tmp_path / e.name)
+        assert tuned is base and not any(torch.equal(before[k], v) for k, v in tuned.state_dict().items()
+                                         if k.endswith("q_proj.weight"))  # trained in place
+        weights.restore(base)
+        after = base.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.requires_grad for p in base.parameters()) and base.config.use_cache == fresh.config.use_cache
+        losses.append(rec["train_loss"])
+    _, rec = train_entry(fresh, tok, cfg, data, cfg.grid[-1], tmp_path / "fresh")
+    assert rec["train_loss"] == losses[-1]
