@@ -12,10 +12,17 @@ A resumable grid (:class:`StudyConfig`, presets :data:`PRESETS`). Steps:
    affordable on 2 CPU cores), split by the domain's group (note, query) into train and held-out parts;
 3. the domain's supervision variants: ``cot`` (rationale then answer; training rows whose example
    fits ``max_length``) and ``label`` (the answer only);
-4. per grid entry ``(variant, method, lr)``: fine-tune a copy of the base model for ``steps``
+4. per grid entry ``(variant, method, lr)``: fine-tune the base model in place for ``steps``
    optimizer steps of ``batch_size`` sequences (one epoch over ``steps * batch_size`` rows) with
    `sft.trainer.train`, then evaluate; WiSE-FT interpolations ``alpha`` of a trained run are
-   evaluated right after it (evaluation only);
+   evaluated right after it (evaluation only); the base is then restored from a memory-mapped
+   file (:class:`BaseWeights`: one model resident, not a deep copy per run). A run records its
+   trajectory (`sft.trajectory`: held-out domain and pooled general code length every
+   ``trajectory_every`` steps) when it is a plateau entry or ``trajectory_short`` is set; plateau
+   entries (:func:`plateau_reference`) run on a cosine schedule over ``plateau_max_steps``, CE's
+   reference stopping where its held-out domain code length meets ``plateau`` (`sft.plateau`),
+   the others at that step; the report compares the methods at matched domain gain
+   (`theory.frontier.matched_gain`);
 5. evaluation (:func:`evaluate_model`): the domain's metric by its judge (greedy generation,
    ``gen_tokens[variant]`` new tokens, stop at the domain's stop string) and the code length of the
    held-out gold completions given their prompts (bits; one prefill serves both, `sft.eval.generate`),
