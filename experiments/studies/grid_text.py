@@ -166,14 +166,14 @@ def matched_gain_verdict(mg: dict | None) -> list[str]:
                        "the claim needs TALR and CE).")
             continue
         ld = m["least_degradation"]
-        cells = "; ".join(f"gain >= {fmt(g)} bits ({fmt(100 * f) + '% of the best' if f else 'absolute'}): "
+        cells = "; ".join(f"gain >= {fmt(g)} bits ({f'{100 * f:g}% of the best' if f else 'absolute'}): "
                           f"TALR {fmt(ld['talr'][i])}, CE {fmt(ld['ce'][i])} -> {c['per_level'][i]}"
                           for i, (g, f) in enumerate(zip(m["levels"], m["level_fractions"])))
         verdict = {"holds": "yes", "fails": "no", "mixed": "mixed (yes at some levels, no at others)",
                    "undecided": "undecided"}[c["verdict"]]
         out.append(f"- {v}: least general degradation (bits/token) over every trajectory point reaching the gain, "
                    f"no interpolation: {cells}. TALR keeps general ability better at matched gain: {verdict} "
-                   f"(tolerance max({fmt(m['tol'])} bits/token, {fmt(100 * m['rel_tol'])}%): one seed, an assumed "
+                   f"(tolerance max({m['tol']:g} bits/token, {100 * m['rel_tol']:g}%): one seed, an assumed "
                    "seed noise).")
     return out or [f"TALR vs CE at matched gain: {NOT_TESTABLE} (no run recorded a trajectory)."]
 

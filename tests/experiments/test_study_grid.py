@@ -449,3 +449,28 @@ def test_runs_train_the_base_in_place_and_restore_it_exactly(tmp_path, monkeypat
         losses.append(rec["train_loss"])
     _, rec = train_entry(fresh, tok, cfg, data, cfg.grid[-1], tmp_path / "fresh")
     assert rec["train_loss"] == losses[-1]
+
+
+def test_matched_gain_verdict_by_hand():
+    """TALR degrades less than CE at the one level both reach beyond tolerance -> "yes"; a level
+    only CE reaches is undecided; a variant with CE trajectories only is not testable."""
+    from experiments.studies.grid_report import matched_gain_summary
+    from experiments.studies.grid_text import matched_gain_verdict
+
+    def run(m, traj):
+        return {"variant": "label", "method": m, "lr": 1e-3, "plateau": True, "steps": len(traj) - 1,
+                "trajectory": [{"step": k, "domain_gain_bits": g, "general_delta_bits_pooled": d}
+                               for k, (g, d) in enumerate(traj)]}
+
+    ce = run("ce", [(0.0, 0.0), (5.0, 0.20), (10.0, 0.30)])
+    talr = run("talr", [(0.0, 0.0), (4.0, 0.05), (6.0, 0.10)])
+    mg = matched_gain_summary([ce, talr])["label"]
+    # levels 2.5, 5, 7.5, 9, 9.5, 9.9 bits: TALR 0.05 vs CE 0.20 at 2.5; TALR 0.10 vs CE 0.20 at 5; CE alone above 6
+    assert mg["least_degradation"]["talr"][:3] == [0.05, 0.10, None] and mg["least_degradation"]["ce"][:3] == [0.2, 0.2, 0.3]
+    assert mg["claim"]["per_level"] == ["yes", "yes"] + ["undecided"] * 4 and mg["claim"]["verdict"] == "holds"
+    assert mg["at"]["talr"][0] == {"run": "talr@0.001 (plateau schedule, 2 steps)", "step": 1}
+    line = matched_gain_verdict({"label": mg})[0]
+    assert "TALR keeps general ability better at matched gain: yes" in line and "gain >= 2.500 bits (25% of the best)" in line
+    only_ce = matched_gain_summary([ce])
+    assert matched_gain_verdict(only_ce)[0].startswith("- label: not testable with this grid")
+    assert matched_gain_verdict({})[0].startswith("TALR vs CE at matched gain: not testable with this grid")
