@@ -219,7 +219,7 @@ def _default_grid() -> tuple:
 # about 2 h on 2 quiet cores. small: the pipeline check on SmolLM2 (<= 45 min; SMALL_MEMORY).
 # smoke: a tiny Llama (byte tokenizer: the token limits are bytes), a few rows, about a minute.
 # The plateau schedule of the default preset, sized on paper (not run here): cosine over 100 AdamW
-# steps of 4 rows (2.5 epochs of the ~160 label-only training rows), a trajectory point every 10
+# steps of 4 rows (~2.7 epochs of the ~150 label-only training rows), a trajectory point every 10
 # steps (held-out domain + general code length, forward passes only), CE's reference stops at the
 # first point where none of the last 2 improves its held-out domain bits by more than 1 % of the
 # best before them. From the README's 120-167 training tokens/s (the committed study: 7.5 s a
