@@ -457,13 +457,13 @@ def prefix_bound(trees, logq0, model) -> dict:
     """The per-prefix bound (Proposition 3.1 node by node, `theory.prefix.prefix_decomposition`) of
     the general tree's Delta L(P1) from the base conditionals ``logq0`` to ``model``'s, in bits."""
     from sft.treeprobs import empirical_tree_logprobs
-    from theory.prefix import prefix_decomposition, with_other
+    from theory.prefix import bound_columns, prefix_decomposition, with_other
 
     lq = empirical_tree_logprobs(model, trees)
     pd = prefix_decomposition(trees.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
     return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "depth": trees.depth,
             "bound_kl_bits": pd.bound_kl, "bound_kl_global_bits": pd.bound_kl_global, "floor_bits": pd.floor,
-            "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term}
+            "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term, "columns": bound_columns(pd)}
 
 
 def general_examples(tok, data: StudyData) -> list[dict]:

@@ -139,6 +139,8 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     row["bound_over_measured"] = bound_over_measured({"prefix": pb})
     row["bound_kl_over_measured"] = bound_over_measured({"prefix": pb}, "bound_kl_bits")
     row["floor_over_measured"] = bound_over_measured({"prefix": pb}, "floor_bits")
+    # every bound over measured as `theory.prefix.bound_columns` gives it (runs evaluated since it exists)
+    row["bound_columns"] = pb.get("columns") if pb else None
     f = forecast_row(row, forecasts or {})
     row["forecast_general_delta_bits"] = None if f is None else f["dL_general_bits_per_token"]
     row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]

@@ -381,9 +381,23 @@ def _bound_section(runs: list[dict]) -> list[str]:
                    r["bound_over_measured"], r.get("bound_kl_over_measured"), r.get("floor_over_measured")]
                   for r in withb]), "",
         "KL = the change-of-measure bound (`theory.prefix`, `bound_kl`); floor = no node-wise bound goes below it.",
-        "",
+        "", *_bound_columns_lines(withb),
         "bound / measured is null where the measured change is not a degradation (Delta L(P1) <= 0). "
         f"{len(runs) - len(withb)} runs were evaluated before the bound was wired in (null).", ""]
+
+
+def _bound_columns_lines(runs: list[dict]) -> list[str]:
+    """Every per-prefix bound over measured, as `theory.prefix.bound_columns` gives it, per run that has them."""
+    rs = [r for r in runs if r.get("bound_columns")]
+    if not rs:
+        return []
+    keys = ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "bound_min", "floor")
+    rows = [[label(r), r["variant"], c["measured"], c["first_order"], c["kl_term"],
+             *[c[f"{k}_over_measured"] for k in keys], c["dominant"]] for r in rs for c in [r["bound_columns"]]]
+    return ["All the bounds over measured (`theory.prefix.bound_columns`; bits per sequence; null where the "
+            "measured change is not a degradation):", "",
+            md_table(["run", "variant", "measured dL", "first-order", "KL term", "chi2", "chi2 node-wise",
+                      "KL (t per node)", "KL (one t)", "min(KL, chi2) per node", "floor", "dominant"], rows), ""]
 
 
 def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None,

@@ -44,6 +44,11 @@ def check_run_row(r: dict) -> None:
     kl, floor = r["bound_kl_over_measured"], r["floor_over_measured"]
     assert (kl is None) == (ratio is None) and (floor is None) == (ratio is None)
     assert kl is None or 1 - 1e-9 <= floor <= kl + 1e-9
+    # the report's bound table comes from `theory.prefix.bound_columns`: the same ratios
+    c = r["bound_columns"]
+    assert c["measured"] == pytest.approx(r["prefix_delta_bits"]) and c["bound_kl_over_measured"] == kl
+    assert c["bound_chi2_over_measured"] == (None if ratio is None else pytest.approx(ratio))
+    assert c["floor_over_measured"] == floor and c["dominant"] in ("KL term", "first-order term")
 
 
 def test_study_runs_resumes_and_reports(tmp_path):
@@ -124,6 +129,7 @@ def check_plateau_and_matched_gain(summary: dict, out: Path) -> None:
     assert all(a is None or a["run"].startswith(f"{m}@0.001 (plateau schedule") for m, xs in mg["at"].items()
                for a in xs)
     text = (out / "report.md").read_text()
+    assert "All the bounds over measured (`theory.prefix.bound_columns`" in text
     assert "TALR vs CE at matched domain gain" in text and "TALR keeps general ability better at matched gain: " in text
     assert f"stopped at step {pl['stopped_at']}" in text
 
