@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .grid_text import general_delta, label, pareto, report_markdown, study_domain, tradeoff_png
+from .grid_text import general_delta, label, pareto, report_markdown, study_domain, tradeoff_png, trajectories_png
 
 __all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "run_record", "write_report"]
 
@@ -230,6 +230,9 @@ def write_report(out: str | Path) -> dict:
     summary["forecast"] = forecast_summary(runs, list(units.values()))
     summary["matched_gain"] = matched_gain_summary(runs)
     summary["plateau"] = plateau_summary(recs)
+    for v, mg in summary["matched_gain"].items():
+        trajectories_png([r for r in runs if r["variant"] == v], mg, out / f"trajectories_{v}.png",
+                         title=f"{dom['title']} grid, {v}: trajectories and matched-gain frontiers")
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", report_markdown(study, base, runs, figs, summary["forecast"],
                                                   summary["matched_gain"], summary["plateau"]))

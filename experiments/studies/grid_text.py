@@ -70,6 +70,33 @@ def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
     return save_figure(fig, path)
 
 
+def trajectories_png(rows: list[dict], mg: dict, path: Path, title: str) -> str:
+    """Each run's trajectory on the trade-off plane (domain gain x, pooled general delta y; one line a
+    run, a colour a method) and each method's matched-gain frontier at the levels (steps, no
+    interpolation between levels is implied: the markers are the values)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    cmap = plt.get_cmap("tab10")
+    methods = sorted({r["method"] for r in rows if r.get("trajectory")})
+    for k, m in enumerate(methods):
+        for j, r in enumerate(r for r in rows if r["method"] == m and r.get("trajectory")):
+            t = r["trajectory"]
+            ax.plot([p["domain_gain_bits"] for p in t], [p["general_delta_bits_pooled"] for p in t], "-o", ms=2.5,
+                    lw=0.9, color=cmap(k), alpha=0.7, label=f"{m} runs" if j == 0 else None)
+        least = mg["least_degradation"].get(m, [])
+        pts = [(g, d) for g, d in zip(mg["levels"], least) if d is not None]
+        ax.scatter([g for g, _ in pts], [d for _, d in pts], marker="_", s=220, lw=2.2, color=cmap(k),
+                   label=f"{m} frontier (least degradation at gain >= level)")
+    ax.axhline(0, lw=0.6, color="gray")
+    ax.axvline(0, lw=0.6, color="gray")
+    ax.set_xlabel("domain gain (bits saved per held-out gold completion)")
+    ax.set_ylabel("general delta (bits/token, pooled HumanEval + GSM8K)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 NOT_TESTABLE = "not testable with this grid"
 MIN_SPEARMAN_N = 3  # a rank correlation of fewer runs is +-1 or undefined: no evidence either way
 
@@ -328,7 +355,8 @@ def _findings_section(runs: list[dict], b: dict, metric: str, mg: dict | None = 
          "**Finding 2 (label-only widens the safe range).**", "", *finding2(runs), "",
          "**TALR vs the baselines at the larger rate (equal steps).**", "", *talr_vs_baselines(runs), "",
          "**TALR vs CE at matched domain gain (trajectories; does TALR keep general ability better?).**", "",
-         *matched_gain_verdict(mg), *plateau_lines(pl), ""]
+         *matched_gain_verdict(mg), *plateau_lines(pl), "",
+         *[f"![trajectories {v}](trajectories_{v}.png)" for v in ("cot", "label") if v in (mg or {})], ""]
     best = max(runs, key=lambda r: r["domain_acc"] - b[r["variant"]]["domain_acc"], default=None)
     if best is not None:
         d = 100 * (best["domain_acc"] - b[best["variant"]]["domain_acc"])

@@ -132,6 +132,7 @@ def check_plateau_and_matched_gain(summary: dict, out: Path) -> None:
     assert "All the bounds over measured (`theory.prefix.bound_columns`" in text
     assert "TALR vs CE at matched domain gain" in text and "TALR keeps general ability better at matched gain: " in text
     assert f"stopped at step {pl['stopped_at']}" in text
+    assert "![trajectories label](trajectories_label.png)" in text and (out / "trajectories_label.png").stat().st_size > 0
 
 
 def test_pareto_by_hand():
