@@ -60,12 +60,17 @@ def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
     ax.scatter([r["domain_gain_bits"] for r in fr], [general_delta(r) for r in fr], s=160, facecolors="none",
                edgecolors="k", label="Pareto set")
     ax.margins(x=0.15, y=0.15)  # room for the rate labels beside the outermost points
+    return _finish_plane(fig, ax, "general degradation (bits/token, mean of HumanEval and GSM8K)", title, path, 8)
+
+
+def _finish_plane(fig, ax, ylabel: str, title: str, path: Path, legend_size: int) -> str:
+    """Axes through the base model, the trade-off plane's labels, legend; saved."""
     ax.axhline(0, lw=0.6, color="gray")
     ax.axvline(0, lw=0.6, color="gray")
     ax.set_xlabel("domain gain (bits saved per held-out gold completion)")
-    ax.set_ylabel("general degradation (bits/token, mean of HumanEval and GSM8K)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -87,14 +92,7 @@ def trajectories_png(rows: list[dict], mg: dict, path: Path, title: str) -> str:
         pts = [(g, d) for g, d in zip(mg["levels"], least) if d is not None]
         ax.scatter([g for g, _ in pts], [d for _, d in pts], marker="_", s=220, lw=2.2, color=cmap(k),
                    label=f"{m} frontier (least degradation at gain >= level)")
-    ax.axhline(0, lw=0.6, color="gray")
-    ax.axvline(0, lw=0.6, color="gray")
-    ax.set_xlabel("domain gain (bits saved per held-out gold completion)")
-    ax.set_ylabel("general delta (bits/token, pooled HumanEval + GSM8K)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish_plane(fig, ax, "general delta (bits/token, pooled HumanEval + GSM8K)", title, path, 7)
 
 
 NOT_TESTABLE = "not testable with this grid"
