@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 
-def _floats(text: str, name: str) -> tuple:
+def rate_list(text: str, name: str) -> tuple:
     try:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -29,7 +29,7 @@ def _floats(text: str, name: str) -> tuple:
     return vals
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
@@ -39,7 +39,7 @@ def _positive_int(text: str) -> int:
 SEED_MAX = 2**32 - 1  # seeds of the world, the batches and the probe: numpy and torch both take [0, 2^32)
 
 
-def _methods(text: str) -> str:
+def method_list(text: str) -> str:
     """``--methods``: a non-empty comma list of distinct known methods (the text is kept as given)."""
     from sft.methods import forecast_methods  # torch-free
 
@@ -104,11 +104,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="world:N (tiny world, seed N) | HF folder | file.gguf | tiny[:k=v]")
     p.add_argument("--domain", help="D2: the SFT JSONL (not needed with world:N)")
     p.add_argument("--general", help="D1: general JSONL with reference responses (not needed with world:N)")
-    p.add_argument("--methods", type=_methods, default=methods, help=f"comma list from {methods} (sft.methods)")
-    p.add_argument("--lrs", type=lambda s: _floats(s, "lrs"), default=(3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3),
+    p.add_argument("--methods", type=method_list, default=methods, help=f"comma list from {methods} (sft.methods)")
+    p.add_argument("--lrs", type=lambda s: rate_list(s, "lrs"), default=(3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3),
                    help="comma-separated peak learning rates (default: 5 over two decades, 3e-5..3e-3)")
-    p.add_argument("--steps", type=_positive_int, default=150, help="optimizer steps T of each run")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step B")
+    p.add_argument("--steps", type=positive_int, default=150, help="optimizer steps T of each run")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step B")
     p.add_argument("--seed", type=ranged("seed", 0, SEED_MAX, integer=True), default=0,
                    help="seed of the forecast's batches and probe")
     p.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")

@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def register_forecast(studies) -> None:
-    from experiments.commands.forecast import _floats, _methods, _positive_int
+    from experiments.commands.forecast import rate_list, method_list, positive_int
 
     f = studies.add_parser("forecast", help="validate talr forecast on a grid of tiny-world runs (3 seeds)",
                            description="Forecast methods x learning rates before training, train every "
@@ -41,12 +41,12 @@ def register_forecast(studies) -> None:
     f.add_argument("--preset", default="default", choices=["default", "smoke"],
                    help="default: 5 lrs x 6 methods x 3 seeds (about 20 min on 2 cores); smoke: a 1-minute check")
     f.add_argument("--world-seed", type=int, default=0, help="seed of the tiny world (its languages and model)")
-    f.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps T of every run (default: the preset's)")
-    f.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per step B (default: the preset's)")
-    f.add_argument("--lrs", type=lambda s: _floats(s, "lrs"), default=None,
+    f.add_argument("--steps", type=positive_int, default=None, help="optimizer steps T of every run (default: the preset's)")
+    f.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step B (default: the preset's)")
+    f.add_argument("--lrs", type=lambda s: rate_list(s, "lrs"), default=None,
                    help="comma-separated peak learning rates in (0, 1) (default: the preset's)")
-    f.add_argument("--methods", type=_methods, default=None, help="comma list of methods (default: the preset's)")
-    f.add_argument("--workers", type=_positive_int, default=None, help="training processes (one torch thread each)")
+    f.add_argument("--methods", type=method_list, default=None, help="comma list of methods (default: the preset's)")
+    f.add_argument("--workers", type=positive_int, default=None, help="training processes (one torch thread each)")
     f.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--no-progress", action="store_true", help="hide progress bars")
