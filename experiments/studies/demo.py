@@ -219,7 +219,7 @@ def summarise(points: list[dict], base: dict) -> dict:
     }
 
 
-def _interp_at_gain(points: list[dict], base: dict, gain: float) -> float | None:
+def interp_at_gain(points: list[dict], base: dict, gain: float) -> float | None:
     """Degradation (bits) when the run first reached ``gain`` bits of domain gain."""
     g = np.array([base["cond_code_len_p2_bits"] - p["cond_code_len_p2_bits"] for p in points])
     d = np.array([p["kl_p1_bits"] - base["kl_p1_bits"] for p in points])
@@ -462,8 +462,8 @@ def finding1(v: dict, small: str, large: str) -> dict:
     per = []
     for a, b in zip(seed_values(v, small), seed_values(v, large)):
         common = min(a["domain_gain_bits"], b["domain_gain_bits"])
-        da = _interp_at_gain(a["points"], v["base"], common) if common > 0 else None
-        db = _interp_at_gain(b["points"], v["base"], common) if common > 0 else None
+        da = interp_at_gain(a["points"], v["base"], common) if common > 0 else None
+        db = interp_at_gain(b["points"], v["base"], common) if common > 0 else None
         per.append((common, da, db))
     small_d, large_d = [p[1] for p in per], [p[2] for p in per]
     return {"verdict": seed_verdict(small_d, large_d), "n_seeds": len(per),

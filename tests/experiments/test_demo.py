@@ -68,7 +68,7 @@ def test_verdicts_rest_on_every_seed(demo):
     """Each decisive configuration ran with fine-tuning seeds 0 and 1 (seed 1 a real second run: other
     numbers), and each verdict is `seed_verdict` of the per-seed values (recomputed here from the runs)."""
     from experiments.outputs import seed_verdict
-    from experiments.studies.demo import _interp_at_gain
+    from experiments.studies.demo import interp_at_gain
 
     _, res = demo
     f = res["findings"]
@@ -82,8 +82,8 @@ def test_verdicts_rest_on_every_seed(demo):
         for a, b in ((v["runs"]["ce@0.001"], v["runs"]["ce@0.01"]),
                      (v["seed_runs"]["ce@0.001"]["1"], v["seed_runs"]["ce@0.01"]["1"])):
             g = min(a["domain_gain_bits"], b["domain_gain_bits"])
-            small.append(_interp_at_gain(a["points"], v["base"], g))
-            large.append(_interp_at_gain(b["points"], v["base"], g))
+            small.append(interp_at_gain(a["points"], v["base"], g))
+            large.append(interp_at_gain(b["points"], v["base"], g))
         f1 = f[variant]["finding1"]
         assert f1["small"] == pytest.approx(small) and f1["large"] == pytest.approx(large)
         assert f1["verdict"] == seed_verdict(small, large) and f1["n_seeds"] == 2
