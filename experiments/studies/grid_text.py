@@ -63,6 +63,79 @@ def tradeoff_png(rows: list[dict], path: Path, title: str) -> str:
     return _finish_plane(fig, ax, "general degradation (bits/token, mean of HumanEval and GSM8K)", title, path, 8)
 
 
+def tradeoff_acc_png(rows: list[dict], path: Path, title: str) -> str:
+    """The trade-off plane with accuracy on the general axis (the paper's Figures 1-2): domain gain (x)
+    vs the change of ``general_acc_mean`` against the base, points (y), per run; bars of +-1 mean
+    paired SE (the tasks' paired SEs combined as for a mean of independent changes)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.scatter([0], [0], marker="*", s=120, color="k", zorder=3)
+    cmap = plt.get_cmap("tab10")
+    for k, m in enumerate(sorted({r["method"] for r in rows})):
+        pts = [r for r in rows if r["method"] == m]
+        ax.errorbar([r["domain_gain_bits"] for r in pts], [100 * r["general_acc_delta_mean"] for r in pts],
+                    yerr=[100 * mean_se(r) for r in pts], fmt="D" if m == "wise-ft" else "o", ms=5, lw=0.8,
+                    capsize=2, color=cmap(k), label=m)
+    ax.margins(x=0.15, y=0.15)
+    return _finish_plane(fig, ax, "general accuracy change (points, mean over the kept tasks)", title, path, 8)
+
+
+def mean_se(r: dict) -> float:
+    """SE of a run's ``general_acc_delta_mean`` from its per-task paired SEs over the kept tasks
+    (``general_acc_kept``): sqrt(sum se_t^2) / k, the tasks' questions being disjoint."""
+    kept = r.get("general_acc_kept") or list(r["general_acc_se"])
+    return (sum(r["general_acc_se"][t] ** 2 for t in kept) ** 0.5 / len(kept)) if kept else 0.0
+
+
+def bits_vs_acc_png(runs: list[dict], sp: dict, path: Path) -> str:
+    """Change in pooled general code length (x) vs change in general accuracy (y) over the runs, with
+    the Spearman of :func:`experiments.studies.grid_report.spearman_bits_vs_acc` in the title."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    cmap = plt.get_cmap("tab10")
+    rs = [r for r in runs if r.get("general_acc_delta_mean") is not None]
+    for k, v in enumerate(("cot", "label")):
+        pts = [r for r in rs if r["variant"] == v]
+        ax.scatter([r["general_delta_bits_pooled"] for r in pts], [100 * r["general_acc_delta_mean"] for r in pts],
+                   s=30, color=cmap(k), label=v)
+    ax.axhline(0, lw=0.6, color="gray")
+    ax.axvline(0, lw=0.6, color="gray")
+    ax.set_xlabel("general code length change (bits/token, pooled HumanEval + GSM8K)")
+    ax.set_ylabel("general accuracy change (points)")
+    ax.set_title(f"Spearman {fmt(sp['rho'])} over {sp['n']} runs" if sp["rho"] is not None else sp["note"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def general_acc_section(runs: list[dict], ga: dict | None, figs: dict) -> list[str]:
+    """General accuracy per run beside the code-length changes, the accuracy trade-off planes and
+    the code-length-vs-accuracy Spearman."""
+    L = ["## General accuracy (benchmarks) beside the code-length changes", ""]
+    if not ga or ga.get("general_acc") is None:
+        return L + ["No benchmark unit in the cache (the study ran without bench_tasks).", ""]
+    tasks, kept, sp = list(ga["general_acc"]), ga["general_acc_tasks"], ga["spearman"]
+    L += [f"Zero-shot multiple-choice accuracy (`sft.eval.benchmarks`, lm-eval's acc / acc_norm) on "
+          + ", ".join(f"{t} ({ga['general_acc_n'][t]} questions, base {fmt(100 * ga['general_acc'][t], 3)}%, "
+                      f"chance {fmt(100 * ga['general_acc_chance'][t], 3)}%)" for t in tasks)
+          + f". The mean is over the tasks where the base model is more than 2 standard errors above chance: "
+          f"{', '.join(kept) or 'none'} (base mean "
+          f"{'n/a' if ga['general_acc_mean'] is None else fmt(100 * ga['general_acc_mean'], 3) + '%'}). "
+          "Changes are run minus base in points, +- the paired standard error over the same questions.", "",
+          md_table(["run", "variant", "general d (bits/tok, pooled)", "acc mean d (pts)",
+                    *[f"{t} d (pts)" for t in tasks]],
+                   [[label(r), r["variant"], r["general_delta_bits_pooled"],
+                     None if r["general_acc_delta_mean"] is None else f"{100 * r['general_acc_delta_mean']:+.1f}",
+                     *[f"{100 * (r['general_acc'][t] - ga['general_acc'][t]):+.1f} +- {100 * r['general_acc_se'][t]:.1f}"
+                       for t in tasks]] for r in runs if r.get("general_acc")]), ""]
+    L += [f"![general accuracy {k[4:]}]({figs[k]})" for k in ("acc_cot", "acc_label") if k in figs]
+    L += ["", "**Does code length track capability? (Proposition 3.1's premise)** Spearman over the runs between "
+          "the change in pooled general code length and the change in mean general accuracy (a negative value: "
+          "more bits, less accuracy): " + (f"{fmt(sp['rho'])} over {sp['n']} runs." if sp["rho"] is not None
+                                           else f"{sp['note']}."), ""]
+    return L + ([f"![code length vs accuracy]({figs['bits_vs_acc']})", ""] if "bits_vs_acc" in figs else [])
+
+
 def _finish_plane(fig, ax, ylabel: str, title: str, path: Path, legend_size: int) -> str:
     """Axes through the base model, the trade-off plane's labels, legend; saved."""
     ax.axhline(0, lw=0.6, color="gray")
@@ -427,10 +500,11 @@ def _bound_columns_lines(runs: list[dict]) -> list[str]:
 
 
 def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None,
-                    mg: dict | None = None, pl: dict | None = None) -> str:
-    """``report.md``: one writer per section."""
+                    mg: dict | None = None, pl: dict | None = None, ga: dict | None = None) -> str:
+    """``report.md``: one writer per section (``ga``: the summary's base record with ``spearman``)."""
     b = base["eval"]
     metric = study_domain(study)["metric"]
     return "\n".join(_header(study) + _base_section(study, b) + _variant_tables(runs, b, figs, metric)
+                     + general_acc_section(runs, ga, figs)
                      + _findings_section(runs, b, metric, mg, pl) + _throughput_section(runs) + samples_section(base, runs)
                      + _compute_section(runs, b) + _bound_section(runs) + forecast_section(runs, fsum))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.studies.grid import Entry, StudyConfig, run_study
+from experiments.studies.grid import BENCH_FIXTURES, Entry, StudyConfig, run_study
 from experiments.studies.grid_report import general_delta, pareto
 
 FIX = Path(__file__).resolve().parents[1] / "eval" / "fixtures" / "medcalc_small.csv"
@@ -55,10 +55,13 @@ def test_study_runs_resumes_and_reports(tmp_path):
     grid = (Entry("label", "ce", 1e-3, wise=(0.5,)), Entry("label", "talr", 1e-3), Entry("cot", "ce", 1e-4),
             Entry("label", "dft", 1e-3), Entry("label", "ce", 1e-3, steps=5),
             Entry("label", "ce", 1e-3, plateau=True), Entry("label", "talr", 1e-3, plateau=True))
-    cfg = replace(tiny_config(tmp_path, grid), trajectory_every=1, plateau=(1, 0.02, 0.0), plateau_max_steps=6)
+    cfg = replace(tiny_config(tmp_path, grid), trajectory_every=1, plateau=(1, 0.02, 0.0), plateau_max_steps=6,
+                  bench_tasks=("toy_qa",), bench_root=str(BENCH_FIXTURES))
+    assert cfg.data_key() == replace(cfg, bench_tasks=()).data_key()  # benchmarks leave every other key as it was
     out = tmp_path / "study"
     summary = run_study(cfg, out, progress=False, log=lambda s: None)
     runs = summary["runs"]
+    check_general_accuracy(cfg, summary, out)
     assert len(list((out / "cache").glob("forecast-*.json"))) == 2  # one forecast unit per variant
     assert [(r["variant"], r["method"], r["lr"], r["alpha"]) for r in runs] == [
         ("cot", "ce", 1e-4, None), ("label", "ce", 1e-3, None), ("label", "wise-ft", 1e-3, 0.5),
@@ -97,6 +100,79 @@ def test_study_runs_resumes_and_reports(tmp_path):
     (out / "summary.json").unlink()
     assert run_study(cfg, out, report_only=True)["runs"] == runs
     assert json.loads((out / "summary.json").read_text())["runs"][0]["method"] == "ce"
+
+
+def check_general_accuracy(cfg, summary: dict, out: Path) -> None:
+    """A bench unit beside the base, each run and each WiSE-FT point; the base's is the untouched
+    model's (a fresh `evaluate_benchmarks`); each run's accuracy and paired SE follow from the per-question
+    correctness of its unit and the base's."""
+    from experiments.studies.grid import load_base
+    from sft.eval.benchmarks import evaluate_benchmarks, paired_se
+
+    runs, b = summary["runs"], summary["base"]
+    units = [json.loads(p.read_text()) for p in (out / "cache").glob("bench-*.json")]
+    assert len(units) == 1 + len(runs)
+    model, tok, _ = load_base(cfg)
+    fresh = evaluate_benchmarks(model, tok, ("toy_qa",), root=BENCH_FIXTURES, progress=False)
+    base_unit = next(u for u in units if u["of"].startswith("base-"))
+    assert base_unit["bench"]["correct"] == fresh["correct"] and b["general_acc"] == {"toy_qa": fresh["tasks"]["toy_qa"]["accuracy"]}
+    assert b["general_acc_n"] == {"toy_qa": fresh["tasks"]["toy_qa"]["n"]}
+    base_c = fresh["correct"]["toy_qa"]["acc"]  # toy_qa reports acc
+    by_acc = {}
+    for u in units:
+        c = u["bench"]["correct"]["toy_qa"]["acc"]
+        by_acc.setdefault((sum(c) / len(c), paired_se(base_c, c)), []).append(u)
+    for r in runs:
+        assert set(r["general_acc"]) == {"toy_qa"} == set(r["general_acc_se"])
+        assert (r["general_acc"]["toy_qa"], r["general_acc_se"]["toy_qa"]) in by_acc
+        # the tiny untrained model is at chance: no task is kept, so no mean (the report says which are kept)
+        assert r["general_acc_mean"] is None if not b["general_acc_tasks"] else isinstance(r["general_acc_mean"], float)
+    sp = summary["spearman_bits_vs_acc"]
+    assert (sp["rho"] is None) == (sp["note"] is not None)
+    text = (out / "report.md").read_text()
+    assert "## General accuracy (benchmarks) beside the code-length changes" in text
+    assert "Does code length track capability?" in text and "toy_qa (" in text
+
+
+def test_general_accuracy_mean_se_and_spearman_by_hand(tmp_path):
+    """kept tasks (base > chance + 2 SE, strictly), the mean over them, the paired SEs, the mean's SE
+    and the Spearman over runs, from hand-computed values."""
+    from experiments.studies.grid_report import general_acc_fields, kept_tasks, spearman_bits_vs_acc
+    from experiments.studies.grid_text import mean_se
+
+    def bench(a, b, c):
+        tasks = {"A": ("acc_norm", 0.25, a), "B": ("acc", 0.5, b), "C": ("acc", 0.25, c)}
+        return {"bench": {"tasks": {t: {"metric": m, "chance": ch, "accuracy": sum(x) / len(x), "n": len(x)}
+                                    for t, (m, ch, x) in tasks.items()},
+                          "correct": {t: {m: x, ("acc" if m == "acc_norm" else "acc_norm"): [0] * len(x)}
+                                      for t, (m, _, x) in tasks.items()}}}
+
+    base = bench([1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1])
+    # A: 0.75 - 0.25 = 0.5 is exactly 2 SE (sd 0.5 / sqrt 4 = 0.25): not more, dropped; B, C: SE 0, kept
+    assert kept_tasks(base["bench"]) == ["B", "C"]
+    f = general_acc_fields(bench([1, 0, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]), base)
+    assert f["general_acc"] == {"A": 0.5, "B": 0.5, "C": 0.75}
+    assert f["general_acc_mean"] == pytest.approx(0.625) and f["general_acc_delta_mean"] == pytest.approx(-0.375)
+    # paired differences: A [0,-1,0,0] -> sd 0.5 / 2; B [0,0,-1,-1] -> sqrt(1/3) / 2; C [0,0,0,-1] -> 0.25
+    assert f["general_acc_se"] == pytest.approx({"A": 0.25, "B": (1 / 3) ** 0.5 / 2, "C": 0.25})
+    assert mean_se(f) == pytest.approx((1 / 12 + 1 / 16) ** 0.5 / 2)
+    assert general_acc_fields(None, base)["general_acc_mean"] is None
+    runs = [{"general_delta_bits_pooled": x, "general_acc_delta_mean": y}
+            for x, y in ((0.1, -0.1), (0.2, -0.3), (0.3, -0.2))]
+    # ranks x 1,2,3 / y 3,1,2: sum d^2 = 6, rho = 1 - 6 * 6 / (3 * 8) = -0.5
+    assert spearman_bits_vs_acc(runs)["rho"] == pytest.approx(-0.5)
+    two = spearman_bits_vs_acc(runs[:2] + [{"general_delta_bits_pooled": 0.4, "general_acc_delta_mean": None}])
+    assert two["rho"] is None and two["n"] == 2 and "not testable with this grid" in two["note"]
+    flat = spearman_bits_vs_acc([{**r, "general_acc_delta_mean": 0.0} for r in runs])
+    assert flat["rho"] is None and "constant" in flat["note"]
+    # the accuracy trade-off plane and the Spearman's scatter are drawn from such rows
+    from experiments.studies.grid_report import acc_figures
+
+    rows = [{**r, **f, "variant": "label", "method": m, "domain_gain_bits": g}
+            for r, m, g in zip(runs, ("ce", "talr", "wise-ft"), (5.0, 3.0, 1.0))]
+    figs = acc_figures(rows, spearman_bits_vs_acc(rows), tmp_path, "toy")
+    assert figs == {"acc_label": "tradeoff_acc_label.png", "bits_vs_acc": "bits_vs_acc.png"}
+    assert all((tmp_path / f).stat().st_size > 0 for f in figs.values())
 
 
 def check_plateau_and_matched_gain(summary: dict, out: Path) -> None:
@@ -245,8 +321,14 @@ def test_esci_smoke_runs_end_to_end_on_the_fixture_pair(tmp_path, capsys):
             "--out", str(out), "--no-progress"]
     assert main(args) == 0
     s = json.loads((out / "summary.json").read_text())
+    # the smoke preset's general accuracy: toy_qa from the fixture request files (no wheel needed)
+    acc_keys = {"general_acc", "general_acc_mean", "general_acc_tasks", "general_acc_chance", "general_acc_n",
+                "bench_seconds"}
     assert s["domain"]["name"] == "esci" and s["domain"]["metric"] == "BACC" and set(s["base"]) == {"label", "general",
-                                                                                                   "seconds"}
+                                                                                                   "seconds", *acc_keys}
+    assert set(s["base"]["general_acc"]) == {"toy_qa"} and "spearman_bits_vs_acc" in s
+    assert all(set(r["general_acc"]) == {"toy_qa"} and 0 <= r["general_acc"]["toy_qa"] <= 1
+               and r["general_acc_se"]["toy_qa"] >= 0 for r in s["runs"])
     assert s["data"].startswith("ESCI Shopping Queries (") and "shopping_queries_dataset_examples.parquet" in s["data"]
     assert [(r["method"], r["lr"]) for r in s["runs"]] == [("ce", 1e-3), ("wise-ft", 1e-3), ("talr", 1e-3),
                                                           ("ce", 1e-4), ("ce", 3e-3), ("talr", 3e-3),
