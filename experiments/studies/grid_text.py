@@ -115,12 +115,13 @@ def general_acc_section(runs: list[dict], ga: dict | None, figs: dict) -> list[s
     if not ga or ga.get("general_acc") is None:
         return L + ["No benchmark unit in the cache (the study ran without bench_tasks).", ""]
     tasks, kept, sp = list(ga["general_acc"]), ga["general_acc_tasks"], ga["spearman"]
+    bm = "n/a" if ga["general_acc_mean"] is None else f"{100 * ga['general_acc_mean']:.1f}%"
     L += [f"Zero-shot multiple-choice accuracy (`sft.eval.benchmarks`, lm-eval's acc / acc_norm) on "
-          + ", ".join(f"{t} ({ga['general_acc_n'][t]} questions, base {fmt(100 * ga['general_acc'][t], 3)}%, "
-                      f"chance {fmt(100 * ga['general_acc_chance'][t], 3)}%)" for t in tasks)
+          + ", ".join(f"{t} ({ga['general_acc_n'][t]} questions, base {100 * ga['general_acc'][t]:.1f}%, "
+                      f"chance {100 * ga['general_acc_chance'][t]:.1f}%)" for t in tasks)
           + f". The mean is over the tasks where the base model is more than 2 standard errors above chance: "
           f"{', '.join(kept) or 'none'} (base mean "
-          f"{'n/a' if ga['general_acc_mean'] is None else fmt(100 * ga['general_acc_mean'], 3) + '%'}). "
+          f"{bm}). "
           "Changes are run minus base in points, +- the paired standard error over the same questions.", "",
           md_table(["run", "variant", "general d (bits/tok, pooled)", "acc mean d (pts)",
                     *[f"{t} d (pts)" for t in tasks]],

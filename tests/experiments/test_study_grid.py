@@ -168,11 +168,20 @@ def test_general_accuracy_mean_se_and_spearman_by_hand(tmp_path):
     # the accuracy trade-off plane and the Spearman's scatter are drawn from such rows
     from experiments.studies.grid_report import acc_figures
 
-    rows = [{**r, **f, "variant": "label", "method": m, "domain_gain_bits": g}
-            for r, m, g in zip(runs, ("ce", "talr", "wise-ft"), (5.0, 3.0, 1.0))]
+    rows = [{**f, **r, "variant": "label", "method": m, "lr": 1e-3, "domain_gain_bits": g}
+            for r, m, g in zip(runs, ("ce", "talr", "l2"), (5.0, 3.0, 1.0))]
     figs = acc_figures(rows, spearman_bits_vs_acc(rows), tmp_path, "toy")
     assert figs == {"acc_label": "tradeoff_acc_label.png", "bits_vs_acc": "bits_vs_acc.png"}
     assert all((tmp_path / f).stat().st_size > 0 for f in figs.values())
+    # the report's table: each task's change +- its paired SE, the mean over the kept tasks, the Spearman
+    from experiments.studies.grid_report import base_acc
+    from experiments.studies.grid_text import general_acc_section
+
+    ga = {**base_acc(base), "spearman": spearman_bits_vs_acc(rows)}
+    assert ga["general_acc_tasks"] == ["B", "C"] and ga["general_acc_mean"] == 1.0
+    text = "\n".join(general_acc_section(rows, ga, figs))
+    assert "2 standard errors above chance: B, C (base mean 100.0%)" in text
+    assert "| -10.0 | -25.0 +- 25.0 | -50.0 +- 28.9 | -25.0 +- 25.0 |" in text and "-0.500 over 3 runs" in text
 
 
 def check_plateau_and_matched_gain(summary: dict, out: Path) -> None:
