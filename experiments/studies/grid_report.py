@@ -4,7 +4,10 @@
 WiSE-FT point, fields listed in :data:`RUN_FIELDS`). ``report.md``: data and budget, the
 trade-off plane per variant (``tradeoff_<variant>.png``) with its Pareto set in text, Tables 1-2
 analogues, Finding 1, Finding 2 and TALR vs the baselines at the larger rate, each with numbers
-and a verdict, and the training throughput (MFU).
+and a verdict, and the training throughput (MFU). General accuracy (bench units): per run
+``general_acc``, ``general_acc_mean`` (over the tasks where the base is more than :data:`BENCH_Z`
+standard errors above chance), ``general_acc_se`` (paired SE against the base); top level
+``spearman_bits_vs_acc``; ``tradeoff_acc_<variant>.png`` and ``bits_vs_acc.png``.
 
 Units: domain gain = base bits minus run bits per held-out gold completion (positive = better);
 general deltas = run minus base, bits per token (positive = forgetting).

@@ -281,7 +281,7 @@ def test_cli_no_forecast_reaches_the_config(monkeypatch, tmp_path):
 
 def test_default_preset_meets_the_issue_shape():
     """>= 20 runs (WiSE-FT points count) over both variants; CE, TALR, L2, LoRA and WiSE-FT;
-    >= 3 learning rates spread over at least a decade; every held-out row evaluated."""
+    >= 3 learning rates spread over at least a decade; every held-out row evaluated; >= 3 benchmark tasks."""
     from experiments.studies.grid import PRESETS
 
     cfg = PRESETS["default"]
@@ -291,6 +291,9 @@ def test_default_preset_meets_the_issue_shape():
     rates = sorted({e.lr for e in cfg.grid if e.method != "lora"})
     assert len(rates) >= 3 and rates[-1] / rates[0] >= 10 * (1 - 1e-9)
     assert cfg.data_key() == PRESETS["default"].data_key()  # hashable, stable
+    # general accuracy on >= 3 benchmark tasks of the wheel (small too); smoke on the fixture task
+    assert all(len(PRESETS[p].bench_tasks) >= 3 and PRESETS[p].bench_root is None for p in ("small", "default"))
+    assert PRESETS["smoke"].bench_tasks == ("toy_qa",)
 
 
 def test_long_entry_cycles_the_training_rows_in_order(tmp_path, monkeypatch):
