@@ -124,7 +124,9 @@ def spearman_bits_vs_acc(runs: list[dict]) -> dict:
     out = {"n": len(rs), "rho": None, "note": None,
            "x": "general_delta_bits_pooled (bits/token)", "y": "general_acc_mean - base (accuracy)"}
     if len(rs) < MIN_SPEARMAN_N:
-        out["note"] = f"{NOT_TESTABLE} (n = {len(rs)} runs with general accuracy)"
+        why = (f"no task has the base more than {BENCH_Z:g} standard errors above chance, so no mean"
+               if not rs and any(r.get("general_acc") for r in runs) else f"n = {len(rs)} runs with general accuracy")
+        out["note"] = f"{NOT_TESTABLE} ({why})"
         return out
     rho = spearman([r["general_delta_bits_pooled"] for r in rs], [r["general_acc_delta_mean"] for r in rs])
     if rho != rho:

@@ -163,6 +163,8 @@ def test_general_accuracy_mean_se_and_spearman_by_hand(tmp_path):
     assert spearman_bits_vs_acc(runs)["rho"] == pytest.approx(-0.5)
     two = spearman_bits_vs_acc(runs[:2] + [{"general_delta_bits_pooled": 0.4, "general_acc_delta_mean": None}])
     assert two["rho"] is None and two["n"] == 2 and "not testable with this grid" in two["note"]
+    none_kept = spearman_bits_vs_acc([{**r, "general_acc": {"A": 0.5}, "general_acc_delta_mean": None} for r in runs])
+    assert none_kept["rho"] is None and "no task has the base more than 2 standard errors above chance" in none_kept["note"]
     flat = spearman_bits_vs_acc([{**r, "general_acc_delta_mean": 0.0} for r in runs])
     assert flat["rho"] is None and "constant" in flat["note"]
     # the accuracy trade-off plane and the Spearman's scatter are drawn from such rows
