@@ -334,12 +334,12 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
                      if r["general_delta_bits_pooled"] else None, r.get("forecast_domain_gain_bits"),
                      r["domain_gain_bits"]] for r in rs]), "",
           md_table(["runs", "n", "Spearman general", "within 2x general", "Spearman gain"],
-                   [[k, fs[k]["n"], _rank(fs[k], "spearman_general"), fs[k]["within_2x_general"],
-                     _rank(fs[k], "spearman_gain")] for k in ("label", "cot", "all") if fs.get(k) and fs[k]["n"]]), ""]
+                   [[k, fs[k]["n"], rank_or_untestable(fs[k], "spearman_general"), fs[k]["within_2x_general"],
+                     rank_or_untestable(fs[k], "spearman_gain")] for k in ("label", "cot", "all") if fs.get(k) and fs[k]["n"]]), ""]
     return L
 
 
-def _rank(f: dict, key: str):
+def rank_or_untestable(f: dict, key: str):
     """A Spearman cell: the value, or why the grid cannot give one."""
     if f["n"] < MIN_SPEARMAN_N or f[key] is None or f[key] != f[key]:
         return f"{NOT_TESTABLE} (n = {f['n']})"

@@ -451,7 +451,7 @@ def test_mfu_is_never_shown_above_100_percent():
 
 def test_verdicts_a_grid_cannot_decide_say_so():
     """The small preset trains label-only CE at one rate and forecasts one label-only run."""
-    from experiments.studies.grid_text import _rank, finding1, finding2
+    from experiments.studies.grid_text import rank_or_untestable, finding1, finding2
 
     def run(v, m, lr, g):
         return {"variant": v, "method": m, "lr": lr, "domain_acc": 0.5, "domain_gain_bits": 1.0,
@@ -461,8 +461,8 @@ def test_verdicts_a_grid_cannot_decide_say_so():
     assert finding2(small)[-1].startswith("Finding 2: not testable with this grid (CE of label")
     assert finding1([run("label", "ce", 3e-4, 0.0)])[-1].startswith("Finding 1: not testable with this grid")
     assert "Verdict: Finding 2" in finding2(small + [run("label", "ce", 1e-4, 0.0)])[-1]
-    assert _rank({"n": 1, "spearman_general": float("nan")}, "spearman_general") == "not testable with this grid (n = 1)"
-    assert _rank({"n": 5, "spearman_general": 0.9}, "spearman_general") == 0.9
+    assert rank_or_untestable({"n": 1, "spearman_general": float("nan")}, "spearman_general") == "not testable with this grid (n = 1)"
+    assert rank_or_untestable({"n": 5, "spearman_general": 0.9}, "spearman_general") == 0.9
 
 
 def test_tradeoff_plane_has_the_pareto_circles_in_its_legend_and_no_clipped_label(tmp_path, monkeypatch):
