@@ -106,7 +106,7 @@ def test_counter_sees_a_function_grow():
 
 
 @pytest.mark.parametrize("name, before", [
-    ("sft/eval/synth_medcalc.py:_case", 33), ("experiments/studies/demo_report.py:write", 37),
+    ("sft/eval/synth_medcalc.py:case", 33), ("experiments/studies/demo_report.py:write", 37),
     ("experiments/studies/compare.py:run_compare", 24)])
 def test_split_functions_stay_split(name, before):
     """The three functions this check split (cyclomatic complexity before the split in the id)."""

@@ -136,7 +136,7 @@ class _Batch:
         self.cache, self.logits, self.mask, self.next_pos = cache, logits, mask, next_pos
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
+def common_prefix(rows: list[list[int]]) -> int:
     """Length of the token prefix all rows share, leaving each row at least one token."""
     n = min(len(r) for r in rows) - 1
     first = rows[0]
@@ -168,7 +168,7 @@ def _prefill(model, rows: list[list[int]], pad: int) -> _Batch:
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
-    p = _common_prefix(rows) if len(rows) > 1 else 0
+    p = common_prefix(rows) if len(rows) > 1 else 0
     cache = DynamicCache()
     if p > 0:
         model(input_ids=torch.tensor([rows[0][:p]], device=dev), past_key_values=cache, use_cache=True,

@@ -246,16 +246,16 @@ def _cha2ds2_vasc(rng, sex: str, age: int, intro: str):
     return note, ent, float(score), expl
 
 
-_CASES = {2: _creatinine_clearance, 4: _cha2ds2_vasc, 5: _map, 6: _bmi, 10: _ideal_weight, 11: _qtc_bazett,
+CASES = {2: _creatinine_clearance, 4: _cha2ds2_vasc, 5: _map, 6: _bmi, 10: _ideal_weight, 11: _qtc_bazett,
           39: _anion_gap}  # one generator per key of CALCULATORS
 
 
-def _case(cid: int, rng) -> tuple[str, dict, float, str]:
+def case(cid: int, rng) -> tuple[str, dict, float, str]:
     """(note, entities, exact answer, explanation) for one calculator."""
-    if cid not in _CASES:
+    if cid not in CASES:
         raise ValueError(f"no synthetic generator for calculator id {cid}; choose from {sorted(CALCULATORS)}")
     sex, age = _sex_age(rng)
-    return _CASES[cid](rng, sex, age, _intro(rng, sex, age))
+    return CASES[cid](rng, sex, age, _intro(rng, sex, age))
 
 
 def generate(n: int, seed: int = 0, calculators: Sequence[int] | None = None) -> list[dict]:
@@ -269,7 +269,7 @@ def generate(n: int, seed: int = 0, calculators: Sequence[int] | None = None) ->
     for i in range(n):
         cid = cids[i % len(cids)]
         name, category, otype = CALCULATORS[cid]
-        note, ent, exact, expl = _case(cid, rng)
+        note, ent, exact, expl = case(cid, rng)
         if otype == "integer":
             truth = str(int(round(exact)))
             lo = hi = truth

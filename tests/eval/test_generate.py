@@ -92,6 +92,6 @@ def test_scoring_with_a_shared_prefix(tiny_model, tiny_tokenizer):
 @pytest.mark.parametrize("rows,n", [([[1, 2, 3], [1, 2, 4]], 2), ([[1, 2], [1, 2]], 1), ([[5], [5]], 0),
                                     ([[1, 2, 3], [9, 2, 3]], 0), ([[7, 8, 9, 1], [7, 8, 9, 1, 2], [7, 8, 3]], 2)])
 def test_common_prefix_leaves_each_row_a_token(rows, n):
-    from sft.eval.generate import _common_prefix
+    from sft.eval.generate import common_prefix
 
-    assert _common_prefix(rows) == n
+    assert common_prefix(rows) == n

@@ -115,8 +115,8 @@ def test_one_generator_per_calculator():
     import numpy as np
     import pytest
 
-    from sft.eval.synth_medcalc import _CASES, CALCULATORS, _case
+    from sft.eval.synth_medcalc import CASES, CALCULATORS, case
 
-    assert set(_CASES) == set(CALCULATORS)
+    assert set(CASES) == set(CALCULATORS)
     with pytest.raises(ValueError, match=r"calculator id 3; choose from \[2, 4, 5, 6, 10, 11, 39\]"):
-        _case(3, np.random.default_rng(0))
+        case(3, np.random.default_rng(0))
