@@ -461,32 +461,20 @@ def matmul_gflops(n: int = 1024, reps: int = 8) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-TREE_DEPTH = 16  # depth d of the empirical trees (as `talr compare` builds them, its default)
+def prefix_bound(general: list[dict], base_cond, model) -> dict:
+    """The per-prefix bound (Proposition 3.1 node by node over the full vocabulary,
+    `sft.prefixbound.full_vocab_decomposition`) of the general set's Delta L(P1) (bits per coded
+    token, every coded position of :func:`general_examples` its own node) from the base's cached
+    conditionals ``base_cond`` (`sft.prefixbound.coded_conditionals`) to ``model``'s."""
+    from sft.prefixbound import full_vocab_decomposition
+    from theory.prefix import bound_columns
 
-
-def general_trees(tok, data: StudyData, model_vocab: int):
-    """Empirical token trees (`sft.treeprobs`, restricted alphabet + other, depth 16) of the general
-    set (HumanEval solutions given prompts, GSM8K questions); the domain side (two held-out rows)
-    only completes the pair the bridge builds."""
-    from sft.treeprobs import build_empirical_trees
-
-    he_p, he_s = data.humaneval
-    general = (list(he_p) + [None] * len(data.gsm8k), list(he_s) + list(data.gsm8k))
-    prompts, comps = data.eval_texts["label"]
-    return build_empirical_trees(tok, general, (prompts[:2], comps[:2]), depth=TREE_DEPTH, model_vocab=model_vocab)
-
-
-def prefix_bound(trees, logq0, model) -> dict:
-    """The per-prefix bound (Proposition 3.1 node by node, `theory.prefix.prefix_decomposition`) of
-    the general tree's Delta L(P1) from the base conditionals ``logq0`` to ``model``'s, in bits."""
-    from sft.treeprobs import empirical_tree_logprobs
-    from theory.prefix import bound_columns, prefix_decomposition, with_other
-
-    lq = empirical_tree_logprobs(model, trees)
-    pd = prefix_decomposition(trees.p1, with_other(logq0.p1), with_other(lq.p1), unit="bits")
-    return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "depth": trees.depth,
+    pd, timing = full_vocab_decomposition(base_cond, model, general, unit="bits")
+    return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "nodes": int(pd.weight.size),
+            "vocab": timing["vocab"], "scope": "full vocabulary, every coded position of the general set",
             "bound_kl_bits": pd.bound_kl, "bound_kl_global_bits": pd.bound_kl_global, "floor_bits": pd.floor,
-            "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term, "columns": bound_columns(pd)}
+            "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term, "columns": bound_columns(pd),
+            "seconds": {"forward": timing["forward_s"], "theory": timing["theory_s"]}}
 
 
 def general_examples(tok, data: StudyData) -> list[dict]:
@@ -661,12 +649,12 @@ class GridRunner:
 
     def __init__(self, cfg: StudyConfig, out: Path, base, tok, desc: str, data: StudyData, units: Units,
                  progress: bool, scratch: Path):
-        from sft.treeprobs import empirical_tree_logprobs
+        from sft.prefixbound import coded_conditionals
 
         self.cfg, self.out, self.base, self.tok, self.data, self.units = cfg, out, base, tok, data, units
         self.progress, self.log = progress, units.log
-        self.trees = general_trees(tok, data, base.get_output_embeddings().weight.shape[0])
-        self.logq0 = empirical_tree_logprobs(base, self.trees)
+        self.general = general_examples(tok, data)  # the per-prefix bound's nodes
+        self.base_cond = coded_conditionals(base, self.general)  # 4 V bytes a coded token (0.28 GB for SmolLM2)
         self.peak = matmul_gflops()
         self.weights = BaseWeights(base, scratch)  # runs train the base in place; restored after each
         self.probe_base: dict = {}  # variant -> the trajectory probe's values on the base model
@@ -809,7 +797,7 @@ class GridRunner:
         def run_rec():
             t = time.perf_counter()
             ev = self.evaluate(tuned, (e.variant,))
-            return {"entry": asdict(e), "train": rec, "eval": ev, "prefix": prefix_bound(self.trees, self.logq0, tuned),
+            return {"entry": asdict(e), "train": rec, "eval": ev, "prefix": prefix_bound(self.general, self.base_cond, tuned),
                     "eval_seconds": time.perf_counter() - t}
 
         u.unit(rpath, "run", run_rec, done=lambda r: f"{e.name}: evaluated: {r['eval'][e.variant]['domain_acc']:.3f}")
@@ -820,7 +808,7 @@ class GridRunner:
             for a, m in wise_ft(self.weights, tuned, e.wise):  # the base's weights from disk
                 u.unit(wise_paths[a], "wise",
                        lambda: {"entry": asdict(e), "alpha": a, "eval": self.evaluate(m, (e.variant,)),
-                                "prefix": prefix_bound(self.trees, self.logq0, m)},
+                                "prefix": prefix_bound(self.general, self.base_cond, m)},
                        done=lambda r: f"{e.name} WiSE-FT alpha={a:g}: {r['eval'][e.variant]['domain_acc']:.3f}")
                 self.bench_unit(m, wise_paths[a], f"{e.name}-a{a:g}")
                 del m

@@ -147,8 +147,8 @@ def pooled_general_delta(ev: dict, base_ev: dict) -> float:
 
 def bound_over_measured(run: dict, key: str = "bound_bits") -> float | None:
     """A per-prefix bound (``key``: the chi2 ``bound_bits``, ``bound_kl_bits``, ``floor_bits``) over the
-    measured Delta L(P1) on the empirical general tree; None when the run was evaluated before that
-    bound existed or the measured change is not a degradation."""
+    measured Delta L(P1) of the general set (full vocabulary, bits per coded token); None when the run carries no
+    such bound or the measured change is not a degradation."""
     pb = run.get("prefix")
     if not pb or pb.get(key) is None or pb["delta_bits"] <= 0:
         return None

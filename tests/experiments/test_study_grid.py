@@ -35,8 +35,10 @@ def check_run_row(r: dict) -> None:
     fc = r["forecast_general_delta_bits"]
     assert (fc is None) == (r["alpha"] is not None or r["method"] == "dft" or r["steps"] == 5 or r["plateau"])
     assert fc is None or (isinstance(fc, float) and fc == fc)
-    # the per-prefix bound holds on the empirical general tree: bound >= measured Delta L(P1)
+    # the per-prefix bound (full vocabulary, every coded general token a node) holds: bound >= measured
+    # Delta L(P1), and that Delta L(P1) is the pooled general code-length change the study measures
     assert r["prefix_bound_bits"] >= r["prefix_delta_bits"] - 1e-9
+    assert r["prefix_delta_bits"] == pytest.approx(r["general_delta_bits_pooled"], abs=2e-4)
     ratio = r["bound_over_measured"]
     assert (ratio is None) == (r["prefix_delta_bits"] <= 0)
     assert ratio is None or ratio >= 1 - 1e-9

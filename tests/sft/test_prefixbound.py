@@ -51,3 +51,20 @@ def test_no_coded_position_raises():
     m0 = load_model("tiny:vocab=64,hidden=16,layers=1", seed=0)
     with pytest.raises(ValueError, match="no coded position"):
         full_vocab_terms(m0, m0, [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}])
+
+
+def test_cached_base_conditionals_give_the_same_terms_and_reject_another_set():
+    from sft.prefixbound import coded_conditionals
+
+    rng = np.random.default_rng(1)
+    m0, m1 = load_model("tiny:vocab=64,hidden=16,layers=1", seed=0), load_model("tiny:vocab=64,hidden=16,layers=1", seed=1)
+    ex = _examples(rng, 64, n=6)
+    live, _ = full_vocab_terms(m0, m1, ex, batch_size=2, rows=4)
+    cache = coded_conditionals(m0, ex, batch_size=2)
+    cached, _ = full_vocab_terms(cache, m1, ex, batch_size=2, rows=4)
+    np.testing.assert_array_equal(live.first_u, cached.first_u)
+    np.testing.assert_array_equal(live.dv_u, cached.dv_u)
+    with pytest.raises(ValueError, match="other examples"):
+        full_vocab_terms(cache, m1, ex[:-1], batch_size=2)
+    with pytest.raises(ValueError, match="other examples"):
+        full_vocab_terms(cache, m1, ex, batch_size=3)
