@@ -44,6 +44,18 @@ node-wise bound is ``>= max(F_u, 0)`` at each node, hence ``>= floor = sum_u P1(
 kl_term``: the negative first-order terms cancel positive ones in ``Delta L(P1)`` but in no
 node-wise bound.
 
+**Point masses: a bound below the floor.** On a sample of texts ``p1_u = delta_x`` is a point
+mass. A bound that knows this (and sees ``p1_u`` through ``KL(delta_x||q_u) = -log q_u(x)`` only,
+as the KL bound does) may take the supremum over point masses alone:
+
+    F_u <= PM_u = max{ c_u(a) : KL(delta_a||q_u) <= KL(delta_x||q_u) } = max{ c_u(a) : q_u(a) >= q_u(x) },
+
+valid because ``a = x`` is in the set, and ``PM_u <= DV_u`` because every ``delta_a`` of the set is
+feasible in the KL bound's supremum. ``PM_u`` may be negative (every token at least as likely as
+``x`` was pushed up, or ``x`` is the argmax, where ``PM_u = F_u`` exactly), so
+``bound_point = sum_u P1(u) PM_u + kl_term`` can go below the floor of non-negative node-wise
+bounds. Rows of ``P1`` that are not point masses use ``DV_u``.
+
 The support of ``q_u`` is ``isfinite(log q_u)``: a probability that underflows to 0 (``log q``
 below -745) is still an outcome, and chi2, the variance and ``Lambda`` are summed in log space.
 
@@ -106,6 +118,8 @@ class PrefixDecomposition:
             ``-(E_p - E_q)[s_u]``, ``KL(q_u || q'_u)``, ``chi2(p1_u || q_u)``,
             ``Var_{q_u}(s_u)`` (unweighted; multiply by ``weight`` and sum for the totals).
         kl_pq_u, dv_u, t_u: per node ``KL(p1_u||q_u)``, ``DV_u`` (in ``unit``) and its ``t`` (per nat).
+        bound_point, pm_u: ``sum_u P1(u) PM_u + kl_term`` and per node ``PM_u`` (in ``unit``; module
+            docstring: point-mass rows only, ``DV_u`` elsewhere); ``<= bound_kl``.
     """
 
     delta: float
@@ -131,6 +145,8 @@ class PrefixDecomposition:
     kl_pq_u: np.ndarray
     dv_u: np.ndarray
     t_u: np.ndarray
+    bound_point: float = float("nan")
+    pm_u: np.ndarray | None = None
 
     @property
     def tightness(self) -> float:
@@ -139,7 +155,7 @@ class PrefixDecomposition:
 
     def to_dict(self) -> dict:
         keys = ("delta", "first_order", "kl_term", "chi2_bar", "var_bar", "bound", "bound_nodewise", "bound_kl",
-                "bound_kl_global", "bound_min", "floor", "kl_bar", "unit")
+                "bound_kl_global", "bound_min", "floor", "bound_point", "kl_bar", "unit")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -202,6 +218,7 @@ class NodeTerms:
     dv_u: np.ndarray
     t_u: np.ndarray
     cap_u: np.ndarray
+    pm_u: np.ndarray
     rep: Rep
 
 
@@ -262,8 +279,10 @@ def node_terms(p, logq, logq2, bins: int = 512, ids=None, normalised: bool = Fal
     rep = compress(lq, c, bins, q=q)
     kl_pq = P.kl(lq)
     dv, t, cap = dv_rows(lq, c, kl_pq, rep)
+    dv = np.maximum(dv, 0.0)
+    pm = np.minimum(P.point_max(lq, c), dv) if P.point else dv  # PM_u <= DV_u (module docstring)
     return NodeTerms(first_u=Eq_s - P.mean(s), kl_u=np.maximum(-Eq_s, 0.0), log_chi2_u=log_chi2,
-                     log_var_u=log_var, kl_pq_u=kl_pq, dv_u=np.maximum(dv, 0.0), t_u=t, cap_u=cap, rep=rep)
+                     log_var_u=log_var, kl_pq_u=kl_pq, dv_u=dv, t_u=t, cap_u=cap, pm_u=pm, rep=rep)
 
 
 class _P1Rows:
@@ -281,6 +300,11 @@ class _P1Rows:
 
     def mean(self, x) -> np.ndarray:
         return x[self.rows, self.p] if self.point else (self.p * x).sum(1)
+
+    def point_max(self, lq, c) -> np.ndarray:
+        """Point masses: ``PM_u = max{c_u(a) : log q_u(a) >= log q_u(x)}`` (module docstring)."""
+        lx = lq[self.rows, self.p]
+        return np.where(lq >= lx[:, None], c, -np.inf).max(1)
 
     def kl(self, lq) -> np.ndarray:
         """``KL(p1_u||q_u)`` (for a point mass ``-log q_u(x)``, the token's code length)."""
@@ -360,7 +384,8 @@ def decompose(weight, terms: NodeTerms, unit: str = "nats", nodes=None) -> Prefi
             floor=float(w @ np.maximum(terms.first_u, 0.0)) * sc + klt, kl_bar=float(w @ terms.kl_pq_u) * sc,
             t_global=tg, unit=unit, nodes=np.arange(w.size) if nodes is None else np.asarray(nodes), weight=w,
             first_order_u=terms.first_u * sc, kl_u=terms.kl_u * sc, chi2_u=np.exp(terms.log_chi2_u),
-            var_u=np.exp(terms.log_var_u) * sc * sc, kl_pq_u=terms.kl_pq_u * sc, dv_u=terms.dv_u * sc, t_u=terms.t_u)
+            var_u=np.exp(terms.log_var_u) * sc * sc, kl_pq_u=terms.kl_pq_u * sc, dv_u=terms.dv_u * sc, t_u=terms.t_u,
+            bound_point=float(w @ terms.pm_u) * sc + klt, pm_u=terms.pm_u * sc)
 
 
 def prefix_decomposition(
@@ -411,8 +436,9 @@ def bound_columns(d: PrefixDecomposition, measured: float | None = None) -> dict
     meas = d.delta if measured is None else float(measured)
     cols = {"unit": d.unit, "measured": meas, "first_order": d.first_order, "kl_term": d.kl_term,
             "bound_chi2": d.bound, "bound_chi2_nodewise": d.bound_nodewise, "bound_kl": d.bound_kl,
-            "bound_kl_global": d.bound_kl_global, "bound_min": d.bound_min, "floor": d.floor}
-    for k in ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "bound_min", "floor"):
+            "bound_kl_global": d.bound_kl_global, "bound_min": d.bound_min, "floor": d.floor,
+            "bound_point": d.bound_point}
+    for k in ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "bound_min", "floor", "bound_point"):
         cols[f"{k}_over_measured"] = cols[k] / meas if meas > 0 else None
     cols["dominant"] = "KL term" if d.kl_term >= abs(d.first_order) else "first-order term"
     return cols

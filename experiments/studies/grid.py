@@ -473,8 +473,8 @@ def prefix_bound(general: list[dict], base_cond, model) -> dict:
     return {"bound_bits": pd.bound, "delta_bits": pd.delta, "chi2_bar": pd.chi2_bar, "nodes": int(pd.weight.size),
             "vocab": timing["vocab"], "scope": "full vocabulary, every coded position of the general set",
             "bound_kl_bits": pd.bound_kl, "bound_kl_global_bits": pd.bound_kl_global, "floor_bits": pd.floor,
-            "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term, "columns": bound_columns(pd),
-            "seconds": {"forward": timing["forward_s"], "theory": timing["theory_s"]}}
+            "bound_point_bits": pd.bound_point, "first_order_bits": pd.first_order, "kl_term_bits": pd.kl_term,
+            "columns": bound_columns(pd), "seconds": {"forward": timing["forward_s"], "theory": timing["theory_s"]}}
 
 
 def general_examples(tok, data: StudyData) -> list[dict]:

@@ -221,6 +221,7 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     row["bound_over_measured"] = bound_over_measured({"prefix": pb})
     row["bound_kl_over_measured"] = bound_over_measured({"prefix": pb}, "bound_kl_bits")
     row["floor_over_measured"] = bound_over_measured({"prefix": pb}, "floor_bits")
+    row["bound_point_over_measured"] = bound_over_measured({"prefix": pb}, "bound_point_bits")
     # every bound over measured as `theory.prefix.bound_columns` gives it (runs evaluated since it exists)
     row["bound_columns"] = pb.get("columns") if pb else None
     f = forecast_row(row, forecasts or {})

@@ -478,7 +478,8 @@ def _bound_section(runs: list[dict]) -> list[str]:
     n_deg = sum(r.get("bound_kl_over_measured") is not None for r in withb)
     meds = (f"Median over the {n_deg} models whose general code length rose: KL bound / measured "
             f"{fmt(med('bound_kl_over_measured'))}, chi2 bound / measured {fmt(med('bound_over_measured'))}, "
-            f"floor / measured {fmt(med('floor_over_measured'))}." if n_deg else
+            f"floor / measured {fmt(med('floor_over_measured'))}, point-mass bound / measured "
+            f"{fmt(med('bound_point_over_measured'))}." if n_deg else
             "No model's general code length rose: no bound / measured ratio.")
     return L + [
         "Over the full vocabulary at every coded position of the general set (HumanEval solutions given their "
@@ -502,13 +503,16 @@ def _bound_columns_lines(runs: list[dict]) -> list[str]:
     rs = [r for r in runs if r.get("bound_columns")]
     if not rs:
         return []
-    keys = ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "bound_min", "floor")
+    keys = ("bound_chi2", "bound_chi2_nodewise", "bound_kl", "bound_kl_global", "bound_min", "floor", "bound_point")
     rows = [[label(r), r["variant"], c["measured"], c["first_order"], c["kl_term"],
-             *[c[f"{k}_over_measured"] for k in keys], c["dominant"]] for r in rs for c in [r["bound_columns"]]]
+             *[c.get(f"{k}_over_measured") for k in keys], c["dominant"]] for r in rs for c in [r["bound_columns"]]]
     return ["All the bounds over measured (`theory.prefix.bound_columns`; bits per coded token; null where the "
             "measured change is not a degradation):", "",
             md_table(["run", "variant", "measured dL", "first-order", "KL term", "chi2", "chi2 node-wise",
-                      "KL (t per node)", "KL (one t)", "min(KL, chi2) per node", "floor", "dominant"], rows), ""]
+                      "KL (t per node)", "KL (one t)", "min(KL, chi2) per node", "floor", "point mass", "dominant"], rows),
+            "", "point mass = `bound_point`: the supremum over point masses at least as likely as the observed "
+            "token (`theory.prefix`; valid for the empirical general set, whose rows are point masses; it may go "
+            "below the floor, which holds only for bounds >= 0 at every node).", ""]
 
 
 def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum: dict | None = None,

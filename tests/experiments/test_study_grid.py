@@ -46,6 +46,8 @@ def check_run_row(r: dict) -> None:
     kl, floor = r["bound_kl_over_measured"], r["floor_over_measured"]
     assert (kl is None) == (ratio is None) and (floor is None) == (ratio is None)
     assert kl is None or 1 - 1e-9 <= floor <= kl + 1e-9
+    pm = r["bound_point_over_measured"]  # the point-mass bound: valid and below the KL bound
+    assert (pm is None) == (ratio is None) and (pm is None or 1 - 1e-9 <= pm <= kl + 1e-9)
     # the report's bound table comes from `theory.prefix.bound_columns`: the same ratios
     c = r["bound_columns"]
     assert c["measured"] == pytest.approx(r["prefix_delta_bits"]) and c["bound_kl_over_measured"] == kl

@@ -154,3 +154,35 @@ def test_bound_columns():
     assert bound_columns(d, measured=-0.5)["bound_kl_over_measured"] is None
     assert set(cols) >= {"first_order", "kl_term", "bound_chi2", "bound_kl", "bound_kl_global", "floor",
                          "bound_chi2_over_measured", "bound_kl_global_over_measured"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(K=st.integers(2, 40), n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), scale=st.floats(0.05, 6.0))
+def test_point_mass_bound_is_the_max_over_likelier_tokens_and_below_dv(K, n, seed, scale):
+    """Point-mass rows: PM_u = max{c(a) : q(a) >= q(x)} by brute force, F_u <= PM_u <= DV_u, and
+    the point bound sits between the measured change and the KL bound."""
+    rng = np.random.default_rng(seed)
+    lq = log_softmax(rng.normal(size=(n, K)) * scale)
+    lq2 = log_softmax(lq + rng.normal(size=(n, K)) * scale)
+    x = rng.integers(0, K, n)
+    t = node_terms(x, lq, lq2)
+    for u in range(n):
+        s = lq2[u] - lq[u]
+        c = -s + np.exp(lq[u]) @ s
+        brute = max(c[a] for a in range(K) if lq[u, a] >= lq[u, x[u]])
+        assert t.pm_u[u] == pytest.approx(min(brute, t.dv_u[u]), abs=1e-12)
+        assert t.first_u[u] <= t.pm_u[u] + 1e-9 and t.pm_u[u] <= t.dv_u[u] + 1e-12
+        if x[u] == np.argmax(lq[u]):  # the likeliest token: the bound is exact
+            assert t.pm_u[u] == pytest.approx(t.first_u[u], abs=1e-9)
+    d = decompose(np.full(n, 1.0 / n), t)
+    assert d.delta <= d.bound_point + 1e-9 and d.bound_point <= d.bound_kl + 1e-12
+
+
+def test_point_mass_bound_goes_below_the_floor_and_dense_rows_keep_dv():
+    # q = (.7, .2, .1); the update pushes the likeliest token up: observed x = 0 (argmax), F < 0
+    lq = np.log(np.array([[0.7, 0.2, 0.1]]))
+    lq2 = np.log(np.array([[0.9, 0.06, 0.04]]))
+    d = decompose(np.ones(1), node_terms(np.array([0]), lq, lq2))
+    assert d.first_order < 0 and d.bound_point == pytest.approx(d.delta, abs=1e-12) and d.bound_point < d.floor
+    dense = node_terms(np.array([[0.5, 0.3, 0.2]]), lq, lq2)
+    np.testing.assert_array_equal(dense.pm_u, dense.dv_u)
