@@ -34,6 +34,10 @@ __all__ = [
     "HARD_SHAPES",
     "hard_batches",
     "point_mass_rows",
+    "mixed_batches",
+    "push_point_masses",
+    "p1_pushed",
+    "HARD_NOTE",
 ]
 
 
@@ -238,3 +242,39 @@ def hard_batches(rng: np.random.Generator, n: int, shapes=HARD_SHAPES):
         near = log_softmax_rows(np.where(np.eye(V + 1, dtype=bool)[least], np.log1p(-1e-12), np.log(1e-12 / V)))
         logp1 = _forced_rows(t, np.where((kind > 0.75)[..., None], near, logp1))
         yield BatchWorld(t, logp1, bw.logp2, logq0, bw.hard)
+
+
+def mixed_batches(rng: np.random.Generator, n: int, **kw):
+    """``n`` worlds, yielded as ``(hard, world)``: the first ``n - n // 2`` from :func:`batches`
+    (``**kw`` passed on), the other ``n // 2`` from :func:`hard_batches` -- every ledger check draws
+    from both families."""
+    for bw in batches(rng, n - n // 2, **kw):
+        yield False, bw
+    for bw in hard_batches(rng, n // 2):
+        yield True, bw
+
+
+def push_point_masses(rng: np.random.Generator, tree: TokenTree, logp: np.ndarray, down: np.ndarray,
+                      frac: float = 0.25) -> np.ndarray:
+    """``logp`` with a fraction ``frac`` of its coded rows made point masses on the token an update
+    pushes down most: ``argmax down`` over the real tokens (``down`` ``[B, N, K]``, e.g.
+    ``log q - log q'`` or ``-f`` for a tilt along ``f``; non-finite entries are skipped)."""
+    V = tree.vocab_size
+    with np.errstate(invalid="ignore"):
+        d = np.where(np.isfinite(down), down, -np.inf)[..., :V]
+    return point_mass_rows(tree, logp, np.argmax(d, -1), rng.random(d.shape[:2]) < frac)
+
+
+HARD_NOTE = ("half the worlds from the hard family (theory.batched.hard_batches: trees to depth 8, rows "
+             "1 - 1e-12, log q down to -1,500, P1 point masses on q's least likely and on the most pushed-down "
+             "token)")
+
+
+def p1_pushed(rng: np.random.Generator, bw: BatchWorld, hard: bool, logp: np.ndarray) -> np.ndarray:
+    """``bw.logp1``, and for a world of the hard family a quarter of its rows made point masses on the
+    token a tilt toward ``logp`` pushes down most (``argmin f``, ``f = log p~ - log q0``)."""
+    if not hard:
+        return bw.logp1
+    with np.errstate(invalid="ignore"):  # forced rows: -inf - -inf
+        down = bw.logq0 - logp
+    return push_point_masses(rng, bw.tree, bw.logp1, down)
