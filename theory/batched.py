@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .changemeasure import _lse
 from .simulate import _complete_tree
 from .tree import TokenTree
 
@@ -38,6 +39,9 @@ __all__ = [
     "push_point_masses",
     "p1_pushed",
     "HARD_NOTE",
+    "hard_rows",
+    "near_mass_rows",
+    "seq_cauchy_schwarz",
 ]
 
 
@@ -197,6 +201,20 @@ def seq_moments(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, F: np.ndarr
     return (P * F).sum(-1), EQ, np.maximum((Q * F * F).sum(-1) - EQ**2, 0.0)
 
 
+def seq_cauchy_schwarz(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """``sqrt(Var_Q F * chi2(P || Q))`` ``[B]`` for ``F`` ``[B, N]`` (responses ending at each node), both
+    factors summed in log space: a response with ``Q(z)`` below float64's range (``log Q < -745``) still
+    adds ``P(z)^2 / Q(z)`` to chi2 and ``Q(z)(F - E_Q F)^2`` to the variance (their product can be O(1))."""
+    lp, lq = leaf_log_prob_b(tree, logp), leaf_log_prob_b(tree, logq)
+    P, Q = np.exp(lp), np.exp(lq)
+    EQ = (Q * F).sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        fin = np.isfinite(lq)
+        lvar = _lse(np.where(fin, lq + 2 * np.log(np.abs(F - EQ)), -np.inf))
+        lchi = _lse(np.where(fin, 2 * np.log(np.abs(P - Q)) - np.where(fin, lq, 0.0), -np.inf))
+        return np.exp(0.5 * (lvar + lchi))
+
+
 HARD_SHAPES = ((1, 8), (2, 5), (3, 3), (5, 2), (2, 6))  # deep trees and wider alphabets (V, depth)
 
 
@@ -207,6 +225,14 @@ def point_mass_rows(tree: TokenTree, logc: np.ndarray, tok: np.ndarray, mask: np
     with np.errstate(divide="ignore"):
         one = np.log(np.eye(K)[tok])
     return _forced_rows(tree, np.where(mask[..., None], one, logc))
+
+
+def near_mass_rows(tree: TokenTree, logc: np.ndarray, tok: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``logc`` with the coded rows where ``mask`` ``[B, N]`` holds made near-deterministic: ``1 - 1e-12``
+    on ``tok`` ``[B, N]``, the rest spread evenly."""
+    V = tree.vocab_size
+    near = log_softmax_rows(np.where(np.eye(V + 1, dtype=bool)[tok], np.log1p(-1e-12), np.log(1e-12 / V)))
+    return _forced_rows(tree, np.where(mask[..., None], near, logc))
 
 
 def _harden(rng, tree: TokenTree, logc: np.ndarray, frac: float = 0.25) -> np.ndarray:
@@ -239,8 +265,7 @@ def hard_batches(rng: np.random.Generator, n: int, shapes=HARD_SHAPES):
         kind = rng.random(logq0.shape[:2])
         least = np.argmin(logq0[..., :V], axis=-1)
         logp1 = point_mass_rows(t, bw.logp1, least, kind < 0.25)
-        near = log_softmax_rows(np.where(np.eye(V + 1, dtype=bool)[least], np.log1p(-1e-12), np.log(1e-12 / V)))
-        logp1 = _forced_rows(t, np.where((kind > 0.75)[..., None], near, logp1))
+        logp1 = near_mass_rows(t, logp1, least, kind > 0.75)
         yield BatchWorld(t, logp1, bw.logp2, logq0, bw.hard)
 
 
@@ -278,3 +303,21 @@ def p1_pushed(rng: np.random.Generator, bw: BatchWorld, hard: bool, logp: np.nda
     with np.errstate(invalid="ignore"):  # forced rows: -inf - -inf
         down = bw.logq0 - logp
     return push_point_masses(rng, bw.tree, bw.logp1, down)
+
+
+def hard_rows(rng: np.random.Generator, n: int, K_max: int | None = None) -> np.ndarray:
+    """``n`` single conditionals of the hard family: one random coded row of the model ``log q`` of each
+    of ``n`` :func:`hard_batches` worlds (near-deterministic rows, ``log q`` down to -1,500), as
+    log-probabilities ``[n, K_max]`` padded with ``-inf`` (``K_max`` default: the widest alphabet)."""
+    rows = []
+    for bw in hard_batches(rng, n):
+        coded = np.flatnonzero(bw.coded)
+        B = bw.logq0.shape[0]
+        rows.append(bw.logq0[np.arange(B), coded[rng.integers(0, coded.size, B)]])
+    K = K_max or max(r.shape[1] for r in rows)
+    out = np.full((n, K), -np.inf)
+    i = 0
+    for r in rows:
+        out[i: i + r.shape[0], : r.shape[1]] = r[:, :K]
+        i += r.shape[0]
+    return out[rng.permutation(n)]
