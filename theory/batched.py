@@ -295,14 +295,14 @@ HARD_NOTE = ("half the worlds from the hard family (theory.batched.hard_batches:
              "token)")
 
 
-def p1_pushed(rng: np.random.Generator, bw: BatchWorld, hard: bool, logp: np.ndarray) -> np.ndarray:
-    """``bw.logp1``, and for a world of the hard family a quarter of its rows made point masses on the
-    token a tilt toward ``logp`` pushes down most (``argmin f``, ``f = log p~ - log q0``)."""
+def p1_pushed(rng: np.random.Generator, bw: BatchWorld, hard: bool, logp: np.ndarray, frac: float = 0.25) -> np.ndarray:
+    """``bw.logp1``, and for a world of the hard family a fraction ``frac`` of its rows made point masses on
+    the token a tilt toward ``logp`` pushes down most (``argmin f``, ``f = log p~ - log q0``)."""
     if not hard:
         return bw.logp1
     with np.errstate(invalid="ignore"):  # forced rows: -inf - -inf
         down = bw.logq0 - logp
-    return push_point_masses(rng, bw.tree, bw.logp1, down)
+    return push_point_masses(rng, bw.tree, bw.logp1, down, frac)
 
 
 def hard_rows(rng: np.random.Generator, n: int, K_max: int | None = None) -> np.ndarray:

@@ -251,7 +251,8 @@ def _admissible_C_b(t, logP, logq, logp, lin, lam0, n_grid=40):
     C = np.zeros_like(base)
     for lam in lam0 * np.geomspace(1e-3, 1.0, n_grid):
         dl = Bt.chain_kl(t, logP, Bt.tilt_b(t, logq, logp, lam)) - base
-        C = np.maximum(C, (dl - lam * lin) / lam**2)
+        with np.errstate(over="ignore", invalid="ignore"):  # lin = +inf (chi2 beyond float64): C = 0 there
+            C = np.maximum(C, np.where(np.isfinite(lin), (dl - lam * lin) / lam**2, 0.0))
     return np.where(d > lin + 1e-12 * np.maximum(1.0, np.abs(lin)), np.inf, C)
 
 
@@ -284,7 +285,7 @@ def check_theorem_e2(n: int, rng) -> Claim:
         dl = Bt.chain_kl(t, logp1, Bt.tilt_b(t, bw.logq0, logp, 0.3)) - Bt.chain_kl(t, logp1, bw.logq0)
         ok = (dl > 1e-9) & np.isfinite(C1)
         tight1.append((0.3 * lin1 + C1 * 0.09)[ok] / dl[ok])
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             ratioC.append((C1 / (0.5 * var_f))[(var_f > 0) & np.isfinite(C1)])
     med = np.median(np.concatenate(ratioC)) if ratioC else float("nan")
     m = _cat(margins)
