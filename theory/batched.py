@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .changemeasure import _lse
-from .simulate import _complete_tree
+from .simulate import World, _complete_tree, _tree_with
 from .tree import TokenTree
 
 __all__ = [
@@ -61,6 +61,13 @@ class BatchWorld:
     @property
     def coded(self) -> np.ndarray:
         return ~self.tree.forced_end()
+
+    def world(self, i: int) -> World:
+        """World ``i`` as a :class:`theory.simulate.World` (for the tabular simulations)."""
+        t = self.tree
+        levels = tuple(int(x) for x in np.flatnonzero(self.hard[i]))
+        return World(t, _tree_with(t, self.logp1[i]), _tree_with(t, self.logp2[i]), self.logp1[i], self.logp2[i],
+                     self.logq0[i], levels)
 
 
 def log_softmax_rows(x: np.ndarray) -> np.ndarray:
@@ -314,7 +321,7 @@ def hard_rows(rng: np.random.Generator, n: int, K_max: int | None = None) -> np.
         coded = np.flatnonzero(bw.coded)
         B = bw.logq0.shape[0]
         rows.append(bw.logq0[np.arange(B), coded[rng.integers(0, coded.size, B)]])
-    K = K_max or max(r.shape[1] for r in rows)
+    K = K_max or max(V for V, _ in HARD_SHAPES) + 1
     out = np.full((n, K), -np.inf)
     i = 0
     for r in rows:
