@@ -262,7 +262,7 @@ def check_lemma_e2_corrected(n: int, rng) -> Claim:
               "to -1,500; fewer outcomes padded with q = 0); hard sets S, directions g on S with |g| <= M_h, beta in "
               "[0, 0.5], gamma up to 1 - 1e-6 (the edge of Assumption B.5's gamma < 1), and realised shifts within "
               "Assumption B.5's radii (half on the boundary: radii attained, error along g, |g| = M_h on S, where "
-              "the bound is attained). Tight example q=(1/2,1/2), f=(1,0), gamma=0.1: bound {tight_case:.4f} = "
+              f"the bound is attained). Tight example q=(1/2,1/2), f=(1,0), gamma=0.1: bound {tight_case:.4f} = "
               "E_q[(1.1, 0.1)^2] = 0.61 (the paper's effective bound gives 0.51)."),
         corrects="Lemma E.2",
         power=power(second, bound), n_hard=n // 2,
