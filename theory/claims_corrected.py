@@ -647,14 +647,17 @@ def _lambda_max_batch(rng, n, sup):
         t = bw.tree
         logp = Bt.smoothed_b(t, bw.logp2, 0.1)
         logp1 = Bt.p1_pushed(rng, bw, hard, logp, frac=0.75)  # most hard worlds improve P1 otherwise (no lambda_max)
+        d_one = Bt.chain_kl(t, logp1, logp) - Bt.chain_kl(t, logp1, bw.logq0)  # the full step: q_1 = p~
+        k = d_one > 1e-6
+        if not k.any():
+            continue
+        bw = Bt.BatchWorld(t, logp1[k], bw.logp2[k], bw.logq0[k], bw.hard[k])  # only the worlds kept
+        logp, logp1, d_one = logp[k], logp1[k], d_one[k]
         base = Bt.chain_kl(t, logp1, bw.logq0)
         dl = lambda lam: Bt.chain_kl(t, logp1, Bt.tilt_b(t, bw.logq0, logp, lam)) - base  # noqa: E731
-        d_one = dl(1.0)
-        keep = d_one > 1e-6
-        if not keep.any():
-            continue
+        keep = np.ones(d_one.size, dtype=bool)
         u = np.where(rng.random(keep.size) < 0.5, rng.uniform(0.01, 0.999, keep.size), 10 ** rng.uniform(-4, -2, keep.size))
-        eps = u * np.maximum(d_one, 1e-6)
+        eps = u * d_one
         lo, hi = np.zeros_like(eps), np.ones_like(eps)
         for _ in range(60):
             mid = 0.5 * (lo + hi)
