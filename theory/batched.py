@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .simulate import _complete_tree
+from .changemeasure import _lse
+from .simulate import World, _complete_tree, _tree_with
 from .tree import TokenTree
 
 __all__ = [
@@ -34,6 +35,13 @@ __all__ = [
     "HARD_SHAPES",
     "hard_batches",
     "point_mass_rows",
+    "mixed_batches",
+    "push_point_masses",
+    "p1_pushed",
+    "HARD_NOTE",
+    "hard_rows",
+    "near_mass_rows",
+    "seq_cauchy_schwarz",
 ]
 
 
@@ -53,6 +61,13 @@ class BatchWorld:
     @property
     def coded(self) -> np.ndarray:
         return ~self.tree.forced_end()
+
+    def world(self, i: int) -> World:
+        """World ``i`` as a :class:`theory.simulate.World` (for the tabular simulations)."""
+        t = self.tree
+        levels = tuple(int(x) for x in np.flatnonzero(self.hard[i]))
+        return World(t, _tree_with(t, self.logp1[i]), _tree_with(t, self.logp2[i]), self.logp1[i], self.logp2[i],
+                     self.logq0[i], levels)
 
 
 def log_softmax_rows(x: np.ndarray) -> np.ndarray:
@@ -193,6 +208,20 @@ def seq_moments(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, F: np.ndarr
     return (P * F).sum(-1), EQ, np.maximum((Q * F * F).sum(-1) - EQ**2, 0.0)
 
 
+def seq_cauchy_schwarz(tree: TokenTree, logp: np.ndarray, logq: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """``sqrt(Var_Q F * chi2(P || Q))`` ``[B]`` for ``F`` ``[B, N]`` (responses ending at each node), both
+    factors summed in log space: a response with ``Q(z)`` below float64's range (``log Q < -745``) still
+    adds ``P(z)^2 / Q(z)`` to chi2 and ``Q(z)(F - E_Q F)^2`` to the variance (their product can be O(1))."""
+    lp, lq = leaf_log_prob_b(tree, logp), leaf_log_prob_b(tree, logq)
+    P, Q = np.exp(lp), np.exp(lq)
+    EQ = (Q * F).sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        fin = np.isfinite(lq)
+        lvar = _lse(np.where(fin, lq + 2 * np.log(np.abs(F - EQ)), -np.inf))
+        lchi = _lse(np.where(fin, 2 * np.log(np.abs(P - Q)) - np.where(fin, lq, 0.0), -np.inf))
+        return np.exp(0.5 * (lvar + lchi))
+
+
 HARD_SHAPES = ((1, 8), (2, 5), (3, 3), (5, 2), (2, 6))  # deep trees and wider alphabets (V, depth)
 
 
@@ -203,6 +232,14 @@ def point_mass_rows(tree: TokenTree, logc: np.ndarray, tok: np.ndarray, mask: np
     with np.errstate(divide="ignore"):
         one = np.log(np.eye(K)[tok])
     return _forced_rows(tree, np.where(mask[..., None], one, logc))
+
+
+def near_mass_rows(tree: TokenTree, logc: np.ndarray, tok: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``logc`` with the coded rows where ``mask`` ``[B, N]`` holds made near-deterministic: ``1 - 1e-12``
+    on ``tok`` ``[B, N]``, the rest spread evenly."""
+    V = tree.vocab_size
+    near = log_softmax_rows(np.where(np.eye(V + 1, dtype=bool)[tok], np.log1p(-1e-12), np.log(1e-12 / V)))
+    return _forced_rows(tree, np.where(mask[..., None], near, logc))
 
 
 def _harden(rng, tree: TokenTree, logc: np.ndarray, frac: float = 0.25) -> np.ndarray:
@@ -235,6 +272,59 @@ def hard_batches(rng: np.random.Generator, n: int, shapes=HARD_SHAPES):
         kind = rng.random(logq0.shape[:2])
         least = np.argmin(logq0[..., :V], axis=-1)
         logp1 = point_mass_rows(t, bw.logp1, least, kind < 0.25)
-        near = log_softmax_rows(np.where(np.eye(V + 1, dtype=bool)[least], np.log1p(-1e-12), np.log(1e-12 / V)))
-        logp1 = _forced_rows(t, np.where((kind > 0.75)[..., None], near, logp1))
+        logp1 = near_mass_rows(t, logp1, least, kind > 0.75)
         yield BatchWorld(t, logp1, bw.logp2, logq0, bw.hard)
+
+
+def mixed_batches(rng: np.random.Generator, n: int, **kw):
+    """``n`` worlds, yielded as ``(hard, world)``: the first ``n - n // 2`` from :func:`batches`
+    (``**kw`` passed on), the other ``n // 2`` from :func:`hard_batches` -- every ledger check draws
+    from both families."""
+    for bw in batches(rng, n - n // 2, **kw):
+        yield False, bw
+    for bw in hard_batches(rng, n // 2):
+        yield True, bw
+
+
+def push_point_masses(rng: np.random.Generator, tree: TokenTree, logp: np.ndarray, down: np.ndarray,
+                      frac: float = 0.25) -> np.ndarray:
+    """``logp`` with a fraction ``frac`` of its coded rows made point masses on the token an update
+    pushes down most: ``argmax down`` over the real tokens (``down`` ``[B, N, K]``, e.g.
+    ``log q - log q'`` or ``-f`` for a tilt along ``f``; non-finite entries are skipped)."""
+    V = tree.vocab_size
+    with np.errstate(invalid="ignore"):
+        d = np.where(np.isfinite(down), down, -np.inf)[..., :V]
+    return point_mass_rows(tree, logp, np.argmax(d, -1), rng.random(d.shape[:2]) < frac)
+
+
+HARD_NOTE = ("half the worlds from the hard family (theory.batched.hard_batches: trees to depth 8, rows "
+             "1 - 1e-12, log q down to -1,500, P1 point masses on q's least likely and on the most pushed-down "
+             "token)")
+
+
+def p1_pushed(rng: np.random.Generator, bw: BatchWorld, hard: bool, logp: np.ndarray, frac: float = 0.25) -> np.ndarray:
+    """``bw.logp1``, and for a world of the hard family a fraction ``frac`` of its rows made point masses on
+    the token a tilt toward ``logp`` pushes down most (``argmin f``, ``f = log p~ - log q0``)."""
+    if not hard:
+        return bw.logp1
+    with np.errstate(invalid="ignore"):  # forced rows: -inf - -inf
+        down = bw.logq0 - logp
+    return push_point_masses(rng, bw.tree, bw.logp1, down, frac)
+
+
+def hard_rows(rng: np.random.Generator, n: int, K_max: int | None = None) -> np.ndarray:
+    """``n`` single conditionals of the hard family: one random coded row of the model ``log q`` of each
+    of ``n`` :func:`hard_batches` worlds (near-deterministic rows, ``log q`` down to -1,500), as
+    log-probabilities ``[n, K_max]`` padded with ``-inf`` (``K_max`` default: the widest alphabet)."""
+    rows = []
+    for bw in hard_batches(rng, n):
+        coded = np.flatnonzero(bw.coded)
+        B = bw.logq0.shape[0]
+        rows.append(bw.logq0[np.arange(B), coded[rng.integers(0, coded.size, B)]])
+    K = K_max or max(V for V, _ in HARD_SHAPES) + 1
+    out = np.full((n, K), -np.inf)
+    i = 0
+    for r in rows:
+        out[i: i + r.shape[0], : r.shape[1]] = r[:, :K]
+        i += r.shape[0]
+    return out[rng.permutation(n)]

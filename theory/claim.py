@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Claim", "quantiles", "power"]
+__all__ = ["Claim", "quantiles", "power", "power_identity"]
 
 
 @dataclass
@@ -24,12 +24,13 @@ class Claim:
     note: str = ""
     corrects: str | None = None
     power: dict | None = None  # violation rate of the statement made 1% / 10% too strong
+    n_hard: int | None = None  # instances from the hard family (None: the check has no such instances, see note)
 
     @property
     def power_text(self) -> str:
         """``"1%: 0.3%, 10%: 12%"``, or a sentence when the check catches neither strengthening."""
         if not self.power:
-            return ""
+            return "not defined for this check (see note)"
         if all(v == 0 for v in self.power.values()):
             return "catches neither the 1% nor the 10% stronger statement (no power at this resolution)"
         return ", ".join(f"{k} stronger: {100 * v:.3g}% of instances violate" for k, v in self.power.items())
@@ -60,3 +61,15 @@ def power(actual, bound, lower: bool = False, tol: float = 1e-9) -> dict:
         return {"1%": float("nan"), "10%": float("nan")}
     return {f"{x:.0%}": float(np.mean(a > b - x * np.abs(b) + tol * np.maximum(1.0, np.abs(a))))
             for x in (0.01, 0.1)}
+
+
+def power_identity(lhs, rhs, tol) -> dict:
+    """The violation rate of an identity ``lhs = rhs`` (checked to ``tol``, scalar or per instance)
+    made 1% and 10% wrong, ``lhs = (1 + x) rhs``: how often the check would catch that error."""
+    a, b = np.ravel(np.asarray(lhs, dtype=np.float64)), np.ravel(np.asarray(rhs, dtype=np.float64))
+    t = np.broadcast_to(np.asarray(tol, dtype=np.float64), a.shape) if np.ndim(tol) else np.full(a.shape, float(tol))
+    ok = np.isfinite(a) & np.isfinite(b)
+    if not ok.any():
+        return {"1%": float("nan"), "10%": float("nan")}
+    a, b, t = a[ok], b[ok], np.ravel(t)[ok]
+    return {f"{x:.0%}": float(np.mean(np.abs(a - (1 + x) * b) > t)) for x in (0.01, 0.1)}

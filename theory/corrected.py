@@ -214,10 +214,13 @@ def theorem_e1_corrected_residual_lower_bound(logq_t, logq_t1, logp) -> Residual
     lam = np.where(ok, src / np.where(ok, rc2, 1.0), 0.0)
     perp2 = (q * (s - lam[..., None] * rc) ** 2).sum(-1)  # direct, no cancellation
     eps = -(q * d).sum(-1)
-    tilted = lam[..., None] * r
-    mx = np.where(sup, tilted, -np.inf).max(-1, keepdims=True)
-    tilted = z(tilted - mx - np.log((q * np.exp(z(tilted - mx))).sum(-1, keepdims=True)))
-    kl_tilt = -(q * tilted).sum(-1)
+    # KL(q_t || q^(lam)) = psi(lam) - lam E_q r, psi(lam) = log E_q e^{lam r} summed in log space over
+    # isfinite(log q_t): an outcome below float64's range (q_t = 0) still enters psi, e^{log q + lam r}
+    fin = np.isfinite(a)
+    with np.errstate(invalid="ignore"):
+        r_all = np.where(fin & np.isfinite(lp), lp - np.where(fin, a, 0.0), 0.0)
+    psi = _lse(np.where(fin, a + lam[..., None] * r_all, -np.inf))
+    kl_tilt = psi - lam * (q * r).sum(-1)
     c = kl_tilt - eps
     s_norm = np.sqrt(s2)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -184,3 +184,59 @@ def test_hard_family_has_its_features():
     assert lq.min() < -1000 and np.any(np.exp(lq) > 1 - 1e-11)  # log q far below underflow, near-deterministic rows
     p = np.concatenate([np.exp(bw.logp1[:, ~bw.tree.forced_end()]).max(-1).ravel() for bw in worlds])
     assert np.any(p == 1.0)  # point masses
+
+
+def test_push_point_masses_and_hard_rows():
+    from theory import batched as Bt
+
+    rng = np.random.default_rng(1)
+    bw = Bt.random_batch(rng, 4, 3, 2)
+    down = rng.standard_normal(bw.logq0.shape)
+    out = Bt.push_point_masses(rng, bw.tree, bw.logp1, down, frac=1.0)
+    coded = bw.coded
+    np.testing.assert_array_equal(np.argmax(out[:, coded], -1), np.argmax(down[:, coded, :3], -1))
+    assert np.all(np.exp(out[:, coded]).max(-1) == 1.0)  # point masses on a real token (never EOS)
+    rows = Bt.hard_rows(rng, 60, K_max=6)
+    assert rows.shape == (60, 6)
+    fin = np.isfinite(rows)
+    np.testing.assert_allclose(np.logaddexp.reduce(np.where(fin, rows, -np.inf), 1), 0.0, atol=1e-12)
+    assert rows[fin].min() < -700 and np.exp(rows[fin]).max() > 1 - 1e-11  # below underflow; near-deterministic
+
+
+def test_sequence_cauchy_schwarz_in_log_space_against_mpmath():
+    import mpmath as mp
+
+    from theory import batched as Bt
+
+    mp.mp.dps = 50
+    tree = Bt.random_batch(np.random.default_rng(0), 1, 2, 1).tree  # root over {0, 1, EOS}; children forced
+    lq = np.full((1, tree.n_nodes, 3), [-np.inf, -np.inf, 0.0])
+    lp = lq.copy()
+    lq[0, 0] = [np.log(0.5), np.log(0.5), -800.0]  # the root's EOS: Q = e^-800, below float64's range
+    lp[0, 0] = np.log([0.4, 0.4, 0.2])
+    F = np.zeros((1, tree.n_nodes))
+    F[0, 0] = 3.0  # F = 3 on the response ending at the root, 1 on the others
+    F[0, tree.depth == 1] = 1.0
+    got = Bt.seq_cauchy_schwarz(tree, lp, lq, F)[0]
+    Q = [mp.mpf(0.5), mp.mpf(0.5), mp.exp(-800)]
+    P = [mp.mpf(0.4), mp.mpf(0.4), mp.mpf(0.2)]
+    f = [1, 1, 3]
+    EQ = sum(q * x for q, x in zip(Q, f))
+    var = sum(q * (x - EQ) ** 2 for q, x in zip(Q, f))
+    chi2 = sum((p - q) ** 2 / q for p, q in zip(P, Q))
+    assert got == pytest.approx(float(mp.sqrt(var * chi2)), rel=1e-9)  # ~ sqrt(.04 * 4): O(1)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(Bt.chi2_seq(tree, lp, lq)[0])  # the linear-space chi2 alone overflows
+
+
+def test_residual_of_an_exact_tilt_with_an_outcome_below_underflow():
+    # q = (.5, .5, e^-800); the update is the tilt of weight 1.5 toward p~, whose normaliser is
+    # dominated by the third outcome (e^{-800 + 1.5 * 799}): the residual is 0, the offset 0
+    lq = np.array([[np.log(0.5), np.log(0.5), -800.0]])
+    lp = np.log(np.array([[0.2, 0.4, 0.4]]))
+    z = lq + 1.5 * (lp - lq)
+    lq1 = z - np.logaddexp.reduce(z, 1)[:, None]
+    rb = theorem_e1_corrected_residual_lower_bound(lq, lq1, lp)
+    assert rb.lam[0] == pytest.approx(1.5, rel=1e-9)
+    assert abs(rb.offset[0]) < 1e-9 * rb.eps[0] and rb.residual[0] < 1e-6
+    assert rb.eps[0] > 300  # KL(q || q1): the step moves ~all of q1's mass to the third outcome
