@@ -32,11 +32,26 @@ Model (what is theory, what is fit):
    field changed the forecasts of world 0's grid by 4 % (median; 21 % at most) and none of its
    scores by more than 0.035 (`experiments/bench/forecast_ablation.py`).
 
-   *Rotation (measured on the calibration probe).* The real gradient does not only shrink, it
-   turns: its cosine with the frozen mean gradient decays close to exp(-Lambda_t / lam_c) with
-   Lambda_t = sum_{s<t} eta_s (`coherence`; lam_c fitted on the probe's cosines, no extra
-   passes). Methods without an L2 pull scale each group by phi at its *tracked* loss (3.) times
-   exp(-Lambda_t / lam_c); L2 and LoRA keep phi at the first-order loss ell = ell0 + ce . d_theta.
+   *Signal and noise (theory, no knob).* A batch gradient is the mean gradient plus batch noise;
+   as the domain is learned the mean shrinks (the logit gradient 1 - p of a fitted token) but the
+   noise of a sampled token does not. The replay scales the two apart (``noise_floor``): the mean
+   by phi at the tracked loss (3.), the noise (the moments' covariance sq_kl - mean_k mean_l) by
+   the method's token weight w(p) / w(p0) alone (`noise_scale`), so Adam's steps shrink by the
+   signal-to-noise ratio once the domain is fitted instead of staying at eta (Adam's normalisation
+   undoes a common scale).
+
+   *Rotation (measured on the calibration probe): the directions turn, the steps keep their size.*
+   The real gradient's cosine with the frozen mean gradient decays close to exp(-Lambda_t / lam_c),
+   Lambda_t = sum_{s<t} eta_s (`coherence`; lam_c fitted on the probe's cosines, no extra passes).
+   The replay moves along the frozen direction with the real steps' sizes and then shortens the
+   displacement to the length of a path whose steps d_s keep their sizes but whose directions
+   decorrelate as exp(-|Lambda_s - Lambda_t| / lam_c) (``keep_norm``; `decorrelation`: the factor
+   sqrt(F), F = sum_st d_s d_t exp(-|Lambda_s - Lambda_t| / lam_c) / (sum_s d_s)^2): the degradation
+   along the turned directions is taken to be the frozen direction's per unit squared length.
+   (The previous rule, ``keep_norm=False``, multiplied the gradient by exp(-Lambda_t / lam_c): it
+   stops the replay after a few lam_c and under-forecast worlds with a short lam_c 2-4x at the small
+   and middle rates; docs/forecast.) L2 keeps phi at the first-order loss ell = ell0 + ce . d_theta
+   (its pull balances the gradient; the rotation is not applied to it).
 
 3. **The domain gain (fit: one CE probe shared by the grid).** A tracker lets each group's mean
    loss fall as d ell = -kappa (ell / ell0)^2 x (the first-order effect of the part of the step
@@ -46,14 +61,17 @@ Model (what is theory, what is fit):
    per sequence).
 
 4. **The size (fit: two probes, interpolated in log-rate).** A frozen direction cannot follow
-   the real trajectory's curvature: the replay's dL(P1) grows about linearly in the summed rate
-   while the real one bends (world 0, CE: 40 vs 19 bits at 3e-3). A second real CE probe of
-   ``probe_steps`` steps at the grid's largest rate, and the calibration probe, each give the
-   ratio of its measured dL(P1) (D1 sample) to the replay of the same steps; log of the ratio is
-   interpolated linearly in log-rate between the two (held outside them) and multiplies every
-   method's forecast at that rate (`sft.forecast_run.size_correction`; ``size_probe=False``
-   leaves the replay's size). Fitted knobs in all: kappa (2), lam_c, the two size ratios, each
-   from the probes of the model at hand; nothing is set on validation worlds.
+   the real trajectory's curvature exactly. A second real CE probe of ``probe_steps`` steps at the
+   grid's largest rate, and the calibration probe, each give the ratio of its measured dL(P1)
+   (D1 sample) to the replay of the same steps; log of the ratio is interpolated linearly in
+   log-rate between the two (held outside them) and multiplies every method's forecast at that
+   rate (`sft.forecast_run.size_correction`; ``size_probe=False`` leaves the replay's size). With
+   the noise floor and the kept step sizes the 12-step ratio at the middle rate stays within
+   about 30 % of the ratio after 72 steps (world 0: 1.38 / 1.30; world 2: 2.05 / 2.92), so it
+   carries to T; at the largest rate the real dL saturates after the probe and the ratio
+   overstates T's (the largest rate is over-forecast up to 2x). Fitted knobs in all: kappa (2),
+   lam_c, the two size ratios, each from the probes of the model at hand; nothing is set on
+   validation worlds.
 
 Assumptions: exchangeable mini-batches whose gradients at theta0 represent the run's up to the
 tracked shrinkage; a D1 sample of ``n_general`` sequences estimates dL(P1) (the tiny world's
@@ -78,12 +96,13 @@ world 0's 30 forecasts (`experiments/bench/forecast_ablation.py`).
 **Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
 one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
 n_b probe batches, n_w token weightings (<= 4), G = methods x rates, k = ``probe_steps``):
-    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + 15 G T] / (3 T B L2)
-(the last term: the replays, about 30 N flops per step and configuration, a token pass being
-2 N flops; it does not depend on N). A 3B model, T = 150, B = 16, L2 = L1 = 512, n_1 = 128,
-n_b = 2, n_w = 4, G = 30, k = 6: 0.80 (passes) + 0.02 (replays) = 0.82 of one training run,
-whatever N. In the tiny world (sequences of about 12 tokens) the replays cost more than the
-passes: world 0, 0.80 (passes) + 1.07 (replays, with the probes' fits and LoRA's factor algebra).
+    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + 22.5 G T] / (3 T B L2)
+(the last term: the replays, about 45 N flops per step and configuration with the noise floor
+(30 without; `sft.forecast_run.replay_flops`), a token pass being 2 N flops; it does not depend
+on N). A 3B model, T = 150, B = 16, L2 = L1 = 512, n_1 = 128, n_b = 2, n_w = 4, G = 30, k = 6:
+0.80 (passes) + 0.03 (replays) = 0.83 of one training run, whatever N. In the tiny world
+(sequences of about 12 tokens) the replays cost more than the passes: world 0, 0.80 (passes) +
+1.47 (replays, with the probes' fits and LoRA's factor algebra; 1.07 before the noise floor).
 """
 from __future__ import annotations
 
@@ -131,6 +150,8 @@ class ForecastConfig:
     coherence: bool = True  # measure the gradient's rotation on the probe (False: the first-order scale)
     size_probe: bool = True  # a second CE probe at the largest rate sizes the replay (`size_correction`)
     store_dtype: str = "float32"  # the gradient moments' storage ("bfloat16": half the memory, see the docstring)
+    noise_floor: bool = True  # the replay's batch noise keeps its theta0 variance while the mean gradient shrinks
+    keep_norm: bool = True  # the rotation turns the steps without shrinking them (`decorrelation`)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -236,10 +257,34 @@ class GradientMoments:
     ce_scale: torch.Tensor | None = None  # [K] ce_mean = ce_scale x mean when ce_mean is None
     kappa: torch.Tensor | None = None  # [K] realised / first-order loss progress (the probe's fit; 1 = theory)
     lam_c: float = math.inf  # coherence length of the frozen direction in summed rate (the probe's fit)
+    noise_floor: bool = False  # the batch noise keeps its theta0 size while the mean gradient shrinks
+    keep_norm: bool = False  # the rotation decorrelates the steps' directions, not their sizes (`decorrelation`)
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.sq_sum = self.sq.double().sum(1)
+        self._mean_sums = None
+
+    def mean_pairs(self, sl: slice = slice(None)) -> torch.Tensor:
+        """``[3, n]`` (or ``[1, n]``): mean_k mean_l for the pairs of `PAIRS` on the coordinates ``sl``."""
+        m = self.mean[:, sl].float()
+        if m.shape[0] == 1:
+            return m * m
+        return torch.stack([m[0] * m[0], m[0] * m[1], m[1] * m[1]])
+
+    def noise_pairs(self, sl: slice = slice(None)) -> torch.Tensor:
+        """Cov_b[g_bk, g_bl] per coordinate at theta0 for the pairs of `PAIRS`: sq_kl - mean_k mean_l."""
+        return self.sq[:, sl].float() - self.mean_pairs(sl)
+
+    def norm2(self, rho: torch.Tensor, rn: torch.Tensor | None = None) -> float:
+        """E_b ||sum_k rho_k g_bk||^2 (the clip's squared norm); with ``noise_floor`` the mean part
+        ||rho . mean||^2 plus the batch noise weighted by ``rn`` (`second_moment`)."""
+        if not self.noise_floor:
+            return float(_pair_weights(rho) @ self.sq_sum)
+        if self._mean_sums is None:
+            self._mean_sums = sum(self.mean_pairs(sl).double().sum(1) for sl in _chunks(self.mean.shape[1]))
+        rn = torch.ones_like(rho) if rn is None else rn
+        return float(_pair_weights(rho) @ self._mean_sums + _pair_weights(rn) @ (self.sq_sum - self._mean_sums))
 
     @classmethod
     def from_batches(cls, g: torch.Tensor, ce_mean: torch.Tensor, ell0, tau: float = 1.0, tokens_per_seq=None,
@@ -257,8 +302,14 @@ class GradientMoments:
             return self.ce_mean[:, sl].float()
         return self.mean[:, sl].float() * self.ce_scale.float()[:, None]
 
-    def second_moment(self, rho: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
-        """E_b[(sum_k rho_k g_bk)^2] on the coordinates ``sl``."""
+    def second_moment(self, rho: torch.Tensor, sl: slice = slice(None), rn: torch.Tensor | None = None) -> torch.Tensor:
+        """E_b[(sum_k rho_k g_bk)^2] on the coordinates ``sl``. With ``noise_floor`` the mean and the
+        batch noise scale apart: (rho . mean)^2 + sum_kl rn_k rn_l Cov_b[g_bk, g_bl] (`noise_pairs`;
+        ``rn`` = 1 when omitted: the noise keeps its theta0 size)."""
+        if self.noise_floor:
+            rn = torch.ones_like(rho) if rn is None else rn
+            noise = (_pair_weights(rn).float() @ self.noise_pairs(sl)).clamp_min_(0.0)
+            return (_pair_weights(rho).float() @ self.mean_pairs(sl)).add_(noise)
         return (_pair_weights(rho).float() @ self.sq[:, sl].float()).clamp_min_(0.0)
 
     def gain_bits(self, ell: torch.Tensor) -> float:
@@ -367,6 +418,18 @@ def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: floa
     return (phi(ell) / phi(ell0).clamp_min(1e-30)).clamp(0.0, 1e3)
 
 
+def noise_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN) -> torch.Tensor:
+    """How a token group's batch noise has scaled once its mean loss fell from ell0 to ell: by the
+    method's token weight w(p) / w(p0) alone (`gradient_scale` without the (1 - p) factor: the mean
+    logit gradient vanishes as the model fits, a sampled token's does not)."""
+    m = get_method(method)
+
+    def w(e):
+        return m.token_weight(e.clamp_min(0.0), tau=tau, w_min=w_min)
+
+    return (w(ell) / w(ell0).clamp_min(1e-30)).clamp(0.0, 1e3)
+
+
 # ------------------------------------------------------------------------------------- replays
 def adam_step(state: dict, g: torch.Tensor, t: int) -> torch.Tensor:
     """AdamW's update direction m_hat / (sqrt(v_hat) + eps) at step t >= 1 (torch's formula)."""
@@ -410,6 +473,8 @@ def _scale(gm: GradientMoments, method: str, mode: str, ell, trk, lam_t: float, 
         return torch.ones(gm.mean.shape[0], dtype=torch.float64)
     if mode == "rotating":
         return gradient_scale(method, trk, gm.ell0, gm.tau, w_min) * coherence(lam_t, gm.lam_c)
+    if mode == "keep_norm":
+        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min)
     return gradient_scale(method, ell, gm.ell0, gm.tau, w_min)
 
 
@@ -447,30 +512,43 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     delta = torch.zeros(N)
     ell, trk = gm.ell0.clone(), gm.ell0.clone()  # first-order (drives the scale) and the tracker
     kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
-    mode = "frozen" if not track else ("rotating" if math.isfinite(gm.lam_c) and not l2_coeff else "first_order")
+    tracked = math.isfinite(gm.lam_c) or gm.noise_floor
+    mode = "frozen" if not track else ("rotating" if tracked and not l2_coeff else "first_order")
+    if mode == "rotating" and gm.keep_norm:
+        mode = "keep_norm"
+    norms, lams = [], []
     a, bb = torch.zeros(K, dtype=torch.float64), torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
+    bn = torch.zeros_like(bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
     mv = (torch.zeros(N, dtype=gm.mean.dtype), torch.zeros(N, dtype=gm.mean.dtype)) if l2_coeff else None
     traj, lam_t, slices = [], 0.0, _chunks(N, chunk)
     for t, lr in enumerate(lrs, start=1):
         rho = _scale(gm, method, mode, ell, trk, lam_t, w_min)
         lam_t += float(lr)
-        norm2 = float(_pair_weights(rho) @ gm.sq_sum)
+        rn = noise_scale(method, trk if mode == "keep_norm" else ell, gm.ell0, gm.tau, w_min)
+        norm2 = gm.norm2(rho, rn)
         if mv is not None:  # E||rho.g_b + 2 l2 delta||^2
             norm2 += sum(float(4 * l2_coeff * (delta[sl] @ (rho.float() @ gm.mean[:, sl].float()))
                                + 4 * l2_coeff**2 * (delta[sl] @ delta[sl])) for sl in slices)
         c = _clip_factor(norm2, max_grad_norm)
         a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
         bb.mul_(b2).add_(_pair_weights(rho), alpha=(1 - b2) * c * c)
+        bn.mul_(b2).add_(_pair_weights(rn), alpha=(1 - b2) * c * c)
         fo, own = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+        lams.append(lam_t - float(lr))
+        norms.append(0.0)
         for sl in slices:
             mean = gm.mean[:, sl].float()
             if mv is None:
                 m_hat = (a.float() @ mean) / (1 - b1**t)
-                v_hat = (bb.float() @ gm.sq[:, sl].float()) / (1 - b2**t)
+                if gm.noise_floor:
+                    noise = (bn.float() @ gm.noise_pairs(sl)).clamp_min_(0.0)
+                    v_hat = (bb.float() @ gm.mean_pairs(sl) + noise) / (1 - b2**t)
+                else:
+                    v_hat = (bb.float() @ gm.sq[:, sl].float()) / (1 - b2**t)
             else:
                 d, g = delta[sl], rho.float() @ mean
                 m = mv[0][sl].float().mul_(b1).add_(c * (g + 2 * l2_coeff * d), alpha=1 - b1)
-                e2 = gm.second_moment(rho, sl) + 4 * l2_coeff * d * g + 4 * l2_coeff**2 * d * d
+                e2 = gm.second_moment(rho, sl, rn) + 4 * l2_coeff * d * g + 4 * l2_coeff**2 * d * d
                 v = mv[1][sl].float().mul_(b2).add_(c * c * e2, alpha=1 - b2)
                 mv[0][sl], mv[1][sl] = m, v  # stored in the moments' precision
                 m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
@@ -482,12 +560,33 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
             fo += (ce @ step).double()
             own += ((ce * mean) / denom).sum(1).double() * (c * float(lr))
             delta[sl] -= step
+            norms[-1] += float(step.double().pow(2).sum())
         if track:
             ell = (ell - fo).clamp_min(0.0)  # theta moves by -step
         trk = _decay(trk, kappa * own.clamp_min(0.0), gm.ell0)
         if trajectory:
             traj.append(trk.clone())
+    if mode == "keep_norm":
+        delta.mul_(math.sqrt(decorrelation(np.sqrt(norms), np.asarray(lams), gm.lam_c)))
     return (delta, trk, torch.stack(traj)) if trajectory else (delta, trk)
+
+
+def decorrelation(d: np.ndarray, lam: np.ndarray, lam_c: float) -> float:
+    """F = sum_st d_s d_t exp(-|Lambda_s - Lambda_t| / lam_c) / (sum_s d_s)^2: the expected squared
+    length of a path whose steps keep their sizes d_s but whose directions decorrelate as
+    exp(-|Lambda_s - Lambda_t| / lam_c) (the probe's rotation, `coherence`), over that of the
+    straight path (all steps along one direction). 1 for lam_c = inf; in (0, 1]."""
+    d, lam = np.asarray(d, float), np.asarray(lam, float)
+    tot = float(d.sum())
+    if not math.isfinite(lam_c) or tot <= 0:
+        return 1.0
+    # sum_st d_s d_t e^{-|L_s - L_t|/lam_c} in O(T): the forward recursion of an exponential kernel
+    acc, run, prev = 0.0, 0.0, None
+    for ds, ls in zip(d, lam):
+        run = ds if prev is None else ds + run * math.exp(-(ls - prev) / lam_c)
+        acc += ds * (2.0 * run - ds)
+        prev = ls
+    return min(max(acc / tot**2, 0.0), 1.0)
 
 
 def lora_layout(model: nn.Module) -> list[tuple[int, int, int, int]]:
@@ -641,7 +740,7 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,
                            n_batches: int, n_weightings: int, grid: int, probe_steps: int, flow: bool = True,
-                           replay_flops: float = 30.0) -> dict:
+                           replay_flops: float = 45.0) -> dict:
     """The forecast's compute over one training run's (3 T B L2 forward-token passes; a backward
     costs two forwards), from its parts (L2, L1 = mean tokens of a D2 / D1 sequence):
 
@@ -650,7 +749,8 @@ def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: 
     - token groups and FLOW's temperature: n_b B L2 each; the two probes: 2 x 3 k B L2;
     - the D1 sample: at theta0, after each probe, at the two replayed probes and at each of the G
       configurations: (G + 5) n_1 L1;
-    - the replays, no model pass: ``replay_flops`` (about 30) x N flops per step and configuration,
+    - the replays, no model pass: ``replay_flops`` (about 45; 30 without the noise floor) x N flops
+      per step and configuration,
       a forward-token pass being 2 N flops: G T replay_flops / 2 (N cancels).
 
     ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + G T replay_flops / 2] / (3 T B L2)."""

@@ -16,7 +16,7 @@ from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig
                        training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
-           "power_law_probes"]
+           "power_law_probes", "replay_flops"]
 
 
 def mean_bits(model, examples, pad_token_id, meter=None) -> float:
@@ -130,7 +130,7 @@ def fit_kappa(gg: GradientMoments, lrs: np.ndarray, target: np.ndarray, tail: in
                 gg.kappa = kappa
                 _, _, traj = replay_adam(gg, "ce", lrs, trajectory=True)
                 if meter is not None:
-                    meter.replay(len(lrs))
+                    meter.replay(len(lrs), replay_flops("ce", None, gg.noise_floor))
                 got = float(traj[-tail:, k].mean())
                 memo[i] = (abs(math.log((got + 1e-3) / (want[k] + 1e-3))), got)
             return memo[i]
@@ -210,7 +210,7 @@ class _Grid:
     def replay(self, gm: GradientMoments, method: str, lr: float):
         cfg = self.cfg
         lrs = cosine_lrs(lr, cfg.steps)
-        self.meter.replay(cfg.steps, {"lora": 8.0 * cfg.lora_r + 10.0, "l2": 45.0}.get(method, 30.0))
+        self.meter.replay(cfg.steps, replay_flops(method, cfg))
         rec = get_method(method)
         if rec.lora:
             return replay_lora(gm, self.layout, lrs, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed,
@@ -261,7 +261,7 @@ class _Grid:
                 (lr_top, top, self.replayed_dl(ce, plrs))]
 
     def replayed_dl(self, ce: GradientMoments, lrs: np.ndarray) -> float:
-        self.meter.replay(len(lrs))
+        self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
                                track=self.cfg.track)
         with Shifted(self.model, delta):
@@ -279,6 +279,18 @@ class _Grid:
                 **parts}).to_dict())
             progress(1)
         return out
+
+
+def replay_flops(method: str, cfg: ForecastConfig | None, noise_floor: bool | None = None) -> float:
+    """Flops per parameter and step of a replay (counted by hand from `sft.forecast.replay_adam` /
+    `replay_lora`'s per-coordinate operations): 30 (45 with the noise floor, which forms the mean
+    products and the noise's covariances on the fly), L2 15 more (its per-coordinate moments), LoRA
+    8 r + 10 (+ 15)."""
+    nf = (cfg.noise_floor if cfg is not None else False) if noise_floor is None else noise_floor
+    extra = 15.0 if nf else 0.0
+    if method == "lora" or get_method(method).lora:
+        return 8.0 * (cfg.lora_r if cfg is not None else 8) + 10.0 + extra
+    return (45.0 if get_method(method).regularizer == "l2" else 30.0) + extra
 
 
 def size_correction(points: Sequence[tuple[float, float, float]], lr: float) -> float:
@@ -315,6 +327,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     own = [m for m in cfg.methods if m not in replays_ce]  # methods with gradients of their own (sft.methods)
     bar = tqdm(total=1 + len(own) + len(pairs) + int(calibrate), desc="forecast", unit="job", disable=not progress)
     ce = grid.moments("ce")
+    ce.noise_floor, ce.keep_norm = cfg.noise_floor, cfg.keep_norm
     bar.update(1)
     probe = {}
     if calibrate:
@@ -328,7 +341,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     del ce
     for m in own:
         gm = grid.moments(m, ce_mean=shared[0].to(grid.dtype))
-        gm.kappa, gm.lam_c = shared[1], shared[2]
+        gm.kappa, gm.lam_c, gm.noise_floor, gm.keep_norm = shared[1], shared[2], cfg.noise_floor, cfg.keep_norm
         bar.update(1)
         by_method[m] = grid.rows(gm, [p for p in pairs if p[0] == m], bar.update)
         del gm

@@ -46,11 +46,25 @@ def register_forecast(studies) -> None:
     f.add_argument("--lrs", type=lambda s: rate_list(s, "lrs"), default=None,
                    help="comma-separated peak learning rates in (0, 1) (default: the preset's)")
     f.add_argument("--methods", type=method_list, default=None, help="comma list of methods (default: the preset's)")
+    f.add_argument("--seeds", type=seed_list, default=None, help="comma list of training seeds (default: the preset's, 0,1,2)")
     f.add_argument("--workers", type=positive_int, default=None, help="training processes (one torch thread each)")
     f.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--no-progress", action="store_true", help="hide progress bars")
     f.set_defaults(func=run_forecast_study)
+
+
+def seed_list(text: str) -> tuple:
+    """``--seeds``: a non-empty comma list of distinct integers >= 0."""
+    import argparse
+
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 0 or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"--seeds: expected distinct integers >= 0, got {text!r}")
+    return vals
 
 
 def run_forecast_study(args) -> int:
@@ -60,7 +74,7 @@ def run_forecast_study(args) -> int:
 
     kw = dict(out=args.out, world_seed=args.world_seed, cache_dir=args.cache_dir, progress=not args.no_progress)
     for k, name in (("steps", "steps"), ("batch", "batch_size"), ("lrs", "lrs"), ("methods", "methods"),
-                    ("workers", "workers")):
+                    ("workers", "workers"), ("seeds", "seeds")):
         if getattr(args, name) is not None:
             v = getattr(args, name)
             kw[k] = tuple(m.strip() for m in v.split(",")) if k == "methods" else v

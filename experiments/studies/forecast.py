@@ -212,7 +212,7 @@ def measured_scores(cfg: ForecastStudyConfig, fc: dict, runs: list[dict]) -> dic
         "gain": np.array([np.mean([r["domain_gain_bits"] for r in rs]) for rs in seed_sorted]),
         "kl_domain": np.array([np.mean([r["kl_q0_qT_domain_bits"] for r in rs]) for rs in seed_sorted]),
         "dl_seed_a": np.array([rs[0]["dL_P1_bits"] for rs in seed_sorted]),
-        "dl_seed_b": np.array([rs[1]["dL_P1_bits"] for rs in seed_sorted]),
+        "dl_seed_b": np.array([rs[1]["dL_P1_bits"] if len(rs) > 1 else np.nan for rs in seed_sorted]),  # one seed: no ceiling
         "dl_sd": np.array([np.std([r["dL_P1_bits"] for r in rs]) for rs in seed_sorted]),
     }
 
