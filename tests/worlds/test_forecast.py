@@ -270,3 +270,112 @@ def test_size_correction_interpolates_the_probe_ratios_in_log_rate():
     assert size_correction(pts, 1e-5) == pytest.approx(2.0) and size_correction(pts, 1.0) == pytest.approx(0.25)
     assert size_correction([(1e-3, -0.1, 1.0), (1e-2, 3.0, 1.0)], 1e-4) == pytest.approx(3.0)  # a non-positive dL is left out
     assert size_correction([], 1e-3) == 1.0
+
+
+def test_decorrelation_hand_values_and_brute_force():
+    """F = sum_st d_s d_t exp(-|L_s - L_t| / lam_c) / (sum d)^2: two equal steps half a kernel
+    apart give (1 + 1 + 2 x 0.5) / 4 = 0.75; no rotation gives 1; a vanishing lam_c leaves the
+    diagonal sum d^2 / (sum d)^2; the O(T) recursion equals the O(T^2) double sum."""
+    from sft.forecast import decorrelation
+
+    lam_c = 2e-3
+    assert decorrelation([1.0, 1.0], [0.0, lam_c * np.log(2.0)], lam_c) == pytest.approx(0.75)
+    assert decorrelation([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], float("inf")) == 1.0
+    d = np.array([1.0, 2.0, 3.0])
+    assert decorrelation(d, [0.0, 1.0, 2.0], 1e-9) == pytest.approx(float((d**2).sum() / d.sum() ** 2))
+    rng = np.random.default_rng(0)
+    d, lam = rng.random(40), np.cumsum(rng.random(40)) * 1e-3
+    K = np.exp(-np.abs(lam[:, None] - lam[None, :]) / lam_c)
+    assert decorrelation(d, lam, lam_c) == pytest.approx(float(d @ K @ d / d.sum() ** 2), rel=1e-12)
+    # a longer coherence never shortens the path
+    vals = [decorrelation(d, lam, lc) for lc in (1e-4, 1e-3, 1e-2, 1e-1)]
+    assert all(a <= b for a, b in zip(vals, vals[1:])) and 0 < vals[0] < vals[-1] <= 1
+
+
+def test_keep_norm_shortens_the_straight_path_by_sqrt_f():
+    """With ``keep_norm`` the rotation does not touch the steps: the replay is the straight
+    (unrotated) path scaled by sqrt(F) of its own step sizes (`decorrelation`), recomputed here
+    from the straight path's prefixes."""
+    from sft.forecast import decorrelation
+
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(3, 2, 6, generator=gen)
+    lrs = cosine_lrs(0.05, 6)
+    lam_c = 0.07
+
+    def run(lc, n):
+        gm = _gg(g, ce_mean=torch.randn(2, 6, generator=torch.Generator().manual_seed(1)) * 0.1)
+        gm.keep_norm, gm.lam_c = True, lc
+        return replay_adam(gm, "ce", lrs[:n])[0]
+
+    straight = [torch.zeros(6)] + [run(1e300, n) for n in range(1, 7)]
+    d = [float((straight[t] - straight[t - 1]).norm()) for t in range(1, 7)]
+    lam = np.concatenate([[0.0], np.cumsum(lrs)[:-1]])
+    F = decorrelation(d, lam, lam_c)
+    assert 0.3 < F < 1.0
+    assert run(lam_c, 6).tolist() == pytest.approx((straight[-1] * F**0.5).tolist(), rel=1e-5, abs=1e-8)
+
+
+def test_noise_floor_splits_mean_and_noise():
+    """Hand values: batches (1, 0) and (3, 2) have mean (2, 1), E g^2 = (5, 2), noise (1, 1); at a
+    mean scale 0.5 the second moment is 0.25 (4, 1) + (1, 1) = (2, 1.25) and the expected squared
+    norm its sum, 3.25; at rho = 1 it is E g^2 itself (the model is exact at theta0)."""
+    g = torch.tensor([[[1.0, 0.0]], [[3.0, 2.0]]])
+    gm = _gg(g, ell0=(1.0,))
+    gm.noise_floor = True
+    half, one = torch.tensor([0.5], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    assert gm.second_moment(half).tolist() == pytest.approx([2.0, 1.25])
+    assert gm.norm2(half) == pytest.approx(3.25)
+    assert gm.second_moment(one).tolist() == pytest.approx([5.0, 2.0]) and gm.norm2(one) == pytest.approx(7.0)
+    assert gm.second_moment(half, rn=half).tolist() == pytest.approx([1.25, 0.5])  # the noise scaled too
+    gm.noise_floor = False
+    assert gm.second_moment(half).tolist() == pytest.approx([1.25, 0.5])
+
+
+def test_noise_floor_changes_nothing_without_batch_noise():
+    """Identical batches (no noise): the noise-floor replay equals the plain one (both scale the
+    mean by the tracked loss); a coordinate of pure batch noise does not move."""
+    gen = torch.Generator().manual_seed(7)
+    g1 = torch.randn(1, 2, 5, generator=gen)
+    ce = torch.randn(2, 5, generator=gen)
+    lrs = cosine_lrs(0.05, 20)
+
+    def run(g, nf):
+        gm = _gg(g, ce_mean=ce)
+        gm.kappa = torch.tensor([3.0, 3.0], dtype=torch.float64)
+        gm.noise_floor, gm.lam_c = nf, 1e300  # 1e300: the tracked loss, no rotation
+        return replay_adam(gm, "ce", lrs)[0]
+
+    same = g1.repeat(3, 1, 1)
+    assert run(same, True).tolist() == pytest.approx(run(same, False).tolist(), rel=1e-5, abs=1e-8)
+    # one group: a coordinate of pure noise (batches +1, -1) never moves, a consistent one does
+    gm = _gg(torch.tensor([[[1.0, 1.0]], [[1.0, -1.0]]]), ce_mean=torch.tensor([[1.0, 0.0]]), ell0=(1.0,))
+    gm.noise_floor, gm.lam_c = True, 1e300
+    d, _ = replay_adam(gm, "ce", np.full(10, 0.01), max_grad_norm=0.0)
+    assert d[1].item() == 0.0 and -0.1 - 1e-6 <= d[0].item() < -0.01
+
+
+def test_noise_scale_is_the_token_weight_ratio():
+    """CE's noise keeps its size (w = 1); DFT's scales by w(p) / w(p0) = p / p0."""
+    from sft.forecast import noise_scale
+
+    ell0, ell = torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.25], dtype=torch.float64)
+    assert noise_scale("ce", ell, ell0, tau=1.0).tolist() == pytest.approx([1.0, 1.0])
+    assert noise_scale("dft", ell, ell0, tau=1.0).tolist() == pytest.approx(torch.exp(ell0 - ell).tolist())
+
+
+def test_replay_flops_counts_the_noise_floor():
+    """Compute accounting: the replay's flops per parameter and step by method, and the meter's
+    replay units (flops / 2 per step: a token pass is 2 N flops)."""
+    from sft.forecast import forecast_compute_ratio
+    from sft.forecast_run import replay_flops
+
+    on, off = ForecastConfig(), ForecastConfig(noise_floor=False)
+    assert [replay_flops(m, off) for m in ("ce", "talr", "l2", "lora")] == [30.0, 30.0, 45.0, 74.0]
+    assert [replay_flops(m, on) for m in ("ce", "talr", "l2", "lora")] == [45.0, 45.0, 60.0, 89.0]
+    m = ComputeMeter()
+    m.replay(150, 45.0)
+    assert m.units == m.replay_units == 45.0 * 150 / 2
+    r = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
+                               n_weightings=4, grid=30, probe_steps=6)
+    assert r["replay_ratio"] == pytest.approx(30 * 150 * 45 / 2 / (3 * 150 * 16 * 512))
