@@ -74,3 +74,19 @@ def test_command_method_list_matches_the_library():
     register(sub)
     default = sub.choices["forecast"].parse_args(["--model", "world:0", "--out", "x"]).methods
     assert tuple(default.split(",")) == ForecastConfig().methods == ("ce", "talr", "dft", "flow", "l2", "lora")
+
+
+def test_study_forecast_seeds_option(capsys, tmp_path):
+    """``talr study forecast --seeds``: distinct integers >= 0, else argparse's exit 2 naming the option."""
+    import argparse
+
+    from experiments.commands.study import seed_list
+
+    assert seed_list("0") == (0,) and seed_list("2, 0") == (2, 0)
+    for bad in ("", "1,1", "-1", "a"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+            seed_list(bad)
+    with pytest.raises(SystemExit) as e:
+        main(["study", "forecast", "--seeds", "0,0", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
