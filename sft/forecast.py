@@ -77,10 +77,11 @@ Assumptions: exchangeable mini-batches whose gradients at theta0 represent the r
 tracked shrinkage; a D1 sample of ``n_general`` sequences estimates dL(P1) (the tiny world's
 exact dL is over P1's whole tree); the domain gain is measured on the tokens the SFT loss sees.
 Known limits (docs/forecast): the size ratio of the CE probes is applied to every method; L2's
-replay (first-order scale) is too small at the middle rate and too large at the largest (world 0:
-1.6 vs 3.2 bits at 3e-4, 9.8 vs 4.6 at 3e-3), because its pull balances a rotated gradient that
-the replay lacks (scaling L2 at its tracked loss instead: 21.5 bits at 3e-4, worse); the largest
-rate's ratio is measured after ``probe_steps`` steps, not T.
+replay (first-order scale) is too small at the middle rates and too large at the largest (world 0:
+2.0 vs 3.2 bits at 3e-4, 15.6 vs 4.6 at 3e-3; held-out world 47484: 0.23-0.44x at 9.5e-5 to
+9.5e-4, which makes the advisor pick L2), because its pull balances a turning gradient that the
+replay lacks (scaling L2 at its tracked loss with kept step sizes: 5-6x over at 3e-3, worse); the
+largest rate's ratio is measured after ``probe_steps`` steps, not T, and overstates T's (up to 2x).
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored moment; one method's moments live at a time, so neither the number of

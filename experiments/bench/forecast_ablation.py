@@ -1,7 +1,8 @@
 """Ablation of the forecast's parts, scored against an already trained validation grid
 (`talr study forecast --out DIR`, or its grid alone, must have run): the adopted forecast and
 variants with one part changed -- no size probe (the replay's own size), no rotation, the
-moments stored in bf16 (memory) -- and, for each variant, the largest and median relative
+moments stored in bf16 (memory), no noise floor, the rotation that shrinks the gradient instead of
+turning the steps, both (the previous replay) -- and, for each variant, the largest and median relative
 change of its 30 forecasts against the adopted one (what that change costs or buys).
 
 Prints one JSON line per variant: spearman, spearman_within_lr, within_2x (0.01 bits/token
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
-            "bf16_moments": {"store_dtype": "bfloat16"}}
+            "bf16_moments": {"store_dtype": "bfloat16"}, "no_noise_floor": {"noise_floor": False},
+            "shrinking_rotation": {"keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
+            "previous_replay": {"noise_floor": False, "keep_norm": False}}
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
