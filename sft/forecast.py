@@ -484,6 +484,27 @@ def _clip_factor(norm2: float, max_norm: float) -> float:
     return max_norm / (n + 1e-6) if 0 < max_norm < n else 1.0
 
 
+def _replay_mode(gm: GradientMoments, track: bool, l2_coeff: float) -> str:
+    """The gradient scale of `replay_adam`: "frozen" (none), "first_order" (phi at the first-order
+    loss; always with an L2 pull), "rotating" (phi at the tracked loss x the coherence) or
+    "keep_norm" (phi at the tracked loss, the path shortened by `decorrelation` at the end)."""
+    if not track:
+        return "frozen"
+    if l2_coeff or not (math.isfinite(gm.lam_c) or gm.noise_floor):
+        return "first_order"
+    return "keep_norm" if gm.keep_norm else "rotating"
+
+
+def _v_mean_field(gm: GradientMoments, bb: torch.Tensor, bn: torch.Tensor, sl: slice) -> torch.Tensor:
+    """Adam's second moment without an L2 pull (before the bias correction) on the coordinates
+    ``sl``: sum_kl bb_kl sq_kl, or with ``noise_floor`` sum_kl bb_kl mean_k mean_l + sum_kl bn_kl
+    Cov_kl (``bb``, ``bn``: the EMAs of c^2 x the mean's and the noise's pair weights)."""
+    if gm.noise_floor:
+        noise = (bn.float() @ gm.noise_pairs(sl)).clamp_min_(0.0)
+        return bb.float() @ gm.mean_pairs(sl) + noise
+    return bb.float() @ gm.sq[:, sl].float()
+
+
 def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: float = 0.0,
                 max_grad_norm: float = 1.0, w_min: float = L.W_MIN, track: bool = True,
                 trajectory: bool = False, chunk: int = CHUNK):
@@ -513,10 +534,7 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     delta = torch.zeros(N)
     ell, trk = gm.ell0.clone(), gm.ell0.clone()  # first-order (drives the scale) and the tracker
     kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
-    tracked = math.isfinite(gm.lam_c) or gm.noise_floor
-    mode = "frozen" if not track else ("rotating" if tracked and not l2_coeff else "first_order")
-    if mode == "rotating" and gm.keep_norm:
-        mode = "keep_norm"
+    mode = _replay_mode(gm, track, l2_coeff)
     norms, lams = [], []
     a, bb = torch.zeros(K, dtype=torch.float64), torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
     bn = torch.zeros_like(bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
@@ -541,11 +559,7 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
             mean = gm.mean[:, sl].float()
             if mv is None:
                 m_hat = (a.float() @ mean) / (1 - b1**t)
-                if gm.noise_floor:
-                    noise = (bn.float() @ gm.noise_pairs(sl)).clamp_min_(0.0)
-                    v_hat = (bb.float() @ gm.mean_pairs(sl) + noise) / (1 - b2**t)
-                else:
-                    v_hat = (bb.float() @ gm.sq[:, sl].float()) / (1 - b2**t)
+                v_hat = _v_mean_field(gm, bb, bn, sl) / (1 - b2**t)
             else:
                 d, g = delta[sl], rho.float() @ mean
                 m = mv[0][sl].float().mul_(b1).add_(c * (g + 2 * l2_coeff * d), alpha=1 - b1)
