@@ -51,6 +51,23 @@ def test_study_cli_checks_and_passes_the_grid_options(monkeypatch, tmp_path):
     assert "cfg" not in seen
     with pytest.raises(SystemExit):
         cli.main(["study", "forecast", "--steps", "60", "--batch-size", "8", "--lrs", "1e-4,1e-3",
-                  "--methods", "ce,l2", "--world-seed", "7", "--out", out])
+                  "--methods", "ce,l2", "--world-seed", "7", "--seeds", "2,0", "--out", out])
     c = seen["cfg"]
     assert (c.steps, c.batch, c.lrs, c.methods, c.world_seed) == (60, 8, (1e-4, 1e-3), ("ce", "l2"), 7)
+    assert c.seeds == (2, 0)
+
+
+def test_measured_scores_with_one_seed_have_no_ceiling():
+    """One training seed: the seed means are that seed's values and the second seed (the
+    ceiling's) is NaN, not a copy of the first (which would claim a perfect ceiling)."""
+    import numpy as np
+
+    from experiments.studies.forecast import measured_scores
+
+    cfg = make_config("default", methods=("ce",), lrs=(1e-3, 1e-2), seeds=(0,))
+    fc = {"rows": [{"method": "ce", "lr": 1e-3}, {"method": "ce", "lr": 1e-2}]}
+    runs = [{"spec": {"method": "ce", "lr": lr, "seed": 0}, "dL_P1_bits": d, "domain_gain_bits": g,
+             "kl_q0_qT_domain_bits": 1.0} for lr, d, g in ((1e-2, 4.0, 9.0), (1e-3, 0.5, 3.0))]
+    m = measured_scores(cfg, fc, runs)
+    assert m["dl"].tolist() == [0.5, 4.0] and m["gain"].tolist() == [3.0, 9.0]
+    assert m["dl_seed_a"].tolist() == [0.5, 4.0] and bool(np.isnan(m["dl_seed_b"]).all())
