@@ -126,7 +126,11 @@ ADAM_EPS = 1e-8
 ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| / sqrt(v_hat) (Kingma & Ba, sec. 2.1)
 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
-           "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise"]
+           "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "FORECAST_MODEL"]
+
+# the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
+# change of the model (not only of its settings) recomputes them
+FORECAST_MODEL = "2: noise floor, kept step sizes"
 
 
 @dataclass

@@ -747,8 +747,11 @@ class GridRunner:
 
     def forecast(self, v: str) -> None:
         """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
+        from sft.forecast import FORECAST_MODEL
+
         fentries = [e.key() for e in forecast_entries(self.cfg, v)]
-        path = self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries})
+        path = self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries,
+                                               "model": FORECAST_MODEL})
         self.units.unit(path, "forecast",
                         lambda: {"variant": v, **forecast_variant(self.base, self.tok, self.cfg, self.data, v,
                                                                   progress=self.progress)},
@@ -821,13 +824,17 @@ class GridRunner:
 
 
 def schedule(cfg: StudyConfig) -> list[tuple]:
-    """(entry, None) per grid entry and (None, variant) per forecast unit: each variant's runs, then
-    its forecast (theta0 and its own probe only: no run is read; after the runs so that a
-    time-limited call gets runs first)."""
+    """(entry, None) per grid entry and (None, variant) per forecast unit: each variant's study-step
+    runs, then its forecast (theta0 and its own probe only: no run is read; after the runs so that a
+    time-limited call gets runs first); the plateau entries (the longest runs) last, each variant's
+    reference first. A call cut short thus has every variant's grid and forecast before the
+    plateau runs (the cache makes the order free: keys do not depend on it)."""
     out = []
     for v in dict.fromkeys(e.variant for e in cfg.grid):  # in the grid's order
-        out += [(e, None) for e in cfg.grid if e.variant == v]
+        out += [(e, None) for e in cfg.grid if e.variant == v and not e.plateau]
         out += [(None, v)] if cfg.forecast and forecast_entries(cfg, v) else []
+    for v in dict.fromkeys(e.variant for e in cfg.grid if e.plateau):
+        out += [(e, None) for e in cfg.grid if e.variant == v and e.plateau]
     return out
 
 

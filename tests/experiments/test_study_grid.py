@@ -581,3 +581,18 @@ def test_matched_gain_verdict_by_hand():
     only_ce = matched_gain_summary([ce])
     assert matched_gain_verdict(only_ce)[0].startswith("- label: not testable with this grid")
     assert matched_gain_verdict({})[0].startswith("TALR vs CE at matched gain: not testable with this grid")
+
+
+def test_schedule_puts_each_variants_grid_and_forecast_before_the_plateau_runs():
+    from experiments.studies.grid import PRESETS, plateau_reference, schedule
+
+    cfg = PRESETS["default"]
+    plan = schedule(cfg)
+    assert sorted(map(str, (e for e, _ in plan if e is not None))) == sorted(map(str, cfg.grid))  # every entry once
+    first_plateau = next(i for i, (e, _) in enumerate(plan) if e is not None and e.plateau)
+    assert all(e is None or not e.plateau for e, _ in plan[:first_plateau])
+    assert all(e is not None and e.plateau for e, _ in plan[first_plateau:])
+    assert {v for e, v in plan[:first_plateau] if e is None} == {"label", "cot"}  # both forecasts before
+    for v in ("label", "cot"):  # each variant's plateau reference before its other plateau entries
+        mine = [e for e, _ in plan[first_plateau:] if e.variant == v]
+        assert mine[0] == plateau_reference(cfg, v) and len(mine) == 4
