@@ -824,15 +824,18 @@ class GridRunner:
 
 
 def schedule(cfg: StudyConfig) -> list[tuple]:
-    """(entry, None) per grid entry and (None, variant) per forecast unit: each variant's study-step
-    runs, then its forecast (theta0 and its own probe only: no run is read; after the runs so that a
-    time-limited call gets runs first); the plateau entries (the longest runs) last, each variant's
-    reference first. A call cut short thus has every variant's grid and forecast before the
-    plateau runs (the cache makes the order free: keys do not depend on it)."""
-    out = []
-    for v in dict.fromkeys(e.variant for e in cfg.grid):  # in the grid's order
-        out += [(e, None) for e in cfg.grid if e.variant == v and not e.plateau]
-        out += [(None, v)] if cfg.forecast and forecast_entries(cfg, v) else []
+    """(entry, None) per grid entry and (None, variant) per forecast unit: the study-step runs of the
+    variants taken in turn (each variant's in the grid's order: a call cut short has both variants'
+    first entries), then each variant's forecast (theta0 and its own probe only: no run is read;
+    after the runs so that a time-limited call gets runs first), then the plateau entries (the
+    longest runs), each variant's reference first. The cache makes the order free: keys do not
+    depend on it."""
+    from itertools import chain, zip_longest
+
+    variants = list(dict.fromkeys(e.variant for e in cfg.grid))  # in the grid's order
+    per = [[e for e in cfg.grid if e.variant == v and not e.plateau] for v in variants]
+    out = [(e, None) for e in chain.from_iterable(zip_longest(*per)) if e is not None]
+    out += [(None, v) for v in variants if cfg.forecast and forecast_entries(cfg, v)]
     for v in dict.fromkeys(e.variant for e in cfg.grid if e.plateau):
         out += [(e, None) for e in cfg.grid if e.variant == v and e.plateau]
     return out

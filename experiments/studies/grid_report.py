@@ -320,6 +320,32 @@ def acc_figures(runs: list[dict], sp: dict, out: Path, title: str) -> dict:
     return figs
 
 
+def completeness(study: dict, recs: list[dict], forecast_units) -> dict:
+    """Which of the study's grid entries (trained runs; their WiSE-FT points) and forecast variants
+    are in the cache: a report built from a partial cache says so."""
+    grid = study["config"]["grid"]
+    have = {grid_key(r["entry"]) for r in recs if r.get("alpha") is None}
+    wise = {(grid_key(r["entry"]), float(r["alpha"])) for r in recs if r.get("alpha") is not None}
+    missing = [e for e in grid if grid_key(e) not in have]
+    n_wise = sum(len(e.get("wise") or ()) for e in grid)
+    fv = sorted({u.get("variant") for u in forecast_units})
+    variants = sorted({e["variant"] for e in grid})
+    return {"runs": len(grid) - len(missing), "runs_planned": len(grid), "wise": len(wise), "wise_planned": n_wise,
+            "forecast_variants": fv, "complete": not missing and len(wise) == n_wise and fv == variants,
+            "missing_runs": ["{variant}-{method}-{lr:g}".format(**e) + (f"-s{e['steps']}" if e.get("steps") else "")
+                             + ("-plateau" if e.get("plateau") else "") for e in missing]}
+
+
+def completeness_lines(c: dict) -> str:
+    """A banner for a report built from a partial cache ('' when complete)."""
+    if c["complete"]:
+        return ""
+    return (f"> **Partial study**: {c['runs']} of {c['runs_planned']} trained runs, {c['wise']} of "
+            f"{c['wise_planned']} WiSE-FT points, forecasts for {', '.join(c['forecast_variants']) or 'no variant'} "
+            f"are in the cache; every figure below covers only those. Missing runs: "
+            f"{', '.join(c['missing_runs'])}. The same command resumes it (the cache keeps every finished unit).\n\n")
+
+
 def write_report(out: str | Path) -> dict:
     from experiments.outputs import write_json, write_text
 
@@ -347,12 +373,13 @@ def write_report(out: str | Path) -> dict:
     summary["matched_gain"] = matched_gain_summary(runs)
     summary["plateau"] = plateau_summary(recs)
     summary["spearman_bits_vs_acc"] = spearman_bits_vs_acc(runs)
+    summary["completeness"] = completeness(study, recs, units.values())
     figs.update(acc_figures(runs, summary["spearman_bits_vs_acc"], out, dom["title"]))
     for v, mg in summary["matched_gain"].items():
         trajectories_png([r for r in runs if r["variant"] == v], mg, out / f"trajectories_{v}.png",
                          title=f"{dom['title']} grid, {v}: trajectories and matched-gain frontiers")
     write_json(out / "summary.json", summary)
-    write_text(out / "report.md", report_markdown(study, base, runs, figs, summary["forecast"],
+    write_text(out / "report.md", completeness_lines(summary["completeness"]) + report_markdown(study, base, runs, figs, summary["forecast"],
                                                   summary["matched_gain"], summary["plateau"],
                                                   {**summary["base"], "spearman": summary["spearman_bits_vs_acc"]}))
     return summary

@@ -104,6 +104,14 @@ def test_study_runs_resumes_and_reports(tmp_path):
     (out / "summary.json").unlink()
     assert run_study(cfg, out, report_only=True)["runs"] == runs
     assert json.loads((out / "summary.json").read_text())["runs"][0]["method"] == "ce"
+    assert summary["completeness"]["complete"] and "Partial study" not in text
+    # a partial cache (a run and the label forecast gone): the report says what it covers
+    next(p for p in (out / "cache").glob("run-label-talr-0.001-*.json") if "plateau" not in p.name).unlink()
+    next((out / "cache").glob("forecast-label-*.json")).unlink()
+    part = run_study(cfg, out, report_only=True)["completeness"]
+    assert not part["complete"] and part["runs"] == len(grid) - 1 and part["forecast_variants"] == ["cot"]
+    assert part["missing_runs"] == ["label-talr-0.001"]
+    assert (out / "report.md").read_text().startswith("> **Partial study**")
 
 
 def check_general_accuracy(cfg, summary: dict, out: Path) -> None:
@@ -583,7 +591,7 @@ def test_matched_gain_verdict_by_hand():
     assert matched_gain_verdict({})[0].startswith("TALR vs CE at matched gain: not testable with this grid")
 
 
-def test_schedule_puts_each_variants_grid_and_forecast_before_the_plateau_runs():
+def test_schedule_alternates_variants_then_forecasts_then_plateau_runs():
     from experiments.studies.grid import PRESETS, plateau_reference, schedule
 
     cfg = PRESETS["default"]
@@ -593,6 +601,8 @@ def test_schedule_puts_each_variants_grid_and_forecast_before_the_plateau_runs()
     assert all(e is None or not e.plateau for e, _ in plan[:first_plateau])
     assert all(e is not None and e.plateau for e, _ in plan[first_plateau:])
     assert {v for e, v in plan[:first_plateau] if e is None} == {"label", "cot"}  # both forecasts before
+    assert [e.variant for e, _ in plan[:4]] == ["label", "cot", "label", "cot"]  # the variants in turn
+    assert plan[0][0] == cfg.grid[0] and plan[1][0] == next(e for e in cfg.grid if e.variant == "cot")
     for v in ("label", "cot"):  # each variant's plateau reference before its other plateau entries
         mine = [e for e, _ in plan[first_plateau:] if e.variant == v]
         assert mine[0] == plateau_reference(cfg, v) and len(mine) == 4
