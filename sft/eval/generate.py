@@ -9,18 +9,23 @@ does), sorts prompts by length (less padding) and cuts them into batches. Per ba
   repeated over the rows; the rest of each prompt is left-padded and run in one forward. Cache
   layout per row: ``[shared prefix][padding][rest]``; padding is masked and position ids count real
   tokens only, so a row sees the same positions as its prompt alone;
-* decode (:func:`_decode`): one forward per new token over the last token only (``DynamicCache``).
-  A row stops at EOS or at the first stop string in its decoded tail; a stopped row leaves the
-  batch (its cache rows are dropped), so later steps run on live rows only. The batch ends when no
-  row is live or after ``max_new_tokens``;
+* decode (:func:`_decode`): one forward per new token over the last token only. A row stops at
+  EOS or at the first stop string in its decoded tail; a stopped row leaves the batch (its cache
+  rows are dropped), so later steps run on live rows only. The batch ends when no row is live or
+  after ``max_new_tokens``. For a plain HF Llama with sdpa attention (SmolLM2) the steps run on a
+  preallocated KV cache over the model's own modules (:class:`_StaticLlama`: no per-step copy of
+  the cache, logits equal HF's bit for bit on CPU); any other model steps through its own forward
+  and ``DynamicCache`` (:class:`_HFSteps`);
 * cut (:func:`_cut`): one string per prompt, in input order, cut at the first stop string (kept
   when ``keep_stop=True``, dropped otherwise) and at EOS (never kept).
 
 ``generate_and_score(..., completions)`` also codes a given completion per prompt on the same
 prompt cache (one prefill serves both the code length and the generation): the completion's
 tokens are fed after the prompt, their log-probabilities summed in bits (float64), and the cache
-is cropped back to the prompt before decoding. Equal to ``sft.eval.codelength.corpus_code_length_bits``
-in conditional mode without BOS, at half the prompt cost.
+is back to the prompt before decoding. Equal to ``sft.eval.codelength.corpus_code_length_bits``
+in conditional mode without BOS, at half the prompt cost. The static path feeds completions in
+chunks of columns on the rows whose completion reaches each chunk (not every row padded to the
+longest) and computes the lm-head on at most ``_StaticLlama.HEAD_TOKENS`` positions at a time.
 """
 from __future__ import annotations
 
