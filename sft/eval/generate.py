@@ -9,18 +9,23 @@ does), sorts prompts by length (less padding) and cuts them into batches. Per ba
   repeated over the rows; the rest of each prompt is left-padded and run in one forward. Cache
   layout per row: ``[shared prefix][padding][rest]``; padding is masked and position ids count real
   tokens only, so a row sees the same positions as its prompt alone;
-* decode (:func:`_decode`): one forward per new token over the last token only (``DynamicCache``).
-  A row stops at EOS or at the first stop string in its decoded tail; a stopped row leaves the
-  batch (its cache rows are dropped), so later steps run on live rows only. The batch ends when no
-  row is live or after ``max_new_tokens``;
+* decode (:func:`_decode`): one forward per new token over the last token only. A row stops at
+  EOS or at the first stop string in its decoded tail; a stopped row leaves the batch (its cache
+  rows are dropped), so later steps run on live rows only. The batch ends when no row is live or
+  after ``max_new_tokens``. For a plain HF Llama with sdpa attention (SmolLM2) the steps run on a
+  preallocated KV cache over the model's own modules (:class:`_StaticLlama`: no per-step copy of
+  the cache, logits equal HF's bit for bit on CPU); any other model steps through its own forward
+  and ``DynamicCache`` (:class:`_HFSteps`);
 * cut (:func:`_cut`): one string per prompt, in input order, cut at the first stop string (kept
   when ``keep_stop=True``, dropped otherwise) and at EOS (never kept).
 
 ``generate_and_score(..., completions)`` also codes a given completion per prompt on the same
 prompt cache (one prefill serves both the code length and the generation): the completion's
 tokens are fed after the prompt, their log-probabilities summed in bits (float64), and the cache
-is cropped back to the prompt before decoding. Equal to ``sft.eval.codelength.corpus_code_length_bits``
-in conditional mode without BOS, at half the prompt cost.
+is back to the prompt before decoding. Equal to ``sft.eval.codelength.corpus_code_length_bits``
+in conditional mode without BOS, at half the prompt cost. The static path feeds completions in
+chunks of columns on the rows whose completion reaches each chunk (not every row padded to the
+longest) and computes the lm-head on at most ``_StaticLlama.HEAD_TOKENS`` positions at a time.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..models import inference
+from ..models import inference, lm_head_of, unwrap
 
 __all__ = ["greedy_generate", "generate_and_score", "context_limit"]
 
@@ -96,9 +101,11 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
     with inference(model, len(prompts), desc=desc, unit="prompt", progress=progress) as advance:
         for idx in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
             state = _prefill(model, [encoded[i] for i in idx], pad)
-            if comp is not None:
-                bits[idx] = _score(model, state, [comp[i] for i in idx], pad)
-            for i, g in zip(idx, _decode(model, state, stopper, max_new_tokens)):
+            comps = None if comp is None else [comp[i] for i in idx]
+            steps = _stepper(model, state, pad, max_new_tokens, comps)
+            if comps is not None:
+                bits[idx] = steps.score(state.logits, comps)
+            for i, g in zip(idx, _decode(steps, state.logits, stopper, max_new_tokens)):
                 out[i] = _cut(tokenizer.decode(g, skip_special_tokens=True), stopper.stops, keep_stop)[0]
             advance(len(idx))
     return out, bits, ntok
@@ -182,27 +189,25 @@ def _prefill(model, rows: list[list[int]], pad: int) -> _Batch:
     return _Batch(cache, logits, mask, pos[:, -1:] + 1)
 
 
-def _score(model, st: _Batch, comps: list[list[int]], pad: int) -> np.ndarray:
-    """Bits of each completion given the cached prompt; crops the cache back to the prompt."""
-    dev = st.mask.device
-    C = max((len(c) for c in comps), default=0)
-    if C == 0:
-        return np.zeros(len(comps))
+def _pad_right(comps: list[list[int]], pad: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the completions right-padded to the longest."""
+    C = max(len(c) for c in comps)
     ids = torch.full((len(comps), C), pad, dtype=torch.long)
     cmask = torch.zeros((len(comps), C), dtype=torch.long)
     for r, c in enumerate(comps):
         ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
         cmask[r, :len(c)] = 1
-    ids, cmask = ids.to(dev), cmask.to(dev)
-    logits = st.logits[:, None]
-    if C > 1:
-        feed_pos = st.next_pos + torch.arange(C - 1, device=dev)[None]
-        more = model(input_ids=ids[:, :-1], attention_mask=torch.cat([st.mask, cmask[:, :-1]], dim=1),
-                     position_ids=feed_pos, past_key_values=st.cache, use_cache=True).logits
-        logits = torch.cat([logits, more], dim=1)
-        st.cache.crop(-(C - 1))
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0].double().cpu()
-    return (-logp / math.log(2.0) * cmask.cpu()).sum(-1).numpy()
+    return ids.to(dev), cmask.to(dev)
+
+
+def _logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids) under ``logits`` (float32 softmax, float64 out)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0].double()
+
+
+def _bits(logp: torch.Tensor, cmask: torch.Tensor) -> np.ndarray:
+    """Each row's code length in bits: -sum log2 p over its completion tokens."""
+    return (-logp.cpu() / math.log(2.0) * cmask.cpu()).sum(-1).numpy()
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -221,30 +226,233 @@ class _Stopper:
         return bool(self.stops) and any(s in self.tokenizer.decode(gen[-self.tail:]) for s in self.stops)
 
 
-def _decode(model, st: _Batch, stopper: _Stopper, max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens per row. Rows that are done leave the batch (their cache rows are dropped), so
-    every step runs on live rows only."""
-    gen: list[list[int]] = [[] for _ in range(st.logits.shape[0])]
+def _stepper(model, st: _Batch, pad: int, max_new_tokens: int, comps: list[list[int]] | None):
+    """The decoder of batch ``st``: :class:`_StaticLlama` for a plain HF Llama with sdpa attention,
+    else :class:`_HFSteps`. It owns the batch's cache from here on."""
+    room = max(max_new_tokens - 1, max((len(c) for c in comps or ()), default=0) - 1, 1)
+    steps = _StaticLlama.of(model, st, pad, room) or _HFSteps(model, st, pad)
+    st.cache = None
+    return steps
+
+
+def _decode(steps, logits: torch.Tensor, stopper: _Stopper, max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens per row from the prompt's last ``logits``. Rows that are done leave the batch,
+    so every step runs on live rows only (both steppers give the same logits, bit for bit)."""
+    gen: list[list[int]] = [[] for _ in range(logits.shape[0])]
     live = list(range(len(gen)))  # original row of each batch row
     for step in range(max_new_tokens):
-        nxt = st.logits.argmax(-1).tolist()
+        nxt = logits.argmax(-1).tolist()
         keep = [k for k, (r, t) in enumerate(zip(live, nxt)) if not stopper.push(gen[r], t)]
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(live):
-            _select(st, keep)
-            live, nxt = [live[k] for k in keep], [nxt[k] for k in keep]
-        dev = st.mask.device
-        st.mask = torch.cat([st.mask, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
-        st.logits = model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=st.mask,
-                          position_ids=st.next_pos, past_key_values=st.cache, use_cache=True,
-                          logits_to_keep=1).logits[:, -1]
-        st.next_pos = st.next_pos + 1
+            order = steps.select(keep)
+            live, nxt = [live[k] for k in order], [nxt[k] for k in order]
+        logits = steps.step(nxt)
     return gen
 
 
-def _select(st: _Batch, keep: list[int]) -> None:
-    """Keep batch rows ``keep`` of the cache, mask and positions."""
-    sel = torch.tensor(keep, device=st.mask.device)
-    st.cache.batch_select_indices(sel)
-    st.mask, st.next_pos = st.mask[sel], st.next_pos[sel]
+class _HFSteps:
+    """Scoring and decode steps by the model's own forward over its ``DynamicCache`` (any causal LM)."""
+
+    def __init__(self, model, st: _Batch, pad: int):
+        self.model, self.cache, self.mask, self.next_pos, self.pad = model, st.cache, st.mask, st.next_pos, pad
+
+    def score(self, logits0: torch.Tensor, comps: list[list[int]]) -> np.ndarray:
+        """Bits of each completion given the cached prompt (``logits0``: the prompt's last logits);
+        the cache is cropped back to the prompt."""
+        if max((len(c) for c in comps), default=0) == 0:
+            return np.zeros(len(comps))
+        ids, cmask = _pad_right(comps, self.pad, self.mask.device)
+        C = ids.shape[1]
+        logits = logits0[:, None]
+        if C > 1:
+            feed_pos = self.next_pos + torch.arange(C - 1, device=ids.device)[None]
+            more = self.model(input_ids=ids[:, :-1], attention_mask=torch.cat([self.mask, cmask[:, :-1]], dim=1),
+                              position_ids=feed_pos, past_key_values=self.cache, use_cache=True).logits
+            logits = torch.cat([logits, more], dim=1)
+            self.cache.crop(-(C - 1))
+        return _bits(_logp(logits, ids), cmask)
+
+    def select(self, keep: list[int]) -> list[int]:
+        """Keep batch rows ``keep`` (in that order) of the cache, mask and positions."""
+        sel = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(sel)
+        self.mask, self.next_pos = self.mask[sel], self.next_pos[sel]
+        return keep
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Logits of the next token of each row after feeding it ``tokens``."""
+        dev = self.mask.device
+        self.mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=dev)], dim=1)
+        logits = self.model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=self.mask,
+                            position_ids=self.next_pos, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1]
+        self.next_pos = self.next_pos + 1
+        return logits
+
+
+class _StaticLlama:
+    """Scoring and decode steps of a plain HF Llama over its own modules, with a preallocated KV cache.
+
+    HF's ``DynamicCache`` concatenates every layer's keys and values at each step (copying the
+    whole cache: O(T^2) over a generation). Here each layer has buffers ``[B, kv_heads, T_max, d]``
+    filled from the prefill's cache; decode step ``t`` writes column ``t`` in place and attends over
+    the view ``[:n, :, :t+1]``.
+
+    Invariants: live rows are the buffer rows ``[0, n)`` (a row that leaves is overwritten by a live
+    row from the tail, :meth:`select`); columns ``[0, t)`` hold every live row's keys and values;
+    ``attend[r, c]`` is False exactly on row ``r``'s left padding; ``pos[r]`` is row ``r``'s next
+    position id (real tokens before it). Columns from ``t`` on are scratch: :meth:`score` writes the
+    completions there and decoding overwrites them (no crop).
+
+    A decode step calls the model's own modules (embedding, rotary, RMSNorm, projections, MLP,
+    lm-head) with the shapes HF's forward uses, and ``scaled_dot_product_attention`` as HF's sdpa
+    attention does at one query token: without a mask and with ``enable_gqa`` when no live row is
+    padded, else with the boolean padding mask and the queries packed as ``[n, kv_heads, group, d]``
+    (no key/value heads repeated). Its logits equal :class:`_HFSteps`' bit for bit on CPU
+    (tests/eval/test_generate.py). :meth:`score` feeds the completions in chunks of columns, each
+    on the rows whose completion reaches it (not every row padded to the longest).
+    """
+
+    CHUNK = 64  # completion tokens per scoring forward
+    HEAD_TOKENS = 512  # positions per lm-head call in scoring (bounds the logits' memory)
+
+    @classmethod
+    def of(cls, model, st: _Batch, pad: int, room: int) -> "_StaticLlama | None":
+        """The static decoder of ``model`` for batch ``st`` with ``room`` columns after the prompt,
+        or None when ``model`` is not a plain sdpa Llama."""
+        from transformers import DynamicCache, LlamaForCausalLM
+        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
+
+        base = unwrap(model)
+        if type(base) is not LlamaForCausalLM or lm_head_of(model) is None or type(st.cache) is not DynamicCache:
+            return None
+        layers = base.model.layers[:base.config.num_hidden_layers]
+        if (getattr(base.config, "_attn_implementation", None) != "sdpa" or len(st.cache.layers) != len(layers)
+                or any(type(la) is not LlamaDecoderLayer or type(la.self_attn) is not LlamaAttention
+                       for la in layers)):
+            return None
+        return cls(base, layers, st, pad, room)
+
+    def __init__(self, base, layers, st: _Batch, pad: int, room: int):
+        self.base, self.layers, self.pad = base, layers, pad
+        B, self.t = st.mask.shape
+        T = self.t + room
+        self.k, self.v = [], []
+        for lay in st.cache.layers:  # copy layer by layer, releasing the dynamic cache as we go
+            for buf, src in ((self.k, lay.keys), (self.v, lay.values)):
+                buf.append(src.new_empty((B, src.shape[1], T, src.shape[3])))
+                buf[-1][:, :, :self.t] = src
+            lay.keys = lay.values = None
+        self.attend = torch.ones((B, T), dtype=torch.bool, device=st.mask.device)
+        self.attend[:, :self.t] = st.mask.bool()
+        self.pos, self.n = st.next_pos.clone(), B
+        self.padded = not bool(self.attend[:, :self.t].all())
+
+    # ----------------------------------------------------------------------------------- decode
+    def select(self, keep: list[int]) -> list[int]:
+        """Keep rows ``keep``: rows of ``keep`` beyond the new count move into the holes left below
+        it (one row copied per leaver, not the whole cache). Returns the old row of each new row."""
+        n, kept = len(keep), set(keep)
+        order = list(range(n))
+        holes = [j for j in range(n) if j not in kept]
+        movers = [s for s in keep if s >= n]
+        for j, s in zip(holes, movers):
+            order[j] = s
+        if holes:
+            dst, src = (torch.tensor(x, device=self.pos.device) for x in (holes, movers))
+            for buf in self.k + self.v:
+                buf[dst, :, :self.t] = buf[src, :, :self.t]
+            self.attend[dst], self.pos[dst] = self.attend[src], self.pos[src]
+        self.n = n
+        self.padded = not bool(self.attend[:n, :self.t].all())
+        return order
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Logits of the next token of each live row after feeding it ``tokens`` (one per row)."""
+        n, t, inner = self.n, self.t, self.base.model
+        h = inner.embed_tokens(torch.tensor(tokens, device=self.pos.device)[:, None])
+        cos_sin = inner.rotary_emb(h, position_ids=self.pos[:n])
+        mask = self.attend[:n, None, None, :t + 1] if self.padded else None
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            q, k, v = self._qkv(layer, h, cos_sin)
+            self.k[i][:n, :, t:t + 1], self.v[i][:n, :, t:t + 1] = k, v
+            kw = dict(dropout_p=0.0, scale=a.scaling, is_causal=False)
+            if a.num_key_value_groups > 1 and mask is None:
+                kw["enable_gqa"] = True
+            elif a.num_key_value_groups > 1:  # pack the group's queries: [n, kv_heads, group, d]
+                q = q.reshape(n, q.shape[1] // a.num_key_value_groups, a.num_key_value_groups, a.head_dim)
+            o = torch.nn.functional.scaled_dot_product_attention(q, self.k[i][:n, :, :t + 1],
+                                                                 self.v[i][:n, :, :t + 1], attn_mask=mask, **kw)
+            h = self._out(layer, h, o.reshape(n, -1, 1, a.head_dim))
+        self.t += 1
+        self.pos[:n] += 1
+        return self.base.lm_head(inner.norm(h)[:, -1:])[:, -1]
+
+    @staticmethod
+    def _qkv(layer, h: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values ``[rows, heads, len, d]`` of ``h``, rotated (LlamaAttention)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        shape = (*h.shape[:2], -1, a.head_dim)
+        q = a.q_proj(x).view(shape).transpose(1, 2)
+        k = a.k_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        return q, k, a.v_proj(x).view(shape).transpose(1, 2)
+
+    @staticmethod
+    def _out(layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The rest of the decoder layer after attention output ``o`` ``[rows, heads, len, d]``."""
+        o = o.transpose(1, 2).contiguous()
+        h = h + layer.self_attn.o_proj(o.reshape(*h.shape[:2], -1).contiguous())
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    # ---------------------------------------------------------------------------------- scoring
+    def score(self, logits0: torch.Tensor, comps: list[list[int]]) -> np.ndarray:
+        """Bits of each completion given the prompt (``logits0``: the prompt's last logits).
+
+        Completion token ``j`` is predicted at column ``t + j - 1``; tokens are fed in chunks of
+        :attr:`CHUNK` columns, each chunk on the rows whose completion reaches into it."""
+        if max((len(c) for c in comps), default=0) == 0:
+            return np.zeros(len(comps))
+        ids, cmask = _pad_right(comps, self.pad, self.pos.device)
+        lens = cmask.sum(-1)
+        logp = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
+        logp[:, 0] = _logp(logits0, ids[:, 0])
+        for a in range(0, ids.shape[1] - 1, self.CHUNK):
+            m = min(self.CHUNK, ids.shape[1] - 1 - a)
+            rows = torch.nonzero(lens - 1 > a)[:, 0]
+            sub = None if len(rows) == self.n else rows
+            h = self._chunk(sub, ids[rows, a:a + m], a)
+            for r0 in range(0, len(rows), max(1, self.HEAD_TOKENS // m)):
+                r1 = r0 + max(1, self.HEAD_TOKENS // m)
+                logp[rows[r0:r1], a + 1:a + 1 + m] = _logp(self.base.lm_head(h[r0:r1]), ids[rows[r0:r1], a + 1:a + 1 + m])
+        return _bits(logp, cmask)
+
+    def _chunk(self, rows: torch.Tensor | None, ids: torch.Tensor, a: int) -> torch.Tensor:
+        """Final hidden states of completion positions ``[a, a + m)`` of ``rows`` (None: all live
+        rows), their keys and values written to columns ``[t + a, t + a + m)``."""
+        inner, (r, m) = self.base.model, ids.shape
+        c0 = self.t + a
+        pick = (lambda x: x[:r]) if rows is None else (lambda x: x[rows])
+        pos = pick(self.pos) + a + torch.arange(m, device=ids.device)[None]
+        causal = torch.arange(c0 + m, device=ids.device)[None] <= c0 + torch.arange(m, device=ids.device)[:, None]
+        mask = pick(self.attend[:, :c0 + m])[:, None, None, :] & causal
+        h = inner.embed_tokens(ids)
+        cos_sin = inner.rotary_emb(h, position_ids=pos)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos_sin)
+            K, V = self.k[i], self.v[i]
+            if rows is None:
+                K[:r, :, c0:c0 + m], V[:r, :, c0:c0 + m] = k, v
+            else:
+                K[rows, :, c0:c0 + m], V[rows, :, c0:c0 + m] = k, v
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, pick(K[:, :, :c0 + m]), pick(V[:, :, :c0 + m]), attn_mask=mask, dropout_p=0.0,
+                scale=layer.self_attn.scaling, enable_gqa=layer.self_attn.num_key_value_groups > 1)
+            h = self._out(layer, h, o)
+        return inner.norm(h)

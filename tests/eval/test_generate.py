@@ -95,3 +95,107 @@ def test_common_prefix_leaves_each_row_a_token(rows, n):
     from sft.eval.generate import common_prefix
 
     assert common_prefix(rows) == n
+
+
+# ------------------------------------------------------------- static KV cache (Llama) against HF's cache
+def _gqa_llama(vocab: int, heads: int, kv_heads: int, attn: str = "sdpa"):
+    from sft.models import load_model
+
+    model = load_model(f"tiny:vocab={vocab},hidden=32,intermediate=64,layers=2,heads={heads},kv_heads={kv_heads}",
+                       seed=heads * 10 + kv_heads)
+    with torch.no_grad():  # larger logits than the default init: argmax ties are unlikely
+        model.lm_head.weight.normal_(0.0, 1.0)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+MIXED = ["Question: Natalia sold clips to 48 of her friends", "Question: Natalia sold", "Question: Nat",
+         "Question: Natalia sold clips to 48 of her friends. How many clips", "def add(a, b):"]
+
+
+def _two_steppers(model, tok, prompts, room):
+    from sft.eval import generate as G
+
+    rows = [G._ids(tok, p) for p in prompts]
+    with torch.inference_mode():
+        a, b = G._prefill(model, rows, tok.pad_token_id), G._prefill(model, rows, tok.pad_token_id)
+        assert torch.equal(a.logits, b.logits)
+        fast = G._StaticLlama.of(model, b, tok.pad_token_id, room)
+        assert fast is not None
+        return G._HFSteps(model, a, tok.pad_token_id), a.logits, fast, b.logits
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (4, 4)])
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_static_cache_steps_equal_hf_cache_steps(tiny_tokenizer, heads, kv_heads, n):
+    """Step by step, the static cache gives HF's logits, also after rows leave (a row from the tail
+    moves into a hole: a wrong cache row or column would change its logits)."""
+    model = _gqa_llama(len(tiny_tokenizer), heads, kv_heads)
+    hf, la, fast, lb = _two_steppers(model, tiny_tokenizer, MIXED[:n], room=12)
+    leave = {3: lambda k: [i for i in range(k) if i != 0], 6: lambda k: list(range(k))[1::2]}
+    with torch.inference_mode():
+        for step in range(10):
+            assert (la - lb).abs().max().item() < 1e-5, step
+            nxt = la.argmax(-1).tolist()
+            assert nxt == lb.argmax(-1).tolist()
+            if step in leave and len(nxt) > 1:
+                order = fast.select(leave[step](len(nxt)))
+                assert sorted(order) == sorted(leave[step](len(nxt)))
+                assert hf.select(order) == order
+                nxt = [nxt[k] for k in order]
+            la, lb = hf.step(nxt), fast.step(nxt)
+
+
+def test_static_select_moves_tail_rows_into_holes(tiny_model, tiny_tokenizer):
+    hf, la, fast, lb = _two_steppers(tiny_model, tiny_tokenizer, MIXED[:4], room=4)
+    with torch.inference_mode():
+        nxt = la.argmax(-1).tolist()
+        la, lb = hf.step(nxt), fast.step(nxt)
+        assert fast.select([1, 3]) == [3, 1]  # rows 0 and 2 leave, row 3 takes row 0's place; row 1 stays
+        hf.select([3, 1])
+        nxt = la.argmax(-1).tolist()
+        nxt = [nxt[3], nxt[1]]
+        assert torch.equal(fast.pos[:2], hf.next_pos)
+        assert (hf.step(nxt) - fast.step(nxt)).abs().max().item() < 1e-5
+        assert fast.select([1]) == [1] and fast.n == 1 and fast.select([0]) == [0]
+
+
+@pytest.mark.parametrize("chunk,head_tokens", [(64, 512), (3, 4), (1, 1)])
+def test_static_scoring_equals_hf_scoring_then_decodes_the_same(tiny_tokenizer, chunk, head_tokens, monkeypatch):
+    """Completions of different lengths (one empty), fed in chunks on the rows that reach them:
+    bits equal HF's full-width pass; decoding after it overwrites the scratch columns."""
+    from sft.eval import generate as G
+
+    monkeypatch.setattr(G._StaticLlama, "CHUNK", chunk)
+    monkeypatch.setattr(G._StaticLlama, "HEAD_TOKENS", head_tokens)
+    model = _gqa_llama(len(tiny_tokenizer), 4, 2)
+    comps = [G._ids(tiny_tokenizer, c) for c in (" 48 clips", "", " and then some more words here", " x", " ok?")]
+    hf, la, fast, lb = _two_steppers(model, tiny_tokenizer, MIXED, room=40)
+    with torch.inference_mode():
+        want, got = hf.score(la, comps), fast.score(lb, comps)
+        assert got[1] == 0.0 and want[1] == 0.0
+        assert got == pytest.approx(want, rel=1e-5)
+        assert (got[[0, 2, 3, 4]] > 1.0).all()
+        for _ in range(8):
+            assert (la - lb).abs().max().item() < 1e-5
+            nxt = la.argmax(-1).tolist()
+            la, lb = hf.step(nxt), fast.step(nxt)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_of_different_lengths_stop_strings_equal_one_at_a_time(tiny_tokenizer, attn):
+    """The whole generator (static path for sdpa, HF's cache for eager) on a GQA Llama."""
+    from sft.eval import generate as G
+    from transformers import DynamicCache
+
+    model = _gqa_llama(len(tiny_tokenizer), 4, 2, attn)
+    st = G._prefill(model, [[5, 6], [5, 7, 8]], tiny_tokenizer.pad_token_id)
+    assert isinstance(st.cache, DynamicCache)
+    assert (G._StaticLlama.of(model, st, 0, 4) is None) == (attn == "eager")
+    full = [reference(model, tiny_tokenizer, p, 14) for p in MIXED]
+    stop = full[2][4:7]
+    assert stop
+    for batch_size in (2, 5):
+        got = greedy_generate(model, tiny_tokenizer, MIXED, stop=[stop], keep_stop=True, max_new_tokens=14,
+                              batch_size=batch_size, progress=False)
+        assert got == [f[:f.index(stop) + len(stop)] if stop in f else f for f in full]
