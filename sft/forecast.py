@@ -50,8 +50,21 @@ Model (what is theory, what is fit):
    along the turned directions is taken to be the frozen direction's per unit squared length.
    (The previous rule, ``keep_norm=False``, multiplied the gradient by exp(-Lambda_t / lam_c): it
    stops the replay after a few lam_c and under-forecast worlds with a short lam_c 2-4x at the small
-   and middle rates; docs/forecast.) L2 keeps phi at the first-order loss ell = ell0 + ce . d_theta
-   (its pull balances the gradient; the rotation is not applied to it).
+   and middle rates; docs/forecast.)
+
+   *Blocks (compute, no knob of the model).* Without an L2 pull Adam's moments are scalar mixtures
+   of the stored moments, so the replay holds Adam's bias-corrected denominator for
+   ``replay_block`` steps: the N-sized work is two passes per block, every scalar (EMAs, clip,
+   trackers, step sizes) still advances each step (`replay_adam`'s ``block``; exact while the
+   scales hold). LoRA holds its factor gradients for ``lora_block`` steps.
+
+   *L2 (theory: the descent bound; ``l2_energy``).* L2's gradients are CE's, so L2 reuses CE's
+   replay at the same rate (its gain is CE's) and its displacement is held to the bound that
+   training, which lowers ell + l2 ||d_theta||^2, cannot break: l2 ||d_theta||^2 <= ell0 - ell_T
+   (`l2_energy_scale`). The bound is loose (docs/forecast: L2 at the two largest rates is still
+   over-forecast 2-8x on worlds 0-2, where real L2 saturates at |d_theta|^2 ~ 6 against CE's 53);
+   ``l2_energy=False`` replays L2's own per-coordinate Adam with the pull at the first-order loss
+   ell = ell0 + ce . d_theta (too small at the middle rates, 0.3-0.66x on worlds 0-2).
 
 3. **The domain gain (fit: one CE probe shared by the grid).** A tracker lets each group's mean
    loss fall as d ell = -kappa (ell / ell0)^2 x (the first-order effect of the part of the step
@@ -76,12 +89,12 @@ Model (what is theory, what is fit):
 Assumptions: exchangeable mini-batches whose gradients at theta0 represent the run's up to the
 tracked shrinkage; a D1 sample of ``n_general`` sequences estimates dL(P1) (the tiny world's
 exact dL is over P1's whole tree); the domain gain is measured on the tokens the SFT loss sees.
-Known limits (docs/forecast): the size ratio of the CE probes is applied to every method; L2's
-replay (first-order scale) is too small at the middle rates and too large at the largest (world 0:
-2.0 vs 3.2 bits at 3e-4, 15.6 vs 4.6 at 3e-3; held-out world 47484: 0.23-0.44x at 9.5e-5 to
-9.5e-4, which makes the advisor pick L2), because its pull balances a turning gradient that the
-replay lacks (scaling L2 at its tracked loss with kept step sizes: 5-6x over at 3e-3, worse); the
-largest rate's ratio is measured after ``probe_steps`` steps, not T, and overstates T's (up to 2x).
+Known limits (docs/forecast): the size ratio of the CE probes is applied to every method; L2 under
+the descent bound is CE at the small and middle rates and 2-8x over at the two largest (the bound
+does not see that real L2 stops once the domain is fitted); its own first-order replay
+(``l2_energy=False``) is 0.23-0.66x at the middle rates, which made the advisor pick L2 on held-out
+worlds; the largest rate's ratio is measured after ``probe_steps`` steps, not T, and overstates
+T's (up to 2x).
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored moment; one method's moments live at a time, so neither the number of
@@ -97,13 +110,15 @@ world 0's 30 forecasts (`experiments/bench/forecast_ablation.py`).
 **Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
 one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
 n_b probe batches, n_w token weightings (<= 4), G = methods x rates, k = ``probe_steps``):
-    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + 22.5 G T] / (3 T B L2)
-(the last term: the replays, about 45 N flops per step and configuration with the noise floor
-(30 without; `sft.forecast_run.replay_flops`), a token pass being 2 N flops; it does not depend
-on N). A 3B model, T = 150, B = 16, L2 = L1 = 512, n_1 = 128, n_b = 2, n_w = 4, G = 30, k = 6:
-0.80 (passes) + 0.03 (replays) = 0.83 of one training run, whatever N. In the tiny world
-(sequences of about 12 tokens) the replays cost more than the passes: world 0, 0.80 (passes) +
-1.47 (replays, with the probes' fits and LoRA's factor algebra; 1.07 before the noise floor).
+    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + rf G T / 2] / (3 T B L2)
+(the last term: the replays, rf N flops per step and configuration, a token pass being 2 N flops;
+it does not depend on N; `sft.forecast_run.replay_flops`: (50 + 30) / replay_block = 8 for CE, TALR,
+DFT, FLOW, 0 for L2 (CE's replay), (12 r + 25) / lora_block = 60.5 for LoRA: rf = 15.4 averaged over
+the six methods; 45-60 per step before the blocks). A 3B model, T = 150, B = 16, L2 = L1 = 512,
+n_1 = 128, n_b = 2, n_w = 4, G = 30, k = 6: 0.80 (passes) + 0.01 (replays) = 0.81 of one training
+run, whatever N. In the tiny world (sequences of about 12 tokens) a replay step costs about a
+fortieth of a training step: worlds 0-2, 0.80 (passes) + 0.48 (replays, with the probes' fits;
+1.48 before the blocks).
 """
 from __future__ import annotations
 
@@ -126,11 +141,12 @@ ADAM_EPS = 1e-8
 ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| / sqrt(v_hat) (Kingma & Ba, sec. 2.1)
 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
-           "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "FORECAST_MODEL"]
+           "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
+           "FORECAST_MODEL"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
-FORECAST_MODEL = "2: noise floor, kept step sizes"
+FORECAST_MODEL = "3: block replay, L2 held to the descent bound"
 
 
 @dataclass
@@ -157,6 +173,9 @@ class ForecastConfig:
     store_dtype: str = "float32"  # the gradient moments' storage ("bfloat16": half the memory, see the docstring)
     noise_floor: bool = True  # the replay's batch noise keeps its theta0 variance while the mean gradient shrinks
     keep_norm: bool = True  # the rotation turns the steps without shrinking them (`decorrelation`)
+    replay_block: int = 10  # steps per held Adam denominator in the replays (1: exact; `replay_adam`'s block)
+    lora_block: int = 2  # steps per held LoRA factor gradient (`replay_lora`'s block; 3 moved world 0's 3e-3 by 26 %)
+    l2_energy: bool = True  # L2 = CE's replay held to the descent bound l2 ||d_theta||^2 <= ell0 - ell_T (`l2_energy_scale`)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -166,7 +185,7 @@ class ForecastConfig:
             raise ValueError(f"lrs {self.lrs}: each must be in (0, 1)")
         if self.store_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"store_dtype {self.store_dtype!r}: expected float32, bfloat16 or float16")
-        for name in ("steps", "batch", "n_batches", "n_general", "probe_steps"):
+        for name in ("steps", "batch", "n_batches", "n_general", "probe_steps", "replay_block", "lora_block"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -511,7 +530,7 @@ def _v_mean_field(gm: GradientMoments, bb: torch.Tensor, bn: torch.Tensor, sl: s
 
 def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: float = 0.0,
                 max_grad_norm: float = 1.0, w_min: float = L.W_MIN, track: bool = True,
-                trajectory: bool = False, chunk: int = CHUNK):
+                trajectory: bool = False, chunk: int = CHUNK, block: int = 1):
     """AdamW replayed on the frozen gradient moments ``gm`` (mean field over the probe batches):
     returns (theta_T - theta0, ell_T) and, with ``trajectory=True``, also the domain-loss
     tracker after every step ``[T, K]``.
@@ -532,7 +551,15 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     The domain-loss tracker ``ell_T`` (fit): each group's loss decays as
     d ell_k = -kappa_k (ell_k / ell0_k)^2 x the first-order effect of the part of the step that the
     group's *own* mean gradient makes (Adam's denominator shared; no spill-over between groups);
-    kappa (the probe's) defaults to 1."""
+    kappa (the probe's) defaults to 1.
+
+    ``block`` (no L2 pull only; `_replay_blocks`): Adam's bias-corrected denominator is held for
+    ``block`` steps, so the N-sized work is two passes per block instead of one per step; every
+    scalar (the EMAs, the clip, the trackers, the steps' sizes) is still advanced every step
+    (``block=1``: exact)."""
+    if not l2_coeff:
+        return _replay_blocks(gm, method, lrs, max_grad_norm=max_grad_norm, w_min=w_min, track=track,
+                              trajectory=trajectory, chunk=chunk, block=block)
     K, N = gm.mean.shape
     b1, b2 = BETAS
     delta = torch.zeros(N)
@@ -540,37 +567,27 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
     mode = _replay_mode(gm, track, l2_coeff)
     norms, lams = [], []
-    a, bb = torch.zeros(K, dtype=torch.float64), torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
-    bn = torch.zeros_like(bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
-    mv = (torch.zeros(N, dtype=gm.mean.dtype), torch.zeros(N, dtype=gm.mean.dtype)) if l2_coeff else None
+    mv = (torch.zeros(N, dtype=gm.mean.dtype), torch.zeros(N, dtype=gm.mean.dtype))  # m, v per coordinate
     traj, lam_t, slices = [], 0.0, _chunks(N, chunk)
     for t, lr in enumerate(lrs, start=1):
         rho = _scale(gm, method, mode, ell, trk, lam_t, w_min)
         lam_t += float(lr)
         rn = noise_scale(method, trk if mode == "keep_norm" else ell, gm.ell0, gm.tau, w_min)
-        norm2 = gm.norm2(rho, rn)
-        if mv is not None:  # E||rho.g_b + 2 l2 delta||^2
-            norm2 += sum(float(4 * l2_coeff * (delta[sl] @ (rho.float() @ gm.mean[:, sl].float()))
-                               + 4 * l2_coeff**2 * (delta[sl] @ delta[sl])) for sl in slices)
+        norm2 = gm.norm2(rho, rn)  # + E||rho.g_b + 2 l2 delta||^2's pull terms:
+        norm2 += sum(float(4 * l2_coeff * (delta[sl] @ (rho.float() @ gm.mean[:, sl].float()))
+                     + 4 * l2_coeff**2 * (delta[sl] @ delta[sl])) for sl in slices)
         c = _clip_factor(norm2, max_grad_norm)
-        a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
-        bb.mul_(b2).add_(_pair_weights(rho), alpha=(1 - b2) * c * c)
-        bn.mul_(b2).add_(_pair_weights(rn), alpha=(1 - b2) * c * c)
         fo, own = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
         lams.append(lam_t - float(lr))
         norms.append(0.0)
         for sl in slices:
             mean = gm.mean[:, sl].float()
-            if mv is None:
-                m_hat = (a.float() @ mean) / (1 - b1**t)
-                v_hat = _v_mean_field(gm, bb, bn, sl) / (1 - b2**t)
-            else:
-                d, g = delta[sl], rho.float() @ mean
-                m = mv[0][sl].float().mul_(b1).add_(c * (g + 2 * l2_coeff * d), alpha=1 - b1)
-                e2 = gm.second_moment(rho, sl, rn) + 4 * l2_coeff * d * g + 4 * l2_coeff**2 * d * d
-                v = mv[1][sl].float().mul_(b2).add_(c * c * e2, alpha=1 - b2)
-                mv[0][sl], mv[1][sl] = m, v  # stored in the moments' precision
-                m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+            d, g = delta[sl], rho.float() @ mean
+            m = mv[0][sl].float().mul_(b1).add_(c * (g + 2 * l2_coeff * d), alpha=1 - b1)
+            e2 = gm.second_moment(rho, sl, rn) + 4 * l2_coeff * d * g + 4 * l2_coeff**2 * d * d
+            v = mv[1][sl].float().mul_(b2).add_(c * c * e2, alpha=1 - b2)
+            mv[0][sl], mv[1][sl] = m, v  # stored in the moments' precision
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
             # |m_hat| / sqrt(v_hat) <= ADAM_BOUND as in Adam itself: the floor keeps rounding of sq_01
             # (cancellation, bf16) from a zero denominator
             denom = torch.maximum(v_hat, (m_hat / ADAM_BOUND) ** 2).sqrt_().add_(ADAM_EPS)
@@ -588,6 +605,112 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     if mode == "keep_norm":
         delta.mul_(math.sqrt(decorrelation(np.sqrt(norms), np.asarray(lams), gm.lam_c)))
     return (delta, trk, torch.stack(traj)) if trajectory else (delta, trk)
+
+
+class _ReplayScalars:
+    """The scalar state of a replay without an L2 pull: Adam's moments are m_t = a(t) . mean and
+    v_t = bb(t) . mean_pairs + bn(t) . noise_pairs (``noise_floor``; else bb(t) . sq), the
+    first-order loss ``ell`` (drives the scale), the tracker ``trk``, the summed rate."""
+
+    def __init__(self, gm: GradientMoments, method: str, mode: str, max_grad_norm: float, w_min: float):
+        K = gm.mean.shape[0]
+        self.gm, self.method, self.mode, self.max_norm, self.w_min = gm, method, mode, max_grad_norm, w_min
+        self.a = torch.zeros(K, dtype=torch.float64)
+        self.bb = torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
+        self.bn = torch.zeros_like(self.bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
+        self.ell, self.trk = gm.ell0.clone(), gm.ell0.clone()
+        self.lam_t, self.c = 0.0, 1.0
+
+    def advance(self, lr: float) -> None:
+        """Step t's gradient scale, clip and EMAs (before the step is applied)."""
+        gm, b1, b2 = self.gm, *BETAS
+        rho = _scale(gm, self.method, self.mode, self.ell, self.trk, self.lam_t, self.w_min)
+        self.lam_t += float(lr)
+        rn = noise_scale(self.method, self.trk if self.mode == "keep_norm" else self.ell, gm.ell0, gm.tau, self.w_min)
+        self.c = c = _clip_factor(gm.norm2(rho, rn), self.max_norm)
+        self.a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
+        self.bb.mul_(b2).add_(_pair_weights(rho), alpha=(1 - b2) * c * c)
+        self.bn.mul_(b2).add_(_pair_weights(rn), alpha=(1 - b2) * c * c)
+
+    def corrected(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, bb, bn) bias-corrected at step t: m_hat = a . mean, v_hat = bb . (..) + bn . (..)."""
+        b1, b2 = BETAS
+        return self.a / (1 - b1**t), self.bb / (1 - b2**t), self.bn / (1 - b2**t)
+
+
+def _block_units(gm: GradientMoments, sl: slice, ahat, bbh, bnh) -> torch.Tensor:
+    """U_j = mean_j / denom on ``sl`` (``[K, n]``), denom = Adam's sqrt(v_hat) + eps at the block's start
+    (floored so that |m_hat| / denom <= ADAM_BOUND, as in Adam itself)."""
+    mean = gm.mean[:, sl].float()
+    m_hat = ahat.float() @ mean
+    v_hat = _v_mean_field(gm, bbh, bnh, sl)
+    denom = torch.maximum(v_hat, (m_hat / ADAM_BOUND) ** 2).sqrt_().add_(ADAM_EPS)
+    return mean / denom
+
+
+def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_grad_norm: float, w_min: float,
+                   track: bool, trajectory: bool, chunk: int, block: int):
+    """`replay_adam` without an L2 pull, its denominator held over blocks of ``block`` steps. With
+    U_j = mean_j / denom (the block's), step t is lr_t sum_j ahat_j(t) U_j, so its first-order
+    effect ce_k . step = lr_t (C ahat)_k (C_kj = ce_k . U_j), the group's own part lr_t c_t C_kk and
+    its squared size lr_t^2 ahat' Q ahat (Q_jl = U_j . U_l) are scalars: one pass over the
+    coordinates forms C and Q, the steps advance on scalars, a second pass adds
+    -sum_j (sum_t lr_t ahat_j(t)) U_j to the displacement."""
+    K, N = gm.mean.shape
+    block = max(int(block), 1)
+    delta = torch.zeros(N)
+    kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
+    st = _ReplayScalars(gm, method, _replay_mode(gm, track, 0.0), max_grad_norm, w_min)
+    norms, lams, traj, slices = [], [], [], _chunks(N, chunk)
+    T = len(lrs)
+    for t0 in range(1, T + 1, block):
+        st.advance(float(lrs[t0 - 1]))
+        frozen = st.corrected(t0)
+        C = torch.zeros(K, K, dtype=torch.float64)
+        Q = torch.zeros(K, K, dtype=torch.float64)
+        for sl in slices:
+            U = _block_units(gm, sl, *frozen)
+            C += (gm.ce(sl) @ U.t()).double()
+            Q += (U @ U.t()).double()
+        coef = torch.zeros(K, dtype=torch.float64)
+        for t in range(t0, min(t0 + block, T + 1)):
+            lr = float(lrs[t - 1])
+            if t > t0:
+                st.advance(lr)
+            ahat = st.corrected(t)[0]
+            coef += lr * ahat
+            lams.append(st.lam_t - lr)
+            norms.append(lr * lr * float(ahat @ Q @ ahat))
+            if track:
+                st.ell = (st.ell - lr * (C @ ahat)).clamp_min(0.0)  # theta moves by -step
+            st.trk = _decay(st.trk, kappa * (C.diagonal() * (st.c * lr)).clamp_min(0.0), gm.ell0)
+            if trajectory:
+                traj.append(st.trk.clone())
+        for sl in slices:
+            delta[sl] -= coef.float() @ _block_units(gm, sl, *frozen)
+    if st.mode == "keep_norm":
+        delta.mul_(math.sqrt(decorrelation(np.sqrt(np.maximum(norms, 0.0)), np.asarray(lams), gm.lam_c)))
+    return (delta, st.trk, torch.stack(traj)) if trajectory else (delta, st.trk)
+
+
+def l2_energy_scale(delta_sq: float, ell0, ell_T, tokens_per_seq, l2_coeff: float, size: float = 1.0) -> float:
+    """The factor s <= 1 that holds L2's displacement to the descent bound (theory, no knob).
+
+    L2 minimises ell(theta) + l2_coeff ||theta - theta0||^2 (ell the mean token loss). Training
+    lowers its objective, so ell(theta_T) + l2_coeff ||d_theta||^2 <= ell(theta0): the squared
+    displacement cannot exceed (ell0 - ell_T) / l2_coeff, the domain loss it bought over the pull's
+    price; the pull's equilibrium 2 l2_coeff d_theta = -grad ell is where this saturates. L2's step
+    is CE's replay (its gradients; the pull is negligible while the bound is slack) with its
+    tracked loss ell_T; ``size`` is the replay's size correction (measured / replayed dL, taken as
+    the ratio of squared lengths). s^2 = min(1, drop / (l2_coeff x delta_sq x size)) with
+    drop = sum_k (ell0_k - ell_T,k) n_k / sum_k n_k (token groups, n_k their tokens per sequence)."""
+    n = torch.as_tensor(tokens_per_seq, dtype=torch.float64)
+    drop = float(((torch.as_tensor(ell0, dtype=torch.float64) - torch.as_tensor(ell_T, dtype=torch.float64)) * n).sum()
+                 / n.sum().clamp_min(1e-30))
+    need = float(l2_coeff) * float(delta_sq) * float(size)
+    if need <= 0 or drop >= need:
+        return 1.0
+    return math.sqrt(max(drop, 0.0) / need)
 
 
 def decorrelation(d: np.ndarray, lam: np.ndarray, lam_c: float) -> float:
@@ -642,12 +765,14 @@ def _lora_grads(gm: GradientMoments, layout, As, Bs, rho: torch.Tensor, s: float
 
 
 def replay_lora(gm: GradientMoments, layout, lrs: np.ndarray, *, r: int, alpha: int, seed: int = 0,
-                max_grad_norm: float = 1.0, track: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                max_grad_norm: float = 1.0, track: bool = True, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Displacement of the merged weights after AdamW on LoRA factors with frozen weight
     gradient moments (Delta W = s B A, s = alpha / r; B = 0, A ~ peft's kaiming-uniform at start;
     the factors' Adam moments in expectation over the probe batches as in `replay_adam`),
     group-scaled at the first-order loss ell_k = ell0_k + ce_k . Delta W. Memory: the factors and
-    their Adam state (r (in + out) per layer x 3), no N-sized state but the returned displacement."""
+    their Adam state (r (in + out) per layer x 3), no N-sized state but the returned displacement.
+    ``block``: the factor gradients (the N-sized work) and ce_k . Delta W are formed every ``block``
+    steps and held in between, Adam's moments and the factors still advance every step (1: exact)."""
     s = alpha / r
     K = gm.mean.shape[0]
     As, Bs = _lora_factors(layout, r, seed)
@@ -656,15 +781,19 @@ def replay_lora(gm: GradientMoments, layout, lrs: np.ndarray, *, r: int, alpha: 
     kappa = torch.ones(K, dtype=torch.float64) if gm.kappa is None else gm.kappa
     ces = [gm.ce(slice(off, off + o * i)).reshape(K, o, i) for off, o, i, _ in layout]
     prev = torch.zeros(K, dtype=torch.float64)
+    block = max(int(block), 1)
     for t, lr in enumerate(lrs, start=1):
-        rho = gradient_scale("lora", ell, gm.ell0, gm.tau) if track else torch.ones(K, dtype=torch.float64)
-        grads = _lora_grads(gm, layout, As, Bs, rho, s)
-        c = _clip_factor(sum(float(eA.sum() + eB.sum()) for _, _, eA, eB in grads), max_grad_norm)
+        if (t - 1) % block == 0:
+            rho = gradient_scale("lora", ell, gm.ell0, gm.tau) if track else torch.ones(K, dtype=torch.float64)
+            grads = _lora_grads(gm, layout, As, Bs, rho, s)
+            c = _clip_factor(sum(float(eA.sum() + eB.sum()) for _, _, eA, eB in grads), max_grad_norm)
         for (gA, gB, eA, eB), A, B, st in zip(grads, As, Bs, mom):
             for x, g, e, m, v in ((A, gA, eA, st[0], st[2]), (B, gB, eB, st[1], st[3])):
                 m.mul_(BETAS[0]).add_(c * g, alpha=1 - BETAS[0])
                 v.mul_(BETAS[1]).add_(c * c * e, alpha=1 - BETAS[1])
                 x -= float(lr) * (m / (1 - BETAS[0] ** t)) / ((v / (1 - BETAS[1] ** t)).sqrt() + ADAM_EPS)
+        if t % block and t < len(lrs):
+            continue
         cur = torch.tensor([sum(float((s * (B.t() @ C[k]) * A).sum()) for C, A, B in zip(ces, As, Bs))
                             for k in range(K)], dtype=torch.float64)  # ce_k . Delta W
         d, prev = cur - prev, cur
@@ -759,7 +888,7 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,
                            n_batches: int, n_weightings: int, grid: int, probe_steps: int, flow: bool = True,
-                           replay_flops: float = 45.0) -> dict:
+                           replay_flops: float = 15.4) -> dict:
     """The forecast's compute over one training run's (3 T B L2 forward-token passes; a backward
     costs two forwards), from its parts (L2, L1 = mean tokens of a D2 / D1 sequence):
 
@@ -768,8 +897,8 @@ def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: 
     - token groups and FLOW's temperature: n_b B L2 each; the two probes: 2 x 3 k B L2;
     - the D1 sample: at theta0, after each probe, at the two replayed probes and at each of the G
       configurations: (G + 5) n_1 L1;
-    - the replays, no model pass: ``replay_flops`` (about 45; 30 without the noise floor) x N flops
-      per step and configuration,
+    - the replays, no model pass: ``replay_flops`` (about 15.4 with the blocks, averaged over the
+      six methods; 45 per step before them) x N flops per step and configuration,
       a forward-token pass being 2 N flops: G T replay_flops / 2 (N cancels).
 
     ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + G T replay_flops / 2] / (3 T B L2)."""

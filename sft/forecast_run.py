@@ -12,8 +12,8 @@ from torch import nn
 
 from .methods import get_method
 from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
-                       cosine_lrs, lora_layout, method_gradients, replay_adam, replay_lora, sequence_losses,
-                       training_run_units)
+                       cosine_lrs, l2_energy_scale, lora_layout, method_gradients, replay_adam, replay_lora,
+                       sequence_losses, training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
            "power_law_probes", "replay_flops"]
@@ -192,7 +192,7 @@ class _Grid:
         self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
         self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
         self.dtype = getattr(torch, cfg.store_dtype)
-        self.flow_tau, self.size_points, self._groups = None, [], None
+        self.flow_tau, self.size_points, self._groups, self._last = None, [], None, None
         if any(get_method(m).sequence_weights == "flow" for m in cfg.methods):
             _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
             self.flow_tau = max(float(np.median(means)), 1e-12)
@@ -210,13 +210,21 @@ class _Grid:
     def replay(self, gm: GradientMoments, method: str, lr: float):
         cfg = self.cfg
         lrs = cosine_lrs(lr, cfg.steps)
-        self.meter.replay(cfg.steps, replay_flops(method, cfg))
         rec = get_method(method)
+        if rec.regularizer == "l2" and cfg.l2_energy:
+            return self.replay(gm, "ce", lr)  # L2's own part: `l2_row`
+        if self._last is not None and self._last[0] == (method, lr):  # CE's replay, shared with L2 at this rate
+            return self._last[1]
+        self.meter.replay(cfg.steps, replay_flops(method, cfg))
         if rec.lora:
             return replay_lora(gm, self.layout, lrs, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed,
-                               max_grad_norm=cfg.max_grad_norm, track=cfg.track)
-        return replay_adam(gm, method, lrs, l2_coeff=cfg.l2_coeff if rec.regularizer == "l2" else 0.0,
-                           max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min, track=cfg.track)
+                               max_grad_norm=cfg.max_grad_norm, track=cfg.track, block=cfg.lora_block)
+        l2 = cfg.l2_coeff if rec.regularizer == "l2" else 0.0
+        out = replay_adam(gm, method, lrs, l2_coeff=l2, max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min,
+                          track=cfg.track, block=cfg.replay_block)
+        if method == "ce":
+            self._last = ((method, lr), out)  # one displacement kept (memory: + 4 N bytes)
+        return out
 
     def evaluate(self, delta: torch.Tensor) -> tuple[float, dict]:
         """dL(P1) on the D1 sample at theta0 + delta (bits per sequence) and, with a tree, its two terms."""
@@ -263,7 +271,7 @@ class _Grid:
     def replayed_dl(self, ce: GradientMoments, lrs: np.ndarray) -> float:
         self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
-                               track=self.cfg.track)
+                               track=self.cfg.track, block=self.cfg.replay_block)
         with Shifted(self.model, delta):
             return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1
 
@@ -271,26 +279,39 @@ class _Grid:
         out = []
         for m, lr in pairs:
             delta, ell = self.replay(gm, m, lr)
+            r = size_correction(self.size_points, lr)
+            extra = {}
+            if get_method(m).regularizer == "l2" and self.cfg.l2_energy:
+                s = l2_energy_scale(float(delta.double().pow(2).sum()), gm.ell0, ell, gm.tokens_per_seq,
+                                    self.cfg.l2_coeff, size=r)
+                delta, extra = delta * s, {"l2_energy_scale": s}
             dl, parts = self.evaluate(delta)
             del delta
-            r = size_correction(self.size_points, lr)
             out.append(Forecast(m, lr, dl * r, gm.gain_bits(ell), extras={
                 "Lambda": float(cosine_lrs(lr, self.cfg.steps).sum()), "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
-                **parts}).to_dict())
+                **extra, **parts}).to_dict())
             progress(1)
         return out
 
 
-def replay_flops(method: str, cfg: ForecastConfig | None, noise_floor: bool | None = None) -> float:
+def replay_flops(method: str, cfg: ForecastConfig | None, noise_floor: bool | None = None,
+                 block: int | None = None) -> float:
     """Flops per parameter and step of a replay (counted by hand from `sft.forecast.replay_adam` /
-    `replay_lora`'s per-coordinate operations): 30 (45 with the noise floor, which forms the mean
-    products and the noise's covariances on the fly), L2 15 more (its per-coordinate moments), LoRA
-    8 r + 10 (+ 15)."""
+    `replay_lora`'s per-coordinate operations; x = 15 with the noise floor, which forms the mean
+    products and the noise's covariances on the fly, else 0): without an L2 pull two passes per
+    block of b steps (``cfg.replay_block``, LoRA ``cfg.lora_block``, 1 without a cfg), (30 + x) to form C and Q and (20 + x)
+    to add the block's step: (50 + 2 x) / b; L2's per-coordinate moments 45 + x; LoRA (12 r + 10 + x) / b
+    (its factor gradients 8 r + 10 + x and the tracker's ce_k . Delta W 4 r, formed once per block)."""
     nf = (cfg.noise_floor if cfg is not None else False) if noise_floor is None else noise_floor
     extra = 15.0 if nf else 0.0
-    if method == "lora" or get_method(method).lora:
-        return 8.0 * (cfg.lora_r if cfg is not None else 8) + 10.0 + extra
-    return (45.0 if get_method(method).regularizer == "l2" else 30.0) + extra
+    lora = method == "lora" or get_method(method).lora
+    b = block if block is not None else (getattr(cfg, "lora_block" if lora else "replay_block") if cfg is not None else 1)
+    b = max(int(b), 1)
+    if lora:  # factor gradients 8 r + 10 + x, ce_k . Delta W 4 r, per block
+        return (12.0 * (cfg.lora_r if cfg is not None else 8) + 10.0 + extra) / b
+    if get_method(method).regularizer == "l2":
+        return 45.0 + extra
+    return (50.0 + 2.0 * extra) / b
 
 
 def size_correction(points: Sequence[tuple[float, float, float]], lr: float) -> float:
@@ -303,6 +324,15 @@ def size_correction(points: Sequence[tuple[float, float, float]], lr: float) -> 
         return 1.0
     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
     return float(np.exp(np.interp(math.log(lr), x, y)))
+
+
+def _ce_family_rows(grid: _Grid, ce: GradientMoments, pairs, methods, progress) -> dict[str, list[dict]]:
+    """The rows of the methods that replay CE's moments, rate by rate so that L2 reuses CE's replay
+    at the same rate (one displacement kept at a time)."""
+    mine = sorted((p for p in pairs if p[0] in methods), key=lambda p: (p[1], p[0] != "ce"))
+    rows = grid.rows(ce, mine, progress)
+    grid._last = None
+    return {m: [r for r in rows if r["method"] == m] for m in methods}
 
 
 def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig, *,
@@ -336,7 +366,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
             grid.size_points = grid.size_probe(ce, model0, probe)
             probe["size_points"] = grid.size_points
         bar.update(1)
-    by_method = {m: grid.rows(ce, [p for p in pairs if p[0] == m], bar.update) for m in replays_ce}
+    by_method = _ce_family_rows(grid, ce, pairs, replays_ce, bar.update)
     shared = ce.ce(), ce.kappa, ce.lam_c
     del ce
     for m in own:

@@ -22,7 +22,12 @@ import numpy as np
 VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
             "bf16_moments": {"store_dtype": "bfloat16"}, "no_noise_floor": {"noise_floor": False},
             "shrinking_rotation": {"keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
-            "previous_replay": {"noise_floor": False, "keep_norm": False}}
+            "previous_replay": {"noise_floor": False, "keep_norm": False},
+            "exact_replay": {"replay_block": 1, "lora_block": 1},  # Adam's denominator every step (no blocks)
+            "block25": {"replay_block": 25},
+            "cheap_probe": {"replay_block": 25, "n_batches": 4, "probe_steps": 8},  # fewer model passes
+            "no_l2_energy": {"l2_energy": False},  # L2's own first-order replay with its pull
+            "version2": {"replay_block": 1, "lora_block": 1, "l2_energy": False}}  # FORECAST_MODEL 2 (noise floor, kept steps)
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
@@ -42,11 +47,28 @@ def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
             "advisor_within_budget": adv["advisor_within_budget"], "compute_ratio": fc["compute"]["compute_ratio"]}
 
 
+def _table_runs(path: str) -> list[dict]:
+    """One pseudo-run per row of a stored summary's table (its seed-mean measurements)."""
+    rows = json.loads(Path(path).read_text())["table"]
+    return [{"spec": {"method": r["method"], "lr": r["lr"], "seed": 0}, "dL_P1_bits": r["measured_dL_P1_bits"],
+             "domain_gain_bits": r["measured_gain_bits"], "kl_q0_qT_domain_bits": float("nan")} for r in rows]
+
+
+def _stored_runs(cfg, wcfg, out: str) -> list[dict]:
+    from experiments.studies.forecast_grid import RunSpec
+
+    paths = [Path(out, "runs", f"{RunSpec(wcfg.key(), wcfg.variant, m, float(lr), cfg.steps, cfg.batch, s).key()}.json")
+             for s in cfg.seeds for m in cfg.methods for lr in cfg.lrs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"{out}/runs: {len(missing)} of {len(paths)} runs missing; train the grid first")
+    return [json.loads(p.read_text()) for p in paths]
+
+
 def main(argv=None) -> None:
     import torch
 
     from experiments.studies import forecast as S
-    from experiments.studies.forecast_grid import RunSpec
     from sft.forecast_run import forecast_grid
     from sft.worlds import build_world, pretrain
 
@@ -54,19 +76,17 @@ def main(argv=None) -> None:
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seeds", default="0,1,2", help="the training seeds of the stored runs (comma list)")
     ap.add_argument("--out", required=True, help="the study's folder (its runs/ are read)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
+    ap.add_argument("--measured", help="a summary.json whose table holds the seed-mean measurements (worlds whose "
+                    "runs are not stored); else --out's runs/")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = S.make_config("default", world_seed=a.world_seed, steps=a.steps, batch=a.batch_size, out=a.out,
-                        progress=False)
+                        progress=False, seeds=tuple(int(x) for x in a.seeds.split(",")))
     wcfg = S.world_config(cfg)
-    paths = [Path(a.out, "runs", f"{RunSpec(wcfg.key(), wcfg.variant, m, float(lr), cfg.steps, cfg.batch, s).key()}.json")
-             for s in cfg.seeds for m in cfg.methods for lr in cfg.lrs]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise SystemExit(f"{a.out}/runs: {len(missing)} of {len(paths)} runs missing; train the grid first")
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = _table_runs(a.measured) if a.measured else _stored_runs(cfg, wcfg, a.out)
     world = build_world(wcfg)
     model0, _ = pretrain(world, cfg.cache_dir)
     d1 = S.general_sample(world, S.forecast_config(cfg, world).n_general)
@@ -78,8 +98,12 @@ def main(argv=None) -> None:
         dl = np.array([r["dL_P1_bits"] for r in fc["rows"]])
         ref = dl if ref is None else ref
         rel = np.abs(dl - ref) / np.maximum(np.abs(ref), 1e-12)
+        meas = S.measured_scores(cfg, fc, runs)["dl"]
+        ratios = {m: [round(float(f / x), 2) for f, x, r in zip(dl, meas, fc["rows"]) if r["method"] == m]
+                  for m in cfg.methods}  # forecast / measured by rate, the smallest first
         print(json.dumps({"world_seed": a.world_seed, "variant": name, **score_forecast(cfg, fc, runs, S.zero_tolerance(d1)),
-                          "max_rel_change": float(rel.max()), "median_rel_change": float(np.median(rel))}))
+                          "replay_ratio": fc["compute"]["replay_ratio"], "max_rel_change": float(rel.max()),
+                          "median_rel_change": float(np.median(rel)), "forecast_over_measured": ratios}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sft.forecast import (ComputeMeter, ForecastConfig, GradientMoments, adam_step, advise, coherence, cosine_lrs,
-                          gradient_scale, replay_adam, replay_lora, training_run_units)
+                          gradient_scale, l2_energy_scale, replay_adam, replay_lora, training_run_units)
 from sft.forecast_run import fit_coherence
 
 
@@ -147,6 +147,16 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     res = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
     ce = [r for r in res["rows"] if r["method"] == "ce"]
     assert len(res["rows"]) == 6
+    # L2 shares CE's replay at each rate (its gain is CE's), its displacement held by the descent bound
+    l2cfg = ForecastConfig(methods=("ce", "l2"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2, n_general=32,
+                           probe_steps=4, pad_token_id=w.pad_id)
+    both = forecast_grid(model, w.d2_train, general_sample(w, 32), l2cfg, progress=False)["rows"]
+    by = {(r["method"], r["lr"]): r for r in both}
+    for lr in (3e-4, 3e-3):
+        assert by["l2", lr]["domain_gain_bits"] == by["ce", lr]["domain_gain_bits"]
+        assert 0.0 <= by["l2", lr]["l2_energy_scale"] <= 1.0
+        if by["l2", lr]["l2_energy_scale"] == 1.0:
+            assert by["l2", lr]["dL_P1_bits"] == pytest.approx(by["ce", lr]["dL_P1_bits"])
     dls = [r["dL_P1_bits"] for r in ce]
     gains = [r["domain_gain_bits"] for r in ce]
     assert dls[0] < dls[1] < dls[2]
@@ -371,11 +381,69 @@ def test_replay_flops_counts_the_noise_floor():
     from sft.forecast_run import replay_flops
 
     on, off = ForecastConfig(), ForecastConfig(noise_floor=False)
-    assert [replay_flops(m, off) for m in ("ce", "talr", "l2", "lora")] == [30.0, 30.0, 45.0, 74.0]
-    assert [replay_flops(m, on) for m in ("ce", "talr", "l2", "lora")] == [45.0, 45.0, 60.0, 89.0]
+    # blocks of b steps: (50 + 2 x) / b without an L2 pull (x = 15 with the noise floor), L2's own
+    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; defaults b = 10, lora_block = 2, r = 8
+    assert [replay_flops(m, off) for m in ("ce", "talr", "l2", "lora")] == [5.0, 5.0, 45.0, 53.0]
+    assert [replay_flops(m, on) for m in ("ce", "talr", "l2", "lora")] == [8.0, 8.0, 60.0, 60.5]
+    exact = ForecastConfig(replay_block=1, lora_block=1)
+    assert [replay_flops(m, exact) for m in ("ce", "l2", "lora")] == [80.0, 60.0, 121.0]
     m = ComputeMeter()
     m.replay(150, 45.0)
     assert m.units == m.replay_units == 45.0 * 150 / 2
     r = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
                                n_weightings=4, grid=30, probe_steps=6)
-    assert r["replay_ratio"] == pytest.approx(30 * 150 * 45 / 2 / (3 * 150 * 16 * 512))
+    assert r["replay_ratio"] == pytest.approx(30 * 150 * 15.4 / 2 / (3 * 150 * 16 * 512))
+    # the default per-configuration flops: the six methods' replay_flops averaged
+    assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
+
+
+def test_block_replay_is_exact_while_the_scales_hold_and_close_when_they_move():
+    """Held Adam denominators (``block``): with a frozen scale and no clipping the bias-corrected
+    moments are constant (a_hat = rho, bb_hat = rho^2), so any block gives the per-step replay to
+    rounding; with tracking, noise floor and clipping the blocks move the displacement little and
+    block=1 is the per-step replay whatever the chunking."""
+    torch.manual_seed(3)
+    g = torch.randn(5, 2, 300) * 0.05 + torch.randn(1, 2, 300) * 0.05
+    lrs = cosine_lrs(3e-3, 60)
+
+    def gm(nf=False):
+        out = GradientMoments.from_batches(g, None, (1.0, 3.0))
+        out.ce_mean, out.ce_scale = None, torch.tensor([1.0, 1.0])
+        out.noise_floor, out.keep_norm, out.lam_c = nf, nf, (0.05 if nf else float("inf"))
+        return out
+
+    ref, _ = replay_adam(gm(), "ce", lrs, track=False, max_grad_norm=0.0)
+    for block in (4, 7, 60):
+        got, _ = replay_adam(gm(), "ce", lrs, track=False, max_grad_norm=0.0, block=block)
+        assert got.tolist() == pytest.approx(ref.tolist(), rel=1e-5, abs=1e-9)
+    exact, ell1 = replay_adam(gm(True), "ce", lrs, max_grad_norm=0.5)
+    chunked, ell2 = replay_adam(gm(True), "ce", lrs, max_grad_norm=0.5, chunk=37)
+    assert chunked.tolist() == pytest.approx(exact.tolist(), rel=1e-4, abs=1e-8)
+    blocked, ell3 = replay_adam(gm(True), "ce", lrs, max_grad_norm=0.5, block=10)
+    assert 0 < float((blocked - exact).norm() / exact.norm()) < 0.05
+    assert ell3.tolist() == pytest.approx(ell1.tolist(), rel=0.05)
+
+
+def test_lora_block_one_is_the_per_step_replay_and_two_stays_close():
+    torch.manual_seed(0)
+    layout = [(0, 6, 5, 0), (30, 4, 6, 1)]
+    g = torch.randn(4, 2, 54) * 0.1
+    gm = GradientMoments.from_batches(g, None, (1.0, 3.0))
+    gm.ce_mean, gm.ce_scale = None, torch.tensor([1.0, 1.0])
+    lrs = cosine_lrs(1e-2, 40)
+    d1, _ = replay_lora(gm, layout, lrs, r=2, alpha=4, block=1)
+    d0, _ = replay_lora(gm, layout, lrs, r=2, alpha=4)
+    assert d1.tolist() == d0.tolist()
+    d2, _ = replay_lora(gm, layout, lrs, r=2, alpha=4, block=2)
+    assert 0 < float((d2 - d1).norm() / d1.norm()) < 0.15
+
+
+def test_l2_energy_scale_hand_values():
+    """s^2 = min(1, drop / (l2 |d|^2 size)), drop = the token-weighted fall of the group losses:
+    ell0 = (1, 3), ell_T = (0.5, 1), tokens (3, 1): drop = (0.5 * 3 + 2 * 1) / 4 = 0.875 nats."""
+    args = ((1.0, 3.0), (0.5, 1.0), (3.0, 1.0))
+    assert l2_energy_scale(175.0, *args, 0.01) == pytest.approx(np.sqrt(0.875 / 1.75))  # need 1.75
+    assert l2_energy_scale(175.0, *args, 0.01, size=2.0) == pytest.approx(0.5)  # need 3.5
+    assert l2_energy_scale(50.0, *args, 0.01) == 1.0  # the bound is slack: need 0.5 < 0.875
+    assert l2_energy_scale(0.0, *args, 0.01) == 1.0
+    assert l2_energy_scale(10.0, (1.0, 1.0), (1.5, 1.5), (1.0, 1.0), 0.01) == 0.0  # no drop: no displacement
