@@ -873,7 +873,8 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     - the moments of one method: mean 2 s N, sq 3 s N, the CE direction 2 s N (TALR, DFT,
       FLOW; CE, L2 and LoRA derive it from their mean);
     - the gradient pass: the two group gradients and a flattened copy, 3 w N;
-    - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N, a few chunk floats.
+    - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N (with ``l2_energy``: CE's
+      displacement kept for L2 and its scaled copy, 4 N, within 2 s N for s >= 2), a few chunk floats.
 
     peak = w N + max(5 s N + 2 s N + 4 N + w N  [CE, L2, LoRA],
                      7 s N + 4 N + w N            [TALR, DFT, FLOW],
