@@ -244,10 +244,39 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
         fc = [r["forecast_general_delta_bits"] for r in rs]
         ms = [r["general_delta_bits_pooled"] for r in rs]
         out[name] = {"n": len(rs), "spearman_general": spearman(fc, ms) if rs else None,
-                     "within_2x_general": within_2x(fc, ms) if rs else None,
+                     "within_2x_general": within_2x(fc, ms, zero_tol=WITHIN_ZERO_TOL) if rs else None,
                      "spearman_gain": spearman([r["forecast_domain_gain_bits"] for r in rs],
-                                               [r["domain_gain_bits"] for r in rs]) if rs else None}
+                                               [r["domain_gain_bits"] for r in rs]) if rs else None,
+                     "advisor": grid_advisor(rs) if sel is not None else None}
     return out
+
+
+WITHIN_ZERO_TOL = 0.01  # bits/token: a run is within 2x when both changes are this close to zero (no ratio)
+
+
+def grid_advisor(rs: list[dict], n_budgets: int = 3) -> dict | None:
+    """`sft.forecast_metrics.advisor_scores` on one variant's forecast runs: at ``n_budgets`` budgets
+    (log-spaced over the measured general changes, `budgets_over`), the forecast's choice (the
+    largest forecast gain whose forecast change fits) against the hindsight best (the largest
+    measured gain whose measured change fits); gains are compared by rank only (the forecast's per
+    training sequence, the measured per held-out completion). None with fewer than 3 runs or no
+    positive measured change."""
+    import numpy as np
+
+    from sft.forecast_metrics import advisor_scores, budgets_over
+
+    ms = [r["general_delta_bits_pooled"] for r in rs]
+    if len(rs) < 3 or not any(m > 0 for m in ms):
+        return None
+    lrs = sorted({r["lr"] for r in rs})
+    res = advisor_scores([r["method"] for r in rs], [lrs.index(r["lr"]) for r in rs],
+                         [r["forecast_general_delta_bits"] for r in rs], [r["forecast_domain_gain_bits"] for r in rs],
+                         ms, [r["domain_gain_bits"] for r in rs], budgets_over(ms, n_budgets))
+    for b in res["budgets"]:
+        for k in ("choice", "best"):
+            if isinstance(b.get(k), (int, np.integer)):
+                b[k] = None if b[k] < 0 else label(rs[int(b[k])])
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in res.items()}
 
 
 def matched_gain_summary(runs: list[dict]) -> dict:

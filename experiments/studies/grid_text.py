@@ -335,7 +335,19 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
                      r["domain_gain_bits"]] for r in rs]), "",
           md_table(["runs", "n", "Spearman general", "within 2x general", "Spearman gain"],
                    [[k, fs[k]["n"], rank_or_untestable(fs[k], "spearman_general"), fs[k]["within_2x_general"],
-                     rank_or_untestable(fs[k], "spearman_gain")] for k in ("label", "cot", "all") if fs.get(k) and fs[k]["n"]]), ""]
+                     rank_or_untestable(fs[k], "spearman_gain")] for k in ("label", "cot", "all") if fs.get(k) and fs[k]["n"]]), "",
+          "Within 2x: |forecast - measured| <= max(|forecast|, |measured|) / 2, or both within 0.01 bits/token "
+          "of zero (near-zero changes have no meaningful ratio).", ""]
+    for v in ("label", "cot"):
+        a = (fs.get(v) or {}).get("advisor")
+        if not a or not a["budgets"]:
+            continue
+        L += [f"Advisor ({v}, `sft.forecast.advise` on the forecasts vs the hindsight best on the measurements; "
+              "a hit: the best's method within one rate step, or a feasible choice losing no more than one step): "
+              f"hit rate {fmt(a['advisor_hit_rate'])}, measured change within 2x the budget "
+              f"{fmt(a['advisor_within_budget'])}.", "",
+              md_table(["budget (bits/tok)", "advisor's choice", "hindsight best", "hit", "within 2x budget"],
+                       [[b["budget_bits"], b["choice"], b["best"], b["hit"], b["within_budget"]] for b in a["budgets"]]), ""]
     return L
 
 

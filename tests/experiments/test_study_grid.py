@@ -606,3 +606,23 @@ def test_schedule_alternates_variants_then_forecasts_then_plateau_runs():
     for v in ("label", "cot"):  # each variant's plateau reference before its other plateau entries
         mine = [e for e, _ in plan[first_plateau:] if e.variant == v]
         assert mine[0] == plateau_reference(cfg, v) and len(mine) == 4
+
+
+def test_grid_advisor_scores_choices_against_the_hindsight_best():
+    from experiments.studies.grid_report import grid_advisor
+
+    def row(m, lr, fc, ms, fg, mg):
+        return {"variant": "label", "method": m, "lr": lr, "alpha": None, "steps": 20, "plateau": False,
+                "forecast_general_delta_bits": fc, "general_delta_bits_pooled": ms,
+                "forecast_domain_gain_bits": fg, "domain_gain_bits": mg}
+
+    # CE: more rate, more gain, more degradation; the forecast has the measurements' order
+    rs = [row("ce", lr, 0.012 * k, 0.012 * k, 10.0 * k, 9.0 * k) for k, lr in enumerate((1e-5, 3e-5, 1e-4, 3e-4), 1)]
+    good = grid_advisor(rs)
+    assert good["advisor_hit_rate"] == 1.0 and good["advisor_within_budget"] == 1.0 and len(good["budgets"]) == 3
+    assert all(b["choice"] == b["best"] for b in good["budgets"])
+    # a forecast blind to degradation (all ~0) picks the largest rate at every budget: it misses below the top
+    blind = grid_advisor([{**r, "forecast_general_delta_bits": 0.0} for r in rs])
+    assert all(b["choice"] == blind["budgets"][0]["choice"] for b in blind["budgets"])
+    assert blind["advisor_within_budget"] < 1.0
+    assert grid_advisor(rs[:2]) is None  # too few runs
