@@ -483,16 +483,21 @@ def _bound_section(runs: list[dict]) -> list[str]:
     L = ["## Per-prefix bound over measured degradation", ""]
     if not withb:
         return L + ["No run carries the per-prefix bound yet (runs evaluated before it was wired in).", ""]
-    def med(key):
-        xs = sorted(r[key] for r in withb if r.get(key) is not None)
+    def med(rows, key):
+        xs = sorted(r[key] for r in rows if r.get(key) is not None)
         return None if not xs else (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
-    n_deg = sum(r.get("bound_kl_over_measured") is not None for r in withb)
-    meds = (f"Median over the {n_deg} models whose general code length rose: KL bound / measured "
-            f"{fmt(med('bound_kl_over_measured'))}, chi2 bound / measured {fmt(med('bound_over_measured'))}, "
-            f"floor / measured {fmt(med('floor_over_measured'))}, point-mass bound / measured "
-            f"{fmt(med('bound_point_over_measured'))}." if n_deg else
-            "No model's general code length rose: no bound / measured ratio.")
+    def meds_of(rows, what):
+        deg = [r for r in rows if r.get("bound_kl_over_measured") is not None]
+        if not deg:
+            return f"No {what} has a general code length that rose: no bound / measured ratio."
+        return (f"Median over the {len(deg)} {what} whose general code length rose: KL bound / measured "
+                f"{fmt(med(deg, 'bound_kl_over_measured'))}, chi2 bound / measured {fmt(med(deg, 'bound_over_measured'))}, "
+                f"floor / measured {fmt(med(deg, 'floor_over_measured'))}, point-mass bound / measured "
+                f"{fmt(med(deg, 'bound_point_over_measured'))}.")
+
+    meds = meds_of([r for r in withb if r.get("alpha") is None], "trained runs") + " " + \
+        meds_of(withb, "models (trained runs and WiSE-FT points)")
     return L + [
         "Over the full vocabulary at every coded position of the general set (HumanEval solutions given their "
         "prompts, GSM8K questions; each position its own node, p1 the point mass on the observed token: "
