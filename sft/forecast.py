@@ -123,6 +123,7 @@ fortieth of a training step: worlds 0-2, 0.80 (passes) + 0.48 (replays, with the
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -191,22 +192,44 @@ class ForecastConfig:
 
 
 class ComputeMeter:
-    """Forward-token passes: a forward over n tokens costs n, a forward+backward 3n."""
+    """Forward-token passes: a forward over n tokens costs n, a backward 2n, a forward+backward 3n.
+
+    ``parts`` splits ``units`` by what spent them: model passes go to the part named by the
+    innermost :meth:`phase` (``"other"`` outside any), replays to ``"replays"``; the parts always
+    sum to ``units``."""
 
     def __init__(self):
         self.units = 0.0
         self.replay_units = 0.0  # the part of ``units`` spent in replays (no model pass)
+        self.parts: dict[str, float] = {}
+        self._phase = "other"
+
+    @contextmanager
+    def phase(self, name: str):
+        """Count the model passes inside the block under ``parts[name]``."""
+        old, self._phase = self._phase, name
+        try:
+            yield self
+        finally:
+            self._phase = old
+
+    def _add(self, part: str, units: float) -> None:
+        self.units += units
+        self.parts[part] = self.parts.get(part, 0.0) + units
 
     def forward(self, n_tokens: int) -> None:
-        self.units += float(n_tokens)
+        self._add(self._phase, float(n_tokens))
+
+    def backward(self, n_tokens: int) -> None:
+        self._add(self._phase, 2.0 * float(n_tokens))
 
     def forward_backward(self, n_tokens: int) -> None:
-        self.units += 3.0 * float(n_tokens)
+        self._add(self._phase, 3.0 * float(n_tokens))
 
     def replay(self, steps: int, flops_per_param: float = 30.0) -> None:
         """A replay of ``steps`` steps costing ``flops_per_param`` x N flops each (no model pass):
         a token's forward costs 2 N flops, so it counts flops_per_param x steps / 2."""
-        self.units += flops_per_param * float(steps) / 2.0
+        self._add("replays", flops_per_param * float(steps) / 2.0)
         self.replay_units += flops_per_param * float(steps) / 2.0
 
 
@@ -412,7 +435,8 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
             if meter is not None:
                 n = int(b["attention_mask"].sum())
                 meter.forward(n)
-                meter.units += 2.0 * n * (4 if acc.ce is not None else 2)  # backward passes
+                for _ in range(4 if acc.ce is not None else 2):  # one backward per group (and per CE group)
+                    meter.backward(n)
     finally:
         model.train(was)
     nt = acc.n_tok.clamp_min(1)

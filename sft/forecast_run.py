@@ -188,24 +188,28 @@ class _Grid:
         self.d1, self.tree, self.pad = list(d1)[: cfg.n_general], d1_tree, cfg.pad_token_id
         self.batches = _batches(d2, cfg, np.random.default_rng(cfg.seed))
         self.examples = [ex for b in self.batches for ex in b]
-        self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
-        self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
+        with self.meter.phase("d1_evals"):
+            self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
+            self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
         self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
         self.dtype = getattr(torch, cfg.store_dtype)
         self.flow_tau, self.size_points, self._groups, self._last = None, [], None, None
         if any(get_method(m).sequence_weights == "flow" for m in cfg.methods):
-            _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
+            with self.meter.phase("gradients"):
+                _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
             self.flow_tau = max(float(np.median(means)), 1e-12)
 
     def groups(self) -> list[np.ndarray]:
         """Per probe example, its hard tokens at theta0 (computed once)."""
         if self._groups is None:
-            self._groups = token_groups(self.model, self.examples, self.pad, HARD_GROUP_P, self.meter)
+            with self.meter.phase("probes"):
+                self._groups = token_groups(self.model, self.examples, self.pad, HARD_GROUP_P, self.meter)
         return self._groups
 
     def moments(self, method: str, ce_mean=None) -> GradientMoments:
-        return method_gradients(self.model, self.batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
-                                w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype)
+        with self.meter.phase("gradients"):
+            return method_gradients(self.model, self.batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
+                                    w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype)
 
     def replay(self, gm: GradientMoments, method: str, lr: float):
         cfg = self.cfg
@@ -230,7 +234,7 @@ class _Grid:
         """dL(P1) on the D1 sample at theta0 + delta (bits per sequence) and, with a tree, its two terms."""
         from theory.prefix import prefix_decomposition
 
-        with Shifted(self.model, delta):
+        with Shifted(self.model, delta), self.meter.phase("d1_evals"):
             if self.tree is None:
                 return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1, {}
             d = prefix_decomposition(self.tree.tree, self.base_lq, self.tree.logq(self.model, self.meter), unit="bits")
@@ -243,10 +247,13 @@ class _Grid:
         k_steps = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
         cos = []
-        target, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True,
-                                  direction=ce.mean.float().sum(0), cosines=cos)
+        groups = self.groups()
+        with self.meter.phase("probes"):
+            target, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True,
+                                      direction=ce.mean.float().sum(0), cosines=cos)
         ce.lam_c = fit_coherence(cos, plrs) if cfg.coherence else math.inf
-        probe_dl = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
+        with self.meter.phase("d1_evals"):
+            probe_dl = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
         del pm
         kappa = fit_kappa(ce, plrs, target, meter=self.meter)
         return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
@@ -262,8 +269,11 @@ class _Grid:
         lr_top = float(max(cfg.lrs))
         k = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_top, cfg.steps)[:k]
-        _, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True)
-        top = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
+        groups = self.groups()
+        with self.meter.phase("probes"):
+            _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
+        with self.meter.phase("d1_evals"):
+            top = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
         del pm
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
                 (lr_top, top, self.replayed_dl(ce, plrs))]
@@ -272,7 +282,7 @@ class _Grid:
         self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
                                track=self.cfg.track, block=self.cfg.replay_block)
-        with Shifted(self.model, delta):
+        with Shifted(self.model, delta), self.meter.phase("d1_evals"):
             return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1
 
     def rows(self, gm: GradientMoments, pairs, progress) -> list[dict]:
@@ -381,6 +391,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     return {"rows": rows, "probe": probe,
             "compute": {"forecast_units": grid.meter.units, "training_run_units": run_units,
                         "compute_ratio": grid.meter.units / run_units, "replay_ratio": grid.meter.replay_units / run_units,
+                        "parts": {k: v / run_units for k, v in sorted(grid.meter.parts.items())},
                         "unit": "forward-token passes (backward = 2; a replay's flops / 2 N)"},
             "base": {"d1_bits": grid.base_d1}}
 

@@ -22,7 +22,9 @@ def summary_markdown(s: dict) -> str:
     txt = (f"# Forecast study (world seed {s['world_seed']}, preset {s['preset']})\n\n"
            f"{s['n_configs']} configurations x {s['n_seeds']} seeds; spearman_ceiling (two seeds' "
            f"measurements) = {s['spearman_ceiling']:.3f} (within a rate: {s['spearman_within_lr_ceiling']:.3f}); compute ratio = {s['compute_ratio']:.3f} "
-           f"({s['compute']['unit']}; of which the replays {s['compute'].get('replay_ratio', float('nan')):.3f}). "
+           f"({s['compute']['unit']}; of which the replays {s['compute'].get('replay_ratio', float('nan')):.3f}"
+           + "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in sorted((s['compute'].get('parts') or {}).items())
+                     if k != "replays") + "). "
            f"within_2x counts a configuration when |forecast - measured| <= max(forecast, measured) / 2 or both are "
            f"within {s.get('within_2x_zero_tol_bits', 0.0):.3g} bits (0.01 bits/token) of zero.\n\n"
            + markdown_table(head, rows) + "\n\n")

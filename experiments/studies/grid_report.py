@@ -237,6 +237,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     from sft.forecast_metrics import spearman, within_2x
 
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
+                                    "compute_parts": u["compute"].get("parts"),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}
     for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):

@@ -251,6 +251,13 @@ def _talr_line(runs: list[dict], v: str) -> str | None:
               f"({', '.join(label(r) for r in beats) or 'none'}).")
 
 
+def compute_parts(parts: dict | None) -> str:
+    """" (gradients 0.33, probes 0.6, ...)": a forecast's compute ratio by what spent it ("" without)."""
+    if not parts:
+        return ""
+    return " (" + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) + ")"
+
+
 def matched_gain_verdict(mg: dict | None) -> list[str]:
     """Per variant: "does TALR keep general ability better than CE at matched domain gain?" from
     `theory.frontier.matched_gain` (summary ``matched_gain``), with the levels' numbers."""
@@ -322,7 +329,8 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
               f"{v}: probe {fmt(x['probe']['steps'])} steps at lr {fmt(x['probe']['lr'])}, fitted kappa "
               f"{'/'.join(fmt(k) for k in x['probe'].get('kappa') or [])} (easy/hard token group; grid 0.02..5), "
               f"lambda_c {fmt(x['probe']['lambda_c'])}, compute ratio "
-              f"{fmt(x['compute_ratio'])} of one training run, {fmt((x['seconds'] or 0) / 60)} min"
+              f"{fmt(x['compute_ratio'])} of one training run{compute_parts(x.get('compute_parts'))}, "
+              f"{fmt((x['seconds'] or 0) / 60)} min"
               for v, x in sorted(u.items())) + "). The forecast's dL(P1) is turned into bits per token of the "
           "pooled general set (HumanEval solution tokens + GSM8K question tokens), and compared with the "
           "measured pooled change in the same unit. The forecast gain is in bits per training sequence on "

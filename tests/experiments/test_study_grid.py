@@ -80,6 +80,8 @@ def test_study_runs_resumes_and_reports(tmp_path):
     fs = summary["forecast"]
     assert fs["all"]["n"] == 3 and set(fs["units"]) == {"cot", "label"}
     assert fs["units"]["label"]["compute_ratio"] > 0
+    assert sum(fs["units"]["label"]["compute_parts"].values()) == pytest.approx(fs["units"]["label"]["compute_ratio"])
+    assert "of one training run (" in (out / "report.md").read_text()  # the parts beside the ratio
     assert "## Forecast vs measured" in (out / "report.md").read_text()
     # unit check: the forecast's general sample is the evaluated general set, token for token
     # (its base bits per sequence, per supervised token, equal the measured pooled bits/token)

@@ -77,6 +77,15 @@ def test_compute_accounting():
     m.forward(10)
     m.forward_backward(10)
     assert m.units == 40.0
+    with m.phase("probes"):
+        m.forward_backward(2)
+        with m.phase("d1_evals"):
+            m.forward(5)
+            m.replay(4, 10.0)  # replays are their own part, whatever the phase
+        m.backward(1)
+    m.forward(1)
+    assert m.parts == {"other": 41.0, "probes": 8.0, "d1_evals": 5.0, "replays": 20.0}
+    assert sum(m.parts.values()) == m.units == 74.0 and m.replay_units == 20.0
     ex = [{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3, 4, 5]}]
     assert training_run_units(ex, steps=10, batch=2) == 3 * 10 * 2 * 4.0
 
@@ -164,6 +173,13 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     c = res["compute"]
     assert c["compute_ratio"] == pytest.approx(c["forecast_units"] / c["training_run_units"])
     assert c["training_run_units"] == pytest.approx(training_run_units(w.d2_train, 20, 8))
+    # the parts say what spent the compute: every model pass sits in a named phase, and they sum up
+    assert set(c["parts"]) == {"gradients", "probes", "d1_evals", "replays"}
+    assert sum(c["parts"].values()) == pytest.approx(c["compute_ratio"])
+    assert c["parts"]["replays"] == pytest.approx(c["replay_ratio"])
+    # two 4-step probes of batch 8 (3 passes a token) and the hard-token groups of the 16 probe-batch examples
+    probe_tokens = 2 * 4 * 8 * 3 * np.mean([len(e["input_ids"]) for e in w.d2_train])
+    assert c["parts"]["probes"] * c["training_run_units"] == pytest.approx(probe_tokens, rel=0.3)
     # the model is untouched by the forecast
     res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
     assert [r["dL_P1_bits"] for r in res2["rows"]] == pytest.approx([r["dL_P1_bits"] for r in res["rows"]])
