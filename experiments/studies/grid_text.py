@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.outputs import fmt, markdown_table as md_table, pyplot, save_figure
+from experiments.outputs import annotate_points, fmt, markdown_table as md_table, pyplot, save_figure
 from sft.methods import METHODS
 
 
@@ -157,15 +157,20 @@ def trajectories_png(rows: list[dict], mg: dict, path: Path, title: str) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     cmap = plt.get_cmap("tab10")
     methods = sorted({r["method"] for r in rows if r.get("trajectory")})
+    ends, names, colors = [], [], []
     for k, m in enumerate(methods):
         for j, r in enumerate(r for r in rows if r["method"] == m and r.get("trajectory")):
             t = r["trajectory"]
             ax.plot([p["domain_gain_bits"] for p in t], [p["general_delta_bits_pooled"] for p in t], "-o", ms=2.5,
-                    lw=0.9, color=cmap(k), alpha=0.7, label=f"{m} runs" if j == 0 else None)
+                    lw=0.9, color=cmap(k), alpha=0.7, label=f"{m} runs (last step labelled: lr, step)" if j == 0 else None)
+            ends.append((t[-1]["domain_gain_bits"], t[-1]["general_delta_bits_pooled"]))
+            names.append(f"{r['lr']:g}, {t[-1]['step']}")
+            colors.append(cmap(k))
         least = mg["least_degradation"].get(m, [])
         pts = [(g, d) for g, d in zip(mg["levels"], least) if d is not None]
         ax.scatter([g for g, _ in pts], [d for _, d in pts], marker="_", s=220, lw=2.2, color=cmap(k),
                    label=f"{m} frontier (least degradation at gain >= level)")
+    annotate_points(ax, ends, names, fontsize=6.5, color=colors)
     return _finish_plane(fig, ax, "general delta (bits/token, pooled HumanEval + GSM8K)", title, path, 7)
 
 
