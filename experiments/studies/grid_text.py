@@ -277,15 +277,27 @@ def matched_gain_verdict(mg: dict | None) -> list[str]:
                        "the claim needs TALR and CE).")
             continue
         ld = m["least_degradation"]
+
+        def val(x):
+            return "not reached" if x is None else fmt(x)
+
+        best = m.get("best") or [None] * len(m["levels"])
         cells = "; ".join(f"gain >= {fmt(g)} bits ({f'{100 * f:g}% of the best' if f else 'absolute'}): "
-                          f"TALR {fmt(ld['talr'][i])}, CE {fmt(ld['ce'][i])} -> {c['per_level'][i]}"
+                          f"TALR {val(ld['talr'][i])}, CE {val(ld['ce'][i])} -> {c['per_level'][i]}"
+                          + (f" (best there: {best[i].upper() if best[i] != 'undecided' else 'undecided'})"
+                             if best[i] is not None and len(ld) > 2 else "")
                           for i, (g, f) in enumerate(zip(m["levels"], m["level_fractions"])))
+        reach = {k: sum(x is not None for x in v) for k, v in ld.items()}
+        wins = m.get("wins") or {}
         verdict = {"holds": "yes", "fails": "no", "mixed": "mixed (yes at some levels, no at others)",
                    "undecided": "undecided"}[c["verdict"]]
         out.append(f"- {v}: least general degradation (bits/token) over every trajectory point reaching the gain, "
                    f"no interpolation: {cells}. TALR keeps general ability better at matched gain: {verdict} "
                    f"(tolerance max({m['tol']:g} bits/token, {100 * m['rel_tol']:g}%): one seed, an assumed "
-                   "seed noise).")
+                   "seed noise). Best at matched gain: "
+                   + ", ".join(f"{k.upper()} at {wins.get(k, 0)} of the {reach[k]} levels it reaches"
+                               for k in sorted(ld, key=lambda k: -wins.get(k, 0)))
+                   + f" ({len(m['levels'])} levels; a level one method never reaches is no evidence on the claim).")
     return out or [f"TALR vs CE at matched gain: {NOT_TESTABLE} (no run recorded a trajectory)."]
 
 

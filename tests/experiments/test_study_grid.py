@@ -588,6 +588,8 @@ def test_matched_gain_verdict_by_hand():
     assert mg["at"]["talr"][0] == {"run": "talr@0.001 (plateau schedule, 2 steps)", "step": 1}
     line = matched_gain_verdict({"label": mg})[0]
     assert "TALR keeps general ability better at matched gain: yes" in line and "gain >= 2.500 bits (25% of the best)" in line
+    assert "TALR not reached, CE 0.300" in line  # 7.5 bits: only CE gets there
+    assert "TALR at 2 of the 2 levels it reaches" in line and "CE at 4 of the 6 levels it reaches" in line
     only_ce = matched_gain_summary([ce])
     assert matched_gain_verdict(only_ce)[0].startswith("- label: not testable with this grid")
     assert matched_gain_verdict({})[0].startswith("TALR vs CE at matched gain: not testable with this grid")
