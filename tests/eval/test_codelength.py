@@ -106,3 +106,23 @@ def test_gsm8k_questions_corpus(tmp_path):
     bad.write_text('{"question": "a"}\n{"answer": "b"}\n')
     with pytest.raises(ValueError, match=r"b\.jsonl: line 2, field 'question': missing"):
         gsm8k_corpus(bad)
+
+
+def test_no_full_vocabulary_logits_are_formed(tiny_model, tiny_tokenizer, monkeypatch):
+    """Only the coded positions reach the lm-head (chunked): the model is asked for the last
+    position's logits alone, so a batch never holds [B, T, V] logits (0.8 GB for 8 CoT sequences
+    of SmolLM2), and the bits still equal the hand computation."""
+    shapes = []
+    forward = tiny_model.forward
+
+    def spy(*a, **kw):
+        out = forward(*a, **kw)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    res = corpus_code_length_bits(tiny_model, tiny_tokenizer, TEXTS, batch_size=4, progress=False)
+    assert shapes and all(s[1] == 1 for s in shapes)
+    monkeypatch.setattr(tiny_model, "forward", forward)
+    ids = [tiny_tokenizer.bos_token_id] + tiny_tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert res.bits_per_sequence[0] == pytest.approx(hand_bits(tiny_model, ids, 1)[0], rel=1e-5)
