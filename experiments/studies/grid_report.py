@@ -372,8 +372,9 @@ def completeness_lines(c: dict) -> str:
         return ""
     return (f"> **Partial study**: {c['runs']} of {c['runs_planned']} trained runs, {c['wise']} of "
             f"{c['wise_planned']} WiSE-FT points, forecasts for {', '.join(c['forecast_variants']) or 'no variant'} "
-            f"are in the cache; every figure below covers only those. Missing runs: "
-            f"{', '.join(c['missing_runs'])}. The same command resumes it (the cache keeps every finished unit).\n\n")
+            f"are in the cache; every figure below covers only those. Missing: "
+            f"{', '.join(c['missing_runs']) or 'no run, only forecast units'}. The same command resumes it "
+            f"(the cache keeps every finished unit).\n\n")
 
 
 def write_report(out: str | Path) -> dict:
