@@ -247,9 +247,8 @@ class _Grid:
         k_steps = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
         cos = []
-        groups = self.groups()
         with self.meter.phase("probes"):
-            target, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True,
+            target, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True,
                                       direction=ce.mean.float().sum(0), cosines=cos)
         ce.lam_c = fit_coherence(cos, plrs) if cfg.coherence else math.inf
         with self.meter.phase("d1_evals"):
@@ -269,9 +268,8 @@ class _Grid:
         lr_top = float(max(cfg.lrs))
         k = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_top, cfg.steps)[:k]
-        groups = self.groups()
         with self.meter.phase("probes"):
-            _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
+            _, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True)
         with self.meter.phase("d1_evals"):
             top = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
         del pm

@@ -281,11 +281,8 @@ def matched_gain_verdict(mg: dict | None) -> list[str]:
         def val(x):
             return "not reached" if x is None else fmt(x)
 
-        best = m.get("best") or [None] * len(m["levels"])
         cells = "; ".join(f"gain >= {fmt(g)} bits ({f'{100 * f:g}% of the best' if f else 'absolute'}): "
                           f"TALR {val(ld['talr'][i])}, CE {val(ld['ce'][i])} -> {c['per_level'][i]}"
-                          + (f" (best there: {best[i].upper() if best[i] != 'undecided' else 'undecided'})"
-                             if best[i] is not None and len(ld) > 2 else "")
                           for i, (g, f) in enumerate(zip(m["levels"], m["level_fractions"])))
         reach = {k: sum(x is not None for x in v) for k, v in ld.items()}
         wins = m.get("wins") or {}
