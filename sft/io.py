@@ -254,3 +254,36 @@ def write_jsonl(path: str | os.PathLike, rows) -> str:
     text = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows)
     atomic_write_text(path, text)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------- peak memory
+def _status_kib(key: str, status: str = "/proc/self/status") -> int | None:
+    """A ``kB`` field of the process status file (Linux), None where there is none."""
+    try:
+        with open(status) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, so that :func:`peak_rss_gb`
+    after some work is that work's peak. Large tensors are mmap-ed by the allocator and unmapped
+    when freed, so RSS follows the live tensors. False where the mark cannot be reset (not Linux,
+    or ``/proc/self/clear_refs`` not writable): the peak then counts from the process start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb(status: str = "/proc/self/status") -> float | None:
+    """The process's peak resident memory since the last :func:`reset_peak_rss` (or its start), in
+    GB (10^9 bytes); None where the status file has no ``VmHWM`` (not Linux)."""
+    kib = _status_kib("VmHWM", status)
+    return None if kib is None else kib * 1024 / 1e9

@@ -47,3 +47,24 @@ def test_publish_dir_refuses_nonempty_target(tmp_path):
     assert (final / "old.txt").exists()
     publish_dir(tmp, final, overwrite=True)
     assert sorted(f.name for f in final.iterdir()) == ["new.txt"]
+
+
+def test_peak_rss_follows_a_large_allocation_and_resets(tmp_path):
+    """VmHWM after a 200 MB allocation is at least 200 MB above the RSS before it; after the reset
+    it drops back near the current RSS. A status file without VmHWM (not Linux) reads None."""
+    import numpy as np
+    import pytest
+
+    from sft.io import _status_kib, peak_rss_gb, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.fail("/proc/self/clear_refs must be writable on the test machines (Linux)")
+    before = _status_kib("VmRSS") * 1024 / 1e9
+    a = np.ones(200_000_000 // 8)  # touched: resident
+    assert peak_rss_gb() >= before + 0.19
+    del a
+    assert reset_peak_rss()
+    assert peak_rss_gb() < before + 0.1
+    fake = tmp_path / "status"
+    fake.write_text("Name: x\nVmRSS: 10 kB\n")
+    assert peak_rss_gb(str(fake)) is None and _status_kib("VmRSS", str(fake)) == 10

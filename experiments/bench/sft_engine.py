@@ -66,26 +66,18 @@ def _loss_memory_child(mode: str) -> None:
     print(json.dumps({"mode": mode, "peak_extra_mib": (peak - base) / 1024}))
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _reset_peak_rss_kib() -> int:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return that RSS (KiB).
+    """Reset the peak-RSS mark (``sft.io.reset_peak_rss``) and return the current RSS (KiB)."""
+    from sft.io import _status_kib, reset_peak_rss
 
-    Large tensors are mmap-ed by the allocator and unmapped when freed, so RSS follows the live
-    tensors and VmHWM after the work is the peak of the loss's own allocations plus this base.
-    """
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+    if not reset_peak_rss():
+        raise OSError("/proc/self/clear_refs is not writable: the loss's peak cannot be isolated")
     return _status_kib("VmRSS")
 
 
 def _peak_rss_kib() -> int:
+    from sft.io import _status_kib
+
     return _status_kib("VmHWM")
 
 

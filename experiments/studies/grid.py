@@ -611,6 +611,15 @@ def mfu(model_gflops: float, peak: float) -> float | None:
     return u if u <= 1.0 else None
 
 
+def _peak_field(reset: bool) -> dict:
+    """``{"peak_rss_gb": ...}``: the process's peak resident memory since the unit began (``reset``:
+    the mark was reset there) or since the process began (``peak_rss_since_start``); {} off Linux."""
+    from sft.io import peak_rss_gb
+
+    peak = peak_rss_gb()
+    return {} if peak is None else {"peak_rss_gb": peak, **({} if reset else {"peak_rss_since_start": True})}
+
+
 @dataclass
 class Units:
     """The study's cache (``out/cache``) and its unit bar: :meth:`unit` computes and writes one
@@ -752,9 +761,14 @@ class GridRunner:
         fentries = [e.key() for e in forecast_entries(self.cfg, v)]
         path = self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries,
                                                "model": FORECAST_MODEL})
-        self.units.unit(path, "forecast",
-                        lambda: {"variant": v, **forecast_variant(self.base, self.tok, self.cfg, self.data, v,
-                                                                  progress=self.progress)},
+        def rec():
+            from sft.io import reset_peak_rss
+
+            reset = reset_peak_rss()
+            r = forecast_variant(self.base, self.tok, self.cfg, self.data, v, progress=self.progress)
+            return {"variant": v, **r, **_peak_field(reset)}
+
+        self.units.unit(path, "forecast", rec,
                         done=lambda r: f"forecast {v}: {len(r['rows'])} configurations, compute ratio "
                                        f"{r['compute']['compute_ratio']:.2f} of one training run")
 
@@ -794,14 +808,17 @@ class GridRunner:
 
     def _run_units(self, e: Entry, rpath: Path, wise_paths: dict) -> None:
         """Train ``e`` in place, evaluate it and its WiSE-FT points (the caller restores the base)."""
+        from sft.io import reset_peak_rss
+
         u = self.units
+        reset = reset_peak_rss()
         tuned, rec = self.train(e, self.out / "runs" / f"{e.name}-{rpath.stem.rsplit('-', 1)[1]}")
 
         def run_rec():
             t = time.perf_counter()
             ev = self.evaluate(tuned, (e.variant,))
             return {"entry": asdict(e), "train": rec, "eval": ev, "prefix": prefix_bound(self.general, self.base_cond, tuned),
-                    "eval_seconds": time.perf_counter() - t}
+                    "eval_seconds": time.perf_counter() - t, **_peak_field(reset)}
 
         u.unit(rpath, "run", run_rec, done=lambda r: f"{e.name}: evaluated: {r['eval'][e.variant]['domain_acc']:.3f}")
         self.bench_unit(tuned, rpath, e.name)

@@ -209,7 +209,8 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
            "general_delta_bits_pooled": pooled_general_delta(ev, b),
            "n_correct": ev[v]["n_correct"], "n_unparsed": ev[v]["n_unparsed"],
            "reached_stop": ev[v]["reached_stop"], "sample": (ev[v].get("samples") or [""])[0],
-           "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values()))}
+           "eval_seconds": rec.get("eval_seconds", sum(ev.get("seconds", {}).values())),
+           "peak_rss_gb": rec.get("peak_rss_gb")}  # training + evaluation of a run (None: not recorded)
     if rec["kind"] == "run":
         row.update(train_fields(rec["train"]))
     row.update(acc_fields(rec, base))
@@ -237,7 +238,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     from sft.forecast_metrics import spearman, within_2x
 
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
-                                    "compute_parts": u["compute"].get("parts"),
+                                    "compute_parts": u["compute"].get("parts"), "peak_rss_gb": u.get("peak_rss_gb"),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}
     for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):

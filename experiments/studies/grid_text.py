@@ -345,6 +345,7 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
               f"lambda_c {fmt(x['probe']['lambda_c'])}, compute ratio "
               f"{fmt(x['compute_ratio'])} of one training run{compute_parts(x.get('compute_parts'))}, "
               f"{fmt((x['seconds'] or 0) / 60)} min"
+              + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
               for v, x in sorted(u.items())) + "). The forecast's dL(P1) is turned into bits per token of the "
           "pooled general set (HumanEval solution tokens + GSM8K question tokens), and compared with the "
           "measured pooled change in the same unit. The forecast gain is in bits per training sequence on "
@@ -497,7 +498,22 @@ def _compute_section(runs: list[dict], b: dict) -> list[str]:
     tr_s = sum(r.get("train_seconds") or 0.0 for r in runs)
     return ["## Compute", "", f"{len(runs)} runs ({sum(r['method'] != 'wise-ft' for r in runs)} trained, "
             f"{sum(r['method'] == 'wise-ft' for r in runs)} WiSE-FT points): training {tr_s / 60:.1f} min, evaluation "
-            f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores.", ""]
+            f"{ev / 60:.1f} min, base evaluation {sum(b['seconds'].values()) / 60:.1f} min, on 2 CPU cores.", "",
+            *_memory_lines(runs)]
+
+
+def _memory_lines(runs: list[dict]) -> list[str]:
+    """The trained runs' peak resident memory (training, trajectory probes and evaluation of one
+    run, the mark reset at its start); runs cached before it was recorded are counted, not guessed."""
+    trained = [r for r in runs if r["method"] != "wise-ft"]
+    have = [r for r in trained if r.get("peak_rss_gb") is not None]
+    if not have:
+        return []
+    top = max(have, key=lambda r: r["peak_rss_gb"])
+    miss = len(trained) - len(have)
+    return [f"Peak resident memory of a trained run (training, trajectory probes, evaluation): at most "
+            f"{top['peak_rss_gb']:.1f} GB ({label(top)}), over {len(have)} runs"
+            + (f"; {miss} runs were cached before it was recorded." if miss else "."), ""]
 
 
 def _bound_section(runs: list[dict]) -> list[str]:

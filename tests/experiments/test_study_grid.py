@@ -83,6 +83,15 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert sum(fs["units"]["label"]["compute_parts"].values()) == pytest.approx(fs["units"]["label"]["compute_ratio"])
     assert "of one training run (" in (out / "report.md").read_text()  # the parts beside the ratio
     assert "## Forecast vs measured" in (out / "report.md").read_text()
+    # peak memory per unit: a trained run holds at least the model's weights; the report names the largest
+    from experiments.studies.grid import load_base
+
+    weights_gb = sum(p.numel() * p.element_size() for p in load_base(cfg)[0].parameters()) / 1e9
+    peaks = [r["peak_rss_gb"] for r in runs if r["method"] != "wise-ft"]
+    assert all(p is not None and p > weights_gb for p in peaks)
+    assert not any(json.loads(f.read_text()).get("peak_rss_since_start") for f in (out / "cache").glob("run-*.json"))
+    assert fs["units"]["label"]["peak_rss_gb"] > weights_gb
+    assert f"at most {max(peaks):.1f} GB" in (out / "report.md").read_text()
     # unit check: the forecast's general sample is the evaluated general set, token for token
     # (its base bits per sequence, per supervised token, equal the measured pooled bits/token)
     unit = json.loads(next((out / "cache").glob("forecast-label-*.json")).read_text())
