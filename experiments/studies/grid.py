@@ -238,7 +238,7 @@ def _default_grid() -> tuple:
 
 # default: 20 AdamW steps of 4 sequences (80 rows, about half the training notes), every held-out
 # row (52 with the default split), CoT examples up to 512 tokens (all calculators but MME fit);
-# about 2 h on 2 quiet cores. small: the pipeline check on SmolLM2 (<= 45 min; SMALL_MEMORY).
+# the plateau entries included, 4.45 h recorded on 2 cores (docs/study-smollm2, partly under load). small: the pipeline check on SmolLM2 (<= 45 min; SMALL_MEMORY).
 # smoke: a tiny Llama (byte tokenizer: the token limits are bytes), a few rows, about a minute.
 # The plateau schedule of the default preset, sized on paper (not run here): cosine over 100 AdamW
 # steps of 4 rows (~2.7 epochs of the ~150 label-only training rows), a trajectory point every 10

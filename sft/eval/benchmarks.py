@@ -340,6 +340,24 @@ def _forward_batch(model, head, groups, pad, dev, out: list) -> None:
         at += len(cs)
 
 
+def _rows_of(groups: dict, limit: int) -> list[tuple[tuple, list]]:
+    """Each shared context with its continuations, cut into packed rows of at most ``limit`` tokens
+    (a context shared by thousands of continuations, e.g. the unconditional "Answer:" of a request
+    file read without its config.json, would otherwise be one row of their summed length). A row
+    always holds at least one continuation; `_kept` already fits context + one continuation."""
+    rows = []
+    for ctx, reqs in groups.items():
+        cur, width = [], len(ctx)
+        for i, cont in reqs:
+            if cur and width + len(cont) - 1 > limit:
+                rows.append((ctx, cur))
+                cur, width = [], len(ctx)
+            cur.append((i, cont))
+            width += len(cont) - 1
+        rows.append((ctx, cur))
+    return rows
+
+
 def _batches(groups: list, batch_size: int, batch_tokens: int) -> Iterable[list]:
     """Groups sorted by packed length (longest first), cut into batches of at most ``batch_size``
     rows and ``batch_tokens`` padded tokens."""
@@ -382,7 +400,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence, *, batch_size: int = 16
     out = [math.nan] * len(requests)
     with torch.inference_mode(), inference(model, len(requests), desc=desc, unit="request",
                                            progress=progress) as advance:
-        for batch in _batches(list(groups.items()), batch_size, batch_tokens):
+        for batch in _batches(_rows_of(groups, limit), batch_size, batch_tokens):
             _forward_batch(model, head, batch, pad, dev, out)
             advance(sum(len(reqs) for _, reqs in batch))
     return out

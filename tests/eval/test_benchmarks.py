@@ -151,6 +151,21 @@ def test_left_truncation_to_the_context_limit(model, tiny_tokenizer):
         B.loglikelihoods(model, tiny_tokenizer, [(ctx, " a very long continuation indeed")], max_length=3, progress=False)
 
 
+def test_a_context_shared_by_many_continuations_is_cut_into_rows_within_the_limit(model, tiny_tokenizer):
+    """40 continuations under one context (a request file's unconditional "Answer:" read without its
+    config.json: 3,676 of them made one 110k-token row and ran out of memory): rows of at most the
+    context limit, every request scored once, each as if alone."""
+    conts = [f" choice {k} " + "ab" * (k % 3) for k in range(40)]
+    pairs = [("Answer:", c) for c in conts]
+    got = B.loglikelihoods(model, tiny_tokenizer, pairs, max_length=48, batch_size=4, progress=False)
+    assert got == pytest.approx([brute_ll(model, tiny_tokenizer, c, x) for c, x in pairs], abs=2e-5)
+    groups = {(1, 2): [(i, [5] * (1 + i % 4)) for i in range(30)]}
+    rows = B._rows_of(groups, limit=10)
+    assert len(rows) > 1 and all(2 + sum(len(c) - 1 for _, c in reqs) <= 10 for _, reqs in rows)
+    assert [i for _, reqs in rows for i, _ in reqs] == list(range(30))
+    assert B._rows_of({(1,): [(0, [5] * 20)]}, limit=4) == [((1,), [(0, [5] * 20)])]  # one request: its own row
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["Q: a", "Q: ab ", "def f", "#### 4"]),
                           st.text(alphabet="ab 4\n", min_size=1, max_size=6)), min_size=1, max_size=7),
