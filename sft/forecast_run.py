@@ -84,16 +84,23 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
     return (out, model) if return_model else out
 
 
-def fit_coherence(cosines: Sequence[float], lrs: np.ndarray) -> float:
+def fit_coherence(cosines: Sequence[float], lrs: np.ndarray, space: str = "log") -> float:
     """lam_c of `sft.forecast.coherence`, exp(-Lambda_t / lam_c) with Lambda_t = sum_{s<t} eta_s, from a
     probe's cosines between its real gradient at step t and the frozen mean gradient at theta0,
-    relative to step 0's (batch noise makes cos_0 < 1): least squares of log(cos_t / cos_0) on
-    Lambda_t through the origin, over the steps with a positive cosine. inf (no rotation) when
-    the probe shows no decay or cos_0 <= 0."""
+    relative to step 0's (batch noise makes cos_0 < 1). ``space="log"`` (version 3): least squares of
+    log(cos_t / cos_0) on Lambda_t through the origin, over the steps with a positive cosine (a
+    step whose cosine has decayed into the batch noise, near 0, weighs most there: a noisy, short
+    lam_c). ``space="linear"``: least squares of cos_t / cos_0 - exp(-Lambda_t / lam_c) over every
+    step t >= 1 (the noise enters additively; `_fit_exp_linear`). inf (no rotation) when the
+    probe shows no decay or cos_0 <= 0."""
+    if space not in ("log", "linear"):
+        raise ValueError(f"space {space!r}: expected 'log' or 'linear'")
     c = np.asarray(cosines, float)
     lam = np.concatenate([[0.0], np.cumsum(lrs)[:-1]])[: c.size]
     if c.size < 2 or not c[0] > 0:
         return math.inf
+    if space == "linear":
+        return _fit_exp_linear(lam[1:], c[1:] / c[0])
     ok = (c > 0) & (lam > 0)
     if not ok.any():
         return math.inf
@@ -102,18 +109,40 @@ def fit_coherence(cosines: Sequence[float], lrs: np.ndarray) -> float:
     return -1.0 / slope if slope < 0 else math.inf
 
 
+def _fit_exp_linear(lam: np.ndarray, y: np.ndarray) -> float:
+    """argmin over lam_c of sum_t (y_t - exp(-lam_t / lam_c))^2: golden-section search on log lam_c
+    between 1e-3 and 1e3 x the largest lam_t (the sum is unimodal there for a decaying y); inf when
+    the upper end wins (no decay seen)."""
+    if lam.size == 0 or not lam.max() > 0:
+        return math.inf
+    sse = lambda x: float(np.sum((y - np.exp(-lam / math.exp(x))) ** 2))  # noqa: E731
+    lo, hi = math.log(1e-3 * lam.max()), math.log(1e3 * lam.max())
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(80):
+        if sse(a) < sse(b):
+            hi, b = b, a
+            a = hi - g * (hi - lo)
+        else:
+            lo, a = a, b
+            b = lo + g * (hi - lo)
+    x = 0.5 * (lo + hi)
+    return math.inf if x >= math.log(1e3 * lam.max()) - 1e-3 else math.exp(x)
+
+
 KAPPA_GRID = np.geomspace(0.02, 5.0, 25)
 
 
 def fit_kappa(gg: GradientMoments, lrs: np.ndarray, target: np.ndarray, tail: int = 5,
-              exhaustive: bool = False, meter: ComputeMeter | None = None) -> torch.Tensor:
+              exhaustive: bool = False, meter: ComputeMeter | None = None, block: int = 1) -> torch.Tensor:
     """kappa [2] so that the replayed CE probe's tracked group losses match the probe's
     (mean over the last ``tail`` steps; coordinate search on the log grid `KAPPA_GRID`, hard
     group first). The tracked loss falls as kappa_k grows, so the error |log(got / want)| is
     unimodal along the grid: a binary search for the first grid point whose tracked loss is at
     or below the target, then the better of it and its neighbour, finds the grid's argmin with
     about 6 replays instead of 25 (a replay is 6 AdamW steps over every parameter: minutes on a
-    135 M-parameter model). ``exhaustive=True`` evaluates the whole grid (the reference)."""
+    135 M-parameter model). ``exhaustive=True`` evaluates the whole grid (the reference). ``block``: the
+    replays' held denominator (`replay_adam`; 1: exact)."""
     grid = KAPPA_GRID
     kappa = torch.ones(2, dtype=torch.float64)
     last = target[-tail:, :2]
@@ -128,9 +157,9 @@ def fit_kappa(gg: GradientMoments, lrs: np.ndarray, target: np.ndarray, tail: in
             if i not in memo:
                 kappa[k] = float(grid[i])
                 gg.kappa = kappa
-                _, _, traj = replay_adam(gg, "ce", lrs, trajectory=True)
+                _, _, traj = replay_adam(gg, "ce", lrs, trajectory=True, block=block)
                 if meter is not None:
-                    meter.replay(len(lrs), replay_flops("ce", None, gg.noise_floor))
+                    meter.replay(len(lrs), replay_flops("ce", None, gg.noise_floor, block=block))
                 got = float(traj[-tail:, k].mean())
                 memo[i] = (abs(math.log((got + 1e-3) / (want[k] + 1e-3))), got)
             return memo[i]
@@ -232,13 +261,29 @@ class _Grid:
 
     def evaluate(self, delta: torch.Tensor) -> tuple[float, dict]:
         """dL(P1) on the D1 sample at theta0 + delta (bits per sequence) and, with a tree, its two terms."""
+        with Shifted(self.model, delta):
+            return self.sample_dl(self.model)
+
+    def sample_dl(self, model: nn.Module) -> tuple[float, dict]:
+        """dL(P1) of ``model`` against theta0 on the D1 sample (bits per sequence) and, with a tree, its two
+        terms; with ``cfg.kl_term_only`` (and a tree) the KL term alone (module docstring of `sft.forecast`,
+        1.: the first-order term vanishes at a pretraining stationary point, its sample estimate is noise)."""
         from theory.prefix import prefix_decomposition
 
-        with Shifted(self.model, delta), self.meter.phase("d1_evals"):
+        with self.meter.phase("d1_evals"):
             if self.tree is None:
-                return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1, {}
-            d = prefix_decomposition(self.tree.tree, self.base_lq, self.tree.logq(self.model, self.meter), unit="bits")
-        return d.delta, {"first_order_bits": d.first_order, "kl_term_bits": d.kl_term}
+                return mean_bits(model, self.d1, self.pad, self.meter) - self.base_d1, {}
+            d = prefix_decomposition(self.tree.tree, self.base_lq, self.tree.logq(model, self.meter), unit="bits")
+        return (d.kl_term if self.cfg.kl_term_only else d.delta), {"first_order_bits": d.first_order,
+                                                                   "kl_term_bits": d.kl_term}
+
+    def probe_dl(self, model: nn.Module) -> float:
+        """The probes' measured dL on the D1 sample: as the configurations' with ``kl_term_only``, else the
+        sample's mean code length (version 3; equal to the tree's two terms summed)."""
+        if self.cfg.kl_term_only and self.tree is not None:
+            return self.sample_dl(model)[0]
+        with self.meter.phase("d1_evals"):
+            return mean_bits(model, self.d1, self.pad, self.meter) - self.base_d1
 
     def calibrate(self, ce: GradientMoments, model0: nn.Module) -> dict:
         """The CE probe at the grid's geometric middle rate: lam_c (`fit_coherence`) and kappa (`fit_kappa`)."""
@@ -250,11 +295,10 @@ class _Grid:
         with self.meter.phase("probes"):
             target, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True,
                                       direction=ce.mean.float().sum(0), cosines=cos)
-        ce.lam_c = fit_coherence(cos, plrs) if cfg.coherence else math.inf
-        with self.meter.phase("d1_evals"):
-            probe_dl = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
+        ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
+        probe_dl = self.probe_dl(pm)
         del pm
-        kappa = fit_kappa(ce, plrs, target, meter=self.meter)
+        kappa = fit_kappa(ce, plrs, target, meter=self.meter, block=cfg.fit_block)
         return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
                 "lambda_c": ce.lam_c if math.isfinite(ce.lam_c) else None}
@@ -270,8 +314,7 @@ class _Grid:
         plrs = cosine_lrs(lr_top, cfg.steps)[:k]
         with self.meter.phase("probes"):
             _, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True)
-        with self.meter.phase("d1_evals"):
-            top = mean_bits(pm, self.d1, self.pad, self.meter) - self.base_d1
+        top = self.probe_dl(pm)
         del pm
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
                 (lr_top, top, self.replayed_dl(ce, plrs))]
@@ -280,8 +323,8 @@ class _Grid:
         self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
                                track=self.cfg.track, block=self.cfg.replay_block)
-        with Shifted(self.model, delta), self.meter.phase("d1_evals"):
-            return mean_bits(self.model, self.d1, self.pad, self.meter) - self.base_d1
+        with Shifted(self.model, delta):
+            return self.probe_dl(self.model)
 
     def rows(self, gm: GradientMoments, pairs, progress) -> list[dict]:
         out = []

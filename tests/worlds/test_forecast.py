@@ -125,6 +125,49 @@ def test_fit_coherence_recovers_the_decay_length():
     assert fit_coherence(cos2, np.append(lrs, 1e-3)) == pytest.approx(2.5e-3, rel=1e-9)
 
 
+def test_fit_coherence_in_linear_space_is_not_pulled_by_a_cosine_in_the_noise():
+    """Version 4's lam_c: least squares of cos_t / cos_0 - exp(-Lambda_t / lam_c). Exact on a clean
+    exponential; a last cosine that has decayed into the batch noise (0.002 instead of 0.061 x
+    cos_0) pulls the log-space fit to 1.39e-3 (its log weighs -6.2 against -2.8), the linear fit
+    to 2.43e-3 (3 %)."""
+    lrs = np.array([1e-3, 2e-3, 1e-3, 3e-3, 1e-3])
+    lam = np.concatenate([[0.0], np.cumsum(lrs)[:-1]])
+    cos = 0.4 * np.exp(-lam / 2.5e-3)
+    assert fit_coherence(cos, lrs, "linear") == pytest.approx(2.5e-3, rel=1e-6)
+    assert fit_coherence([0.4, 0.45, 0.5], lrs[:3], "linear") == np.inf  # no decay: no rotation
+    assert fit_coherence([-0.1, 0.3], lrs[:2], "linear") == np.inf
+    noisy = cos.copy()
+    noisy[-1] = 0.4 * 0.002
+    assert fit_coherence(noisy, lrs, "log") == pytest.approx(1.39e-3, rel=0.01)
+    assert fit_coherence(noisy, lrs, "linear") == pytest.approx(2.43e-3, rel=0.01)
+    with pytest.raises(ValueError, match="space"):
+        fit_coherence(cos, lrs, "cubic")
+
+
+def test_kl_term_only_is_the_decomposition_s_kl_term_and_never_negative(smoke_world, pretrained):
+    """Version 4 reads dL(P1) as the KL term of the per-prefix decomposition on the D1 sample (the
+    first-order term vanishes at a pretraining stationary point; on a sample it is noise). Same
+    displacements either way (no size probe): with ``kl_term_only`` each row's dL is its KL term
+    (>= 0 by Gibbs); without it, the two terms' sum (version 3)."""
+    from sft.forecast_run import forecast_grid
+    from sft.world_runs import general_sample, general_tree
+
+    model, _, _ = pretrained
+    w = smoke_world
+    kw = dict(methods=("ce", "dft"), lrs=(1e-4, 3e-3), steps=12, batch=8, n_batches=2, n_general=32, probe_steps=4,
+              pad_token_id=w.pad_id)
+    rows = {}
+    for kl in (True, False):
+        cfg = ForecastConfig(kl_term_only=kl, **kw)
+        rows[kl] = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False,
+                                 d1_tree=general_tree(w, 32))["rows"]
+    for a, b in zip(rows[True], rows[False]):
+        assert a["size_correction"] == b["size_correction"] == 1.0
+        assert a["kl_term_bits"] == pytest.approx(b["kl_term_bits"], rel=1e-6)
+        assert a["dL_P1_bits"] == pytest.approx(a["kl_term_bits"], rel=1e-12) and a["dL_P1_bits"] >= 0
+        assert b["dL_P1_bits"] == pytest.approx(b["first_order_bits"] + b["kl_term_bits"], abs=1e-9)
+
+
 def test_rotation_keeps_only_the_coherent_part_of_the_gradient():
     """lam_c -> 0: after step 1 the frozen direction carries no gradient, so the replay is
     Adam's first step followed by its momentum alone (hand-replayed with zero gradients); an
@@ -177,8 +220,9 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     assert set(c["parts"]) == {"gradients", "probes", "d1_evals", "replays"}
     assert sum(c["parts"].values()) == pytest.approx(c["compute_ratio"])
     assert c["parts"]["replays"] == pytest.approx(c["replay_ratio"])
-    # two 4-step probes of batch 8 (3 passes a token) and the hard-token groups of the 16 probe-batch examples
-    probe_tokens = 2 * 4 * 8 * 3 * np.mean([len(e["input_ids"]) for e in w.d2_train])
+    # one 4-step probe of batch 8 (3 passes a token; version 4 has no size probe) and the hard-token groups
+    # of the 16 probe-batch examples (one forward each)
+    probe_tokens = (4 * 8 * 3 + 16) * np.mean([len(e["input_ids"]) for e in w.d2_train])
     assert c["parts"]["probes"] * c["training_run_units"] == pytest.approx(probe_tokens, rel=0.3)
     # the model is untouched by the forecast
     res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
@@ -209,6 +253,29 @@ def test_fit_kappa_binary_search_equals_the_exhaustive_grid(lam_c):
                 gg.lam_c = lam_c
                 ks.append(fit_kappa(gg, lrs, target, exhaustive=exhaustive).tolist())
             assert ks[0] == ks[1], (hard_target, easy_target)
+
+
+def test_fit_kappa_with_a_held_denominator_stays_within_a_grid_step():
+    """Version 4 fits kappa on replays whose Adam denominator is held for the whole 8-step probe
+    (``block``; the forecast's ``fit_block``): at most one step of `KAPPA_GRID` from the exact
+    replay's kappa, at less than a quarter of its replay compute."""
+    from sft.forecast_run import KAPPA_GRID, fit_kappa
+
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(3, 2, 500, generator=gen) * 1e-2 + 3e-3
+    lrs = cosine_lrs(3e-3, 40)[:8]
+    grid = [round(float(x), 12) for x in KAPPA_GRID]
+    for hard_target, easy_target in ((3.5, 0.3), (2.0, 0.05), (0.3, 0.49)):
+        target = np.tile([easy_target, hard_target, 0.0], (8, 1))
+        ks, units = [], []
+        for block in (1, 8):
+            gg = _gg(g.clone(), ce_mean=g.mean(0), ell0=(0.5, 4.0))
+            gg.noise_floor = True
+            meter = ComputeMeter()
+            ks.append([grid.index(round(k, 12)) for k in fit_kappa(gg, lrs, target, meter=meter, block=block).tolist()])
+            units.append(meter.replay_units)
+        assert max(abs(a - b) for a, b in zip(*ks)) <= 1, (hard_target, easy_target, ks)
+        assert units[1] < units[0] / 4
 
 
 def test_mean_field_replay_is_adam_on_the_mean_gradient_when_batches_agree():
@@ -398,9 +465,13 @@ def test_replay_flops_counts_the_noise_floor():
 
     on, off = ForecastConfig(), ForecastConfig(noise_floor=False)
     # blocks of b steps: (50 + 2 x) / b without an L2 pull (x = 15 with the noise floor), L2's own
-    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; defaults b = 10, lora_block = 2, r = 8
-    assert [replay_flops(m, off) for m in ("ce", "talr", "l2", "lora")] == [5.0, 5.0, 45.0, 53.0]
-    assert [replay_flops(m, on) for m in ("ce", "talr", "l2", "lora")] == [8.0, 8.0, 60.0, 60.5]
+    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; defaults b = 25, lora_block = 3, r = 8
+    assert [replay_flops(m, off) for m in ("ce", "talr", "l2")] == [2.0, 2.0, 45.0]
+    assert replay_flops("lora", off) == pytest.approx(106.0 / 3)
+    assert [replay_flops(m, on) for m in ("ce", "talr", "l2")] == [3.2, 3.2, 60.0]
+    assert replay_flops("lora", on) == pytest.approx(121.0 / 3)
+    v3 = ForecastConfig(replay_block=10, lora_block=2)  # version 3's blocks
+    assert [replay_flops(m, v3) for m in ("ce", "talr", "l2", "lora")] == [8.0, 8.0, 60.0, 60.5]
     exact = ForecastConfig(replay_block=1, lora_block=1)
     assert [replay_flops(m, exact) for m in ("ce", "l2", "lora")] == [80.0, 60.0, 121.0]
     m = ComputeMeter()
@@ -408,9 +479,16 @@ def test_replay_flops_counts_the_noise_floor():
     assert m.units == m.replay_units == 45.0 * 150 / 2
     r = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
                                n_weightings=4, grid=30, probe_steps=6)
-    assert r["replay_ratio"] == pytest.approx(30 * 150 * 15.4 / 2 / (3 * 150 * 16 * 512))
+    assert r["replay_ratio"] == pytest.approx(30 * 150 * 8.9 / 2 / (3 * 150 * 16 * 512))
+    # one probe (3 k B L2) and G + 2 D1 evaluations; version 3's two probes: 6 k B L2 and G + 5
+    run = 3 * 150 * 16 * 512
+    assert r["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 3 * 6) * 16 * 512 + 32 * 128 * 512) / run)
+    r3 = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
+                                n_weightings=4, grid=30, probe_steps=6, probes=2, replay_flops=15.4)
+    assert r3["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 6 * 6) * 16 * 512 + 35 * 128 * 512) / run)
     # the default per-configuration flops: the six methods' replay_flops averaged
-    assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
+    assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(8.9, abs=0.05)
+    assert np.mean([replay_flops(m, v3) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
 
 
 def test_block_replay_is_exact_while_the_scales_hold_and_close_when_they_move():
