@@ -87,10 +87,10 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
 def fit_coherence(cosines: Sequence[float], lrs: np.ndarray, space: str = "log") -> float:
     """lam_c of `sft.forecast.coherence`, exp(-Lambda_t / lam_c) with Lambda_t = sum_{s<t} eta_s, from a
     probe's cosines between its real gradient at step t and the frozen mean gradient at theta0,
-    relative to step 0's (batch noise makes cos_0 < 1). ``space="log"`` (version 3): least squares of
+    relative to step 0's (batch noise makes cos_0 < 1). ``space="log"`` (the default): least squares of
     log(cos_t / cos_0) on Lambda_t through the origin, over the steps with a positive cosine (a
     step whose cosine has decayed into the batch noise, near 0, weighs most there: a noisy, short
-    lam_c). ``space="linear"``: least squares of cos_t / cos_0 - exp(-Lambda_t / lam_c) over every
+    lam_c). ``space="linear"`` (tried as version 4): least squares of cos_t / cos_0 - exp(-Lambda_t / lam_c) over every
     step t >= 1 (the noise enters additively; `_fit_exp_linear`). inf (no rotation) when the
     probe shows no decay or cos_0 <= 0."""
     if space not in ("log", "linear"):
@@ -267,7 +267,8 @@ class _Grid:
     def sample_dl(self, model: nn.Module) -> tuple[float, dict]:
         """dL(P1) of ``model`` against theta0 on the D1 sample (bits per sequence) and, with a tree, its two
         terms; with ``cfg.kl_term_only`` (and a tree) the KL term alone (module docstring of `sft.forecast`,
-        1.: the first-order term vanishes at a pretraining stationary point, its sample estimate is noise)."""
+        1.: the first-order term vanishes at a pretraining stationary point, its sample estimate is noise;
+        tried as version 4, not adopted)."""
         from theory.prefix import prefix_decomposition
 
         with self.meter.phase("d1_evals"):
@@ -279,7 +280,7 @@ class _Grid:
 
     def probe_dl(self, model: nn.Module) -> float:
         """The probes' measured dL on the D1 sample: as the configurations' with ``kl_term_only``, else the
-        sample's mean code length (version 3; equal to the tree's two terms summed)."""
+        sample's mean code length (the default; equal to the tree's two terms summed)."""
         if self.cfg.kl_term_only and self.tree is not None:
             return self.sample_dl(model)[0]
         with self.meter.phase("d1_evals"):

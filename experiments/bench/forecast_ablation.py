@@ -19,23 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {"adopted": {}, "no_rotation": {"coherence": False},
+V4 = {"kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
+      "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
+VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
             "bf16_moments": {"store_dtype": "bfloat16"}, "no_noise_floor": {"noise_floor": False},
             "shrinking_rotation": {"keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
             "previous_replay": {"noise_floor": False, "keep_norm": False},
-            "exact_replay": {"replay_block": 1, "lora_block": 1, "fit_block": 1},  # Adam's denominator every step
-            "cheap_probe": {"n_batches": 4, "probe_steps": 8},  # fewer model passes
+            "exact_replay": {"replay_block": 1, "lora_block": 1},  # Adam's denominator every step (no blocks)
+            "block25": {"replay_block": 25},
+            "cheap_probe": {"replay_block": 25, "n_batches": 4, "probe_steps": 8},  # fewer model passes
             "no_l2_energy": {"l2_energy": False},  # L2's own first-order replay with its pull
-            # version 4's parts, one at a time back to version 3's
-            "both_terms": {"kl_term_only": False},  # dL(P1) = both terms of the decomposition on the D1 sample
-            "log_coherence": {"coherence_fit": "log"},  # lam_c from the logs of the cosines
-            "size_probe": {"size_probe": True},  # the top-rate probe's size correction
-            "v3_blocks": {"replay_block": 10, "lora_block": 2, "fit_block": 1},  # version 3's compute
-            "kl_size_probe": {"size_probe": True, "replay_block": 10, "lora_block": 2, "fit_block": 1},
-            "version3": {"kl_term_only": False, "coherence_fit": "log", "fit_block": 1, "size_probe": True,
-                         "replay_block": 10, "lora_block": 2},  # FORECAST_MODEL 3
-            "version2": {"replay_block": 1, "lora_block": 1, "l2_energy": False, "kl_term_only": False,
-                         "coherence_fit": "log", "fit_block": 1, "size_probe": True}}  # FORECAST_MODEL 2
+            "version2": {"replay_block": 1, "lora_block": 1, "l2_energy": False},  # FORECAST_MODEL 2
+            # version 4 (tried, not adopted) and its parts, added one at a time to version 3
+            "version4": V4,
+            "kl_term": {"kl_term_only": True},  # dL(P1) = the KL term of the decomposition on the D1 sample
+            "kl_linear": {"kl_term_only": True, "coherence_fit": "linear"},  # + lam_c from the cosines themselves
+            "kl_linear_nsp": {"kl_term_only": True, "coherence_fit": "linear", "size_probe": False},  # + no size probe
+            "kl_linear_nsp_b25": {"kl_term_only": True, "coherence_fit": "linear", "size_probe": False, "replay_block": 25},
+            "kl_linear_nsp_b25_lora3": {**V4, "fit_block": 1},  # + LoRA blocks of 3; + fit_block 12 = version 4
+            "v4_n_batches4": {**V4, "fit_block": 1, "lora_block": 2, "n_batches": 4}}  # 4 probe batches instead
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:

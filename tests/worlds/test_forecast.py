@@ -126,7 +126,7 @@ def test_fit_coherence_recovers_the_decay_length():
 
 
 def test_fit_coherence_in_linear_space_is_not_pulled_by_a_cosine_in_the_noise():
-    """Version 4's lam_c: least squares of cos_t / cos_0 - exp(-Lambda_t / lam_c). Exact on a clean
+    """``coherence_fit="linear"`` (tried as version 4): least squares of cos_t / cos_0 - exp(-Lambda_t / lam_c). Exact on a clean
     exponential; a last cosine that has decayed into the batch noise (0.002 instead of 0.061 x
     cos_0) pulls the log-space fit to 1.39e-3 (its log weighs -6.2 against -2.8), the linear fit
     to 2.43e-3 (3 %)."""
@@ -145,17 +145,17 @@ def test_fit_coherence_in_linear_space_is_not_pulled_by_a_cosine_in_the_noise():
 
 
 def test_kl_term_only_is_the_decomposition_s_kl_term_and_never_negative(smoke_world, pretrained):
-    """Version 4 reads dL(P1) as the KL term of the per-prefix decomposition on the D1 sample (the
+    """``kl_term_only`` (tried as version 4) reads dL(P1) as the KL term of the per-prefix decomposition on the D1 sample (the
     first-order term vanishes at a pretraining stationary point; on a sample it is noise). Same
     displacements either way (no size probe): with ``kl_term_only`` each row's dL is its KL term
-    (>= 0 by Gibbs); without it, the two terms' sum (version 3)."""
+    (>= 0 by Gibbs); without it, the two terms' sum (the default)."""
     from sft.forecast_run import forecast_grid
     from sft.world_runs import general_sample, general_tree
 
     model, _, _ = pretrained
     w = smoke_world
     kw = dict(methods=("ce", "dft"), lrs=(1e-4, 3e-3), steps=12, batch=8, n_batches=2, n_general=32, probe_steps=4,
-              pad_token_id=w.pad_id)
+              pad_token_id=w.pad_id, size_probe=False)
     rows = {}
     for kl in (True, False):
         cfg = ForecastConfig(kl_term_only=kl, **kw)
@@ -220,9 +220,8 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     assert set(c["parts"]) == {"gradients", "probes", "d1_evals", "replays"}
     assert sum(c["parts"].values()) == pytest.approx(c["compute_ratio"])
     assert c["parts"]["replays"] == pytest.approx(c["replay_ratio"])
-    # one 4-step probe of batch 8 (3 passes a token; version 4 has no size probe) and the hard-token groups
-    # of the 16 probe-batch examples (one forward each)
-    probe_tokens = (4 * 8 * 3 + 16) * np.mean([len(e["input_ids"]) for e in w.d2_train])
+    # two 4-step probes of batch 8 (3 passes a token) and the hard-token groups of the 16 probe-batch examples
+    probe_tokens = 2 * 4 * 8 * 3 * np.mean([len(e["input_ids"]) for e in w.d2_train])
     assert c["parts"]["probes"] * c["training_run_units"] == pytest.approx(probe_tokens, rel=0.3)
     # the model is untouched by the forecast
     res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
@@ -256,7 +255,7 @@ def test_fit_kappa_binary_search_equals_the_exhaustive_grid(lam_c):
 
 
 def test_fit_kappa_with_a_held_denominator_stays_within_a_grid_step():
-    """Version 4 fits kappa on replays whose Adam denominator is held for the whole 8-step probe
+    """``fit_block`` (tried as version 4: 12) fits kappa on replays whose Adam denominator is held for the whole 8-step probe
     (``block``; the forecast's ``fit_block``): at most one step of `KAPPA_GRID` from the exact
     replay's kappa, at less than a quarter of its replay compute."""
     from sft.forecast_run import KAPPA_GRID, fit_kappa
@@ -465,13 +464,12 @@ def test_replay_flops_counts_the_noise_floor():
 
     on, off = ForecastConfig(), ForecastConfig(noise_floor=False)
     # blocks of b steps: (50 + 2 x) / b without an L2 pull (x = 15 with the noise floor), L2's own
-    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; defaults b = 25, lora_block = 3, r = 8
-    assert [replay_flops(m, off) for m in ("ce", "talr", "l2")] == [2.0, 2.0, 45.0]
-    assert replay_flops("lora", off) == pytest.approx(106.0 / 3)
-    assert [replay_flops(m, on) for m in ("ce", "talr", "l2")] == [3.2, 3.2, 60.0]
-    assert replay_flops("lora", on) == pytest.approx(121.0 / 3)
-    v3 = ForecastConfig(replay_block=10, lora_block=2)  # version 3's blocks
-    assert [replay_flops(m, v3) for m in ("ce", "talr", "l2", "lora")] == [8.0, 8.0, 60.0, 60.5]
+    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; defaults b = 10, lora_block = 2, r = 8
+    assert [replay_flops(m, off) for m in ("ce", "talr", "l2", "lora")] == [5.0, 5.0, 45.0, 53.0]
+    assert [replay_flops(m, on) for m in ("ce", "talr", "l2", "lora")] == [8.0, 8.0, 60.0, 60.5]
+    v4 = ForecastConfig(replay_block=25, lora_block=3)  # the blocks tried as version 4
+    assert [replay_flops(m, v4) for m in ("ce", "talr", "l2")] == [3.2, 3.2, 60.0]
+    assert replay_flops("lora", v4) == pytest.approx(121.0 / 3)
     exact = ForecastConfig(replay_block=1, lora_block=1)
     assert [replay_flops(m, exact) for m in ("ce", "l2", "lora")] == [80.0, 60.0, 121.0]
     m = ComputeMeter()
@@ -479,16 +477,16 @@ def test_replay_flops_counts_the_noise_floor():
     assert m.units == m.replay_units == 45.0 * 150 / 2
     r = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
                                n_weightings=4, grid=30, probe_steps=6)
-    assert r["replay_ratio"] == pytest.approx(30 * 150 * 8.9 / 2 / (3 * 150 * 16 * 512))
-    # one probe (3 k B L2) and G + 2 D1 evaluations; version 3's two probes: 6 k B L2 and G + 5
+    assert r["replay_ratio"] == pytest.approx(30 * 150 * 15.4 / 2 / (3 * 150 * 16 * 512))
+    # two probes (6 k B L2) and G + 5 D1 evaluations; one probe (no size probe): 3 k B L2 and G + 2
     run = 3 * 150 * 16 * 512
-    assert r["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 3 * 6) * 16 * 512 + 32 * 128 * 512) / run)
-    r3 = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
-                                n_weightings=4, grid=30, probe_steps=6, probes=2, replay_flops=15.4)
-    assert r3["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 6 * 6) * 16 * 512 + 35 * 128 * 512) / run)
+    assert r["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 6 * 6) * 16 * 512 + 35 * 128 * 512) / run)
+    r1 = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
+                                n_weightings=4, grid=30, probe_steps=6, probes=1, replay_flops=8.9)
+    assert r1["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 3 * 6) * 16 * 512 + 32 * 128 * 512) / run)
     # the default per-configuration flops: the six methods' replay_flops averaged
-    assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(8.9, abs=0.05)
-    assert np.mean([replay_flops(m, v3) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
+    assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
+    assert np.mean([replay_flops(m, v4) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(8.9, abs=0.05)
 
 
 def test_block_replay_is_exact_while_the_scales_hold_and_close_when_they_move():
