@@ -512,8 +512,12 @@ def _memory_lines(runs: list[dict]) -> list[str]:
     top = max(have, key=lambda r: r["peak_rss_gb"])
     miss = len(trained) - len(have)
     return [f"Peak resident memory of a trained run (training, trajectory probes, evaluation): at most "
-            f"{top['peak_rss_gb']:.1f} GB ({label(top)}), over {len(have)} runs"
-            + (f"; {miss} runs were cached before it was recorded." if miss else "."), ""]
+            f"{top['peak_rss_gb']:.1f} GB ({label(top)}), over {_n(len(have), 'run')}"
+            + (f"; {_n(miss, 'run')} cached before it was recorded." if miss else "."), ""]
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 def _bound_section(runs: list[dict]) -> list[str]:
