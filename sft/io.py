@@ -257,7 +257,7 @@ def write_jsonl(path: str | os.PathLike, rows) -> str:
 
 
 # ---------------------------------------------------------------------------------- peak memory
-def _status_kib(key: str, status: str = "/proc/self/status") -> int | None:
+def status_kib(key: str, status: str = "/proc/self/status") -> int | None:
     """A ``kB`` field of the process status file (Linux), None where there is none."""
     try:
         with open(status) as fh:
@@ -285,5 +285,5 @@ def reset_peak_rss() -> bool:
 def peak_rss_gb(status: str = "/proc/self/status") -> float | None:
     """The process's peak resident memory since the last :func:`reset_peak_rss` (or its start), in
     GB (10^9 bytes); None where the status file has no ``VmHWM`` (not Linux)."""
-    kib = _status_kib("VmHWM", status)
+    kib = status_kib("VmHWM", status)
     return None if kib is None else kib * 1024 / 1e9

@@ -55,11 +55,11 @@ def test_peak_rss_follows_a_large_allocation_and_resets(tmp_path):
     import numpy as np
     import pytest
 
-    from sft.io import _status_kib, peak_rss_gb, reset_peak_rss
+    from sft.io import status_kib, peak_rss_gb, reset_peak_rss
 
     if not reset_peak_rss():
         pytest.fail("/proc/self/clear_refs must be writable on the test machines (Linux)")
-    before = _status_kib("VmRSS") * 1024 / 1e9
+    before = status_kib("VmRSS") * 1024 / 1e9
     a = np.ones(200_000_000 // 8)  # touched: resident
     assert peak_rss_gb() >= before + 0.19
     del a
@@ -67,4 +67,4 @@ def test_peak_rss_follows_a_large_allocation_and_resets(tmp_path):
     assert peak_rss_gb() < before + 0.1
     fake = tmp_path / "status"
     fake.write_text("Name: x\nVmRSS: 10 kB\n")
-    assert peak_rss_gb(str(fake)) is None and _status_kib("VmRSS", str(fake)) == 10
+    assert peak_rss_gb(str(fake)) is None and status_kib("VmRSS", str(fake)) == 10

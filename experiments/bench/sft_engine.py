@@ -68,17 +68,17 @@ def _loss_memory_child(mode: str) -> None:
 
 def _reset_peak_rss_kib() -> int:
     """Reset the peak-RSS mark (``sft.io.reset_peak_rss``) and return the current RSS (KiB)."""
-    from sft.io import _status_kib, reset_peak_rss
+    from sft.io import status_kib, reset_peak_rss
 
     if not reset_peak_rss():
         raise OSError("/proc/self/clear_refs is not writable: the loss's peak cannot be isolated")
-    return _status_kib("VmRSS")
+    return status_kib("VmRSS")
 
 
 def _peak_rss_kib() -> int:
-    from sft.io import _status_kib
+    from sft.io import status_kib
 
-    return _status_kib("VmHWM")
+    return status_kib("VmHWM")
 
 
 def loss_memory() -> dict[str, float]:
