@@ -110,24 +110,17 @@ def fit_coherence(cosines: Sequence[float], lrs: np.ndarray, space: str = "log")
 
 
 def _fit_exp_linear(lam: np.ndarray, y: np.ndarray) -> float:
-    """argmin over lam_c of sum_t (y_t - exp(-lam_t / lam_c))^2: golden-section search on log lam_c
-    between 1e-3 and 1e3 x the largest lam_t (the sum is unimodal there for a decaying y); inf when
-    the upper end wins (no decay seen)."""
+    """argmin over lam_c of sum_t (y_t - exp(-lam_t / lam_c))^2: bounded Brent search (scipy) on
+    log lam_c between 1e-3 and 1e3 x the largest lam_t (the sum is unimodal there for a decaying
+    y); inf when the upper end wins (no decay seen)."""
+    from scipy.optimize import minimize_scalar
+
     if lam.size == 0 or not lam.max() > 0:
         return math.inf
-    sse = lambda x: float(np.sum((y - np.exp(-lam / math.exp(x))) ** 2))  # noqa: E731
     lo, hi = math.log(1e-3 * lam.max()), math.log(1e3 * lam.max())
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    for _ in range(80):
-        if sse(a) < sse(b):
-            hi, b = b, a
-            a = hi - g * (hi - lo)
-        else:
-            lo, a = a, b
-            b = lo + g * (hi - lo)
-    x = 0.5 * (lo + hi)
-    return math.inf if x >= math.log(1e3 * lam.max()) - 1e-3 else math.exp(x)
+    x = minimize_scalar(lambda x: float(np.sum((y - np.exp(-lam / math.exp(x))) ** 2)), bounds=(lo, hi),
+                        method="bounded", options={"xatol": 1e-10}).x
+    return math.inf if x >= hi - 1e-3 else math.exp(x)
 
 
 KAPPA_GRID = np.geomspace(0.02, 5.0, 25)
