@@ -113,9 +113,11 @@ T's (up to 2x).
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored moment; one method's moments live at a time, so neither the number of
 methods, of rates nor of probe batches enters):
-    peak = w N + max(7 s N + 4 N + w N, 7 s N + 3 w N) + 32 CHUNK x 4
-(the model; moments 5 s N + the CE direction or L2's Adam state 2 s N; the float32 displacement;
-theta0's copy while a configuration is evaluated; or the two group gradients of a pass).
+    peak = w N + max(7 s N + 4 N + w N, 7 s N + 3 w N, 5 s N + 4 w N) + 32 CHUNK x 4
+(the model, used in place; moments 5 s N + the CE direction or L2's Adam state 2 s N; the float32
+displacement; theta0's copy while a configuration is evaluated; or the group gradients of a pass;
+or a probe's model copy, gradient and AdamW states beside CE's moments). The activations are those of
+``micro_batch`` rows (the gradients and probes run their batches in micro-batches, exactly).
 A 3B model (N = 3.21e9) in bf16 with ``store_dtype="bfloat16"`` (s = w = 2): 22 N = 70.6 GB + 0.5 GB
 of chunks: one 80 GB GPU (a training run of the same model with AdamW in fp32 states: 16 N = 51 GB).
 Storing the moments in bf16 instead of float32: see docs/forecast/README.md for the change of
@@ -195,6 +197,7 @@ class ForecastConfig:
     coherence_fit: str = "log"  # lam_c by least squares of the cosines' logs ("linear": of the cosines; tried as version 4)
     fit_block: int = 1  # the kappa fit's replays hold Adam's denominator this many steps (1: exact; tried: 12)
     kl_term_only: bool = False  # True: dL(P1) = the decomposition's KL term on the D1 sample (tried as version 4)
+    micro_batch: int = 0  # rows per forward/backward of the gradients and probes (0: the whole batch; exact, less memory)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -206,6 +209,8 @@ class ForecastConfig:
             raise ValueError(f"coherence_fit {self.coherence_fit!r}: expected 'log' or 'linear'")
         if self.store_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"store_dtype {self.store_dtype!r}: expected float32, bfloat16 or float16")
+        if int(self.micro_batch) < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: the whole batch), got {self.micro_batch}")
         for name in ("steps", "batch", "n_batches", "n_general", "probe_steps", "replay_block", "lora_block", "fit_block"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -280,7 +285,7 @@ def sequence_losses(model: nn.Module, examples: Sequence[dict], *, pad_token_id:
         with torch.no_grad():
             for s in range(0, len(examples), batch_size):
                 b = _collate(examples[s:s + batch_size], pad_token_id)
-                nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
+                nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])  # lm-head on coded rows only
                 n = b["input_ids"].shape[0]
                 tot = torch.zeros(n, dtype=torch.float64).index_add_(0, si, nll.double())
                 cnt = torch.bincount(si, minlength=n).double()
@@ -329,7 +334,7 @@ class GradientMoments:
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.sq_sum = self.sq.double().sum(1)
+        self.sq_sum = sum(self.sq[:, sl].double().sum(1) for sl in _chunks(self.sq.shape[1]))  # no float64 copy
         self._mean_sums = None
 
     def mean_pairs(self, sl: slice = slice(None)) -> torch.Tensor:
@@ -391,72 +396,136 @@ def _pair_weights(rho: torch.Tensor) -> torch.Tensor:
     return torch.stack([rho[0] ** 2, 2 * rho[0] * rho[1], rho[1] ** 2])
 
 
-def _flat_grad(loss, params) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+def _group_grads(loss, params, retain: bool) -> list[torch.Tensor | None]:
+    """d loss / d params, one tensor per parameter (None where it does not enter): no flattened copy."""
+    return list(torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True))
+
+
+def _accumulate(into: list | None, grads: list) -> list:
+    """``into`` += ``grads`` parameter by parameter (None = zeros); the first call keeps ``grads``."""
+    if into is None:
+        return grads
+    for i, g in enumerate(grads):
+        if g is not None:
+            into[i] = g if into[i] is None else into[i].add_(g)
+    return into
 
 
 class _Moments:
-    """Running sums of `GradientMoments` over batches, accumulated in ``dtype``."""
+    """Running sums of `GradientMoments` over batches, accumulated in ``dtype`` parameter by
+    parameter (the group gradients are never flattened into an N-sized copy)."""
 
-    def __init__(self, N: int, with_ce: bool, dtype):
+    def __init__(self, params: list[nn.Parameter], with_ce: bool, dtype):
+        N = sum(p.numel() for p in params)
+        self.offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
         self.mean, self.sq = torch.zeros(2, N, dtype=dtype), torch.zeros(3, N, dtype=dtype)
         self.ce = torch.zeros(2, N, dtype=dtype) if with_ce else None
         self.n = 0
         self.ell, self.n_tok = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
 
-    def add(self, per: list[torch.Tensor]) -> None:
+    def add(self, per: list[list]) -> None:
+        """One batch: ``per[k]`` is group k's gradient, a list over parameters (None = zeros)."""
         self.n += 1
-        for k in range(2):
-            self.mean[k] += per[k].to(self.mean.dtype)
-        for j, (k, l) in enumerate(PAIRS):
-            self.sq[j] += (per[k] * per[l]).to(self.sq.dtype)
+        for i, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
+            g = [None if x[i] is None else x[i].reshape(-1) for x in per]
+            for k in range(2):
+                if g[k] is not None:
+                    self.mean[k, a:b] += g[k].to(self.mean.dtype)
+            for j, (k, l) in enumerate(PAIRS):
+                if g[k] is not None and g[l] is not None:
+                    self.sq[j, a:b] += (g[k] * g[l]).to(self.sq.dtype)
+
+    def add_ce(self, k: int, grads: list) -> None:
+        for i, g in enumerate(grads):
+            if g is not None:
+                self.ce[k, self.offsets[i]:self.offsets[i + 1]] += g.reshape(-1).to(self.ce.dtype)
+
+
+def _micro(b: dict, m: int) -> list[dict]:
+    """The padded batch ``b`` cut into micro-batches of ``m`` rows (``m`` <= 0: the batch itself)."""
+    B = b["input_ids"].shape[0]
+    if m <= 0 or m >= B:
+        return [b]
+    return [{k: v[s:s + m] for k, v in b.items()} for s in range(0, B, m)]
+
+
+def _batch_tau(model, parts: list[dict]) -> torch.Tensor:
+    """TALR's tau of the whole batch (the median of its per-sequence mean losses, `sft.losses.talr_tau`)
+    from a no-grad pass over its micro-batches: the weights of every micro-batch then use it."""
+    means = []
+    with torch.no_grad():
+        for p in parts:
+            nll, si = token_nll(model, p["input_ids"], p["attention_mask"], p["labels"])
+            means.append(L.sequence_mean_losses(nll, si, p["input_ids"].shape[0]))
+    return L.talr_tau(torch.cat(means))
 
 
 def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method: str, *, pad_token_id: int,
                      flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
                      meter: ComputeMeter | None = None, ce_mean: torch.Tensor | None = None,
-                     dtype=torch.float32) -> GradientMoments:
+                     dtype=torch.float32, micro_batch: int = 0) -> GradientMoments:
     """`GradientMoments` of ``method``'s data loss at the current parameters over ``batches``
     (easy tokens: p0 >= ``hard_p``; hard: p0 < ``hard_p``), streamed one batch at a time. L2 and
     LoRA use CE's (their differences are replayed, see the module docstring); FLOW uses CE token
     weights and its sequence weights. ``ce_mean``: the shared progress direction when already
     known (another method's moments); else a CE loss derives it from its own mean (``ce_scale``)
-    and any other loss computes it (one more backward per group and batch)."""
+    and any other loss computes it (one more backward per group and batch).
+
+    ``micro_batch`` > 0: each batch's forward and backward passes run on ``micro_batch`` rows at a
+    time (activations of that many rows, not B) and the group gradients are summed over them. This
+    is exact: a group's gradient sum_t w_t s_b(t) grad ell_t / n is linear in the token losses
+    given their stop-gradient weights, and n (the batch's supervised tokens) is read from the
+    labels. The one weight that depends on the whole batch, TALR's tau (the batch median of
+    per-sequence mean losses), comes from a no-grad pass over the batch first (one forward more
+    per batch, as the trainer's own tau pre-pass)."""
     rec = get_method(method)
     plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
     loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
     params = _params(model)
-    acc = _Moments(sum(p.numel() for p in params), ce_mean is None and not plain_ce, dtype)
+    acc = _Moments(params, ce_mean is None and not plain_ce, dtype)
     taus, n_all = [], 0
+    n_back = 4 if acc.ce is not None else 2  # backward passes per micro-batch: one per group (and per CE group)
     was = model.training
     model.train()
     try:
         for ex in batches:
             b = _collate(ex, pad_token_id)
             B = b["input_ids"].shape[0]
-            nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
-            w, tau = L.token_weights(loss_method, nll, si, B, w_min=w_min)
-            if loss_method == "talr":
-                taus.append(float(tau))
-            seq_w = torch.exp(-L.sequence_mean_losses(nll, si, B) / flow_tau) if rec.sequence_weights == "flow" else None
-            hard = (torch.exp(-nll.detach()) < hard_p)
-            per = []
-            for k, mask in enumerate((~hard, hard)):
-                per.append(_flat_grad(L.reduce(L.weighted_sum(nll * mask, w, si, sequence_weights=seq_w),
-                                               nll.numel(), None), params))
-                if acc.ce is not None and bool(mask.any()):
-                    acc.ce[k] += _flat_grad((nll * mask).sum(), params).to(acc.ce.dtype)
-                acc.ell[k] += float(nll.detach()[mask].sum())
-                acc.n_tok[k] += float(mask.sum())
+            n_b = int(L.shift_and_select(b["labels"])[0].sum())  # the batch's supervised tokens
+            parts = _micro(b, micro_batch)
+            tau = None
+            if len(parts) > 1 and get_method(loss_method).tau:
+                tau = _batch_tau(model, parts)
+                if meter is not None:
+                    meter.forward(int(b["attention_mask"].sum()))
+            per = [None, None]
+            for part in parts:
+                nll, si = token_nll(model, part["input_ids"], part["attention_mask"], part["labels"])
+                Bp = part["input_ids"].shape[0]
+                w, tau_used = L.token_weights(loss_method, nll, si, Bp, tau=tau, w_min=w_min)
+                if loss_method == "talr" and part is parts[0]:
+                    taus.append(float(tau_used))
+                seq_w = torch.exp(-L.sequence_mean_losses(nll, si, Bp) / flow_tau) \
+                    if rec.sequence_weights == "flow" else None
+                hard = (torch.exp(-nll.detach()) < hard_p)
+                masks = (~hard, hard)
+                for k, mask in enumerate(masks):
+                    last = k == 1 and acc.ce is None
+                    loss = L.reduce(L.weighted_sum(nll * mask, w, si, sequence_weights=seq_w), n_b, None)
+                    per[k] = _accumulate(per[k], _group_grads(loss, params, retain=not last))
+                    if acc.ce is not None and bool(mask.any()):
+                        acc.add_ce(k, _group_grads((nll * mask).sum(), params, retain=k == 0))
+                    acc.ell[k] += float(nll.detach()[mask].sum())
+                    acc.n_tok[k] += float(mask.sum())
+                n_all += nll.numel()
+                del nll, w, seq_w, hard, masks, loss  # the micro-batch's graph is freed here
+                if meter is not None:
+                    n = int(part["attention_mask"].sum())
+                    meter.forward(n)
+                    for _ in range(n_back):
+                        meter.backward(n)
             acc.add(per)
             del per
-            n_all += nll.numel()
-            if meter is not None:
-                n = int(b["attention_mask"].sum())
-                meter.forward(n)
-                for _ in range(4 if acc.ce is not None else 2):  # one backward per group (and per CE group)
-                    meter.backward(n)
     finally:
         model.train(was)
     nt = acc.n_tok.clamp_min(1)
@@ -852,17 +921,18 @@ def replay_lora(gm: GradientMoments, layout, lrs: np.ndarray, *, r: int, alpha: 
 
 # ---------------------------------------------------------------------------------- evaluation
 class Shifted:
-    """Context: the model's parameters moved by a flattened displacement, restored on exit."""
+    """Context: the model's parameters moved by ``scale`` x a flattened displacement, restored
+    exactly on exit (from a copy of theta0)."""
 
-    def __init__(self, model: nn.Module, delta: torch.Tensor):
-        self.model, self.delta = model, delta
+    def __init__(self, model: nn.Module, delta: torch.Tensor, scale: float = 1.0):
+        self.model, self.delta, self.scale = model, delta, float(scale)
 
     def __enter__(self):
         self.saved = [p.detach().clone() for p in _params(self.model)]
         with torch.no_grad():
             off = 0
             for p in _params(self.model):
-                p.add_(self.delta[off:off + p.numel()].reshape(p.shape).to(p.dtype))
+                p.add_(self.delta[off:off + p.numel()].reshape(p.shape).to(p.dtype), alpha=self.scale)
                 off += p.numel()
         return self.model
 
@@ -913,21 +983,27 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     """Peak memory of `sft.forecast_run.forecast_grid` beside the activations, in bytes, for N
     trainable parameters (w = ``weight_bytes``, s = ``store_bytes`` per number):
 
-    - the model w N, and Shifted's copy of theta0 while a configuration is evaluated, w N;
+    - the model w N (used in place: no copy), and Shifted's copy of theta0 while a configuration
+      is evaluated, w N;
     - the moments of one method: mean 2 s N, sq 3 s N, the CE direction 2 s N (TALR, DFT,
       FLOW; CE, L2 and LoRA derive it from their mean);
-    - the gradient pass: the two group gradients and a flattened copy, 3 w N;
+    - the gradient pass: the two group gradients, parameter by parameter, and one more autograd
+      result while micro-batches are summed, 3 w N (no flattened copy);
     - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N (with ``l2_energy``: CE's
-      displacement kept for L2 and its scaled copy, 4 N, within 2 s N for s >= 2), a few chunk floats.
+      displacement kept for L2 and its scaled copy, 4 N, within 2 s N for s >= 2), a few chunk floats;
+    - the probes (real CE steps beside CE's moments 5 s N): the probed copy of the model, its
+      gradient and AdamW's two states, 4 w N (the cosines are taken parameter by parameter).
 
     peak = w N + max(5 s N + 2 s N + 4 N + w N  [CE, L2, LoRA],
                      7 s N + 4 N + w N            [TALR, DFT, FLOW],
-                     7 s N + 3 w N                [a gradient pass]) + 32 chunk.
-    ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
+                     7 s N + 3 w N                [a gradient pass],
+                     5 s N + 4 w N                [a probe]) + 32 chunk.
+    Activations are those of ``micro_batch`` rows (`ForecastConfig.micro_batch`; a training step
+    holds those of its B rows). ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
     del grid, n_batches
     w, s = weight_bytes, store_bytes
     parts = {"ce_family": 7 * s * N + 4 * N + w * N, "own_weights": 7 * s * N + 4 * N + w * N,
-             "gradient_pass": 7 * s * N + 3 * w * N}
+             "gradient_pass": 7 * s * N + 3 * w * N, "probe": 5 * s * N + 4 * w * N}
     return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk}
 
 

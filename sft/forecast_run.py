@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .methods import get_method
-from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
+from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate, _micro,
                        cosine_lrs, l2_energy_scale, lora_layout, method_gradients, replay_adam, replay_lora,
                        sequence_losses, training_run_units)
 
@@ -33,12 +34,29 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
     with torch.no_grad():
         for s in range(0, len(examples), 64):
             b = _collate(examples[s:s + 64], pad_token_id)
-            nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
+            nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
             hard = (torch.exp(-nll) < hard_p).numpy()
             si = si.numpy()
             out += [hard[si == i] for i in range(b["input_ids"].shape[0])]
             meter.forward(int(b["attention_mask"].sum()))
     return out
+
+
+def _cosine(params, direction: torch.Tensor) -> float:
+    """cos(grad, direction) parameter by parameter (no flattened copy of either): ``direction`` is
+    ``[N]`` or ``[K, N]`` (its rows summed), in the trainable parameters' order."""
+    d2 = direction if direction.dim() == 2 else direction[None]
+    dot = gg = dd = 0.0
+    off = 0
+    for p in params:
+        n = p.numel()
+        d = d2[:, off:off + n].float().sum(0)
+        if p.grad is not None:
+            g = p.grad.reshape(-1)
+            dot, gg = dot + float(g @ d), gg + float(g @ g)
+        dd += float(d @ d)
+        off += n
+    return dot / max(math.sqrt(gg * dd), 1e-30)
 
 
 def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.ndarray], cfg: ForecastConfig,
@@ -47,9 +65,11 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
     """Real CE AdamW steps (the trainer's optimiser, rates ``lrs``) on ``examples``; returns
     each step's batch mean loss per token group and overall ``[steps, 3]`` (before the step;
     NaN where a batch has no token of the group), and the probed model with ``return_model``.
-    With ``direction`` (flattened, the trainable parameters' order), appends to ``cosines`` each
-    step's cosine between the real (unclipped) gradient and it (no extra passes). ``on_step(model,
-    t)`` is called after each step t = 1..len(lrs)."""
+    With ``direction`` (``[N]`` or ``[K, N]`` summed over K, the trainable parameters' order),
+    appends to ``cosines`` each step's cosine between the real (unclipped) gradient and it (no
+    extra passes). ``on_step(model, t)`` is called after each step t = 1..len(lrs). A step's
+    batch runs in micro-batches of ``cfg.micro_batch`` rows (0: at once), its gradient summed
+    over them (the CE batch loss is a sum of token losses over the batch's token count: exact)."""
     from . import losses as L
     from .models import token_nll
 
@@ -62,20 +82,24 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
     for t, lr in enumerate(lrs):
         idx = rng.choice(len(examples), cfg.batch, replace=False)
         b = _collate([examples[int(i)] for i in idx], cfg.pad_token_id)
-        nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
-        hard = torch.as_tensor(np.concatenate([groups[int(i)] for i in idx]))
-        for k, mask in enumerate((~hard, hard)):
-            if bool(mask.any()):
-                out[t, k] = float(nll.detach()[mask].mean())
-        out[t, 2] = float(nll.detach().mean())
-        loss = L.reduce(nll.sum(), nll.numel(), None)
+        hard = np.concatenate([groups[int(i)] for i in idx])
+        n_b = len(hard)  # the batch's supervised tokens
+        sums, cnt, at = np.zeros(3), np.zeros(3), 0
+        opt.zero_grad()
+        for part in _micro(b, cfg.micro_batch):
+            nll, _ = token_nll(model, part["input_ids"], part["attention_mask"], part["labels"])
+            h = torch.as_tensor(hard[at:at + nll.numel()])
+            at += nll.numel()
+            for k, mask in enumerate((~h, h, torch.ones_like(h))):
+                sums[k] += float(nll.detach()[mask].sum())
+                cnt[k] += float(mask.sum())
+            L.reduce(nll.sum(), n_b, None).backward()
+            del nll
+        out[t] = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
         for gr in opt.param_groups:
             gr["lr"] = float(lr)
-        opt.zero_grad()
-        loss.backward()
         if direction is not None and cosines is not None:
-            g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
-            cosines.append(float(g @ direction) / max(float(g.norm() * direction.norm()), 1e-30))
+            cosines.append(_cosine(params, direction))
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         meter.forward_backward(int(b["attention_mask"].sum()))
@@ -201,12 +225,13 @@ def _batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> list[list[dict]]:
 
 
 class _Grid:
-    """What the rows of one forecast share: the model at theta0, its probe batches, the D1 sample
-    and its evaluation, the compute meter."""
+    """What the rows of one forecast share: the model at theta0 (``model0`` itself, no copy: each
+    configuration is evaluated inside `Shifted`, which restores theta0 exactly), its probe batches,
+    the D1 sample and its evaluation, the compute meter."""
 
     def __init__(self, model0: nn.Module, d2, d1, cfg: ForecastConfig, d1_tree: SampleTree | None):
         self.cfg, self.meter = cfg, ComputeMeter()
-        self.model = copy.deepcopy(model0)
+        self.model = model0
         self.d1, self.tree, self.pad = list(d1)[: cfg.n_general], d1_tree, cfg.pad_token_id
         self.batches = _batches(d2, cfg, np.random.default_rng(cfg.seed))
         self.examples = [ex for b in self.batches for ex in b]
@@ -216,6 +241,7 @@ class _Grid:
         self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
         self.dtype = getattr(torch, cfg.store_dtype)
         self.flow_tau, self.size_points, self._groups, self._last = None, [], None, None
+        self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
         if any(get_method(m).sequence_weights == "flow" for m in cfg.methods):
             with self.meter.phase("gradients"):
                 _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
@@ -231,7 +257,8 @@ class _Grid:
     def moments(self, method: str, ce_mean=None) -> GradientMoments:
         with self.meter.phase("gradients"):
             return method_gradients(self.model, self.batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
-                                    w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype)
+                                    w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
+                                    micro_batch=self.cfg.micro_batch)
 
     def replay(self, gm: GradientMoments, method: str, lr: float):
         cfg = self.cfg
@@ -288,7 +315,7 @@ class _Grid:
         cos = []
         with self.meter.phase("probes"):
             target, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True,
-                                      direction=ce.mean.float().sum(0), cosines=cos)
+                                      direction=ce.mean, cosines=cos)
         ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
         probe_dl = self.probe_dl(pm)
         del pm
@@ -331,6 +358,9 @@ class _Grid:
                                     self.cfg.l2_coeff, size=r)
                 delta, extra = delta * s, {"l2_energy_scale": s}
             dl, parts = self.evaluate(delta)
+            if self.extra_eval is not None:  # at the size-corrected step: dL ~ |d_theta|^2, so sqrt(r) d_theta
+                with Shifted(self.model, delta, scale=math.sqrt(max(r, 0.0))):
+                    extra["extra_eval"] = self.extra_eval(self.model)
             del delta
             out.append(Forecast(m, lr, dl * r, gm.gain_bits(ell), extras={
                 "Lambda": float(cosine_lrs(lr, self.cfg.steps).sum()), "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
@@ -380,15 +410,29 @@ def _ce_family_rows(grid: _Grid, ce: GradientMoments, pairs, methods, progress) 
     return {m: [r for r in rows if r["method"] == m] for m in methods}
 
 
+def _timed(fn, grid: _Grid):
+    def run(model):
+        t = time.perf_counter()
+        try:
+            return fn(model)
+        finally:
+            grid.extra_seconds += time.perf_counter() - t
+    return run
+
+
 def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig, *,
                   progress: bool = True, calibrate: bool = True, d1_tree: SampleTree | None = None,
-                  only: set | None = None) -> dict:
+                  only: set | None = None, extra_eval=None) -> dict:
     """Forecast every (method, lr) of ``cfg``: returns {"rows": [Forecast dicts], "compute": {...},
     "probe": {...}}. ``d2``: the SFT training examples; ``d1``: general examples (labels on
     every response token); both as {"input_ids", "labels"} dicts. With ``d1_tree`` (the same
     sample as a token tree) dL(P1) comes from the per-prefix decomposition on its prefixes and
     each row also holds its first-order and KL terms. ``only``: a set of (method, lr) pairs of
     the product to forecast (the others are skipped; gradients and probe are shared anyway).
+    ``extra_eval(model)``: any other evaluation (e.g. benchmark accuracy) of each configuration's
+    predicted model, theta0 + sqrt(r) d_theta (r its size correction: the forecast dL is r times
+    the replayed one and dL grows as |d_theta|^2), stored in the row's ``extra_eval``; its passes
+    are not in the compute meter (their seconds: ``extra_eval_seconds``).
 
     One method's gradient moments live at a time (CE's first: the probe calibrates on them and
     CE, L2 and LoRA replay them; then TALR's, DFT's, FLOW's, each freed after its rows), so the
@@ -397,6 +441,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
 
     torch.manual_seed(cfg.seed)
     grid = _Grid(model0, d2, d1, cfg, d1_tree)
+    grid.extra_eval = None if extra_eval is None else _timed(extra_eval, grid)
     pairs = [(m, lr) for m in cfg.methods for lr in cfg.lrs if only is None or (m, lr) in only]
     replays_ce = [m for m in cfg.methods if m == "ce" or get_method(m).replay_gradients == "ce"]
     own = [m for m in cfg.methods if m not in replays_ce]  # methods with gradients of their own (sft.methods)
@@ -428,7 +473,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
                         "compute_ratio": grid.meter.units / run_units, "replay_ratio": grid.meter.replay_units / run_units,
                         "parts": {k: v / run_units for k, v in sorted(grid.meter.parts.items())},
                         "unit": "forward-token passes (backward = 2; a replay's flops / 2 N)"},
-            "base": {"d1_bits": grid.base_d1}}
+            "base": {"d1_bits": grid.base_d1}, "extra_eval_seconds": grid.extra_seconds}
 
 
 def power_law_probes(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig,

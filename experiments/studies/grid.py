@@ -150,6 +150,14 @@ class StudyConfig:
     forecast: bool = True
     forecast_batches: int = 2  # mini-batch gradients per method at theta0 (each [2, N] floats: memory)
     forecast_probe_steps: int = 6  # real CE steps of the calibration probe
+    # rows per forward/backward of the forecast's gradients and probes (`ForecastConfig.micro_batch`):
+    # memory only (activations of 1 row instead of batch_size; exact up to float32 summation order),
+    # so in no cache key
+    forecast_micro_batch: int = 1
+    # general accuracy forecast: the benchmark tasks (bench_*) scored on each configuration's predicted
+    # model (`forecast_grid`'s ``extra_eval``; one benchmark evaluation per configuration, not in the
+    # forecast's compute ratio)
+    forecast_accuracy: bool = True
     # methods left out of the forecast: DFT's own gradients would add 6 N floats (3.2 GB for SmolLM2)
     # to CE's and TALR's, more than 2-core machines with 24 GB hold beside the study
     forecast_skip: tuple = ("dft",)
@@ -170,7 +178,8 @@ class StudyConfig:
         those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
         ``domain``): its caches stay valid."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip", "gen_batch") + FORECAST_FIELDS + RUN_FIELDS + BENCH_FIELDS:  # gen_batch: speed only
+        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch") + FORECAST_FIELDS + RUN_FIELDS \
+                + BENCH_FIELDS:  # gen_batch, forecast_micro_batch: speed and memory only
             d.pop(k)
         if d["domain"] == "medcalc":
             d.pop("domain")
@@ -178,7 +187,12 @@ class StudyConfig:
         return d
 
     def forecast_key(self) -> dict:
-        return {k: getattr(self, k) for k in FORECAST_FIELDS}
+        key = {k: getattr(self, k) for k in FORECAST_FIELDS}
+        if not self.forecast_accuracy:  # the key of the units cached before the accuracy forecast existed
+            key.pop("forecast_accuracy")
+        elif self.bench_tasks:
+            key["bench"] = self.bench_key()
+        return key
 
     def bench_key(self) -> dict | None:
         """The benchmark settings (each bench unit's key and ``study.json``'s ``bench``); None: off."""
@@ -188,7 +202,7 @@ class StudyConfig:
                 "per_task": self.bench_per_task, "seed": self.seed}
 
 
-FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps")
+FORECAST_FIELDS = ("forecast", "forecast_batches", "forecast_probe_steps", "forecast_accuracy")
 RUN_FIELDS = ("trajectory_every", "trajectory_short", "plateau", "plateau_max_steps")
 BENCH_FIELDS = ("bench_tasks", "bench_root", "bench_per_task")
 BENCH_FIXTURES = REPO / "tests" / "eval" / "fixtures" / "benchmarks"  # the smoke preset's request files (toy_qa)
@@ -521,10 +535,17 @@ def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str,
     fc = ForecastConfig(methods=tuple(sorted({e.method for e in entries})), lrs=tuple(sorted({e.lr for e in entries})),
                         steps=cfg.steps, batch=cfg.batch_size, n_batches=cfg.forecast_batches, n_general=len(d1),
                         probe_steps=cfg.forecast_probe_steps, seed=cfg.seed, l2_coeff=L2_COEFF, lora_r=cfg.lora_r,
-                        lora_alpha=2 * cfg.lora_r, pad_token_id=pad)
+                        lora_alpha=2 * cfg.lora_r, pad_token_id=pad, micro_batch=cfg.forecast_micro_batch)
     t = time.perf_counter()
+    extra = None
+    if cfg.forecast_accuracy and cfg.bench_tasks:
+        from sft.eval.benchmarks import evaluate_benchmarks
+
+        def extra(model):
+            return {"bench": evaluate_benchmarks(model, tok, cfg.bench_tasks, root=cfg.bench_root,
+                                                 per_task=cfg.bench_per_task, seed=cfg.seed, progress=False)}
     res = forecast_grid(base, data.train[variant][:cfg.steps * cfg.batch_size], d1, fc, progress=progress,
-                        only={(e.method, e.lr) for e in entries})
+                        only={(e.method, e.lr) for e in entries}, extra_eval=extra)
     for r in res["rows"]:
         r["dL_general_bits_per_token"] = r["dL_P1_bits"] * len(d1) / n_tok
     res["seconds"] = time.perf_counter() - t

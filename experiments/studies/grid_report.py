@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .grid_text import (MIN_SPEARMAN_N, NOT_TESTABLE, bits_vs_acc_png, general_delta, label, pareto, report_markdown,
-                        study_domain, tradeoff_acc_png, tradeoff_png, trajectories_png)
+from .grid_text import (MIN_SPEARMAN_N, NOT_TESTABLE, bits_vs_acc_png, general_delta, label, mean_se, pareto,
+                        report_markdown, study_domain, tradeoff_acc_png, tradeoff_png, trajectories_png)
 
 __all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "run_record", "write_report"]
 
@@ -228,6 +228,9 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     f = forecast_row(row, forecasts or {})
     row["forecast_general_delta_bits"] = None if f is None else f["dL_general_bits_per_token"]
     row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]
+    fb = (f or {}).get("extra_eval") or {}
+    row["forecast_general_acc_delta_mean"] = general_acc_fields(fb, base.get("bench"))["general_acc_delta_mean"] \
+        if fb.get("bench") else None
     return row
 
 
@@ -249,8 +252,29 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
                      "within_2x_general": within_2x(fc, ms, zero_tol=WITHIN_ZERO_TOL) if rs else None,
                      "spearman_gain": spearman([r["forecast_domain_gain_bits"] for r in rs],
                                                [r["domain_gain_bits"] for r in rs]) if rs else None,
-                     "advisor": grid_advisor(rs) if sel is not None else None}
+                     "advisor": grid_advisor(rs) if sel is not None else None,
+                     "accuracy": accuracy_forecast_summary(rs)}
     return out
+
+
+def accuracy_forecast_summary(rs: list[dict]) -> dict | None:
+    """The general accuracy forecast (benchmarks scored on each configuration's predicted model)
+    against the measured change of ``general_acc_mean``, over the runs that have both: Spearman,
+    the mean absolute error (accuracy points / 100), and the share of runs whose forecast lies within
+    two paired standard errors of the measured change (`grid_text.mean_se`); None without such runs."""
+    from sft.forecast_metrics import spearman
+
+    rs = [r for r in rs if r.get("forecast_general_acc_delta_mean") is not None
+          and r.get("general_acc_delta_mean") is not None]
+    if not rs:
+        return None
+    fc = [r["forecast_general_acc_delta_mean"] for r in rs]
+    ms = [r["general_acc_delta_mean"] for r in rs]
+    within = [abs(f - m) <= 2 * mean_se(r) for f, m, r in zip(fc, ms, rs)]
+    return {"n": len(rs), "spearman": spearman(fc, ms) if len(rs) >= MIN_SPEARMAN_N else None,
+            "mae": sum(abs(f - m) for f, m in zip(fc, ms)) / len(rs), "within_2se": sum(within) / len(rs),
+            "spearman_bits_forecast": spearman([r["forecast_general_delta_bits"] for r in rs], ms)
+            if len(rs) >= MIN_SPEARMAN_N else None}
 
 
 WITHIN_ZERO_TOL = 0.01  # bits/token: a run is within 2x when both changes are this close to zero (no ratio)

@@ -371,6 +371,31 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
               f"{fmt(a['advisor_within_budget'])}.", "",
               md_table(["budget (bits/tok)", "advisor's choice", "hindsight best", "hit", "within 2x budget"],
                        [[b["budget_bits"], b["choice"], b["best"], b["hit"], b["within_budget"]] for b in a["budgets"]]), ""]
+    return L + accuracy_forecast_lines(runs, fs)
+
+
+def accuracy_forecast_lines(runs: list[dict], fs: dict) -> list[str]:
+    """The general accuracy forecast (the benchmarks scored on each configuration's predicted model)
+    against the measured change, per run and per variant; nothing when no forecast unit scored them."""
+    rs = [r for r in runs if r.get("forecast_general_acc_delta_mean") is not None]
+    if not rs:
+        return []
+    L = ["### General accuracy, forecast", "",
+         "The forecast also scores the benchmark tasks on each configuration's predicted model (theta0 + "
+         "sqrt(r) d_theta, r the size correction of its dL; no run read). Change of the mean accuracy over the "
+         "kept tasks against the base, in points; within 2 SE: the forecast lies within two paired standard "
+         "errors of the measured change.", "",
+         md_table(["run", "variant", "forecast change (points)", "measured change (points)", "paired SE (points)"],
+                  [[label(r), r["variant"], 100 * r["forecast_general_acc_delta_mean"],
+                    None if r.get("general_acc_delta_mean") is None else 100 * r["general_acc_delta_mean"],
+                    100 * mean_se(r) if r.get("general_acc_se") else None] for r in rs]), ""]
+    rows = [[k, a["n"], a["spearman"] if a["spearman"] is not None else f"{NOT_TESTABLE} (n = {a['n']})",
+             a["spearman_bits_forecast"] if a["spearman_bits_forecast"] is not None else "-", 100 * a["mae"],
+             a["within_2se"]] for k in ("label", "cot", "all") if (a := (fs.get(k) or {}).get("accuracy"))]
+    if rows:
+        L += [md_table(["runs", "n", "Spearman (forecast vs measured accuracy change)",
+                        "Spearman (forecast bits vs measured accuracy change)", "mean abs error (points)",
+                        "within 2 SE"], rows), ""]
     return L
 
 

@@ -83,6 +83,23 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert sum(fs["units"]["label"]["compute_parts"].values()) == pytest.approx(fs["units"]["label"]["compute_ratio"])
     assert "of one training run (" in (out / "report.md").read_text()  # the parts beside the ratio
     assert "## Forecast vs measured" in (out / "report.md").read_text()
+    # the accuracy forecast: each forecast row scored the benchmarks on its predicted model; the run's
+    # forecast change is that record's mean over the kept tasks minus the base's
+    from experiments.studies.grid_report import general_acc_fields
+
+    base_bench = json.loads(next((out / "cache").glob("bench-base-*.json")).read_text())
+    frows = {(u["variant"], r["method"], r["lr"]): r for f in (out / "cache").glob("forecast-*.json")
+             for u in [json.loads(f.read_text())] for r in u["rows"]}
+    with_fc = [r for r in runs if r["forecast_general_delta_bits"] is not None]
+    for r in with_fc:
+        bench = frows[r["variant"], r["method"], r["lr"]]["extra_eval"]
+        assert set(bench["bench"]["tasks"]) == {"toy_qa"}
+        assert r["forecast_general_acc_delta_mean"] == general_acc_fields(bench, base_bench)["general_acc_delta_mean"]
+    # the tiny model is at chance (no task kept): no mean, so no accuracy forecast to score
+    assert all(r["forecast_general_acc_delta_mean"] is None for r in runs) and fs["all"]["accuracy"] is None
+    # the accuracy forecast is in the forecast units' key only
+    assert replace(cfg, forecast_accuracy=False).data_key() == cfg.data_key()
+    assert replace(cfg, forecast_accuracy=False).forecast_key() != cfg.forecast_key()
     # peak memory per unit: a trained run holds at least the model's weights; the report names the largest
     from experiments.studies.grid import load_base
 
@@ -602,6 +619,29 @@ def test_matched_gain_verdict_by_hand():
     only_ce = matched_gain_summary([ce])
     assert matched_gain_verdict(only_ce)[0].startswith("- label: not testable with this grid")
     assert matched_gain_verdict({})[0].startswith("TALR vs CE at matched gain: not testable with this grid")
+
+
+def test_accuracy_forecast_summary_and_report_by_hand():
+    """Three runs: forecast vs measured accuracy change (points / 100) with paired SEs; Spearman 1 (same
+    order), mean absolute error 0.01, within 2 SE for the first two (|0.01| <= 2 x 0.006, |0.01| <= 2 x
+    0.01) but not the third (|0.01| > 2 x 0.004); the forecast bits rank the changes inversely."""
+    from experiments.studies.grid_report import accuracy_forecast_summary
+    from experiments.studies.grid_text import accuracy_forecast_lines
+
+    def run(lr, fc_acc, acc, se, bits):
+        return {"variant": "label", "method": "ce", "lr": lr, "alpha": None, "forecast_general_acc_delta_mean": fc_acc,
+                "general_acc_delta_mean": acc, "general_acc_se": {"t": se}, "general_acc_kept": ["t"],
+                "forecast_general_delta_bits": bits}
+
+    rs = [run(1e-4, 0.0, -0.01, 0.006, 0.01), run(3e-4, -0.03, -0.02, 0.01, 0.1), run(1e-3, -0.05, -0.06, 0.004, 0.5)]
+    a = accuracy_forecast_summary(rs + [run(3e-3, None, -0.1, 0.01, 1.0)])  # a run without the forecast is left out
+    assert a["n"] == 3 and a["spearman"] == pytest.approx(1.0) and a["spearman_bits_forecast"] == pytest.approx(-1.0)
+    assert a["mae"] == pytest.approx(0.01) and a["within_2se"] == pytest.approx(2 / 3)
+    assert accuracy_forecast_summary([run(1e-4, None, -0.01, 0.01, 0.1)]) is None
+    text = "\n".join(accuracy_forecast_lines(rs, {"label": {"accuracy": a}}))
+    assert "### General accuracy, forecast" in text and "| ce@0.0003 | label | -3.000 | -2.000 | 1.000 |" in text
+    assert "| label | 3 | 1.000 | -1.000 | 1.000 | 0.667 |" in text
+    assert accuracy_forecast_lines([], {}) == []
 
 
 def test_schedule_alternates_variants_then_forecasts_then_plateau_runs():

@@ -2,6 +2,8 @@
 the smoke world."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -223,15 +225,53 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     # two 4-step probes of batch 8 (3 passes a token) and the hard-token groups of the 16 probe-batch examples
     probe_tokens = 2 * 4 * 8 * 3 * np.mean([len(e["input_ids"]) for e in w.d2_train])
     assert c["parts"]["probes"] * c["training_run_units"] == pytest.approx(probe_tokens, rel=0.3)
-    # the model is untouched by the forecast
-    res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
-    assert [r["dL_P1_bits"] for r in res2["rows"]] == pytest.approx([r["dL_P1_bits"] for r in res["rows"]])
+    # the model is untouched by the forecast (it evaluates in place and restores theta0 bit for bit);
+    # micro-batches of 3 rows (gradients and probes) give the same forecast up to float32 summation order
+    before = [p.detach().clone() for p in model.parameters()]
+    res2 = forecast_grid(model, w.d2_train, general_sample(w, 32), replace(cfg, micro_batch=3), progress=False)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert [r["dL_P1_bits"] for r in res2["rows"]] == pytest.approx([r["dL_P1_bits"] for r in res["rows"]], rel=1e-3)
+    assert [r["domain_gain_bits"] for r in res2["rows"]] == pytest.approx(gains + [r["domain_gain_bits"] for r in res["rows"][3:]], rel=1e-3)
+    assert res2["compute"]["parts"]["probes"] == pytest.approx(c["parts"]["probes"])
     # ``only`` forecasts a subset of the product, with the same numbers for the pairs it keeps
     sub = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False,
                         only={("talr", 1e-3), ("ce", 3e-3)})
     assert [(r["method"], r["lr"]) for r in sub["rows"]] == [("ce", 3e-3), ("talr", 1e-3)]
     full = {(r["method"], r["lr"]): r["dL_P1_bits"] for r in res["rows"]}
     assert [r["dL_P1_bits"] for r in sub["rows"]] == pytest.approx([full["ce", 3e-3], full["talr", 1e-3]])
+
+
+def test_extra_eval_sees_each_configurations_predicted_model(smoke_world, pretrained):
+    """``extra_eval`` runs on theta0 + sqrt(r) d_theta: without a size probe (r = 1) the D1 sample's
+    code length there minus theta0's is the row's replayed dL exactly; with it, the evaluation moves
+    with sqrt(r) (a larger r, a larger change); the model is restored after each call."""
+    from sft.forecast_run import forecast_grid, mean_bits
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    base = mean_bits(model, d1, w.pad_id)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def ev(m):
+        calls.append(1)
+        return {"d1": mean_bits(m, d1, w.pad_id) - base}
+
+    cfg = ForecastConfig(methods=("ce", "l2"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2, n_general=32,
+                         probe_steps=4, pad_token_id=w.pad_id, size_probe=False)
+    res = forecast_grid(model, w.d2_train, d1, cfg, progress=False, extra_eval=ev)
+    assert len(calls) == 4 and res["extra_eval_seconds"] > 0
+    for r in res["rows"]:
+        assert r["size_correction"] == 1.0
+        assert r["extra_eval"]["d1"] == pytest.approx(r["replay_dL_P1_bits"], rel=1e-9, abs=1e-12)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    sized = forecast_grid(model, w.d2_train, d1, replace(cfg, size_probe=True), progress=False, extra_eval=ev)
+    checked = [r for r in sized["rows"] if abs(r["size_correction"] - 1.0) > 0.05 and r["replay_dL_P1_bits"] > 0.05]
+    assert checked
+    for r in checked:
+        assert (r["extra_eval"]["d1"] > r["replay_dL_P1_bits"]) == (r["size_correction"] > 1.0)
 
 
 @pytest.mark.parametrize("lam_c", [float("inf"), 0.02])
@@ -327,7 +367,7 @@ def test_streamed_moments_equal_the_per_batch_gradients(smoke_world, pretrained)
     per, ce, ntok = [], torch.zeros(2, sum(p.numel() for p in params)), torch.zeros(2)
     for ex in batches:
         b = PadCollator(w.pad_id)(list(ex))
-        nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
+        nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])  # chunked, as the forecast
         wt, _ = L.token_weights("talr", nll, si, 4)
         hard = torch.exp(-nll.detach()) < HARD_GROUP_P
         per.append(torch.stack([flat((wt.detach() * nll * m).sum() / nll.numel()) for m in (~hard, hard)]))
@@ -335,10 +375,18 @@ def test_streamed_moments_equal_the_per_batch_gradients(smoke_world, pretrained)
             ce[k] += flat((nll * m).sum())
             ntok[k] += float(m.sum())
     g = torch.stack(per)
-    gm = method_gradients(model, batches, "talr", pad_token_id=w.pad_id)
     ref = GradientMoments.from_batches(g, ce / ntok[:, None], (1.0, 1.0))
-    assert torch.allclose(gm.mean, ref.mean, atol=1e-7) and torch.allclose(gm.sq, ref.sq, atol=1e-9)
-    assert torch.allclose(gm.ce_mean, ref.ce_mean, atol=1e-7)
+    # the whole batch at once, and micro-batches of 1 and 3 rows (TALR's tau from the whole batch):
+    # equal up to float32 summation order (the lm-head is chunked over supervised positions)
+    for micro in (0, 1, 3):
+        gm = method_gradients(model, batches, "talr", pad_token_id=w.pad_id, micro_batch=micro)
+        assert torch.allclose(gm.mean, ref.mean, rtol=1e-5, atol=1e-8), micro
+        assert torch.allclose(gm.sq, ref.sq, rtol=1e-5, atol=1e-10), micro
+        assert torch.allclose(gm.ce_mean, ref.ce_mean, rtol=1e-5, atol=1e-8), micro
+        assert torch.allclose(gm.sq_sum, ref.sq.double().sum(1), rtol=1e-6)
+        assert gm.tau == pytest.approx(float(np.median([float(L.talr_tau(L.sequence_mean_losses(
+            *token_nll(model, *(lambda b: (b["input_ids"], b["attention_mask"], b["labels"]))(PadCollator(w.pad_id)(list(ex)))),
+            4))) for ex in batches])), rel=1e-5)
     shared = method_gradients(model, batches, "dft", pad_token_id=w.pad_id, ce_mean=gm.ce_mean)
     assert shared.ce_mean is gm.ce_mean  # a given direction is reused, not recomputed
 
@@ -352,6 +400,10 @@ def test_memory_formula_is_linear_in_parameters_and_blind_to_the_grid():
     assert a["peak"] == pytest.approx(1e9 * (2 + 7 * 2 + 4 + 2) + 32 * CHUNK)  # 22 bytes per parameter in bf16
     assert forecast_memory_bytes(1e9, grid=300, n_batches=60)["peak"] == a["peak"]
     assert forecast_memory_bytes(3.21e9)["peak"] < 80e9  # a 3B model on one 80 GB GPU (bf16 storage)
+    # fp32 weights, 1-byte moments: the probe (5 s + 4 w = 21 bytes a parameter beside the model) is the largest part
+    c = forecast_memory_bytes(1e9, weight_bytes=4, store_bytes=1)
+    assert c["probe"] == pytest.approx(21e9) and c["gradient_pass"] == pytest.approx(19e9)
+    assert c["peak"] == pytest.approx(4e9 + 21e9 + 32 * CHUNK)
 
 
 def test_size_correction_interpolates_the_probe_ratios_in_log_rate():
