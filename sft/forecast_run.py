@@ -13,8 +13,8 @@ from torch import nn
 
 from .methods import get_method
 from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate, _micro,
-                       cosine_lrs, l2_energy_scale, lora_layout, method_gradients, replay_adam, replay_lora,
-                       sequence_losses, training_run_units)
+                       cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients, replay_adam,
+                       replay_lora, sequence_losses, training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
            "power_law_probes", "replay_flops"]
@@ -340,6 +340,28 @@ class _Grid:
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
                 (lr_top, top, self.replayed_dl(ce, plrs))]
 
+    def l2_step(self, gm: GradientMoments, delta: torch.Tensor, ell, lam_T: float, r: float):
+        """L2's displacement from CE's replayed one (`sft.forecast`, 2., L2): relaxed per coordinate by
+        Adam's pull with ``l2_relax`` (`l2_relaxation`; sigma at the tracked loss or at theta0), then held
+        to the descent bound (`l2_energy_scale`; ``r`` the size correction). Returns (delta, extras)."""
+        cfg = self.cfg
+        if cfg.l2_relax:
+            rho = (gradient_scale("ce", torch.as_tensor(ell, dtype=torch.float64), gm.ell0, gm.tau, cfg.w_min)
+                   if cfg.l2_relax == "tracked" else None)
+            delta = l2_relaxation(delta, gm.sq, lam_T, cfg.l2_coeff, rho=rho)
+        s = l2_energy_scale(float(delta.double().pow(2).sum()), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
+        return delta * s, {"l2_energy_scale": s}
+
+    def size_at(self, lr: float, lam_T: float) -> float:
+        """The size correction of a configuration at peak rate ``lr`` whose run sums to ``lam_T``:
+        `size_correction` in log peak rate (``size_axis="rate"``) or, with ``"lambda"``, in log summed
+        rate, each probe placed at the sum of its own ``probe_steps`` rates."""
+        if self.cfg.size_axis == "rate":
+            return size_correction(self.size_points, lr)
+        k = min(self.cfg.probe_steps, self.cfg.steps)
+        pts = [(float(cosine_lrs(p, self.cfg.steps)[:k].sum()), m, r) for p, m, r in self.size_points]
+        return size_correction(pts, lam_T)
+
     def replayed_dl(self, ce: GradientMoments, lrs: np.ndarray) -> float:
         self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
@@ -351,19 +373,18 @@ class _Grid:
         out = []
         for m, lr in pairs:
             delta, ell = self.replay(gm, m, lr)
-            r = size_correction(self.size_points, lr)
+            lam_T = float(cosine_lrs(lr, self.cfg.steps).sum())
+            r = self.size_at(lr, lam_T)
             extra = {}
             if get_method(m).regularizer == "l2" and self.cfg.l2_energy:
-                s = l2_energy_scale(float(delta.double().pow(2).sum()), gm.ell0, ell, gm.tokens_per_seq,
-                                    self.cfg.l2_coeff, size=r)
-                delta, extra = delta * s, {"l2_energy_scale": s}
+                delta, extra = self.l2_step(gm, delta, ell, lam_T, r)
             dl, parts = self.evaluate(delta)
             if self.extra_eval is not None:  # at the size-corrected step: dL ~ |d_theta|^2, so sqrt(r) d_theta
                 with Shifted(self.model, delta, scale=math.sqrt(max(r, 0.0))):
                     extra["extra_eval"] = self.extra_eval(self.model)
             del delta
             out.append(Forecast(m, lr, dl * r, gm.gain_bits(ell), extras={
-                "Lambda": float(cosine_lrs(lr, self.cfg.steps).sum()), "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
+                "Lambda": lam_T, "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
                 **extra, **parts}).to_dict())
             progress(1)
         return out

@@ -21,6 +21,8 @@ import numpy as np
 
 V4 = {"kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
+V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
+      "replay_block": 25, "lora_block": 3, "fit_block": 12}  # version 5 (docs/forecast/README.md)
 VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
             "bf16_moments": {"store_dtype": "bfloat16"}, "no_noise_floor": {"noise_floor": False},
             "shrinking_rotation": {"keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
@@ -37,7 +39,16 @@ VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation"
             "kl_linear_nsp": {"kl_term_only": True, "coherence_fit": "linear", "size_probe": False},  # + no size probe
             "kl_linear_nsp_b25": {"kl_term_only": True, "coherence_fit": "linear", "size_probe": False, "replay_block": 25},
             "kl_linear_nsp_b25_lora3": {**V4, "fit_block": 1},  # + LoRA blocks of 3; + fit_block 12 = version 4
-            "v4_n_batches4": {**V4, "fit_block": 1, "lora_block": 2, "n_batches": 4}}  # 4 probe batches instead
+            "v4_n_batches4": {**V4, "fit_block": 1, "lora_block": 2, "n_batches": 4},  # 4 probe batches instead
+            # version 5 (docs/forecast/README.md): the KL term with the size probe kept, L2 relaxed by Adam's pull,
+            # the size ratio in summed rate, and its parts added one at a time to `kl_term`
+            "version5": V5,
+            "kl_l2relax0": {"kl_term_only": True, "l2_relax": "theta0"},  # sigma at theta0 (barely binds)
+            "kl_l2relax": {"kl_term_only": True, "l2_relax": "tracked"},  # sigma at the tracked loss
+            "kl_l2relax_lam": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda"},
+            "kl_l2relax_lam_lin": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda",
+                                   "coherence_fit": "linear"},  # + the compute cuts = version 5
+            "v5_n_batches5": {**V5, "n_batches": 5}}
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:

@@ -591,3 +591,87 @@ def test_l2_energy_scale_hand_values():
     assert l2_energy_scale(50.0, *args, 0.01) == 1.0  # the bound is slack: need 0.5 < 0.875
     assert l2_energy_scale(0.0, *args, 0.01) == 1.0
     assert l2_energy_scale(10.0, (1.0, 1.0), (1.5, 1.5), (1.0, 1.0), 0.01) == 0.0  # no drop: no displacement
+
+
+def test_l2_relaxation_hand_values_and_the_ode():
+    """L2's d_i = CE's d_i x f(x_i), f(x) = (1 - e^{-x}) / x, x_i = 2 l2 Lambda_T / sigma_i, sigma_i^2 =
+    sq_00 + 2 sq_01 + sq_11 (rho = 1) or rho-weighted. Hand values; f -> 1 without a pull; the large-x
+    limit is the pull's equilibrium |d| = |g| / (2 l2); and it solves dd/dLambda = u - (2 l2 / sigma) d
+    from 0 (Euler, fine steps) for a constant step u = g / sigma, whose pull-free path is u Lambda."""
+    from sft.forecast import l2_relaxation
+
+    sq = torch.tensor([[0.01, 1e-6, 4e-4], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # sigma = 0.1, 1e-3, 0.02
+    d = torch.tensor([1.0, -2.0, 0.5])
+    lam, l2 = 0.25, 0.01
+    x = 2 * l2 * lam / np.array([0.1, 1e-3, 0.02])  # 0.05, 5, 0.25
+    want = d.numpy() * (1 - np.exp(-x)) / x
+    assert l2_relaxation(d, sq, lam, l2).numpy() == pytest.approx(want, rel=1e-5)
+    assert l2_relaxation(d, sq, lam, 0.0).numpy() == pytest.approx(d.numpy())  # no pull: CE's displacement
+    # rho = (0.5, 0.5) halves sigma where only group 0's moment is set: x doubles
+    rho = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    x2 = 2 * l2 * lam / (0.5 * np.array([0.1, 1e-3, 0.02]))
+    assert l2_relaxation(d, sq, lam, l2, rho=rho).numpy() == pytest.approx(d.numpy() * (1 - np.exp(-x2)) / x2, rel=1e-5)
+    # the equilibrium: huge Lambda, CE's straight path u Lambda -> L2's u sigma / (2 l2) = g / (2 l2)
+    g, sig, big = 0.003, 0.05, 1e3
+    sq1 = torch.tensor([[sig**2]])
+    out = l2_relaxation(torch.tensor([g / sig * big]), sq1, big, l2)
+    assert float(out) == pytest.approx(g / (2 * l2), rel=1e-4)
+    # the ODE, Euler in Lambda
+    u, n = g / sig, 200000
+    dd, h = 0.0, lam / n
+    for _ in range(n):
+        dd += h * (u - 2 * l2 / sig * dd)
+    assert float(l2_relaxation(torch.tensor([u * lam]), sq1, lam, l2)) == pytest.approx(dd, rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_l2_relaxation_only_shrinks_and_is_monotone_in_lambda(seed):
+    """0 < f <= 1 and f decreasing in x: every coordinate keeps CE's sign and shrinks, more at a larger summed
+    rate, and |d_i| never exceeds the pull's equilibrium sigma_i |u_i| / (2 l2) x (1 - e^{-x}) <= |g_i| / (2 l2)."""
+    from sft.forecast import l2_relaxation
+
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(50, generator=gen)
+    sq = torch.rand(3, 50, generator=gen) * 1e-3
+    sq[1] = 0.0
+    a = l2_relaxation(d, sq, 0.01, 0.01)
+    b = l2_relaxation(d, sq, 0.1, 0.01)
+    assert torch.all(torch.sign(a) == torch.sign(d)) and torch.all(a.abs() <= d.abs() + 1e-7)
+    assert torch.all(b.abs() <= a.abs() + 1e-7)
+
+
+def test_size_correction_in_summed_rate():
+    """``size_axis="lambda"``: each probe sits at the sum of its probe_steps rates, a configuration at its
+    run's summed rate Lambda_T; log of the ratio interpolated linearly in log Lambda (held outside)."""
+    from sft.forecast_run import _Grid
+
+    g = _Grid.__new__(_Grid)
+    g.cfg = ForecastConfig(steps=10, probe_steps=2, size_axis="lambda")
+    g.size_points = [(1e-4, 2.0, 1.0), (1e-2, 1.0, 4.0)]  # ratios 2 and 1/4
+    l_lo, l_hi = cosine_lrs(1e-4, 10)[:2].sum(), cosine_lrs(1e-2, 10)[:2].sum()  # 100x apart
+    mid = float(np.sqrt(l_lo * l_hi))
+    assert g.size_at(123.0, mid) == pytest.approx(np.sqrt(2.0 * 0.25))  # the rate itself is not read
+    assert g.size_at(1e-4, l_lo / 10) == pytest.approx(2.0) and g.size_at(1e-2, 10 * l_hi) == pytest.approx(0.25)
+    g.cfg = ForecastConfig(steps=10, probe_steps=2)  # the default: log peak rate
+    assert g.size_at(1e-3, 123.0) == pytest.approx(np.sqrt(2.0 * 0.25))
+
+
+def test_l2_relax_config_and_l2_stays_below_ce(smoke_world, pretrained):
+    """Bad values are refused; on the smoke world L2's forecast with the relaxation is CE's replay shrunk per
+    coordinate (same size correction): its dL there is at most CE's at each rate, its gain is CE's."""
+    from sft.forecast_run import forecast_grid
+    from sft.world_runs import general_sample
+
+    with pytest.raises(ValueError, match="l2_relax"):
+        ForecastConfig(l2_relax="yes")
+    with pytest.raises(ValueError, match="size_axis"):
+        ForecastConfig(size_axis="steps")
+    model, _, _ = pretrained
+    w = smoke_world
+    cfg = ForecastConfig(methods=("ce", "l2"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2, n_general=32,
+                         probe_steps=4, pad_token_id=w.pad_id, l2_relax="tracked", size_axis="lambda")
+    by = {(r["method"], r["lr"]): r for r in forecast_grid(model, w.d2_train, general_sample(w, 32), cfg,
+                                                           progress=False)["rows"]}
+    for lr in cfg.lrs:
+        assert by["l2", lr]["dL_P1_bits"] <= by["ce", lr]["dL_P1_bits"] + 1e-9
+        assert by["l2", lr]["domain_gain_bits"] == pytest.approx(by["ce", lr]["domain_gain_bits"])
