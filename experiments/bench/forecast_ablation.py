@@ -22,7 +22,7 @@ import numpy as np
 V4 = {"kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
 V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
-      "replay_block": 25, "lora_block": 3, "fit_block": 12}  # version 5 (docs/forecast/README.md)
+      "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96}  # version 5 (docs/forecast/README.md)
 VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
             "bf16_moments": {"store_dtype": "bfloat16"}, "no_noise_floor": {"noise_floor": False},
             "shrinking_rotation": {"keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
@@ -47,8 +47,9 @@ VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation"
             "kl_l2relax": {"kl_term_only": True, "l2_relax": "tracked"},  # sigma at the tracked loss
             "kl_l2relax_lam": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda"},
             "kl_l2relax_lam_lin": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda",
-                                   "coherence_fit": "linear"},  # + the compute cuts = version 5
-            "v5_n_batches5": {**V5, "n_batches": 5}}
+                                   "coherence_fit": "linear"},
+            "v5_n_general128": {**V5, "n_general": 128},  # + blocks 25 / 3 / 12; + 96 D1 sequences = version 5
+            "v5_n_batches5": {**V5, "n_general": 128, "n_batches": 5}}  # (tried instead of the 96 sequences)
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
