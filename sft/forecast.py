@@ -75,7 +75,7 @@ Model (what is theory, what is fit):
    over-forecast 2-8x on worlds 0-2, where real L2 saturates at |d_theta|^2 ~ 6 against CE's 53);
    ``l2_energy=False`` replays L2's own per-coordinate Adam with the pull at the first-order loss
    ell = ell0 + ce . d_theta (too small at the middle rates, 0.3-0.66x on worlds 0-2).
-   *``l2_relax`` (version 5's L2, a flag): Adam with the pull, per coordinate (`l2_relaxation`).* With
+   *``l2_relax`` (tried as version 5, not adopted): Adam with the pull, per coordinate (`l2_relaxation`).* With
    the pull, coordinate i moves by eta (g_i + 2 l2 d_i) / sigma_i; for a constant CE step u_i = g_i /
    sigma_i this is a linear relaxation in the summed rate whose solution is CE's d_i x
    (1 - e^{-x_i}) / x_i, x_i = 2 l2 Lambda_T / sigma_i. With sigma_i at the tracked loss
@@ -100,7 +100,7 @@ Model (what is theory, what is fit):
    the noise floor and the kept step sizes the 12-step ratio at the middle rate stays within
    about 30 % of the ratio after 72 steps (world 0: 1.38 / 1.30; world 2: 2.05 / 2.92), so it
    carries to T; at the largest rate the real dL saturates after the probe and the ratio
-   overstates T's (the largest rate is over-forecast up to 2x). ``size_axis="lambda"`` (version 5's, a
+   overstates T's (the largest rate is over-forecast up to 2x). ``size_axis="lambda"`` (tried as version 5, a
    flag) places each probe at its summed rate sum_{t<k} eta_t and each configuration at its run's
    Lambda_T (the middle rates' runs sum to what the top-rate probe has seen, where the rotation has
    set in). Fitted knobs in all: kappa (2),

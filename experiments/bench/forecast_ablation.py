@@ -45,11 +45,16 @@ VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation"
             "version5": V5,
             "kl_l2relax0": {"kl_term_only": True, "l2_relax": "theta0"},  # sigma at theta0 (barely binds)
             "kl_l2relax": {"kl_term_only": True, "l2_relax": "tracked"},  # sigma at the tracked loss
+            "kl_lam": {"kl_term_only": True, "size_axis": "lambda"},  # the size ratio in summed rate alone
+            "kl_l2relax0_lam": {"kl_term_only": True, "l2_relax": "theta0", "size_axis": "lambda"},
             "kl_l2relax_lam": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda"},
+            "kl_l2relax_lam_blocks": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "replay_block": 25,
+                                      "lora_block": 3, "fit_block": 12},  # the compute cuts without the linear lam_c
             "kl_l2relax_lam_lin": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda",
                                    "coherence_fit": "linear"},
             "v5_n_general128": {**V5, "n_general": 128},  # + blocks 25 / 3 / 12; + 96 D1 sequences = version 5
-            "v5_n_batches5": {**V5, "n_general": 128, "n_batches": 5}}  # (tried instead of the 96 sequences)
+            "v5_n_batches5": {**V5, "n_general": 128, "n_batches": 5},  # (tried instead of the 96 sequences)
+            "v5_seed1": {**V5, "seed": 1}}  # other probe batches and probe draws: the scores' noise
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
