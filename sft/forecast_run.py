@@ -345,12 +345,12 @@ class _Grid:
         Adam's pull with ``l2_relax`` (`l2_relaxation`; sigma at the tracked loss or at theta0), then held
         to the descent bound (`l2_energy_scale`; ``r`` the size correction). Returns (delta, extras)."""
         cfg = self.cfg
-        if cfg.l2_relax:
+        if cfg.l2_relax:  # a new tensor (CE's displacement is kept for CE's row): scaled in place below
             rho = (gradient_scale("ce", torch.as_tensor(ell, dtype=torch.float64), gm.ell0, gm.tau, cfg.w_min)
                    if cfg.l2_relax == "tracked" else None)
             delta = l2_relaxation(delta, gm.sq, lam_T, cfg.l2_coeff, rho=rho)
         s = l2_energy_scale(float(delta.double().pow(2).sum()), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
-        return delta * s, {"l2_energy_scale": s}
+        return (delta.mul_(s) if cfg.l2_relax else delta * s), {"l2_energy_scale": s}
 
     def size_at(self, lr: float, lam_T: float) -> float:
         """The size correction of a configuration at peak rate ``lr`` whose run sums to ``lam_T``:
