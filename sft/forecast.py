@@ -850,14 +850,15 @@ def l2_relaxation(delta: torch.Tensor, sq: torch.Tensor, lam_T: float, l2_coeff:
 
     With the pull, coordinate i's Adam step is eta_t (g_i + 2 l2 d_i) / sigma_i, sigma_i the
     denominator sqrt(v_i) (clipping scales numerator and denominator alike). Taking CE's step per
-    unit rate u_i = g_i / sigma_i as constant and sigma_i as theta0's batch RMS gradient (the noise
-    floor keeps it), d_i solves the linear ODE dd_i / dLambda = u_i - (2 l2 / sigma_i) d_i from 0:
+    unit rate u_i = g_i / sigma_i as constant and sigma_i as held over the run, d_i solves the linear ODE dd_i / dLambda = u_i - (2 l2 / sigma_i) d_i from 0:
     d_i(Lambda_T) = u_i Lambda_T f(x_i) with x_i = 2 l2 Lambda_T / sigma_i and
     f(x) = (1 - e^{-x}) / x, so L2's d_i = CE's d_i x f(x_i) (f(0) = 1: no pull; f -> 1 / x: the pull's
     equilibrium |d_i| = |g_i| / (2 l2)). Coordinates whose gradient is small -- those Adam's
-    normalisation moves as far as the others under CE -- are held; ``sq [3, N]`` (or ``[1, N]``)
-    are the moments' E_b[g_bk g_bl] (`GradientMoments.sq`), sigma_i^2 = sum_kl E_b[g_bk g_bl] over
-    the groups. Returns a new tensor (delta is not changed)."""
+    normalisation moves as far as the others under CE -- are held. ``sq [3, N]`` (or ``[1, N]``): the
+    moments' E_b[g_bk g_bl] (`GradientMoments.sq`); sigma_i^2 = sum_kl rho_k rho_l E_b[g_bk g_bl] with
+    ``rho [K]`` the groups' gradient scale at the run's end (`gradient_scale` at the tracked loss:
+    Adam's denominator once the domain is fitted), or rho = 1 (None: theta0's batch RMS gradient,
+    which barely binds). Returns a new tensor (delta is not changed)."""
     out = torch.empty_like(delta)
     c2 = 2.0 * float(l2_coeff) * float(lam_T)
     r = torch.ones(1 if sq.shape[0] == 1 else 2, dtype=torch.float64) if rho is None else rho.double()
