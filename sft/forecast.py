@@ -171,7 +171,7 @@ ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| 
 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
            "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
-           "l2_relaxation",
+           "l2_relaxation", "micro_batches", "squared_norm",
            "FORECAST_MODEL"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
@@ -407,6 +407,12 @@ class GradientMoments:
         return float(((self.ell0 - ell) * self.tokens_per_seq).sum() / LN2)
 
 
+def squared_norm(x: torch.Tensor) -> float:
+    """sum x^2 in float64, chunk by chunk (no N-sized float64 copy of ``x``)."""
+    flat = x.reshape(-1)
+    return float(sum(flat[sl].double().pow(2).sum() for sl in _chunks(flat.numel())))
+
+
 def _pair_weights(rho: torch.Tensor) -> torch.Tensor:
     """(rho_0^2, 2 rho_0 rho_1, rho_1^2): E[(rho . g)^2] = this . (sq_00, sq_01, sq_11); K = 1: (rho_0^2,)."""
     if rho.numel() == 1:
@@ -459,7 +465,7 @@ class _Moments:
                 self.ce[k, self.offsets[i]:self.offsets[i + 1]] += g.reshape(-1).to(self.ce.dtype)
 
 
-def _micro(b: dict, m: int) -> list[dict]:
+def micro_batches(b: dict, m: int) -> list[dict]:
     """The padded batch ``b`` cut into micro-batches of ``m`` rows (``m`` <= 0: the batch itself)."""
     B = b["input_ids"].shape[0]
     if m <= 0 or m >= B:
@@ -467,7 +473,7 @@ def _micro(b: dict, m: int) -> list[dict]:
     return [{k: v[s:s + m] for k, v in b.items()} for s in range(0, B, m)]
 
 
-def _batch_tau(model, parts: list[dict]) -> torch.Tensor:
+def _batch_tau(model, parts: list[dict], meter: ComputeMeter | None) -> torch.Tensor:
     """TALR's tau of the whole batch (the median of its per-sequence mean losses, `sft.losses.talr_tau`)
     from a no-grad pass over its micro-batches: the weights of every micro-batch then use it."""
     means = []
@@ -475,7 +481,29 @@ def _batch_tau(model, parts: list[dict]) -> torch.Tensor:
         for p in parts:
             nll, si = token_nll(model, p["input_ids"], p["attention_mask"], p["labels"])
             means.append(L.sequence_mean_losses(nll, si, p["input_ids"].shape[0]))
+            if meter is not None:
+                meter.forward(int(p["attention_mask"].sum()))
     return L.talr_tau(torch.cat(means))
+
+
+def _micro_grads(model, part: dict, params, acc: _Moments, per: list, *, loss_method: str, tau, w_min: float,
+                 flow_tau: float | None, hard_p: float, n_b: int) -> tuple[int, torch.Tensor | None]:
+    """One micro-batch of `method_gradients`: its two token groups' gradients added into ``per``
+    (and the CE direction into ``acc``); returns (its supervised tokens, the tau its weights used).
+    The loss is divided by the whole batch's ``n_b`` tokens, so the micro-batches sum to the batch's."""
+    nll, si = token_nll(model, part["input_ids"], part["attention_mask"], part["labels"])
+    Bp = part["input_ids"].shape[0]
+    w, tau_used = L.token_weights(loss_method, nll, si, Bp, tau=tau, w_min=w_min)
+    seq_w = None if flow_tau is None else torch.exp(-L.sequence_mean_losses(nll, si, Bp) / flow_tau)
+    hard = torch.exp(-nll.detach()) < hard_p
+    for k, mask in enumerate((~hard, hard)):
+        loss = L.reduce(L.weighted_sum(nll * mask, w, si, sequence_weights=seq_w), n_b, None)
+        per[k] = _accumulate(per[k], _group_grads(loss, params, retain=not (k == 1 and acc.ce is None)))
+        if acc.ce is not None and bool(mask.any()):
+            acc.add_ce(k, _group_grads((nll * mask).sum(), params, retain=k == 0))
+        acc.ell[k] += float(nll.detach()[mask].sum())
+        acc.n_tok[k] += float(mask.sum())
+    return nll.numel(), tau_used  # the micro-batch's graph is freed on return
 
 
 def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method: str, *, pad_token_id: int,
@@ -510,33 +538,16 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
             b = _collate(ex, pad_token_id)
             B = b["input_ids"].shape[0]
             n_b = int(L.shift_and_select(b["labels"])[0].sum())  # the batch's supervised tokens
-            parts = _micro(b, micro_batch)
-            tau = None
-            if len(parts) > 1 and get_method(loss_method).tau:
-                tau = _batch_tau(model, parts)
-                if meter is not None:
-                    meter.forward(int(b["attention_mask"].sum()))
+            parts = micro_batches(b, micro_batch)
+            tau = _batch_tau(model, parts, meter) if len(parts) > 1 and get_method(loss_method).tau else None
             per = [None, None]
             for part in parts:
-                nll, si = token_nll(model, part["input_ids"], part["attention_mask"], part["labels"])
-                Bp = part["input_ids"].shape[0]
-                w, tau_used = L.token_weights(loss_method, nll, si, Bp, tau=tau, w_min=w_min)
+                n_tok, tau_used = _micro_grads(model, part, params, acc, per, loss_method=loss_method, tau=tau,
+                                               w_min=w_min, flow_tau=flow_tau if rec.sequence_weights == "flow"
+                                               else None, hard_p=hard_p, n_b=n_b)
                 if loss_method == "talr" and part is parts[0]:
                     taus.append(float(tau_used))
-                seq_w = torch.exp(-L.sequence_mean_losses(nll, si, Bp) / flow_tau) \
-                    if rec.sequence_weights == "flow" else None
-                hard = (torch.exp(-nll.detach()) < hard_p)
-                masks = (~hard, hard)
-                for k, mask in enumerate(masks):
-                    last = k == 1 and acc.ce is None
-                    loss = L.reduce(L.weighted_sum(nll * mask, w, si, sequence_weights=seq_w), n_b, None)
-                    per[k] = _accumulate(per[k], _group_grads(loss, params, retain=not last))
-                    if acc.ce is not None and bool(mask.any()):
-                        acc.add_ce(k, _group_grads((nll * mask).sum(), params, retain=k == 0))
-                    acc.ell[k] += float(nll.detach()[mask].sum())
-                    acc.n_tok[k] += float(mask.sum())
-                n_all += nll.numel()
-                del nll, w, seq_w, hard, masks, loss  # the micro-batch's graph is freed here
+                n_all += n_tok
                 if meter is not None:
                     n = int(part["attention_mask"].sum())
                     meter.forward(n)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .io import release_free_memory
 from .methods import get_method
-from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate, _micro,
-                       cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients, replay_adam,
-                       replay_lora, sequence_losses, training_run_units)
+from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
+                       cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients,
+                       micro_batches, replay_adam, replay_lora, sequence_losses, squared_norm, training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
            "power_law_probes", "replay_flops"]
@@ -86,7 +88,7 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
         n_b = len(hard)  # the batch's supervised tokens
         sums, cnt, at = np.zeros(3), np.zeros(3), 0
         opt.zero_grad()
-        for part in _micro(b, cfg.micro_batch):
+        for part in micro_batches(b, cfg.micro_batch):
             nll, _ = token_nll(model, part["input_ids"], part["attention_mask"], part["labels"])
             h = torch.as_tensor(hard[at:at + nll.numel()])
             at += nll.numel()
@@ -224,6 +226,15 @@ def _batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> list[list[dict]]:
     return [[d2[int(i)] for i in perm[k * cfg.batch:(k + 1) * cfg.batch]] for k in range(n_b)]
 
 
+@contextmanager
+def _released():
+    """Return the heap pages freed inside the block to the system on its way out (`release_free_memory`)."""
+    try:
+        yield
+    finally:
+        release_free_memory()
+
+
 class _Grid:
     """What the rows of one forecast share: the model at theta0 (``model0`` itself, no copy: each
     configuration is evaluated inside `Shifted`, which restores theta0 exactly), its probe batches,
@@ -255,7 +266,7 @@ class _Grid:
         return self._groups
 
     def moments(self, method: str, ce_mean=None) -> GradientMoments:
-        with self.meter.phase("gradients"):
+        with self.meter.phase("gradients"), _released():
             return method_gradients(self.model, self.batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
                                     w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
                                     micro_batch=self.cfg.micro_batch)
@@ -319,6 +330,7 @@ class _Grid:
         ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
         probe_dl = self.probe_dl(pm)
         del pm
+        release_free_memory()  # the probe's activations and optimiser state, before the replays
         kappa = fit_kappa(ce, plrs, target, meter=self.meter, block=cfg.fit_block)
         return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
@@ -337,6 +349,7 @@ class _Grid:
             _, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True)
         top = self.probe_dl(pm)
         del pm
+        release_free_memory()  # the probe's activations and optimiser state, before the replays
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
                 (lr_top, top, self.replayed_dl(ce, plrs))]
 
@@ -349,7 +362,7 @@ class _Grid:
             rho = (gradient_scale("ce", torch.as_tensor(ell, dtype=torch.float64), gm.ell0, gm.tau, cfg.w_min)
                    if cfg.l2_relax == "tracked" else None)
             delta = l2_relaxation(delta, gm.sq, lam_T, cfg.l2_coeff, rho=rho)
-        s = l2_energy_scale(float(delta.double().pow(2).sum()), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
+        s = l2_energy_scale(squared_norm(delta), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
         return (delta.mul_(s) if cfg.l2_relax else delta * s), {"l2_energy_scale": s}
 
     def size_at(self, lr: float, lam_T: float) -> float:

@@ -287,3 +287,23 @@ def peak_rss_gb(status: str = "/proc/self/status") -> float | None:
     GB (10^9 bytes); None where the status file has no ``VmHWM`` (not Linux)."""
     kib = status_kib("VmHWM", status)
     return None if kib is None else kib * 1024 / 1e9
+
+
+def release_free_memory() -> bool:
+    """Return the allocator's free heap pages to the system (glibc ``malloc_trim(0)``) after a
+    garbage collection. Tensors below glibc's mmap threshold (which rises to 32 MB after the first
+    large free) live on the heap; once freed, fragmented pages stay resident and count in RSS until
+    trimmed, so a phase that frees many activations would hand its resident size to the next.
+    False where there is no glibc (nothing done but the collection)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0) >= 0)
+    except (OSError, AttributeError):
+        return False

@@ -225,13 +225,19 @@ def run_record(rec: dict, base: dict, steps: int, forecasts: dict | None = None)
     row["bound_point_over_measured"] = bound_over_measured({"prefix": pb}, "bound_point_bits")
     # every bound over measured as `theory.prefix.bound_columns` gives it (runs evaluated since it exists)
     row["bound_columns"] = pb.get("columns") if pb else None
-    f = forecast_row(row, forecasts or {})
-    row["forecast_general_delta_bits"] = None if f is None else f["dL_general_bits_per_token"]
-    row["forecast_domain_gain_bits"] = None if f is None else f["domain_gain_bits"]
-    fb = (f or {}).get("extra_eval") or {}
-    row["forecast_general_acc_delta_mean"] = general_acc_fields(fb, base.get("bench"))["general_acc_delta_mean"] \
-        if fb.get("bench") else None
+    row.update(forecast_fields(forecast_row(row, forecasts or {}), base))
     return row
+
+
+def forecast_fields(f: dict | None, base: dict) -> dict:
+    """A run's forecast columns from its forecast row ``f`` (None: no forecast): the general change
+    (bits/token), the domain gain and, where the forecast scored the benchmarks on its predicted
+    model, the change of the mean accuracy against the base's bench record."""
+    fb = (f or {}).get("extra_eval") or {}
+    return {"forecast_general_delta_bits": None if f is None else f["dL_general_bits_per_token"],
+            "forecast_domain_gain_bits": None if f is None else f["domain_gain_bits"],
+            "forecast_general_acc_delta_mean": general_acc_fields(fb, base.get("bench"))["general_acc_delta_mean"]
+            if fb.get("bench") else None}
 
 
 def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
