@@ -19,38 +19,43 @@ from pathlib import Path
 
 import numpy as np
 
-V4 = {"kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
+# version 3's settings, the defaults before version 5 (FORECAST_MODEL 3); every variant below except
+# "adopted" (the defaults: version 5) and "version5" is version 3 plus its changes, as when it was scored
+V3 = {"kl_term_only": False, "l2_relax": "", "size_axis": "rate", "coherence_fit": "log", "replay_block": 10,
+      "lora_block": 2, "fit_block": 1, "n_general": 128}
+V4 = {**V3, "kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
 V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
       "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96}  # version 5 (docs/forecast/README.md)
-VARIANTS = {"adopted": {}, "no_size_probe": {"size_probe": False}, "no_rotation": {"coherence": False},
-            "bf16_moments": {"store_dtype": "bfloat16"}, "no_noise_floor": {"noise_floor": False},
-            "shrinking_rotation": {"keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
-            "previous_replay": {"noise_floor": False, "keep_norm": False},
-            "exact_replay": {"replay_block": 1, "lora_block": 1},  # Adam's denominator every step (no blocks)
-            "block25": {"replay_block": 25},
-            "cheap_probe": {"replay_block": 25, "n_batches": 4, "probe_steps": 8},  # fewer model passes
-            "no_l2_energy": {"l2_energy": False},  # L2's own first-order replay with its pull
-            "version2": {"replay_block": 1, "lora_block": 1, "l2_energy": False},  # FORECAST_MODEL 2
+VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe": False},
+            "no_rotation": {**V3, "coherence": False},
+            "bf16_moments": {**V3, "store_dtype": "bfloat16"}, "no_noise_floor": {**V3, "noise_floor": False},
+            "shrinking_rotation": {**V3, "keep_norm": False},  # the gradient x exp(-Lambda / lam_c) rule
+            "previous_replay": {**V3, "noise_floor": False, "keep_norm": False},
+            "exact_replay": {**V3, "replay_block": 1, "lora_block": 1},  # Adam's denominator every step (no blocks)
+            "block25": {**V3, "replay_block": 25},
+            "cheap_probe": {**V3, "replay_block": 25, "n_batches": 4, "probe_steps": 8},  # fewer model passes
+            "no_l2_energy": {**V3, "l2_energy": False},  # L2's own first-order replay with its pull
+            "version2": {**V3, "replay_block": 1, "lora_block": 1, "l2_energy": False},  # FORECAST_MODEL 2
             # version 4 (tried, not adopted) and its parts, added one at a time to version 3
             "version4": V4,
-            "kl_term": {"kl_term_only": True},  # dL(P1) = the KL term of the decomposition on the D1 sample
-            "kl_linear": {"kl_term_only": True, "coherence_fit": "linear"},  # + lam_c from the cosines themselves
-            "kl_linear_nsp": {"kl_term_only": True, "coherence_fit": "linear", "size_probe": False},  # + no size probe
-            "kl_linear_nsp_b25": {"kl_term_only": True, "coherence_fit": "linear", "size_probe": False, "replay_block": 25},
+            "kl_term": {**V3, "kl_term_only": True},  # dL(P1) = the KL term of the decomposition on the D1 sample
+            "kl_linear": {**V3, "kl_term_only": True, "coherence_fit": "linear"},  # + lam_c from the cosines themselves
+            "kl_linear_nsp": {**V3, "kl_term_only": True, "coherence_fit": "linear", "size_probe": False},  # + no size probe
+            "kl_linear_nsp_b25": {**V3, "kl_term_only": True, "coherence_fit": "linear", "size_probe": False, "replay_block": 25},
             "kl_linear_nsp_b25_lora3": {**V4, "fit_block": 1},  # + LoRA blocks of 3; + fit_block 12 = version 4
             "v4_n_batches4": {**V4, "fit_block": 1, "lora_block": 2, "n_batches": 4},  # 4 probe batches instead
             # version 5 (docs/forecast/README.md): the KL term with the size probe kept, L2 relaxed by Adam's pull,
             # the size ratio in summed rate, and its parts added one at a time to `kl_term`
             "version5": V5,
-            "kl_l2relax0": {"kl_term_only": True, "l2_relax": "theta0"},  # sigma at theta0 (barely binds)
-            "kl_l2relax": {"kl_term_only": True, "l2_relax": "tracked"},  # sigma at the tracked loss
-            "kl_lam": {"kl_term_only": True, "size_axis": "lambda"},  # the size ratio in summed rate alone
-            "kl_l2relax0_lam": {"kl_term_only": True, "l2_relax": "theta0", "size_axis": "lambda"},
-            "kl_l2relax_lam": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda"},
-            "kl_l2relax_lam_blocks": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "replay_block": 25,
+            "kl_l2relax0": {**V3, "kl_term_only": True, "l2_relax": "theta0"},  # sigma at theta0 (barely binds)
+            "kl_l2relax": {**V3, "kl_term_only": True, "l2_relax": "tracked"},  # sigma at the tracked loss
+            "kl_lam": {**V3, "kl_term_only": True, "size_axis": "lambda"},  # the size ratio in summed rate alone
+            "kl_l2relax0_lam": {**V3, "kl_term_only": True, "l2_relax": "theta0", "size_axis": "lambda"},
+            "kl_l2relax_lam": {**V3, "kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda"},
+            "kl_l2relax_lam_blocks": {**V3, "kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "replay_block": 25,
                                       "lora_block": 3, "fit_block": 12},  # the compute cuts without the linear lam_c
-            "kl_l2relax_lam_lin": {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda",
+            "kl_l2relax_lam_lin": {**V3, "kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda",
                                    "coherence_fit": "linear"},
             "v5_n_general128": {**V5, "n_general": 128},  # + blocks 25 / 3 / 12; + 96 D1 sequences = version 5
             "v5_n_batches5": {**V5, "n_general": 128, "n_batches": 5},  # (tried instead of the 96 sequences)

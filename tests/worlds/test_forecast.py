@@ -202,15 +202,21 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     ce = [r for r in res["rows"] if r["method"] == "ce"]
     assert len(res["rows"]) == 6
     # L2 shares CE's replay at each rate (its gain is CE's), its displacement held by the descent bound
+    # (version 3's L2: the bound alone, no relaxation by the pull: L2 is CE wherever the bound does not bind)
     l2cfg = ForecastConfig(methods=("ce", "l2"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2, n_general=32,
-                           probe_steps=4, pad_token_id=w.pad_id)
+                           probe_steps=4, pad_token_id=w.pad_id, l2_relax="")
     both = forecast_grid(model, w.d2_train, general_sample(w, 32), l2cfg, progress=False)["rows"]
     by = {(r["method"], r["lr"]): r for r in both}
+    relaxed = {(r["method"], r["lr"]): r for r in forecast_grid(model, w.d2_train, general_sample(w, 32),
+                                                                 replace(l2cfg, l2_relax="tracked"), progress=False)["rows"]}
     for lr in (3e-4, 3e-3):
         assert by["l2", lr]["domain_gain_bits"] == by["ce", lr]["domain_gain_bits"]
         assert 0.0 <= by["l2", lr]["l2_energy_scale"] <= 1.0
         if by["l2", lr]["l2_energy_scale"] == 1.0:
             assert by["l2", lr]["dL_P1_bits"] == pytest.approx(by["ce", lr]["dL_P1_bits"])
+        # version 5: Adam's pull shortens L2's displacement, never lengthens it (CE's row is unchanged)
+        assert relaxed["ce", lr]["dL_P1_bits"] == pytest.approx(by["ce", lr]["dL_P1_bits"])
+        assert relaxed["l2", lr]["dL_P1_bits"] <= by["l2", lr]["dL_P1_bits"] + 1e-9
     dls = [r["dL_P1_bits"] for r in ce]
     gains = [r["domain_gain_bits"] for r in ce]
     assert dls[0] < dls[1] < dls[2]
@@ -514,13 +520,15 @@ def test_replay_flops_counts_the_noise_floor():
     from sft.forecast import forecast_compute_ratio
     from sft.forecast_run import replay_flops
 
-    on, off = ForecastConfig(), ForecastConfig(noise_floor=False)
+    v3 = dict(replay_block=10, lora_block=2)  # version 3's blocks
+    on, off = ForecastConfig(**v3), ForecastConfig(noise_floor=False, **v3)
     # blocks of b steps: (50 + 2 x) / b without an L2 pull (x = 15 with the noise floor), L2's own
-    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; defaults b = 10, lora_block = 2, r = 8
+    # replay 45 + x, LoRA (12 r + 10 + x) / lora_block; b = 10, lora_block = 2, r = 8
     assert [replay_flops(m, off) for m in ("ce", "talr", "l2", "lora")] == [5.0, 5.0, 45.0, 53.0]
     assert [replay_flops(m, on) for m in ("ce", "talr", "l2", "lora")] == [8.0, 8.0, 60.0, 60.5]
-    v4 = ForecastConfig(replay_block=25, lora_block=3)  # the blocks tried as version 4
+    v4 = ForecastConfig(replay_block=25, lora_block=3)  # the blocks tried as version 4, version 5's defaults
     assert [replay_flops(m, v4) for m in ("ce", "talr", "l2")] == [3.2, 3.2, 60.0]
+    assert replay_flops("ce", ForecastConfig()) == 3.2
     assert replay_flops("lora", v4) == pytest.approx(121.0 / 3)
     exact = ForecastConfig(replay_block=1, lora_block=1)
     assert [replay_flops(m, exact) for m in ("ce", "l2", "lora")] == [80.0, 60.0, 121.0]
@@ -652,7 +660,7 @@ def test_size_correction_in_summed_rate():
     mid = float(np.sqrt(l_lo * l_hi))
     assert g.size_at(123.0, mid) == pytest.approx(np.sqrt(2.0 * 0.25))  # the rate itself is not read
     assert g.size_at(1e-4, l_lo / 10) == pytest.approx(2.0) and g.size_at(1e-2, 10 * l_hi) == pytest.approx(0.25)
-    g.cfg = ForecastConfig(steps=10, probe_steps=2)  # the default: log peak rate
+    g.cfg = ForecastConfig(steps=10, probe_steps=2, size_axis="rate")  # version 3: log peak rate
     assert g.size_at(1e-3, 123.0) == pytest.approx(np.sqrt(2.0 * 0.25))
 
 
