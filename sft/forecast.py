@@ -305,7 +305,7 @@ def _collate(examples, pad_token_id):
     return PadCollator(pad_token_id)(list(examples))
 
 
-def sequence_losses(model: nn.Module, examples: Sequence[dict], *, pad_token_id: int, batch_size: int = 64,
+def sequence_losses(model: nn.Module, examples: Sequence[dict], *, pad_token_id: int, batch_size: int = 16,
                     meter: ComputeMeter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sum, mean) of each example's supervised token losses in nats under ``model`` (no grad)."""
     sums, means = [], []

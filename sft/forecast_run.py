@@ -34,8 +34,8 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
 
     out = []
     with torch.no_grad():
-        for s in range(0, len(examples), 64):
-            b = _collate(examples[s:s + 64], pad_token_id)
+        for s in range(0, len(examples), 16):
+            b = _collate(examples[s:s + 16], pad_token_id)
             nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
             hard = (torch.exp(-nll) < hard_p).numpy()
             si = si.numpy()
@@ -448,7 +448,8 @@ def _timed(fn, grid: _Grid):
     def run(model):
         t = time.perf_counter()
         try:
-            return fn(model)
+            with _released():
+                return fn(model)
         finally:
             grid.extra_seconds += time.perf_counter() - t
     return run

@@ -255,6 +255,26 @@ def lm_head_of(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear else None
 
 
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The lm-head's input ``[B, T, H]`` (the final norm's output) from a forward through ``model``
+    (any wrapper) that computes the logits of the last position only. Where the decoder exposes its
+    final norm (``model.model.norm``: Llama and its kin) a forward hook takes that output, so the
+    other layers' hidden states are never kept (``output_hidden_states=True`` holds all L + 1 of
+    them: 2.3 GB for SmolLM2 at 64 x 512 tokens); else the last of those hidden states."""
+    norm = getattr(getattr(unwrap(model), "model", None), "norm", None)
+    if not isinstance(norm, nn.Module):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=1, use_cache=False)
+        return out.hidden_states[-1]
+    got = []
+    hook = norm.register_forward_hook(lambda _m, _i, o: got.append(o))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return got[-1]
+
+
 def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
               *, chunked: bool = True, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ell_t (nats) of every supervised token and its row: ``(nll [N], seq_index [N])``.
@@ -263,10 +283,8 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     """
     head = lm_head_of(model) if chunked else None
     if head is not None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                    logits_to_keep=1, use_cache=False)
-        return token_nll_from_hidden(out.hidden_states[-1], head.weight, labels, lm_head_bias=head.bias,
-                                     chunk_size=chunk_size)
+        hidden = final_hidden(model, input_ids, attention_mask)
+        return token_nll_from_hidden(hidden, head.weight, labels, lm_head_bias=head.bias, chunk_size=chunk_size)
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return token_nll_from_logits(out.logits, labels)
 

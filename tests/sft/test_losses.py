@@ -205,3 +205,29 @@ def test_token_stats_median_p_and_fractions_by_hand():
     assert s["median_p"] == pytest.approx(0.325)  # mean of the middle pair 0.15, 0.5
     assert s["frac_p_gt_0.2"] == pytest.approx(0.5)
     assert s["frac_hard"] == pytest.approx(float((p < L.HARD_P).double().mean()))
+
+
+def test_final_hidden_is_the_last_hidden_state_without_keeping_the_others(dataset):
+    """`final_hidden` takes the final norm's output by a hook: equal bit for bit to HF's last hidden
+    state, and the forward it runs returns no per-layer hidden states; a model without
+    ``.model.norm`` falls back to HF's ``hidden_states[-1]``."""
+    from sft.data import PadCollator
+    from sft.models import final_hidden
+
+    batch = PadCollator(256)([dataset[i] for i in range(3)])
+    model = make_model(torch.float32)
+    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                use_cache=False).hidden_states
+    got = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(got, ref[-1]) and not torch.equal(got, ref[-2])
+    assert not model.model.norm._forward_hooks  # the hook is removed
+
+    class NoNorm(torch.nn.Module):  # a wrapper whose decoder is not at .model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    assert torch.equal(final_hidden(NoNorm(model), batch["input_ids"], batch["attention_mask"]), ref[-1])
