@@ -386,8 +386,8 @@ def accuracy_forecast_lines(runs: list[dict], fs: dict) -> list[str]:
          "kept tasks against the base, in points; within 2 SE: the forecast lies within two paired standard "
          "errors of the measured change.", "",
          md_table(["run", "variant", "forecast change (points)", "measured change (points)", "paired SE (points)"],
-                  [[label(r), r["variant"], 100 * r["forecast_general_acc_delta_mean"],
-                    None if r.get("general_acc_delta_mean") is None else 100 * r["general_acc_delta_mean"],
+                  [[label(r), r["variant"], round(100 * r["forecast_general_acc_delta_mean"], 6),  # no 1e-14 residues
+                    None if r.get("general_acc_delta_mean") is None else round(100 * r["general_acc_delta_mean"], 6),
                     100 * mean_se(r) if r.get("general_acc_se") else None] for r in rs]), ""]
     rows = [[k, a["n"], a["spearman"] if a["spearman"] is not None else f"{NOT_TESTABLE} (n = {a['n']})",
              a["spearman_bits_forecast"] if a["spearman_bits_forecast"] is not None else "-", 100 * a["mae"],
