@@ -267,7 +267,9 @@ def accuracy_forecast_summary(rs: list[dict]) -> dict | None:
     """The general accuracy forecast (benchmarks scored on each configuration's predicted model)
     against the measured change of ``general_acc_mean``, over the runs that have both: Spearman,
     the mean absolute error (accuracy points / 100), and the share of runs whose forecast lies within
-    two paired standard errors of the measured change (`grid_text.mean_se`); None without such runs."""
+    two paired standard errors of the measured change (`grid_text.mean_se`), each beside the same
+    figure for a forecast of no change (``*_no_change``: what the noise alone allows); None without
+    such runs."""
     from sft.forecast_metrics import spearman
 
     rs = [r for r in rs if r.get("forecast_general_acc_delta_mean") is not None
@@ -277,8 +279,10 @@ def accuracy_forecast_summary(rs: list[dict]) -> dict | None:
     fc = [r["forecast_general_acc_delta_mean"] for r in rs]
     ms = [r["general_acc_delta_mean"] for r in rs]
     within = [abs(f - m) <= 2 * mean_se(r) for f, m, r in zip(fc, ms, rs)]
+    within_zero = [abs(m) <= 2 * mean_se(r) for m, r in zip(ms, rs)]  # the no-change forecast, for scale
     return {"n": len(rs), "spearman": spearman(fc, ms) if len(rs) >= MIN_SPEARMAN_N else None,
             "mae": sum(abs(f - m) for f, m in zip(fc, ms)) / len(rs), "within_2se": sum(within) / len(rs),
+            "mae_no_change": sum(abs(m) for m in ms) / len(rs), "within_2se_no_change": sum(within_zero) / len(rs),
             "spearman_bits_forecast": spearman([r["forecast_general_delta_bits"] for r in rs], ms)
             if len(rs) >= MIN_SPEARMAN_N else None}
 

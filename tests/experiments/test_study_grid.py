@@ -637,10 +637,12 @@ def test_accuracy_forecast_summary_and_report_by_hand():
     a = accuracy_forecast_summary(rs + [run(3e-3, None, -0.1, 0.01, 1.0)])  # a run without the forecast is left out
     assert a["n"] == 3 and a["spearman"] == pytest.approx(1.0) and a["spearman_bits_forecast"] == pytest.approx(-1.0)
     assert a["mae"] == pytest.approx(0.01) and a["within_2se"] == pytest.approx(2 / 3)
+    # no change forecast: |-0.01| <= 0.012, |-0.02| <= 0.02, |-0.06| > 0.008; mean |measured| 0.03
+    assert a["mae_no_change"] == pytest.approx(0.03) and a["within_2se_no_change"] == pytest.approx(2 / 3)
     assert accuracy_forecast_summary([run(1e-4, None, -0.01, 0.01, 0.1)]) is None
     text = "\n".join(accuracy_forecast_lines(rs, {"label": {"accuracy": a}}))
     assert "### General accuracy, forecast" in text and "| ce@0.0003 | label | -3.000 | -2.000 | 1.000 |" in text
-    assert "| label | 3 | 1.000 | -1.000 | 1.000 | 0.667 |" in text
+    assert "| label | 3 | 1.000 | -1.000 | 1.00 (3.00) | 0.667 (0.667) |" in text
     assert accuracy_forecast_lines([], {}) == []
 
 
