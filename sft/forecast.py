@@ -543,6 +543,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     acc = _Moments(params, ce_mean is None and not plain_ce, dtype)
     taus, n_all = [], 0
     n_back = 4 if acc.ce is not None else 2  # backward passes per micro-batch: one per group (and per CE group)
+    seq_tau = flow_tau if rec.sequence_weights == "flow" else None  # FLOW's sequence weights exp(-loss / tau)
     was = model.training
     model.train()
     try:
@@ -555,8 +556,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
             per = [None, None]
             for part in parts:
                 n_tok, tau_used = _micro_grads(model, part, params, acc, per, loss_method=loss_method, tau=tau,
-                                               w_min=w_min, flow_tau=flow_tau if rec.sequence_weights == "flow"
-                                               else None, hard_p=hard_p, n_b=n_b)
+                                               w_min=w_min, flow_tau=seq_tau, hard_p=hard_p, n_b=n_b)
                 if loss_method == "talr" and part is parts[0]:
                     taus.append(float(tau_used))
                 n_all += n_tok
