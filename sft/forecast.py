@@ -224,6 +224,8 @@ class ForecastConfig:
     micro_batch: int = 0  # rows per forward/backward of the gradients and probes (0: the whole batch; exact, less memory)
     l2_relax: str = "tracked"  # L2 = CE's displacement relaxed per coordinate by Adam's pull (`l2_relaxation`; "": not, before version 5)
     size_axis: str = "lambda"  # the size ratio interpolated in log summed rate (version 5; "rate": in log peak rate)
+    tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`)
+    tracker_weight: bool = False  # the tracker's progress follows the method's token weights (`tracker_progress`)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -361,6 +363,8 @@ class GradientMoments:
     lam_c: float = math.inf  # coherence length of the frozen direction in summed rate (the probe's fit)
     noise_floor: bool = False  # the batch noise keeps its theta0 size while the mean gradient shrinks
     keep_norm: bool = False  # the rotation decorrelates the steps' directions, not their sizes (`decorrelation`)
+    tau_track: bool = False  # TALR's tau follows the tracked loss (`tau_at`); False: held at theta0's
+    tracker_weight: bool = False  # the tracker's progress x the method's token-weight ratio (`tracker_progress`)
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -413,6 +417,22 @@ class GradientMoments:
             noise = (_pair_weights(rn).float() @ self.noise_pairs(sl)).clamp_min_(0.0)
             return (_pair_weights(rho).float() @ self.mean_pairs(sl)).add_(noise)
         return (_pair_weights(rho).float() @ self.sq[:, sl].float()).clamp_min_(0.0)
+
+    def tau_at(self, ell: torch.Tensor) -> float:
+        """TALR's temperature once the groups' mean losses are ``ell`` (``tau_track``; else theta0's).
+
+        The trainer sets tau to the batch median of per-sequence mean token losses at every step
+        (`sft.losses.talr_tau`), so tau falls as the domain is learned. Taking every sequence's mean
+        loss to fall in proportion to the token mean (the median of c x l_i is c x median l_i):
+        tau_t = tau0 x ell_t / ell0 with ell = sum_k n_k ell_k / sum_k n_k (n_k the group's tokens per
+        sequence). Then a group whose loss falls in proportion keeps its weight exp(-ell_k / tau)
+        (TALR keeps down-weighting what is still hard), where a held tau lets every weight rise
+        towards 1 (the replay drifts to CE). No knob: the same tracker drives it."""
+        if not self.tau_track:
+            return self.tau
+        n = self.tokens_per_seq.to(torch.float64)
+        e0 = float((n * self.ell0).sum())
+        return self.tau * float((n * ell.to(torch.float64)).sum()) / e0 if e0 > 0 else self.tau
 
     def gain_bits(self, ell: torch.Tensor) -> float:
         """Predicted drop of the domain code length per sequence (bits) at tracked losses ``ell``."""
@@ -580,32 +600,35 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
                            acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None)
 
 
-def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN) -> torch.Tensor:
+def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN,
+                   tau_t: float | None = None) -> torch.Tensor:
     """rho_k = phi(ell_k) / phi(ell0_k): how a token group's gradient has shrunk once its mean
     loss fell from ell0 to ell. The CE gradient of a token w.r.t. its logits has size 1 - p,
     p = exp(-ell); a stop-gradient weight w(p) multiplies it: phi = w(p) (1 - p) with w the
     method's token weight (`sft.methods`, the loss's own): 1 (CE, L2, LoRA, FLOW),
-    max(p^{1/tau}, w_min) (TALR), p (DFT)."""
+    max(p^{1/tau}, w_min) (TALR), p (DFT). ``tau_t``: TALR's tau at ``ell`` (`GradientMoments.tau_at`;
+    None: ``tau``, the one at ell0)."""
     m = get_method(method)
 
-    def phi(e):
+    def phi(e, tau_e):
         e = e.clamp_min(0.0)
         p = torch.exp(-e)
-        return m.token_weight(e, tau=tau, w_min=w_min) * (1.0 - p)
+        return m.token_weight(e, tau=tau_e, w_min=w_min) * (1.0 - p)
 
-    return (phi(ell) / phi(ell0).clamp_min(1e-30)).clamp(0.0, 1e3)
+    return (phi(ell, tau if tau_t is None else tau_t) / phi(ell0, tau).clamp_min(1e-30)).clamp(0.0, 1e3)
 
 
-def noise_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN) -> torch.Tensor:
+def noise_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN,
+                tau_t: float | None = None) -> torch.Tensor:
     """How a token group's batch noise has scaled once its mean loss fell from ell0 to ell: by the
     method's token weight w(p) / w(p0) alone (`gradient_scale` without the (1 - p) factor: the mean
     logit gradient vanishes as the model fits, a sampled token's does not)."""
     m = get_method(method)
 
-    def w(e):
-        return m.token_weight(e.clamp_min(0.0), tau=tau, w_min=w_min)
+    def w(e, tau_e):
+        return m.token_weight(e.clamp_min(0.0), tau=tau_e, w_min=w_min)
 
-    return (w(ell) / w(ell0).clamp_min(1e-30)).clamp(0.0, 1e3)
+    return (w(ell, tau if tau_t is None else tau_t) / w(ell0, tau).clamp_min(1e-30)).clamp(0.0, 1e3)
 
 
 # ------------------------------------------------------------------------------------- replays
@@ -624,6 +647,17 @@ def coherence(lam_t: float, lam_c: float) -> float:
     every coordinate by about eta per step, so the summed rate measures the distance); 1 for
     lam_c = inf."""
     return math.exp(-lam_t / lam_c) if math.isfinite(lam_c) else 1.0
+
+
+def tracker_progress(gm: GradientMoments, kappa: torch.Tensor, own: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
+    """The tracker's drop this step: kappa_k x the first-order effect ``own_k`` of group k's own part
+    of the step, taken at Adam's clipped unit weight (the shrink of the logit gradient 1 - p is the
+    tracker's own (ell / ell0)^2). With ``gm.tracker_weight`` also x ``wr_k`` = w(ell_k) / w(ell0_k)
+    (`noise_scale`): group k's part of the step is a_k(t) U_k with a_k the EMA of c rho_k, and
+    rho_k = w-ratio x logit-gradient shrink, so a method whose token weights move (TALR with a
+    tracked tau, DFT's p) moves its groups' progress with them; 1 for CE, L2, LoRA, FLOW."""
+    drop = kappa * own.clamp_min(0.0)
+    return drop * wr if gm.tracker_weight else drop
 
 
 TRACKER_POWER = 2.0  # hyperbolic approach to 0 (heavier tail than exponential)
@@ -650,10 +684,10 @@ def _scale(gm: GradientMoments, method: str, mode: str, ell, trk, lam_t: float, 
     if mode == "frozen":
         return torch.ones(gm.mean.shape[0], dtype=torch.float64)
     if mode == "rotating":
-        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min) * coherence(lam_t, gm.lam_c)
+        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min, gm.tau_at(trk)) * coherence(lam_t, gm.lam_c)
     if mode == "keep_norm":
-        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min)
-    return gradient_scale(method, ell, gm.ell0, gm.tau, w_min)
+        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min, gm.tau_at(trk))
+    return gradient_scale(method, ell, gm.ell0, gm.tau, w_min, gm.tau_at(ell))
 
 
 def _clip_factor(norm2: float, max_norm: float) -> float:
@@ -726,7 +760,8 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     for t, lr in enumerate(lrs, start=1):
         rho = _scale(gm, method, mode, ell, trk, lam_t, w_min)
         lam_t += float(lr)
-        rn = noise_scale(method, trk if mode == "keep_norm" else ell, gm.ell0, gm.tau, w_min)
+        at = trk if mode == "keep_norm" else ell
+        rn = noise_scale(method, at, gm.ell0, gm.tau, w_min, gm.tau_at(at))
         norm2 = gm.norm2(rho, rn)  # + E||rho.g_b + 2 l2 delta||^2's pull terms:
         norm2 += sum(float(4 * l2_coeff * (delta[sl] @ (rho.float() @ gm.mean[:, sl].float()))
                      + 4 * l2_coeff**2 * (delta[sl] @ delta[sl])) for sl in slices)
@@ -753,7 +788,7 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
             norms[-1] += float(step.double().pow(2).sum())
         if track:
             ell = (ell - fo).clamp_min(0.0)  # theta moves by -step
-        trk = _decay(trk, kappa * own.clamp_min(0.0), gm.ell0)
+        trk = _decay(trk, tracker_progress(gm, kappa, own, rn), gm.ell0)
         if trajectory:
             traj.append(trk.clone())
     if mode == "keep_norm":
@@ -773,15 +808,17 @@ class _ReplayScalars:
         self.bb = torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
         self.bn = torch.zeros_like(self.bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
         self.ell, self.trk = gm.ell0.clone(), gm.ell0.clone()
-        self.lam_t, self.c = 0.0, 1.0
+        self.lam_t, self.c, self.wr = 0.0, 1.0, torch.ones(K, dtype=torch.float64)
 
     def advance(self, lr: float) -> None:
         """Step t's gradient scale, clip and EMAs (before the step is applied)."""
         gm, b1, b2 = self.gm, *BETAS
         rho = _scale(gm, self.method, self.mode, self.ell, self.trk, self.lam_t, self.w_min)
         self.lam_t += float(lr)
-        rn = noise_scale(self.method, self.trk if self.mode == "keep_norm" else self.ell, gm.ell0, gm.tau, self.w_min)
+        at = self.trk if self.mode == "keep_norm" else self.ell
+        rn = noise_scale(self.method, at, gm.ell0, gm.tau, self.w_min, gm.tau_at(at))
         self.c = c = _clip_factor(gm.norm2(rho, rn), self.max_norm)
+        self.wr = rn  # the token-weight ratio w(ell) / w(ell0) (`tracker_progress`)
         self.a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
         self.bb.mul_(b2).add_(_pair_weights(rho), alpha=(1 - b2) * c * c)
         self.bn.mul_(b2).add_(_pair_weights(rn), alpha=(1 - b2) * c * c)
@@ -837,7 +874,7 @@ def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_gra
             norms.append(lr * lr * float(ahat @ Q @ ahat))
             if track:
                 st.ell = (st.ell - lr * (C @ ahat)).clamp_min(0.0)  # theta moves by -step
-            st.trk = _decay(st.trk, kappa * (C.diagonal() * (st.c * lr)).clamp_min(0.0), gm.ell0)
+            st.trk = _decay(st.trk, tracker_progress(gm, kappa, C.diagonal() * (st.c * lr), st.wr), gm.ell0)
             if trajectory:
                 traj.append(st.trk.clone())
         for sl in slices:

@@ -482,7 +482,8 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     own = [m for m in cfg.methods if m not in replays_ce]  # methods with gradients of their own (sft.methods)
     bar = tqdm(total=1 + len(own) + len(pairs) + int(calibrate), desc="forecast", unit="job", disable=not progress)
     ce = grid.moments("ce")
-    ce.noise_floor, ce.keep_norm = cfg.noise_floor, cfg.keep_norm
+    ce.noise_floor, ce.keep_norm, ce.tau_track = cfg.noise_floor, cfg.keep_norm, cfg.tau_track
+    ce.tracker_weight = cfg.tracker_weight
     bar.update(1)
     probe = {}
     if calibrate:
@@ -497,6 +498,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     for m in own:
         gm = grid.moments(m, ce_mean=shared[0].to(grid.dtype))
         gm.kappa, gm.lam_c, gm.noise_floor, gm.keep_norm = shared[1], shared[2], cfg.noise_floor, cfg.keep_norm
+        gm.tau_track, gm.tracker_weight = cfg.tau_track, cfg.tracker_weight
         bar.update(1)
         by_method[m] = grid.rows(gm, [p for p in pairs if p[0] == m], bar.update)
         del gm

@@ -59,7 +59,10 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
                                    "coherence_fit": "linear"},
             "v5_n_general128": {**V5, "n_general": 128},  # + blocks 25 / 3 / 12; + 96 D1 sequences = version 5
             "v5_n_batches5": {**V5, "n_general": 128, "n_batches": 5},  # (tried instead of the 96 sequences)
-            "v5_seed1": {**V5, "seed": 1}}  # other probe batches and probe draws: the scores' noise
+            "v5_seed1": {**V5, "seed": 1},
+            "tau_track": {**V5, "tau_track": True},
+            "tracker_weight": {**V5, "tracker_weight": True},  # the tracker's progress x the token-weight ratio
+            "tau_track_tw": {**V5, "tau_track": True, "tracker_weight": True}}  # + TALR's tau following the tracked loss (`GradientMoments.tau_at`)  # other probe batches and probe draws: the scores' noise
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:

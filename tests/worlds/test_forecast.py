@@ -683,3 +683,60 @@ def test_l2_relax_config_and_l2_stays_below_ce(smoke_world, pretrained):
     for lr in cfg.lrs:
         assert by["l2", lr]["dL_P1_bits"] <= by["ce", lr]["dL_P1_bits"] + 1e-9
         assert by["l2", lr]["domain_gain_bits"] == pytest.approx(by["ce", lr]["domain_gain_bits"])
+
+
+def test_tau_at_follows_the_token_mean_of_the_tracked_loss():
+    """``tau_track``: tau_t = tau0 x (sum_k n_k ell_k) / (sum_k n_k ell0_k); held at tau0 without it."""
+    gm = _gg(torch.zeros(2, 2, 3), ell0=(0.5, 4.0))
+    gm.tau, gm.tokens_per_seq = 1.3, torch.tensor([30.0, 10.0], dtype=torch.float64)
+    ell = torch.tensor([0.25, 1.0], dtype=torch.float64)
+    assert gm.tau_at(ell) == 1.3
+    gm.tau_track = True
+    assert gm.tau_at(ell) == pytest.approx(1.3 * (30 * 0.25 + 10 * 1.0) / (30 * 0.5 + 10 * 4.0))
+    assert gm.tau_at(gm.ell0) == pytest.approx(1.3)
+
+
+@pytest.mark.parametrize("c", [0.9, 0.5, 0.2])
+def test_tracked_tau_keeps_talr_weights_when_losses_fall_in_proportion(c):
+    """Every group's loss x c and tau x c: TALR's weight exp(-ell / tau) is unchanged, so the
+    gradient scale is CE's (1 - p) / (1 - p0); with tau held the hard group's weight rises."""
+    ell0 = torch.tensor([0.3, 3.0], dtype=torch.float64)
+    ell, tau0 = c * ell0, 0.8
+    tracked = gradient_scale("talr", ell, ell0, tau0, w_min=1e-9, tau_t=c * tau0)
+    assert tracked.tolist() == pytest.approx(gradient_scale("ce", ell, ell0, tau0).tolist(), rel=1e-9)
+    held = gradient_scale("talr", ell, ell0, tau0, w_min=1e-9)
+    assert float(held[1]) > float(tracked[1])
+    from sft.forecast import noise_scale
+    assert noise_scale("talr", ell, ell0, tau0, w_min=1e-9, tau_t=c * tau0).tolist() == pytest.approx([1.0, 1.0])
+    # CE and DFT carry no tau: tau_t changes nothing
+    for m in ("ce", "dft"):
+        assert gradient_scale(m, ell, ell0, tau0, tau_t=0.1).tolist() == gradient_scale(m, ell, ell0, tau0).tolist()
+
+
+def test_tau_tracking_slows_talr_replay_and_leaves_ce_alone():
+    """A hard and an easy group along separate coordinates: with tau tracking TALR's hard-group
+    weight stays down as the domain is learned, so the replay moves the hard coordinates less; with
+    the tracker weighted too (``tracker_weight``) the hard group's tracked loss also falls less
+    (without it the tracker sees the weights only through Adam's denominator). CE's replay is the
+    same bit for bit under both flags (its weight ratio is 1)."""
+    torch.manual_seed(0)
+    g = torch.zeros(4, 2, 6)
+    g[:, 0, :3] = 0.05 + 0.01 * torch.randn(4, 3)  # easy group (low loss) on coordinates 0-2
+    g[:, 1, 3:] = 0.05 + 0.01 * torch.randn(4, 3)  # hard group on 3-5
+    ce_mean = g.mean(0) * 2.0
+    lrs = cosine_lrs(0.05, 80)
+
+    def run(method, track_tau, weighted=False):
+        gm = _gg(g, ce_mean=ce_mean, ell0=(0.4, 4.0))
+        gm.tau, gm.tokens_per_seq = 1.0, torch.tensor([20.0, 5.0], dtype=torch.float64)
+        gm.noise_floor, gm.keep_norm, gm.lam_c = True, True, 1e300
+        gm.tau_track, gm.tracker_weight = track_tau, weighted
+        return replay_adam(gm, method, lrs, max_grad_norm=0.0)
+
+    d_held, trk_held = run("talr", False, True)
+    d_track, trk_track = run("talr", True, True)
+    assert float(d_track[3:].norm()) < float(d_held[3:].norm())
+    assert float(trk_track[1]) > float(trk_held[1])
+    assert float(run("talr", True)[0][3:].norm()) < float(run("talr", False)[0][3:].norm())
+    ce_a, ce_b = run("ce", False), run("ce", True, True)
+    assert torch.equal(ce_a[0], ce_b[0]) and torch.equal(ce_a[1], ce_b[1])
