@@ -188,7 +188,7 @@ __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cos
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
-FORECAST_MODEL = "5: KL term, size probe in summed rate, L2 relaxed by Adam's pull"
+FORECAST_MODEL = "6: version 5 + TALR's tau and the tracker following the token weights"
 
 
 @dataclass
@@ -224,8 +224,8 @@ class ForecastConfig:
     micro_batch: int = 0  # rows per forward/backward of the gradients and probes (0: the whole batch; exact, less memory)
     l2_relax: str = "tracked"  # L2 = CE's displacement relaxed per coordinate by Adam's pull (`l2_relaxation`; "": not, before version 5)
     size_axis: str = "lambda"  # the size ratio interpolated in log summed rate (version 5; "rate": in log peak rate)
-    tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`)
-    tracker_weight: bool = False  # the tracker's progress follows the method's token weights (`tracker_progress`)
+    tau_track: bool = True  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6)
+    tracker_weight: bool = True  # the tracker's progress follows the method's token weights (`tracker_progress`; version 6)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]

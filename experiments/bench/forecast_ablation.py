@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 # version 3's settings, the defaults before version 5 (FORECAST_MODEL 3); every variant below except
-# "adopted" (the defaults: version 5) and "version5" is version 3 plus its changes, as when it was scored
+# "adopted" (the defaults: version 6), "version5", "version6" and the V5-based ones is version 3 plus its
+# changes, as when it was scored
 V3 = {"kl_term_only": False, "l2_relax": "", "size_axis": "rate", "coherence_fit": "log", "replay_block": 10,
-      "lora_block": 2, "fit_block": 1, "n_general": 128}
+      "lora_block": 2, "fit_block": 1, "n_general": 128, "tau_track": False, "tracker_weight": False}
 V4 = {**V3, "kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
 V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
-      "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96}  # version 5 (docs/forecast/README.md)
+      "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96, "tau_track": False,
+      "tracker_weight": False}  # version 5 (docs/forecast/README.md)
 VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe": False},
             "no_rotation": {**V3, "coherence": False},
             "bf16_moments": {**V3, "store_dtype": "bfloat16"}, "no_noise_floor": {**V3, "noise_floor": False},
@@ -62,7 +64,8 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
             "v5_seed1": {**V5, "seed": 1},
             "tau_track": {**V5, "tau_track": True},
             "tracker_weight": {**V5, "tracker_weight": True},  # the tracker's progress x the token-weight ratio
-            "tau_track_tw": {**V5, "tau_track": True, "tracker_weight": True}}  # + TALR's tau following the tracked loss (`GradientMoments.tau_at`)  # other probe batches and probe draws: the scores' noise
+            "tau_track_tw": {**V5, "tau_track": True, "tracker_weight": True},  # = version 6 (the defaults)
+            "version6": {**V5, "tau_track": True, "tracker_weight": True}}  # + TALR's tau following the tracked loss (`GradientMoments.tau_at`)  # other probe batches and probe draws: the scores' noise
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
