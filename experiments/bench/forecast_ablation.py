@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 # version 3's settings, the defaults before version 5 (FORECAST_MODEL 3); every variant below except
-# "adopted" (the defaults: version 6), "version5", "version6" and the V5-based ones is version 3 plus its
+# "adopted" (the defaults: version 5), "version5", "version6" and the V5-based ones is version 3 plus its
 # changes, as when it was scored
 V3 = {"kl_term_only": False, "l2_relax": "", "size_axis": "rate", "coherence_fit": "log", "replay_block": 10,
       "lora_block": 2, "fit_block": 1, "n_general": 128, "tau_track": False, "tracker_weight": False}
@@ -64,7 +64,7 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
             "v5_seed1": {**V5, "seed": 1},
             "tau_track": {**V5, "tau_track": True},
             "tracker_weight": {**V5, "tracker_weight": True},  # the tracker's progress x the token-weight ratio
-            "tau_track_tw": {**V5, "tau_track": True, "tracker_weight": True},  # = version 6 (the defaults)
+            "tau_track_tw": {**V5, "tau_track": True, "tracker_weight": True},  # = version 6 (not adopted)
             "version6": {**V5, "tau_track": True, "tracker_weight": True}}  # + TALR's tau following the tracked loss (`GradientMoments.tau_at`)  # other probe batches and probe draws: the scores' noise
 
 

@@ -777,13 +777,20 @@ class GridRunner:
         self.units.unit(path, "bench", rec, done=lambda r: f"{name}: general accuracy " + ", ".join(
             f"{t} {x.get('accuracy', float('nan')):.3f}" for t, x in r["bench"]["tasks"].items()))
 
-    def forecast(self, v: str) -> None:
-        """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
+    def forecast_path(self, v: str) -> Path:
+        """Variant ``v``'s forecast unit: keyed on the forecast settings, the entries it forecasts and the
+        forecast model's revision (`sft.forecast.FORECAST_MODEL`)."""
         from sft.forecast import FORECAST_MODEL
 
         fentries = [e.key() for e in forecast_entries(self.cfg, v)]
-        path = self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries,
+        return self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries,
                                                "model": FORECAST_MODEL})
+
+    def forecast(self, v: str) -> None:
+        """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
+
+        path = self.forecast_path(v)
+
         def rec():
             from sft.io import reset_peak_rss
 
@@ -881,14 +888,17 @@ def schedule(cfg: StudyConfig) -> list[tuple]:
     return out
 
 
-def write_study_record(out: Path, cfg: StudyConfig, dhash: str, desc: str, data: StudyData, base, peak) -> None:
+def write_study_record(out: Path, cfg: StudyConfig, dhash: str, desc: str, data: StudyData, base, peak,
+                       forecast_units: dict | None = None) -> None:
+    """``study.json``; ``forecast_units``: variant -> the file name of its current forecast unit (the
+    report reads only those: a cache may still hold units of an older forecast model or setting)."""
     from sft.io import atomic_write_json
 
     need = cfg.steps * cfg.batch_size
     dom = get_domain(cfg.domain)
     atomic_write_json(out / "study.json", {
         "data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]}, "model": desc,
-        "bench": cfg.bench_key(),
+        "bench": cfg.bench_key(), "forecast_units": forecast_units or {},
         "data": data.source, "n_rows": data.n_rows, "n_kept": data.n_kept,
         "n_train_rows": {v: len(x[:need]) for v, x in data.train.items()},
         "train_tokens": {v: sum(len(e["input_ids"]) for e in x[:need]) for v, x in data.train.items()},
@@ -928,7 +938,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     units = Units(out / "cache", {**cfg.data_key(), "model_desc": desc}, bar, log)
     with tempfile.TemporaryDirectory(prefix="talr-grid-") as scratch:
         runner = GridRunner(cfg, out, base, tok, desc, data, units, progress, Path(scratch))
-        write_study_record(out, cfg, units.dhash, desc, data, base, runner.peak)
+        write_study_record(out, cfg, units.dhash, desc, data, base, runner.peak,
+                           {fv: runner.forecast_path(fv).name for _, fv in plan if fv is not None})
         runner.base_unit()
         for e, fv in plan:
             if fv is None:

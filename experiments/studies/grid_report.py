@@ -61,6 +61,8 @@ def load_results(out: Path) -> tuple[dict, dict, list[dict], dict]:
         elif rec["kind"] == "base":
             base = rec
         elif rec["kind"] == "forecast":
+            if p.name != study.get("forecast_units", {}).get(rec["variant"], p.name):
+                continue  # another forecast model's or setting's unit (study.json names the current ones)
             forecasts.update({(rec["variant"], r["method"], float(r["lr"])): {**r, "unit": rec}
                               for r in rec["rows"]})
         elif grid_key(rec["entry"]) in grid:

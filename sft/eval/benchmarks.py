@@ -46,7 +46,7 @@ import numpy as np
 
 __all__ = ["Request", "Item", "BenchmarkFormatError", "TASK_METRIC", "DEFAULT_TASKS", "tasks_root",
            "request_file", "read_requests", "group_items", "load_items", "stratified_subset",
-           "loglikelihoods", "score_items", "bits_per_byte", "evaluate_benchmarks", "paired_se",
+           "loglikelihoods", "cached_loglikelihoods", "score_items", "bits_per_byte", "evaluate_benchmarks", "paired_se",
            "lm_eval_reference"]
 
 # the metric each task is usually reported with (lm-eval / the Open LLM leaderboard; SmolLM2's card)
@@ -406,6 +406,46 @@ def loglikelihoods(model, tokenizer, requests: Sequence, *, batch_size: int = 16
     return out
 
 
+def cached_loglikelihoods(model, tokenizer, items: Sequence[Item], cache_dir: str | os.PathLike, *, tag: str,
+                          chunk_items: int = 500, progress: bool = True, **kw) -> list[float]:
+    """:func:`loglikelihoods` of every request of ``items`` (in order), resumable: the items are cut
+    into chunks of ``chunk_items`` questions (a question's choices stay together) and each chunk's
+    log-likelihoods are written atomically to ``cache_dir/ll-<chunk>-<hash>.json`` as soon as they
+    are scored, the hash covering ``tag`` (name the model and its precision: a different model or
+    set of requests never reads another's file) and every request's text. A call cut short loses
+    at most the chunk in progress; the next call scores only the missing chunks. A file whose
+    length or values do not match is refused (ValueError naming it), never used."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from ..io import atomic_write_json
+
+    if chunk_items < 1:
+        raise ValueError(f"chunk_items must be >= 1, got {chunk_items}")
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[float] = []
+    starts = range(0, len(items), chunk_items)
+    for c0 in tqdm(starts, desc="benchmark chunks", unit="chunk", disable=not progress):
+        reqs = [r for it in items[c0:c0 + chunk_items] for r in it.requests]
+        h = hashlib.sha256(json.dumps([tag, [[r.context, r.continuation] for r in reqs]]).encode()).hexdigest()[:16]
+        path = folder / f"ll-{c0 // chunk_items:05d}-{h}.json"
+        if path.exists():
+            lls = json.loads(path.read_text()).get("lls")
+            if not isinstance(lls, list) or len(lls) != len(reqs) or not all(
+                    isinstance(x, (int, float)) and math.isfinite(x) for x in lls):
+                raise ValueError(f"{path}: expected {len(reqs)} finite log-likelihoods under 'lls'; "
+                                 "delete the file to score its chunk again")
+        else:
+            lls = loglikelihoods(model, tokenizer, reqs, progress=False, **kw)
+            if not all(math.isfinite(x) for x in lls):
+                raise ValueError(f"chunk {c0 // chunk_items} of {path.parent}: non-finite log-likelihoods")
+            atomic_write_json(path, {"tag": tag, "n_items": len(items[c0:c0 + chunk_items]), "lls": lls})
+        out += [float(x) for x in lls]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +501,8 @@ def paired_se(base: Sequence[float], new: Sequence[float]) -> float:
 
 def evaluate_benchmarks(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, *, variant: str = DEFAULT_VARIANT,
                         root: str | os.PathLike | None = None, per_task: int | None = None, seed: int = 0,
-                        items: Sequence[Item] | None = None, batch_size: int = 16, progress: bool = True) -> dict:
+                        items: Sequence[Item] | None = None, batch_size: int = 16, progress: bool = True,
+                        cache_dir: str | os.PathLike | None = None, cache_tag: str = "") -> dict:
     """Accuracy per task and per-question correctness of one model (the grid study's entry).
 
     Reads each task's request file (or takes ``items``), keeps a seeded stratified subset
@@ -472,13 +513,18 @@ def evaluate_benchmarks(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, 
 
     where ``accuracy`` is the task's usual metric (:data:`TASK_METRIC`) and per-item lists follow
     ``doc_ids`` (the same order for every model, so :func:`paired_se` pairs them). LAMBADA-like
-    tasks (no gold choice) report ``bpb`` and ``bpb_mean`` instead.
+    tasks (no gold choice) report ``bpb`` and ``bpb_mean`` instead. ``cache_dir``: score through
+    :func:`cached_loglikelihoods` (resumable; ``cache_tag`` names the model).
     """
     if items is None:
         items = [it for t in tasks for it in load_items(t, variant, root)]
     items = stratified_subset(items, per_task, seed)
     reqs = [r for it in items for r in it.requests]
-    lls = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, progress=progress, desc="benchmarks")
+    if cache_dir is None:
+        lls = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, progress=progress, desc="benchmarks")
+    else:
+        lls = cached_loglikelihoods(model, tokenizer, items, cache_dir, tag=cache_tag, batch_size=batch_size,
+                                    progress=progress)
     out: dict = {"tasks": {}, "correct": {}, "doc_ids": {}}
     starts = np.cumsum([0] + [len(it.requests) for it in items])
     for task in dict.fromkeys(it.task for it in items):

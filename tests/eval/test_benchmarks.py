@@ -227,6 +227,36 @@ def test_evaluate_benchmarks_per_task_and_per_item(model, tiny_tokenizer):
     assert lam["tasks"]["toy_lambada"]["bpb"] == pytest.approx(B.bits_per_byte(ll, words)["bpb"], rel=1e-5)
 
 
+def test_cached_scoring_resumes_chunk_by_chunk_and_refuses_a_bad_file(model, tiny_tokenizer, tmp_path, monkeypatch):
+    """Chunks of 4 questions: the cached result equals the uncached one; a second call scores
+    nothing; a lost chunk is scored again alone; a different tag never reads the files; a file
+    with the wrong length names itself."""
+    items = B.load_items("toy_qa", root=ROOT) + B.load_items("toy_cloze", root=ROOT)
+    plain = B.evaluate_benchmarks(model, tiny_tokenizer, items=items, progress=False)
+    cached = B.evaluate_benchmarks(model, tiny_tokenizer, items=items, progress=False, cache_dir=tmp_path / "c",
+                                   cache_tag="tiny")
+    assert cached["correct"] == plain["correct"] and cached["tasks"] == plain["tasks"]
+    files = sorted((tmp_path / "c").glob("ll-*.json"))
+    assert len(files) == math.ceil(len(items) / 500)  # the default chunk: one file here
+    lls = B.cached_loglikelihoods(model, tiny_tokenizer, items, tmp_path / "k", tag="tiny", chunk_items=4, progress=False)
+    files = sorted((tmp_path / "k").glob("ll-*.json"))
+    assert len(files) == math.ceil(len(items) / 4)
+    calls = []
+    real = B.loglikelihoods
+    monkeypatch.setattr(B, "loglikelihoods", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    assert B.cached_loglikelihoods(model, tiny_tokenizer, items, tmp_path / "k", tag="tiny", chunk_items=4,
+                                   progress=False) == lls and calls == []
+    files[1].unlink()
+    assert B.cached_loglikelihoods(model, tiny_tokenizer, items, tmp_path / "k", tag="tiny", chunk_items=4,
+                                   progress=False) == lls
+    assert calls == [sum(len(it.requests) for it in items[4:8])]
+    B.cached_loglikelihoods(model, tiny_tokenizer, items, tmp_path / "k", tag="other", chunk_items=4, progress=False)
+    assert len(list((tmp_path / "k").glob("ll-*.json"))) == 2 * len(files)
+    files[0].write_text(json.dumps({"lls": [0.0]}))
+    with pytest.raises(ValueError, match=files[0].name):
+        B.cached_loglikelihoods(model, tiny_tokenizer, items, tmp_path / "k", tag="tiny", chunk_items=4, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # the peer: lm-eval 0.4.13 on the same items and the same model object
 # ------------------------------------------------------------------------------------------------

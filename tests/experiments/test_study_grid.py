@@ -133,6 +133,15 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert run_study(cfg, out, report_only=True)["runs"] == runs
     assert json.loads((out / "summary.json").read_text())["runs"][0]["method"] == "ce"
     assert summary["completeness"]["complete"] and "Partial study" not in text
+    # a stale forecast unit (another forecast model's, its name sorting last) is never read: study.json
+    # names the current units
+    cur = next((out / "cache").glob("forecast-label-*.json"))
+    assert json.loads((out / "study.json").read_text())["forecast_units"]["label"] == cur.name
+    stale = json.loads(cur.read_text())
+    stale["rows"] = [{**r, "dL_general_bits_per_token": 100 * r["dL_general_bits_per_token"] + 1.0} for r in stale["rows"]]
+    (out / "cache" / "forecast-label-zzzzzzzzzzzz.json").write_text(json.dumps(stale))
+    assert run_study(cfg, out, report_only=True)["runs"] == runs
+    (out / "cache" / "forecast-label-zzzzzzzzzzzz.json").unlink()
     # a partial cache (a run and the label forecast gone): the report says what it covers
     next(p for p in (out / "cache").glob("run-label-talr-0.001-*.json") if "plateau" not in p.name).unlink()
     next((out / "cache").glob("forecast-label-*.json")).unlink()
