@@ -125,8 +125,8 @@ def _grid_options(p, domain: bool) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out rows evaluated (default: the preset's)")
     p.add_argument("--no-forecast", action="store_true",
-                   help=f"skip the forecast units (sft.forecast from theta0; ~15-19 min per variant on SmolLM2, "
-                        f"most of the small preset's memory, {SMALL_MEMORY})")
+                   help=f"skip the forecast units (sft.forecast from theta0; 11-14 min per variant of the default preset "
+                        f"on SmolLM2, 2-6 min of the small one; the small preset's {SMALL_MEMORY})")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and summary.json from the cache")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

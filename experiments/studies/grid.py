@@ -252,7 +252,7 @@ def _default_grid() -> tuple:
 
 # default: 20 AdamW steps of 4 sequences (80 rows, about half the training notes), every held-out
 # row (52 with the default split), CoT examples up to 512 tokens (all calculators but MME fit);
-# the plateau entries included, 4.45 h recorded on 2 cores (docs/study-smollm2, partly under load). small: the pipeline check on SmolLM2 (<= 45 min; SMALL_MEMORY).
+# the plateau entries included, 4.45 h recorded on 2 cores (docs/study-smollm2, partly under load). small: the pipeline check on SmolLM2 (<= 45 min: 19.6 min measured; SMALL_MEMORY).
 # smoke: a tiny Llama (byte tokenizer: the token limits are bytes), a few rows, about a minute.
 # The plateau schedule of the default preset, sized on paper (not run here): cosine over 100 AdamW
 # steps of 4 rows (~2.7 epochs of the ~150 label-only training rows), a trajectory point every 10
@@ -264,8 +264,8 @@ def _default_grid() -> tuple:
 # (4.0 h with the 1.5 h of the other entries), S = 100 (never met) -> 3.8 h (5.3 h: two sessions
 # through the cache).
 PLATEAU_NOTE = "Plateau(patience=2, rel_tol=0.01) every 10 steps, cosine over 100 steps"
-SMALL_MEMORY = ("not re-measured since the forecast's memory fix; its units are smaller than the default's, "
-                "whose trained units peak at 6.6 GB and forecast units at 7.8 GB")
+SMALL_MEMORY = ("7.8 GB peak measured (session 6, 19.6 min on 2 quiet cores): trained units 4.4 GB at most, "
+                "forecast units 7.8 GB (CoT) and 6.9 GB (label-only), each with its benchmark scoring")
 PRESETS = {
     "smoke": StudyConfig(model=TINY, grid=_smoke_grid(), max_prompt_tokens=1100, max_length=1600, n_eval=4, steps=2,
                          batch_size=2, n_humaneval=2, n_gsm8k=2, gen_tokens=(("cot", 24), ("label", 12)),
