@@ -788,7 +788,6 @@ class GridRunner:
 
     def forecast(self, v: str) -> None:
         """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
-
         path = self.forecast_path(v)
 
         def rec():
