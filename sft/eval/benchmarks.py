@@ -428,7 +428,8 @@ def cached_loglikelihoods(model, tokenizer, items: Sequence[Item], cache_dir: st
     out: list[float] = []
     starts = range(0, len(items), chunk_items)
     for c0 in tqdm(starts, desc="benchmark chunks", unit="chunk", disable=not progress):
-        reqs = [r for it in items[c0:c0 + chunk_items] for r in it.requests]
+        part = items[c0:c0 + chunk_items]
+        reqs = [r for it in part for r in it.requests]
         h = hashlib.sha256(json.dumps([tag, [[r.context, r.continuation] for r in reqs]]).encode()).hexdigest()[:16]
         path = folder / f"ll-{c0 // chunk_items:05d}-{h}.json"
         if path.exists():
@@ -441,7 +442,7 @@ def cached_loglikelihoods(model, tokenizer, items: Sequence[Item], cache_dir: st
             lls = loglikelihoods(model, tokenizer, reqs, progress=False, **kw)
             if not all(math.isfinite(x) for x in lls):
                 raise ValueError(f"chunk {c0 // chunk_items} of {path.parent}: non-finite log-likelihoods")
-            atomic_write_json(path, {"tag": tag, "n_items": len(items[c0:c0 + chunk_items]), "lls": lls})
+            atomic_write_json(path, {"tag": tag, "n_items": len(part), "lls": lls})
         out += [float(x) for x in lls]
     return out
 
