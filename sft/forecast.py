@@ -230,6 +230,7 @@ class ForecastConfig:
     size_axis: str = "lambda"  # the size ratio interpolated in log summed rate (version 5; "rate": in log peak rate)
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
+    cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -369,6 +370,8 @@ class GradientMoments:
     keep_norm: bool = False  # the rotation decorrelates the steps' directions, not their sizes (`decorrelation`)
     tau_track: bool = False  # TALR's tau follows the tracked loss (`tau_at`); False: held at theta0's
     tracker_weight: bool = False  # the tracker's progress x the method's token-weight ratio (`tracker_progress`)
+    n_batches: int = 0  # the batches the moments are over (`alignment`'s debiasing needs >= 2)
+    debias: bool = False  # `alignment` subtracts the in-sample noise of ce . mean (``cross_fit``)
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -411,6 +414,30 @@ class GradientMoments:
         if self.ce_mean is not None:
             return self.ce_mean[:, sl].float()
         return self.mean[:, sl].float() * self.ce_scale.float()[:, None]
+
+    def alignment(self, sl: slice, mean: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """C_kj = ce_k . U_j on the coordinates ``sl`` (U_j = mean_j / denom, `_block_units`): the
+        first-order effect on group k's loss of group j's part of an Adam step, the tracker's input.
+
+        With ``debias`` (``cross_fit``) an unbiased estimate of the population alignment mu_ce,k . mu_j
+        / denom. When the progress direction is this CE's own mean (``ce_scale``: the same batches),
+        ce_k . mean_j over n batches carries their noise: E[mean_k,i mean_j,i] = mu_k,i mu_j,i +
+        Sigma_kj,i / n with Sigma the per-batch covariance, whose unbiased estimate is
+        n / (n - 1) x `noise_pairs` (which divides by n); so the estimate is
+        ce_scale_k sum_i (mean_k,i mean_j,i - noise_kj,i / (n - 1)) / denom_i (denom held fixed). On
+        SmolLM2's CoT batches (4 sequences) the noise is most of ce . mean, and kappa, fitted on CE's
+        probe, absorbed it; a method whose own gradients are noisier relative to their CE alignment
+        (TALR: its weights concentrate the batch on few tokens) was then over-credited. A method
+        with its own moments takes them on batches disjoint from CE's (`sft.forecast_run`'s
+        ``cross_fit``), so its ce . mean has no shared noise and needs no correction."""
+        C = (self.ce(sl) @ (mean / denom).t()).double()
+        if not (self.debias and self.ce_mean is None and self.n_batches > 1):
+            return C
+        noise = self.noise_pairs(sl) / denom  # pairs (0,0), (0,1), (1,1) (K = 1: (0,0))
+        sums = noise.double().sum(1)
+        K = self.mean.shape[0]
+        B = sums.reshape(1, 1) if K == 1 else torch.stack([sums[:2], sums[1:]])
+        return C - self.ce_scale.double()[:, None] * B / (self.n_batches - 1)
 
     def second_moment(self, rho: torch.Tensor, sl: slice = slice(None), rn: torch.Tensor | None = None) -> torch.Tensor:
         """E_b[(sum_k rho_k g_bk)^2] on the coordinates ``sl``. With ``noise_floor`` the mean and the
@@ -601,7 +628,8 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     if acc.ce is not None:
         ce_mean = acc.ce / nt[:, None].to(acc.ce.dtype)
     return GradientMoments(acc.mean, acc.sq, ce_mean, acc.ell / nt, float(np.median(taus)) if taus else 1.0,
-                           acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None)
+                           acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None,
+                           n_batches=acc.n)
 
 
 def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN,
@@ -833,13 +861,18 @@ class _ReplayScalars:
         return self.a / (1 - b1**t), self.bb / (1 - b2**t), self.bn / (1 - b2**t)
 
 
-def _block_units(gm: GradientMoments, sl: slice, ahat, bbh, bnh) -> torch.Tensor:
-    """U_j = mean_j / denom on ``sl`` (``[K, n]``), denom = Adam's sqrt(v_hat) + eps at the block's start
+def _block_denom(gm: GradientMoments, sl: slice, ahat, bbh, bnh) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean ``[K, n]``, denom ``[n]``) on ``sl``: denom = Adam's sqrt(v_hat) + eps at the block's start
     (floored so that |m_hat| / denom <= ADAM_BOUND, as in Adam itself)."""
     mean = gm.mean[:, sl].float()
     m_hat = ahat.float() @ mean
     v_hat = _v_mean_field(gm, bbh, bnh, sl)
-    denom = torch.maximum(v_hat, (m_hat / ADAM_BOUND) ** 2).sqrt_().add_(ADAM_EPS)
+    return mean, torch.maximum(v_hat, (m_hat / ADAM_BOUND) ** 2).sqrt_().add_(ADAM_EPS)
+
+
+def _block_units(gm: GradientMoments, sl: slice, ahat, bbh, bnh) -> torch.Tensor:
+    """U_j = mean_j / denom on ``sl`` (``[K, n]``, `_block_denom`)."""
+    mean, denom = _block_denom(gm, sl, ahat, bbh, bnh)
     return mean / denom
 
 
@@ -864,8 +897,9 @@ def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_gra
         C = torch.zeros(K, K, dtype=torch.float64)
         Q = torch.zeros(K, K, dtype=torch.float64)
         for sl in slices:
-            U = _block_units(gm, sl, *frozen)
-            C += (gm.ce(sl) @ U.t()).double()
+            mean, denom = _block_denom(gm, sl, *frozen)
+            C += gm.alignment(sl, mean, denom)
+            U = mean / denom
             Q += (U @ U.t()).double()
         coef = torch.zeros(K, dtype=torch.float64)
         for t in range(t0, min(t0 + block, T + 1)):

@@ -219,11 +219,19 @@ class SampleTree:
         return with_other(exact_full_logprobs(model, self.tree, bos_id=self.bos_id, eos_id=self.eos_id))
 
 
-def _batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> list[list[dict]]:
-    """The ``n_batches`` probe batches of B training examples (a random partition of D2's head)."""
+def _batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(CE's, the other methods') probe batches: ``n_batches`` of B training examples each, a random
+    partition of D2. Without ``cross_fit`` both are the same batches; with it the methods with
+    gradients of their own (TALR, DFT, FLOW) take the next ``n_batches`` (disjoint from CE's, whose
+    mean is their tracker's progress direction: `GradientMoments.alignment`), as many as D2 holds
+    (CE's again when it holds none)."""
     perm = rng.permutation(len(d2))
-    n_b = min(cfg.n_batches, max(1, len(d2) // cfg.batch))
-    return [[d2[int(i)] for i in perm[k * cfg.batch:(k + 1) * cfg.batch]] for k in range(n_b)]
+    n_all = max(1, len(d2) // cfg.batch)
+    n_b = min(cfg.n_batches, n_all)
+    cut = [[d2[int(i)] for i in perm[k * cfg.batch:(k + 1) * cfg.batch]] for k in range(min(n_all, 2 * n_b))]
+    if not cfg.cross_fit:
+        return cut[:n_b], cut[:n_b]
+    return cut[:n_b], cut[n_b:] or cut[:n_b]
 
 
 @contextmanager
@@ -244,7 +252,7 @@ class _Grid:
         self.cfg, self.meter = cfg, ComputeMeter()
         self.model = model0
         self.d1, self.tree, self.pad = list(d1)[: cfg.n_general], d1_tree, cfg.pad_token_id
-        self.batches = _batches(d2, cfg, np.random.default_rng(cfg.seed))
+        self.batches, self.own_batches = _batches(d2, cfg, np.random.default_rng(cfg.seed))
         self.examples = [ex for b in self.batches for ex in b]
         with self.meter.phase("d1_evals"):
             self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
@@ -266,8 +274,11 @@ class _Grid:
         return self._groups
 
     def moments(self, method: str, ce_mean=None) -> GradientMoments:
+        """``method``'s moments: on CE's batches (``ce_mean`` None: CE, whose mean is the shared
+        progress direction) or on the other methods' (`_batches`)."""
+        batches = self.batches if ce_mean is None else self.own_batches
         with self.meter.phase("gradients"), _released():
-            return method_gradients(self.model, self.batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
+            return method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
                                     w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
                                     micro_batch=self.cfg.micro_batch)
 
@@ -483,7 +494,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     bar = tqdm(total=1 + len(own) + len(pairs) + int(calibrate), desc="forecast", unit="job", disable=not progress)
     ce = grid.moments("ce")
     ce.noise_floor, ce.keep_norm, ce.tau_track = cfg.noise_floor, cfg.keep_norm, cfg.tau_track
-    ce.tracker_weight = cfg.tracker_weight
+    ce.tracker_weight, ce.debias = cfg.tracker_weight, cfg.cross_fit
     bar.update(1)
     probe = {}
     if calibrate:

@@ -23,12 +23,13 @@ import numpy as np
 # "adopted" (the defaults: version 5), "version5", "version6" and the V5-based ones is version 3 plus its
 # changes, as when it was scored
 V3 = {"kl_term_only": False, "l2_relax": "", "size_axis": "rate", "coherence_fit": "log", "replay_block": 10,
-      "lora_block": 2, "fit_block": 1, "n_general": 128, "tau_track": False, "tracker_weight": False}
+      "lora_block": 2, "fit_block": 1, "n_general": 128, "tau_track": False, "tracker_weight": False,
+      "cross_fit": False}
 V4 = {**V3, "kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
 V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
       "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96, "tau_track": False,
-      "tracker_weight": False}  # version 5 (docs/forecast/README.md)
+      "tracker_weight": False, "cross_fit": False}  # version 5 (docs/forecast/README.md)
 VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe": False},
             "no_rotation": {**V3, "coherence": False},
             "bf16_moments": {**V3, "store_dtype": "bfloat16"}, "no_noise_floor": {**V3, "noise_floor": False},
@@ -61,11 +62,14 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
                                    "coherence_fit": "linear"},
             "v5_n_general128": {**V5, "n_general": 128},  # + blocks 25 / 3 / 12; + 96 D1 sequences = version 5
             "v5_n_batches5": {**V5, "n_general": 128, "n_batches": 5},  # (tried instead of the 96 sequences)
-            "v5_seed1": {**V5, "seed": 1},
+            "v5_seed1": {**V5, "seed": 1},  # other probe batches and probe draws: the scores' noise
             "tau_track": {**V5, "tau_track": True},
             "tracker_weight": {**V5, "tracker_weight": True},  # the tracker's progress x the token-weight ratio
             "tau_track_tw": {**V5, "tau_track": True, "tracker_weight": True},  # = version 6 (not adopted)
-            "version6": {**V5, "tau_track": True, "tracker_weight": True}}  # + TALR's tau following the tracked loss (`GradientMoments.tau_at`)  # other probe batches and probe draws: the scores' noise
+            "version6": {**V5, "tau_track": True, "tracker_weight": True},  # + TALR's tau following the tracked loss
+            # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`): CE's debiased,
+            # the other methods' moments on batches disjoint from CE's
+            "cross_fit": {**V5, "cross_fit": True}}
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:

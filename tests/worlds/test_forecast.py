@@ -740,3 +740,78 @@ def test_tau_tracking_slows_talr_replay_and_leaves_ce_alone():
     assert float(run("talr", True)[0][3:].norm()) < float(run("talr", False)[0][3:].norm())
     ce_a, ce_b = run("ce", False), run("ce", True, True)
     assert torch.equal(ce_a[0], ce_b[0]) and torch.equal(ce_a[1], ce_b[1])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_debiased_alignment_is_the_cross_batch_u_statistic(n):
+    """``cross_fit``'s alignment of a CE's own moments: ce_scale_k x sum_i (mean_k mean_j -
+    noise_kj / (n - 1)) / denom = the mean over ordered pairs of *different* batches a != b of
+    ce_scale_k g_ak . g_bj / denom (brute force), which has no batch's product with itself (the
+    in-sample noise); without ``debias`` it is the in-sample ce_k . mean_j."""
+    torch.manual_seed(n)
+    g = torch.randn(n, 2, 7)
+    gm = GradientMoments.from_batches(g, None, (1.0, 3.0))
+    gm.ce_scale, gm.n_batches = torch.tensor([2.0, 0.5], dtype=torch.float64), n
+    denom = torch.rand(7) + 0.5
+    sl = slice(None)
+    gm.debias = False
+    inside = gm.alignment(sl, gm.mean[:, sl].float(), denom)
+    assert inside.numpy() == pytest.approx((gm.ce(sl) @ (gm.mean / denom).t()).double().numpy(), rel=1e-5)
+    gm.debias = True
+    got = gm.alignment(sl, gm.mean[:, sl].float(), denom)
+    want = torch.zeros(2, 2, dtype=torch.float64)
+    for a in range(n):
+        for b in range(n):
+            if a != b:
+                want += (g[a].double() / denom.double()) @ g[b].double().t()
+    want = gm.ce_scale[:, None] * want / (n * (n - 1))
+    assert got.numpy() == pytest.approx(want.numpy(), rel=1e-4, abs=1e-6)
+    # pure noise: the in-sample alignment is positive on the diagonal, the debiased one is not biased
+    gm.ce_mean = torch.zeros(2, 7)  # an explicit (other batches') direction is never corrected
+    assert torch.equal(gm.alignment(sl, gm.mean[:, sl].float(), denom),
+                       (gm.ce(sl) @ (gm.mean / denom).t()).double())
+
+
+def test_pure_noise_batches_have_no_debiased_progress():
+    """Batches of pure noise (zero mean gradient): over many draws the in-sample alignment of CE's
+    own moments averages to about Sigma / n > 0 on the diagonal (the tracker credited progress
+    that is not there); the debiased one averages to about 0."""
+    torch.manual_seed(0)
+    ins, deb = [], []
+    for _ in range(400):
+        g = torch.randn(2, 2, 50)
+        gm = GradientMoments.from_batches(g, None, (1.0, 3.0))
+        gm.ce_scale, gm.n_batches = torch.ones(2, dtype=torch.float64), 2
+        denom = torch.ones(50)
+        ins.append(float(gm.alignment(slice(None), gm.mean.float(), denom).diagonal().mean()))
+        gm.debias = True
+        deb.append(float(gm.alignment(slice(None), gm.mean.float(), denom).diagonal().mean()))
+    assert np.mean(ins) == pytest.approx(25.0, rel=0.1)  # 50 coordinates x variance 1 / n = 2
+    assert abs(np.mean(deb)) < 2.0  # its standard error over 400 draws is about 0.35 x 5
+
+
+def test_cross_fit_batches_are_disjoint_and_the_smoke_forecast_runs(smoke_world, pretrained):
+    """With ``cross_fit`` TALR's moments come from batches disjoint from CE's (whose mean is its
+    tracker's direction) and CE's alignment is debiased: the forecasts change, stay finite and keep
+    CE's gain monotone in the rate; without it both use the same batches."""
+    from sft.world_runs import general_sample
+    from sft.forecast_run import _batches, forecast_grid
+
+    model, _, _ = pretrained
+    w = smoke_world
+    cfg = ForecastConfig(methods=("ce", "talr"), lrs=(3e-4, 1e-3, 3e-3), steps=20, batch=8, n_batches=2,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, cross_fit=True)
+    ce_b, own_b = _batches(w.d2_train, cfg, np.random.default_rng(0))
+    ids = lambda bs: {id(ex) for b in bs for ex in b}  # noqa: E731
+    assert len(ce_b) == len(own_b) == 2 and not ids(ce_b) & ids(own_b)
+    same = _batches(w.d2_train, replace(cfg, cross_fit=False), np.random.default_rng(0))
+    assert same[0] == same[1] == ce_b
+    tiny = _batches(w.d2_train[:8], cfg, np.random.default_rng(0))  # one batch only: shared
+    assert tiny[0] == tiny[1]
+    res = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
+    old = forecast_grid(model, w.d2_train, general_sample(w, 32), replace(cfg, cross_fit=False), progress=False)
+    rows = res["rows"]
+    assert all(np.isfinite([r["dL_P1_bits"], r["domain_gain_bits"]]).all() for r in rows)
+    gains = [r["domain_gain_bits"] for r in rows if r["method"] == "ce"]
+    assert gains[0] <= gains[1] <= gains[2]
+    assert [r["domain_gain_bits"] for r in rows] != pytest.approx([r["domain_gain_bits"] for r in old["rows"]])
