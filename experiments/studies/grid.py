@@ -779,12 +779,14 @@ class GridRunner:
 
     def forecast_path(self, v: str) -> Path:
         """Variant ``v``'s forecast unit: keyed on the forecast settings, the entries it forecasts and the
-        forecast model's revision (`sft.forecast.FORECAST_MODEL`)."""
+        forecast model's revision (`sft.forecast.FORECAST_MODEL`). A study run with ``forecast=False``
+        names the unit a forecast would have (so its report shows that unit when cached, never another
+        model's)."""
         from sft.forecast import FORECAST_MODEL
 
         fentries = [e.key() for e in forecast_entries(self.cfg, v)]
-        return self.units.path("forecast", v, {"forecast": self.cfg.forecast_key(), "entries": fentries,
-                                               "model": FORECAST_MODEL})
+        return self.units.path("forecast", v, {"forecast": replace(self.cfg, forecast=True).forecast_key(),
+                                               "entries": fentries, "model": FORECAST_MODEL})
 
     def forecast(self, v: str) -> None:
         """The cached forecast of variant ``v``'s grid (`forecast_variant`)."""
@@ -937,8 +939,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, repor
     units = Units(out / "cache", {**cfg.data_key(), "model_desc": desc}, bar, log)
     with tempfile.TemporaryDirectory(prefix="talr-grid-") as scratch:
         runner = GridRunner(cfg, out, base, tok, desc, data, units, progress, Path(scratch))
+        variants = dict.fromkeys(e.variant for e in cfg.grid)
         write_study_record(out, cfg, units.dhash, desc, data, base, runner.peak,
-                           {fv: runner.forecast_path(fv).name for _, fv in plan if fv is not None})
+                           {v: runner.forecast_path(v).name for v in variants if forecast_entries(cfg, v)})
         runner.base_unit()
         for e, fv in plan:
             if fv is None:

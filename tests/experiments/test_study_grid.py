@@ -141,6 +141,9 @@ def test_study_runs_resumes_and_reports(tmp_path):
     stale["rows"] = [{**r, "dL_general_bits_per_token": 100 * r["dL_general_bits_per_token"] + 1.0} for r in stale["rows"]]
     (out / "cache" / "forecast-label-zzzzzzzzzzzz.json").write_text(json.dumps(stale))
     assert run_study(cfg, out, report_only=True)["runs"] == runs
+    # so does a study resumed with --no-forecast: it names the unit a forecast would have (the current one)
+    assert run_study(replace(cfg, forecast=False), out, progress=False)["runs"] == runs
+    assert json.loads((out / "study.json").read_text())["forecast_units"]["label"] == cur.name
     (out / "cache" / "forecast-label-zzzzzzzzzzzz.json").unlink()
     # a partial cache (a run and the label forecast gone): the report says what it covers
     next(p for p in (out / "cache").glob("run-label-talr-0.001-*.json") if "plateau" not in p.name).unlink()
