@@ -231,6 +231,7 @@ class ForecastConfig:
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
     cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)
+    token_tracker: bool = False  # the domain loss tracked token by token (`TokenTracker`)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in forecast_methods()]
@@ -339,6 +340,16 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@dataclass
+class TokenLosses:
+    """The probe batches' supervised tokens at theta0 (`TokenTracker`'s start): ``ell0 [n]`` their
+    losses (nats), ``group [n]`` 0 easy / 1 hard, ``seq [n]`` their sequence (0 .. n_seq - 1)."""
+
+    ell0: torch.Tensor
+    group: torch.Tensor
+    seq: torch.Tensor
+
+
 HARD_GROUP_P = 0.2  # the gradients' token groups: hard (p0 < HARD_GROUP_P), easy (Figure 3c's threshold)
 PAIRS = ((0, 0), (0, 1), (1, 1))  # the group pairs (k, l) whose products E_b[g_bk g_bl] the moments keep
 
@@ -372,6 +383,9 @@ class GradientMoments:
     tracker_weight: bool = False  # the tracker's progress x the method's token-weight ratio (`tracker_progress`)
     n_batches: int = 0  # the batches the moments are over (`alignment`'s debiasing needs >= 2)
     debias: bool = False  # `alignment` subtracts the in-sample noise of ce . mean (``cross_fit``)
+    tokens: TokenLosses | None = None  # the batches' tokens at theta0 (`TokenTracker`)
+    token_tracker: bool = False  # track the domain loss token by token (`TokenTracker`; needs ``tokens``)
+    token_scales: tuple | None = None  # (rho, rn) at the end of the last token-tracked replay (L2's relaxation)
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -509,6 +523,13 @@ class _Moments:
         self.ce = torch.zeros(2, N, dtype=dtype) if with_ce else None
         self.n = 0
         self.ell, self.n_tok = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        self.tok, self.n_seq = [], 0  # (losses, hard, sequence) per micro-batch (`TokenLosses`)
+
+    def token_losses(self) -> TokenLosses | None:
+        if not self.tok:
+            return None
+        ell, hard, seq = (torch.cat(x) for x in zip(*self.tok))
+        return TokenLosses(ell.double(), hard.long(), seq.long())
 
     def add(self, per: list[list]) -> None:
         """One batch: ``per[k]`` is group k's gradient, a list over parameters (None = zeros)."""
@@ -566,6 +587,8 @@ def _micro_grads(model, part: dict, params, acc: _Moments, per: list, *, loss_me
             acc.add_ce(k, _group_grads((nll * mask).sum(), params, retain=k == 0))
         acc.ell[k] += float(nll.detach()[mask].sum())
         acc.n_tok[k] += float(mask.sum())
+    acc.tok.append((nll.detach().double(), hard, si + acc.n_seq))
+    acc.n_seq += Bp
     return nll.numel(), tau_used  # the micro-batch's graph is freed on return
 
 
@@ -629,7 +652,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
         ce_mean = acc.ce / nt[:, None].to(acc.ce.dtype)
     return GradientMoments(acc.mean, acc.sq, ce_mean, acc.ell / nt, float(np.median(taus)) if taus else 1.0,
                            acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None,
-                           n_batches=acc.n)
+                           n_batches=acc.n, tokens=acc.token_losses())
 
 
 def gradient_scale(method: str, ell: torch.Tensor, ell0: torch.Tensor, tau: float, w_min: float = L.W_MIN,
@@ -711,15 +734,15 @@ def _chunks(N: int, chunk: int = CHUNK):
     return [slice(i, min(i + chunk, N)) for i in range(0, N, chunk)]
 
 
-def _scale(gm: GradientMoments, method: str, mode: str, ell, trk, lam_t: float, w_min: float) -> torch.Tensor:
-    """rho_k(t): 1 (frozen), `gradient_scale` at the first-order loss, or at the tracked loss x the coherence."""
+def _scale(gm: GradientMoments, method: str, mode: str, ell, trk, lam_t: float, w_min: float,
+           tau_t: float | None = None) -> torch.Tensor:
+    """rho_k(t): 1 (frozen), `gradient_scale` at the first-order loss, or at the tracked loss x the
+    coherence; ``tau_t``: TALR's tau now (`TokenTracker.tau`; None: `GradientMoments.tau_at`)."""
     if mode == "frozen":
         return torch.ones(gm.mean.shape[0], dtype=torch.float64)
-    if mode == "rotating":
-        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min, gm.tau_at(trk)) * coherence(lam_t, gm.lam_c)
-    if mode == "keep_norm":
-        return gradient_scale(method, trk, gm.ell0, gm.tau, w_min, gm.tau_at(trk))
-    return gradient_scale(method, ell, gm.ell0, gm.tau, w_min, gm.tau_at(ell))
+    at = ell if mode not in ("rotating", "keep_norm") else trk
+    rho = gradient_scale(method, at, gm.ell0, gm.tau, w_min, gm.tau_at(at) if tau_t is None else tau_t)
+    return rho * coherence(lam_t, gm.lam_c) if mode == "rotating" else rho
 
 
 def _clip_factor(norm2: float, max_norm: float) -> float:
@@ -828,6 +851,75 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     return (delta, trk, torch.stack(traj)) if trajectory else (delta, trk)
 
 
+class TokenTracker:
+    """The domain loss tracked token by token (``token_tracker``; theory, kappa the only fit).
+
+    The group tracker lets a group's *mean* loss fall as -kappa (ell / ell0)^2 x its first-order
+    progress, the same for every method. A token-weighted method does not learn a group evenly:
+    TALR's weight max(p^{1/tau}, w_min) leaves the group's hardest tokens at the floor while the
+    trainer's tau (the batch median of per-sequence mean losses) falls with the loss, so they stay
+    there. Here every supervised token t of the probe batches keeps its own loss ell_t. Taking
+    different tokens' gradients as orthogonal in Adam's metric, a step moves token t by its own
+    part: d ell_t = -eta w_t |grad ell_t|^2 / denom, and |grad ell_t|^2 is proportional to the
+    squared logit gradient (1 - p_t)^2 (up to a factor <= 2). So a step whose first-order effect on
+    group k's mean is D_k (kappa_k x the group's own part, as the group tracker's) moves token t by
+    D_k phi_t / mean_{s in k} phi_s(theta0), phi = w(ell, tau) (1 - e^{-ell})^2, with the method's
+    own weight at the token's current loss and, for TALR, tau = the median of the tracked
+    per-sequence mean losses (`sft.losses.talr_tau`), as the trainer computes it. Near convergence
+    (1 - p)^2 ~ ell^2: the group tracker's (ell / ell0)^2 law, token by token. The replay's gradient
+    scale and noise stay the group formulas (`gradient_scale`, `noise_scale`) at the tracked group
+    means, with TALR's tau from here (a tau that falls with the loss keeps the weights of what is
+    still hard down: version 6's idea, with the trainer's own median instead of a proportional fall).
+    Tried and rejected on worlds 0-2: the scale and noise token by token (the RMS of w (1 - p) and of
+    w): TALR's and DFT's steps then vanish once their few weighted tokens are fitted, 0.25-0.34x at
+    3e-3 and within-a-rate spearman 0.29-0.47 (docs/forecast/README.md). FLOW's sequence weights are
+    not applied token by token (its tokens progress as CE's); the per-coordinate L2 replay and
+    LoRA's keep the group tracker. Memory and time: a few vectors of the probe batches' token count."""
+
+    MAX_DROP = 0.05  # nats a token may fall in one sub-step (midpoint rule)
+
+    def __init__(self, gm: GradientMoments, method: str, w_min: float):
+        tk, self.method, self.w_min = gm.tokens, get_method(method), w_min
+        self.group, self.seq, self.ell = tk.group, tk.seq, tk.ell0.clone()
+        self.K, self.n_seq = gm.mean.shape[0], int(tk.seq.max()) + 1 if tk.seq.numel() else 1
+        self.norm = self._group_mean(self.phi(self.ell)).clamp_min(1e-30)
+
+    def _group_mean(self, x: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
+        return torch.stack([x[self.group == k].mean() if bool((self.group == k).any())
+                            else torch.tensor(empty, dtype=torch.float64) for k in range(self.K)])
+
+    def weights(self, ell: torch.Tensor) -> torch.Tensor:
+        """The method's token weights at losses ``ell`` (TALR: at their own tau)."""
+        return self.method.token_weight(ell, tau=self.tau(ell), w_min=self.w_min)
+
+    def tau(self, ell: torch.Tensor | None = None) -> float | None:
+        """TALR's tau at the tracked losses (None for a method without one)."""
+        if not self.method.tau:
+            return None
+        ell = self.ell if ell is None else ell
+        sums = torch.zeros(self.n_seq, dtype=torch.float64).index_add_(0, self.seq, ell)
+        cnt = torch.bincount(self.seq, minlength=self.n_seq).to(torch.float64)
+        return float(L.talr_tau(sums[cnt > 0] / cnt[cnt > 0]))
+
+    def phi(self, ell: torch.Tensor) -> torch.Tensor:
+        return self.weights(ell) * (1.0 - torch.exp(-ell)) ** 2
+
+    def means(self) -> torch.Tensor:
+        """The groups' mean tracked losses ``[K]`` (the group tracker's ``trk``)."""
+        return self._group_mean(self.ell, empty=0.0)
+
+    def step(self, drop: torch.Tensor) -> torch.Tensor:
+        """Advance by group drops ``drop [K]`` (first-order, at theta0's weights); returns `means`."""
+        rate = drop.clamp_min(0.0)[self.group] / self.norm[self.group]
+        most = float((rate * self.phi(self.ell)).max()) if self.ell.numel() else 0.0
+        n = int(min(max(math.ceil(most / self.MAX_DROP), 1), 200))
+        h = rate / n
+        for _ in range(n):  # the midpoint rule (second order)
+            mid = (self.ell - 0.5 * h * self.phi(self.ell)).clamp_min(0.0)
+            self.ell = (self.ell - h * self.phi(mid)).clamp_min(0.0)
+        return self.means()
+
+
 class _ReplayScalars:
     """The scalar state of a replay without an L2 pull: Adam's moments are m_t = a(t) . mean and
     v_t = bb(t) . mean_pairs + bn(t) . noise_pairs (``noise_floor``; else bb(t) . sq), the
@@ -841,14 +933,18 @@ class _ReplayScalars:
         self.bn = torch.zeros_like(self.bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
         self.ell, self.trk = gm.ell0.clone(), gm.ell0.clone()
         self.lam_t, self.c, self.wr = 0.0, 1.0, torch.ones(K, dtype=torch.float64)
+        self.scales = (torch.ones(K, dtype=torch.float64), torch.ones(K, dtype=torch.float64))  # the last (rho, rn)
+        self.tokens = TokenTracker(gm, method, w_min) if gm.token_tracker and gm.tokens is not None else None
 
     def advance(self, lr: float) -> None:
         """Step t's gradient scale, clip and EMAs (before the step is applied)."""
         gm, b1, b2 = self.gm, *BETAS
-        rho = _scale(gm, self.method, self.mode, self.ell, self.trk, self.lam_t, self.w_min)
-        self.lam_t += float(lr)
+        tau_t = self.tokens.tau() if self.tokens is not None else None  # TALR's tau at the tracked tokens
+        rho = _scale(gm, self.method, self.mode, self.ell, self.trk, self.lam_t, self.w_min, tau_t)
         at = self.trk if self.mode == "keep_norm" else self.ell
-        rn = noise_scale(self.method, at, gm.ell0, gm.tau, self.w_min, gm.tau_at(at))
+        rn = noise_scale(self.method, at, gm.ell0, gm.tau, self.w_min, gm.tau_at(at) if tau_t is None else tau_t)
+        self.scales = (rho, rn)
+        self.lam_t += float(lr)
         self.c = c = _clip_factor(gm.norm2(rho, rn), self.max_norm)
         self.wr = rn  # the token-weight ratio w(ell) / w(ell0) (`tracker_progress`)
         self.a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
@@ -912,13 +1008,17 @@ def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_gra
             norms.append(lr * lr * float(ahat @ Q @ ahat))
             if track:
                 st.ell = (st.ell - lr * (C @ ahat)).clamp_min(0.0)  # theta moves by -step
-            st.trk = _decay(st.trk, tracker_progress(gm, kappa, C.diagonal() * (st.c * lr), st.wr), gm.ell0)
+            if st.tokens is not None:
+                st.trk = st.tokens.step(kappa * C.diagonal().clamp_min(0.0) * (st.c * lr))
+            else:
+                st.trk = _decay(st.trk, tracker_progress(gm, kappa, C.diagonal() * (st.c * lr), st.wr), gm.ell0)
             if trajectory:
                 traj.append(st.trk.clone())
         for sl in slices:
             delta[sl] -= coef.float() @ _block_units(gm, sl, *frozen)
     if st.mode == "keep_norm":
         delta.mul_(math.sqrt(decorrelation(np.sqrt(np.maximum(norms, 0.0)), np.asarray(lams), gm.lam_c)))
+    gm.token_scales = st.scales if st.tokens is not None else None  # (rho, rn) at the run's end (L2's relaxation)
     return (delta, st.trk, torch.stack(traj)) if trajectory else (delta, st.trk)
 
 
@@ -943,7 +1043,7 @@ def l2_energy_scale(delta_sq: float, ell0, ell_T, tokens_per_seq, l2_coeff: floa
 
 
 def l2_relaxation(delta: torch.Tensor, sq: torch.Tensor, lam_T: float, l2_coeff: float,
-                  rho: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
+                  rho: torch.Tensor | None = None, chunk: int = CHUNK, moment=None) -> torch.Tensor:
     """L2's displacement from CE's, coordinate by coordinate (theory: Adam with the pull, no knob).
 
     With the pull, coordinate i's Adam step is eta_t (g_i + 2 l2 d_i) / sigma_i, sigma_i the
@@ -956,13 +1056,16 @@ def l2_relaxation(delta: torch.Tensor, sq: torch.Tensor, lam_T: float, l2_coeff:
     moments' E_b[g_bk g_bl] (`GradientMoments.sq`); sigma_i^2 = sum_kl rho_k rho_l E_b[g_bk g_bl] with
     ``rho [K]`` the groups' gradient scale at the run's end (`gradient_scale` at the tracked loss:
     Adam's denominator once the domain is fitted), or rho = 1 (None: theta0's batch RMS gradient,
-    which barely binds). Returns a new tensor (delta is not changed)."""
+    which barely binds). ``moment(sl)``: sigma^2 on the coordinates ``sl`` instead (the token
+    tracker's: `GradientMoments.second_moment` with the batch noise at its own scale, so a fitted
+    domain's vanished mean gradient leaves the noise in Adam's denominator, as in the replay).
+    Returns a new tensor (delta is not changed)."""
     out = torch.empty_like(delta)
     c2 = 2.0 * float(l2_coeff) * float(lam_T)
     r = torch.ones(1 if sq.shape[0] == 1 else 2, dtype=torch.float64) if rho is None else rho.double()
     w = _pair_weights(r).float()
     for sl in _chunks(delta.numel(), chunk):
-        sig = (w[:, None] * sq[:, sl].float()).sum(0).clamp_min(0.0).sqrt()
+        sig = (moment(sl) if moment is not None else (w[:, None] * sq[:, sl].float()).sum(0)).clamp_min(0.0).sqrt()
         x = c2 / sig.clamp_min(1e-30)
         f = torch.where(x > 1e-6, -torch.expm1(-x) / x.clamp_min(1e-30), 1.0 - x / 2.0)
         out[sl] = delta[sl] * f.to(delta.dtype)

@@ -372,7 +372,11 @@ class _Grid:
         if cfg.l2_relax:  # a new tensor (CE's displacement is kept for CE's row): scaled in place below
             rho = (gradient_scale("ce", torch.as_tensor(ell, dtype=torch.float64), gm.ell0, gm.tau, cfg.w_min)
                    if cfg.l2_relax == "tracked" else None)
-            delta = l2_relaxation(delta, gm.sq, lam_T, cfg.l2_coeff, rho=rho)
+            moment = None
+            if cfg.l2_relax == "tracked" and gm.token_scales is not None:  # the token tracker's end of CE's run
+                rho, rn = gm.token_scales
+                moment = lambda sl: gm.second_moment(rho, sl, rn)  # noqa: E731
+            delta = l2_relaxation(delta, gm.sq, lam_T, cfg.l2_coeff, rho=rho, moment=moment)
         s = l2_energy_scale(squared_norm(delta), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
         return (delta.mul_(s) if cfg.l2_relax else delta * s), {"l2_energy_scale": s}
 
@@ -494,7 +498,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     bar = tqdm(total=1 + len(own) + len(pairs) + int(calibrate), desc="forecast", unit="job", disable=not progress)
     ce = grid.moments("ce")
     ce.noise_floor, ce.keep_norm, ce.tau_track = cfg.noise_floor, cfg.keep_norm, cfg.tau_track
-    ce.tracker_weight, ce.debias = cfg.tracker_weight, cfg.cross_fit
+    ce.tracker_weight, ce.debias, ce.token_tracker = cfg.tracker_weight, cfg.cross_fit, cfg.token_tracker
     bar.update(1)
     probe = {}
     if calibrate:
@@ -509,7 +513,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     for m in own:
         gm = grid.moments(m, ce_mean=shared[0].to(grid.dtype))
         gm.kappa, gm.lam_c, gm.noise_floor, gm.keep_norm = shared[1], shared[2], cfg.noise_floor, cfg.keep_norm
-        gm.tau_track, gm.tracker_weight = cfg.tau_track, cfg.tracker_weight
+        gm.tau_track, gm.tracker_weight, gm.token_tracker = cfg.tau_track, cfg.tracker_weight, cfg.token_tracker
         bar.update(1)
         by_method[m] = grid.rows(gm, [p for p in pairs if p[0] == m], bar.update)
         del gm

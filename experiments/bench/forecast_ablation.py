@@ -24,12 +24,12 @@ import numpy as np
 # changes, as when it was scored
 V3 = {"kl_term_only": False, "l2_relax": "", "size_axis": "rate", "coherence_fit": "log", "replay_block": 10,
       "lora_block": 2, "fit_block": 1, "n_general": 128, "tau_track": False, "tracker_weight": False,
-      "cross_fit": False}
+      "cross_fit": False, "token_tracker": False}
 V4 = {**V3, "kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
 V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
       "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96, "tau_track": False,
-      "tracker_weight": False, "cross_fit": False}  # version 5 (docs/forecast/README.md)
+      "tracker_weight": False, "cross_fit": False, "token_tracker": False}  # version 5 (docs/forecast/README.md)
 VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe": False},
             "no_rotation": {**V3, "coherence": False},
             "bf16_moments": {**V3, "store_dtype": "bfloat16"}, "no_noise_floor": {**V3, "noise_floor": False},
@@ -69,7 +69,8 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
             "version6": {**V5, "tau_track": True, "tracker_weight": True},  # + TALR's tau following the tracked loss
             # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`): CE's debiased,
             # the other methods' moments on batches disjoint from CE's
-            "cross_fit": {**V5, "cross_fit": True}}
+            "cross_fit": {**V5, "cross_fit": True},
+            "token_tracker": {**V5, "token_tracker": True}}  # the domain loss tracked token by token (`TokenTracker`)
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:

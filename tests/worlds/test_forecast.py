@@ -815,3 +815,87 @@ def test_cross_fit_batches_are_disjoint_and_the_smoke_forecast_runs(smoke_world,
     gains = [r["domain_gain_bits"] for r in rows if r["method"] == "ce"]
     assert gains[0] <= gains[1] <= gains[2]
     assert [r["domain_gain_bits"] for r in rows] != pytest.approx([r["domain_gain_bits"] for r in old["rows"]])
+
+
+def _tracker(method, ell0, group, seq, w_min=0.01):
+    from sft.forecast import TokenLosses, TokenTracker
+
+    gm = GradientMoments.from_batches(torch.ones(1, 2, 3), None, (1.0, 3.0))
+    gm.tokens = TokenLosses(torch.tensor(ell0, dtype=torch.float64), torch.tensor(group), torch.tensor(seq))
+    return TokenTracker(gm, method, w_min)
+
+
+def test_token_tracker_one_token_per_group_solves_its_ode():
+    """CE, one token per group: d ell = -D (1 - e^-ell)^2 / (1 - e^-ell0)^2 per unit of the group's drop
+    D (the first-order drop at theta0), integrated here by a fine Euler scheme over 40 steps."""
+    tr = _tracker("ce", [0.7, 4.0], [0, 1], [0, 1])
+    drops = torch.tensor([0.05, 0.3], dtype=torch.float64)
+    for _ in range(40):
+        got = tr.step(drops)
+    for k, (e0, d) in enumerate(((0.7, 0.05), (4.0, 0.3))):
+        e, n = e0, 40 * 20000
+        for _ in range(n):
+            e = max(e - d * 40 / n * (1 - np.exp(-e)) ** 2 / (1 - np.exp(-e0)) ** 2, 0.0)
+        assert float(got[k]) == pytest.approx(e, rel=5e-3, abs=1e-4)  # sub-steps of 0.05 nats, midpoint rule
+
+
+def test_token_tracker_talr_leaves_the_hardest_tokens_and_tracks_the_trainers_tau():
+    """Three sequences, hard tokens at 1.7, 4 and 9 nats: under CE all three fall; under TALR the
+    9-nat token's weight is at the floor, so it barely moves while the others are learned, and the
+    group mean saturates above CE's. tau is the median of the per-sequence mean losses (hand)."""
+    ell0, group, seq = [0.1, 1.7, 0.2, 4.0, 0.3, 9.0], [0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 2, 2]
+    talr, ce = _tracker("talr", ell0, group, seq), _tracker("ce", ell0, group, seq)
+    assert talr.tau() == pytest.approx(2.1)  # per-sequence means 0.9, 2.1, 4.65
+    assert ce.tau() is None
+    drops = torch.tensor([0.02, 0.4], dtype=torch.float64)
+    for _ in range(60):
+        m_talr, m_ce = talr.step(drops), ce.step(drops)
+    assert float(talr.ell[5]) > 7.0 and float(ce.ell[5]) < 1.0  # its weight exp(-9 / 2.1) ~ 0.014
+    assert float(talr.ell[1]) < 0.5  # the mildly hard token is learned
+    assert float(m_talr[1]) > 2.0 > 0.5 > float(m_ce[1])
+    seq_means = [(float(talr.ell[0]) + float(talr.ell[1])) / 2, (float(talr.ell[2]) + float(talr.ell[3])) / 2,
+                 (float(talr.ell[4]) + float(talr.ell[5])) / 2]
+    assert talr.tau() == pytest.approx(float(np.median(seq_means)))
+
+
+def test_l2_relaxation_takes_an_explicit_second_moment():
+    """``moment(sl)`` replaces sum_kl rho_k rho_l sq_kl: with the same values both agree; with a
+    larger sigma^2 (the batch noise kept) the pull holds less."""
+    from sft.forecast import l2_relaxation
+
+    torch.manual_seed(0)
+    sq = torch.rand(3, 10) + 0.1
+    sq[1] = 0.05
+    delta = torch.randn(10)
+    rho = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    w = torch.tensor([0.09, 2 * 0.21, 0.49])
+    a = l2_relaxation(delta, sq, 0.5, 0.1, rho=rho)
+    b = l2_relaxation(delta, sq, 0.5, 0.1, rho=rho, moment=lambda sl: (w[:, None] * sq[:, sl]).sum(0))
+    assert torch.allclose(a, b, rtol=1e-6)
+    c = l2_relaxation(delta, sq, 0.5, 0.1, rho=rho, moment=lambda sl: 4 * (w[:, None] * sq[:, sl]).sum(0))
+    assert bool((c.abs() >= a.abs() - 1e-7).all()) and bool((c.abs() > a.abs()).any())
+
+
+def test_token_tracker_forecast_on_the_smoke_world(smoke_world, pretrained):
+    """The moments keep the probe batches' tokens (their group means are ``ell0``); a forecast with
+    ``token_tracker`` is finite, CE's gain grows with the rate and stays below the tokens' whole loss."""
+    from sft.world_runs import general_sample
+    from sft.forecast import method_gradients
+    from sft.forecast_run import _batches, forecast_grid
+
+    model, _, _ = pretrained
+    w = smoke_world
+    cfg = ForecastConfig(methods=("ce", "talr", "l2"), lrs=(3e-4, 1e-3, 3e-3), steps=20, batch=8, n_batches=2,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, token_tracker=True)
+    gm = method_gradients(model, _batches(w.d2_train, cfg, np.random.default_rng(0))[0], "talr",
+                          pad_token_id=w.pad_id, micro_batch=3)
+    tk = gm.tokens
+    assert tk.ell0.numel() == round(float(gm.tokens_per_seq.sum()) * 16)  # every supervised token of 2 x 8 rows
+    for k in range(2):
+        assert float(tk.ell0[tk.group == k].mean()) == pytest.approx(float(gm.ell0[k]), rel=1e-6)
+    assert int(tk.seq.max()) + 1 == 16
+    rows = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)["rows"]
+    assert all(np.isfinite([r["dL_P1_bits"], r["domain_gain_bits"]]).all() for r in rows)
+    gains = [r["domain_gain_bits"] for r in rows if r["method"] == "ce"]
+    whole = float((gm.ell0 * gm.tokens_per_seq).sum()) / np.log(2)
+    assert 0 < gains[0] <= gains[1] <= gains[2] < 1.5 * whole
