@@ -199,3 +199,85 @@ def test_rows_of_different_lengths_stop_strings_equal_one_at_a_time(tiny_tokeniz
         got = greedy_generate(model, tiny_tokenizer, MIXED, stop=[stop], keep_stop=True, max_new_tokens=14,
                               batch_size=batch_size, progress=False)
         assert got == [f[:f.index(stop) + len(stop)] if stop in f else f for f in full]
+
+
+# ------------------------------------------ fused projections: q/k/v and gate/up as one matmul each
+class _Doubled(torch.nn.Module):
+    """A layer that is not a plain ``nn.Linear`` (as a LoRA or quantised layer): never fused."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return 2.0 * self.lin(x)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("bias", [(False, False, False), (True, False, True)])
+def test_fused_projection_equals_each_linear(onednn, bias, monkeypatch):
+    """One matmul over the concatenated (and, with oneDNN, prepacked) weights, split: each part
+    equals its own linear up to float rounding, biases (some absent) included, for any row count."""
+    from sft.eval import generate as G
+
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(24, n, bias=b) for n, b in zip((24, 8, 8), bias)]
+    proj = G._Proj(lins, rows=3)
+    assert (proj.packed is not None) == (onednn and torch.backends.mkldnn.is_available())
+    assert (proj.weight is None) == (proj.packed is not None)
+    with torch.inference_mode():
+        for shape in [(3, 1, 24), (1, 1, 24), (2, 5, 24), (7, 24)]:
+            x = torch.randn(shape)
+            got = proj(x)
+            assert len(got) == 3
+            for g, lin in zip(got, lins):
+                want = lin(x)
+                assert g.shape == want.shape
+                torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_with_a_non_plain_layer_calls_each_as_it_is():
+    from sft.eval import generate as G
+
+    torch.manual_seed(1)
+    lins = [_Doubled(torch.nn.Linear(16, 16)), torch.nn.Linear(16, 4)]
+    proj = G._Proj(lins, rows=2)
+    assert proj.weight is None and proj.packed is None
+    x = torch.randn(2, 1, 16)
+    with torch.inference_mode():
+        got = proj(x)
+        assert all(torch.equal(g, lin(x)) for g, lin in zip(got, lins))
+
+
+def test_static_steps_without_onednn_equal_hf_steps(tiny_tokenizer, monkeypatch):
+    """The fallback (concatenated weights, ``weight @ x^T``) where oneDNN is absent."""
+    from sft.eval import generate as G
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = _gqa_llama(len(tiny_tokenizer), 4, 2)
+    hf, la, fast, lb = _two_steppers(model, tiny_tokenizer, MIXED, room=8)
+    assert fast.fused.head.packed is None and fast.fused.layers[0][0].weight is not None
+    with torch.inference_mode():
+        for _ in range(6):
+            assert (la - lb).abs().max().item() < 1e-5
+            nxt = la.argmax(-1).tolist()
+            assert nxt == lb.argmax(-1).tolist()
+            la, lb = hf.step(nxt), fast.step(nxt)
+
+
+def test_fused_weights_follow_a_changed_model(tiny_tokenizer):
+    """The fused copies live for one call: after the model's weights change in place, the next
+    call generates what the changed model generates (no stale fused weights)."""
+    model = _gqa_llama(len(tiny_tokenizer), 4, 2)
+    before = greedy_generate(model, tiny_tokenizer, MIXED, max_new_tokens=8, batch_size=2, progress=False)
+    assert before == [reference(model, tiny_tokenizer, p, 8) for p in MIXED]
+    with torch.no_grad():
+        for la in model.model.layers:
+            la.mlp.up_proj.weight.mul_(-3.0)
+            la.self_attn.k_proj.weight.normal_(0.0, 1.0)
+        model.lm_head.weight.normal_(0.0, 1.0)
+    after = greedy_generate(model, tiny_tokenizer, MIXED, max_new_tokens=8, batch_size=2, progress=False)
+    assert after == [reference(model, tiny_tokenizer, p, 8) for p in MIXED]
+    assert after != before
