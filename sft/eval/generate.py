@@ -102,12 +102,11 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
     fused = _Fused()  # the static path's fused weights, shared by the batches of this call
     with inference(model, len(prompts), desc=desc, unit="prompt", progress=progress) as advance:
         for idx in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
-            state = _prefill(model, [encoded[i] for i in idx], pad)
             comps = None if comp is None else [comp[i] for i in idx]
-            steps = _stepper(model, state, pad, max_new_tokens, comps, fused)
+            steps, logits = _start(model, [encoded[i] for i in idx], pad, max_new_tokens, comps, fused)
             if comps is not None:
-                bits[idx] = steps.score(state.logits, comps)
-            for i, g in zip(idx, _decode(steps, state.logits, stopper, max_new_tokens)):
+                bits[idx] = steps.score(logits, comps)
+            for i, g in zip(idx, _decode(steps, logits, stopper, max_new_tokens)):
                 out[i] = _cut(tokenizer.decode(g, skip_special_tokens=True), stopper.stops, keep_stop)[0]
             advance(len(idx))
     return out, bits, ntok
@@ -228,13 +227,35 @@ class _Stopper:
         return bool(self.stops) and any(s in self.tokenizer.decode(gen[-self.tail:]) for s in self.stops)
 
 
-def _stepper(model, st: _Batch, pad: int, max_new_tokens: int, comps: list[list[int]] | None, fused=None):
-    """The decoder of batch ``st``: :class:`_StaticLlama` for a plain HF Llama with sdpa attention,
-    else :class:`_HFSteps`. It owns the batch's cache from here on."""
+def _start(model, rows: list[list[int]], pad: int, max_new_tokens: int, comps: list[list[int]] | None,
+           fused=None):
+    """(decoder, the prompts' last logits) of a batch after its prefill: :class:`_StaticLlama` and
+    its own prefill for a plain HF Llama with sdpa attention, else :func:`_prefill` and
+    :class:`_HFSteps`."""
     room = max(max_new_tokens - 1, max((len(c) for c in comps or ()), default=0) - 1, 1)
-    steps = _StaticLlama.of(model, st, pad, room, fused) or _HFSteps(model, st, pad)
-    st.cache = None
-    return steps
+    static = _StaticLlama.start(model, rows, pad, room, fused)
+    if static is not None:
+        return static
+    st = _prefill(model, rows, pad)
+    return _HFSteps(model, st, pad), st.logits
+
+
+def _buckets(lens: list[int], cost: int) -> list[tuple[int, int]]:
+    """Rows sorted by decreasing length cut into consecutive buckets ``(start, stop)`` minimising
+    the tokens computed, each bucket padded to its longest row, plus ``cost`` tokens per bucket
+    (a forward's fixed cost): dynamic programming over the cut points."""
+    n = len(lens)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * lens[i] + cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _decode(steps, logits: torch.Tensor, stopper: _Stopper, max_new_tokens: int) -> list[list[int]]:
@@ -396,41 +417,78 @@ class _StaticLlama:
     """
 
     CHUNK = 64  # completion tokens per scoring forward
+    BUCKET_COST = 32  # tokens a prefill bucket's extra forward is worth (:func:`_buckets`)
     HEAD_TOKENS = 512  # positions per lm-head call in scoring (bounds the logits' memory)
 
-    @classmethod
-    def of(cls, model, st: _Batch, pad: int, room: int, fused: _Fused | None = None) -> "_StaticLlama | None":
-        """The static decoder of ``model`` for batch ``st`` with ``room`` columns after the prompt,
-        or None when ``model`` is not a plain sdpa Llama. ``fused``: the call's fused projections
-        (built here on first use; a fresh set when None)."""
-        from transformers import DynamicCache, LlamaForCausalLM
+    @staticmethod
+    def plain(model):
+        """(the HF model, its decoder layers) of a plain sdpa Llama, else None."""
+        from transformers import LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
         base = unwrap(model)
-        if type(base) is not LlamaForCausalLM or lm_head_of(model) is None or type(st.cache) is not DynamicCache:
+        if type(base) is not LlamaForCausalLM or lm_head_of(model) is None:
             return None
         layers = base.model.layers[:base.config.num_hidden_layers]
-        if (getattr(base.config, "_attn_implementation", None) != "sdpa" or len(st.cache.layers) != len(layers)
+        if (getattr(base.config, "_attn_implementation", None) != "sdpa"
                 or any(type(la) is not LlamaDecoderLayer or type(la.self_attn) is not LlamaAttention
                        or type(la.mlp) is not LlamaMLP
                        for la in layers)):
             return None
-        return cls(base, layers, st, pad, room, (fused or _Fused()).of(base, layers, st.mask.shape[0]))
+        return base, layers
 
-    def __init__(self, base, layers, st: _Batch, pad: int, room: int, fused: _Fused):
+    @classmethod
+    def start(cls, model, rows: list[list[int]], pad: int, room: int,
+              fused: _Fused | None = None) -> "tuple[_StaticLlama, torch.Tensor] | None":
+        """(the static decoder of prompts ``rows`` after its prefill, their last logits), with
+        ``room`` columns after the longest prompt; None when ``model`` is not a plain sdpa Llama.
+        ``fused``: the call's fused projections (built here on first use; a fresh set when None)."""
+        plain = cls.plain(model)
+        if plain is None:
+            return None
+        base, layers = plain
+        p = common_prefix(rows) if len(rows) > 1 else 0
+        T = max(len(r) for r in rows) + room
+        self = cls(base, layers, len(rows), T, pad, (fused or _Fused()).of(base, layers, len(rows)))
+        return self, self._fill(rows, p)
+
+    def __init__(self, base, layers, B: int, T: int, pad: int, fused: _Fused):
         self.base, self.layers, self.pad, self.fused = base, layers, pad, fused
-        B, self.t = st.mask.shape
-        T = self.t + room
-        self.k, self.v = [], []
-        for lay in st.cache.layers:  # copy layer by layer, releasing the dynamic cache as we go
-            for buf, src in ((self.k, lay.keys), (self.v, lay.values)):
-                buf.append(src.new_empty((B, src.shape[1], T, src.shape[3])))
-                buf[-1][:, :, :self.t] = src
-            lay.keys = lay.values = None
-        self.attend = torch.ones((B, T), dtype=torch.bool, device=st.mask.device)
-        self.attend[:, :self.t] = st.mask.bool()
-        self.pos, self.n = st.next_pos.clone(), B
+        emb, a = base.model.embed_tokens.weight, layers[0].self_attn
+        shape = (B, base.config.num_key_value_heads, T, a.head_dim)
+        self.k = [emb.new_empty(shape) for _ in layers]
+        self.v = [emb.new_empty(shape) for _ in layers]
+        self.attend = torch.ones((B, T), dtype=torch.bool, device=emb.device)
+        self.pos = torch.zeros((B, 1), dtype=torch.long, device=emb.device)
+        self.n, self.t, self.padded = B, 0, False
+
+    def _fill(self, rows: list[list[int]], p: int) -> torch.Tensor:
+        """Prefill, cache layout ``[shared prefix][left padding][rest]`` (as :func:`_prefill`): the
+        ``p`` prefix tokens run once (row 0, copied to the other rows), the rests in buckets of rows
+        of similar length (:func:`_buckets`), each right-aligned at the last prompt column, so a
+        short row is padded only to its bucket's longest. Returns the prompts' last logits."""
+        dev, rest = self.pos.device, [r[p:] for r in rows]
+        W = max(len(x) for x in rest)
+        if p:
+            self._forward(slice(0, 1), torch.tensor([rows[0][:p]], device=dev), 0, torch.arange(p, device=dev)[None])
+            for buf in self.k + self.v:
+                buf[1:, :, :p] = buf[:1, :, :p]
+        for r, x in enumerate(rest):
+            self.attend[r, p:p + W - len(x)] = False
+        order = sorted(range(len(rest)), key=lambda r: -len(rest[r]))
+        last = self.base.model.embed_tokens.weight.new_empty((len(rows), self.base.config.hidden_size))
+        for b0, b1 in _buckets([len(rest[r]) for r in order], self.BUCKET_COST):
+            idx = order[b0:b1]
+            sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=dev)
+            ids, smask = _left_pad([rest[r] for r in idx], self.pad, dev)
+            c0 = p + W - ids.shape[1]
+            for buf in self.k + self.v:  # padding left of the bucket: masked, but 0 * NaN garbage would be NaN
+                buf[sel, :, p:c0] = 0.0
+            last[idx] = self._forward(sel, ids, c0, (p + smask.cumsum(-1) - 1).clamp(min=p))[:, -1]
+        self.t = p + W
+        self.pos[:, 0] = torch.tensor([p + len(x) for x in rest], device=dev)
         self.padded = not bool(self.attend[:, :self.t].all())
+        return self.fused.head(last)[0]
 
     # ----------------------------------------------------------------------------------- decode
     def select(self, keep: list[int]) -> list[int]:
@@ -519,23 +577,26 @@ class _StaticLlama:
     def _chunk(self, rows: torch.Tensor | None, ids: torch.Tensor, a: int) -> torch.Tensor:
         """Final hidden states of completion positions ``[a, a + m)`` of ``rows`` (None: all live
         rows), their keys and values written to columns ``[t + a, t + a + m)``."""
-        inner, (r, m) = self.base.model, ids.shape
-        c0 = self.t + a
-        pick = (lambda x: x[:r]) if rows is None else (lambda x: x[rows])
-        pos = pick(self.pos) + a + torch.arange(m, device=ids.device)[None]
-        causal = torch.arange(c0 + m, device=ids.device)[None] <= c0 + torch.arange(m, device=ids.device)[:, None]
-        mask = pick(self.attend[:, :c0 + m])[:, None, None, :] & causal
+        sel = slice(0, ids.shape[0]) if rows is None else rows
+        return self._forward(sel, ids, self.t + a, self.pos[sel] + a + torch.arange(ids.shape[1], device=ids.device)[None])
+
+    def _forward(self, rows, ids: torch.Tensor, c0: int, pos: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of tokens ``ids`` ``[r, m]`` of buffer ``rows`` (a slice or an index
+        tensor) at columns ``[c0, c0 + m)`` with position ids ``pos``; their keys and values are
+        written there. A token attends to the attended columns before it and to itself (a padding
+        token, masked for every other, then never attends to nothing)."""
+        inner, m = self.base.model, ids.shape[1]
+        cols = torch.arange(c0 + m, device=ids.device)[None]
+        here = c0 + torch.arange(m, device=ids.device)[:, None]
+        mask = (self.attend[rows, :c0 + m][:, None, None, :] & (cols <= here)) | (cols == here)
         h = inner.embed_tokens(ids)
         cos_sin = inner.rotary_emb(h, position_ids=pos)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, h, cos_sin)
             K, V = self.k[i], self.v[i]
-            if rows is None:
-                K[:r, :, c0:c0 + m], V[:r, :, c0:c0 + m] = k, v
-            else:
-                K[rows, :, c0:c0 + m], V[rows, :, c0:c0 + m] = k, v
+            K[rows, :, c0:c0 + m], V[rows, :, c0:c0 + m] = k, v
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, pick(K[:, :, :c0 + m]), pick(V[:, :, :c0 + m]), attn_mask=mask, dropout_p=0.0,
+                q, K[rows, :, :c0 + m], V[rows, :, :c0 + m], attn_mask=mask, dropout_p=0.0,
                 scale=layer.self_attn.scaling, enable_gqa=layer.self_attn.num_key_value_groups > 1)
             h = self._out(i, h, o)
         return inner.norm(h)
