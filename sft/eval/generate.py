@@ -4,9 +4,11 @@
 without special tokens, keeps its last ``max_length - max_new_tokens`` tokens (as lm-eval's HFLM
 does), sorts prompts by length (less padding) and cuts them into batches. Per batch, by stage:
 
-* prefill (:func:`_prefill`): the token prefix every prompt of the batch shares (a chat template's
-  system turn and instructions: 76 of 238 tokens on the MedCalc prompts) runs once and its cache is
-  repeated over the rows; the rest of each prompt is left-padded and run in one forward. Cache
+* prefill (:func:`_prefill`; :meth:`_StaticLlama.start` on the static path below): the token
+  prefix every prompt of the batch shares (a chat template's system turn and instructions: 76 of
+  238 tokens on the MedCalc prompts) runs once and its cache is repeated over the rows; the rest of
+  each prompt is left-padded and run in one forward (static path: in buckets of rows of similar
+  length, :func:`_buckets`, each padded to its own longest). Cache
   layout per row: ``[shared prefix][padding][rest]``; padding is masked and position ids count real
   tokens only, so a row sees the same positions as its prompt alone;
 * decode (:func:`_decode`): one forward per new token over the last token only. A row stops at
@@ -342,9 +344,10 @@ class _Proj:
 
     Plain ``nn.Linear`` layers only: their weights (and biases) are concatenated once and, for
     float32 on CPU, reordered into oneDNN's blocked layout (``_reorder_linear_weight``, as
-    torch.compile's weight freezing does). Measured on 2 cores (SmolLM2-135M, 8 rows, 30 layers,
-    ``experiments/bench/generation.py``): a decode step's projections and lm-head from ~48 ms by
-    ``weight @ x^T`` per linear to ~24 ms. Memory: one copy of the fused weights while the
+    torch.compile's weight freezing does). Measured on 2 cores (SmolLM2-135M, a batch-8 decode
+    step, ``experiments/bench/generation.py --steps``): 62 -> 43 ms with 2 threads, 102 -> 65 ms
+    with 1 (under load), against ``weight @ x^T`` per linear; oneDNN's kernel is also ~15-25%
+    faster than ``F.linear`` at prefill sizes. Memory: one copy of the fused weights while the
     generator runs (SmolLM2: 30 x 3.5M + 28M lm-head parameters, ~540 MB in float32). Outputs
     equal ``F.linear`` up to float rounding (another summation order, ~1e-6 relative). Any other
     layer (LoRA, quantised) is called as it is, one by one.
@@ -412,8 +415,10 @@ class _StaticLlama:
     attention does at one query token: without a mask and with ``enable_gqa`` when no live row is
     padded, else with the boolean padding mask and the queries packed as ``[n, kv_heads, group, d]``
     (no key/value heads repeated). Its logits equal :class:`_HFSteps`' up to float rounding (the
-    fused matmuls sum in another order: ~1e-6 relative; tests/eval/test_generate.py). :meth:`score` feeds the completions in chunks of columns, each
-    on the rows whose completion reaches it (not every row padded to the longest).
+    fused matmuls sum in another order: ~1e-6 relative; tests/eval/test_generate.py).
+    :meth:`score` feeds the completions in chunks of columns, each on the rows whose completion
+    reaches it (not every row padded to the longest). The prefill (:meth:`start`) runs on the same
+    modules, the prompts' rests in buckets of similar length.
     """
 
     CHUNK = 64  # completion tokens per scoring forward
@@ -479,7 +484,8 @@ class _StaticLlama:
         last = self.base.model.embed_tokens.weight.new_empty((len(rows), self.base.config.hidden_size))
         for b0, b1 in _buckets([len(rest[r]) for r in order], self.BUCKET_COST):
             idx = order[b0:b1]
-            sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=dev)
+            contiguous = idx == list(range(idx[0], idx[-1] + 1))  # the usual case: rows come sorted
+            sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=dev)
             ids, smask = _left_pad([rest[r] for r in idx], self.pad, dev)
             c0 = p + W - ids.shape[1]
             for buf in self.k + self.v:  # padding left of the bucket: masked, but 0 * NaN garbage would be NaN
@@ -571,14 +577,16 @@ class _StaticLlama:
             h = self._chunk(sub, ids[rows, a:a + m], a)
             for r0 in range(0, len(rows), max(1, self.HEAD_TOKENS // m)):
                 r1 = r0 + max(1, self.HEAD_TOKENS // m)
-                logp[rows[r0:r1], a + 1:a + 1 + m] = _logp(self.fused.head(h[r0:r1])[0], ids[rows[r0:r1], a + 1:a + 1 + m])
+                logp[rows[r0:r1], a + 1:a + 1 + m] = _logp(self.fused.head(h[r0:r1])[0],
+                                                           ids[rows[r0:r1], a + 1:a + 1 + m])
         return _bits(logp, cmask)
 
     def _chunk(self, rows: torch.Tensor | None, ids: torch.Tensor, a: int) -> torch.Tensor:
         """Final hidden states of completion positions ``[a, a + m)`` of ``rows`` (None: all live
         rows), their keys and values written to columns ``[t + a, t + a + m)``."""
         sel = slice(0, ids.shape[0]) if rows is None else rows
-        return self._forward(sel, ids, self.t + a, self.pos[sel] + a + torch.arange(ids.shape[1], device=ids.device)[None])
+        pos = self.pos[sel] + a + torch.arange(ids.shape[1], device=ids.device)[None]
+        return self._forward(sel, ids, self.t + a, pos)
 
     def _forward(self, rows, ids: torch.Tensor, c0: int, pos: torch.Tensor) -> torch.Tensor:
         """Final hidden states of tokens ``ids`` ``[r, m]`` of buffer ``rows`` (a slice or an index
