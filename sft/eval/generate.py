@@ -4,17 +4,20 @@
 without special tokens, keeps its last ``max_length - max_new_tokens`` tokens (as lm-eval's HFLM
 does), sorts prompts by length (less padding) and cuts them into batches. Per batch, by stage:
 
-* prefill (:func:`_prefill`): the token prefix every prompt of the batch shares (a chat template's
-  system turn and instructions: 76 of 238 tokens on the MedCalc prompts) runs once and its cache is
-  repeated over the rows; the rest of each prompt is left-padded and run in one forward. Cache
+* prefill (:func:`_prefill`; :meth:`_StaticLlama.start` on the static path below): the token
+  prefix every prompt of the batch shares (a chat template's system turn and instructions: 76 of
+  238 tokens on the MedCalc prompts) runs once and its cache is repeated over the rows; the rest of
+  each prompt is left-padded and run in one forward (static path: in buckets of rows of similar
+  length, :func:`_buckets`, each padded to its own longest). Cache
   layout per row: ``[shared prefix][padding][rest]``; padding is masked and position ids count real
   tokens only, so a row sees the same positions as its prompt alone;
 * decode (:func:`_decode`): one forward per new token over the last token only. A row stops at
   EOS or at the first stop string in its decoded tail; a stopped row leaves the batch (its cache
   rows are dropped), so later steps run on live rows only. The batch ends when no row is live or
   after ``max_new_tokens``. For a plain HF Llama with sdpa attention (SmolLM2) the steps run on a
-  preallocated KV cache over the model's own modules (:class:`_StaticLlama`: no per-step copy of
-  the cache, logits equal HF's bit for bit on CPU); any other model steps through its own forward
+  preallocated KV cache over the model's own modules with q/k/v and gate/up fused into one matmul
+  each, on weights prepacked for oneDNN (:class:`_StaticLlama`, :class:`_Proj`: no per-step copy of
+  the cache; logits equal HF's up to float rounding); any other model steps through its own forward
   and ``DynamicCache`` (:class:`_HFSteps`);
 * cut (:func:`_cut`): one string per prompt, in input order, cut at the first stop string (kept
   when ``keep_stop=True``, dropped otherwise) and at EOS (never kept).
@@ -98,14 +101,14 @@ def generate_and_score(model, tokenizer, prompts: Sequence[str], completions: Se
     stopper = _Stopper(tokenizer, [s for s in stop if s], eos)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out = [""] * len(prompts)
+    fused = _Fused()  # the static path's fused weights, shared by the batches of this call
     with inference(model, len(prompts), desc=desc, unit="prompt", progress=progress) as advance:
         for idx in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
-            state = _prefill(model, [encoded[i] for i in idx], pad)
             comps = None if comp is None else [comp[i] for i in idx]
-            steps = _stepper(model, state, pad, max_new_tokens, comps)
+            steps, logits = _start(model, [encoded[i] for i in idx], pad, max_new_tokens, comps, fused)
             if comps is not None:
-                bits[idx] = steps.score(state.logits, comps)
-            for i, g in zip(idx, _decode(steps, state.logits, stopper, max_new_tokens)):
+                bits[idx] = steps.score(logits, comps)
+            for i, g in zip(idx, _decode(steps, logits, stopper, max_new_tokens)):
                 out[i] = _cut(tokenizer.decode(g, skip_special_tokens=True), stopper.stops, keep_stop)[0]
             advance(len(idx))
     return out, bits, ntok
@@ -226,18 +229,40 @@ class _Stopper:
         return bool(self.stops) and any(s in self.tokenizer.decode(gen[-self.tail:]) for s in self.stops)
 
 
-def _stepper(model, st: _Batch, pad: int, max_new_tokens: int, comps: list[list[int]] | None):
-    """The decoder of batch ``st``: :class:`_StaticLlama` for a plain HF Llama with sdpa attention,
-    else :class:`_HFSteps`. It owns the batch's cache from here on."""
+def _start(model, rows: list[list[int]], pad: int, max_new_tokens: int, comps: list[list[int]] | None,
+           fused=None):
+    """(decoder, the prompts' last logits) of a batch after its prefill: :class:`_StaticLlama` and
+    its own prefill for a plain HF Llama with sdpa attention, else :func:`_prefill` and
+    :class:`_HFSteps`."""
     room = max(max_new_tokens - 1, max((len(c) for c in comps or ()), default=0) - 1, 1)
-    steps = _StaticLlama.of(model, st, pad, room) or _HFSteps(model, st, pad)
-    st.cache = None
-    return steps
+    static = _StaticLlama.start(model, rows, pad, room, fused)
+    if static is not None:
+        return static
+    st = _prefill(model, rows, pad)
+    return _HFSteps(model, st, pad), st.logits
+
+
+def _buckets(lens: list[int], cost: int) -> list[tuple[int, int]]:
+    """Rows sorted by decreasing length cut into consecutive buckets ``(start, stop)`` minimising
+    the tokens computed, each bucket padded to its longest row, plus ``cost`` tokens per bucket
+    (a forward's fixed cost): dynamic programming over the cut points."""
+    n = len(lens)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * lens[i] + cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _decode(steps, logits: torch.Tensor, stopper: _Stopper, max_new_tokens: int) -> list[list[int]]:
     """Greedy tokens per row from the prompt's last ``logits``. Rows that are done leave the batch,
-    so every step runs on live rows only (both steppers give the same logits, bit for bit)."""
+    so every step runs on live rows only."""
     gen: list[list[int]] = [[] for _ in range(logits.shape[0])]
     live = list(range(len(gen)))  # original row of each batch row
     for step in range(max_new_tokens):
@@ -292,22 +317,83 @@ class _HFSteps:
         return logits
 
 
-def _call(linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x)
-
-
-def _rows_mm(linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` for a few rows, as ``weight @ x^T``: the weight streams through once in its
-    own row-major order. Measured on 2 cores (``experiments/bench/generation.py``'s decode steps):
-    the 30 layers' projections of SmolLM2 at 8 rows 40 -> 33 ms, its lm-head 15.3 -> 7.2 ms; equal
-    to ``F.linear`` up to float rounding (a different summation order). Anything but a plain
-    ``nn.Linear`` (a LoRA layer, a quantised one) is called as it is."""
-    if type(linear) is not torch.nn.Linear:
-        return linear(x)
-    y = torch.matmul(linear.weight, x.reshape(-1, x.shape[-1]).T).T.contiguous()  # sdpa's fast kernel needs it
-    if linear.bias is not None:
-        y = y + linear.bias
+def _mm(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as ``weight @ x^T``: the weight streams through once in its own
+    row-major order (faster than ``F.linear`` for a few rows on CPU without oneDNN; equal up to
+    float rounding, a different summation order)."""
+    y = torch.matmul(weight, x.reshape(-1, x.shape[-1]).T).T.contiguous()  # sdpa's fast kernel needs it
+    if bias is not None:
+        y = y + bias
     return y.reshape(*x.shape[:-1], -1)
+
+
+def _onednn(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """``weight`` reordered into oneDNN's blocked layout for ``rows``-row inputs (a copy), or None
+    where oneDNN cannot take it (not a float32 CPU tensor, a build without oneDNN)."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class _Proj:
+    """Linears that read the same input (q/k/v, gate/up), applied as ONE matmul over their
+    concatenated weight, split after.
+
+    Plain ``nn.Linear`` layers only: their weights (and biases) are concatenated once and, for
+    float32 on CPU, reordered into oneDNN's blocked layout (``_reorder_linear_weight``, as
+    torch.compile's weight freezing does). Measured on 2 cores (SmolLM2-135M, a batch-8 decode
+    step against ``weight @ x^T`` per linear, ``experiments/bench/generation.py --steps``): 106 ->
+    68 ms with 1 thread (under load), 62 -> 43 ms with 2 (nearly quiet); oneDNN's kernel is also
+    ~15-25% faster than ``F.linear`` at prefill sizes, and the fusion alone ~7% over oneDNN per
+    linear. Memory: one copy of the fused weights while the
+    generator runs (SmolLM2: 30 x 3.5M + 28M lm-head parameters, ~540 MB in float32). Outputs
+    equal ``F.linear`` up to float rounding (another summation order, ~1e-6 relative). Any other
+    layer (LoRA, quantised) is called as it is, one by one.
+    """
+
+    def __init__(self, linears, rows: int):
+        self.linears = list(linears)
+        self.sizes = [getattr(lin, "out_features", 0) for lin in self.linears]
+        self.weight = self.bias = self.packed = None
+        if all(type(lin) is torch.nn.Linear for lin in self.linears):
+            ws = [lin.weight for lin in self.linears]
+            self.weight = torch.cat(ws) if len(ws) > 1 else ws[0]
+            if any(lin.bias is not None for lin in self.linears):
+                self.bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                       for lin in self.linears])
+            self.packed = _onednn(self.weight, rows)
+            if self.packed is not None:
+                self.weight = None  # the packed copy replaces the concatenated one
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each linear's output on ``x``, in order."""
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif self.weight is not None:
+            y = _mm(self.weight, self.bias, x)
+        else:
+            return tuple(lin(x) for lin in self.linears)
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+
+
+class _Fused:
+    """The fused projections of a Llama's layers and its lm-head (:class:`_Proj`), built once per
+    :func:`generate_and_score` call on the first batch the static path takes, shared by its batches."""
+
+    def __init__(self):
+        self.base, self.layers, self.head = None, None, None
+
+    def of(self, base, layers, rows: int) -> "_Fused":
+        if self.base is not base:
+            self.base = base
+            self.layers = [(_Proj([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj], rows),
+                            _Proj([la.self_attn.o_proj], rows), _Proj([la.mlp.gate_proj, la.mlp.up_proj], rows),
+                            _Proj([la.mlp.down_proj], rows)) for la in layers]
+            self.head = _Proj([base.lm_head], rows)
+        return self
 
 
 class _StaticLlama:
@@ -324,50 +410,94 @@ class _StaticLlama:
     position id (real tokens before it). Columns from ``t`` on are scratch: :meth:`score` writes the
     completions there and decoding overwrites them (no crop).
 
-    A decode step calls the model's own modules (embedding, rotary, RMSNorm, projections, MLP,
-    lm-head) with the shapes HF's forward uses, and ``scaled_dot_product_attention`` as HF's sdpa
+    A decode step calls the model's own modules (embedding, rotary, RMSNorm, activation) with the
+    shapes HF's forward uses, its projections and lm-head fused per input (:class:`_Proj`: q/k/v
+    one matmul, gate/up one), and ``scaled_dot_product_attention`` as HF's sdpa
     attention does at one query token: without a mask and with ``enable_gqa`` when no live row is
     padded, else with the boolean padding mask and the queries packed as ``[n, kv_heads, group, d]``
-    (no key/value heads repeated). Its logits equal :class:`_HFSteps`' bit for bit on CPU
-    (tests/eval/test_generate.py). :meth:`score` feeds the completions in chunks of columns, each
-    on the rows whose completion reaches it (not every row padded to the longest).
+    (no key/value heads repeated). Its logits equal :class:`_HFSteps`' up to float rounding (the
+    fused matmuls sum in another order: ~1e-6 relative; tests/eval/test_generate.py).
+    :meth:`score` feeds the completions in chunks of columns, each on the rows whose completion
+    reaches it (not every row padded to the longest). The prefill (:meth:`start`) runs on the same
+    modules, the prompts' rests in buckets of similar length.
     """
 
     CHUNK = 64  # completion tokens per scoring forward
+    BUCKET_COST = 32  # tokens a prefill bucket's extra forward is worth (:func:`_buckets`)
     HEAD_TOKENS = 512  # positions per lm-head call in scoring (bounds the logits' memory)
 
-    @classmethod
-    def of(cls, model, st: _Batch, pad: int, room: int) -> "_StaticLlama | None":
-        """The static decoder of ``model`` for batch ``st`` with ``room`` columns after the prompt,
-        or None when ``model`` is not a plain sdpa Llama."""
-        from transformers import DynamicCache, LlamaForCausalLM
+    @staticmethod
+    def plain(model):
+        """(the HF model, its decoder layers) of a plain sdpa Llama, else None."""
+        from transformers import LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
         base = unwrap(model)
-        if type(base) is not LlamaForCausalLM or lm_head_of(model) is None or type(st.cache) is not DynamicCache:
+        if type(base) is not LlamaForCausalLM or lm_head_of(model) is None:
             return None
         layers = base.model.layers[:base.config.num_hidden_layers]
-        if (getattr(base.config, "_attn_implementation", None) != "sdpa" or len(st.cache.layers) != len(layers)
+        if (getattr(base.config, "_attn_implementation", None) != "sdpa"
                 or any(type(la) is not LlamaDecoderLayer or type(la.self_attn) is not LlamaAttention
                        or type(la.mlp) is not LlamaMLP
                        for la in layers)):
             return None
-        return cls(base, layers, st, pad, room)
+        return base, layers
 
-    def __init__(self, base, layers, st: _Batch, pad: int, room: int):
-        self.base, self.layers, self.pad = base, layers, pad
-        B, self.t = st.mask.shape
-        T = self.t + room
-        self.k, self.v = [], []
-        for lay in st.cache.layers:  # copy layer by layer, releasing the dynamic cache as we go
-            for buf, src in ((self.k, lay.keys), (self.v, lay.values)):
-                buf.append(src.new_empty((B, src.shape[1], T, src.shape[3])))
-                buf[-1][:, :, :self.t] = src
-            lay.keys = lay.values = None
-        self.attend = torch.ones((B, T), dtype=torch.bool, device=st.mask.device)
-        self.attend[:, :self.t] = st.mask.bool()
-        self.pos, self.n = st.next_pos.clone(), B
+    @classmethod
+    def start(cls, model, rows: list[list[int]], pad: int, room: int,
+              fused: _Fused | None = None) -> "tuple[_StaticLlama, torch.Tensor] | None":
+        """(the static decoder of prompts ``rows`` after its prefill, their last logits), with
+        ``room`` columns after the longest prompt; None when ``model`` is not a plain sdpa Llama.
+        ``fused``: the call's fused projections (built here on first use; a fresh set when None)."""
+        plain = cls.plain(model)
+        if plain is None:
+            return None
+        base, layers = plain
+        p = common_prefix(rows) if len(rows) > 1 else 0
+        T = max(len(r) for r in rows) + room
+        self = cls(base, layers, len(rows), T, pad, (fused or _Fused()).of(base, layers, len(rows)))
+        return self, self._fill(rows, p)
+
+    def __init__(self, base, layers, B: int, T: int, pad: int, fused: _Fused):
+        self.base, self.layers, self.pad, self.fused = base, layers, pad, fused
+        emb, a = base.model.embed_tokens.weight, layers[0].self_attn
+        shape = (B, base.config.num_key_value_heads, T, a.head_dim)
+        self.k = [emb.new_empty(shape) for _ in layers]
+        self.v = [emb.new_empty(shape) for _ in layers]
+        self.attend = torch.ones((B, T), dtype=torch.bool, device=emb.device)
+        self.pos = torch.zeros((B, 1), dtype=torch.long, device=emb.device)
+        self.n, self.t, self.padded = B, 0, False
+
+    def _fill(self, rows: list[list[int]], p: int) -> torch.Tensor:
+        """Prefill, cache layout ``[shared prefix][left padding][rest]`` (as :func:`_prefill`): the
+        ``p`` prefix tokens run once (row 0, copied to the other rows), the rests in buckets of rows
+        of similar length (:func:`_buckets`), each right-aligned at the last prompt column, so a
+        short row is padded only to its bucket's longest (the CoT evaluation's 52 prompts, rests of
+        165-224 tokens: 4 buckets, prefill 34.6 -> 25.5 s on 1 thread under load, logits equal).
+        Returns the prompts' last logits."""
+        dev, rest = self.pos.device, [r[p:] for r in rows]
+        W = max(len(x) for x in rest)
+        if p:
+            self._forward(slice(0, 1), torch.tensor([rows[0][:p]], device=dev), 0, torch.arange(p, device=dev)[None])
+            for buf in self.k + self.v:
+                buf[1:, :, :p] = buf[:1, :, :p]
+        for r, x in enumerate(rest):
+            self.attend[r, p:p + W - len(x)] = False
+        order = sorted(range(len(rest)), key=lambda r: -len(rest[r]))
+        last = self.base.model.embed_tokens.weight.new_empty((len(rows), self.base.config.hidden_size))
+        for b0, b1 in _buckets([len(rest[r]) for r in order], self.BUCKET_COST):
+            idx = order[b0:b1]
+            contiguous = idx == list(range(idx[0], idx[-1] + 1))  # the usual case: rows come sorted
+            sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=dev)
+            ids, smask = _left_pad([rest[r] for r in idx], self.pad, dev)
+            c0 = p + W - ids.shape[1]
+            for buf in self.k + self.v:  # padding left of the bucket: masked, but 0 * NaN garbage would be NaN
+                buf[sel, :, p:c0] = 0.0
+            last[idx] = self._forward(sel, ids, c0, (p + smask.cumsum(-1) - 1).clamp(min=p))[:, -1]
+        self.t = p + W
+        self.pos[:, 0] = torch.tensor([p + len(x) for x in rest], device=dev)
         self.padded = not bool(self.attend[:, :self.t].all())
+        return self.fused.head(last)[0]
 
     # ----------------------------------------------------------------------------------- decode
     def select(self, keep: list[int]) -> list[int]:
@@ -396,7 +526,7 @@ class _StaticLlama:
         mask = self.attend[:n, None, None, :t + 1] if self.padded else None
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
-            q, k, v = self._qkv(layer, h, cos_sin, _rows_mm)
+            q, k, v = self._qkv(i, h, cos_sin)
             self.k[i][:n, :, t:t + 1], self.v[i][:n, :, t:t + 1] = k, v
             kw = dict(dropout_p=0.0, scale=a.scaling, is_causal=False)
             if a.num_key_value_groups > 1 and mask is None:
@@ -405,33 +535,31 @@ class _StaticLlama:
                 q = q.reshape(n, q.shape[1] // a.num_key_value_groups, a.num_key_value_groups, a.head_dim)
             o = torch.nn.functional.scaled_dot_product_attention(q, self.k[i][:n, :, :t + 1],
                                                                  self.v[i][:n, :, :t + 1], attn_mask=mask, **kw)
-            h = self._out(layer, h, o.reshape(n, -1, 1, a.head_dim), _rows_mm)
+            h = self._out(i, h, o.reshape(n, -1, 1, a.head_dim))
         self.t += 1
         self.pos[:n] += 1
-        return _rows_mm(self.base.lm_head, inner.norm(h)[:, -1])
+        return self.fused.head(inner.norm(h)[:, -1])[0]
 
-    @staticmethod
-    def _qkv(layer, h: torch.Tensor, cos_sin, proj=_call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values ``[rows, heads, len, d]`` of ``h``, rotated (LlamaAttention);
-        ``proj(linear, x)`` applies a projection (:func:`_rows_mm` in decode steps)."""
+    def _qkv(self, i: int, h: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values ``[rows, heads, len, d]`` of layer ``i`` on ``h``, rotated
+        (LlamaAttention; q/k/v as one fused projection)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        a = layer.self_attn
-        x = layer.input_layernorm(h)
-        shape = (*h.shape[:2], -1, a.head_dim)
-        q = proj(a.q_proj, x).reshape(shape).transpose(1, 2)
-        k = proj(a.k_proj, x).reshape(shape).transpose(1, 2)
+        layer = self.layers[i]
+        shape = (*h.shape[:2], -1, layer.self_attn.head_dim)
+        q, k, v = (y.reshape(shape).transpose(1, 2) for y in self.fused.layers[i][0](layer.input_layernorm(h)))
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
-        return q, k, proj(a.v_proj, x).reshape(shape).transpose(1, 2)
+        return q, k, v
 
-    @staticmethod
-    def _out(layer, h: torch.Tensor, o: torch.Tensor, proj=_call) -> torch.Tensor:
-        """The rest of the decoder layer after attention output ``o`` ``[rows, heads, len, d]``
-        (LlamaMLP: down(act(gate(x)) * up(x)))."""
-        o = o.transpose(1, 2).contiguous()
-        h = h + proj(layer.self_attn.o_proj, o.reshape(*h.shape[:2], -1).contiguous())
-        m, x = layer.mlp, layer.post_attention_layernorm(h)
-        return h + proj(m.down_proj, m.act_fn(proj(m.gate_proj, x)) * proj(m.up_proj, x))
+    def _out(self, i: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The rest of decoder layer ``i`` after attention output ``o`` ``[rows, heads, len, d]``
+        (LlamaMLP: down(act(gate(x)) * up(x)); gate/up as one fused projection)."""
+        _, o_proj, gate_up, down = self.fused.layers[i]
+        o = o.transpose(1, 2).reshape(*h.shape[:2], -1)
+        h = h + o_proj(o)[0]
+        layer = self.layers[i]
+        g, u = gate_up(layer.post_attention_layernorm(h))
+        return h + down(layer.mlp.act_fn(g) * u)[0]
 
     # ---------------------------------------------------------------------------------- scoring
     def score(self, logits0: torch.Tensor, comps: list[list[int]]) -> np.ndarray:
@@ -452,29 +580,34 @@ class _StaticLlama:
             h = self._chunk(sub, ids[rows, a:a + m], a)
             for r0 in range(0, len(rows), max(1, self.HEAD_TOKENS // m)):
                 r1 = r0 + max(1, self.HEAD_TOKENS // m)
-                logp[rows[r0:r1], a + 1:a + 1 + m] = _logp(self.base.lm_head(h[r0:r1]), ids[rows[r0:r1], a + 1:a + 1 + m])
+                logp[rows[r0:r1], a + 1:a + 1 + m] = _logp(self.fused.head(h[r0:r1])[0],
+                                                           ids[rows[r0:r1], a + 1:a + 1 + m])
         return _bits(logp, cmask)
 
     def _chunk(self, rows: torch.Tensor | None, ids: torch.Tensor, a: int) -> torch.Tensor:
         """Final hidden states of completion positions ``[a, a + m)`` of ``rows`` (None: all live
         rows), their keys and values written to columns ``[t + a, t + a + m)``."""
-        inner, (r, m) = self.base.model, ids.shape
-        c0 = self.t + a
-        pick = (lambda x: x[:r]) if rows is None else (lambda x: x[rows])
-        pos = pick(self.pos) + a + torch.arange(m, device=ids.device)[None]
-        causal = torch.arange(c0 + m, device=ids.device)[None] <= c0 + torch.arange(m, device=ids.device)[:, None]
-        mask = pick(self.attend[:, :c0 + m])[:, None, None, :] & causal
+        sel = slice(0, ids.shape[0]) if rows is None else rows
+        pos = self.pos[sel] + a + torch.arange(ids.shape[1], device=ids.device)[None]
+        return self._forward(sel, ids, self.t + a, pos)
+
+    def _forward(self, rows, ids: torch.Tensor, c0: int, pos: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of tokens ``ids`` ``[r, m]`` of buffer ``rows`` (a slice or an index
+        tensor) at columns ``[c0, c0 + m)`` with position ids ``pos``; their keys and values are
+        written there. A token attends to the attended columns before it and to itself (a padding
+        token, masked for every other, then never attends to nothing)."""
+        inner, m = self.base.model, ids.shape[1]
+        cols = torch.arange(c0 + m, device=ids.device)[None]
+        here = c0 + torch.arange(m, device=ids.device)[:, None]
+        mask = (self.attend[rows, :c0 + m][:, None, None, :] & (cols <= here)) | (cols == here)
         h = inner.embed_tokens(ids)
         cos_sin = inner.rotary_emb(h, position_ids=pos)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos_sin)
+            q, k, v = self._qkv(i, h, cos_sin)
             K, V = self.k[i], self.v[i]
-            if rows is None:
-                K[:r, :, c0:c0 + m], V[:r, :, c0:c0 + m] = k, v
-            else:
-                K[rows, :, c0:c0 + m], V[rows, :, c0:c0 + m] = k, v
+            K[rows, :, c0:c0 + m], V[rows, :, c0:c0 + m] = k, v
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, pick(K[:, :, :c0 + m]), pick(V[:, :, :c0 + m]), attn_mask=mask, dropout_p=0.0,
+                q, K[rows, :, :c0 + m], V[rows, :, :c0 + m], attn_mask=mask, dropout_p=0.0,
                 scale=layer.self_attn.scaling, enable_gqa=layer.self_attn.num_key_value_groups > 1)
-            h = self._out(layer, h, o)
+            h = self._out(i, h, o)
         return inner.norm(h)

@@ -118,18 +118,22 @@ def _two_steppers(model, tok, prompts, room):
 
     rows = [G._ids(tok, p) for p in prompts]
     with torch.inference_mode():
-        a, b = G._prefill(model, rows, tok.pad_token_id), G._prefill(model, rows, tok.pad_token_id)
-        assert torch.equal(a.logits, b.logits)
-        fast = G._StaticLlama.of(model, b, tok.pad_token_id, room)
-        assert fast is not None
-        return G._HFSteps(model, a, tok.pad_token_id), a.logits, fast, b.logits
+        a = G._prefill(model, rows, tok.pad_token_id)
+        fast, logits = G._StaticLlama.start(model, rows, tok.pad_token_id, room)
+        assert (a.logits - logits).abs().max().item() < 1e-5  # the static prefill's (bucketed) logits
+        return G._HFSteps(model, a, tok.pad_token_id), a.logits, fast, logits
 
 
+@pytest.mark.parametrize("bucket_cost", [0, 10**6])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (4, 4)])
 @pytest.mark.parametrize("n", [1, 3, 5])
-def test_static_cache_steps_equal_hf_cache_steps(tiny_tokenizer, heads, kv_heads, n):
-    """Step by step, the static cache gives HF's logits, also after rows leave (a row from the tail
-    moves into a hole: a wrong cache row or column would change its logits)."""
+def test_static_cache_steps_equal_hf_cache_steps(tiny_tokenizer, heads, kv_heads, n, bucket_cost, monkeypatch):
+    """Step by step, the static cache (its prefill one bucket per row length, or one bucket) gives
+    HF's logits, also after rows leave (a row from the tail moves into a hole: a wrong cache row or
+    column would change its logits)."""
+    from sft.eval import generate as G
+
+    monkeypatch.setattr(G._StaticLlama, "BUCKET_COST", bucket_cost)
     model = _gqa_llama(len(tiny_tokenizer), heads, kv_heads)
     hf, la, fast, lb = _two_steppers(model, tiny_tokenizer, MIXED[:n], room=12)
     leave = {3: lambda k: [i for i in range(k) if i != 0], 6: lambda k: list(range(k))[1::2]}
@@ -182,16 +186,20 @@ def test_static_scoring_equals_hf_scoring_then_decodes_the_same(tiny_tokenizer, 
             la, lb = hf.step(nxt), fast.step(nxt)
 
 
+@pytest.mark.parametrize("bucket_cost", [0, 10**6])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_rows_of_different_lengths_stop_strings_equal_one_at_a_time(tiny_tokenizer, attn):
-    """The whole generator (static path for sdpa, HF's cache for eager) on a GQA Llama."""
+def test_rows_of_different_lengths_stop_strings_equal_one_at_a_time(tiny_tokenizer, attn, bucket_cost, monkeypatch):
+    """The whole generator (static path for sdpa, its prefill bucketed or not; HF's cache for
+    eager) on a GQA Llama."""
     from sft.eval import generate as G
     from transformers import DynamicCache
+
+    monkeypatch.setattr(G._StaticLlama, "BUCKET_COST", bucket_cost)
 
     model = _gqa_llama(len(tiny_tokenizer), 4, 2, attn)
     st = G._prefill(model, [[5, 6], [5, 7, 8]], tiny_tokenizer.pad_token_id)
     assert isinstance(st.cache, DynamicCache)
-    assert (G._StaticLlama.of(model, st, 0, 4) is None) == (attn == "eager")
+    assert (G._StaticLlama.start(model, [[5, 6], [5, 7, 8]], 0, 4) is None) == (attn == "eager")
     full = [reference(model, tiny_tokenizer, p, 14) for p in MIXED]
     stop = full[2][4:7]
     assert stop
@@ -199,3 +207,120 @@ def test_rows_of_different_lengths_stop_strings_equal_one_at_a_time(tiny_tokeniz
         got = greedy_generate(model, tiny_tokenizer, MIXED, stop=[stop], keep_stop=True, max_new_tokens=14,
                               batch_size=batch_size, progress=False)
         assert got == [f[:f.index(stop) + len(stop)] if stop in f else f for f in full]
+
+
+# ------------------------------------------ fused projections: q/k/v and gate/up as one matmul each
+class _Doubled(torch.nn.Module):
+    """A layer that is not a plain ``nn.Linear`` (as a LoRA or quantised layer): never fused."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return 2.0 * self.lin(x)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("bias", [(False, False, False), (True, False, True)])
+def test_fused_projection_equals_each_linear(onednn, bias, monkeypatch):
+    """One matmul over the concatenated (and, with oneDNN, prepacked) weights, split: each part
+    equals its own linear up to float rounding, biases (some absent) included, for any row count."""
+    from sft.eval import generate as G
+
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(24, n, bias=b) for n, b in zip((24, 8, 8), bias)]
+    proj = G._Proj(lins, rows=3)
+    assert (proj.packed is not None) == (onednn and torch.backends.mkldnn.is_available())
+    assert (proj.weight is None) == (proj.packed is not None)
+    with torch.inference_mode():
+        for shape in [(3, 1, 24), (1, 1, 24), (2, 5, 24), (7, 24)]:
+            x = torch.randn(shape)
+            got = proj(x)
+            assert len(got) == 3
+            for g, lin in zip(got, lins):
+                want = lin(x)
+                assert g.shape == want.shape
+                torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_with_a_non_plain_layer_calls_each_as_it_is():
+    from sft.eval import generate as G
+
+    torch.manual_seed(1)
+    lins = [_Doubled(torch.nn.Linear(16, 16)), torch.nn.Linear(16, 4)]
+    proj = G._Proj(lins, rows=2)
+    assert proj.weight is None and proj.packed is None
+    x = torch.randn(2, 1, 16)
+    with torch.inference_mode():
+        got = proj(x)
+        assert all(torch.equal(g, lin(x)) for g, lin in zip(got, lins))
+
+
+def test_static_steps_without_onednn_equal_hf_steps(tiny_tokenizer, monkeypatch):
+    """The fallback (concatenated weights, ``weight @ x^T``) where oneDNN is absent."""
+    from sft.eval import generate as G
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = _gqa_llama(len(tiny_tokenizer), 4, 2)
+    hf, la, fast, lb = _two_steppers(model, tiny_tokenizer, MIXED, room=8)
+    assert fast.fused.head.packed is None and fast.fused.layers[0][0].weight is not None
+    with torch.inference_mode():
+        for _ in range(6):
+            assert (la - lb).abs().max().item() < 1e-5
+            nxt = la.argmax(-1).tolist()
+            assert nxt == lb.argmax(-1).tolist()
+            la, lb = hf.step(nxt), fast.step(nxt)
+
+
+def test_fused_weights_follow_a_changed_model(tiny_tokenizer):
+    """The fused copies live for one call: after the model's weights change in place, the next
+    call generates what the changed model generates (no stale fused weights)."""
+    model = _gqa_llama(len(tiny_tokenizer), 4, 2)
+    before = greedy_generate(model, tiny_tokenizer, MIXED, max_new_tokens=8, batch_size=2, progress=False)
+    assert before == [reference(model, tiny_tokenizer, p, 8) for p in MIXED]
+    with torch.no_grad():
+        for la in model.model.layers:
+            la.mlp.up_proj.weight.mul_(-3.0)
+            la.self_attn.k_proj.weight.normal_(0.0, 1.0)
+        model.lm_head.weight.normal_(0.0, 1.0)
+    after = greedy_generate(model, tiny_tokenizer, MIXED, max_new_tokens=8, batch_size=2, progress=False)
+    assert after == [reference(model, tiny_tokenizer, p, 8) for p in MIXED]
+    assert after != before
+
+
+@pytest.mark.parametrize("lens,cost,want", [
+    ([10, 10, 3], 2, [(0, 2), (2, 3)]),  # 20 + 2 + 3 + 2 = 27 < one bucket 30 + 2
+    ([10, 10, 3], 8, [(0, 3)]),  # 30 + 8 = 38 < 20 + 8 + 3 + 8 = 39
+    ([7], 100, [(0, 1)]),
+    ([5, 4, 3], 0, [(0, 1), (1, 2), (2, 3)]),
+    ([9, 9, 9, 9], 0, [(0, 4)]),  # equal lengths: a cut saves nothing, the first (widest) bucket kept
+])
+def test_prefill_buckets_minimise_padded_tokens(lens, cost, want):
+    from sft.eval.generate import _buckets
+
+    assert _buckets(lens, cost) == want
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_buckets_against_brute_force(seed):
+    """Every split of the sorted rows into consecutive buckets tried: the dynamic programme's cost is the least."""
+    import itertools
+    import random
+
+    from sft.eval.generate import _buckets
+
+    rng = random.Random(seed)
+    lens = sorted((rng.randint(1, 30) for _ in range(rng.randint(1, 7))), reverse=True)
+    cost = rng.randint(0, 40)
+
+    def total(cuts):
+        bounds = [0, *cuts, len(lens)]
+        return sum((b - a) * lens[a] + cost for a, b in zip(bounds, bounds[1:]))
+
+    got = _buckets(lens, cost)
+    assert got[0][0] == 0 and got[-1][1] == len(lens) and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+    brute = min(total(c) for k in range(len(lens)) for c in itertools.combinations(range(1, len(lens)), k))
+    assert total([b for _, b in got[:-1]]) == brute
