@@ -135,6 +135,13 @@ four worlds pooled, a decision taken after the confirmation worlds were scored (
 the tracker's progress the token weights. It met its pre-registered rule on fresh worlds 2647947 and
 9238611 (within 2x 0.933 / 0.967 against version 5's 0.933 / 0.933) but on SmolLM2 forecast TALR at
 0.34-0.39x and below CE, where it measures 2.7x above (Spearman 0.857 / 0.500 against 0.929 / 0.700).
+Tried in session 7, not adopted (flags off; docs/forecast/README.md): ``cross_fit`` (the tracker's
+alignment without the probe batches' own noise: neutral on worlds 0-2, on SmolLM2's label grid TALR's
+gain unchanged and its 3e-4 dL 0.69 -> 1.14 bits/token against 0.27 measured) and ``token_tracker``
+(`TokenTracker`: better gains and TALR on worlds 0-2, within 2x 0.800 / 0.867 / 0.833 against 0.700 /
+0.800 / 0.767, but on fresh worlds 591940 and 3747024 within 2x 0.800 / 0.900 against version 5's
+0.867 / 0.967: CE and FLOW at 3e-3 under-forecast 0.45-0.8x as the tokens converge; its pre-registered
+rule failed).
 3: block replay, L2 under the descent bound (the flags' previous defaults, the bench's ``version3``).
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
