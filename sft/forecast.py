@@ -446,8 +446,8 @@ class GradientMoments:
         Sigma_kj,i / n with Sigma the per-batch covariance, whose unbiased estimate is
         n / (n - 1) x `noise_pairs` (which divides by n); so the estimate is
         ce_scale_k sum_i (mean_k,i mean_j,i - noise_kj,i / (n - 1)) / denom_i (denom held fixed). On
-        SmolLM2's CoT batches (4 sequences) the noise is most of ce . mean, and kappa, fitted on CE's
-        probe, absorbed it; a method whose own gradients are noisier relative to their CE alignment
+        SmolLM2's CoT batches (4 sequences) the noise is about half of ce . mean in Adam's metric, and
+        kappa, fitted on CE's probe, absorbs it; a method whose own gradients are noisier relative to their CE alignment
         (TALR: its weights concentrate the batch on few tokens) was then over-credited. A method
         with its own moments takes them on batches disjoint from CE's (`sft.forecast_run`'s
         ``cross_fit``), so its ce . mean has no shared noise and needs no correction."""

@@ -18,8 +18,8 @@ from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig
                        cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients,
                        micro_batches, replay_adam, replay_lora, sequence_losses, squared_norm, training_run_units)
 
-__all__ = ["SampleTree", "forecast_grid", "mean_bits", "token_groups", "probe_losses", "fit_coherence", "fit_kappa",
-           "power_law_probes", "replay_flops"]
+__all__ = ["SampleTree", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
+           "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops"]
 
 
 def mean_bits(model, examples, pad_token_id, meter=None) -> float:
@@ -219,7 +219,7 @@ class SampleTree:
         return with_other(exact_full_logprobs(model, self.tree, bos_id=self.bos_id, eos_id=self.eos_id))
 
 
-def _batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> tuple[list[list[dict]], list[list[dict]]]:
+def probe_batches(d2: Sequence[dict], cfg: ForecastConfig, rng) -> tuple[list[list[dict]], list[list[dict]]]:
     """(CE's, the other methods') probe batches: ``n_batches`` of B training examples each, a random
     partition of D2. Without ``cross_fit`` both are the same batches; with it the methods with
     gradients of their own (TALR, DFT, FLOW) take the next ``n_batches`` (disjoint from CE's, whose
@@ -252,7 +252,7 @@ class _Grid:
         self.cfg, self.meter = cfg, ComputeMeter()
         self.model = model0
         self.d1, self.tree, self.pad = list(d1)[: cfg.n_general], d1_tree, cfg.pad_token_id
-        self.batches, self.own_batches = _batches(d2, cfg, np.random.default_rng(cfg.seed))
+        self.batches, self.own_batches = probe_batches(d2, cfg, np.random.default_rng(cfg.seed))
         self.examples = [ex for b in self.batches for ex in b]
         with self.meter.phase("d1_evals"):
             self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
@@ -275,7 +275,7 @@ class _Grid:
 
     def moments(self, method: str, ce_mean=None) -> GradientMoments:
         """``method``'s moments: on CE's batches (``ce_mean`` None: CE, whose mean is the shared
-        progress direction) or on the other methods' (`_batches`)."""
+        progress direction) or on the other methods' (`probe_batches`)."""
         batches = self.batches if ce_mean is None else self.own_batches
         with self.meter.phase("gradients"), _released():
             return method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,

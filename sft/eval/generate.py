@@ -8,7 +8,7 @@ does), sorts prompts by length (less padding) and cuts them into batches. Per ba
   prefix every prompt of the batch shares (a chat template's system turn and instructions: 76 of
   238 tokens on the MedCalc prompts) runs once and its cache is repeated over the rows; the rest of
   each prompt is left-padded and run in one forward (static path: in buckets of rows of similar
-  length, :func:`_buckets`, each padded to its own longest). Cache
+  length, :func:`length_buckets`, each padded to its own longest). Cache
   layout per row: ``[shared prefix][padding][rest]``; padding is masked and position ids count real
   tokens only, so a row sees the same positions as its prompt alone;
 * decode (:func:`_decode`): one forward per new token over the last token only. A row stops at
@@ -40,7 +40,7 @@ import torch
 
 from ..models import inference, lm_head_of, unwrap
 
-__all__ = ["greedy_generate", "generate_and_score", "context_limit"]
+__all__ = ["greedy_generate", "generate_and_score", "context_limit", "length_buckets"]
 
 
 def context_limit(model, tokenizer) -> int:
@@ -242,7 +242,7 @@ def _start(model, rows: list[list[int]], pad: int, max_new_tokens: int, comps: l
     return _HFSteps(model, st, pad), st.logits
 
 
-def _buckets(lens: list[int], cost: int) -> list[tuple[int, int]]:
+def length_buckets(lens: list[int], cost: int) -> list[tuple[int, int]]:
     """Rows sorted by decreasing length cut into consecutive buckets ``(start, stop)`` minimising
     the tokens computed, each bucket padded to its longest row, plus ``cost`` tokens per bucket
     (a forward's fixed cost): dynamic programming over the cut points."""
@@ -423,7 +423,7 @@ class _StaticLlama:
     """
 
     CHUNK = 64  # completion tokens per scoring forward
-    BUCKET_COST = 32  # tokens a prefill bucket's extra forward is worth (:func:`_buckets`)
+    BUCKET_COST = 32  # tokens a prefill bucket's extra forward is worth (:func:`length_buckets`)
     HEAD_TOKENS = 512  # positions per lm-head call in scoring (bounds the logits' memory)
 
     @staticmethod
@@ -471,7 +471,7 @@ class _StaticLlama:
     def _fill(self, rows: list[list[int]], p: int) -> torch.Tensor:
         """Prefill, cache layout ``[shared prefix][left padding][rest]`` (as :func:`_prefill`): the
         ``p`` prefix tokens run once (row 0, copied to the other rows), the rests in buckets of rows
-        of similar length (:func:`_buckets`), each right-aligned at the last prompt column, so a
+        of similar length (:func:`length_buckets`), each right-aligned at the last prompt column, so a
         short row is padded only to its bucket's longest (the CoT evaluation's 52 prompts, rests of
         165-224 tokens: 4 buckets, prefill 34.6 -> 25.5 s on 1 thread under load, logits equal).
         Returns the prompts' last logits."""
@@ -485,7 +485,7 @@ class _StaticLlama:
             self.attend[r, p:p + W - len(x)] = False
         order = sorted(range(len(rest)), key=lambda r: -len(rest[r]))
         last = self.base.model.embed_tokens.weight.new_empty((len(rows), self.base.config.hidden_size))
-        for b0, b1 in _buckets([len(rest[r]) for r in order], self.BUCKET_COST):
+        for b0, b1 in length_buckets([len(rest[r]) for r in order], self.BUCKET_COST):
             idx = order[b0:b1]
             contiguous = idx == list(range(idx[0], idx[-1] + 1))  # the usual case: rows come sorted
             sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=dev)

@@ -299,9 +299,9 @@ def test_fused_weights_follow_a_changed_model(tiny_tokenizer):
     ([9, 9, 9, 9], 0, [(0, 4)]),  # equal lengths: a cut saves nothing, the first (widest) bucket kept
 ])
 def test_prefill_buckets_minimise_padded_tokens(lens, cost, want):
-    from sft.eval.generate import _buckets
+    from sft.eval.generate import length_buckets
 
-    assert _buckets(lens, cost) == want
+    assert length_buckets(lens, cost) == want
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -310,7 +310,7 @@ def test_prefill_buckets_against_brute_force(seed):
     import itertools
     import random
 
-    from sft.eval.generate import _buckets
+    from sft.eval.generate import length_buckets
 
     rng = random.Random(seed)
     lens = sorted((rng.randint(1, 30) for _ in range(rng.randint(1, 7))), reverse=True)
@@ -320,7 +320,7 @@ def test_prefill_buckets_against_brute_force(seed):
         bounds = [0, *cuts, len(lens)]
         return sum((b - a) * lens[a] + cost for a, b in zip(bounds, bounds[1:]))
 
-    got = _buckets(lens, cost)
+    got = length_buckets(lens, cost)
     assert got[0][0] == 0 and got[-1][1] == len(lens) and all(a[1] == b[0] for a, b in zip(got, got[1:]))
     brute = min(total(c) for k in range(len(lens)) for c in itertools.combinations(range(1, len(lens)), k))
     assert total([b for _, b in got[:-1]]) == brute

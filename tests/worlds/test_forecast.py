@@ -795,18 +795,18 @@ def test_cross_fit_batches_are_disjoint_and_the_smoke_forecast_runs(smoke_world,
     tracker's direction) and CE's alignment is debiased: the forecasts change, stay finite and keep
     CE's gain monotone in the rate; without it both use the same batches."""
     from sft.world_runs import general_sample
-    from sft.forecast_run import _batches, forecast_grid
+    from sft.forecast_run import probe_batches, forecast_grid
 
     model, _, _ = pretrained
     w = smoke_world
     cfg = ForecastConfig(methods=("ce", "talr"), lrs=(3e-4, 1e-3, 3e-3), steps=20, batch=8, n_batches=2,
                          n_general=32, probe_steps=4, pad_token_id=w.pad_id, cross_fit=True)
-    ce_b, own_b = _batches(w.d2_train, cfg, np.random.default_rng(0))
+    ce_b, own_b = probe_batches(w.d2_train, cfg, np.random.default_rng(0))
     ids = lambda bs: {id(ex) for b in bs for ex in b}  # noqa: E731
     assert len(ce_b) == len(own_b) == 2 and not ids(ce_b) & ids(own_b)
-    same = _batches(w.d2_train, replace(cfg, cross_fit=False), np.random.default_rng(0))
+    same = probe_batches(w.d2_train, replace(cfg, cross_fit=False), np.random.default_rng(0))
     assert same[0] == same[1] == ce_b
-    tiny = _batches(w.d2_train[:8], cfg, np.random.default_rng(0))  # one batch only: shared
+    tiny = probe_batches(w.d2_train[:8], cfg, np.random.default_rng(0))  # one batch only: shared
     assert tiny[0] == tiny[1]
     res = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
     old = forecast_grid(model, w.d2_train, general_sample(w, 32), replace(cfg, cross_fit=False), progress=False)
@@ -881,13 +881,13 @@ def test_token_tracker_forecast_on_the_smoke_world(smoke_world, pretrained):
     ``token_tracker`` is finite, CE's gain grows with the rate and stays below the tokens' whole loss."""
     from sft.world_runs import general_sample
     from sft.forecast import method_gradients
-    from sft.forecast_run import _batches, forecast_grid
+    from sft.forecast_run import probe_batches, forecast_grid
 
     model, _, _ = pretrained
     w = smoke_world
     cfg = ForecastConfig(methods=("ce", "talr", "l2"), lrs=(3e-4, 1e-3, 3e-3), steps=20, batch=8, n_batches=2,
                          n_general=32, probe_steps=4, pad_token_id=w.pad_id, token_tracker=True)
-    gm = method_gradients(model, _batches(w.d2_train, cfg, np.random.default_rng(0))[0], "talr",
+    gm = method_gradients(model, probe_batches(w.d2_train, cfg, np.random.default_rng(0))[0], "talr",
                           pad_token_id=w.pad_id, micro_batch=3)
     tk = gm.tokens
     assert tk.ell0.numel() == round(float(gm.tokens_per_seq.sum()) * 16)  # every supervised token of 2 x 8 rows
