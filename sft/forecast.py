@@ -889,6 +889,7 @@ class TokenTracker:
         tk, self.method, self.w_min = gm.tokens, get_method(method), w_min
         self.group, self.seq, self.ell = tk.group, tk.seq, tk.ell0.clone()
         self.K, self.n_seq = gm.mean.shape[0], int(tk.seq.max()) + 1 if tk.seq.numel() else 1
+        self.count = torch.bincount(self.seq, minlength=self.n_seq).to(torch.float64)  # tokens per sequence
         self.norm = self._group_mean(self.phi(self.ell)).clamp_min(1e-30)
 
     def _group_mean(self, x: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
@@ -905,8 +906,8 @@ class TokenTracker:
             return None
         ell = self.ell if ell is None else ell
         sums = torch.zeros(self.n_seq, dtype=torch.float64).index_add_(0, self.seq, ell)
-        cnt = torch.bincount(self.seq, minlength=self.n_seq).to(torch.float64)
-        return float(L.talr_tau(sums[cnt > 0] / cnt[cnt > 0]))
+        has = self.count > 0
+        return float(L.talr_tau(sums[has] / self.count[has]))
 
     def phi(self, ell: torch.Tensor) -> torch.Tensor:
         return self.weights(ell) * (1.0 - torch.exp(-ell)) ** 2
