@@ -107,10 +107,18 @@ def _grid_options(p, domain: bool) -> None:
         from sft.domains import DOMAINS
 
         p.add_argument("--domain", required=True, choices=sorted(DOMAINS), help="the domain (sft.domains)")
-    p.add_argument("--preset", default="default", choices=["smoke", "small", "default"],
+    p.add_argument("--preset", default="default", choices=["smoke", "small", "default", "heldout"],
                    help="smoke: a tiny Llama on a few rows, about a minute (ESCI: the tests' fixture pair when "
                         "no data is given); small: CE and TALR x 3 rates on CoT + label-only CE on SmolLM2 "
-                        f"(<= 45 min, memory {SMALL_MEMORY}); default: the full grid (4.45 h recorded over 22 runs, 6 WiSE-FT points and the forecasts; resumable)")
+                        f"(<= 45 min, memory {SMALL_MEMORY}); default: the full grid (4.45 h recorded over 22 runs, 6 WiSE-FT points and the forecasts; resumable); "
+                        "heldout: the forecast's validation grid on a fresh draw of the data (seed 24780; 8 label-only and 5 CoT runs "
+                        "the default grid never trained, FLOW among them, and their forecasts; resumable)")
+    p.add_argument("--variant", choices=["cot", "label"], default=None,
+                   help="only this supervision variant's entries (default: every variant of the domain); the cache "
+                        "is shared, so a later call without it reuses the runs")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the study's seed: the data split, training and held-out rows, training order, benchmark "
+                        "subsets, forecast probe (default: the preset's; >= 0)")
     p.add_argument("--out", default=None, help="output directory (default runs/study-smollm2[-PRESET] for medcalc, "
                                                "runs/study-grid-DOMAIN[-PRESET] otherwise)")
     p.add_argument("--data", "--medcalc", dest="data", default=None,
@@ -171,9 +179,16 @@ def run_grid(args: argparse.Namespace) -> int:
     for k, v in sizes.items():
         if v is not None and v < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    over = {k: v for k, v in dict(sizes, model=args.model).items() if v is not None}
-    cfg = make_config(args.preset, args.domain, data=args.data, gsm8k=args.gsm8k,
-                      forecast=not getattr(args, "no_forecast", False), **over)
+    seed = getattr(args, "seed", None)
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    over = {k: v for k, v in dict(sizes, model=args.model, seed=seed).items() if v is not None}
+    variant = getattr(args, "variant", None)
+    try:
+        cfg = make_config(args.preset, args.domain, variants=None if variant is None else (variant,), data=args.data,
+                          gsm8k=args.gsm8k, forecast=not getattr(args, "no_forecast", False), **over)
+    except ValueError as exc:  # a variant the domain or the preset does not have
+        raise UserError(str(exc)) from None
     try:
         run_study(cfg, out, progress=not args.no_progress, report_only=args.report_only)
     except (FileNotFoundError, ValueError) as exc:  # missing or unusable data, model or study folder

@@ -333,6 +333,48 @@ def test_cli_no_forecast_reaches_the_config(monkeypatch, tmp_path):
     assert seen[0].data_key() == seen[1].data_key()
 
 
+def test_cli_variant_and_seed_reach_the_config_and_bad_ones_are_refused(monkeypatch, tmp_path, capsys):
+    import experiments.studies.grid as st
+    from experiments.cli import main
+
+    seen = []
+    monkeypatch.setattr(st, "run_study", lambda cfg, out, **kw: seen.append(cfg))
+    assert main(["study", "smollm2", "--preset", "heldout", "--variant", "label", "--out", str(tmp_path / "o")]) == 0
+    assert main(["study", "smollm2", "--preset", "heldout", "--seed", "7", "--out", str(tmp_path / "o")]) == 0
+    assert {e.variant for e in seen[0].grid} == {"label"} and seen[0].seed == st.HELDOUT_SEED
+    assert {e.variant for e in seen[1].grid} == {"cot", "label"} and seen[1].seed == 7
+    # the variant filter is not in the cache key: a later call with every variant reuses the units
+    assert seen[0].data_key() == replace_seed(seen[1], st.HELDOUT_SEED).data_key()
+    assert main(["study", "smollm2", "--seed", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "talr study smollm2: --seed must be >= 0, got -1"
+    assert main(["study", "grid", "--domain", "esci", "--variant", "cot", "--out", str(tmp_path / "o")]) == 2
+    assert "variants ['cot']: esci has ['label']" in capsys.readouterr().err
+    assert len(seen) == 2 and not (tmp_path / "o").exists()
+
+
+def replace_seed(cfg, seed):
+    from dataclasses import replace
+
+    return replace(cfg, seed=seed)
+
+
+def test_heldout_preset_trains_what_the_default_grid_never_did():
+    """The validation grid: a seed the default never used (a new split, rows and benchmark subsets),
+    both variants, every entry forecast (no plateau, WiSE-FT or longer entry), FLOW among the methods,
+    and every other setting the default's (the two studies measure the same things)."""
+    from dataclasses import asdict
+
+    from experiments.studies.grid import PRESETS, forecast_entries
+
+    held, default = PRESETS["heldout"], PRESETS["default"]
+    assert held.seed != default.seed and {e.variant for e in held.grid} == {"cot", "label"}
+    assert "flow" in {e.method for e in held.grid} and "flow" not in {e.method for e in default.grid}
+    for v in ("cot", "label"):
+        assert forecast_entries(held, v) == [e for e in held.grid if e.variant == v]
+    same = {k: v for k, v in asdict(held).items() if k not in ("grid", "seed")}
+    assert same == {k: v for k, v in asdict(default).items() if k not in ("grid", "seed")}
+
+
 def test_default_preset_meets_the_issue_shape():
     """>= 20 runs (WiSE-FT points count) over both variants; CE, TALR, L2, LoRA and WiSE-FT;
     >= 3 learning rates spread over at least a decade; every held-out row evaluated; >= 3 benchmark tasks."""
