@@ -9,9 +9,11 @@ Run a study: a grid of fine-tuning runs, measured and held against the theory, w
 
   talr study forecast --out DIR [--preset smoke]   how well `talr forecast` predicts a grid of
                                                    tiny-world runs (about 20 min; smoke: 1 min)
-  talr study grid --domain medcalc|esci [--preset smoke|small] [--data PATH] [--model M] [--out DIR]
+  talr study grid --domain medcalc|esci [--preset smoke|small|heldout] [--variant cot|label] [--seed S]
+                  [--data PATH] [--model M] [--out DIR]
                                                    SFT of SmolLM2-135M-Instruct (or a tiny Llama:
                                                    smoke, about a minute) on a domain, methods x rates
+                                                   (heldout: the forecast's validation grid, fresh seed)
   talr study smollm2 [--preset small] [--out DIR]  the same for --domain medcalc (an alias)
 
 Finished runs are cached in the output folder: the same call again resumes where it stopped.
@@ -166,7 +168,7 @@ def _report_hint(args, out: str) -> str:
 
     if args.out is not None or Path(out, "study.json").is_file():
         return ""
-    found = [p for p in ("smoke", "small", "default") if Path(default_out(args.domain, p), "study.json").is_file()]
+    found = [p for p in ("smoke", "small", "default", "heldout") if Path(default_out(args.domain, p), "study.json").is_file()]
     return f" (a study is in the default folder of --preset {' / '.join(found)})" if found else ""
 
 
