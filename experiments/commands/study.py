@@ -103,13 +103,13 @@ GRID_DESCRIPTION = ("Fine-tune SmolLM2-135M-Instruct (or a tiny Llama) on one do
 
 
 def _grid_options(p, domain: bool) -> None:
-    from experiments.studies.grid import SMALL_MEMORY
+    from experiments.studies.grid import PRESETS, SMALL_MEMORY
 
     if domain:
         from sft.domains import DOMAINS
 
         p.add_argument("--domain", required=True, choices=sorted(DOMAINS), help="the domain (sft.domains)")
-    p.add_argument("--preset", default="default", choices=["smoke", "small", "default", "heldout"],
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="smoke: a tiny Llama on a few rows, about a minute (ESCI: the tests' fixture pair when "
                         "no data is given); small: CE and TALR x 3 rates on CoT + label-only CE on SmolLM2 "
                         f"(<= 45 min, memory {SMALL_MEMORY}); default: the full grid (4.45 h recorded over 22 runs, 6 WiSE-FT points and the forecasts; resumable); "
@@ -166,9 +166,11 @@ def _report_hint(args, out: str) -> str:
     """For --report-only on a folder without a study: the presets whose default folder holds one."""
     from pathlib import Path
 
+    from experiments.studies.grid import PRESETS
+
     if args.out is not None or Path(out, "study.json").is_file():
         return ""
-    found = [p for p in ("smoke", "small", "default", "heldout") if Path(default_out(args.domain, p), "study.json").is_file()]
+    found = [p for p in PRESETS if Path(default_out(args.domain, p), "study.json").is_file()]
     return f" (a study is in the default folder of --preset {' / '.join(found)})" if found else ""
 
 

@@ -253,7 +253,7 @@ def _default_grid() -> tuple:
 # the held-out grid (issue 20): a fresh draw of the MedCalc split, training rows, held-out rows and
 # benchmark subsets (the seed, drawn with secrets.randbelow(10**6) at 06:44:09 UTC on 2026-12-06, before
 # any run of it), and configurations the default grid never trained (FLOW; the others at its rates on the
-# new rows): the forecast scored where nothing was tuned. Label-only first (its units cost ~4.5 min), CoT after.
+# new rows): the forecast scored where nothing was tuned. `--variant label` runs label-only first (~4.5 min a unit).
 HELDOUT_SEED = 24780
 
 

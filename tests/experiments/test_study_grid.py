@@ -334,6 +334,8 @@ def test_cli_no_forecast_reaches_the_config(monkeypatch, tmp_path):
 
 
 def test_cli_variant_and_seed_reach_the_config_and_bad_ones_are_refused(monkeypatch, tmp_path, capsys):
+    from dataclasses import replace
+
     import experiments.studies.grid as st
     from experiments.cli import main
 
@@ -344,18 +346,12 @@ def test_cli_variant_and_seed_reach_the_config_and_bad_ones_are_refused(monkeypa
     assert {e.variant for e in seen[0].grid} == {"label"} and seen[0].seed == st.HELDOUT_SEED
     assert {e.variant for e in seen[1].grid} == {"cot", "label"} and seen[1].seed == 7
     # the variant filter is not in the cache key: a later call with every variant reuses the units
-    assert seen[0].data_key() == replace_seed(seen[1], st.HELDOUT_SEED).data_key()
+    assert seen[0].data_key() == replace(seen[1], seed=st.HELDOUT_SEED).data_key()
     assert main(["study", "smollm2", "--seed", "-1", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == "talr study smollm2: --seed must be >= 0, got -1"
     assert main(["study", "grid", "--domain", "esci", "--variant", "cot", "--out", str(tmp_path / "o")]) == 2
     assert "variants ['cot']: esci has ['label']" in capsys.readouterr().err
     assert len(seen) == 2 and not (tmp_path / "o").exists()
-
-
-def replace_seed(cfg, seed):
-    from dataclasses import replace
-
-    return replace(cfg, seed=seed)
 
 
 def test_heldout_preset_trains_what_the_default_grid_never_did():
