@@ -250,6 +250,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
 
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
                                     "compute_parts": u["compute"].get("parts"), "peak_rss_gb": u.get("peak_rss_gb"),
+                                    "rss_at_start_gb": u.get("rss_at_start_gb"),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}
     for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):

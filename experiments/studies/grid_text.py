@@ -346,6 +346,8 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
               f"{fmt(x['compute_ratio'])} of one training run{compute_parts(x.get('compute_parts'))}, "
               f"{fmt((x['seconds'] or 0) / 60)} min"
               + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
+              + (f" ({x['rss_at_start_gb']:.1f} GB resident at the unit's start, part of it left by earlier units)"
+                 if x.get("rss_at_start_gb") is not None else "")
               for v, x in sorted(u.items())) + "). The forecast's dL(P1) is turned into bits per token of the "
           "pooled general set (HumanEval solution tokens + GSM8K question tokens), and compared with the "
           "measured pooled change in the same unit. The forecast gain is in bits per training sequence on "

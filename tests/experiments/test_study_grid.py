@@ -108,6 +108,12 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert all(p is not None and p > weights_gb for p in peaks)
     assert not any(json.loads(f.read_text()).get("peak_rss_since_start") for f in (out / "cache").glob("run-*.json"))
     assert fs["units"]["label"]["peak_rss_gb"] > weights_gb
+    # each unit records the resident memory it began with (the model at least), never above its peak
+    for f in list((out / "cache").glob("run-*.json")) + list((out / "cache").glob("forecast-*.json")):
+        u = json.loads(f.read_text())
+        assert weights_gb < u["rss_at_start_gb"] <= u["peak_rss_gb"], f.name
+    start = fs["units"]["label"]["rss_at_start_gb"]
+    assert f"({start:.1f} GB resident at the unit's start" in (out / "report.md").read_text()
     assert f"at most {max(peaks):.1f} GB" in (out / "report.md").read_text()
     # unit check: the forecast's general sample is the evaluated general set, token for token
     # (its base bits per sequence, per supervised token, equal the measured pooled bits/token)
