@@ -329,6 +329,18 @@ def samples_section(base: dict, runs: list[dict]) -> list[str]:
     return out
 
 
+def _unit_text(v: str, x: dict) -> str:
+    """One forecast unit in the section's opening sentence: its probe, fit, compute, time and memory."""
+    return (f"{v}: probe {fmt(x['probe']['steps'])} steps at lr {fmt(x['probe']['lr'])}, fitted kappa "
+            f"{'/'.join(fmt(k) for k in x['probe'].get('kappa') or [])} (easy/hard token group; grid 0.02..5), "
+            f"lambda_c {fmt(x['probe']['lambda_c'])}, compute ratio "
+            f"{fmt(x['compute_ratio'])} of one training run{compute_parts(x.get('compute_parts'))}, "
+            f"{fmt((x['seconds'] or 0) / 60)} min"
+            + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
+            + (f" ({x['rss_at_start_gb']:.1f} GB resident at the unit's start, part of it left by earlier units)"
+               if x.get("rss_at_start_gb") is not None else ""))
+
+
 def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
     """Forecast (before training, `sft.forecast`) vs measured, per trained run and in summary."""
     L = ["## Forecast vs measured", ""]
@@ -339,16 +351,8 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
     L += ["`sft.forecast` (as `talr forecast` runs it) predicted every (method, lr) of each variant from theta0 "
           "and its own probe only, reading no run of the grid (the study schedules it after the variant's runs): "
           "mini-batch gradients at theta0, AdamW replayed on them, one short real CE probe at the grid's "
-          "geometric middle rate (" + "; ".join(
-              f"{v}: probe {fmt(x['probe']['steps'])} steps at lr {fmt(x['probe']['lr'])}, fitted kappa "
-              f"{'/'.join(fmt(k) for k in x['probe'].get('kappa') or [])} (easy/hard token group; grid 0.02..5), "
-              f"lambda_c {fmt(x['probe']['lambda_c'])}, compute ratio "
-              f"{fmt(x['compute_ratio'])} of one training run{compute_parts(x.get('compute_parts'))}, "
-              f"{fmt((x['seconds'] or 0) / 60)} min"
-              + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
-              + (f" ({x['rss_at_start_gb']:.1f} GB resident at the unit's start, part of it left by earlier units)"
-                 if x.get("rss_at_start_gb") is not None else "")
-              for v, x in sorted(u.items())) + "). The forecast's dL(P1) is turned into bits per token of the "
+          "geometric middle rate (" + "; ".join(_unit_text(v, x) for v, x in sorted(u.items()))
+          + "). The forecast's dL(P1) is turned into bits per token of the "
           "pooled general set (HumanEval solution tokens + GSM8K question tokens), and compared with the "
           "measured pooled change in the same unit. The forecast gain is in bits per training sequence on "
           "the training examples, the measured one per held-out gold completion: only its ranking is compared.", "",
