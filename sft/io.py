@@ -285,7 +285,16 @@ def reset_peak_rss() -> bool:
 def peak_rss_gb(status: str = "/proc/self/status") -> float | None:
     """The process's peak resident memory since the last :func:`reset_peak_rss` (or its start), in
     GB (10^9 bytes); None where the status file has no ``VmHWM`` (not Linux)."""
-    kib = status_kib("VmHWM", status)
+    return _status_gb("VmHWM", status)
+
+
+def rss_gb(status: str = "/proc/self/status") -> float | None:
+    """The process's resident memory now (``VmRSS``), in GB; None where the status file lacks it."""
+    return _status_gb("VmRSS", status)
+
+
+def _status_gb(key: str, status: str) -> float | None:
+    kib = status_kib(key, status)
     return None if kib is None else kib * 1024 / 1e9
 
 

@@ -55,11 +55,11 @@ def test_peak_rss_follows_a_large_allocation_and_resets(tmp_path):
     import numpy as np
     import pytest
 
-    from sft.io import status_kib, peak_rss_gb, reset_peak_rss
+    from sft.io import status_kib, peak_rss_gb, reset_peak_rss, rss_gb
 
     if not reset_peak_rss():
         pytest.fail("/proc/self/clear_refs must be writable on the test machines (Linux)")
-    before = status_kib("VmRSS") * 1024 / 1e9
+    before = rss_gb()
     a = np.ones(200_000_000 // 8)  # touched: resident
     assert peak_rss_gb() >= before + 0.19
     del a
@@ -68,6 +68,7 @@ def test_peak_rss_follows_a_large_allocation_and_resets(tmp_path):
     fake = tmp_path / "status"
     fake.write_text("Name: x\nVmRSS: 10 kB\n")
     assert peak_rss_gb(str(fake)) is None and status_kib("VmRSS", str(fake)) == 10
+    assert rss_gb(str(fake)) == pytest.approx(10 * 1024 / 1e9)  # kB in /proc are KiB; GB = 10^9 bytes
 
 
 def test_release_free_memory_returns_fragmented_heap_pages():

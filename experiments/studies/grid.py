@@ -664,12 +664,11 @@ def _unit_start() -> tuple[bool, float | None]:
     units left on the heap), the peak mark reset; (reset, resident GB now). A long study process
     still holds some of its earlier units' memory (about 1.1 GB after 8 SmolLM2 training runs, measured
     against the same forecast unit alone in a fresh process), so the unit records where it started."""
-    from sft.io import release_free_memory, reset_peak_rss, status_kib
+    from sft.io import release_free_memory, reset_peak_rss, rss_gb
 
     release_free_memory()
     reset = reset_peak_rss()
-    kib = status_kib("VmRSS")
-    return reset, None if kib is None else kib * 1024 / 1e9
+    return reset, rss_gb()
 
 
 def _peak_field(start: tuple[bool, float | None]) -> dict:
