@@ -160,13 +160,14 @@ world 0's 30 forecasts (`experiments/bench/forecast_ablation.py`).
 **Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
 one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
 n_b probe batches, n_w token weightings (<= 4), G = methods x rates, k = ``probe_steps``):
-    ratio = [(5 n_b n_w + 2 n_b + 6 k) B L2 + (G + 5) n_1 L1 + rf G T / 2] / (3 T B L2)
+    ratio = [(5 n_b n_w + 6 k) B L2 + (G + 5) n_1 L1 + rf G T / 2] / (3 T B L2)
 (the last term: the replays, rf N flops per step and configuration, a token pass being 2 N flops;
 it does not depend on N; `sft.forecast_run.replay_flops`: (50 + 30) / replay_block = 8 for CE, TALR,
 DFT, FLOW, 0 for L2 (CE's replay), (12 r + 25) / lora_block = 60.5 for LoRA: rf = 15.4 averaged over
 the six methods; 45-60 per step before the blocks); P = 2 probes. A 3B model, T = 150, B = 16,
-L2 = L1 = 512, n_1 = 128, n_b = 2, n_w = 4, G = 30, k = 6: 0.80 (passes) + 0.01 (replays) = 0.81 of
-one training run, whatever N (with one probe and blocks 25 / 3, tried as version 4: 0.71). In the
+L2 = L1 = 512, n_1 = 128, n_b = 2, n_w = 4, G = 30, k = 6: 0.79 (passes) + 0.01 (replays) = 0.80 of
+one training run, whatever N (0.81 before the token groups and temperatures were read from CE's pass;
+with one probe and blocks 25 / 3, tried as version 4: 0.71). In the
 tiny world (sequences of about 12 tokens) a replay step costs about a fortieth of a training step:
 worlds 0-2, 0.80 (passes) + 0.48 (replays, with the probes' fits; 1.48 before the blocks);
 version 4's settings 0.67-0.69 + 0.24.
@@ -355,6 +356,32 @@ class TokenLosses:
     ell0: torch.Tensor
     group: torch.Tensor
     seq: torch.Tensor
+    n_seq: int | None = None  # sequences (None: the largest ``seq`` + 1)
+
+    def _n(self) -> int:
+        return int(self.n_seq) if self.n_seq is not None else (int(self.seq.max()) + 1 if self.seq.numel() else 0)
+
+    def hard_by_sequence(self) -> list[np.ndarray]:
+        """Per sequence, its tokens' hard flags in order (`sft.forecast_run.token_groups`' format)."""
+        hard, seq = (self.group == 1).numpy(), self.seq.numpy()
+        return [hard[seq == i] for i in range(self._n())]
+
+    def sequence_means(self) -> np.ndarray:
+        """Each sequence's mean token loss at theta0 in nats (0 for one without supervised tokens,
+        as `sequence_losses`)."""
+        n = self._n()
+        tot = torch.zeros(n, dtype=torch.float64).index_add_(0, self.seq, self.ell0.double())
+        return (tot / torch.bincount(self.seq, minlength=n).double().clamp_min(1)).numpy()
+
+    def batch_taus(self, sizes: Sequence[int]) -> list[float]:
+        """TALR's tau of consecutive batches of ``sizes`` sequences (`sft.losses.talr_tau` of their
+        per-sequence mean losses), as `method_gradients`' pre-pass computes it."""
+        out, at = [], 0
+        for b in sizes:
+            m = (self.seq >= at) & (self.seq < at + b)
+            out.append(float(L.talr_tau(L.sequence_mean_losses(self.ell0[m], self.seq[m] - at, b))))
+            at += b
+        return out
 
 
 HARD_GROUP_P = 0.2  # the gradients' token groups: hard (p0 < HARD_GROUP_P), easy (Figure 3c's threshold)
@@ -536,7 +563,7 @@ class _Moments:
         if not self.tok:
             return None
         ell, hard, seq = (torch.cat(x) for x in zip(*self.tok))
-        return TokenLosses(ell.double(), hard.long(), seq.long())
+        return TokenLosses(ell.double(), hard.long(), seq.long(), n_seq=self.n_seq)
 
     def add(self, per: list[list]) -> None:
         """One batch: ``per[k]`` is group k's gradient, a list over parameters (None = zeros)."""
@@ -577,6 +604,15 @@ def _batch_tau(model, parts: list[dict], meter: ComputeMeter | None) -> torch.Te
     return L.talr_tau(torch.cat(means))
 
 
+def _parts_tau(model, parts: list[dict], loss_method: str, given: float | None, meter) -> torch.Tensor | None:
+    """The tau of a micro-batched batch for a method with one: ``given`` (read from CE's pass on the same
+    batch) or `_batch_tau`'s pre-pass; None when the batch runs at once (its weights compute it) or the
+    method has no tau."""
+    if len(parts) == 1 or not get_method(loss_method).tau:
+        return None
+    return torch.tensor(given, dtype=torch.float64) if given is not None else _batch_tau(model, parts, meter)
+
+
 def _micro_grads(model, part: dict, params, acc: _Moments, per: list, *, loss_method: str, tau, w_min: float,
                  flow_tau: float | None, hard_p: float, n_b: int) -> tuple[int, torch.Tensor | None]:
     """One micro-batch of `method_gradients`: its two token groups' gradients added into ``per``
@@ -602,7 +638,8 @@ def _micro_grads(model, part: dict, params, acc: _Moments, per: list, *, loss_me
 def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method: str, *, pad_token_id: int,
                      flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
                      meter: ComputeMeter | None = None, ce_mean: torch.Tensor | None = None,
-                     dtype=torch.float32, micro_batch: int = 0) -> GradientMoments:
+                     dtype=torch.float32, micro_batch: int = 0,
+                     batch_taus: Sequence[float] | None = None) -> GradientMoments:
     """`GradientMoments` of ``method``'s data loss at the current parameters over ``batches``
     (easy tokens: p0 >= ``hard_p``; hard: p0 < ``hard_p``), streamed one batch at a time. L2 and
     LoRA use CE's (their differences are replayed, see the module docstring); FLOW uses CE token
@@ -616,7 +653,8 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     given their stop-gradient weights, and n (the batch's supervised tokens) is read from the
     labels. The one weight that depends on the whole batch, TALR's tau (the batch median of
     per-sequence mean losses), comes from a no-grad pass over the batch first (one forward more
-    per batch, as the trainer's own tau pre-pass)."""
+    per batch, as the trainer's own tau pre-pass), or from ``batch_taus`` (one per batch, e.g.
+    `TokenLosses.batch_taus` of CE's moments on the same batches: no pass)."""
     rec = get_method(method)
     plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
     loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
@@ -628,12 +666,11 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     was = model.training
     model.train()
     try:
-        for ex in batches:
+        for i, ex in enumerate(batches):
             b = _collate(ex, pad_token_id)
-            B = b["input_ids"].shape[0]
             n_b = int(L.shift_and_select(b["labels"])[0].sum())  # the batch's supervised tokens
             parts = micro_batches(b, micro_batch)
-            tau = _batch_tau(model, parts, meter) if len(parts) > 1 and get_method(loss_method).tau else None
+            tau = _parts_tau(model, parts, loss_method, None if batch_taus is None else batch_taus[i], meter)
             per = [None, None]
             for part in parts:
                 n_tok, tau_used = _micro_grads(model, part, params, acc, per, loss_method=loss_method, tau=tau,
@@ -1262,23 +1299,25 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
 
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,
-                           n_batches: int, n_weightings: int, grid: int, probe_steps: int, flow: bool = True,
+                           n_batches: int, n_weightings: int, grid: int, probe_steps: int,
                            replay_flops: float = 15.4, probes: int = 2) -> dict:
     """The forecast's compute over one training run's (3 T B L2 forward-token passes; a backward
     costs two forwards), from its parts (L2, L1 = mean tokens of a D2 / D1 sequence):
 
     - gradients: n_b B L2 (1 + 2 x 2 groups) per token weighting (CE's, TALR's, DFT's, FLOW's),
       the CE direction shared: 5 n_b B L2 n_w;
-    - token groups and FLOW's temperature: n_b B L2 each; the ``probes`` probes (2: the calibration
-      probe and the size probe; 1 with ``size_probe=False``): P x 3 k B L2;
+    - the probe's token groups, FLOW's temperature and TALR's per-batch tau (micro-batched): none, read
+      from CE's pass (`TokenLosses`; session 9, a forward over the probe batches each before);
+    - the ``probes`` probes (2: the calibration probe and the size probe; 1 with ``size_probe=False``):
+      P x 3 k B L2;
     - the D1 sample: at theta0, after each probe, at the size correction's two replayed probes
       (P = 2 only) and at each of the G configurations: (G + 3 P - 1) n_1 L1 (G + 5 for P = 2);
     - the replays, no model pass: ``replay_flops`` (about 15.4 with the blocks 10 and 2, 8.9 with
       blocks 25 and 3, averaged over the six methods; 45 per step before them) x N flops per step and
       configuration, a forward-token pass being 2 N flops: G T replay_flops / 2 (N cancels).
 
-    ratio = [(5 n_b n_w + 2 n_b + 3 P k) B L2 + (G + 3 P - 1) n_1 L1 + G T replay_flops / 2] / (3 T B L2)."""
-    passes = (5 * n_batches * n_weightings + (2 if flow else 1) * n_batches + 3 * probes * probe_steps) * batch * len_d2 \
+    ratio = [(5 n_b n_w + 3 P k) B L2 + (G + 3 P - 1) n_1 L1 + G T replay_flops / 2] / (3 T B L2)."""
+    passes = (5 * n_batches * n_weightings + 3 * probes * probe_steps) * batch * len_d2 \
         + (grid + 3 * probes - 1) * n_general * len_d1
     replay = grid * steps * replay_flops / 2.0
     run = 3.0 * steps * batch * len_d2

@@ -259,28 +259,49 @@ class _Grid:
             self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
         self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
         self.dtype = getattr(torch, cfg.store_dtype)
-        self.flow_tau, self.size_points, self._groups, self._last = None, [], None, None
+        self.size_points, self._groups, self._last = [], None, None
+        self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
         self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
-        if any(get_method(m).sequence_weights == "flow" for m in cfg.methods):
-            with self.meter.phase("gradients"):
-                _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
-            self.flow_tau = max(float(np.median(means)), 1e-12)
 
     def groups(self) -> list[np.ndarray]:
-        """Per probe example, its hard tokens at theta0 (computed once)."""
+        """Per probe example, its hard tokens at theta0 (computed once): read from CE's moments, whose
+        pass saw the same examples at theta0 (no model pass), else a forward over them."""
+        if self._groups is None and self.ce_tokens is not None:
+            self._groups = self.ce_tokens.hard_by_sequence()
         if self._groups is None:
             with self.meter.phase("probes"):
                 self._groups = token_groups(self.model, self.examples, self.pad, HARD_GROUP_P, self.meter)
         return self._groups
 
+    def flow_tau(self) -> float:
+        """FLOW's temperature: the median per-sequence mean loss of the probe examples at theta0 (from CE's
+        moments when computed, else a forward over them)."""
+        if self.ce_tokens is not None:
+            means = self.ce_tokens.sequence_means()
+        else:
+            with self.meter.phase("gradients"):
+                _, means = sequence_losses(self.model, self.examples, pad_token_id=self.pad, meter=self.meter)
+        return max(float(np.median(means)), 1e-12)
+
     def moments(self, method: str, ce_mean=None) -> GradientMoments:
         """``method``'s moments: on CE's batches (``ce_mean`` None: CE, whose mean is the shared
-        progress direction) or on the other methods' (`probe_batches`)."""
+        progress direction) or on the other methods' (`probe_batches`). CE's keep their tokens at theta0:
+        the probe's token groups, FLOW's temperature and TALR's batch taus on the same batches are read
+        from them (each a forward pass over the batches before)."""
         batches = self.batches if ce_mean is None else self.own_batches
+        rec = get_method(method)
+        flow_tau = self.flow_tau() if rec.sequence_weights == "flow" else None
+        taus = None
+        same = [id(x) for b in batches for x in b] == [id(x) for x in self.examples]  # CE's batches
+        if rec.tau and self.ce_tokens is not None and same:
+            taus = self.ce_tokens.batch_taus([len(b) for b in batches])
         with self.meter.phase("gradients"), _released():
-            return method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=self.flow_tau,
-                                    w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
-                                    micro_batch=self.cfg.micro_batch)
+            gm = method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=flow_tau,
+                                  w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
+                                  micro_batch=self.cfg.micro_batch, batch_taus=taus)
+        if method == "ce" and ce_mean is None and self.ce_tokens is None:
+            self.ce_tokens = gm.tokens
+        return gm
 
     def replay(self, gm: GradientMoments, method: str, lr: float):
         cfg = self.cfg

@@ -737,3 +737,15 @@ def test_grid_advisor_scores_choices_against_the_hindsight_best():
     assert all(b["choice"] == blind["budgets"][0]["choice"] for b in blind["budgets"])
     assert blind["advisor_within_budget"] < 1.0
     assert grid_advisor(rs[:2]) is None  # too few runs
+
+
+def test_forecast_store_keys_new_units_and_keeps_the_float32_ones():
+    """The grid study stores the forecast's gradient moments in bf16 (the 3B setting): a new forecast
+    key; float32, the storage of every unit cached before the field, keeps exactly the former key."""
+    from experiments.studies.grid import key_of, make_config
+
+    cfg = make_config("heldout")
+    assert cfg.forecast_store == "bfloat16" and cfg.forecast_key()["forecast_store"] == "bfloat16"
+    old = replace(cfg, forecast_store="float32").forecast_key()
+    assert list(old) == ["forecast", "forecast_batches", "forecast_probe_steps", "forecast_accuracy", "bench"]
+    assert key_of(old) != key_of(cfg.forecast_key())

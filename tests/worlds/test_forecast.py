@@ -228,7 +228,7 @@ def test_forecast_on_the_smoke_world_is_monotone_in_lr(smoke_world, pretrained):
     assert set(c["parts"]) == {"gradients", "probes", "d1_evals", "replays"}
     assert sum(c["parts"].values()) == pytest.approx(c["compute_ratio"])
     assert c["parts"]["replays"] == pytest.approx(c["replay_ratio"])
-    # two 4-step probes of batch 8 (3 passes a token) and the hard-token groups of the 16 probe-batch examples
+    # two 4-step probes of batch 8 (3 passes a token; the hard-token groups come from CE's pass)
     probe_tokens = 2 * 4 * 8 * 3 * np.mean([len(e["input_ids"]) for e in w.d2_train])
     assert c["parts"]["probes"] * c["training_run_units"] == pytest.approx(probe_tokens, rel=0.3)
     # the model is untouched by the forecast (it evaluates in place and restores theta0 bit for bit);
@@ -540,10 +540,10 @@ def test_replay_flops_counts_the_noise_floor():
     assert r["replay_ratio"] == pytest.approx(30 * 150 * 15.4 / 2 / (3 * 150 * 16 * 512))
     # two probes (6 k B L2) and G + 5 D1 evaluations; one probe (no size probe): 3 k B L2 and G + 2
     run = 3 * 150 * 16 * 512
-    assert r["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 6 * 6) * 16 * 512 + 35 * 128 * 512) / run)
+    assert r["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 6 * 6) * 16 * 512 + 35 * 128 * 512) / run)
     r1 = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
                                 n_weightings=4, grid=30, probe_steps=6, probes=1, replay_flops=8.9)
-    assert r1["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 2 * 2 + 3 * 6) * 16 * 512 + 32 * 128 * 512) / run)
+    assert r1["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 3 * 6) * 16 * 512 + 32 * 128 * 512) / run)
     # the default per-configuration flops: the six methods' replay_flops averaged
     assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
     assert np.mean([replay_flops(m, v4) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(8.9, abs=0.05)
@@ -899,3 +899,32 @@ def test_token_tracker_forecast_on_the_smoke_world(smoke_world, pretrained):
     gains = [r["domain_gain_bits"] for r in rows if r["method"] == "ce"]
     whole = float((gm.ell0 * gm.tokens_per_seq).sum()) / np.log(2)
     assert 0 < gains[0] <= gains[1] <= gains[2] < 1.5 * whole
+
+
+def test_ce_moments_carry_the_groups_and_temperatures_of_their_batches(smoke_world, pretrained):
+    """CE's gradient pass sees the probe examples at theta0, so the probe's token groups, FLOW's
+    temperature and TALR's per-batch tau are read from its tokens instead of three more forward
+    passes: they equal the passes' values (micro-batched: tau from a whole batch, not a micro-batch),
+    and the forecast's gradient part is then exactly 1 forward + 2 backwards per token and weighting."""
+    from sft.forecast import _batch_tau, _collate, method_gradients, micro_batches, sequence_losses
+    from sft.forecast_run import HARD_GROUP_P, forecast_grid, probe_batches, token_groups
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    cfg = ForecastConfig(methods=("ce", "talr", "flow"), lrs=(1e-4, 1e-3), steps=12, batch=8, n_batches=2,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, micro_batch=3)
+    batches, _ = probe_batches(w.d2_train, cfg, np.random.default_rng(cfg.seed))
+    examples = [ex for b in batches for ex in b]
+    tok = method_gradients(model, batches, "ce", pad_token_id=w.pad_id, micro_batch=3).tokens
+    groups = token_groups(model, examples, w.pad_id, HARD_GROUP_P, ComputeMeter())
+    assert len(tok.hard_by_sequence()) == len(groups) == 16
+    assert all(np.array_equal(a, b) for a, b in zip(tok.hard_by_sequence(), groups))
+    assert tok.sequence_means() == pytest.approx(sequence_losses(model, examples, pad_token_id=w.pad_id)[1], rel=1e-5)
+    want = [float(_batch_tau(model, micro_batches(_collate(b, w.pad_id), 3), None)) for b in batches]
+    assert tok.batch_taus([8, 8]) == pytest.approx(want, rel=1e-5)
+    assert len(set(want)) == 2  # two batches, two taus: a mix-up of their rows would show
+    res = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
+    c = res["compute"]
+    n_tok = sum(int(_collate(b, w.pad_id)["attention_mask"].sum()) for b in batches)
+    assert c["parts"]["gradients"] * c["training_run_units"] == pytest.approx(3 * 5 * n_tok)
