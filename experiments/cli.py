@@ -27,6 +27,7 @@ COMMANDS = {
     "demo": "demo_cmd",
     "forecast": "forecast",
     "advise": "forecast",
+    "forecast-cost": "forecast",
     "study": "study",
 }
 

@@ -126,6 +126,85 @@ def register(sub) -> None:
     _common(a)
     a.add_argument("--budget", type=float, required=True, help="largest acceptable dL(P1), bits per sequence")
     a.set_defaults(func=run_advise)
+    c = sub.add_parser("forecast-cost", help="the forecast's peak memory and compute for a model and grid, from the formulas",
+                       description=COST_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _cost_options(c)
+    c.set_defaults(func=run_cost)
+
+
+COST_DOC = """The forecast's peak memory (`sft.forecast.forecast_memory_bytes`) and compute over one training run
+(`sft.forecast.forecast_compute_ratio`) from their formulas, before any model is loaded; and the run
+length T from which the forecast costs at most --target of one run (its passes do not grow with T,
+the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights and moments,
+T = 150, B = 16, 512-token sequences, 30 configurations).
+
+    talr forecast-cost
+    talr forecast-cost --params 1.35e8 --weight-bytes 4 --store-bytes 2 --steps 20 --batch-size 4 \\
+        --len-d2 282 --n-general 24 --len-d1 96 --weightings 3 --grid 8 --probe-steps 6
+"""
+
+
+def _cost_options(p: argparse.ArgumentParser) -> None:
+    from theory.checks import ranged
+
+    def count(name):
+        return ranged(name, 1, integer=True)
+
+    p.add_argument("--params", type=ranged("params", 0, lo_open=True), default=3.21e9, help="trainable parameters N")
+    p.add_argument("--weight-bytes", type=ranged("weight-bytes", 1, 8), default=2, help="bytes per weight w (bf16: 2)")
+    p.add_argument("--store-bytes", type=ranged("store-bytes", 1, 8), default=2, help="bytes per stored moment s")
+    p.add_argument("--steps", type=count("steps"), default=150, help="steps T of one training run")
+    p.add_argument("--batch-size", type=count("batch-size"), default=16, help="sequences per step B")
+    p.add_argument("--len-d2", type=ranged("len-d2", 0, lo_open=True), default=512, help="mean tokens of a D2 sequence")
+    p.add_argument("--n-general", type=count("n-general"), default=128, help="D1 sequences evaluated per configuration")
+    p.add_argument("--len-d1", type=ranged("len-d1", 0, lo_open=True), default=512, help="mean tokens of a D1 sequence")
+    p.add_argument("--n-batches", type=count("n-batches"), default=2, help="probe batches per token weighting")
+    p.add_argument("--weightings", type=ranged("weightings", 1, 4, integer=True), default=4,
+                   help="token weightings with gradients of their own (CE, TALR, DFT, FLOW)")
+    p.add_argument("--grid", type=count("grid"), default=30, help="configurations G (methods x rates)")
+    p.add_argument("--probe-steps", type=count("probe-steps"), default=6, help="steps k of each probe")
+    p.add_argument("--probes", type=ranged("probes", 1, 2, integer=True), default=2, help="1, or 2 with the size probe")
+    p.add_argument("--replay-flops", type=ranged("replay-flops", 0), default=8.9,
+                   help="flops per parameter, step and configuration of a replay (8.9: version 5's blocks)")
+    p.add_argument("--gpu-gb", type=ranged("gpu-gb", 0, lo_open=True), default=80.0, help="memory of the device, GB")
+    p.add_argument("--target", type=ranged("target", 0, lo_open=True), default=0.5,
+                   help="compute target, in training runs (the T it needs is printed)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def forecast_cost(args) -> dict:
+    """The figures `talr forecast-cost` prints (see COST_DOC)."""
+    from sft.forecast import forecast_compute_ratio, forecast_memory_bytes
+
+    mem = forecast_memory_bytes(args.params, weight_bytes=args.weight_bytes, store_bytes=args.store_bytes)
+    kw = dict(batch=args.batch_size, len_d2=args.len_d2, n_general=args.n_general, len_d1=args.len_d1,
+              n_batches=args.n_batches, n_weightings=args.weightings, grid=args.grid, probe_steps=args.probe_steps,
+              replay_flops=args.replay_flops, probes=args.probes)
+    comp = forecast_compute_ratio(steps=args.steps, **kw)
+    per_step = forecast_compute_ratio(steps=1, **kw)  # ratio(T) = passes(1) / T + replays (constant in T)
+    floor = per_step["replay_ratio"]
+    t_min = math.ceil(per_step["passes_ratio"] / (args.target - floor)) if args.target > floor else None
+    return {"params": args.params, "memory_gb": {k: v / 1e9 for k, v in mem.items()},
+            "fits": mem["peak"] / 1e9 <= args.gpu_gb, "gpu_gb": args.gpu_gb, "compute": comp,
+            "target": args.target, "steps_for_target": t_min, "replay_floor": floor}
+
+
+def run_cost(args) -> int:
+    r = forecast_cost(args)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    m, c = r["memory_gb"], r["compute"]
+    print(f"N = {args.params:.3g} parameters, w = {args.weight_bytes:g} B a weight, s = {args.store_bytes:g} B a moment")
+    print(f"peak memory beside activations: {m['peak']:.1f} GB = the model {m['model']:.1f} + the largest of "
+          f"a gradient pass {m['gradient_pass']:.1f}, a probe {m['probe']:.1f}, the rows {m['ce_family']:.1f} "
+          f"(+ chunks): {'fits' if r['fits'] else 'does not fit'} {args.gpu_gb:g} GB")
+    print(f"compute: {c['ratio']:.3f} of one training run at T = {args.steps} (passes {c['passes_ratio']:.3f}, "
+          f"replays {c['replay_ratio']:.3f})")
+    t = r["steps_for_target"]
+    print(f"at most {args.target:g} of a run from T = {t}" if t is not None else
+          f"never at most {args.target:g} of a run: the replays alone cost {r['replay_floor']:.3f}")
+    return 0
 
 
 def _inputs(args):

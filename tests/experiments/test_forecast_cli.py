@@ -90,3 +90,33 @@ def test_study_forecast_seeds_option(capsys, tmp_path):
         main(["study", "forecast", "--seeds", "0,0", "--out", str(tmp_path / "s")])
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_target(capsys):
+    """``talr forecast-cost``: the memory and compute formulas of `sft.forecast` for the given sizes, and
+    the first T at which the forecast costs at most --target of one run (the passes are fixed, the run
+    grows with T); a bad size is refused with one line, exit 2."""
+    from sft.forecast import forecast_compute_ratio, forecast_memory_bytes
+
+    assert main(["forecast-cost", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["memory_gb"]["peak"] == pytest.approx(forecast_memory_bytes(3.21e9)["peak"] / 1e9)
+    assert r["fits"] and r["memory_gb"]["peak"] < 80
+    kw = dict(batch=4, len_d2=282, n_general=24, len_d1=96, n_batches=2, n_weightings=3, grid=8, probe_steps=6,
+              replay_flops=8.9, probes=2)
+    sizes = ["--params", "1.35e8", "--steps", "20", "--batch-size", "4", "--len-d2", "282", "--n-general", "24",
+             "--len-d1", "96", "--weightings", "3", "--grid", "8"]
+    assert main(["forecast-cost", "--json", *sizes]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["compute"] == pytest.approx(forecast_compute_ratio(steps=20, **kw))
+    t = r["steps_for_target"]
+    assert forecast_compute_ratio(steps=t, **kw)["ratio"] <= 0.5 < forecast_compute_ratio(steps=t - 1, **kw)["ratio"]
+    assert main(["forecast-cost", *sizes]) == 0
+    out = capsys.readouterr().out
+    assert f"at most 0.5 of a run from T = {t}" in out and "fits 80 GB" in out
+    # a target below the replays' own share (constant in T) is never met, and says why
+    assert main(["forecast-cost", *sizes, "--target", "0.001"]) == 0
+    assert "never at most 0.001 of a run: the replays alone cost" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["forecast-cost", "--params", "0"])
+    assert e.value.code == 2 and "--params: 0.0 is outside (0, inf)" in capsys.readouterr().err
