@@ -251,6 +251,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
                                     "compute_parts": u["compute"].get("parts"), "peak_rss_gb": u.get("peak_rss_gb"),
                                     "rss_at_start_gb": u.get("rss_at_start_gb"),
+                                    "ce_run_peak_gb": _ce_peak(runs, u["variant"]),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}
     for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):
@@ -264,6 +265,14 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
                      "advisor": grid_advisor(rs) if sel is not None else None,
                      "accuracy": accuracy_forecast_summary(rs)}
     return out
+
+
+def _ce_peak(runs: list[dict], variant: str) -> float | None:
+    """The largest peak resident memory of the variant's trained CE runs (GB; the issue's memory target is
+    a forecast unit's peak <= a training run's + 2 GB); None without one."""
+    ps = [r["peak_rss_gb"] for r in runs if r["variant"] == variant and r.get("method") == "ce"
+          and r.get("peak_rss_gb") is not None]
+    return max(ps) if ps else None
 
 
 def accuracy_forecast_summary(rs: list[dict]) -> dict | None:

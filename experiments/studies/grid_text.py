@@ -338,7 +338,17 @@ def _unit_text(v: str, x: dict) -> str:
             f"{fmt((x['seconds'] or 0) / 60)} min"
             + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
             + (f" ({x['rss_at_start_gb']:.1f} GB resident at the unit's start, part of it left by earlier units)"
-               if x.get("rss_at_start_gb") is not None else ""))
+               if x.get("rss_at_start_gb") is not None else "") + _memory_target(x))
+
+
+def _memory_target(x: dict) -> str:
+    """The unit's peak against the target, its variant's CE training run's peak + 2 GB ('' without both)."""
+    p, ce = x.get("peak_rss_gb"), x.get("ce_run_peak_gb")
+    if p is None or ce is None:
+        return ""
+    lim = ce + 2.0
+    return (f", against a CE run's {ce:.2f} GB + 2 = {lim:.2f} GB: "
+            + ("within" if p <= lim else f"over by {p - lim:.2f} GB"))
 
 
 def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:

@@ -749,3 +749,17 @@ def test_forecast_store_keys_new_units_and_keeps_the_float32_ones():
     old = replace(cfg, forecast_store="float32").forecast_key()
     assert list(old) == ["forecast", "forecast_batches", "forecast_probe_steps", "forecast_accuracy", "bench"]
     assert key_of(old) != key_of(cfg.forecast_key())
+
+
+def test_forecast_unit_memory_is_held_against_the_ce_run_plus_two_gb():
+    """The report holds each forecast unit's peak against its variant's heaviest CE run + 2 GB (the issue's
+    target), by hand: within, over (by how much), and nothing said without a CE run's peak."""
+    from experiments.studies.grid_report import _ce_peak
+    from experiments.studies.grid_text import _memory_target
+
+    runs = [{"variant": "label", "method": "ce", "peak_rss_gb": 5.4}, {"variant": "label", "method": "ce", "peak_rss_gb": 5.6},
+            {"variant": "label", "method": "l2", "peak_rss_gb": 7.0}, {"variant": "cot", "method": "talr", "peak_rss_gb": 6.0}]
+    assert _ce_peak(runs, "label") == 5.6 and _ce_peak(runs, "cot") is None
+    assert _memory_target({"peak_rss_gb": 7.5, "ce_run_peak_gb": 5.6}).endswith("5.60 GB + 2 = 7.60 GB: within")
+    assert _memory_target({"peak_rss_gb": 7.71, "ce_run_peak_gb": 5.38}).endswith("= 7.38 GB: over by 0.33 GB")
+    assert _memory_target({"peak_rss_gb": 7.5, "ce_run_peak_gb": None}) == ""
