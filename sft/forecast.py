@@ -145,17 +145,22 @@ rule failed).
 3: block replay, L2 under the descent bound (the flags' previous defaults, the bench's ``version3``).
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
-per weight, s per stored moment; one method's moments live at a time, so neither the number of
-methods, of rates nor of probe batches enters):
-    peak = w N + max(7 s N + 4 N + w N, 7 s N + 3 w N, 5 s N + 4 w N) + 32 CHUNK x 4
-(the model, used in place; moments 5 s N + the CE direction or L2's Adam state 2 s N; the float32
-displacement; theta0's copy while a configuration is evaluated; or the group gradients of a pass;
-or a probe's model copy, gradient and AdamW states beside CE's moments). The activations are those of
-``micro_batch`` rows (the gradients and probes run their batches in micro-batches, exactly).
-A 3B model (N = 3.21e9) in bf16 with ``store_dtype="bfloat16"`` (s = w = 2): 22 N = 70.6 GB + 0.5 GB
-of chunks: one 80 GB GPU (a training run of the same model with AdamW in fp32 states: 16 N = 51 GB).
-Storing the moments in bf16 instead of float32: see docs/forecast/README.md for the change of
-world 0's 30 forecasts (`experiments/bench/forecast_ablation.py`).
+per weight, s per stored mean or CE direction, c per stored batch covariance; one method's moments
+live at a time, so neither the number of methods, of rates nor of probe batches enters):
+    peak = w N + max(M + 4 N + w N, M + 3 w N, M - 2 s N + 4 w N) + 32 CHUNK x 4,  M = 4 s N + 3 c N
+(the model, used in place; means 2 s N, covariances 3 c N and the CE direction or L2's Adam state
+2 s N; the float32 displacement; theta0's copy while a configuration is evaluated; or the group
+gradients of a pass; or a probe's model copy, gradient and AdamW states beside CE's moments). The
+activations are those of ``micro_batch`` rows (the gradients and probes run their batches in
+micro-batches, exactly). `talr forecast-cost` prints it for any N.
+A 3B model (N = 3.21e9) in bf16 with ``store_dtype="bfloat16"`` (s = w = 2) and the covariances in
+float32 (c = 4, the default ``noise_dtype``): 28 N = 89.9 GB + 0.5 GB of chunks: **not** one 80 GB
+GPU (an H200's 141 GB; a training run of the same model with AdamW in fp32 states: 16 N = 51 GB).
+Session 6 claimed 22 N = 70.6 GB with every moment in bf16 (c = 2); on SmolLM2 that storage loses the
+batch noise (`_Moments`: centred storage halves the damage, not enough) and the replayed dL at the
+probe is 2003 (raw) or 614 (centred) bits against 6.6 in float32, so the claim did not hold. With the
+means in bf16 and the covariances in float32 the probe's replay moves by 1.5 % (6.50 bits) and the
+top rate's by 1 % (164.3 against 162.7).
 
 **Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
 one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
@@ -224,7 +229,8 @@ class ForecastConfig:
     track: bool = True  # scale group gradients by their tracked loss (False: frozen replay)
     coherence: bool = True  # measure the gradient's rotation on the probe (False: the first-order scale)
     size_probe: bool = True  # a second CE probe at the largest rate sizes the replay (`size_correction`)
-    store_dtype: str = "float32"  # the gradient moments' storage ("bfloat16": half the memory, see the docstring)
+    store_dtype: str = "float32"  # the gradient means' and CE direction's storage ("bfloat16": half their memory)
+    noise_dtype: str = "float32"  # the batch covariances' storage (bf16 loses SmolLM2's noise: `_Moments`)
     noise_floor: bool = True  # the replay's batch noise keeps its theta0 variance while the mean gradient shrinks
     keep_norm: bool = True  # the rotation turns the steps without shrinking them (`decorrelation`)
     replay_block: int = 25  # steps per held Adam denominator in the replays (1: exact; `replay_adam`'s block; 10 before version 5)
@@ -253,8 +259,9 @@ class ForecastConfig:
             raise ValueError(f"size_axis {self.size_axis!r}: expected 'rate' or 'lambda'")
         if self.coherence_fit not in ("log", "linear"):
             raise ValueError(f"coherence_fit {self.coherence_fit!r}: expected 'log' or 'linear'")
-        if self.store_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"store_dtype {self.store_dtype!r}: expected float32, bfloat16 or float16")
+        for name in ("store_dtype", "noise_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected float32, bfloat16 or float16")
         if int(self.micro_batch) < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: the whole batch), got {self.micro_batch}")
         for name in ("steps", "batch", "n_batches", "n_general", "probe_steps", "replay_block", "lora_block", "fit_block"):
@@ -394,16 +401,17 @@ class GradientMoments:
     probe batches (streamed: memory independent of their number).
 
     ``mean [K, N]``: mean over batches of the gradient of the method's batch loss restricted to
-    group k's tokens; ``sq [3, N]``: per coordinate the mean over batches of g_b0^2, g_b0 g_b1,
-    g_b1^2 (Adam's second moment of any group mixture rho: E_b[(rho . g_b)^2] = sum_kl rho_k rho_l
-    sq_kl); ``ce_mean [K, N]``: gradient of group k's mean CE token loss over all batches (the
+    group k's tokens; ``cov [3, N]``: per coordinate the batch covariance Cov_b[g_bk, g_bl] of the
+    pairs (0, 0), (0, 1), (1, 1) (`PAIRS`), the noise, stored centred (`_Moments`); the raw second
+    moment sq_kl = E_b[g_bk g_bl] = cov_kl + mean_k mean_l (`raw_sq`) gives Adam's second moment of
+    any group mixture rho: E_b[(rho . g_b)^2] = sum_kl rho_k rho_l sq_kl; ``ce_mean [K, N]``: gradient of group k's mean CE token loss over all batches (the
     progress direction of the tracker; None: ``ce_scale`` x ``mean``, exact for a CE loss whose
     batches have equal token counts); ``ell0 [K]``: group k's mean initial token loss (nats);
     ``tau``: TALR's temperature at theta0 (median per-sequence mean loss); ``sq_sum [3]``: the
-    coordinate sums of ``sq`` (the expected squared norm of a batch gradient, for clipping)."""
+    coordinate sums of sq (the expected squared norm of a batch gradient, for clipping)."""
 
     mean: torch.Tensor
-    sq: torch.Tensor
+    cov: torch.Tensor
     ce_mean: torch.Tensor | None
     ell0: torch.Tensor
     tau: float
@@ -423,8 +431,9 @@ class GradientMoments:
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.sq_sum = sum(self.sq[:, sl].double().sum(1) for sl in _chunks(self.sq.shape[1]))  # no float64 copy
-        self._mean_sums = None
+        self._mean_sums = sum(self.mean_pairs(sl).double().sum(1) for sl in _chunks(self.mean.shape[1]))
+        self.cov_sum = sum(self.cov[:, sl].double().sum(1) for sl in _chunks(self.cov.shape[1]))  # no float64 copy
+        self.sq_sum = self.cov_sum + self._mean_sums
 
     def mean_pairs(self, sl: slice = slice(None)) -> torch.Tensor:
         """``[3, n]`` (or ``[1, n]``): mean_k mean_l for the pairs of `PAIRS` on the coordinates ``sl``."""
@@ -434,27 +443,30 @@ class GradientMoments:
         return torch.stack([m[0] * m[0], m[0] * m[1], m[1] * m[1]])
 
     def noise_pairs(self, sl: slice = slice(None)) -> torch.Tensor:
-        """Cov_b[g_bk, g_bl] per coordinate at theta0 for the pairs of `PAIRS`: sq_kl - mean_k mean_l."""
-        return self.sq[:, sl].float() - self.mean_pairs(sl)
+        """Cov_b[g_bk, g_bl] per coordinate at theta0 for the pairs of `PAIRS` (stored centred)."""
+        return self.cov[:, sl].float()
+
+    def raw_sq(self, sl: slice = slice(None)) -> torch.Tensor:
+        """E_b[g_bk g_bl] per coordinate for the pairs of `PAIRS`: cov_kl + mean_k mean_l."""
+        return self.noise_pairs(sl) + self.mean_pairs(sl)
 
     def norm2(self, rho: torch.Tensor, rn: torch.Tensor | None = None) -> float:
         """E_b ||sum_k rho_k g_bk||^2 (the clip's squared norm); with ``noise_floor`` the mean part
         ||rho . mean||^2 plus the batch noise weighted by ``rn`` (`second_moment`)."""
         if not self.noise_floor:
             return float(_pair_weights(rho) @ self.sq_sum)
-        if self._mean_sums is None:
-            self._mean_sums = sum(self.mean_pairs(sl).double().sum(1) for sl in _chunks(self.mean.shape[1]))
         rn = torch.ones_like(rho) if rn is None else rn
-        return float(_pair_weights(rho) @ self._mean_sums + _pair_weights(rn) @ (self.sq_sum - self._mean_sums))
+        return float(_pair_weights(rho) @ self._mean_sums + _pair_weights(rn) @ self.cov_sum)
 
     @classmethod
     def from_batches(cls, g: torch.Tensor, ce_mean: torch.Tensor, ell0, tau: float = 1.0, tokens_per_seq=None,
                      dtype=torch.float32) -> "GradientMoments":
         """The moments of explicit per-batch group gradients ``g [n_batches, K, N]`` (tests, references)."""
         K = g.shape[1]
-        sq = torch.stack([(g[:, k] * g[:, min(l, K - 1)]).mean(0) for k, l in PAIRS[: 1 if K == 1 else 3]])
+        c = g - g.mean(0)
+        cov = torch.stack([(c[:, k] * c[:, min(l, K - 1)]).mean(0) for k, l in PAIRS[: 1 if K == 1 else 3]])
         tps = torch.ones(K, dtype=torch.float64) if tokens_per_seq is None else tokens_per_seq
-        return cls(g.mean(0).to(dtype), sq.to(dtype), None if ce_mean is None else ce_mean.to(dtype),
+        return cls(g.mean(0).to(dtype), cov.to(dtype), None if ce_mean is None else ce_mean.to(dtype),
                    torch.as_tensor(ell0, dtype=torch.float64), tau, tps)
 
     def ce(self, sl: slice = slice(None)) -> torch.Tensor:
@@ -495,7 +507,7 @@ class GradientMoments:
             rn = torch.ones_like(rho) if rn is None else rn
             noise = (_pair_weights(rn).float() @ self.noise_pairs(sl)).clamp_min_(0.0)
             return (_pair_weights(rho).float() @ self.mean_pairs(sl)).add_(noise)
-        return (_pair_weights(rho).float() @ self.sq[:, sl].float()).clamp_min_(0.0)
+        return (_pair_weights(rho).float() @ self.raw_sq(sl)).clamp_min_(0.0)
 
     def tau_at(self, ell: torch.Tensor) -> float:
         """TALR's temperature once the groups' mean losses are ``ell`` (``tau_track``; else theta0's).
@@ -547,13 +559,18 @@ def _accumulate(into: list | None, grads: list) -> list:
 
 
 class _Moments:
-    """Running sums of `GradientMoments` over batches, accumulated in ``dtype`` parameter by
-    parameter (the group gradients are never flattened into an N-sized copy)."""
+    """Running `GradientMoments` over batches, kept in ``dtype`` parameter by parameter (the group
+    gradients are never flattened into an N-sized copy): the mean and the centred pair moments
+    (co-moments) by Welford's update, so the batch noise is never the difference of two stored
+    numbers. (Before session 9 the raw E_b[g_k g_l] was summed and the noise read as sq - mean^2:
+    stored in bf16, SmolLM2's label batches, whose noise is ~4 % of sq, lost it to rounding: 28 %
+    error, 8.5 % of coordinates at zero noise, and the replay's dL at the probe rose from 6.6 to
+    2003 bits.)"""
 
-    def __init__(self, params: list[nn.Parameter], with_ce: bool, dtype):
+    def __init__(self, params: list[nn.Parameter], with_ce: bool, dtype, noise_dtype=None):
         N = sum(p.numel() for p in params)
         self.offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
-        self.mean, self.sq = torch.zeros(2, N, dtype=dtype), torch.zeros(3, N, dtype=dtype)
+        self.mean, self.cov = torch.zeros(2, N, dtype=dtype), torch.zeros(3, N, dtype=noise_dtype or dtype)
         self.ce = torch.zeros(2, N, dtype=dtype) if with_ce else None
         self.n = 0
         self.ell, self.n_tok = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -566,16 +583,21 @@ class _Moments:
         return TokenLosses(ell.double(), hard.long(), seq.long(), n_seq=self.n_seq)
 
     def add(self, per: list[list]) -> None:
-        """One batch: ``per[k]`` is group k's gradient, a list over parameters (None = zeros)."""
+        """One batch: ``per[k]`` is group k's gradient, a list over parameters (None = zeros).
+        Welford: d_k = g_k - mean_k; mean_k += d_k / n; C_kl += d_k (g_l - mean_l(new)), in float32
+        on slices of at most CHUNK coordinates (then stored in ``dtype``); C / n is Cov_b[g_k, g_l]."""
         self.n += 1
         for i, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
             g = [None if x[i] is None else x[i].reshape(-1) for x in per]
-            for k in range(2):
-                if g[k] is not None:
-                    self.mean[k, a:b] += g[k].to(self.mean.dtype)
-            for j, (k, l) in enumerate(PAIRS):
-                if g[k] is not None and g[l] is not None:
-                    self.sq[j, a:b] += (g[k] * g[l]).to(self.sq.dtype)
+            for sl in _chunks(b - a):
+                at = slice(a + sl.start, a + sl.stop)
+                gs = [torch.zeros(sl.stop - sl.start) if x is None else x[sl].float() for x in g]
+                d = [gs[k] - self.mean[k, at].float() for k in range(2)]
+                new = [self.mean[k, at].float() + d[k] / self.n for k in range(2)]
+                for k in range(2):
+                    self.mean[k, at] = new[k].to(self.mean.dtype)
+                for j, (k, l) in enumerate(PAIRS):
+                    self.cov[j, at] += (d[k] * (gs[l] - new[l])).to(self.cov.dtype)
 
     def add_ce(self, k: int, grads: list) -> None:
         for i, g in enumerate(grads):
@@ -639,7 +661,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
                      flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
                      meter: ComputeMeter | None = None, ce_mean: torch.Tensor | None = None,
                      dtype=torch.float32, micro_batch: int = 0,
-                     batch_taus: Sequence[float] | None = None) -> GradientMoments:
+                     batch_taus: Sequence[float] | None = None, noise_dtype=None) -> GradientMoments:
     """`GradientMoments` of ``method``'s data loss at the current parameters over ``batches``
     (easy tokens: p0 >= ``hard_p``; hard: p0 < ``hard_p``), streamed one batch at a time. L2 and
     LoRA use CE's (their differences are replayed, see the module docstring); FLOW uses CE token
@@ -659,7 +681,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
     loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
     params = _params(model)
-    acc = _Moments(params, ce_mean is None and not plain_ce, dtype)
+    acc = _Moments(params, ce_mean is None and not plain_ce, dtype, noise_dtype)
     taus, n_all = [], 0
     n_back = 4 if acc.ce is not None else 2  # backward passes per micro-batch: one per group (and per CE group)
     seq_tau = flow_tau if rec.sequence_weights == "flow" else None  # FLOW's sequence weights exp(-loss / tau)
@@ -689,12 +711,10 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
         model.train(was)
     nt = acc.n_tok.clamp_min(1)
     n_seq = sum(len(ex) for ex in batches)
-    nb = max(acc.n, 1)
-    acc.mean /= nb
-    acc.sq /= nb
+    acc.cov /= max(acc.n, 1)  # the mean is already one (Welford)
     if acc.ce is not None:
         ce_mean = acc.ce / nt[:, None].to(acc.ce.dtype)
-    return GradientMoments(acc.mean, acc.sq, ce_mean, acc.ell / nt, float(np.median(taus)) if taus else 1.0,
+    return GradientMoments(acc.mean, acc.cov, ce_mean, acc.ell / nt, float(np.median(taus)) if taus else 1.0,
                            acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None,
                            n_batches=acc.n, tokens=acc.token_losses())
 
@@ -812,7 +832,7 @@ def _v_mean_field(gm: GradientMoments, bb: torch.Tensor, bn: torch.Tensor, sl: s
     if gm.noise_floor:
         noise = (bn.float() @ gm.noise_pairs(sl)).clamp_min_(0.0)
         return bb.float() @ gm.mean_pairs(sl) + noise
-    return bb.float() @ gm.sq[:, sl].float()
+    return bb.float() @ gm.raw_sq(sl)
 
 
 def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: float = 0.0,
@@ -1087,7 +1107,7 @@ def l2_energy_scale(delta_sq: float, ell0, ell_T, tokens_per_seq, l2_coeff: floa
     return math.sqrt(max(drop, 0.0) / need)
 
 
-def l2_relaxation(delta: torch.Tensor, sq: torch.Tensor, lam_T: float, l2_coeff: float,
+def l2_relaxation(delta: torch.Tensor, sq, lam_T: float, l2_coeff: float,
                   rho: torch.Tensor | None = None, chunk: int = CHUNK, moment=None) -> torch.Tensor:
     """L2's displacement from CE's, coordinate by coordinate (theory: Adam with the pull, no knob).
 
@@ -1098,7 +1118,7 @@ def l2_relaxation(delta: torch.Tensor, sq: torch.Tensor, lam_T: float, l2_coeff:
     f(x) = (1 - e^{-x}) / x, so L2's d_i = CE's d_i x f(x_i) (f(0) = 1: no pull; f -> 1 / x: the pull's
     equilibrium |d_i| = |g_i| / (2 l2)). Coordinates whose gradient is small -- those Adam's
     normalisation moves as far as the others under CE -- are held. ``sq [3, N]`` (or ``[1, N]``): the
-    moments' E_b[g_bk g_bl] (`GradientMoments.sq`); sigma_i^2 = sum_kl rho_k rho_l E_b[g_bk g_bl] with
+    moments' E_b[g_bk g_bl], or a function of a slice returning its columns (`GradientMoments.raw_sq`); sigma_i^2 = sum_kl rho_k rho_l E_b[g_bk g_bl] with
     ``rho [K]`` the groups' gradient scale at the run's end (`gradient_scale` at the tracked loss:
     Adam's denominator once the domain is fitted), or rho = 1 (None: theta0's batch RMS gradient,
     which barely binds). ``moment(sl)``: sigma^2 on the coordinates ``sl`` instead (the token
@@ -1107,10 +1127,11 @@ def l2_relaxation(delta: torch.Tensor, sq: torch.Tensor, lam_T: float, l2_coeff:
     Returns a new tensor (delta is not changed)."""
     out = torch.empty_like(delta)
     c2 = 2.0 * float(l2_coeff) * float(lam_T)
-    r = torch.ones(1 if sq.shape[0] == 1 else 2, dtype=torch.float64) if rho is None else rho.double()
+    cols = sq if callable(sq) else (lambda sl: sq[:, sl].float())  # noqa: E731
+    r = torch.ones(1 if cols(slice(0, 1)).shape[0] == 1 else 2, dtype=torch.float64) if rho is None else rho.double()
     w = _pair_weights(r).float()
     for sl in _chunks(delta.numel(), chunk):
-        sig = (moment(sl) if moment is not None else (w[:, None] * sq[:, sl].float()).sum(0)).clamp_min(0.0).sqrt()
+        sig = (moment(sl) if moment is not None else (w[:, None] * cols(sl)).sum(0)).clamp_min(0.0).sqrt()
         x = c2 / sig.clamp_min(1e-30)
         f = torch.where(x > 1e-6, -torch.expm1(-x) / x.clamp_min(1e-30), 1.0 - x / 2.0)
         out[sl] = delta[sl] * f.to(delta.dtype)
@@ -1270,31 +1291,32 @@ def advise(rows: Sequence[dict], budget: float, *, gain_tol: float = GAIN_TOL, k
 
 # ------------------------------------------------------------------------------------ budgets
 def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weight_bytes: int = 2,
-                          store_bytes: int = 2, chunk: int = CHUNK) -> dict:
+                          store_bytes: int = 2, noise_bytes: int = 4, chunk: int = CHUNK) -> dict:
     """Peak memory of `sft.forecast_run.forecast_grid` beside the activations, in bytes, for N
-    trainable parameters (w = ``weight_bytes``, s = ``store_bytes`` per number):
+    trainable parameters (w = ``weight_bytes``, s = ``store_bytes``, c = ``noise_bytes`` per number):
 
     - the model w N (used in place: no copy), and Shifted's copy of theta0 while a configuration
       is evaluated, w N;
-    - the moments of one method: mean 2 s N, sq 3 s N, the CE direction 2 s N (TALR, DFT,
-      FLOW; CE, L2 and LoRA derive it from their mean);
+    - the moments of one method: mean 2 s N, the batch covariances 3 c N (float32 by default: bf16
+      loses SmolLM2's noise, `_Moments`), the CE direction 2 s N (TALR, DFT, FLOW; CE, L2 and LoRA
+      derive it from their mean); M = 4 s N + 3 c N in all;
     - the gradient pass: the two group gradients, parameter by parameter, and one more autograd
       result while micro-batches are summed, 3 w N (no flattened copy);
     - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N (with ``l2_energy``: CE's
       displacement kept for L2 and its scaled copy, 4 N, within 2 s N for s >= 2), a few chunk floats;
-    - the probes (real CE steps beside CE's moments 5 s N): the probed copy of the model, its
+    - the probes (real CE steps beside CE's moments M - 2 s N): the probed copy of the model, its
       gradient and AdamW's two states, 4 w N (the cosines are taken parameter by parameter).
 
-    peak = w N + max(5 s N + 2 s N + 4 N + w N  [CE, L2, LoRA],
-                     7 s N + 4 N + w N            [TALR, DFT, FLOW],
-                     7 s N + 3 w N                [a gradient pass],
-                     5 s N + 4 w N                [a probe]) + 32 chunk.
+    peak = w N + max(M + 4 N + w N        [CE, L2, LoRA; TALR, DFT, FLOW],
+                     M + 3 w N            [a gradient pass],
+                     M - 2 s N + 4 w N    [a probe]) + 32 chunk.
     Activations are those of ``micro_batch`` rows (`ForecastConfig.micro_batch`; a training step
     holds those of its B rows). ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
     del grid, n_batches
-    w, s = weight_bytes, store_bytes
-    parts = {"ce_family": 7 * s * N + 4 * N + w * N, "own_weights": 7 * s * N + 4 * N + w * N,
-             "gradient_pass": 7 * s * N + 3 * w * N, "probe": 5 * s * N + 4 * w * N}
+    w, s, c = weight_bytes, store_bytes, noise_bytes
+    M = (4 * s + 3 * c) * N
+    parts = {"ce_family": M + 4 * N + w * N, "own_weights": M + 4 * N + w * N,
+             "gradient_pass": M + 3 * w * N, "probe": M - 2 * s * N + 4 * w * N}
     return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk}
 
 

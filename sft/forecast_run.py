@@ -298,7 +298,8 @@ class _Grid:
         with self.meter.phase("gradients"), _released():
             gm = method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=flow_tau,
                                   w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
-                                  micro_batch=self.cfg.micro_batch, batch_taus=taus)
+                                  micro_batch=self.cfg.micro_batch, batch_taus=taus,
+                                  noise_dtype=getattr(torch, self.cfg.noise_dtype))
         if method == "ce" and ce_mean is None and self.ce_tokens is None:
             self.ce_tokens = gm.tokens
         return gm
@@ -397,7 +398,7 @@ class _Grid:
             if cfg.l2_relax == "tracked" and gm.token_scales is not None:  # the token tracker's end of CE's run
                 rho, rn = gm.token_scales
                 moment = lambda sl: gm.second_moment(rho, sl, rn)  # noqa: E731
-            delta = l2_relaxation(delta, gm.sq, lam_T, cfg.l2_coeff, rho=rho, moment=moment)
+            delta = l2_relaxation(delta, gm.raw_sq, lam_T, cfg.l2_coeff, rho=rho, moment=moment)
         s = l2_energy_scale(squared_norm(delta), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
         return (delta.mul_(s) if cfg.l2_relax else delta * s), {"l2_energy_scale": s}
 

@@ -135,8 +135,8 @@ def register(sub) -> None:
 COST_DOC = """The forecast's peak memory (`sft.forecast.forecast_memory_bytes`) and compute over one training run
 (`sft.forecast.forecast_compute_ratio`) from their formulas, before any model is loaded; and the run
 length T from which the forecast costs at most --target of one run (its passes do not grow with T,
-the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights and moments,
-T = 150, B = 16, 512-token sequences, 30 configurations).
+the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights and mean
+gradients, float32 batch covariances, T = 150, B = 16, 512-token sequences, 30 configurations).
 
     talr forecast-cost
     talr forecast-cost --params 1.35e8 --weight-bytes 4 --store-bytes 2 --steps 20 --batch-size 4 \\
@@ -152,7 +152,10 @@ def _cost_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--params", type=ranged("params", 0, lo_open=True), default=3.21e9, help="trainable parameters N")
     p.add_argument("--weight-bytes", type=ranged("weight-bytes", 1, 8), default=2, help="bytes per weight w (bf16: 2)")
-    p.add_argument("--store-bytes", type=ranged("store-bytes", 1, 8), default=2, help="bytes per stored moment s")
+    p.add_argument("--store-bytes", type=ranged("store-bytes", 1, 8), default=2,
+                   help="bytes per stored mean gradient and CE direction s (bf16: 2)")
+    p.add_argument("--noise-bytes", type=ranged("noise-bytes", 1, 8), default=4,
+                   help="bytes per stored batch covariance c (float32: 4; bf16 loses a real model's noise)")
     p.add_argument("--steps", type=count("steps"), default=150, help="steps T of one training run")
     p.add_argument("--batch-size", type=count("batch-size"), default=16, help="sequences per step B")
     p.add_argument("--len-d2", type=ranged("len-d2", 0, lo_open=True), default=512, help="mean tokens of a D2 sequence")
@@ -176,7 +179,8 @@ def forecast_cost(args) -> dict:
     """The figures `talr forecast-cost` prints (see COST_DOC)."""
     from sft.forecast import forecast_compute_ratio, forecast_memory_bytes
 
-    mem = forecast_memory_bytes(args.params, weight_bytes=args.weight_bytes, store_bytes=args.store_bytes)
+    mem = forecast_memory_bytes(args.params, weight_bytes=args.weight_bytes, store_bytes=args.store_bytes,
+                                noise_bytes=args.noise_bytes)
     kw = dict(batch=args.batch_size, len_d2=args.len_d2, n_general=args.n_general, len_d1=args.len_d1,
               n_batches=args.n_batches, n_weightings=args.weightings, grid=args.grid, probe_steps=args.probe_steps,
               replay_flops=args.replay_flops, probes=args.probes)
@@ -195,7 +199,8 @@ def run_cost(args) -> int:
         print(json.dumps(r, indent=1))
         return 0
     m, c = r["memory_gb"], r["compute"]
-    print(f"N = {args.params:.3g} parameters, w = {args.weight_bytes:g} B a weight, s = {args.store_bytes:g} B a moment")
+    print(f"N = {args.params:.3g} parameters, w = {args.weight_bytes:g} B a weight, s = {args.store_bytes:g} B a mean, "
+          f"c = {args.noise_bytes:g} B a covariance")
     print(f"peak memory beside activations: {m['peak']:.1f} GB = the model {m['model']:.1f} + the largest of "
           f"a gradient pass {m['gradient_pass']:.1f}, a probe {m['probe']:.1f}, the rows {m['ce_family']:.1f} "
           f"(+ chunks): {'fits' if r['fits'] else 'does not fit'} {args.gpu_gb:g} GB")

@@ -154,10 +154,10 @@ class StudyConfig:
     # memory only (activations of 1 row instead of batch_size; exact up to float32 summation order),
     # so in no cache key
     forecast_micro_batch: int = 1
-    # the gradient moments' storage (`ForecastConfig.store_dtype`): bf16 halves the forecast's largest
-    # buffers (5 + 2 stored N-vectors: 3.8 -> 1.9 GB at 135M; the 3B setting of `sft.forecast`), moving
-    # the tiny world's forecasts by 0.05 % (median) / 1.1 % (max); in the forecast key (float32, the
-    # units cached before session 9, keep their key)
+    # the mean gradients' and CE direction's storage (`ForecastConfig.store_dtype`; the batch covariances
+    # stay float32: in bf16 they lose SmolLM2's noise): bf16 takes 4 of the 7 stored N-vectors from
+    # 2.2 to 1.1 GB at 135M, moving the replays at the probes by 1-1.5 %; in the forecast key (float32,
+    # the units cached before session 9, keep their key)
     forecast_store: str = "bfloat16"
     # general accuracy forecast: the benchmark tasks (bench_*) scored on each configuration's predicted
     # model (`forecast_grid`'s ``extra_eval``; one benchmark evaluation per configuration, not in the
@@ -195,6 +195,8 @@ class StudyConfig:
         key = {k: getattr(self, k) for k in FORECAST_FIELDS}
         if self.forecast_store == "float32":  # the units cached before the field existed
             key.pop("forecast_store")
+        else:
+            key["forecast_noise"] = "float32"  # `ForecastConfig.noise_dtype` (a bf16 try, not kept, shared no key)
         if not self.forecast_accuracy:  # the key of the units cached before the accuracy forecast existed
             key.pop("forecast_accuracy")
         elif self.bench_tasks:

@@ -101,7 +101,8 @@ def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_tar
     assert main(["forecast-cost", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["memory_gb"]["peak"] == pytest.approx(forecast_memory_bytes(3.21e9)["peak"] / 1e9)
-    assert r["fits"] and r["memory_gb"]["peak"] < 80
+    assert not r["fits"] and 80 < r["memory_gb"]["peak"] < 90.5  # a 3B model: 89.9 GB with float32 covariances
+    assert main(["forecast-cost", "--json", "--gpu-gb", "141"]) == 0 and json.loads(capsys.readouterr().out)["fits"]
     kw = dict(batch=4, len_d2=282, n_general=24, len_d1=96, n_batches=2, n_weightings=3, grid=8, probe_steps=6,
               replay_flops=8.9, probes=2)
     sizes = ["--params", "1.35e8", "--steps", "20", "--batch-size", "4", "--len-d2", "282", "--n-general", "24",
@@ -113,7 +114,7 @@ def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_tar
     assert forecast_compute_ratio(steps=t, **kw)["ratio"] <= 0.5 < forecast_compute_ratio(steps=t - 1, **kw)["ratio"]
     assert main(["forecast-cost", *sizes]) == 0
     out = capsys.readouterr().out
-    assert f"at most 0.5 of a run from T = {t}" in out and "fits 80 GB" in out
+    assert f"at most 0.5 of a run from T = {t}" in out and ": fits 80 GB" in out
     # a target below the replays' own share (constant in T) is never met, and says why
     assert main(["forecast-cost", *sizes, "--target", "0.001"]) == 0
     assert "never at most 0.001 of a run: the replays alone cost" in capsys.readouterr().out
