@@ -153,14 +153,16 @@ live at a time, so neither the number of methods, of rates nor of probe batches 
 gradients of a pass; or a probe's model copy, gradient and AdamW states beside CE's moments). The
 activations are those of ``micro_batch`` rows (the gradients and probes run their batches in
 micro-batches, exactly). `talr forecast-cost` prints it for any N.
-A 3B model (N = 3.21e9) in bf16 with ``store_dtype="bfloat16"`` (s = w = 2) and the covariances in
-float32 (c = 4, the default ``noise_dtype``): 28 N = 89.9 GB + 0.5 GB of chunks: **not** one 80 GB
-GPU (an H200's 141 GB; a training run of the same model with AdamW in fp32 states: 16 N = 51 GB).
-Session 6 claimed 22 N = 70.6 GB with every moment in bf16 (c = 2); on SmolLM2 that storage loses the
-batch noise (`_Moments`: centred storage halves the damage, not enough) and the replayed dL at the
-probe is 2003 (raw) or 614 (centred) bits against 6.6 in float32, so the claim did not hold. With the
-means in bf16 and the covariances in float32 the probe's replay moves by 1.5 % (6.50 bits) and the
-top rate's by 1 % (164.3 against 162.7).
+A 3B model (N = 3.21e9) with bf16 weights (w = 2) and float32 moments (s = c = 4, the defaults):
+36 N = 115.6 GB + 0.5 GB of chunks: **not** one 80 GB GPU, one H200 (141 GB) (a training run of the same
+model with AdamW in fp32 states: 16 N = 51 GB). Session 6 claimed 22 N = 70.6 GB with every moment in
+bf16 (s = c = 2), scored on the tiny world only (forecasts moved 0.05 % / 1.1 %). On SmolLM2 (session 9,
+the held-out label grid) that storage breaks the forecast: the batch covariances lose their noise to
+rounding (read as bf16(sq) - bf16(mean)^2; stored centred, `_Moments`, the damage shrinks but stays),
+the replayed dL at the probe 2003 (raw) or 614 (centred) bits against 6.6 in float32; with the
+covariances in float32 and the means in bf16, CE's rows move by 0.3-4 % but TALR's at 3e-4 by 10x
+(0.42 -> 4.38 bits/token): TALR's own mean gradient in bf16 takes its replayed displacement from 16.0
+to 28.8 (the CE direction in bf16 changes nothing; the cause is not found). So the claim did not hold.
 
 **Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
 one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
@@ -1291,15 +1293,15 @@ def advise(rows: Sequence[dict], budget: float, *, gain_tol: float = GAIN_TOL, k
 
 # ------------------------------------------------------------------------------------ budgets
 def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weight_bytes: int = 2,
-                          store_bytes: int = 2, noise_bytes: int = 4, chunk: int = CHUNK) -> dict:
+                          store_bytes: int = 4, noise_bytes: int = 4, chunk: int = CHUNK) -> dict:
     """Peak memory of `sft.forecast_run.forecast_grid` beside the activations, in bytes, for N
     trainable parameters (w = ``weight_bytes``, s = ``store_bytes``, c = ``noise_bytes`` per number):
 
     - the model w N (used in place: no copy), and Shifted's copy of theta0 while a configuration
       is evaluated, w N;
-    - the moments of one method: mean 2 s N, the batch covariances 3 c N (float32 by default: bf16
-      loses SmolLM2's noise, `_Moments`), the CE direction 2 s N (TALR, DFT, FLOW; CE, L2 and LoRA
-      derive it from their mean); M = 4 s N + 3 c N in all;
+    - the moments of one method: mean 2 s N, the batch covariances 3 c N, the CE direction 2 s N
+      (TALR, DFT, FLOW; CE, L2 and LoRA derive it from their mean); M = 4 s N + 3 c N in all; s = c = 4
+      by default (float32: bf16 storage broke the forecast on SmolLM2, see the module docstring);
     - the gradient pass: the two group gradients, parameter by parameter, and one more autograd
       result while micro-batches are summed, 3 w N (no flattened copy);
     - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N (with ``l2_energy``: CE's

@@ -135,11 +135,11 @@ def register(sub) -> None:
 COST_DOC = """The forecast's peak memory (`sft.forecast.forecast_memory_bytes`) and compute over one training run
 (`sft.forecast.forecast_compute_ratio`) from their formulas, before any model is loaded; and the run
 length T from which the forecast costs at most --target of one run (its passes do not grow with T,
-the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights and mean
-gradients, float32 batch covariances, T = 150, B = 16, 512-token sequences, 30 configurations).
+the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights, float32
+moments, T = 150, B = 16, 512-token sequences, 30 configurations).
 
     talr forecast-cost
-    talr forecast-cost --params 1.35e8 --weight-bytes 4 --store-bytes 2 --steps 20 --batch-size 4 \\
+    talr forecast-cost --params 1.35e8 --weight-bytes 4 --steps 20 --batch-size 4 \\
         --len-d2 282 --n-general 24 --len-d1 96 --weightings 3 --grid 8 --probe-steps 6
 """
 
@@ -152,8 +152,8 @@ def _cost_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--params", type=ranged("params", 0, lo_open=True), default=3.21e9, help="trainable parameters N")
     p.add_argument("--weight-bytes", type=ranged("weight-bytes", 1, 8), default=2, help="bytes per weight w (bf16: 2)")
-    p.add_argument("--store-bytes", type=ranged("store-bytes", 1, 8), default=2,
-                   help="bytes per stored mean gradient and CE direction s (bf16: 2)")
+    p.add_argument("--store-bytes", type=ranged("store-bytes", 1, 8), default=4,
+                   help="bytes per stored mean gradient and CE direction s (float32: 4; bf16 broke TALR on SmolLM2)")
     p.add_argument("--noise-bytes", type=ranged("noise-bytes", 1, 8), default=4,
                    help="bytes per stored batch covariance c (float32: 4; bf16 loses a real model's noise)")
     p.add_argument("--steps", type=count("steps"), default=150, help="steps T of one training run")

@@ -155,10 +155,12 @@ class StudyConfig:
     # so in no cache key
     forecast_micro_batch: int = 1
     # the mean gradients' and CE direction's storage (`ForecastConfig.store_dtype`; the batch covariances
-    # stay float32: in bf16 they lose SmolLM2's noise): bf16 takes 4 of the 7 stored N-vectors from
-    # 2.2 to 1.1 GB at 135M, moving the replays at the probes by 1-1.5 %; in the forecast key (float32,
-    # the units cached before session 9, keep their key)
-    forecast_store: str = "bfloat16"
+    # stay float32, `ForecastConfig.noise_dtype`): float32. Tried in session 9 on the held-out label grid
+    # (docs/forecast/README.md): bf16 means moved CE's rows by 0.3-4 % but TALR's at 3e-4 by 10x (0.42 ->
+    # 4.38 bits/token) and lowered the unit's peak by 0.9 GB only in the study's process; bf16 covariances
+    # too broke every row (the noise lost to rounding). In the forecast key unless float32 (the units
+    # cached before the field existed keep their key)
+    forecast_store: str = "float32"
     # general accuracy forecast: the benchmark tasks (bench_*) scored on each configuration's predicted
     # model (`forecast_grid`'s ``extra_eval``; one benchmark evaluation per configuration, not in the
     # forecast's compute ratio)

@@ -101,7 +101,7 @@ def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_tar
     assert main(["forecast-cost", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["memory_gb"]["peak"] == pytest.approx(forecast_memory_bytes(3.21e9)["peak"] / 1e9)
-    assert not r["fits"] and 80 < r["memory_gb"]["peak"] < 90.5  # a 3B model: 89.9 GB with float32 covariances
+    assert not r["fits"] and 80 < r["memory_gb"]["peak"] < 117  # a 3B model: 115.6 GB with float32 moments
     assert main(["forecast-cost", "--json", "--gpu-gb", "141"]) == 0 and json.loads(capsys.readouterr().out)["fits"]
     kw = dict(batch=4, len_d2=282, n_general=24, len_d1=96, n_batches=2, n_weightings=3, grid=8, probe_steps=6,
               replay_flops=8.9, probes=2)
