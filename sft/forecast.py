@@ -158,7 +158,7 @@ A 3B model (N = 3.21e9) with bf16 weights (w = 2) and float32 moments (s = c = 4
 model with AdamW in fp32 states: 16 N = 51 GB). Session 6 claimed 22 N = 70.6 GB with every moment in
 bf16 (s = c = 2), scored on the tiny world only (forecasts moved 0.05 % / 1.1 %). On SmolLM2 (session 9,
 the held-out label grid) that storage breaks the forecast: the batch covariances lose their noise to
-rounding (read as bf16(sq) - bf16(mean)^2; stored centred, `_Moments`, the damage shrinks but stays),
+rounding (read as bf16(sq) - bf16(mean)^2; stored centred, `StreamedMoments`, the damage shrinks but stays),
 the replayed dL at the probe 2003 (raw) or 614 (centred) bits against 6.6 in float32; with the
 covariances in float32 and the means in bf16, CE's rows move by 0.3-4 % but TALR's at 3e-4 by 10x
 (0.42 -> 4.38 bits/token): TALR's own mean gradient in bf16 takes its replayed displacement from 16.0
@@ -202,7 +202,7 @@ ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| 
 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
            "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
-           "l2_relaxation", "micro_batches", "squared_norm",
+           "l2_relaxation", "micro_batches", "squared_norm", "StreamedMoments", "TokenLosses",
            "FORECAST_MODEL"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
@@ -232,7 +232,7 @@ class ForecastConfig:
     coherence: bool = True  # measure the gradient's rotation on the probe (False: the first-order scale)
     size_probe: bool = True  # a second CE probe at the largest rate sizes the replay (`size_correction`)
     store_dtype: str = "float32"  # the gradient means' and CE direction's storage ("bfloat16": half their memory)
-    noise_dtype: str = "float32"  # the batch covariances' storage (bf16 loses SmolLM2's noise: `_Moments`)
+    noise_dtype: str = "float32"  # the batch covariances' storage (bf16 loses SmolLM2's noise: `StreamedMoments`)
     noise_floor: bool = True  # the replay's batch noise keeps its theta0 variance while the mean gradient shrinks
     keep_norm: bool = True  # the rotation turns the steps without shrinking them (`decorrelation`)
     replay_block: int = 25  # steps per held Adam denominator in the replays (1: exact; `replay_adam`'s block; 10 before version 5)
@@ -404,7 +404,7 @@ class GradientMoments:
 
     ``mean [K, N]``: mean over batches of the gradient of the method's batch loss restricted to
     group k's tokens; ``cov [3, N]``: per coordinate the batch covariance Cov_b[g_bk, g_bl] of the
-    pairs (0, 0), (0, 1), (1, 1) (`PAIRS`), the noise, stored centred (`_Moments`); the raw second
+    pairs (0, 0), (0, 1), (1, 1) (`PAIRS`), the noise, stored centred (`StreamedMoments`); the raw second
     moment sq_kl = E_b[g_bk g_bl] = cov_kl + mean_k mean_l (`raw_sq`) gives Adam's second moment of
     any group mixture rho: E_b[(rho . g_b)^2] = sum_kl rho_k rho_l sq_kl; ``ce_mean [K, N]``: gradient of group k's mean CE token loss over all batches (the
     progress direction of the tracker; None: ``ce_scale`` x ``mean``, exact for a CE loss whose
@@ -560,7 +560,7 @@ def _accumulate(into: list | None, grads: list) -> list:
     return into
 
 
-class _Moments:
+class StreamedMoments:
     """Running `GradientMoments` over batches, kept in ``dtype`` parameter by parameter (the group
     gradients are never flattened into an N-sized copy): the mean and the centred pair moments
     (co-moments) by Welford's update, so the batch noise is never the difference of two stored
@@ -637,7 +637,7 @@ def _parts_tau(model, parts: list[dict], loss_method: str, given: float | None, 
     return torch.tensor(given, dtype=torch.float64) if given is not None else _batch_tau(model, parts, meter)
 
 
-def _micro_grads(model, part: dict, params, acc: _Moments, per: list, *, loss_method: str, tau, w_min: float,
+def _micro_grads(model, part: dict, params, acc: StreamedMoments, per: list, *, loss_method: str, tau, w_min: float,
                  flow_tau: float | None, hard_p: float, n_b: int) -> tuple[int, torch.Tensor | None]:
     """One micro-batch of `method_gradients`: its two token groups' gradients added into ``per``
     (and the CE direction into ``acc``); returns (its supervised tokens, the tau its weights used).
@@ -683,7 +683,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
     loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
     params = _params(model)
-    acc = _Moments(params, ce_mean is None and not plain_ce, dtype, noise_dtype)
+    acc = StreamedMoments(params, ce_mean is None and not plain_ce, dtype, noise_dtype)
     taus, n_all = [], 0
     n_back = 4 if acc.ce is not None else 2  # backward passes per micro-batch: one per group (and per CE group)
     seq_tau = flow_tau if rec.sequence_weights == "flow" else None  # FLOW's sequence weights exp(-loss / tau)

@@ -915,8 +915,11 @@ def test_ce_moments_carry_the_groups_and_temperatures_of_their_batches(smoke_wor
     temperature and TALR's per-batch tau are read from its tokens instead of three more forward
     passes: they equal the passes' values (micro-batched: tau from a whole batch, not a micro-batch),
     and the forecast's gradient part is then exactly 1 forward + 2 backwards per token and weighting."""
-    from sft.forecast import _batch_tau, _collate, method_gradients, micro_batches, sequence_losses
+    from sft import losses as L
+    from sft.data import PadCollator
+    from sft.forecast import method_gradients, sequence_losses
     from sft.forecast_run import HARD_GROUP_P, forecast_grid, probe_batches, token_groups
+    from sft.models import token_nll
     from sft.world_runs import general_sample
 
     model, _, _ = pretrained
@@ -930,12 +933,17 @@ def test_ce_moments_carry_the_groups_and_temperatures_of_their_batches(smoke_wor
     assert len(tok.hard_by_sequence()) == len(groups) == 16
     assert all(np.array_equal(a, b) for a, b in zip(tok.hard_by_sequence(), groups))
     assert tok.sequence_means() == pytest.approx(sequence_losses(model, examples, pad_token_id=w.pad_id)[1], rel=1e-5)
-    want = [float(_batch_tau(model, micro_batches(_collate(b, w.pad_id), 3), None)) for b in batches]
+    collate = PadCollator(w.pad_id)
+    want = []
+    for b in batches:  # each batch's tau from the whole batch at once (a pre-pass would run it in micro-batches)
+        c = collate(list(b))
+        nll, si = token_nll(model, c["input_ids"], c["attention_mask"], c["labels"])
+        want.append(float(L.talr_tau(L.sequence_mean_losses(nll, si, len(b)))))
     assert tok.batch_taus([8, 8]) == pytest.approx(want, rel=1e-5)
     assert len(set(want)) == 2  # two batches, two taus: a mix-up of their rows would show
     res = forecast_grid(model, w.d2_train, general_sample(w, 32), cfg, progress=False)
     c = res["compute"]
-    n_tok = sum(int(_collate(b, w.pad_id)["attention_mask"].sum()) for b in batches)
+    n_tok = sum(int(collate(list(b))["attention_mask"].sum()) for b in batches)
     assert c["parts"]["gradients"] * c["training_run_units"] == pytest.approx(3 * 5 * n_tok)
 
 
@@ -945,13 +953,13 @@ def test_bf16_moments_keep_the_batch_noise_where_it_is_small_beside_the_mean():
     average). Read as bf16(sq) - bf16(mean)^2 (the storage before session 9) the noise is off by 27 %
     (median) and zero or negative at 16 % of coordinates, and SmolLM2's replay then moved 300x too far;
     Welford's error is 2^-8 |mean| / sigma, the raw form's 2^-8 mean^2 / sigma^2."""
-    from sft.forecast import _Moments
+    from sft.forecast import StreamedMoments
 
     torch.manual_seed(0)
     n, P = 2, 50000
     mu = torch.randn(2, P) * 1e-3
     g = mu + 0.2 * mu.abs() * torch.randn(n, 2, P)  # [batches, groups, coordinates]
-    acc = _Moments([torch.zeros(P)], False, torch.bfloat16)  # the noise in bf16 too (noise_dtype)
+    acc = StreamedMoments([torch.zeros(P)], False, torch.bfloat16)  # the noise in bf16 too (noise_dtype)
     for b in range(n):
         acc.add([[g[b, 0]], [g[b, 1]]])
     acc.cov /= n
