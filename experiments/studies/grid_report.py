@@ -20,7 +20,7 @@ from pathlib import Path
 from .grid_text import (MIN_SPEARMAN_N, NOT_TESTABLE, bits_vs_acc_png, general_delta, label, mean_se, pareto,
                         report_markdown, study_domain, tradeoff_acc_png, tradeoff_png, trajectories_png)
 
-__all__ = ["RUN_FIELDS", "general_delta", "label", "load_results", "pareto", "run_record", "write_report"]
+__all__ = ["RUN_FIELDS", "ce_run_peak", "general_delta", "label", "load_results", "pareto", "run_record", "write_report"]
 
 RUN_FIELDS = ("variant", "method", "lr", "steps", "alpha", "domain_acc", "domain_gain_bits",
               "general_delta_bits_humaneval", "general_delta_bits_gsm8k", "bound_over_measured",
@@ -251,7 +251,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
                                     "compute_parts": u["compute"].get("parts"), "peak_rss_gb": u.get("peak_rss_gb"),
                                     "rss_at_start_gb": u.get("rss_at_start_gb"),
-                                    "ce_run_peak_gb": _ce_peak(runs, u["variant"]),
+                                    "ce_run_peak_gb": ce_run_peak(runs, u["variant"]),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}
     for name, sel in (("cot", "cot"), ("label", "label"), ("all", None)):
@@ -267,7 +267,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
     return out
 
 
-def _ce_peak(runs: list[dict], variant: str) -> float | None:
+def ce_run_peak(runs: list[dict], variant: str) -> float | None:
     """The largest peak resident memory of the variant's trained CE runs (GB; the issue's memory target is
     a forecast unit's peak <= a training run's + 2 GB); None without one."""
     ps = [r["peak_rss_gb"] for r in runs if r["variant"] == variant and r.get("method") == "ce"

@@ -338,10 +338,10 @@ def _unit_text(v: str, x: dict) -> str:
             f"{fmt((x['seconds'] or 0) / 60)} min"
             + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
             + (f" ({x['rss_at_start_gb']:.1f} GB resident at the unit's start, part of it left by earlier units)"
-               if x.get("rss_at_start_gb") is not None else "") + _memory_target(x))
+               if x.get("rss_at_start_gb") is not None else "") + memory_target_text(x))
 
 
-def _memory_target(x: dict) -> str:
+def memory_target_text(x: dict) -> str:
     """The unit's peak against the target, its variant's CE training run's peak + 2 GB ('' without both)."""
     p, ce = x.get("peak_rss_gb"), x.get("ce_run_peak_gb")
     if p is None or ce is None:
