@@ -160,7 +160,8 @@ bf16 (s = c = 2), scored on the tiny world only (forecasts moved 0.05 % / 1.1 %)
 the held-out label grid) that storage breaks the forecast: the batch covariances lose their noise to
 rounding (read as bf16(sq) - bf16(mean)^2; stored centred, `StreamedMoments`, the damage shrinks but stays),
 the replayed dL at the probe 2003 (raw) or 614 (centred) bits against 6.6 in float32; with the
-covariances in float32 and the means in bf16, CE's rows move by 0.3-4 % but TALR's at 3e-4 by 10x
+covariances in float32 and the means in bf16, the other rows
+move by 0.3-4.5 % (near zero up to 16 %, under 0.002 bits/token) but TALR's at 3e-4 by 10x
 (0.42 -> 4.38 bits/token): TALR's own mean gradient in bf16 takes its replayed displacement from 16.0
 to 28.8 (the CE direction in bf16 changes nothing; the cause is not found). So the claim did not hold.
 

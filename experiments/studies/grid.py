@@ -156,8 +156,9 @@ class StudyConfig:
     forecast_micro_batch: int = 1
     # the mean gradients' and CE direction's storage (`ForecastConfig.store_dtype`; the batch covariances
     # stay float32, `ForecastConfig.noise_dtype`): float32. Tried in session 9 on the held-out label grid
-    # (docs/forecast/README.md): bf16 means moved CE's rows by 0.3-4 % but TALR's at 3e-4 by 10x (0.42 ->
-    # 4.38 bits/token) and lowered the unit's peak by 0.9 GB only in the study's process; bf16 covariances
+    # (docs/forecast/README.md): bf16 means moved the other rows by <= 4.5 % (near-zero ones
+    # more, under 0.002 bits/token) but TALR's at 3e-4 by 10x (0.42 ->
+    # 4.38 bits/token) and left the unit's peak where it was (7.80 GB against 7.81); bf16 covariances
     # too broke every row (the noise lost to rounding). In the forecast key unless float32 (the units
     # cached before the field existed keep their key)
     forecast_store: str = "float32"
