@@ -595,8 +595,9 @@ class StreamedMoments:
             for sl in _chunks(b - a):
                 at = slice(a + sl.start, a + sl.stop)
                 gs = [torch.zeros(sl.stop - sl.start) if x is None else x[sl].float() for x in g]
-                d = [gs[k] - self.mean[k, at].float() for k in range(2)]
-                new = [self.mean[k, at].float() + d[k] / self.n for k in range(2)]
+                old = [self.mean[k, at].float() for k in range(2)]
+                d = [gs[k] - old[k] for k in range(2)]
+                new = [old[k] + d[k] / self.n for k in range(2)]
                 for k in range(2):
                     self.mean[k, at] = new[k].to(self.mean.dtype)
                 for j, (k, l) in enumerate(PAIRS):

@@ -258,7 +258,7 @@ class _Grid:
             self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
             self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
         self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
-        self.dtype = getattr(torch, cfg.store_dtype)
+        self.dtype, self.noise_dtype = getattr(torch, cfg.store_dtype), getattr(torch, cfg.noise_dtype)
         self.size_points, self._groups, self._last = [], None, None
         self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
         self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
@@ -292,14 +292,14 @@ class _Grid:
         rec = get_method(method)
         flow_tau = self.flow_tau() if rec.sequence_weights == "flow" else None
         taus = None
-        same = [id(x) for b in batches for x in b] == [id(x) for x in self.examples]  # CE's batches
-        if rec.tau and self.ce_tokens is not None and same:
+        if rec.tau and self.ce_tokens is not None \
+                and [id(x) for b in batches for x in b] == [id(x) for x in self.examples]:  # CE's batches
             taus = self.ce_tokens.batch_taus([len(b) for b in batches])
         with self.meter.phase("gradients"), _released():
             gm = method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=flow_tau,
                                   w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
                                   micro_batch=self.cfg.micro_batch, batch_taus=taus,
-                                  noise_dtype=getattr(torch, self.cfg.noise_dtype))
+                                  noise_dtype=self.noise_dtype)
         if method == "ce" and ce_mean is None and self.ce_tokens is None:
             self.ce_tokens = gm.tokens
         return gm
