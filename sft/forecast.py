@@ -153,9 +153,18 @@ live at a time, so neither the number of methods, of rates nor of probe batches 
 gradients of a pass; or a probe's model copy, gradient and AdamW states beside CE's moments). The
 activations are those of ``micro_batch`` rows (the gradients and probes run their batches in
 micro-batches, exactly). `talr forecast-cost` prints it for any N.
+With the model on an accelerator (`talr forecast --device cuda`; session 10) the forecast's N-sized state
+stays in host memory (`HOST`: the moments, the replays, the displacement, theta0's copy; gradients and
+displacements cross one parameter or chunk at a time), and the device holds the model and its passes:
+    device = 5 w N (the model and a probe's copy, gradient and two AdamW states),  host = M + 4 N + w N.
 A 3B model (N = 3.21e9) with bf16 weights (w = 2) and float32 moments (s = c = 4, the defaults):
-36 N = 115.6 GB + 0.5 GB of chunks: **not** one 80 GB GPU, one H200 (141 GB) (a training run of the same
-model with AdamW in fp32 states: 16 N = 51 GB). Session 6 claimed 22 N = 70.6 GB with every moment in
+**on one 80 GB GPU, 10 N = 32.1 GB beside the activations** (float32 weights: 20 N = 64.2 GB), with
+34 N = 109 GB of host memory; the replays then run on the host's CPU, memory-bound: each block reads the
+moments twice (2 x 28 N bytes), 6 blocks a configuration at T = 150, so 30 configurations read about
+32 TB, some 5 minutes at 100 GB/s (an estimate; not run: no GPU was lent to this project). With the model
+and the state in one memory (a CPU run, or all of it on one device): 36 N = 115.6 GB + 0.5 GB of chunks:
+not one 80 GB GPU, one H200 (141 GB) (a training run of the same model with AdamW in fp32 states:
+16 N = 51 GB). Session 6 claimed 22 N = 70.6 GB with every moment in
 bf16 (s = c = 2), scored on the tiny world only (forecasts moved 0.05 % / 1.1 %). On SmolLM2 (session 9,
 the held-out label grid) that storage breaks the forecast: the batch covariances lose their noise to
 rounding (read as bf16(sq) - bf16(mean)^2; stored centred, `StreamedMoments`, the damage shrinks but stays),
@@ -204,7 +213,7 @@ ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
            "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
            "l2_relaxation", "micro_batches", "squared_norm", "StreamedMoments", "TokenLosses",
-           "FORECAST_MODEL"]
+           "FORECAST_MODEL", "HOST", "model_device"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
@@ -327,8 +336,18 @@ def cosine_lrs(lr: float, steps: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ gradients
-def _collate(examples, pad_token_id):
-    return PadCollator(pad_token_id)(list(examples))
+HOST = torch.device("cpu")  # where every N-sized tensor of the forecast lives: its moments, replays, theta0's copy
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (where its passes run; the forecast's N-sized state stays on `HOST`)."""
+    return next(model.parameters()).device
+
+
+def _collate(examples, pad_token_id, device: torch.device | None = None):
+    """The padded batch of ``examples``, on ``device`` (the model's) when given."""
+    b = PadCollator(pad_token_id)(list(examples))
+    return b if device is None else {k: v.to(device) for k, v in b.items()}
 
 
 def sequence_losses(model: nn.Module, examples: Sequence[dict], *, pad_token_id: int, batch_size: int = 16,
@@ -340,8 +359,9 @@ def sequence_losses(model: nn.Module, examples: Sequence[dict], *, pad_token_id:
     try:
         with torch.no_grad():
             for s in range(0, len(examples), batch_size):
-                b = _collate(examples[s:s + batch_size], pad_token_id)
+                b = _collate(examples[s:s + batch_size], pad_token_id, model_device(model))
                 nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])  # lm-head on coded rows only
+                nll, si = nll.to(HOST), si.to(HOST)
                 n = b["input_ids"].shape[0]
                 tot = torch.zeros(n, dtype=torch.float64).index_add_(0, si, nll.double())
                 cnt = torch.bincount(si, minlength=n).double()
@@ -594,7 +614,7 @@ class StreamedMoments:
             g = [None if x[i] is None else x[i].reshape(-1) for x in per]
             for sl in _chunks(b - a):
                 at = slice(a + sl.start, a + sl.stop)
-                gs = [torch.zeros(sl.stop - sl.start) if x is None else x[sl].float() for x in g]
+                gs = [torch.zeros(sl.stop - sl.start) if x is None else x[sl].to(HOST, torch.float32) for x in g]
                 old = [self.mean[k, at].float() for k in range(2)]
                 d = [gs[k] - old[k] for k in range(2)]
                 new = [old[k] + d[k] / self.n for k in range(2)]
@@ -606,7 +626,7 @@ class StreamedMoments:
     def add_ce(self, k: int, grads: list) -> None:
         for i, g in enumerate(grads):
             if g is not None:
-                self.ce[k, self.offsets[i]:self.offsets[i + 1]] += g.reshape(-1).to(self.ce.dtype)
+                self.ce[k, self.offsets[i]:self.offsets[i + 1]] += g.reshape(-1).to(HOST, self.ce.dtype)
 
 
 def micro_batches(b: dict, m: int) -> list[dict]:
@@ -656,7 +676,7 @@ def _micro_grads(model, part: dict, params, acc: StreamedMoments, per: list, *, 
             acc.add_ce(k, _group_grads((nll * mask).sum(), params, retain=k == 0))
         acc.ell[k] += float(nll.detach()[mask].sum())
         acc.n_tok[k] += float(mask.sum())
-    acc.tok.append((nll.detach().double(), hard, si + acc.n_seq))
+    acc.tok.append((nll.detach().to(HOST, torch.float64), hard.to(HOST), si.to(HOST) + acc.n_seq))
     acc.n_seq += Bp
     return nll.numel(), tau_used  # the micro-batch's graph is freed on return
 
@@ -693,7 +713,7 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     model.train()
     try:
         for i, ex in enumerate(batches):
-            b = _collate(ex, pad_token_id)
+            b = _collate(ex, pad_token_id, model_device(model))
             n_b = int(L.shift_and_select(b["labels"])[0].sum())  # the batch's supervised tokens
             parts = micro_batches(b, micro_batch)
             tau = _parts_tau(model, parts, loss_method, None if batch_taus is None else batch_taus[i], meter)
@@ -1238,24 +1258,25 @@ def replay_lora(gm: GradientMoments, layout, lrs: np.ndarray, *, r: int, alpha: 
 # ---------------------------------------------------------------------------------- evaluation
 class Shifted:
     """Context: the model's parameters moved by ``scale`` x a flattened displacement, restored
-    exactly on exit (from a copy of theta0)."""
+    exactly on exit (from a copy of theta0 in host memory; the displacement is moved to the model's
+    device one parameter at a time)."""
 
     def __init__(self, model: nn.Module, delta: torch.Tensor, scale: float = 1.0):
         self.model, self.delta, self.scale = model, delta, float(scale)
 
     def __enter__(self):
-        self.saved = [p.detach().clone() for p in _params(self.model)]
+        self.saved = [p.detach().to(HOST, copy=True) for p in _params(self.model)]  # in host memory
         with torch.no_grad():
             off = 0
             for p in _params(self.model):
-                p.add_(self.delta[off:off + p.numel()].reshape(p.shape).to(p.dtype), alpha=self.scale)
+                p.add_(self.delta[off:off + p.numel()].reshape(p.shape).to(p.device, p.dtype), alpha=self.scale)
                 off += p.numel()
         return self.model
 
     def __exit__(self, *exc):
         with torch.no_grad():
             for p, s in zip(_params(self.model), self.saved):
-                p.copy_(s)
+                p.copy_(s)  # host -> device where the model runs on one
         return False
 
 
@@ -1300,7 +1321,7 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     trainable parameters (w = ``weight_bytes``, s = ``store_bytes``, c = ``noise_bytes`` per number):
 
     - the model w N (used in place: no copy), and Shifted's copy of theta0 while a configuration
-      is evaluated, w N;
+      is evaluated, w N (in host memory);
     - the moments of one method: mean 2 s N, the batch covariances 3 c N, the CE direction 2 s N
       (TALR, DFT, FLOW; CE, L2 and LoRA derive it from their mean); M = 4 s N + 3 c N in all; s = c = 4
       by default (float32: bf16 storage broke the forecast on SmolLM2, see the module docstring);
@@ -1311,9 +1332,16 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     - the probes (real CE steps beside CE's moments M - 2 s N): the probed copy of the model, its
       gradient and AdamW's two states, 4 w N (the cosines are taken parameter by parameter).
 
-    peak = w N + max(M + 4 N + w N        [CE, L2, LoRA; TALR, DFT, FLOW],
-                     M + 3 w N            [a gradient pass],
-                     M - 2 s N + 4 w N    [a probe]) + 32 chunk.
+    With the model and the forecast's state in one memory (a CPU run; ``"peak"``):
+        peak = w N + max(M + 4 N + w N        [CE, L2, LoRA; TALR, DFT, FLOW],
+                         M + 3 w N            [a gradient pass],
+                         M - 2 s N + 4 w N    [a probe]) + 32 chunk.
+    With the model on an accelerator (``model.to("cuda")``) every N-sized tensor of the forecast -- the
+    moments, the replays, the displacement, theta0's copy -- stays in host memory (`HOST`; the group
+    gradients and a parameter's displacement cross one parameter or chunk at a time), so the device
+    holds the model and its passes only:
+        device = w N + max(3 w N [a gradient pass], 4 w N [a probe]) = 5 w N (+ a parameter's slice),
+        host = M + 4 N + w N + 32 chunk.
     Activations are those of ``micro_batch`` rows (`ForecastConfig.micro_batch`; a training step
     holds those of its B rows). ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
     del grid, n_batches
@@ -1321,7 +1349,8 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     M = (4 * s + 3 * c) * N
     parts = {"ce_family": M + 4 * N + w * N, "own_weights": M + 4 * N + w * N,
              "gradient_pass": M + 3 * w * N, "probe": M - 2 * s * N + 4 * w * N}
-    return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk}
+    return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk,
+            "device_peak": w * N + max(3 * w * N, 4 * w * N), "host_peak": M + 4 * N + w * N + 32 * chunk}
 
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,

@@ -14,9 +14,10 @@ from torch import nn
 
 from .io import release_free_memory
 from .methods import get_method
-from .forecast import (HARD_GROUP_P, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
+from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
                        cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients,
-                       micro_batches, replay_adam, replay_lora, sequence_losses, squared_norm, training_run_units)
+                       micro_batches, model_device, replay_adam, replay_lora, sequence_losses, squared_norm,
+                       training_run_units)
 
 __all__ = ["SampleTree", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops"]
@@ -35,10 +36,10 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
     out = []
     with torch.no_grad():
         for s in range(0, len(examples), 16):
-            b = _collate(examples[s:s + 16], pad_token_id)
+            b = _collate(examples[s:s + 16], pad_token_id, model_device(model))
             nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
-            hard = (torch.exp(-nll) < hard_p).numpy()
-            si = si.numpy()
+            hard = (torch.exp(-nll) < hard_p).to(HOST).numpy()
+            si = si.to(HOST).numpy()
             out += [hard[si == i] for i in range(b["input_ids"].shape[0])]
             meter.forward(int(b["attention_mask"].sum()))
     return out
@@ -46,7 +47,8 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
 
 def _cosine(params, direction: torch.Tensor) -> float:
     """cos(grad, direction) parameter by parameter (no flattened copy of either): ``direction`` is
-    ``[N]`` or ``[K, N]`` (its rows summed), in the trainable parameters' order."""
+    ``[N]`` or ``[K, N]`` (its rows summed), in the trainable parameters' order; the sums in float64 on the
+    host, one parameter's gradient moved there at a time."""
     d2 = direction if direction.dim() == 2 else direction[None]
     dot = gg = dd = 0.0
     off = 0
@@ -54,7 +56,7 @@ def _cosine(params, direction: torch.Tensor) -> float:
         n = p.numel()
         d = d2[:, off:off + n].float().sum(0)
         if p.grad is not None:
-            g = p.grad.reshape(-1)
+            g = p.grad.reshape(-1).to(HOST, torch.float32)
             dot, gg = dot + float(g @ d), gg + float(g @ g)
         dd += float(d @ d)
         off += n
@@ -83,14 +85,14 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
     out = np.full((len(lrs), 3), np.nan)
     for t, lr in enumerate(lrs):
         idx = rng.choice(len(examples), cfg.batch, replace=False)
-        b = _collate([examples[int(i)] for i in idx], cfg.pad_token_id)
+        b = _collate([examples[int(i)] for i in idx], cfg.pad_token_id, model_device(model))
         hard = np.concatenate([groups[int(i)] for i in idx])
         n_b = len(hard)  # the batch's supervised tokens
         sums, cnt, at = np.zeros(3), np.zeros(3), 0
         opt.zero_grad()
         for part in micro_batches(b, cfg.micro_batch):
             nll, _ = token_nll(model, part["input_ids"], part["attention_mask"], part["labels"])
-            h = torch.as_tensor(hard[at:at + nll.numel()])
+            h = torch.as_tensor(hard[at:at + nll.numel()], device=nll.device)
             at += nll.numel()
             for k, mask in enumerate((~h, h, torch.ones_like(h))):
                 sums[k] += float(nll.detach()[mask].sum())
@@ -577,7 +579,7 @@ def power_law_probes(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], 
         ts, ds = [], []
         for t, lr_t in enumerate(plrs, start=1):
             idx = rng.choice(len(d2), cfg.batch, replace=False)
-            b = _collate([d2[int(i)] for i in idx], pad)
+            b = _collate([d2[int(i)] for i in idx], pad, model_device(model))
             nll, _ = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
             for gr in opt.param_groups:
                 gr["lr"] = float(lr_t)

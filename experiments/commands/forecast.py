@@ -113,7 +113,31 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="seed of the forecast's batches and probe")
     p.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the model and its passes run: cpu, cuda or cuda:I (the forecast's moments and replays "
+                        "stay in host memory; `talr forecast-cost` gives both peaks)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:I (checked against the machine when the model is loaded)."""
+    t = text.strip().lower()
+    if t == "cpu" or t == "cuda" or (t.startswith("cuda:") and t[5:].isascii() and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:I")
+
+
+def _check_device(device: str) -> None:
+    """A `UserError` naming what the machine has when ``device`` is not on it (before any model is loaded)."""
+    if device == "cpu":
+        return
+    import torch
+
+    from experiments.cli import UserError
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (int(device.split(":")[1]) if ":" in device else 0) >= n:
+        raise UserError(f"--device {device}: this machine has {n} CUDA device(s)" + ("" if n else "; use --device cpu"))
 
 
 def register(sub) -> None:
@@ -133,7 +157,9 @@ def register(sub) -> None:
 
 
 COST_DOC = """The forecast's peak memory (`sft.forecast.forecast_memory_bytes`) and compute over one training run
-(`sft.forecast.forecast_compute_ratio`) from their formulas, before any model is loaded; and the run
+(`sft.forecast.forecast_compute_ratio`) from their formulas, before any model is loaded: in one memory (a
+CPU run), and split between the device and the host when the model runs on an accelerator (`talr forecast
+--device cuda`: the moments and replays stay in host memory); and the run
 length T from which the forecast costs at most --target of one run (its passes do not grow with T,
 the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights, float32
 moments, T = 150, B = 16, 512-token sequences, 30 configurations).
@@ -189,7 +215,8 @@ def forecast_cost(args) -> dict:
     floor = per_step["replay_ratio"]
     t_min = math.ceil(per_step["passes_ratio"] / (args.target - floor)) if args.target > floor else None
     return {"params": args.params, "memory_gb": {k: v / 1e9 for k, v in mem.items()},
-            "fits": mem["peak"] / 1e9 <= args.gpu_gb, "gpu_gb": args.gpu_gb, "compute": comp,
+            "fits": mem["peak"] / 1e9 <= args.gpu_gb, "fits_with_host_state": mem["device_peak"] / 1e9 <= args.gpu_gb,
+            "gpu_gb": args.gpu_gb, "compute": comp,
             "target": args.target, "steps_for_target": t_min, "replay_floor": floor}
 
 
@@ -204,6 +231,9 @@ def run_cost(args) -> int:
     print(f"peak memory beside activations: {m['peak']:.1f} GB = the model {m['model']:.1f} + the largest of "
           f"a gradient pass {m['gradient_pass']:.1f}, a probe {m['probe']:.1f}, the rows {m['ce_family']:.1f} "
           f"(+ chunks): {'fits' if r['fits'] else 'does not fit'} {args.gpu_gb:g} GB")
+    print(f"model on the device, the forecast's state in host memory (talr forecast --device cuda): device "
+          f"{m['device_peak']:.1f} GB beside activations ({'fits' if r['fits_with_host_state'] else 'does not fit'} "
+          f"{args.gpu_gb:g} GB), host {m['host_peak']:.1f} GB")
     print(f"compute: {c['ratio']:.3f} of one training run at T = {args.steps} (passes {c['passes_ratio']:.3f}, "
           f"replays {c['replay_ratio']:.3f})")
     t = r["steps_for_target"]
@@ -270,7 +300,9 @@ def forecast_to(args) -> dict:
             return old
     with user_errors(ValueError):
         _config(args, 0)  # ForecastConfig's own checks, before any model is loaded
+    _check_device(args.device)
     model0, d2, d1, pad, tree = _inputs(args)
+    model0 = model0.to(args.device)  # its passes there; the forecast's N-sized state stays in host memory
     res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree)
     res["request"] = _request(args)
     write_json(path, res)

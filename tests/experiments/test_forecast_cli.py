@@ -60,6 +60,14 @@ def test_bad_options_are_rejected(files, capsys):
     assert main(["forecast", *base[:3], str(d / "missing.jsonl"), *base[4:], "--out", str(d / "bad3")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "budget" in err[-3] and "--methods" in err[-2] and "sgd" in err[-2] and "missing.jsonl" in err[-1]
+    with pytest.raises(SystemExit):  # argparse: not a device
+        main(["forecast", *base, "--device", "tpu", "--out", str(d / "bad4")])
+    capsys.readouterr()
+    # a device this machine does not have: one line naming what it has, before any work
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert main(["forecast", *base, "--device", f"cuda:{n}", "--out", str(d / "bad5")]) == 2
+    assert f"--device cuda:{n}: this machine has {n} CUDA device(s)" in capsys.readouterr().err
+    assert not (d / "bad5" / "forecast.json").exists()
     for name in ("bad1", "bad2", "bad3"):
         assert not (d / name / "forecast.json").exists()
 
@@ -102,6 +110,9 @@ def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_tar
     r = json.loads(capsys.readouterr().out)
     assert r["memory_gb"]["peak"] == pytest.approx(forecast_memory_bytes(3.21e9)["peak"] / 1e9)
     assert not r["fits"] and 80 < r["memory_gb"]["peak"] < 117  # a 3B model: 115.6 GB with float32 moments
+    # ... but with the model on the GPU and the moments in host memory the device holds 5 w N = 32.1 GB
+    assert r["fits_with_host_state"] and r["memory_gb"]["device_peak"] == pytest.approx(32.1)
+    assert r["memory_gb"]["host_peak"] == pytest.approx(forecast_memory_bytes(3.21e9)["host_peak"] / 1e9)
     assert main(["forecast-cost", "--json", "--gpu-gb", "141"]) == 0 and json.loads(capsys.readouterr().out)["fits"]
     kw = dict(batch=4, len_d2=282, n_general=24, len_d1=96, n_batches=2, n_weightings=3, grid=8, probe_steps=6,
               replay_flops=8.9, probes=2)

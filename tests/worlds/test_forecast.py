@@ -419,6 +419,45 @@ def test_memory_formula_is_linear_in_parameters_and_blind_to_the_grid():
     c = forecast_memory_bytes(1e9, weight_bytes=4, store_bytes=1, noise_bytes=1)
     assert c["probe"] == pytest.approx(21e9) and c["gradient_pass"] == pytest.approx(19e9)
     assert c["peak"] == pytest.approx(4e9 + 21e9 + 32 * CHUNK)
+    # the model on an accelerator, the state in host memory: the device holds the model and a probe's
+    # copy, gradient and two AdamW states (5 w N); the host the moments, the displacement and theta0's copy
+    assert a["device_peak"] == pytest.approx(5 * 2 * 1e9)
+    assert a["host_peak"] == pytest.approx(1e9 * (4 * 4 + 3 * 4 + 4 + 2) + 32 * CHUNK)
+    assert a["device_peak"] + a["host_peak"] > a["peak"]  # a split never needs less in all
+    # a 3B model: 32.1 GB on the device with bf16 weights, 64.2 GB with float32 ones: one 80 GB GPU either way
+    assert forecast_memory_bytes(3.21e9)["device_peak"] == pytest.approx(32.1e9)
+    assert forecast_memory_bytes(3.21e9, weight_bytes=4)["device_peak"] < 80e9
+
+
+def _fake_cuda():
+    """A fake-tensor mode whose "cuda" tensors carry no data but check devices as a GPU run would (any op
+    mixing cuda and cpu tensors raises), on a machine without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, pytest.raises(Exception, match="device"):
+        torch.zeros(2, device="cuda") + torch.zeros(2)  # the mode does check devices
+    return mode
+
+
+def test_shifted_keeps_theta0_on_the_host_and_moves_the_step_to_a_gpu_model():
+    """The boundary between a model on an accelerator and the forecast's N-sized state in host memory:
+    `Shifted` keeps theta0's copy on the host and moves the (host) displacement to the model's device
+    parameter by parameter. Under a fake "cuda" a missing transfer raises a device mismatch. (This CPU
+    build's fake cuda cannot slice a cuda tensor or copy_ into one, so the streamed moments' transfers
+    and Shifted's exit are not covered here.)"""
+    from torch import nn
+
+    from sft.forecast import CHUNK, HOST, Shifted, model_device
+
+    with _fake_cuda():
+        lin = nn.Linear(CHUNK + 3, 2, device="meta")  # a weight of more than one chunk
+        lin.weight, lin.bias = (nn.Parameter(torch.zeros(p.shape, device="cuda")) for p in (lin.weight, lin.bias))
+        assert model_device(lin).type == "cuda"
+        N = sum(p.numel() for p in lin.parameters())
+        sh = Shifted(lin, torch.ones(N), scale=0.5)  # (its exit, a host -> device copy_, needs a real GPU)
+        assert sh.__enter__() is lin
+        assert {s.device for s in sh.saved} == {HOST}
 
 
 def test_size_correction_interpolates_the_probe_ratios_in_log_rate():
