@@ -861,7 +861,7 @@ def _v_mean_field(gm: GradientMoments, bb: torch.Tensor, bn: torch.Tensor, sl: s
 
 def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: float = 0.0,
                 max_grad_norm: float = 1.0, w_min: float = L.W_MIN, track: bool = True,
-                trajectory: bool = False, chunk: int = CHUNK, block: int = 1):
+                trajectory: bool = False, chunk: int = CHUNK, block: int = 1, on_step=None):
     """AdamW replayed on the frozen gradient moments ``gm`` (mean field over the probe batches):
     returns (theta_T - theta0, ell_T) and, with ``trajectory=True``, also the domain-loss
     tracker after every step ``[T, K]``.
@@ -887,10 +887,13 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
     ``block`` (no L2 pull only; `_replay_blocks`): Adam's bias-corrected denominator is held for
     ``block`` steps, so the N-sized work is two passes per block instead of one per step; every
     scalar (the EMAs, the clip, the trackers, the steps' sizes) is still advanced every step
-    (``block=1``: exact)."""
+    (``block=1``: exact).
+
+    ``on_step(t, norm, clip)``: called at every step t = 1..T with the replayed batch gradient's expected
+    norm sqrt(E_b ||g_t||^2) before clipping and the clip factor c_t (what a trainer logs as grad_norm)."""
     if not l2_coeff:
         return _replay_blocks(gm, method, lrs, max_grad_norm=max_grad_norm, w_min=w_min, track=track,
-                              trajectory=trajectory, chunk=chunk, block=block)
+                              trajectory=trajectory, chunk=chunk, block=block, on_step=on_step)
     K, N = gm.mean.shape
     b1, b2 = BETAS
     delta = torch.zeros(N)
@@ -909,6 +912,8 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
         norm2 += sum(float(4 * l2_coeff * (delta[sl] @ (rho.float() @ gm.mean[:, sl].float()))
                      + 4 * l2_coeff**2 * (delta[sl] @ delta[sl])) for sl in slices)
         c = _clip_factor(norm2, max_grad_norm)
+        if on_step is not None:
+            on_step(t, math.sqrt(max(norm2, 0.0)), c)
         fo, own = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
         lams.append(lam_t - float(lr))
         norms.append(0.0)
@@ -1021,7 +1026,7 @@ class _ReplayScalars:
         self.bb = torch.zeros(3 if K > 1 else 1, dtype=torch.float64)
         self.bn = torch.zeros_like(self.bb)  # EMA of c^2 x the noise's pair weights (``noise_floor``)
         self.ell, self.trk = gm.ell0.clone(), gm.ell0.clone()
-        self.lam_t, self.c, self.wr = 0.0, 1.0, torch.ones(K, dtype=torch.float64)
+        self.lam_t, self.c, self.wr, self.norm2 = 0.0, 1.0, torch.ones(K, dtype=torch.float64), 0.0
         self.scales = (torch.ones(K, dtype=torch.float64), torch.ones(K, dtype=torch.float64))  # the last (rho, rn)
         self.tokens = TokenTracker(gm, method, w_min) if gm.token_tracker and gm.tokens is not None else None
 
@@ -1034,7 +1039,8 @@ class _ReplayScalars:
         rn = noise_scale(self.method, at, gm.ell0, gm.tau, self.w_min, gm.tau_at(at) if tau_t is None else tau_t)
         self.scales = (rho, rn)
         self.lam_t += float(lr)
-        self.c = c = _clip_factor(gm.norm2(rho, rn), self.max_norm)
+        self.norm2 = gm.norm2(rho, rn)  # the expected squared norm of the step's batch gradient, before the clip
+        self.c = c = _clip_factor(self.norm2, self.max_norm)
         self.wr = rn  # the token-weight ratio w(ell) / w(ell0) (`tracker_progress`)
         self.a.mul_(b1).add_(rho, alpha=(1 - b1) * c)
         self.bb.mul_(b2).add_(_pair_weights(rho), alpha=(1 - b2) * c * c)
@@ -1062,7 +1068,7 @@ def _block_units(gm: GradientMoments, sl: slice, ahat, bbh, bnh) -> torch.Tensor
 
 
 def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_grad_norm: float, w_min: float,
-                   track: bool, trajectory: bool, chunk: int, block: int):
+                   track: bool, trajectory: bool, chunk: int, block: int, on_step=None):
     """`replay_adam` without an L2 pull, its denominator held over blocks of ``block`` steps. With
     U_j = mean_j / denom (the block's), step t is lr_t sum_j ahat_j(t) U_j, so its first-order
     effect ce_k . step = lr_t (C ahat)_k (C_kj = ce_k . U_j), the group's own part lr_t c_t C_kk and
@@ -1076,8 +1082,14 @@ def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_gra
     st = _ReplayScalars(gm, method, _replay_mode(gm, track, 0.0), max_grad_norm, w_min)
     norms, lams, traj, slices = [], [], [], _chunks(N, chunk)
     T = len(lrs)
+
+    def advance(t: int) -> None:
+        st.advance(float(lrs[t - 1]))
+        if on_step is not None:
+            on_step(t, math.sqrt(max(st.norm2, 0.0)), st.c)
+
     for t0 in range(1, T + 1, block):
-        st.advance(float(lrs[t0 - 1]))
+        advance(t0)
         frozen = st.corrected(t0)
         C = torch.zeros(K, K, dtype=torch.float64)
         Q = torch.zeros(K, K, dtype=torch.float64)
@@ -1090,7 +1102,7 @@ def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_gra
         for t in range(t0, min(t0 + block, T + 1)):
             lr = float(lrs[t - 1])
             if t > t0:
-                st.advance(lr)
+                advance(t)
             ahat = st.corrected(t)[0]
             coef += lr * ahat
             lams.append(st.lam_t - lr)

@@ -113,6 +113,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="seed of the forecast's batches and probe")
     p.add_argument("--cache-dir", default=None, help="pretrained tiny worlds, by config hash (default: the user cache, $TALR_CACHE_DIR or ~/.cache/talr/worlds)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--micro-batch", type=ranged("micro-batch", 0, integer=True), default=0,
+                   help="rows per forward/backward of the gradients and probes (0: the whole batch; exact, the "
+                        "activations of fewer rows)")
     p.add_argument("--device", type=_device, default="cpu",
                    help="where the model and its passes run: cpu, cuda or cuda:I (the forecast's moments and replays "
                         "stay in host memory; `talr forecast-cost` gives both peaks)")
@@ -277,7 +280,7 @@ def _config(args, pad):
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return ForecastConfig(methods=methods, lrs=tuple(args.lrs), steps=args.steps, batch=args.batch_size,
-                          seed=args.seed, pad_token_id=pad)
+                          seed=args.seed, pad_token_id=pad, micro_batch=args.micro_batch)
 
 
 def _request(args) -> dict:

@@ -556,25 +556,33 @@ def forecast_entries(cfg: StudyConfig, variant: str) -> list[Entry]:
             and not e.plateau and get_method(e.method).forecast]
 
 
+def variant_forecast_config(cfg: StudyConfig, variant: str, tok, n_general: int):
+    """The `sft.forecast.ForecastConfig` of one variant's forecast unit: every (method, lr) of its entries,
+    the study's steps, batch, LoRA rank, L2 coefficient, probe and storage."""
+    from sft.config import L2_COEFF
+    from sft.forecast import ForecastConfig
+
+    entries = forecast_entries(cfg, variant)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return ForecastConfig(methods=tuple(sorted({e.method for e in entries})), lrs=tuple(sorted({e.lr for e in entries})),
+                          steps=cfg.steps, batch=cfg.batch_size, n_batches=cfg.forecast_batches, n_general=n_general,
+                          probe_steps=cfg.forecast_probe_steps, seed=cfg.seed, l2_coeff=L2_COEFF, lora_r=cfg.lora_r,
+                          lora_alpha=2 * cfg.lora_r, pad_token_id=pad, micro_batch=cfg.forecast_micro_batch,
+                          store_dtype=cfg.forecast_store)
+
+
 def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
     """`sft.forecast_run.forecast_grid` for one variant's grid, from theta0 and one short CE probe
     only (no grid run is read): every (method, lr) of the variant's entries, the study's steps, batch, LoRA rank and L2 coefficient; D2 = the variant's training
     examples, D1 = the general set (:func:`general_examples`). Each row gains
     ``dL_general_bits_per_token``: the predicted dL(P1) per sequence turned into bits per
     supervised token of the pooled general set, the unit of the measured general deltas."""
-    from sft.config import L2_COEFF
-    from sft.forecast import ForecastConfig
     from sft.forecast_run import forecast_grid
 
     entries = forecast_entries(cfg, variant)
     d1 = general_examples(tok, data)
     n_tok = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in d1)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    fc = ForecastConfig(methods=tuple(sorted({e.method for e in entries})), lrs=tuple(sorted({e.lr for e in entries})),
-                        steps=cfg.steps, batch=cfg.batch_size, n_batches=cfg.forecast_batches, n_general=len(d1),
-                        probe_steps=cfg.forecast_probe_steps, seed=cfg.seed, l2_coeff=L2_COEFF, lora_r=cfg.lora_r,
-                        lora_alpha=2 * cfg.lora_r, pad_token_id=pad, micro_batch=cfg.forecast_micro_batch,
-                        store_dtype=cfg.forecast_store)
+    fc = variant_forecast_config(cfg, variant, tok, len(d1))
     t = time.perf_counter()
     extra = None
     if cfg.forecast_accuracy and cfg.bench_tasks:

@@ -46,6 +46,22 @@ def test_forecast_writes_table_and_plane_and_advise_reuses_it(files, capsys):
     assert best["domain_gain_bits"] >= min(r["domain_gain_bits"] for r in res["rows"])
 
 
+def test_micro_batches_forecast_the_same_rows(files):
+    """``--micro-batch 1``: the gradients and probes run one row at a time, summed exactly: the same forecast
+    up to float rounding."""
+    d, dom, gen = files
+    rows = []
+    for i, extra in enumerate(([], ["--micro-batch", "1"])):
+        args = _args(d, dom, gen, *extra)
+        args[args.index("--out") + 1] = str(d / f"mb{i}")
+        assert main(["forecast", *args]) == 0
+        rows.append(json.loads((d / f"mb{i}" / "forecast.json").read_text())["rows"])
+    for a, b in zip(*rows):
+        assert (a["method"], a["lr"]) == (b["method"], b["lr"])
+        assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"], rel=1e-3, abs=1e-6)
+        assert b["domain_gain_bits"] == pytest.approx(a["domain_gain_bits"], rel=1e-3, abs=1e-6)
+
+
 def test_bad_options_are_rejected(files, capsys):
     d, dom, gen = files
     base = ["--model", "tiny", "--domain", dom, "--general", gen, "--steps", "4", "--batch-size", "2",
@@ -60,6 +76,8 @@ def test_bad_options_are_rejected(files, capsys):
     assert main(["forecast", *base[:3], str(d / "missing.jsonl"), *base[4:], "--out", str(d / "bad3")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "budget" in err[-3] and "--methods" in err[-2] and "sgd" in err[-2] and "missing.jsonl" in err[-1]
+    with pytest.raises(SystemExit):  # argparse: a negative micro-batch
+        main(["forecast", *base, "--micro-batch", "-1", "--out", str(d / "bad4")])
     with pytest.raises(SystemExit):  # argparse: not a device
         main(["forecast", *base, "--device", "tpu", "--out", str(d / "bad4")])
     capsys.readouterr()

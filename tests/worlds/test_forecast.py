@@ -33,6 +33,19 @@ def test_adam_first_step_is_lr_sign_and_linear_in_lr():
     assert db.tolist() == pytest.approx((2 * da).tolist(), rel=1e-5)  # frozen replay: displacement ~ lr
 
 
+@pytest.mark.parametrize("l2, block", [(0.0, 1), (0.0, 3), (0.1, 1)])
+def test_on_step_reports_the_expected_gradient_norm_and_the_clip_every_step(l2, block):
+    """``on_step(t, norm, clip)``: at step 1 (theta0, nothing learned yet) the norm is sqrt(E_b ||g_b||^2)
+    over the batches by hand and the clip min(1, max_norm / norm); every step reports once, in order."""
+    g = torch.tensor([[[3.0, -1.0, 0.5]], [[1.0, 1.0, 0.5]]])  # [n_b=2, K=1, P=3]: ||g_1||^2 = 10.25, ||g_2||^2 = 2.25
+    seen = []
+    replay_adam(_gg(g, ell0=(1.0,)), "ce", cosine_lrs(1e-2, 7), l2_coeff=l2, max_grad_norm=1.5, block=block,
+                on_step=lambda t, n, c: seen.append((t, n, c)))
+    assert [t for t, _, _ in seen] == list(range(1, 8))
+    assert seen[0][1] == pytest.approx(np.sqrt((10.25 + 2.25) / 2)) and seen[0][2] == pytest.approx(1.5 / np.sqrt(6.25))
+    assert all(c == pytest.approx(min(1.0, 1.5 / n)) for _, n, c in seen)
+
+
 def test_l2_pull_shrinks_the_displacement_and_clipping_applies():
     g = torch.full((1, 1, 4), 0.01)
     gg = _gg(g, ell0=(1.0,))
