@@ -158,8 +158,9 @@ stays in host memory (`HOST`: the moments, the replays, the displacement, theta0
 displacements cross one parameter or chunk at a time), and the device holds the model and its passes:
     device = 5 w N (the model and a probe's copy, gradient and two AdamW states),  host = M + 4 N + w N.
 A 3B model (N = 3.21e9) with bf16 weights (w = 2) and float32 moments (s = c = 4, the defaults):
-**on one 80 GB GPU, 10 N = 32.1 GB beside the activations** (float32 weights: 20 N = 64.2 GB), with
-34 N = 109 GB of host memory; the replays then run on the host's CPU, memory-bound: each block reads the
+**on one 80 GB GPU, 10 N = 32.1 GB beside the activations** (float32 weights, what `talr forecast` loads and
+what a probe's AdamW needs -- bf16 parameters round away steps of lr ~1e-5: 20 N = 64.2 GB), with 34 N = 109 GB
+(float32 weights: 36 N = 116 GB) of host memory; the replays then run on the host's CPU, memory-bound: each block reads the
 moments twice (2 x 28 N bytes), 6 blocks a configuration at T = 150, so 30 configurations read about
 32 TB, some 5 minutes at 100 GB/s (an estimate; not run: no GPU was lent to this project). With the model
 and the state in one memory (a CPU run, or all of it on one device): 36 N = 115.6 GB + 0.5 GB of chunks:

@@ -1,5 +1,5 @@
-"""The replay's batch-gradient norm against the real runs' (why the forecast over-forecasts TALR on
-SmolLM2): for CE and TALR at each rate a grid study trained, the expected norm sqrt(E_b ||g_t||^2) of
+"""The replay's batch-gradient norm against the real runs' (a diagnostic of TALR's over-forecast on
+SmolLM2): for CE, TALR and FLOW at each rate a grid study trained and forecast, the expected norm sqrt(E_b ||g_t||^2) of
 the step's batch gradient that `sft.forecast.replay_adam` replays (the study's forecast unit's
 moments, kappa and lam_c: the same probe batches, recomputed) next to the ``grad_norm`` the real run
 logged at each step, with the clip at ``max_grad_norm``. Once a real gradient falls below the clip,
@@ -12,7 +12,7 @@ above the clip keeps full-size steps.
 Prints one line per (method, lr): the replayed and real norms at a few steps and the first step at which
 each falls below the clip; writes ``grad_norms_<variant>.json`` (every step, and the real runs' TALR tau,
 median p and share of tokens at the weight floor) and ``grad_norms_<variant>.png`` into ``--out``.
-About 5 minutes on 2 CPU cores for SmolLM2-135M's label variant (two gradient passes).
+About 5 minutes on 2 CPU cores for SmolLM2-135M's label variant (three gradient passes).
 """
 from __future__ import annotations
 
@@ -93,10 +93,12 @@ def main(argv=None) -> None:
     batches, _ = probe_batches(data.train[a.variant][:cfg.steps * cfg.batch_size], fc, np.random.default_rng(fc.seed))
     kw = dict(pad_token_id=fc.pad_token_id, w_min=fc.w_min, micro_batch=fc.micro_batch)
     ce = method_gradients(model, batches, "ce", **kw)
-    talr = method_gradients(model, batches, "talr", ce_mean=ce.ce(), **kw,
-                            batch_taus=ce.tokens.batch_taus([len(b) for b in batches]))
+    own = {"talr": dict(batch_taus=ce.tokens.batch_taus([len(b) for b in batches])),
+           "flow": dict(flow_tau=max(float(np.median(ce.tokens.sequence_means())), 1e-12))}  # as the forecast reads them
+    methods = [m for m in ("ce", "talr", "flow") if any(r["method"] == m for r in unit["rows"])]
     rows = []
-    for method, gm in (("ce", ce), ("talr", talr)):
+    for method in methods:
+        gm = ce if method == "ce" else method_gradients(model, batches, method, ce_mean=ce.ce(), **kw, **own[method])
         gm.kappa = torch.tensor(unit["probe"]["kappa"], dtype=torch.float64)
         gm.lam_c = unit["probe"]["lambda_c"] or float("inf")
         gm.noise_floor, gm.keep_norm = fc.noise_floor, fc.keep_norm
@@ -105,7 +107,10 @@ def main(argv=None) -> None:
             replay_adam(gm, method, cosine_lrs(lr, fc.steps), max_grad_norm=fc.max_grad_norm, w_min=fc.w_min,
                         track=fc.track, block=fc.replay_block, on_step=lambda t, n, c: seen.append((n, c)))
             real = real_run(study, a.variant, method, lr)
-            r = {"method": method, "lr": lr, "replay_norm": [n for n, _ in seen], "replay_clip": [c for _, c in seen],
+            fr = next(x for x in unit["rows"] if x["method"] == method and x["lr"] == lr)
+            r = {"method": method, "lr": lr, "forecast_bits_per_token": fr.get("dL_general_bits_per_token"),
+                 "tracked_loss_nats": fr.get("tracked_loss_nats"),
+                 "replay_norm": [n for n, _ in seen], "replay_clip": [c for _, c in seen],
                  "replay_below_clip_at": below([n for n, _ in seen], fc.max_grad_norm), "real": real,
                  "real_below_clip_at": None if real is None else below(real["grad_norm"], fc.max_grad_norm)}
             rows.append(r)
@@ -116,7 +121,7 @@ def main(argv=None) -> None:
                   + f" | below the clip from step {r['replay_below_clip_at']} (replay), {r['real_below_clip_at']} (real)",
                   flush=True)
     res = {"variant": a.variant, "preset": a.preset, "study": str(study), "max_grad_norm": fc.max_grad_norm,
-           "tau0_talr": talr.tau, "ell0": ce.ell0.tolist(), "kappa": unit["probe"]["kappa"],
+           "ell0": ce.ell0.tolist(), "kappa": unit["probe"]["kappa"],
            "lambda_c": unit["probe"]["lambda_c"], "rows": rows}
     if a.out:
         out = Path(a.out)
