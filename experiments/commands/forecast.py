@@ -123,7 +123,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _device(text: str) -> str:
-    """``--device``: cpu, cuda or cuda:I (checked against the machine when the model is loaded)."""
+    """``--device``: cpu, cuda or cuda:I (checked against the machine before the model is loaded)."""
     t = text.strip().lower()
     if t == "cpu" or t == "cuda" or (t.startswith("cuda:") and t[5:].isascii() and t[5:].isdigit()):
         return t
