@@ -609,13 +609,14 @@ class StreamedMoments:
     def add(self, per: list[list]) -> None:
         """One batch: ``per[k]`` is group k's gradient, a list over parameters (None = zeros).
         Welford: d_k = g_k - mean_k; mean_k += d_k / n; C_kl += d_k (g_l - mean_l(new)), in float32
-        on slices of at most CHUNK coordinates (then stored in ``dtype``); C / n is Cov_b[g_k, g_l]."""
+        on slices of at most CHUNK coordinates (then stored in ``dtype``); C / n is Cov_b[g_k, g_l]. Each
+        parameter's gradient comes to the host (`HOST`) in float32 once, whatever the model's device."""
         self.n += 1
         for i, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
-            g = [None if x[i] is None else x[i].reshape(-1) for x in per]
+            g = [None if x[i] is None else x[i].reshape(-1).to(HOST, torch.float32) for x in per]  # one parameter
             for sl in _chunks(b - a):
                 at = slice(a + sl.start, a + sl.stop)
-                gs = [torch.zeros(sl.stop - sl.start) if x is None else x[sl].to(HOST, torch.float32) for x in g]
+                gs = [torch.zeros(sl.stop - sl.start) if x is None else x[sl] for x in g]
                 old = [self.mean[k, at].float() for k in range(2)]
                 d = [gs[k] - old[k] for k in range(2)]
                 new = [old[k] + d[k] / self.n for k in range(2)]

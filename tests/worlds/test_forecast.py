@@ -453,15 +453,15 @@ def _fake_cuda():
     return mode
 
 
-def test_shifted_keeps_theta0_on_the_host_and_moves_the_step_to_a_gpu_model():
-    """The boundary between a model on an accelerator and the forecast's N-sized state in host memory:
+def test_the_state_stays_on_the_host_for_a_model_on_a_gpu():
+    """The boundaries between a model on an accelerator and the forecast's N-sized state in host memory:
     `Shifted` keeps theta0's copy on the host and moves the (host) displacement to the model's device
-    parameter by parameter. Under a fake "cuda" a missing transfer raises a device mismatch. (This CPU
-    build's fake cuda cannot slice a cuda tensor or copy_ into one, so the streamed moments' transfers
-    and Shifted's exit are not covered here.)"""
+    parameter by parameter; the streamed moments take each group gradient (and the CE direction's) to the
+    host. Under a fake "cuda" a missing transfer raises a device mismatch. (This CPU build's fake cuda
+    cannot copy_ into a cuda tensor, so Shifted's exit is not covered here.)"""
     from torch import nn
 
-    from sft.forecast import CHUNK, HOST, Shifted, model_device
+    from sft.forecast import CHUNK, HOST, Shifted, StreamedMoments, model_device
 
     with _fake_cuda():
         lin = nn.Linear(CHUNK + 3, 2, device="meta")  # a weight of more than one chunk
@@ -471,6 +471,11 @@ def test_shifted_keeps_theta0_on_the_host_and_moves_the_step_to_a_gpu_model():
         sh = Shifted(lin, torch.ones(N), scale=0.5)  # (its exit, a host -> device copy_, needs a real GPU)
         assert sh.__enter__() is lin
         assert {s.device for s in sh.saved} == {HOST}
+        acc = StreamedMoments(list(lin.parameters()), True, torch.float32)
+        grads = [[torch.ones_like(p) for p in lin.parameters()], [None, torch.ones_like(lin.bias)]]
+        acc.add(grads)
+        acc.add_ce(1, grads[0])
+        assert {acc.mean.device, acc.cov.device, acc.ce.device} == {HOST}
 
 
 def test_size_correction_interpolates_the_probe_ratios_in_log_rate():
