@@ -19,7 +19,7 @@ from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, Forecast
                        micro_batches, model_device, replay_adam, replay_lora, sequence_losses, squared_norm,
                        training_run_units)
 
-__all__ = ["SampleTree", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
+__all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops"]
 
 
@@ -245,7 +245,7 @@ def _released():
         release_free_memory()
 
 
-class _Grid:
+class ForecastGrid:
     """What the rows of one forecast share: the model at theta0 (``model0`` itself, no copy: each
     configuration is evaluated inside `Shifted`, which restores theta0 exactly), its probe batches,
     the D1 sample and its evaluation, the compute meter."""
@@ -474,7 +474,7 @@ def size_correction(points: Sequence[tuple[float, float, float]], lr: float) -> 
     return float(np.exp(np.interp(math.log(lr), x, y)))
 
 
-def _ce_family_rows(grid: _Grid, ce: GradientMoments, pairs, methods, progress) -> dict[str, list[dict]]:
+def _ce_family_rows(grid: ForecastGrid, ce: GradientMoments, pairs, methods, progress) -> dict[str, list[dict]]:
     """The rows of the methods that replay CE's moments, rate by rate so that L2 reuses CE's replay
     at the same rate (one displacement kept at a time)."""
     mine = sorted((p for p in pairs if p[0] in methods), key=lambda p: (p[1], p[0] != "ce"))
@@ -483,7 +483,7 @@ def _ce_family_rows(grid: _Grid, ce: GradientMoments, pairs, methods, progress) 
     return {m: [r for r in rows if r["method"] == m] for m in methods}
 
 
-def _timed(fn, grid: _Grid):
+def _timed(fn, grid: ForecastGrid):
     def run(model):
         t = time.perf_counter()
         try:
@@ -514,7 +514,7 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
-    grid = _Grid(model0, d2, d1, cfg, d1_tree)
+    grid = ForecastGrid(model0, d2, d1, cfg, d1_tree)
     grid.extra_eval = None if extra_eval is None else _timed(extra_eval, grid)
     pairs = [(m, lr) for m in cfg.methods for lr in cfg.lrs if only is None or (m, lr) in only]
     replays_ce = [m for m in cfg.methods if m == "ce" or get_method(m).replay_gradients == "ce"]

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     from experiments.bench.forecast_ablation import V5
     from experiments.studies import forecast as S
     from sft.forecast import cosine_lrs, replay_adam
-    from sft.forecast_run import HARD_GROUP_P, _Grid, probe_losses, token_groups
+    from sft.forecast_run import HARD_GROUP_P, ForecastGrid, probe_losses, token_groups
     from sft.worlds import build_world, pretrain
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     world = build_world(S.world_config(cfg))
     model0, _ = pretrain(world, cfg.cache_dir)
     fcfg = dataclasses.replace(S.forecast_config(cfg, world), **V5)
-    g = _Grid(model0, world.d2_train, S.general_sample(world, fcfg.n_general), fcfg,
+    g = ForecastGrid(model0, world.d2_train, S.general_sample(world, fcfg.n_general), fcfg,
               S.general_tree(world, fcfg.n_general))
     ce = g.moments("ce")
     ce.noise_floor, ce.keep_norm = fcfg.noise_floor, fcfg.keep_norm

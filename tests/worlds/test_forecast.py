@@ -717,9 +717,9 @@ def test_l2_relaxation_only_shrinks_and_is_monotone_in_lambda(seed):
 def test_size_correction_in_summed_rate():
     """``size_axis="lambda"``: each probe sits at the sum of its probe_steps rates, a configuration at its
     run's summed rate Lambda_T; log of the ratio interpolated linearly in log Lambda (held outside)."""
-    from sft.forecast_run import _Grid
+    from sft.forecast_run import ForecastGrid
 
-    g = _Grid.__new__(_Grid)
+    g = ForecastGrid.__new__(ForecastGrid)
     g.cfg = ForecastConfig(steps=10, probe_steps=2, size_axis="lambda")
     g.size_points = [(1e-4, 2.0, 1.0), (1e-2, 1.0, 4.0)]  # ratios 2 and 1/4
     l_lo, l_hi = cosine_lrs(1e-4, 10)[:2].sum(), cosine_lrs(1e-2, 10)[:2].sum()  # 100x apart
