@@ -204,7 +204,7 @@ from torch import nn
 from . import losses as L
 from .data import PadCollator
 from .methods import forecast_methods, get_method
-from .models import token_nll
+from .models import model_device, token_nll
 
 LN2 = math.log(2.0)
 BETAS = (0.9, 0.999)
@@ -214,7 +214,7 @@ ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
            "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
            "l2_relaxation", "micro_batches", "squared_norm", "StreamedMoments", "TokenLosses",
-           "FORECAST_MODEL", "HOST", "model_device"]
+           "FORECAST_MODEL", "HOST"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
@@ -338,11 +338,6 @@ def cosine_lrs(lr: float, steps: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ gradients
 HOST = torch.device("cpu")  # where every N-sized tensor of the forecast lives: its moments, replays, theta0's copy
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s parameters (where its passes run; the forecast's N-sized state stays on `HOST`)."""
-    return next(model.parameters()).device
 
 
 def _collate(examples, pad_token_id, device: torch.device | None = None):
@@ -1364,7 +1359,8 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     parts = {"ce_family": M + 4 * N + w * N, "own_weights": M + 4 * N + w * N,
              "gradient_pass": M + 3 * w * N, "probe": M - 2 * s * N + 4 * w * N}
     return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk,
-            "device_peak": w * N + max(3 * w * N, 4 * w * N), "host_peak": M + 4 * N + w * N + 32 * chunk}
+            "device_peak": 5 * w * N,  # the model + a probe (4 w N > a pass's 3 w N)
+            "host_peak": M + 4 * N + w * N + 32 * chunk}
 
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,

@@ -14,9 +14,10 @@ from torch import nn
 
 from .io import release_free_memory
 from .methods import get_method
+from .models import model_device
 from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
                        cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients,
-                       micro_batches, model_device, replay_adam, replay_lora, sequence_losses, squared_norm,
+                       micro_batches, replay_adam, replay_lora, sequence_losses, squared_norm,
                        training_run_units)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
@@ -47,8 +48,8 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
 
 def _cosine(params, direction: torch.Tensor) -> float:
     """cos(grad, direction) parameter by parameter (no flattened copy of either): ``direction`` is
-    ``[N]`` or ``[K, N]`` (its rows summed), in the trainable parameters' order; the sums in float64 on the
-    host, one parameter's gradient moved there at a time."""
+    ``[N]`` or ``[K, N]`` (its rows summed), in the trainable parameters' order; on the host, one parameter's
+    gradient moved there at a time."""
     d2 = direction if direction.dim() == 2 else direction[None]
     dot = gg = dd = 0.0
     off = 0

@@ -275,6 +275,11 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return got[-1]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (where its passes run)."""
+    return next(model.parameters()).device
+
+
 def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
               *, chunked: bool = True, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ell_t (nats) of every supervised token and its row: ``(nll [N], seq_index [N])``.

@@ -51,6 +51,8 @@ from torch import nn
 from theory.divergence import TreeLogProbs
 from theory.tree import TokenTree
 
+from .models import model_device
+
 __all__ = ["exact_full_logprobs", "exact_tree_logprobs", "encode_pairs", "build_empirical_trees", "EmpiricalTrees",
            "sequence_conditionals", "pooled_logq", "pool_conditionals", "empirical_tree_logprobs",
            "EmpiricalLogProbs", "TreeProbsError", "tree_paths"]
@@ -58,10 +60,6 @@ __all__ = ["exact_full_logprobs", "exact_tree_logprobs", "encode_pairs", "build_
 
 class TreeProbsError(ValueError):
     """Sequences, tokenizer and model that do not make a tree; the message says which."""
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +102,7 @@ def exact_full_logprobs(model: nn.Module, tree: TokenTree, *, bos_id: int | None
         node[live] = tree.parent[node[live]]
     lengths = tree.depth[leaves] + 1
     cols = np.r_[np.arange(V), eos_id]
-    dev = _model_device(model)
+    dev = model_device(model)
     out = np.empty((N, V + 1))
     order = np.argsort(row, kind="stable")  # nodes grouped by path row
     bounds = np.searchsorted(row[order], np.arange(0, leaves.size + batch_size, batch_size))
@@ -250,7 +248,7 @@ def sequence_conditionals(model: nn.Module, trees: EmpiricalTrees, batch_size: i
     probabilities ``[len + 1, V + 1]`` (used tokens, ``other``, EOS = stop token; rows sum to 1)."""
     from tqdm.auto import tqdm
 
-    dev = _model_device(model)
+    dev = model_device(model)
     ids_used = torch.as_tensor(trees.vocab_ids, dtype=torch.long, device=dev)
     out: list = [None] * len(trees.seqs)
     order = sorted(range(len(trees.seqs)), key=lambda i: -(len(trees.contexts[i]) + len(trees.seqs[i])))

@@ -461,7 +461,8 @@ def test_the_state_stays_on_the_host_for_a_model_on_a_gpu():
     cannot copy_ into a cuda tensor, so Shifted's exit is not covered here.)"""
     from torch import nn
 
-    from sft.forecast import CHUNK, HOST, Shifted, StreamedMoments, model_device
+    from sft.forecast import CHUNK, HOST, Shifted, StreamedMoments
+    from sft.models import model_device
 
     with _fake_cuda():
         lin = nn.Linear(CHUNK + 3, 2, device="meta")  # a weight of more than one chunk
