@@ -134,6 +134,9 @@ def _grid_options(p, domain: bool) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out rows evaluated (default: the preset's)")
+    p.add_argument("--repeat-rows", action="store_true",
+                   help="let steps x batch size exceed the training rows that fit: further epochs over them, in "
+                        "order (default: refused, one pass)")
     p.add_argument("--no-forecast", action="store_true",
                    help=f"skip the forecast units (sft.forecast from theta0; 11-14 min per variant of the default preset "
                         f"on SmolLM2, 2-6 min of the small one; the small preset's {SMALL_MEMORY})")
@@ -190,7 +193,8 @@ def run_grid(args: argparse.Namespace) -> int:
     variant = getattr(args, "variant", None)
     try:
         cfg = make_config(args.preset, args.domain, variants=None if variant is None else (variant,), data=args.data,
-                          gsm8k=args.gsm8k, forecast=not getattr(args, "no_forecast", False), **over)
+                          gsm8k=args.gsm8k, forecast=not getattr(args, "no_forecast", False),
+                          repeat_rows=bool(getattr(args, "repeat_rows", False)), **over)
     except ValueError as exc:  # a variant the domain or the preset does not have
         raise UserError(str(exc)) from None
     try:

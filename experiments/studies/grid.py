@@ -169,6 +169,10 @@ class StudyConfig:
     # methods left out of the forecast: DFT's own gradients would add 6 N floats (3.2 GB for SmolLM2)
     # to CE's and TALR's, more than 2-core machines with 24 GB hold beside the study
     forecast_skip: tuple = ("dft",)
+    # a run of steps x batch_size examples may take more than one pass over the training rows that fit
+    # (further epochs, in order); False: such a config is refused. Not in data_key: every config that
+    # runs without it gets the same examples with it (it only lets the longer ones run)
+    repeat_rows: bool = False
     # trajectories and the plateau schedule (issue 19): not in data_key (they change which runs
     # exist, not how any model is evaluated); a run's own key names them (:meth:`GridRunner.run_path`)
     trajectory_every: int = 0  # steps between trajectory points (`sft.trajectory`); 0: none
@@ -186,7 +190,7 @@ class StudyConfig:
         those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
         ``domain``): its caches stay valid."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch") + FORECAST_FIELDS + RUN_FIELDS \
+        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch", "repeat_rows") + FORECAST_FIELDS + RUN_FIELDS \
                 + BENCH_FIELDS:  # gen_batch, forecast_micro_batch: speed and memory only
             d.pop(k)
         if d["domain"] == "medcalc":
@@ -411,7 +415,8 @@ def _kept_rows(cfg: StudyConfig, tok, rows: list, source: str) -> list:
 
 def _training_examples(cfg: StudyConfig, tok, train: list, v: str, source: str) -> tuple[list, list]:
     """(examples, rows) of variant ``v``: the first training rows whose example fits ``max_length``,
-    as many as the longest entry of ``v`` needs (further epochs over the same rows, in order)."""
+    as many as the longest entry of ``v`` needs (further epochs over the same rows, in order). The
+    study's own steps x batch_size must fit in one pass unless ``cfg.repeat_rows``."""
     from sft.data import tokenize_row
 
     dom = get_domain(cfg.domain)
@@ -425,10 +430,10 @@ def _training_examples(cfg: StudyConfig, tok, train: list, v: str, source: str) 
             trows.append(r)
             if len(ex) == max(need, longest):
                 break
-    if len(ex) < need:
+    if len(ex) < need and not (cfg.repeat_rows and ex):
         raise ValueError(f"{source}: only {len(ex)} {v} training rows fit max_length={cfg.max_length}, "
-                         f"need steps*batch_size={need}")
-    return ex + [ex[k % len(ex)] for k in range(len(ex), longest)], trows
+                         f"need steps*batch_size={need}" + (" (--repeat-rows: further epochs over them)" if ex else ""))
+    return ex + [ex[k % len(ex)] for k in range(len(ex), max(need, longest))], trows
 
 
 def prepare_data(cfg: StudyConfig, tok) -> StudyData:
@@ -960,8 +965,10 @@ def write_study_record(out: Path, cfg: StudyConfig, dhash: str, desc: str, data:
         "data_key": dhash, "config": {**cfg.data_key(), "grid": [asdict(e) for e in cfg.grid]}, "model": desc,
         "bench": cfg.bench_key(), "forecast_units": forecast_units or {},
         "data": data.source, "n_rows": data.n_rows, "n_kept": data.n_kept,
-        "n_train_rows": {v: len(x[:need]) for v, x in data.train.items()},
-        "train_tokens": {v: sum(len(e["input_ids"]) for e in x[:need]) for v, x in data.train.items()},
+        "n_train_rows": {v: min(len(data.train_rows[v]), need) for v in data.train},
+        "epochs": {v: need / max(min(len(data.train_rows[v]), need), 1) for v in data.train},
+        "train_tokens": {v: sum(len(e["input_ids"]) for e in x[:min(len(data.train_rows[v]), need)])
+                         for v, x in data.train.items()},  # of the distinct rows
         "n_eval": len(data.eval_rows), "calculators": data.calculators, "matmul_gflops": peak,
         "n_params": sum(p.numel() for p in base.parameters()),
         "domain": {"name": dom.name, "title": dom.title, "metric": dom.metric, "stop": dom.stop,

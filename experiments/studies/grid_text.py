@@ -445,8 +445,11 @@ def _header(study: dict) -> list[str]:
     gen = dict((k, v) for k, v in cfg["gen_tokens"])
     vs = [v for v in ("cot", "label") if v in study["n_train_rows"]]
     names = {"cot": "CoT", "label": "label-only"}
+    epochs = study.get("epochs", {})  # studies before repeat_rows: one pass
     rows = " or ".join(f"{study['n_train_rows'][v]} {names[v]} rows ({study['train_tokens'][v]} tokens"
-                       + (f", examples <= {cfg['max_length']} tokens)" if v == "cot" else ")") for v in vs)
+                       + (f", examples <= {cfg['max_length']} tokens" if v == "cot" else "")
+                       + (f"; {epochs[v]:.2f} epochs of them, in order" if epochs.get(v, 1) > 1 else "") + ")"
+                       for v in vs)
     budgets = " / ".join(f"{gen[v]} ({names[v]})" for v in vs)
     return [f"# talr study grid --domain {dom['name']}: SFT of {study['model'].split(' (')[0]} on {dom['title']}", "",
             f"Model: {study['model']} ({study['n_params'] / 1e6:.1f} M parameters, float32). Data: {study['data']}: "
@@ -454,7 +457,8 @@ def _header(study: dict) -> list[str]:
             f"{cfg['max_prompt_tokens']} tokens ({len(study['calculators'])} {dom['categories']}: short prompts, a "
             f"stated selection that keeps 2-core training affordable); split by "
             f"{dom['group']} ({cfg['heldout_fraction']:g} held out). Training: "
-            f"{cfg['steps']} AdamW steps (cosine schedule) of {cfg['batch_size']} sequences, one epoch over {rows}. "
+            f"{cfg['steps']} AdamW steps (cosine schedule) of {cfg['batch_size']} sequences, "
+            f"{'one epoch over' if all(epochs.get(v, 1) <= 1 for v in vs) else 'over'} {rows}. "
             f"Evaluation: {study['n_eval']} held-out rows; greedy generation with {budgets} new tokens, stopped at "
             f"`{dom['stop']}`, {dom['metric']} by the domain's judge; domain code length of the held-out gold "
             f"completions given their prompts (bits per completion); general code length of {cfg['n_humaneval']} "

@@ -409,6 +409,44 @@ def test_long_entry_cycles_the_training_rows_in_order(tmp_path, monkeypatch):
     assert len(data.train["cot"]) == cfg.steps * cfg.batch_size  # the other variant is not stretched
 
 
+def test_repeat_rows_lets_the_study_run_take_further_epochs_and_only_then(tmp_path, monkeypatch, capsys):
+    """A study whose steps x batch exceeds the training rows that fit is refused (naming the flag) unless
+    ``repeat_rows``; with it every variant cycles its rows in order, the data key is unchanged and the
+    header states the epochs."""
+    from dataclasses import replace
+
+    import experiments.studies.grid as st
+    from experiments.cli import main
+    from experiments.studies.grid import prepare_data
+    from experiments.studies.grid_text import _header
+    from sft.models import byte_tokenizer
+
+    cfg = tiny_config(tmp_path, ())
+    cfg.data, cfg.n_synthetic = None, 40
+    monkeypatch.setenv("TALR_MEDCALC", str(tmp_path / "absent.csv"))  # the default path is absent
+    n = len(prepare_data(replace(cfg, steps=10**4, repeat_rows=True), byte_tokenizer()).train_rows["label"])
+    long = replace(cfg, steps=(n // cfg.batch_size) + 3)  # every label row that fits, and more
+    need = long.steps * long.batch_size
+    with pytest.raises(ValueError, match=r"training rows fit .*need steps\*batch_size=.*--repeat-rows"):
+        prepare_data(long, byte_tokenizer())
+    data = prepare_data(replace(long, repeat_rows=True), byte_tokenizer())
+    for v in ("cot", "label"):
+        rows, m = data.train[v], len(data.train_rows[v])
+        assert len(rows) == need > m and all(rows[k] is rows[k % m] for k in range(need))
+    assert replace(long, repeat_rows=True).data_key() == long.data_key()
+    study = {"config": {**long.data_key(), "grid": []}, "n_train_rows": {"label": n}, "train_tokens": {"label": 123},
+             "model": "tiny", "n_params": 1e6, "data": "d", "n_kept": 1, "n_rows": 1, "calculators": [], "n_eval": 2}
+    assert "sequences, one epoch over " in _header(study)[2]  # a study from before the field: one pass
+    study["epochs"] = {"label": need / n}
+    assert f"sequences, over {n} label-only rows (123 tokens; {need / n:.2f} epochs of them, in order)" \
+        in _header(study)[2]
+    seen = []  # the flag reaches the config
+    monkeypatch.setattr(st, "run_study", lambda c, out, **kw: seen.append(c))
+    for flag in ([], ["--repeat-rows"]):
+        assert main(["study", "smollm2", "--preset", "small", "--out", str(tmp_path / "o"), *flag]) == 0
+    assert [c.repeat_rows for c in seen] == [False, True]
+
+
 def test_shown_paths_are_relative_beside_the_repository():
     from experiments.studies.grid import REPO, shown
 
