@@ -152,7 +152,10 @@ live at a time, so neither the number of methods, of rates nor of probe batches 
 2 s N; the float32 displacement; theta0's copy while a configuration is evaluated; or the group
 gradients of a pass; or a probe's model copy, gradient and AdamW states beside CE's moments). The
 activations are those of ``micro_batch`` rows (the gradients and probes run their batches in
-micro-batches, exactly). `talr forecast-cost` prints it for any N.
+micro-batches, exactly). `talr forecast-cost` prints it for any N. With the state a phase does not read
+held on disk (`sft.forecast_run.Spill`, ``talr forecast --spill-dir``, the grid study's default; session 11)
+the same forecast, bit for bit, peaks at w N + max(M - 2 s N + 3 w N, M + 4 N, 2 s N + 4 w N, 8 N + w N):
+SmolLM2 in float32 36 N = 4.9 GB instead of 44 N = 5.9 GB (``spill_peak``).
 With the model on an accelerator (`talr forecast --device cuda`; session 10) the forecast's N-sized state
 stays in host memory (`HOST`: the moments, the replays, the displacement, theta0's copy; gradients and
 displacements cross one parameter or chunk at a time), and the device holds the model and its passes:
@@ -682,7 +685,8 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
                      flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
                      meter: ComputeMeter | None = None, ce_mean: torch.Tensor | None = None,
                      dtype=torch.float32, micro_batch: int = 0,
-                     batch_taus: Sequence[float] | None = None, noise_dtype=None) -> GradientMoments:
+                     batch_taus: Sequence[float] | None = None, noise_dtype=None,
+                     shared_ce: bool = False) -> GradientMoments:
     """`GradientMoments` of ``method``'s data loss at the current parameters over ``batches``
     (easy tokens: p0 >= ``hard_p``; hard: p0 < ``hard_p``), streamed one batch at a time. L2 and
     LoRA use CE's (their differences are replayed, see the module docstring); FLOW uses CE token
@@ -697,12 +701,15 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     labels. The one weight that depends on the whole batch, TALR's tau (the batch median of
     per-sequence mean losses), comes from a no-grad pass over the batch first (one forward more
     per batch, as the trainer's own tau pre-pass), or from ``batch_taus`` (one per batch, e.g.
-    `TokenLosses.batch_taus` of CE's moments on the same batches: no pass)."""
+    `TokenLosses.batch_taus` of CE's moments on the same batches: no pass). ``shared_ce``: the progress
+    direction is another method's, attached by the caller after the pass (`sft.forecast_run`'s `Spill`
+    keeps it on disk meanwhile): none is computed and the moments' ``ce_mean`` is None until then."""
     rec = get_method(method)
     plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
     loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
     params = _params(model)
-    acc = StreamedMoments(params, ce_mean is None and not plain_ce, dtype, noise_dtype)
+    derive = ce_mean is None and not shared_ce  # no direction given: CE derives it from its mean, others compute it
+    acc = StreamedMoments(params, derive and not plain_ce, dtype, noise_dtype)
     taus, n_all = [], 0
     n_back = 4 if acc.ce is not None else 2  # backward passes per micro-batch: one per group (and per CE group)
     seq_tau = flow_tau if rec.sequence_weights == "flow" else None  # FLOW's sequence weights exp(-loss / tau)
@@ -736,7 +743,8 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     if acc.ce is not None:
         ce_mean = acc.ce / nt[:, None].to(acc.ce.dtype)
     return GradientMoments(acc.mean, acc.cov, ce_mean, acc.ell / nt, float(np.median(taus)) if taus else 1.0,
-                           acc.n_tok / max(n_seq, 1), ce_scale=(n_all / nt) if plain_ce and ce_mean is None else None,
+                           acc.n_tok / max(n_seq, 1),
+                           ce_scale=(n_all / nt) if plain_ce and derive else None,
                            n_batches=acc.n, tokens=acc.token_losses())
 
 
@@ -1351,6 +1359,17 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     holds the model and its passes only:
         device = w N + max(3 w N [a gradient pass], 4 w N [a probe]) = 5 w N (+ a parameter's slice),
         host = M + 4 N + w N + 32 chunk.
+    With `sft.forecast_run.Spill` (``forecast_grid(spill=folder)``; session 11) the state a phase does not
+    read waits on disk -- the moments while a configuration's model is evaluated, the covariances (and
+    for the size probe the mean) while a probe trains, the CE direction while another method's gradients
+    are taken -- and the same forecast (bit-identical) peaks at (``"spill_peak"``, one memory):
+        spill_peak = w N + max(M - 2 s N + 3 w N   [a gradient pass],
+                               M + 4 N             [a replay],
+                               2 s N + 4 w N       [a probe],
+                               8 N + w N           [an evaluation: the displacement, L2's source, theta0's copy])
+                     + 32 chunk,
+    and ``"spill_host_peak"`` = max(M + 4 N, 8 N + w N) + 32 chunk with the model on an accelerator.
+    SmolLM2 (N = 1.35e8, w = s = c = 4): 36 N = 4.9 GB instead of 44 N = 5.9 GB.
     Activations are those of ``micro_batch`` rows (`ForecastConfig.micro_batch`; a training step
     holds those of its B rows). ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
     del grid, n_batches
@@ -1358,9 +1377,13 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     M = (4 * s + 3 * c) * N
     parts = {"ce_family": M + 4 * N + w * N, "own_weights": M + 4 * N + w * N,
              "gradient_pass": M + 3 * w * N, "probe": M - 2 * s * N + 4 * w * N}
+    spill = {"gradient_pass": M - 2 * s * N + 3 * w * N, "replay": M + 4 * N, "probe": 2 * s * N + 4 * w * N,
+             "evaluation": 8 * N + w * N}
     return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk,
             "device_peak": 5 * w * N,  # the model + a probe (4 w N > a pass's 3 w N)
-            "host_peak": M + 4 * N + w * N + 32 * chunk}
+            "host_peak": M + 4 * N + w * N + 32 * chunk,
+            "spill_peak": w * N + max(spill.values()) + 32 * chunk,
+            "spill_host_peak": max(spill["replay"], spill["evaluation"]) + 32 * chunk}
 
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,

@@ -21,7 +21,79 @@ from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, Forecast
                        training_run_units)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
-           "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops"]
+           "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
+
+
+class Spill:
+    """Holds the forecast's N-sized state on disk while a phase does not read it (`forecast_grid`'s
+    ``spill``): the moments while a configuration's predicted model is evaluated (D1 and any
+    ``extra_eval``) and while a probe trains its copy of the model (the covariances; the size probe also
+    the mean), and the CE direction while another method's gradients are taken. Each tensor is written
+    with `torch.save` into a fresh folder under ``folder`` and read back whole on the way out, so the
+    forecast is bit-identical with and without it; the folder is removed by :meth:`close`.
+
+    Memory (`sft.forecast.forecast_memory_bytes`' ``spill_peak``): w N + max(M - 2 s N + 3 w N [a
+    gradient pass, the CE direction away], M + 4 N [a replay], 2 s N + 4 w N [a probe], 8 N + w N [an
+    evaluation: the displacement, L2's source, theta0's copy]) instead of w N + max(M + 4 N + w N,
+    M + 3 w N, M - 2 s N + 4 w N); SmolLM2 (w = s = c = 4): 36 N = 4.9 GB instead of 44 N = 5.9 GB.
+    Cost: the bytes moved written and read back through the page cache (``bytes`` counts one way,
+    ``seconds`` both)."""
+
+    def __init__(self, folder=None):
+        import tempfile
+        from pathlib import Path
+
+        self.dir = None if folder is None else Path(tempfile.mkdtemp(prefix="talr-spill-", dir=folder))
+        self.count, self.bytes, self.seconds, self.away_bytes = 0, 0, 0.0, 0
+
+    @contextmanager
+    def away(self, obj, *names):
+        """``obj``'s tensor attributes ``names`` on disk (set to None) for the block; nothing when off or
+        ``obj`` is None. The caller holds no other reference to them (else their memory stays, though the
+        result is the same)."""
+        if self.dir is None or obj is None:
+            yield
+            return
+        t0, paths = time.perf_counter(), {}
+        for name in names:
+            t = getattr(obj, name)
+            if t is None:
+                continue
+            path = self.dir / f"{self.count}-{name}.pt"
+            self.count += 1
+            torch.save(t, path)
+            paths[name] = (path, t.numel() * t.element_size())
+            setattr(obj, name, None)
+            del t
+        moved = sum(b for _, b in paths.values())
+        self.bytes, self.away_bytes = self.bytes + moved, self.away_bytes + moved
+        release_free_memory()
+        self.seconds += time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            t0 = time.perf_counter()
+            for name, (path, _) in paths.items():
+                setattr(obj, name, torch.load(path, weights_only=True))
+                path.unlink()
+            self.away_bytes -= moved
+            self.seconds += time.perf_counter() - t0
+
+    def close(self) -> dict:
+        """Remove the folder; {"spilled_gb": one way, "spill_seconds"} (empty when off)."""
+        if self.dir is None:
+            return {}
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return {"spilled_gb": self.bytes / 1e9, "spill_seconds": self.seconds}
+
+
+class _Held:
+    """One tensor under a name, for `Spill.away` (the CE direction shared between methods)."""
+
+    def __init__(self, t):
+        self.t = t
 
 
 def mean_bits(model, examples, pad_token_id, meter=None) -> float:
@@ -265,6 +337,7 @@ class ForecastGrid:
         self.size_points, self._groups, self._last = [], None, None
         self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
         self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
+        self.spill = Spill()  # off unless forecast_grid is given a folder
 
     def groups(self) -> list[np.ndarray]:
         """Per probe example, its hard tokens at theta0 (computed once): read from CE's moments, whose
@@ -290,7 +363,9 @@ class ForecastGrid:
         """``method``'s moments: on CE's batches (``ce_mean`` None: CE, whose mean is the shared
         progress direction) or on the other methods' (`probe_batches`). CE's keep their tokens at theta0:
         the probe's token groups, FLOW's temperature and TALR's batch taus on the same batches are read
-        from them (each a forward pass over the batches before)."""
+        from them (each a forward pass over the batches before). ``ce_mean`` may be a `_Held` tensor: it
+        is then on disk during the gradient pass (`Spill`) and moves into the moments after it."""
+        held = ce_mean if isinstance(ce_mean, _Held) else None
         batches = self.batches if ce_mean is None else self.own_batches
         rec = get_method(method)
         flow_tau = self.flow_tau() if rec.sequence_weights == "flow" else None
@@ -298,11 +373,13 @@ class ForecastGrid:
         if rec.tau and self.ce_tokens is not None \
                 and [id(x) for b in batches for x in b] == [id(x) for x in self.examples]:  # CE's batches
             taus = self.ce_tokens.batch_taus([len(b) for b in batches])
-        with self.meter.phase("gradients"), _released():
+        with self.meter.phase("gradients"), _released(), self.spill.away(held, "t"):
             gm = method_gradients(self.model, batches, method, pad_token_id=self.pad, flow_tau=flow_tau,
-                                  w_min=self.cfg.w_min, meter=self.meter, ce_mean=ce_mean, dtype=self.dtype,
-                                  micro_batch=self.cfg.micro_batch, batch_taus=taus,
-                                  noise_dtype=self.noise_dtype)
+                                  w_min=self.cfg.w_min, meter=self.meter, ce_mean=None if held else ce_mean,
+                                  dtype=self.dtype, micro_batch=self.cfg.micro_batch, batch_taus=taus,
+                                  noise_dtype=self.noise_dtype, shared_ce=held is not None)
+        if held is not None:  # the shared direction moves into the moments (``held`` lets go of it)
+            gm.ce_mean, held.t = held.t.to(self.dtype), None
         if method == "ce" and ce_mean is None and self.ce_tokens is None:
             self.ce_tokens = gm.tokens
         return gm
@@ -360,12 +437,14 @@ class ForecastGrid:
         k_steps = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_p, cfg.steps)[:k_steps]  # the first steps of a real run at lr_p
         cos = []
-        with self.meter.phase("probes"):
-            target, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True,
-                                      direction=ce.mean, cosines=cos)
+        groups = self.groups()
+        with self.spill.away(ce, "cov"):  # the probe reads CE's mean (the cosines), not its covariances
+            with self.meter.phase("probes"):
+                target, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter,
+                                          return_model=True, direction=ce.mean, cosines=cos)
+            probe_dl = self.probe_dl(pm)
+            del pm
         ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
-        probe_dl = self.probe_dl(pm)
-        del pm
         release_free_memory()  # the probe's activations and optimiser state, before the replays
         kappa = fit_kappa(ce, plrs, target, meter=self.meter, block=cfg.fit_block)
         return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
@@ -381,10 +460,12 @@ class ForecastGrid:
         lr_top = float(max(cfg.lrs))
         k = min(cfg.probe_steps, cfg.steps)
         plrs = cosine_lrs(lr_top, cfg.steps)[:k]
-        with self.meter.phase("probes"):
-            _, pm = probe_losses(model0, self.examples, self.groups(), cfg, plrs, self.meter, return_model=True)
-        top = self.probe_dl(pm)
-        del pm
+        groups = self.groups()
+        with self.spill.away(ce, "mean", "cov"):
+            with self.meter.phase("probes"):
+                _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
+            top = self.probe_dl(pm)
+            del pm
         release_free_memory()  # the probe's activations and optimiser state, before the replays
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
                 (lr_top, top, self.replayed_dl(ce, plrs))]
@@ -419,7 +500,7 @@ class ForecastGrid:
         self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
                                track=self.cfg.track, block=self.cfg.replay_block)
-        with Shifted(self.model, delta):
+        with self.spill.away(ce, "mean", "cov"), Shifted(self.model, delta):
             return self.probe_dl(self.model)
 
     def rows(self, gm: GradientMoments, pairs, progress) -> list[dict]:
@@ -431,10 +512,11 @@ class ForecastGrid:
             extra = {}
             if get_method(m).regularizer == "l2" and self.cfg.l2_energy:
                 delta, extra = self.l2_step(gm, delta, ell, lam_T, r)
-            dl, parts = self.evaluate(delta)
-            if self.extra_eval is not None:  # at the size-corrected step: dL ~ |d_theta|^2, so sqrt(r) d_theta
-                with Shifted(self.model, delta, scale=math.sqrt(max(r, 0.0))):
-                    extra["extra_eval"] = self.extra_eval(self.model)
+            with self.spill.away(gm, "mean", "cov", "ce_mean"):  # the evaluations read none of the moments
+                dl, parts = self.evaluate(delta)
+                if self.extra_eval is not None:  # at the size-corrected step: dL ~ |d_theta|^2, so sqrt(r) d_theta
+                    with Shifted(self.model, delta, scale=math.sqrt(max(r, 0.0))):
+                        extra["extra_eval"] = self.extra_eval(self.model)
             del delta
             out.append(Forecast(m, lr, dl * r, gm.gain_bits(ell), extras={
                 "Lambda": lam_T, "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
@@ -497,7 +579,7 @@ def _timed(fn, grid: ForecastGrid):
 
 def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg: ForecastConfig, *,
                   progress: bool = True, calibrate: bool = True, d1_tree: SampleTree | None = None,
-                  only: set | None = None, extra_eval=None) -> dict:
+                  only: set | None = None, extra_eval=None, spill=None) -> dict:
     """Forecast every (method, lr) of ``cfg``: returns {"rows": [Forecast dicts], "compute": {...},
     "probe": {...}}. ``d2``: the SFT training examples; ``d1``: general examples (labels on
     every response token); both as {"input_ids", "labels"} dicts. With ``d1_tree`` (the same
@@ -507,16 +589,30 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     ``extra_eval(model)``: any other evaluation (e.g. benchmark accuracy) of each configuration's
     predicted model, theta0 + sqrt(r) d_theta (r its size correction: the forecast dL is r times
     the replayed one and dL grows as |d_theta|^2), stored in the row's ``extra_eval``; its passes
-    are not in the compute meter (their seconds: ``extra_eval_seconds``).
+    are not in the compute meter (their seconds: ``extra_eval_seconds``). ``spill``: a folder (or a
+    `Spill`) where the N-sized state waits on disk while a phase does not read it (`Spill`: the same
+    forecast in less memory; the result's ``spill`` says how much moved and how long it took).
 
     One method's gradient moments live at a time (CE's first: the probe calibrates on them and
     CE, L2 and LoRA replay them; then TALR's, DFT's, FLOW's, each freed after its rows), so the
     memory is that of `sft.forecast.forecast_memory_bytes`, independent of the grid."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     grid = ForecastGrid(model0, d2, d1, cfg, d1_tree)
     grid.extra_eval = None if extra_eval is None else _timed(extra_eval, grid)
+    grid.spill = spill if isinstance(spill, Spill) else Spill(spill)
+    try:
+        res = _forecast_rows(grid, model0, d2, cfg, progress, calibrate, only)
+    finally:
+        spilled = grid.spill.close()
+    res["spill"] = spilled
+    return res
+
+
+def _forecast_rows(grid: ForecastGrid, model0: nn.Module, d2, cfg: ForecastConfig, progress: bool,
+                   calibrate: bool, only: set | None) -> dict:
+    """`forecast_grid`'s body: CE's moments, the probes, the rows of CE's family, each other method's rows."""
+    from tqdm.auto import tqdm
+
     pairs = [(m, lr) for m in cfg.methods for lr in cfg.lrs if only is None or (m, lr) in only]
     replays_ce = [m for m in cfg.methods if m == "ce" or get_method(m).replay_gradients == "ce"]
     own = [m for m in cfg.methods if m not in replays_ce]  # methods with gradients of their own (sft.methods)
@@ -533,14 +629,15 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
             probe["size_points"] = grid.size_points
         bar.update(1)
     by_method = _ce_family_rows(grid, ce, pairs, replays_ce, bar.update)
-    shared = ce.ce(), ce.kappa, ce.lam_c
+    direction, kappa, lam_c = _Held(ce.ce().to(grid.dtype)), ce.kappa, ce.lam_c
     del ce
     for m in own:
-        gm = grid.moments(m, ce_mean=shared[0].to(grid.dtype))
-        gm.kappa, gm.lam_c, gm.noise_floor, gm.keep_norm = shared[1], shared[2], cfg.noise_floor, cfg.keep_norm
+        gm = grid.moments(m, ce_mean=direction)  # the direction moves into gm (on disk during the pass)
+        gm.kappa, gm.lam_c, gm.noise_floor, gm.keep_norm = kappa, lam_c, cfg.noise_floor, cfg.keep_norm
         gm.tau_track, gm.tracker_weight, gm.token_tracker = cfg.tau_track, cfg.tracker_weight, cfg.token_tracker
         bar.update(1)
         by_method[m] = grid.rows(gm, [p for p in pairs if p[0] == m], bar.update)
+        direction.t, gm.ce_mean = gm.ce_mean, None  # back to the holder for the next method
         del gm
     bar.close()
     rows = sorted((r for rs in by_method.values() for r in rs), key=lambda r: pairs.index((r["method"], r["lr"])))

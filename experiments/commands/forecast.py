@@ -119,6 +119,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default="cpu",
                    help="where the model and its passes run: cpu, cuda or cuda:I (the forecast's moments and replays "
                         "stay in host memory; `talr forecast-cost` gives both peaks)")
+    p.add_argument("--spill-dir", default=None,
+                   help="hold the moments on disk under this folder while a phase does not read them (the same "
+                        "forecast in less memory, `sft.forecast_run.Spill`; its files are removed at the end)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -237,6 +240,8 @@ def run_cost(args) -> int:
     print(f"model on the device, the forecast's state in host memory (talr forecast --device cuda): device "
           f"{m['device_peak']:.1f} GB beside activations ({'fits' if r['fits_with_host_state'] else 'does not fit'} "
           f"{args.gpu_gb:g} GB), host {m['host_peak']:.1f} GB")
+    print(f"with the state a phase does not read on disk (talr forecast --spill-dir): {m['spill_peak']:.1f} GB in one "
+          f"memory, host {m['spill_host_peak']:.1f} GB with the model on the device")
     print(f"compute: {c['ratio']:.3f} of one training run at T = {args.steps} (passes {c['passes_ratio']:.3f}, "
           f"replays {c['replay_ratio']:.3f})")
     t = r["steps_for_target"]
@@ -304,9 +309,14 @@ def forecast_to(args) -> dict:
     with user_errors(ValueError):
         _config(args, 0)  # ForecastConfig's own checks, before any model is loaded
     _check_device(args.device)
+    spill = getattr(args, "spill_dir", None)
+    if spill is not None and not Path(spill).is_dir():
+        from experiments.cli import UserError
+
+        raise UserError(f"--spill-dir {spill}: not a directory")
     model0, d2, d1, pad, tree = _inputs(args)
     model0 = model0.to(args.device)  # its passes there; the forecast's N-sized state stays in host memory
-    res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree)
+    res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree, spill=spill)
     res["request"] = _request(args)
     write_json(path, res)
     rows = res["rows"]

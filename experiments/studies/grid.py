@@ -154,6 +154,10 @@ class StudyConfig:
     # memory only (activations of 1 row instead of batch_size; exact up to float32 summation order),
     # so in no cache key
     forecast_micro_batch: int = 1
+    # the moments wait on disk (the system's temporary folder) while a phase does not read them
+    # (`sft.forecast_run.Spill`): bit-identical forecasts, 36 N instead of 44 N bytes of state for SmolLM2
+    # (session 11); memory only, so in no cache key
+    forecast_spill: bool = True
     # the mean gradients' and CE direction's storage (`ForecastConfig.store_dtype`; the batch covariances
     # stay float32, `ForecastConfig.noise_dtype`): float32. Tried in session 9 on the held-out label grid
     # (docs/forecast/README.md): bf16 means moved the other rows by <= 4.5 % (near-zero ones
@@ -190,7 +194,7 @@ class StudyConfig:
         those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
         ``domain``): its caches stay valid."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch", "repeat_rows") + FORECAST_FIELDS + RUN_FIELDS \
+        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch", "forecast_spill", "repeat_rows") + FORECAST_FIELDS + RUN_FIELDS \
                 + BENCH_FIELDS:  # gen_batch, forecast_micro_batch: speed and memory only
             d.pop(k)
         if d["domain"] == "medcalc":
@@ -598,7 +602,8 @@ def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str,
                                                  per_task=cfg.bench_per_task, seed=cfg.seed, progress=False,
                                                  batch_size=4)}
     res = forecast_grid(base, data.train[variant][:cfg.steps * cfg.batch_size], d1, fc, progress=progress,
-                        only={(e.method, e.lr) for e in entries}, extra_eval=extra)
+                        only={(e.method, e.lr) for e in entries}, extra_eval=extra,
+                        spill=tempfile.gettempdir() if cfg.forecast_spill else None)
     for r in res["rows"]:
         r["dL_general_bits_per_token"] = r["dL_P1_bits"] * len(d1) / n_tok
     res["seconds"] = time.perf_counter() - t

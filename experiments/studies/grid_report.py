@@ -250,7 +250,7 @@ def forecast_summary(runs: list[dict], units: list[dict]) -> dict:
 
     out = {"units": {u["variant"]: {"compute_ratio": u["compute"]["compute_ratio"], "seconds": u.get("seconds"),
                                     "compute_parts": u["compute"].get("parts"), "peak_rss_gb": u.get("peak_rss_gb"),
-                                    "rss_at_start_gb": u.get("rss_at_start_gb"),
+                                    "rss_at_start_gb": u.get("rss_at_start_gb"), "spill": u.get("spill") or None,
                                     "ce_run_peak_gb": ce_run_peak(runs, u["variant"]),
                                     "probe": {k: u["probe"].get(k) for k in ("lr", "steps", "lambda_c", "kappa")}}
                      for u in units}}

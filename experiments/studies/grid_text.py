@@ -338,7 +338,9 @@ def _unit_text(v: str, x: dict) -> str:
             f"{fmt((x['seconds'] or 0) / 60)} min"
             + (f", peak resident memory {x['peak_rss_gb']:.1f} GB" if x.get("peak_rss_gb") is not None else "")
             + (f" ({x['rss_at_start_gb']:.1f} GB resident at the unit's start, part of it left by earlier units)"
-               if x.get("rss_at_start_gb") is not None else "") + memory_target_text(x))
+               if x.get("rss_at_start_gb") is not None else "")
+            + (f" with the moments on disk while unread ({x['spill']['spilled_gb']:.1f} GB written and read back, "
+               f"{x['spill']['spill_seconds']:.0f} s)" if x.get("spill") else "") + memory_target_text(x))
 
 
 def memory_target_text(x: dict) -> str:

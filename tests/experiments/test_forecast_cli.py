@@ -86,6 +86,10 @@ def test_bad_options_are_rejected(files, capsys):
     assert main(["forecast", *base, "--device", f"cuda:{n}", "--out", str(d / "bad5")]) == 2
     assert f"--device cuda:{n}: this machine has {n} CUDA device(s)" in capsys.readouterr().err
     assert not (d / "bad5" / "forecast.json").exists()
+    # a spill folder that is not there: refused before any work
+    assert main(["forecast", *base, "--spill-dir", str(d / "nowhere"), "--out", str(d / "bad6")]) == 2
+    assert f"--spill-dir {d / 'nowhere'}: not a directory" in capsys.readouterr().err
+    assert not (d / "bad6" / "forecast.json").exists() and not (d / "nowhere").exists()
     for name in ("bad1", "bad2", "bad3"):
         assert not (d / name / "forecast.json").exists()
 
@@ -144,6 +148,9 @@ def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_tar
     assert main(["forecast-cost", *sizes]) == 0
     out = capsys.readouterr().out
     assert f"at most 0.5 of a run from T = {t}" in out and ": fits 80 GB" in out
+    spill_line = [x for x in out.splitlines() if "--spill-dir" in x]  # the peak with the unread state on disk
+    assert len(spill_line) == 1
+    assert f"{forecast_memory_bytes(1.35e8)['spill_peak'] / 1e9:.1f} GB in one memory" in spill_line[0]
     # a target below the replays' own share (constant in T) is never met, and says why
     assert main(["forecast-cost", *sizes, "--target", "0.001"]) == 0
     assert "never at most 0.001 of a run: the replays alone cost" in capsys.readouterr().out

@@ -115,6 +115,9 @@ def test_study_runs_resumes_and_reports(tmp_path):
     start = fs["units"]["label"]["rss_at_start_gb"]
     assert f"({start:.1f} GB resident at the unit's start" in (out / "report.md").read_text()
     assert f"at most {max(peaks):.1f} GB" in (out / "report.md").read_text()
+    # the study's forecast units hold their moments on disk while unread (`Spill`), and say how much moved
+    sp = fs["units"]["label"]["spill"]
+    assert sp["spilled_gb"] > 0 and f"({sp['spilled_gb']:.1f} GB written and read back" in (out / "report.md").read_text()
     # unit check: the forecast's general sample is the evaluated general set, token for token
     # (its base bits per sequence, per supervised token, equal the measured pooled bits/token)
     unit = json.loads(next((out / "cache").glob("forecast-label-*.json")).read_text())

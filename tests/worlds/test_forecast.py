@@ -293,6 +293,41 @@ def test_extra_eval_sees_each_configurations_predicted_model(smoke_world, pretra
         assert (r["extra_eval"]["d1"] > r["replay_dL_P1_bits"]) == (r["size_correction"] > 1.0)
 
 
+def test_spill_gives_the_same_forecast_with_the_moments_on_disk_while_models_are_evaluated(smoke_world, pretrained,
+                                                                                           tmp_path):
+    """`Spill`: every row bit-identical with and without it (CE, L2, LoRA, TALR, FLOW, with the size
+    probe); while a configuration's model is evaluated its method's moments are on disk (the bytes away
+    are those of its mean, covariances and, for TALR and FLOW, the CE direction); the folder is gone after."""
+    from sft.forecast_run import Spill, forecast_grid, mean_bits
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr", "flow"), lrs=(3e-4, 3e-3), steps=20, batch=8,
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+    ev = lambda m: {"d1": mean_bits(m, d1, w.pad_id)}  # noqa: E731
+    plain = forecast_grid(model, w.d2_train, d1, cfg, progress=False, extra_eval=ev)
+    spill, away = Spill(tmp_path), []
+    folder = spill.dir
+    assert folder.is_dir() and folder.parent == tmp_path
+
+    def ev_away(m):
+        away.append(spill.away_bytes)
+        return ev(m)
+
+    res = forecast_grid(model, w.d2_train, d1, cfg, progress=False, extra_eval=ev_away, spill=spill)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "extra_eval"} for r in rows]  # noqa: E731
+    assert strip(res["rows"]) == strip(plain["rows"]) and res["probe"] == plain["probe"]
+    assert [r["extra_eval"] for r in res["rows"]] == [r["extra_eval"] for r in plain["rows"]]
+    by = [r["method"] for r in res["rows"]]
+    # 4 bytes a float: mean 2 N + covariances 3 N, and the CE direction 2 N of TALR's and FLOW's own moments
+    assert away == [4 * n * (5 + 2 * (m in ("talr", "flow"))) for m in by]
+    assert res["spill"]["spilled_gb"] > 0 and not folder.exists() and list(tmp_path.iterdir()) == []
+    assert plain["spill"] == {}
+
+
 @pytest.mark.parametrize("lam_c", [float("inf"), 0.02])
 def test_fit_kappa_binary_search_equals_the_exhaustive_grid(lam_c):
     """The tracked loss falls monotonically in kappa, so the binary search lands on the grid's
@@ -440,6 +475,15 @@ def test_memory_formula_is_linear_in_parameters_and_blind_to_the_grid():
     # a 3B model: 32.1 GB on the device with bf16 weights, 64.2 GB with float32 ones: one 80 GB GPU either way
     assert forecast_memory_bytes(3.21e9)["device_peak"] == pytest.approx(32.1e9)
     assert forecast_memory_bytes(3.21e9, weight_bytes=4)["device_peak"] < 80e9
+    # with the unread state on disk (`Spill`): SmolLM2 in float32 (w = s = c = 4) 36 N instead of 44 N bytes
+    # (a pass: 4 + 20 + 12; a replay: 4 + 28 + 4); bf16 weights 34 N instead of 36 N; never more than without
+    sm = forecast_memory_bytes(1e9, weight_bytes=4)
+    assert sm["peak"] == pytest.approx(44e9 + 32 * CHUNK) and sm["spill_peak"] == pytest.approx(36e9 + 32 * CHUNK)
+    assert a["spill_peak"] == pytest.approx(34e9 + 32 * CHUNK)
+    assert c["spill_peak"] == pytest.approx(4e9 + max(2e9 + 16e9, 5e9 + 12e9, 11e9, 12e9) + 32 * CHUNK)  # the probe
+    assert sm["spill_host_peak"] == pytest.approx(32e9 + 32 * CHUNK) and sm["spill_host_peak"] < sm["host_peak"]
+    for x in (a, b, c, sm):
+        assert x["spill_peak"] <= x["peak"] and x["spill_host_peak"] <= x["host_peak"]
 
 
 def _fake_cuda():
