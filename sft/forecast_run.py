@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -40,9 +43,6 @@ class Spill:
     ``seconds`` both)."""
 
     def __init__(self, folder=None):
-        import tempfile
-        from pathlib import Path
-
         self.dir = None if folder is None else Path(tempfile.mkdtemp(prefix="talr-spill-", dir=folder))
         self.count, self.bytes, self.seconds, self.away_bytes = 0, 0, 0.0, 0
 
@@ -83,8 +83,6 @@ class Spill:
         """Remove the folder; {"spilled_gb": one way, "spill_seconds"} (empty when off)."""
         if self.dir is None:
             return {}
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
         return {"spilled_gb": self.bytes / 1e9, "spill_seconds": self.seconds}
 

@@ -194,8 +194,9 @@ class StudyConfig:
         those of the former ``talr study smollm2`` (its data path under the name ``medcalc``, no
         ``domain``): its caches stay valid."""
         d = asdict(self)
-        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch", "forecast_spill", "repeat_rows") + FORECAST_FIELDS + RUN_FIELDS \
-                + BENCH_FIELDS:  # gen_batch, forecast_micro_batch: speed and memory only
+        # gen_batch, forecast_micro_batch, forecast_spill: speed and memory only; repeat_rows: lets longer runs run
+        for k in ("grid", "forecast_skip", "gen_batch", "forecast_micro_batch", "forecast_spill", "repeat_rows") \
+                + FORECAST_FIELDS + RUN_FIELDS + BENCH_FIELDS:
             d.pop(k)
         if d["domain"] == "medcalc":
             d.pop("domain")

@@ -442,7 +442,9 @@ def study_domain(study: dict) -> dict:
     return study.get("domain") or MEDCALC
 
 
-def _header(study: dict) -> list[str]:
+def report_header(study: dict) -> list[str]:
+    """The report's title and its paragraph on the model, the data (rows per variant, epochs over them when a
+    run takes more than one pass), the training and the evaluation."""
     cfg, dom = study["config"], study_domain(study)
     gen = dict((k, v) for k, v in cfg["gen_tokens"])
     vs = [v for v in ("cot", "label") if v in study["n_train_rows"]]
@@ -630,7 +632,7 @@ def report_markdown(study: dict, base: dict, runs: list[dict], figs: dict, fsum:
     """``report.md``: one writer per section (``ga``: the summary's base record with ``spearman``)."""
     b = base["eval"]
     metric = study_domain(study)["metric"]
-    return "\n".join(_header(study) + _base_section(study, b) + _variant_tables(runs, b, figs, metric)
+    return "\n".join(report_header(study) + _base_section(study, b) + _variant_tables(runs, b, figs, metric)
                      + general_acc_section(runs, ga, figs)
                      + _findings_section(runs, b, metric, mg, pl) + _throughput_section(runs) + samples_section(base, runs)
                      + _compute_section(runs, b) + _bound_section(runs) + forecast_section(runs, fsum))

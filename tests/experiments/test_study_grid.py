@@ -421,7 +421,7 @@ def test_repeat_rows_lets_the_study_run_take_further_epochs_and_only_then(tmp_pa
     import experiments.studies.grid as st
     from experiments.cli import main
     from experiments.studies.grid import prepare_data
-    from experiments.studies.grid_text import _header
+    from experiments.studies.grid_text import report_header
     from sft.models import byte_tokenizer
 
     cfg = tiny_config(tmp_path, ())
@@ -439,10 +439,10 @@ def test_repeat_rows_lets_the_study_run_take_further_epochs_and_only_then(tmp_pa
     assert replace(long, repeat_rows=True).data_key() == long.data_key()
     study = {"config": {**long.data_key(), "grid": []}, "n_train_rows": {"label": n}, "train_tokens": {"label": 123},
              "model": "tiny", "n_params": 1e6, "data": "d", "n_kept": 1, "n_rows": 1, "calculators": [], "n_eval": 2}
-    assert "sequences, one epoch over " in _header(study)[2]  # a study from before the field: one pass
+    assert "sequences, one epoch over " in report_header(study)[2]  # a study from before the field: one pass
     study["epochs"] = {"label": need / n}
     assert f"sequences, over {n} label-only rows (123 tokens; {need / n:.2f} epochs of them, in order)" \
-        in _header(study)[2]
+        in report_header(study)[2]
     seen = []  # the flag reaches the config
     monkeypatch.setattr(st, "run_study", lambda c, out, **kw: seen.append(c))
     for flag in ([], ["--repeat-rows"]):
