@@ -154,8 +154,8 @@ gradients of a pass; or a probe's model copy, gradient and AdamW states beside C
 activations are those of ``micro_batch`` rows (the gradients and probes run their batches in
 micro-batches, exactly). `talr forecast-cost` prints it for any N. With the state a phase does not read
 held on disk (`sft.forecast_run.Spill`, ``talr forecast --spill-dir``, the grid study's default; session 11)
-the same forecast, bit for bit, peaks at w N + max(M - 2 s N + 3 w N, M + 4 N, 2 s N + 4 w N, 8 N + w N):
-SmolLM2 in float32 36 N = 4.9 GB instead of 44 N = 5.9 GB (``spill_peak``).
+the same forecast, bit for bit, peaks lower (``spill_peak`` of `forecast_memory_bytes`; SmolLM2 in float32:
+36 N = 4.9 GB instead of 44 N = 5.9 GB).
 With the model on an accelerator (`talr forecast --device cuda`; session 10) the forecast's N-sized state
 stays in host memory (`HOST`: the moments, the replays, the displacement, theta0's copy; gradients and
 displacements cross one parameter or chunk at a time), and the device holds the model and its passes:

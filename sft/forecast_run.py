@@ -33,14 +33,9 @@ class Spill:
     ``extra_eval``) and while a probe trains its copy of the model (the covariances; the size probe also
     the mean), and the CE direction while another method's gradients are taken. Each tensor is written
     with `torch.save` into a fresh folder under ``folder`` and read back whole on the way out, so the
-    forecast is bit-identical with and without it; the folder is removed by :meth:`close`.
-
-    Memory (`sft.forecast.forecast_memory_bytes`' ``spill_peak``): w N + max(M - 2 s N + 3 w N [a
-    gradient pass, the CE direction away], M + 4 N [a replay], 2 s N + 4 w N [a probe], 8 N + w N [an
-    evaluation: the displacement, L2's source, theta0's copy]) instead of w N + max(M + 4 N + w N,
-    M + 3 w N, M - 2 s N + 4 w N); SmolLM2 (w = s = c = 4): 36 N = 4.9 GB instead of 44 N = 5.9 GB.
-    Cost: the bytes moved written and read back through the page cache (``bytes`` counts one way,
-    ``seconds`` both)."""
+    forecast is bit-identical with and without it; the folder is removed by :meth:`close`. Memory:
+    `sft.forecast.forecast_memory_bytes`' ``spill_peak``. Cost: the bytes moved written and read back
+    through the page cache (``bytes`` counts one way, ``seconds`` both)."""
 
     def __init__(self, folder=None):
         self.dir = None if folder is None else Path(tempfile.mkdtemp(prefix="talr-spill-", dir=folder))
