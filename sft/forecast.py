@@ -258,6 +258,9 @@ class ForecastConfig:
     micro_batch: int = 0  # rows per forward/backward of the gradients and probes (0: the whole batch; exact, less memory)
     l2_relax: str = "tracked"  # L2 = CE's displacement relaxed per coordinate by Adam's pull (`l2_relaxation`; "": not, before version 5)
     size_axis: str = "lambda"  # the size ratio interpolated in log summed rate (version 5; "rate": in log peak rate)
+    additive: bool = False  # dL = the decorrelated path's steps' damages summed, KL(theta0 + F d) / F (`additive_dl`; tried)
+    size_model: str = "replay"  # "diffusion": dL = c(eta) sum_t eta_t^2 x the method's factor (`diffusion_dl`); "auto"
+    # (candidate 7): diffusion where the probe's gradient decorrelates within one step (`random_walk`), else the replay
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
     cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)
@@ -271,6 +274,8 @@ class ForecastConfig:
             raise ValueError(f"lrs {self.lrs}: each must be in (0, 1)")
         if self.l2_relax not in ("", "theta0", "tracked"):
             raise ValueError(f"l2_relax {self.l2_relax!r}: expected '', 'theta0' or 'tracked'")
+        if self.size_model not in ("replay", "diffusion", "auto"):
+            raise ValueError(f"size_model {self.size_model!r}: expected 'replay', 'diffusion' or 'auto'")
         if self.size_axis not in ("rate", "lambda"):
             raise ValueError(f"size_axis {self.size_axis!r}: expected 'rate' or 'lambda'")
         if self.coherence_fit not in ("log", "linear"):
@@ -353,24 +358,32 @@ def sequence_losses(model: nn.Module, examples: Sequence[dict], *, pad_token_id:
                     meter: ComputeMeter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sum, mean) of each example's supervised token losses in nats under ``model`` (no grad)."""
     sums, means = [], []
+    for b in eval_batches(model, examples, pad_token_id, batch_size, meter):
+        nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])  # lm-head on coded rows only
+        nll, si = nll.to(HOST), si.to(HOST)
+        n = b["input_ids"].shape[0]
+        tot = torch.zeros(n, dtype=torch.float64).index_add_(0, si, nll.double())
+        cnt = torch.bincount(si, minlength=n).double()
+        sums.append(tot.numpy())
+        means.append((tot / cnt.clamp_min(1)).numpy())
+    return np.concatenate(sums), np.concatenate(means)
+
+
+def eval_batches(model: nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int,
+                 meter: ComputeMeter | None = None):
+    """The padded batches of ``examples`` on the model's device, ``model`` in eval mode and without
+    gradients while each is used (its mode restored after); each batch's tokens go to ``meter``."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             for s in range(0, len(examples), batch_size):
                 b = _collate(examples[s:s + batch_size], pad_token_id, model_device(model))
-                nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])  # lm-head on coded rows only
-                nll, si = nll.to(HOST), si.to(HOST)
-                n = b["input_ids"].shape[0]
-                tot = torch.zeros(n, dtype=torch.float64).index_add_(0, si, nll.double())
-                cnt = torch.bincount(si, minlength=n).double()
-                sums.append(tot.numpy())
-                means.append((tot / cnt.clamp_min(1)).numpy())
+                yield b
                 if meter is not None:
                     meter.forward(int(b["attention_mask"].sum()))
     finally:
         model.train(was)
-    return np.concatenate(sums), np.concatenate(means)
 
 
 def _params(model: nn.Module) -> list[nn.Parameter]:
@@ -450,6 +463,7 @@ class GradientMoments:
     tokens: TokenLosses | None = None  # the batches' tokens at theta0 (`TokenTracker`)
     token_tracker: bool = False  # track the domain loss token by token (`TokenTracker`; needs ``tokens``)
     token_scales: tuple | None = None  # (rho, rn) at the end of the last token-tracked replay (L2's relaxation)
+    path_F: float = 1.0  # `decorrelation`'s F of the last keep_norm replay (1: one straight path; ``additive``)
     sq_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -944,8 +958,8 @@ def replay_adam(gm: GradientMoments, method: str, lrs: np.ndarray, *, l2_coeff: 
         trk = _decay(trk, tracker_progress(gm, kappa, own, rn), gm.ell0)
         if trajectory:
             traj.append(trk.clone())
-    if mode == "keep_norm":
-        delta.mul_(math.sqrt(decorrelation(np.sqrt(norms), np.asarray(lams), gm.lam_c)))
+    gm.path_F = decorrelation(np.sqrt(norms), np.asarray(lams), gm.lam_c) if mode == "keep_norm" else 1.0
+    delta.mul_(math.sqrt(gm.path_F))
     return (delta, trk, torch.stack(traj)) if trajectory else (delta, trk)
 
 
@@ -1122,8 +1136,9 @@ def _replay_blocks(gm: GradientMoments, method: str, lrs: np.ndarray, *, max_gra
                 traj.append(st.trk.clone())
         for sl in slices:
             delta[sl] -= coef.float() @ _block_units(gm, sl, *frozen)
-    if st.mode == "keep_norm":
-        delta.mul_(math.sqrt(decorrelation(np.sqrt(np.maximum(norms, 0.0)), np.asarray(lams), gm.lam_c)))
+    gm.path_F = (decorrelation(np.sqrt(np.maximum(norms, 0.0)), np.asarray(lams), gm.lam_c)
+                 if st.mode == "keep_norm" else 1.0)
+    delta.mul_(math.sqrt(gm.path_F))
     gm.token_scales = st.scales if st.tokens is not None else None  # (rho, rn) at the run's end (L2's relaxation)
     return (delta, st.trk, torch.stack(traj)) if trajectory else (delta, st.trk)
 
@@ -1195,6 +1210,92 @@ def decorrelation(d: np.ndarray, lam: np.ndarray, lam_c: float) -> float:
         acc += ds * (2.0 * run - ds)
         prev = ls
     return min(max(acc / tot**2, 0.0), 1.0)
+
+
+def sum_sq_rate(lrs) -> float:
+    """S2 = sum_t eta_t^2: the variance a coordinate that Adam moves by about eta_t in a random direction
+    at every step accumulates over the run (`diffusion_dl`)."""
+    lrs = np.asarray(lrs, dtype=float)
+    return float((lrs * lrs).sum())
+
+
+def diffusion_coefficient(points, lr: float, steps: int, probe_steps: int) -> float:
+    """c(eta): the probes' measured dL per unit S2 (`sum_sq_rate` of each probe's own ``probe_steps``
+    rates, the first of a ``steps``-step cosine run at its peak rate), interpolated linearly in log c
+    against log peak rate and held outside the probes. ``points``: (peak rate, measured dL, replayed dL)
+    of the size probes (`sft.forecast_run.ForecastGrid.size_probe`); a probe whose measured dL is not
+    positive (a small rate's first-order gain outweighing its damage on the D1 sample) gives no c and is
+    left out; none left: 0."""
+    k = min(int(probe_steps), int(steps))
+    pts = sorted((float(p), float(m) / sum_sq_rate(cosine_lrs(float(p), int(steps))[:k]))
+                 for p, m, _ in points if float(m) > 0 and math.isfinite(float(m)))
+    if not pts:
+        return 0.0
+    x = np.log([p for p, _ in pts])
+    y = np.log([c for _, c in pts])
+    return float(np.exp(np.interp(math.log(lr), x, y))) if len(pts) > 1 else float(np.exp(y[0]))
+
+
+def random_walk(lam_c: float, probe_lr: float) -> bool:
+    """Whether the probe's gradient decorrelates within one step (``size_model="auto"``): its coherence
+    length lam_c (in summed rate, `coherence`) below the probe's peak rate, the rate one step sums. The
+    steps of such a run are a random walk (`diffusion_dl`); a longer lam_c leaves a drift along theta0's
+    direction that the replay follows. Measured: SmolLM2's probes 2.8e-6 to 8.2e-5 against 1.7e-4 and
+    3.1e-4 (0.02-0.5 of a step); the tiny worlds' 1.3e-3 to 4.9e-3 against 3e-4 (4-16 steps)."""
+    return math.isfinite(lam_c) and float(lam_c) < float(probe_lr)
+
+
+def ou_factor(lrs, pull: float) -> float:
+    """The variance of a coordinate that diffuses by eta_t a step while a pull of rate ``pull`` x eta_t
+    draws it back (L2 to theta0 under Adam: d <- d (1 - pull eta_t) + eta_t xi_t), over the free
+    diffusion's S2 (theory: the discrete Ornstein-Uhlenbeck recursion V <- V (1 - pull eta_t)^2 + eta_t^2;
+    1 without a pull, -> 1 / (2 pull eta) per step once it binds)."""
+    lrs = np.asarray(lrs, dtype=float)
+    V = 0.0
+    for e in lrs:
+        V = V * (1.0 - pull * e) ** 2 + e * e
+    s2 = float((lrs * lrs).sum())
+    return V / s2 if s2 > 0 else 1.0
+
+
+def lora_diffusion_factor(layout, n_params: int, r: int, alpha: int) -> float:
+    """The share of full fine-tuning's diffusion that LoRA's merged update carries (theory, no knob).
+
+    With B = 0 and peft's kaiming-uniform A0 (a = sqrt(5): Var A0 = 1 / (3 fan_in)) at the start, B's
+    entries diffuse by about eta a step under Adam, as a full model's coordinates do, so an adapted
+    matrix W (out x in) moves by dW = s dB A0 (s = alpha / r; the dB dA term is of second order), whose
+    entries have variance s^2 r Var(A0) S2 = s^2 r / (3 in) S2 against a full fine-tune's S2. Summed over
+    the adapted matrices (`lora_layout`) and taken as a share of the model's ``n_params`` coordinates (the
+    damage per coordinate's variance taken as equal): sum_W out x in x s^2 r / (3 in) / n_params."""
+    s = float(alpha) / float(r)
+    return float(sum(o * i * s * s * r / (3.0 * i) for _, o, i, _ in layout)) / max(int(n_params), 1)
+
+
+def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int,
+                 l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0) -> tuple[float, dict]:
+    """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``; candidate 7): (dL, its parts).
+
+    Once the domain's mean gradient is small beside the batch noise -- on SmolLM2 the real gradient's
+    cosine with theta0's mean gradient is ~0 after the first step -- Adam moves most coordinates by
+    about eta_t a step in a direction that does not persist, so theta_T - theta0 grows as a random walk
+    with per-coordinate variance S2 = sum_t eta_t^2 (`sum_sq_rate`) and, to second order, each step's
+    damage to the general loss adds: dL = c x S2. c is measured by the two real CE probes
+    (`diffusion_coefficient`; per unit S2, interpolated in log peak rate: larger steps do more damage per
+    unit S2). Adam's normalisation makes the random walk's size the same for any token weighting (CE,
+    TALR, DFT, FLOW: factor 1); L2's pull holds each coordinate's walk (`ou_factor`, pull = 2 l2 /
+    sigma with sigma = max_grad_norm / sqrt(n_params), a clipped gradient's RMS coordinate: the real
+    runs' gradients stay above the clip); LoRA's merged update carries ``lora_factor``
+    (`lora_diffusion_factor`). The replay is not read: it still gives the domain gain."""
+    rec = get_method(method)
+    lrs = cosine_lrs(float(lr), int(steps))
+    c = diffusion_coefficient(points, lr, steps, probe_steps)
+    factor = 1.0
+    if rec.regularizer == "l2":
+        factor = ou_factor(lrs, 2.0 * float(l2_coeff) * math.sqrt(max(int(n_params), 1)) / float(max_grad_norm))
+    elif rec.lora:
+        factor = float(lora_factor)
+    s2 = sum_sq_rate(lrs)
+    return c * s2 * factor, {"diffusion_c": c, "S2": s2, "method_factor": factor}
 
 
 def lora_layout(model: nn.Module) -> list[tuple[int, int, int, int]]:

@@ -19,8 +19,9 @@ from .io import release_free_memory
 from .methods import get_method
 from .models import model_device
 from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
-                       cosine_lrs, gradient_scale, l2_energy_scale, l2_relaxation, lora_layout, method_gradients,
-                       micro_batches, replay_adam, replay_lora, sequence_losses, squared_norm,
+                       cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale, l2_relaxation, lora_diffusion_factor,
+                       lora_layout, method_gradients,
+                       micro_batches, random_walk, replay_adam, replay_lora, sequence_losses, squared_norm,
                        training_run_units)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
@@ -93,6 +94,60 @@ def mean_bits(model, examples, pad_token_id, meter=None) -> float:
     """Mean over examples of the summed supervised token loss, in bits."""
     s, _ = sequence_losses(model, examples, pad_token_id=pad_token_id, meter=meter)
     return float(np.mean(s) / LN2)
+
+
+KL_TOP = 256  # outcomes of q0 kept per position by `SampleKL` (the rest lumped into one)
+
+
+def coded_log_probs(model, examples, pad_token_id, meter=None, batch_size: int = 4):
+    """Per batch of ``examples``, the model's log-conditionals ``[n_coded, V]`` (float32, on the host) at the
+    positions whose next token is supervised, in row-major order (the lm-head on those rows only)."""
+    from .losses import shift_and_select
+    from .models import final_hidden, lm_head_of
+
+    for b in eval_batches(model, examples, pad_token_id, batch_size, meter):
+        mask = shift_and_select(b["labels"])[0]
+        head = lm_head_of(model)
+        if head is not None:
+            h = final_hidden(model, b["input_ids"], b["attention_mask"])[:, :-1][mask]
+            logits = torch.nn.functional.linear(h, head.weight, head.bias)
+        else:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           use_cache=False).logits[:, :-1][mask]
+        yield torch.log_softmax(logits.float(), dim=-1).to(HOST)
+
+
+class SampleKL:
+    """sum_u KL(q0_u || q_u) over the supervised positions u of a D1 sample, per sequence, in bits: the
+    decomposition's KL term (Proposition 3.1) on the sample's empirical tree, for a model whose tree is
+    not built (a real LLM's D1 sample; the tiny world's `SampleTree` gives it exactly). Each conditional
+    is coarsened to q0's ``top`` likeliest outcomes at u plus one lumped rest, which can only lower a KL
+    (data processing), so this is a lower bound of the full-vocabulary term; q0's part is kept from
+    construction (``top`` + 1 numbers a position), q's computed per call. Non-negative and quadratic in a
+    small step, with none of the first-order term's sampling noise (`sft.forecast`, 1.)."""
+
+    def __init__(self, model, examples, pad_token_id: int, meter=None, top: int = KL_TOP):
+        if int(top) < 1:
+            raise ValueError(f"top must be >= 1, got {top}")
+        self.examples, self.pad, self.n = examples, pad_token_id, len(examples)
+        self.ref = []
+        for lp in coded_log_probs(model, examples, pad_token_id, meter):
+            v, i = lp.topk(min(int(top), lp.shape[1]), dim=1)
+            v = v.double()
+            self.ref.append((i, v, _log_rest(v)))
+
+    def __call__(self, model, meter=None) -> float:
+        tot = 0.0
+        for (i, v, rest), lp in zip(self.ref, coded_log_probs(model, self.examples, self.pad, meter)):
+            w = lp.gather(1, i).double()
+            kl = (v.exp() * (v - w)).sum(1) + rest.exp() * (rest - _log_rest(w))
+            tot += float(kl.sum())
+        return tot / max(self.n, 1) / LN2
+
+
+def _log_rest(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_j exp(logp_j)) per row (float64), floored at log 1e-30 where the kept outcomes hold all."""
+    return torch.log((-torch.expm1(torch.logsumexp(logp, dim=1))).clamp_min(1e-30))
 
 
 def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarray]:
@@ -325,9 +380,14 @@ class ForecastGrid:
         with self.meter.phase("d1_evals"):
             self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
             self.base_lq = d1_tree.logq(self.model, self.meter) if d1_tree is not None else None
+            # ``additive`` on a real LLM: the configurations' dL is the KL term on the sample (`SampleKL`)
+            self.sample_kl = SampleKL(self.model, self.d1, self.pad, self.meter) \
+                if cfg.additive and d1_tree is None else None
         self.layout = lora_layout(self.model) if any(get_method(m).lora for m in cfg.methods) else None
         self.dtype, self.noise_dtype = getattr(torch, cfg.store_dtype), getattr(torch, cfg.noise_dtype)
         self.size_points, self._groups, self._last = [], None, None
+        self.path_F = 1.0  # the last replay's `decorrelation` F (`additive_dl`)
+        self.calibration_point = []  # [(lr, measured dL, nan)] of the calibration probe (`diffusion`)
         self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
         self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
         self.spill = Spill()  # off unless forecast_grid is given a folder
@@ -384,21 +444,30 @@ class ForecastGrid:
         if rec.regularizer == "l2" and cfg.l2_energy:
             return self.replay(gm, "ce", lr)  # L2's own part: `l2_row`
         if self._last is not None and self._last[0] == (method, lr):  # CE's replay, shared with L2 at this rate
+            self.path_F = self._last[2]
             return self._last[1]
         self.meter.replay(cfg.steps, replay_flops(method, cfg))
         if rec.lora:
+            self.path_F = 1.0  # LoRA's factors are replayed along one path (no rotation)
             return replay_lora(gm, self.layout, lrs, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed,
                                max_grad_norm=cfg.max_grad_norm, track=cfg.track, block=cfg.lora_block)
         l2 = cfg.l2_coeff if rec.regularizer == "l2" else 0.0
         out = replay_adam(gm, method, lrs, l2_coeff=l2, max_grad_norm=cfg.max_grad_norm, w_min=cfg.w_min,
                           track=cfg.track, block=cfg.replay_block)
+        self.path_F = gm.path_F
         if method == "ce":
-            self._last = ((method, lr), out)  # one displacement kept (memory: + 4 N bytes)
+            self._last = ((method, lr), out, gm.path_F)  # one displacement kept (memory: + 4 N bytes)
         return out
 
-    def evaluate(self, delta: torch.Tensor) -> tuple[float, dict]:
-        """dL(P1) on the D1 sample at theta0 + delta (bits per sequence) and, with a tree, its two terms."""
-        with Shifted(self.model, delta):
+    def evaluate(self, delta: torch.Tensor, path_F: float = 1.0) -> tuple[float, dict]:
+        """dL(P1) on the D1 sample at theta0 + delta (bits per sequence) and, with a tree, its two terms;
+        with ``additive`` the decorrelated path's damage, `additive_dl` (``path_F`` its F)."""
+        if self.cfg.additive:
+            return additive_dl(lambda scale: self._at(delta, scale), path_F)
+        return self._at(delta, 1.0)
+
+    def _at(self, delta: torch.Tensor, scale: float) -> tuple[float, dict]:
+        with Shifted(self.model, delta, scale=scale):
             return self.sample_dl(self.model)
 
     def sample_dl(self, model: nn.Module) -> tuple[float, dict]:
@@ -409,6 +478,8 @@ class ForecastGrid:
         from theory.prefix import prefix_decomposition
 
         with self.meter.phase("d1_evals"):
+            if self.tree is None and self.sample_kl is not None:  # ``additive``: the KL term on the sample
+                return self.sample_kl(model, self.meter), {}
             if self.tree is None:
                 return mean_bits(model, self.d1, self.pad, self.meter) - self.base_d1, {}
             d = prefix_decomposition(self.tree.tree, self.base_lq, self.tree.logq(model, self.meter), unit="bits")
@@ -440,6 +511,7 @@ class ForecastGrid:
         ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
         release_free_memory()  # the probe's activations and optimiser state, before the replays
         kappa = fit_kappa(ce, plrs, target, meter=self.meter, block=cfg.fit_block)
+        self.calibration_point = [(lr_p, float(probe_dl), math.nan)]
         return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
                 "lambda_c": ce.lam_c if math.isfinite(ce.lam_c) else None}
@@ -479,6 +551,24 @@ class ForecastGrid:
         s = l2_energy_scale(squared_norm(delta), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
         return (delta.mul_(s) if cfg.l2_relax else delta * s), {"l2_energy_scale": s}
 
+    def by_diffusion(self, gm: GradientMoments) -> bool:
+        """``size_model``: "diffusion" always, "auto" where the calibration probe's gradient decorrelates within
+        one step (`sft.forecast.random_walk` of lam_c and the probe's rate), "replay" never."""
+        mode = self.cfg.size_model
+        if mode == "auto" and self.calibration_point:
+            return random_walk(gm.lam_c, self.calibration_point[0][0])
+        return mode == "diffusion"
+
+    def diffusion(self, method: str, lr: float) -> tuple[float, dict]:
+        """`sft.forecast.diffusion_dl` from this grid's size probes (the calibration probe alone without the
+        size probe)."""
+        cfg = self.cfg
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        lora = lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha) if self.layout else 1.0
+        return diffusion_dl(method, lr, self.size_points or self.calibration_point, steps=cfg.steps,
+                            probe_steps=cfg.probe_steps, n_params=n, l2_coeff=cfg.l2_coeff,
+                            max_grad_norm=cfg.max_grad_norm, lora_factor=lora)
+
     def size_at(self, lr: float, lam_T: float) -> float:
         """The size correction of a configuration at peak rate ``lr`` whose run sums to ``lam_T``:
         `size_correction` in log peak rate (``size_axis="rate"``) or, with ``"lambda"``, in log summed
@@ -493,26 +583,38 @@ class ForecastGrid:
         self.meter.replay(len(lrs), replay_flops("ce", self.cfg))
         delta, _ = replay_adam(ce, "ce", lrs, max_grad_norm=self.cfg.max_grad_norm, w_min=self.cfg.w_min,
                                track=self.cfg.track, block=self.cfg.replay_block)
-        with self.spill.away(ce, "mean", "cov"), Shifted(self.model, delta):
-            return self.probe_dl(self.model)
+        F = ce.path_F
+
+        def at(scale: float) -> tuple[float, dict]:  # ``additive``: the configurations' rule (`sample_dl`)
+            with Shifted(self.model, delta, scale=scale):
+                return (self.sample_dl(self.model)[0] if self.cfg.additive else self.probe_dl(self.model)), {}
+        with self.spill.away(ce, "mean", "cov"):
+            return (additive_dl(at, F) if self.cfg.additive else at(1.0))[0]
 
     def rows(self, gm: GradientMoments, pairs, progress) -> list[dict]:
         out = []
         for m, lr in pairs:
             delta, ell = self.replay(gm, m, lr)
+            F = self.path_F
             lam_T = float(cosine_lrs(lr, self.cfg.steps).sum())
             r = self.size_at(lr, lam_T)
             extra = {}
             if get_method(m).regularizer == "l2" and self.cfg.l2_energy:
                 delta, extra = self.l2_step(gm, delta, ell, lam_T, r)
             with self.spill.away(gm, "mean", "cov", "ce_mean"):  # the evaluations read none of the moments
-                dl, parts = self.evaluate(delta)
+                dl, parts = self.evaluate(delta, F)
+                final = dl * r
+                if self.by_diffusion(gm):  # the size by diffusion; r places the accuracy forecast
+                    final, more = self.diffusion(m, lr)
+                    extra.update(more)
+                    r = final / dl if dl > 0 else 1.0
                 if self.extra_eval is not None:  # at the size-corrected step: dL ~ |d_theta|^2, so sqrt(r) d_theta
                     with Shifted(self.model, delta, scale=math.sqrt(max(r, 0.0))):
                         extra["extra_eval"] = self.extra_eval(self.model)
             del delta
-            out.append(Forecast(m, lr, dl * r, gm.gain_bits(ell), extras={
+            out.append(Forecast(m, lr, final, gm.gain_bits(ell), extras={
                 "Lambda": lam_T, "tracked_loss_nats": ell.tolist(), "replay_dL_P1_bits": dl, "size_correction": r,
+                "path_F": F,
                 **extra, **parts}).to_dict())
             progress(1)
         return out
@@ -536,6 +638,27 @@ def replay_flops(method: str, cfg: ForecastConfig | None, noise_floor: bool | No
     if get_method(method).regularizer == "l2":
         return 45.0 + extra
     return (50.0 + 2.0 * extra) / b
+
+
+def additive_dl(at, path_F: float) -> tuple[float, dict]:
+    """The damage of a decorrelated path, summed over its steps (``additive``; theory, no knob).
+
+    The replay's displacement d (already shortened by sqrt(F), `sft.forecast.decorrelation`) stands for a
+    path whose steps turn: with F = sum_st d_s d_t k_st / (sum_s d_s)^2 its squared length is F times the
+    straight path's, as if it were m = 1 / F independent straight segments of squared length |d|^2 / m each.
+    Version 5 evaluates the loss at theta0 + d: all of that length along ONE direction, where the KL grows
+    faster than quadratically once the step leaves the quadratic regime. Independent segments have no
+    cross terms in the second-order expansion, so their damages add: dL = m KL(theta0 + d / sqrt(m)) =
+    KL(theta0 + sqrt(F) d) / F (F = 1: a straight path, version 5's value). In the quadratic regime both
+    agree; beyond it this one is smaller. ``at(scale)`` returns (dL, parts) at theta0 + scale x d; the
+    parts are scaled alike."""
+    F = float(path_F)
+    if not (0.0 < F <= 1.0) or not math.isfinite(F):
+        raise ValueError(f"path_F {path_F!r}: expected a decorrelation factor in (0, 1]")
+    if F == 1.0:
+        return at(1.0)
+    dl, parts = at(math.sqrt(F))
+    return dl / F, {k: v / F for k, v in parts.items()}
 
 
 def size_correction(points: Sequence[tuple[float, float, float]], lr: float) -> float:

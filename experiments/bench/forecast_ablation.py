@@ -70,7 +70,9 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
             # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`): CE's debiased,
             # the other methods' moments on batches disjoint from CE's
             "cross_fit": {**V5, "cross_fit": True},
-            "token_tracker": {**V5, "token_tracker": True}}  # the domain loss tracked token by token (`TokenTracker`)
+            "token_tracker": {**V5, "token_tracker": True},  # the domain loss tracked token by token (`TokenTracker`)
+            # the decorrelated path's damage summed over its steps, KL(theta0 + F d) / F (`additive_dl`; session 12)
+            "additive": {**V5, "additive": True}}
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:

@@ -581,18 +581,20 @@ def variant_forecast_config(cfg: StudyConfig, variant: str, tok, n_general: int)
                           store_dtype=cfg.forecast_store)
 
 
-def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False) -> dict:
+def forecast_variant(base, tok, cfg: StudyConfig, data: StudyData, variant: str, progress: bool = False,
+                     overrides: dict | None = None) -> dict:
     """`sft.forecast_run.forecast_grid` for one variant's grid, from theta0 and one short CE probe
     only (no grid run is read): every (method, lr) of the variant's entries, the study's steps, batch, LoRA rank and L2 coefficient; D2 = the variant's training
     examples, D1 = the general set (:func:`general_examples`). Each row gains
     ``dL_general_bits_per_token``: the predicted dL(P1) per sequence turned into bits per
-    supervised token of the pooled general set, the unit of the measured general deltas."""
+    supervised token of the pooled general set, the unit of the measured general deltas. ``overrides``:
+    `sft.forecast.ForecastConfig` fields set on top of the study's (a bench's candidate settings)."""
     from sft.forecast_run import forecast_grid
 
     entries = forecast_entries(cfg, variant)
     d1 = general_examples(tok, data)
     n_tok = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in d1)
-    fc = variant_forecast_config(cfg, variant, tok, len(d1))
+    fc = replace(variant_forecast_config(cfg, variant, tok, len(d1)), **(overrides or {}))
     t = time.perf_counter()
     extra = None
     if cfg.forecast_accuracy and cfg.bench_tasks:

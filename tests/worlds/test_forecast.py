@@ -7,6 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sft.forecast import (ComputeMeter, ForecastConfig, GradientMoments, adam_step, advise, coherence, cosine_lrs,
                           gradient_scale, l2_energy_scale, replay_adam, replay_lora, training_run_units)
@@ -1075,3 +1077,191 @@ def test_bf16_moments_keep_the_batch_noise_where_it_is_small_beside_the_mean():
     naive = (g * g).mean(0)[0].to(torch.bfloat16).double() - g.mean(0)[0].to(torch.bfloat16).double() ** 2
     assert float(((naive - exact[0]).abs() / exact[0]).median()) > 0.2  # the raw form: noise lost to rounding
     assert float((naive <= 0).double().mean()) > 0.1
+
+
+def test_replay_records_the_decorrelation_factor_it_applied():
+    """`replay_adam` (per step and in blocks) leaves on the moments the F by which it shortened the path:
+    1 without a rotation; with one, the `decorrelation` of the straight path's steps (recomputed here
+    from the straight path's prefixes), and the displacement is the straight one x sqrt(F)."""
+    from sft.forecast import decorrelation
+
+    g = torch.randn(3, 2, 6, generator=torch.Generator().manual_seed(5))
+    lrs = cosine_lrs(0.05, 6)
+
+    def run(lc, n=6, block=1):
+        gm = _gg(g, ce_mean=torch.randn(2, 6, generator=torch.Generator().manual_seed(1)) * 0.1)
+        gm.keep_norm, gm.lam_c = True, lc
+        gm.path_F = -1.0  # overwritten by every replay
+        delta = replay_adam(gm, "ce", lrs[:n], block=block)[0]
+        return delta, gm.path_F
+
+    assert run(1e300)[1] == 1.0 and run(float("inf"))[1] == 1.0
+    straight = [torch.zeros(6)] + [run(1e300, n)[0] for n in range(1, 7)]
+    steps = [float((straight[t] - straight[t - 1]).norm()) for t in range(1, 7)]
+    lam = np.concatenate([[0.0], np.cumsum(lrs)[:-1]])
+    d, F = run(0.07)
+    assert 0.3 < F < 1.0 and F == pytest.approx(decorrelation(steps, lam, 0.07), rel=1e-6)
+    assert d.tolist() == pytest.approx((straight[-1] * F**0.5).tolist(), rel=1e-5, abs=1e-8)
+    assert run(0.07, block=3)[1] == pytest.approx(F, rel=0.05)
+
+
+@settings(max_examples=60, deadline=None)
+@given(F=st.floats(1e-4, 1.0), c=st.floats(1e-3, 1e3), e=st.floats(0.0, 1e3))
+def test_additive_dl_is_version_5_in_the_quadratic_regime_and_smaller_beyond(F, c, e):
+    """`additive_dl`: for a damage quadratic in the step (c s^2) it returns the straight path's value at
+    any F; with a quartic part (c s^2 + e s^4) it is c + e F <= c + e, equal only at F = 1 or e = 0;
+    the parts are scaled like the total."""
+    from sft.forecast_run import additive_dl
+
+    calls = []
+
+    def at(scale):
+        calls.append(scale)
+        return c * scale**2 + e * scale**4, {"kl_term_bits": c * scale**2}
+
+    dl, parts = additive_dl(at, F)
+    assert dl == pytest.approx(c + e * F, rel=1e-9)
+    assert parts["kl_term_bits"] == pytest.approx(c, rel=1e-9)
+    assert dl <= c + e + 1e-9 * (c + e)
+    assert calls == [pytest.approx(F**0.5)] if F < 1.0 else calls == [1.0]
+
+
+@pytest.mark.parametrize("F", [0.0, -0.5, 1.5, float("nan")])
+def test_additive_dl_refuses_a_factor_outside_0_1(F):
+    from sft.forecast_run import additive_dl
+
+    with pytest.raises(ValueError, match="path_F"):
+        additive_dl(lambda s: (s, {}), F)
+
+
+def test_sample_kl_is_the_coarsened_kl_of_the_coded_positions(smoke_world, pretrained):
+    """`SampleKL`: 0 at theta0; with every outcome kept it is sum_u KL(q0_u || q_u) over the supervised
+    positions computed here from the logits; with fewer kept (the rest lumped) it is smaller; quadratic
+    in a small step (KL(s d) / s^2 constant as s -> 0)."""
+    from sft.forecast import Shifted
+    from sft.forecast_run import LN2, SampleKL, coded_log_probs
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 12)
+    V = model.config.vocab_size
+    full, top = SampleKL(model, d1, w.pad_id, top=V), SampleKL(model, d1, w.pad_id, top=3)
+    assert full(model) == pytest.approx(0.0, abs=1e-9) and top(model) == pytest.approx(0.0, abs=1e-9)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 0.02
+    lp0 = torch.cat(list(coded_log_probs(model, d1, w.pad_id))).double()
+    with Shifted(model, delta):
+        lp1 = torch.cat(list(coded_log_probs(model, d1, w.pad_id))).double()
+        kl_full, kl_top = full(model), top(model)
+    by_hand = float((lp0.exp() * (lp0 - lp1)).sum()) / len(d1) / LN2
+    assert kl_full == pytest.approx(by_hand, rel=1e-4) and kl_full > 0  # float32 rows: the lumped rest ~1e-7
+    assert 0 <= kl_top < kl_full
+    small = []
+    for s in (0.1, 0.05):
+        with Shifted(model, delta, scale=s):
+            small.append(full(model) / s**2)
+    assert small[0] == pytest.approx(small[1], rel=0.05)
+    with pytest.raises(ValueError, match="top"):
+        SampleKL(model, d1, w.pad_id, top=0)
+
+
+def test_additive_forecast_on_the_smoke_world(smoke_world, pretrained):
+    """``additive`` on a D1 sample without a tree: the configurations' dL and the size probe's replays are
+    the sample's KL term (`SampleKL`, never negative), the probes' measured points stay the measured code
+    length change; without a rotation every F is 1; with the probe's rotation each keep_norm row records
+    its F (as version 5's rows do), LoRA's is 1, and a row's KL is taken at sqrt(F) x its displacement."""
+    from sft.forecast_run import forecast_grid
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8,
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+    flat = forecast_grid(model, w.d2_train, d1, replace(cfg, coherence=False, additive=True), progress=False)
+    assert [r["path_F"] for r in flat["rows"]] == [1.0] * len(flat["rows"])
+    assert all(r["replay_dL_P1_bits"] >= 0 for r in flat["rows"])
+    v5 = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    v7 = forecast_grid(model, w.d2_train, d1, replace(cfg, additive=True), progress=False)
+    assert v7["probe"]["lambda_c"] == v5["probe"]["lambda_c"] < 1.0
+    assert [p[:2] for p in v7["probe"]["size_points"]] == [p[:2] for p in v5["probe"]["size_points"]]
+    assert all(p[2] >= 0 for p in v7["probe"]["size_points"])
+    for r5, r7 in zip(v5["rows"], v7["rows"]):
+        assert (r5["method"], r5["lr"], r5["path_F"]) == (r7["method"], r7["lr"], r7["path_F"])
+        assert r7["replay_dL_P1_bits"] >= 0
+        assert r7["path_F"] == 1.0 if r7["method"] == "lora" else 0.0 < r7["path_F"] < 1.0
+
+
+def test_diffusion_pieces_hand_values():
+    """`sum_sq_rate`, `ou_factor` (1 without a pull, the OU recursion by hand, smaller with a stronger pull),
+    `diffusion_coefficient` (each probe's measured dL over its own S2, log-interpolated in peak rate, held
+    outside, non-positive probes left out) and `random_walk`."""
+    from sft.forecast import diffusion_coefficient, ou_factor, random_walk, sum_sq_rate
+
+    assert sum_sq_rate([0.1, 0.2]) == pytest.approx(0.05)
+    lrs = np.array([0.1, 0.1, 0.05])
+    assert ou_factor(lrs, 0.0) == 1.0
+    V = 0.0
+    for e in lrs:
+        V = V * (1 - 2.0 * e) ** 2 + e * e
+    assert ou_factor(lrs, 2.0) == pytest.approx(V / 0.0225)
+    assert ou_factor(lrs, 4.0) < ou_factor(lrs, 2.0) < 1.0
+    steps, k = 50, 5
+    s_lo, s_hi = (sum_sq_rate(cosine_lrs(p, steps)[:k]) for p in (1e-4, 1e-3))
+    pts = [(1e-4, 2.0 * s_lo, 0.0), (1e-3, 8.0 * s_hi, 0.0)]  # c = 2 at 1e-4, 8 at 1e-3
+    assert diffusion_coefficient(pts, 1e-4, steps, k) == pytest.approx(2.0)
+    assert diffusion_coefficient(pts, 10 ** -3.5, steps, k) == pytest.approx(4.0)  # geometric middle
+    assert diffusion_coefficient(pts, 1e-5, steps, k) == pytest.approx(2.0)  # held
+    assert diffusion_coefficient(pts, 1e-2, steps, k) == pytest.approx(8.0)
+    neg = [(1e-4, -0.5, 0.0), (1e-3, 8.0 * s_hi, 0.0)]  # a first-order gain gives no c
+    assert diffusion_coefficient(neg, 1e-4, steps, k) == pytest.approx(8.0)
+    assert diffusion_coefficient([(1e-4, -0.5, 0.0)], 1e-4, steps, k) == 0.0
+    assert random_walk(1e-5, 3e-4) and not random_walk(1e-3, 3e-4) and not random_walk(float("inf"), 3e-4)
+
+
+def test_lora_diffusion_factor_is_s2_r_over_3_fan_in_per_adapted_weight():
+    """Hand value: two adapted matrices (4 x 6 and 2 x 3) of a 100-parameter model, r 2, alpha 4 (s = 2):
+    (24 x 4 x 2 / 18 + 6 x 4 x 2 / 9) / 100; and it is peft's init: Var(A0) = 1 / (3 fan_in)."""
+    from sft.forecast import lora_diffusion_factor
+
+    layout = [(0, 4, 6, 0), (24, 2, 3, 1)]
+    assert lora_diffusion_factor(layout, 100, 2, 4) == pytest.approx((24 * 8 / 18 + 6 * 8 / 9) / 100)
+    A = torch.empty(2000, 300)
+    torch.nn.init.kaiming_uniform_(A, a=5**0.5)  # peft's lora_A init
+    assert float(A.var()) == pytest.approx(1 / (3 * 300), rel=0.02)
+
+
+def test_diffusion_forecast_on_the_smoke_world(smoke_world, pretrained):
+    """``size_model="diffusion"``: every row's dL is c(eta) S2 x its method's factor from the size probes'
+    measured points (TALR's equal to CE's at a rate, L2's below by `ou_factor`, LoRA's by its layout's
+    factor); the replay still gives the domain gain (equal to the replay model's) and the accuracy point's r.
+    ``"auto"`` on the smoke world (a coherent probe: lam_c beyond one step) is the replay model's forecast."""
+    from sft.forecast import diffusion_dl, lora_diffusion_factor, lora_layout
+    from sft.forecast_run import forecast_grid
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8,
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+    v5 = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    diff = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion"), progress=False)
+    pts = diff["probe"]["size_points"]
+    assert pts == v5["probe"]["size_points"]
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = lora_diffusion_factor(lora_layout(model), n, cfg.lora_r, cfg.lora_alpha)
+    by = {(r["method"], r["lr"]): r for r in diff["rows"]}
+    for (m, lr), r in by.items():
+        want, _ = diffusion_dl(m, lr, pts, steps=20, probe_steps=4, n_params=n, l2_coeff=cfg.l2_coeff,
+                               max_grad_norm=1.0, lora_factor=lora)
+        assert r["dL_P1_bits"] == pytest.approx(want) and r["S2"] > 0
+    for lr in cfg.lrs:
+        assert by[("talr", lr)]["dL_P1_bits"] == pytest.approx(by[("ce", lr)]["dL_P1_bits"])
+        assert by[("l2", lr)]["dL_P1_bits"] < by[("ce", lr)]["dL_P1_bits"]
+        assert by[("lora", lr)]["method_factor"] == pytest.approx(lora)
+    assert [r["domain_gain_bits"] for r in diff["rows"]] == [r["domain_gain_bits"] for r in v5["rows"]]
+    auto = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="auto"), progress=False)
+    assert v5["probe"]["lambda_c"] > v5["probe"]["lr"]  # coherent over more than one step
+    assert auto["rows"] == v5["rows"]

@@ -1,0 +1,99 @@
+"""The diffusion size model (`sft.forecast.diffusion_dl`, ``size_model="diffusion"``/``"auto"``) scored
+offline on grid studies whose forecast units ran: each unit's size probes (their measured points), the
+rates, the run length and the model's shape are all it reads, so the forecast it prints is the one the
+forecast unit would have written with that setting, without re-running a model pass.
+
+    PYTHONPATH=$PWD .venv/bin/python -m experiments.bench.forecast_diffusion \\
+        docs/study-smollm2-T72:label docs/study-smollm2-heldout:label docs/study-smollm2-heldout:cot \\
+        --out docs/forecast/diffusion/dev.json
+
+For every STUDY:VARIANT: per run the diffusion forecast, the measured general change and the unit's own
+forecast (bits/token of the pooled general set), whether the unit's probe is a random walk
+(`sft.forecast.random_walk`: where ``"auto"`` uses diffusion), Spearman and within 2x (both within 0.01
+bits/token of zero counts as within, as in the study's report) of each; then the pooled within 2x.
+The shape is SmolLM2-135M's (``--n-params``, ``--lora-factor``: `sft.forecast.lora_diffusion_factor` of its
+``lora_layout`` at r 8, alpha 16); L2's coefficient and the clip are the trainer's defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SMOLLM2_PARAMS = 134515008  # SmolLM2-135M's trainable parameters (tied embeddings)
+SMOLLM2_LORA = 0.012332304213965478  # lora_diffusion_factor of its 210 adapted matrices, r 8, alpha 16
+
+
+def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float) -> dict:
+    """One study variant scored: its rows (method, lr, diffusion, measured, unit's forecast) and scores."""
+    from experiments.studies.grid_report import WITHIN_ZERO_TOL
+    from sft.config import L2_COEFF
+    from sft.forecast import diffusion_dl, random_walk
+    from sft.forecast_metrics import spearman, within_2x
+
+    rec = json.loads((study / "study.json").read_text())
+    name = rec.get("forecast_units", {}).get(variant)
+    if name is None:
+        raise SystemExit(f"{study}: no {variant} forecast unit in study.json")
+    unit = json.loads((study / "cache" / name).read_text())
+    steps = int(rec["config"]["steps"])
+    per_tok = unit["n_general"] / unit["n_general_tokens"]
+    runs = {(r["method"], float(r["lr"])): r for r in json.loads((study / "summary.json").read_text())["runs"]
+            if r["variant"] == variant and r.get("general_delta_bits_pooled") is not None and not r.get("plateau")
+            and not r.get("own_steps")}
+    rows = []
+    for f in unit["rows"]:
+        run = runs.get((f["method"], float(f["lr"])))
+        if run is None:
+            continue
+        dl, parts = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], steps=steps,
+                                 probe_steps=unit["probe"]["steps"], n_params=n_params, l2_coeff=L2_COEFF,
+                                 max_grad_norm=1.0, lora_factor=lora_factor)
+        rows.append({"method": f["method"], "lr": f["lr"], "diffusion": dl * per_tok,
+                     "measured": run["general_delta_bits_pooled"], "unit_forecast": f["dL_general_bits_per_token"],
+                     **parts})
+    lam_c = unit["probe"].get("lambda_c")
+    out = {"study": str(study), "variant": variant, "steps": steps, "lambda_c": lam_c, "probe_lr": unit["probe"]["lr"],
+           "random_walk": lam_c is not None and random_walk(lam_c, unit["probe"]["lr"]), "rows": rows}
+    m = [r["measured"] for r in rows]
+    for key in ("diffusion", "unit_forecast"):
+        f = [r[key] for r in rows]
+        out[key] = {"spearman": spearman(f, m), "within_2x": within_2x(f, m, zero_tol=WITHIN_ZERO_TOL), "n": len(rows)}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("units", nargs="+", help="STUDY_FOLDER:VARIANT (label or cot)")
+    ap.add_argument("--n-params", type=int, default=SMOLLM2_PARAMS)
+    ap.add_argument("--lora-factor", type=float, default=SMOLLM2_LORA)
+    ap.add_argument("--out", default=None, help="JSON file for every unit's rows and scores")
+    a = ap.parse_args(argv)
+    if a.n_params < 1 or not 0 < a.lora_factor <= 1:
+        raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")
+    res, pooled = [], {"diffusion": [0.0, 0], "unit_forecast": [0.0, 0]}
+    for spec in a.units:
+        folder, _, variant = spec.rpartition(":")
+        if variant not in ("label", "cot") or not folder:
+            raise SystemExit(f"{spec!r}: expected STUDY_FOLDER:label or STUDY_FOLDER:cot")
+        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor)
+        res.append(u)
+        print(f"\n## {folder} {variant}, T = {u['steps']}: lambda_c {u['lambda_c']:.3g} vs probe rate {u['probe_lr']:.3g} "
+              f"(random walk: {u['random_walk']})")
+        print("| run | diffusion (bits/token) | measured | unit's forecast |\n|---|---|---|---|")
+        for r in u["rows"]:
+            print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['measured']:.3f} | {r['unit_forecast']:.3f} |")
+        for key in pooled:
+            s = u[key]
+            print(f"{key}: spearman {s['spearman']:.3f}, within 2x {s['within_2x']:.3f} (n {s['n']})")
+            pooled[key][0] += s["within_2x"] * s["n"]
+            pooled[key][1] += s["n"]
+    summary = {k: v[0] / v[1] for k, v in pooled.items() if v[1]}
+    print("\npooled within 2x: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()) + f" over {pooled['diffusion'][1]} runs")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"units": res, "pooled_within_2x": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
