@@ -143,6 +143,24 @@ gain unchanged and its 3e-4 dL 0.69 -> 1.14 bits/token against 0.27 measured) an
 0.867 / 0.967: CE and FLOW at 3e-3 under-forecast 0.45-0.8x as the tokens converge; its pre-registered
 rule failed).
 3: block replay, L2 under the descent bound (the flags' previous defaults, the bench's ``version3``).
+7 (candidate, session 12; ``size_model="auto"``, default off until its held-out grid is scored): **the size by
+diffusion where the probe's gradient is a random walk.** On SmolLM2 the real gradient's cosine with theta0's mean
+gradient is ~0 after the first step (lam_c 3e-6 to 8e-5 against probe rates 1.7e-4 and 3.1e-4: `random_walk`), so
+Adam moves most coordinates by about eta_t a step in directions that do not persist and, to second order, each
+step's damage adds: dL = c(eta) x sum_t eta_t^2 (`diffusion_dl`), c measured by the two CE probes per unit
+sum of squared rates, log-interpolated in peak rate (a probe whose measured dL is not positive gives none);
+the method enters by theory only: 1 for any token weighting (Adam's normalisation), the Ornstein-Uhlenbeck
+factor of L2's pull (`ou_factor`), LoRA's merged share s^2 r Var(A0) of each adapted weight (`lora_diffusion_factor`).
+The frozen-gradient replay grows as T^1.8 on SmolLM2's label grids where the measured dL grows about linearly
+(0.16 -> 1.56 vs 0.26 -> 0.80 bits/token from T = 20 to 72 at 3e-4); the random walk's S2 does. On the development
+grids (`experiments/bench/forecast_diffusion.py`) within 2x 0.625 at T = 72 (version 5: 0.125), 0.625 / 0.600 at
+T = 20 (version 5: 0.875 / 0.800 held-out, 0.625 / 0.600 seed 0), pooled 0.618 against 0.588; its misses: the 1e-4
+runs, whose measured change is a first-order gain (-0.02 to +0.02 bits/token) no non-negative damage can match;
+TALR on CoT (0.24-0.45x: its drift sharpens the confident tokens, more than a random walk); LoRA at T = 72 (3.1x).
+Where lam_c exceeds the probe's rate (every tiny world: 1.3e-3 to 4.9e-3 against 3e-4) it is version 5.
+Tried and dropped (``additive``, `sft.forecast_run.additive_dl`): the decorrelated path's damages summed,
+KL(theta0 + F d) / F, on the sample's KL term (`sft.forecast_run.SampleKL`; on the code-length change the
+first-order noise divided by F ~ 0.03 made every replay negative): within 2x 0.250 at T = 72.
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored mean or CE direction, c per stored batch covariance; one method's moments

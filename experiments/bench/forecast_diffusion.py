@@ -5,7 +5,7 @@ forecast unit would have written with that setting, without re-running a model p
 
     PYTHONPATH=$PWD .venv/bin/python -m experiments.bench.forecast_diffusion \\
         docs/study-smollm2-T72:label docs/study-smollm2-heldout:label docs/study-smollm2-heldout:cot \\
-        --out docs/forecast/diffusion/dev.json
+        --out docs/forecast/diffusion/dev.json --figure docs/forecast/diffusion/dev.png
 
 For every STUDY:VARIANT: per run the diffusion forecast, the measured general change and the unit's own
 forecast (bits/token of the pooled general set), whether the unit's probe is a random walk
@@ -62,12 +62,44 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float) -> d
     return out
 
 
+def figure(path: Path, units: list[dict]) -> None:
+    """Forecast against measured (bits/token, symmetric-log axes: the small rates' changes are near zero or
+    negative) for the unit's own forecast and the diffusion's, one colour per study variant; the band is
+    within 2x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
+    for ax, key, title in zip(axes, ("unit_forecast", "diffusion"), ("the unit's forecast (version 5)", "diffusion")):
+        for i, u in enumerate(units):
+            m = [r["measured"] for r in u["rows"]]
+            f = [r[key] for r in u["rows"]]
+            ax.scatter(m, f, s=22, color=f"C{i}", label=f"{Path(u['study']).name} {u['variant']} (T {u['steps']}): "
+                       f"{u[key]['within_2x']:.2f}")
+        x = np.geomspace(1e-3, 30, 50)
+        ax.fill_between(x, x / 2, 2 * x, color="0.85", zorder=0)
+        ax.plot([-1, 30], [-1, 30], color="0.5", lw=0.8)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlabel("measured general change (bits/token)")
+        ax.set_title(title)
+        ax.legend(fontsize=6.5, title="within 2x", title_fontsize=7, loc="upper left")
+    axes[0].set_ylabel("forecast (bits/token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("units", nargs="+", help="STUDY_FOLDER:VARIANT (label or cot)")
     ap.add_argument("--n-params", type=int, default=SMOLLM2_PARAMS)
     ap.add_argument("--lora-factor", type=float, default=SMOLLM2_LORA)
     ap.add_argument("--out", default=None, help="JSON file for every unit's rows and scores")
+    ap.add_argument("--figure", default=None, help="PNG of forecast vs measured, the unit's and the diffusion's")
     a = ap.parse_args(argv)
     if a.n_params < 1 or not 0 < a.lora_factor <= 1:
         raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")
@@ -93,6 +125,9 @@ def main(argv=None) -> None:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"units": res, "pooled_within_2x": summary}, indent=1))
+    if a.figure:
+        Path(a.figure).parent.mkdir(parents=True, exist_ok=True)
+        figure(Path(a.figure), res)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,27 @@ def test_forecast_general_reads_text_rows_as_compare_does(data, capsys):
     assert f"{bad}:1: field 'text': expected a string, got int" in _err_line(capsys, "forecast")
 
 
+def test_forecast_size_model_reaches_the_rows_and_a_bad_one_is_refused(data, capsys):
+    """`talr forecast --size-model diffusion`: every row carries the diffusion's parts (its dL = c x S2 x the
+    method's factor) and the request records the choice; an unknown model is refused before any work."""
+    d, good = data
+    gen = write_jsonl(d / "g.jsonl", [{"text": f"the cat number {i} sat on the mat"} for i in range(4)])
+    out = d / "fcd"
+    assert main(["forecast", "--model", "tiny", "--domain", good, "--general", gen, "--methods", "ce,l2",
+                 "--lrs", "1e-2", "--steps", "3", "--batch-size", "2", "--size-model", "diffusion",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "forecast.json").read_text())
+    assert res["request"]["size_model"] == "diffusion"
+    by = {r["method"]: r for r in res["rows"]}
+    for r in by.values():
+        assert r["dL_P1_bits"] == pytest.approx(r["diffusion_c"] * r["S2"] * r["method_factor"])
+    assert by["ce"]["method_factor"] == 1.0 and 0 < by["l2"]["method_factor"] < 1.0
+    with pytest.raises(SystemExit):
+        main(["forecast", "--model", "tiny", "--domain", good, "--general", gen, "--size-model", "drift",
+              "--out", str(d / "never"), "--no-progress"])
+    assert not (d / "never").exists()
+
+
 @pytest.mark.parametrize("line,expect", [
     ("[" * 100_000, ":2: field '<row>': invalid JSON: nested deeper"),
     ('{"prompt": "p", "completion": "c", "n": ' + "9" * 5000 + "}", ":2: field '<row>': invalid JSON: Exceeds the limit"),
