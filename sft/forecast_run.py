@@ -606,7 +606,7 @@ class ForecastGrid:
                 final = dl * r
                 if self.by_diffusion(gm):  # the size by diffusion; r places the accuracy forecast
                     final, more = self.diffusion(m, lr)
-                    extra.update(more)
+                    extra.update(more, replay_model_dL_P1_bits=dl * r)  # the replay's sized forecast, beside it
                     r = final / dl if dl > 0 else 1.0
                 if self.extra_eval is not None:  # at the size-corrected step: dL ~ |d_theta|^2, so sqrt(r) d_theta
                     with Shifted(self.model, delta, scale=math.sqrt(max(r, 0.0))):

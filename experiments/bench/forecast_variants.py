@@ -120,13 +120,20 @@ def main(argv=None) -> None:
         res = forecast_variant(model, tok, cfg, data, a.variant, overrides=g)
         rows = [{"method": r["method"], "lr": r["lr"], "forecast": r["dL_general_bits_per_token"],
                  "measured": meas[(r["method"], float(r["lr"]))]["measured"], "path_F": r.get("path_F", 1.0),
-                 "size_correction": r.get("size_correction"), "replay_dL_P1_bits": r.get("replay_dL_P1_bits")}
+                 "size_correction": r.get("size_correction"), "replay_dL_P1_bits": r.get("replay_dL_P1_bits"),
+                 **({"replay_model": r["replay_model_dL_P1_bits"] * res["n_general"] / res["n_general_tokens"]}
+                    if r.get("replay_model_dL_P1_bits") is not None else {})}
                 for r in res["rows"] if (r["method"], float(r["lr"])) in meas]
         sc = score(rows)
+        if all("replay_model" in r for r in rows):  # the replay's sized forecast, from the same probes
+            sc["replay_model"] = score([{**r, "forecast": r["replay_model"]} for r in rows])
         print(f"\n## overrides {g or '(the default)'}: spearman {sc['spearman']:.3f}, within 2x {sc['within_2x']:.3f} "
               f"(n {sc['n']}), {res['seconds'] / 60:.1f} min, compute {res['compute']['compute_ratio']:.3f}")
         print(f"size points (peak rate, measured, replayed): {res['probe']['size_points']}")
         print(table(rows), flush=True)
+        if "replay_model" in sc:
+            print(f"the replay's sized forecast (version 5) from the same probes: spearman "
+                  f"{sc['replay_model']['spearman']:.3f}, within 2x {sc['replay_model']['within_2x']:.3f}")
         out["groups"].append({"overrides": g, "rows": rows, "scores": sc, "probe": res["probe"],
                               "seconds": res["seconds"], "compute": res["compute"]})
     if a.out:

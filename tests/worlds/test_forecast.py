@@ -1257,6 +1257,8 @@ def test_diffusion_forecast_on_the_smoke_world(smoke_world, pretrained):
         want, _ = diffusion_dl(m, lr, pts, steps=20, probe_steps=4, n_params=n, l2_coeff=cfg.l2_coeff,
                                max_grad_norm=1.0, lora_factor=lora)
         assert r["dL_P1_bits"] == pytest.approx(want) and r["S2"] > 0
+        v5_row = next(x for x in v5["rows"] if (x["method"], x["lr"]) == (m, lr))
+        assert r["replay_model_dL_P1_bits"] == pytest.approx(v5_row["dL_P1_bits"])  # version 5's, kept beside
     for lr in cfg.lrs:
         assert by[("talr", lr)]["dL_P1_bits"] == pytest.approx(by[("ce", lr)]["dL_P1_bits"])
         assert by[("l2", lr)]["dL_P1_bits"] < by[("ce", lr)]["dL_P1_bits"]
