@@ -156,7 +156,8 @@ The frozen-gradient replay grows as T^1.8 on SmolLM2's label grids where the mea
 grids (`experiments/bench/forecast_diffusion.py`) within 2x 0.625 at T = 72 (version 5: 0.125), 0.625 / 0.600 at
 T = 20 (version 5: 0.875 / 0.800 held-out, 0.625 / 0.600 seed 0), pooled 0.618 against 0.588; its misses: the 1e-4
 runs, whose measured change is a first-order gain (-0.02 to +0.02 bits/token) no non-negative damage can match;
-TALR on CoT (0.24-0.45x: its drift sharpens the confident tokens, more than a random walk); LoRA at T = 72 (3.1x).
+TALR on CoT (0.20-0.45x: its drift sharpens the confident tokens, more than a random walk); LoRA (3.1x at
+T = 72, 2.7x on seed 0).
 Where lam_c exceeds the probe's rate (every tiny world: 1.3e-3 to 4.9e-3 against 3e-4) it is version 5.
 Tried and dropped (``additive``, `sft.forecast_run.additive_dl`): the decorrelated path's damages summed,
 KL(theta0 + F d) / F, on the sample's KL term (`sft.forecast_run.SampleKL`; on the code-length change the
