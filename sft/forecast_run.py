@@ -19,10 +19,9 @@ from .io import release_free_memory
 from .methods import get_method
 from .models import model_device
 from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
-                       cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale, l2_relaxation, lora_diffusion_factor,
-                       lora_layout, method_gradients,
-                       micro_batches, random_walk, replay_adam, replay_lora, sequence_losses, squared_norm,
-                       training_run_units)
+                       cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale, l2_relaxation,
+                       lora_diffusion_factor, lora_layout, method_gradients, micro_batches, random_walk, replay_adam,
+                       replay_lora, sequence_losses, squared_norm, training_run_units)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
@@ -388,6 +387,7 @@ class ForecastGrid:
         self.size_points, self._groups, self._last = [], None, None
         self.path_F = 1.0  # the last replay's `decorrelation` F (`additive_dl`)
         self.calibration_point = []  # [(lr, measured dL, nan)] of the calibration probe (`diffusion`)
+        self._shape = None  # (trainable parameters, LoRA's diffusion factor), on the first `diffusion`
         self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
         self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
         self.spill = Spill()  # off unless forecast_grid is given a folder
@@ -563,8 +563,10 @@ class ForecastGrid:
         """`sft.forecast.diffusion_dl` from this grid's size probes (the calibration probe alone without the
         size probe)."""
         cfg = self.cfg
-        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        lora = lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha) if self.layout else 1.0
+        if self._shape is None:  # the model's trainable coordinates and LoRA's share of their walk, once
+            n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self._shape = n, lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha) if self.layout else 1.0
+        n, lora = self._shape
         return diffusion_dl(method, lr, self.size_points or self.calibration_point, steps=cfg.steps,
                             probe_steps=cfg.probe_steps, n_params=n, l2_coeff=cfg.l2_coeff,
                             max_grad_norm=cfg.max_grad_norm, lora_factor=lora)
