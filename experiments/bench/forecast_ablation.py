@@ -72,7 +72,9 @@ VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe":
             "cross_fit": {**V5, "cross_fit": True},
             "token_tracker": {**V5, "token_tracker": True},  # the domain loss tracked token by token (`TokenTracker`)
             # the decorrelated path's damage summed over its steps, KL(theta0 + F d) / F (`additive_dl`; session 12)
-            "additive": {**V5, "additive": True}}
+            "additive": {**V5, "additive": True},
+            # candidate 7 (session 12): the size by diffusion where the probe's gradient is a random walk
+            "auto": {**V5, "size_model": "auto"}}
 
 
 def score_forecast(cfg, fc: dict, runs: list[dict], zero_tol: float) -> dict:
