@@ -143,8 +143,11 @@ gain unchanged and its 3e-4 dL 0.69 -> 1.14 bits/token against 0.27 measured) an
 0.867 / 0.967: CE and FLOW at 3e-3 under-forecast 0.45-0.8x as the tokens converge; its pre-registered
 rule failed).
 3: block replay, L2 under the descent bound (the flags' previous defaults, the bench's ``version3``).
-7 (candidate, session 12; ``size_model="auto"``, default off until its held-out grid is scored): **the size by
-diffusion where the probe's gradient is a random walk.** On SmolLM2 the real gradient's cosine with theta0's mean
+7 (the default since session 12; ``size_model="auto"``; ``"replay"`` is version 5): **the size by diffusion where
+the probe's gradient is a random walk.** Adopted by the rule fixed before its held-out grid ran
+(docs/study-smollm2-T72b/prereg.md): on that fresh T = 72 grid within 2x 0.625 against version 5's 0.375,
+Spearman 0.851 (version 5: 0.929), advisor hit 0 of 3 (version 5: 1 of 3); on a fresh tiny world (1942843) it is
+version 5 row for row (within 2x 0.967, advisor hit 1.000). On SmolLM2 the real gradient's cosine with theta0's mean
 gradient is ~0 after the first step (lam_c 3e-6 to 8e-5 against probe rates 1.7e-4 and 3.1e-4: `random_walk`), so
 Adam moves most coordinates by about eta_t a step in directions that do not persist and, to second order, each
 step's damage adds: dL = c(eta) x sum_t eta_t^2 (`diffusion_dl`), c measured by the two CE probes per unit
@@ -240,7 +243,7 @@ __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cos
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
-FORECAST_MODEL = "5: KL term, size probe in summed rate, L2 relaxed by Adam's pull"
+FORECAST_MODEL = "7: version 5, sized by diffusion where the probe's gradient is a random walk"
 
 
 @dataclass
@@ -278,8 +281,8 @@ class ForecastConfig:
     l2_relax: str = "tracked"  # L2 = CE's displacement relaxed per coordinate by Adam's pull (`l2_relaxation`; "": not, before version 5)
     size_axis: str = "lambda"  # the size ratio interpolated in log summed rate (version 5; "rate": in log peak rate)
     additive: bool = False  # dL = the decorrelated path's steps' damages summed, KL(theta0 + F d) / F (`additive_dl`; tried)
-    size_model: str = "replay"  # "diffusion": dL = c(eta) sum_t eta_t^2 x the method's factor (`diffusion_dl`); "auto"
-    # (candidate 7): diffusion where the probe's gradient decorrelates within one step (`random_walk`), else the replay
+    size_model: str = "auto"  # version 7: diffusion (`diffusion_dl`: c(eta) sum_t eta_t^2 x the method's factor) where the
+    # probe's gradient decorrelates within one step (`random_walk`), else the replay; "replay": version 5; "diffusion"
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
     cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)

@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 
 # version 3's settings, the defaults before version 5 (FORECAST_MODEL 3); every variant below except
-# "adopted" (the defaults: version 5), "version5", "version6" and the V5-based ones is version 3 plus its
+# "adopted" (the defaults: version 7 since session 12; version 5 before), "version5", "version6" and the V5-based ones is version 3 plus its
 # changes, as when it was scored
 V3 = {"kl_term_only": False, "l2_relax": "", "size_axis": "rate", "coherence_fit": "log", "replay_block": 10,
       "lora_block": 2, "fit_block": 1, "n_general": 128, "tau_track": False, "tracker_weight": False,
-      "cross_fit": False, "token_tracker": False}
+      "cross_fit": False, "token_tracker": False, "size_model": "replay"}
 V4 = {**V3, "kl_term_only": True, "coherence_fit": "linear", "fit_block": 12, "size_probe": False, "replay_block": 25,
       "lora_block": 3}  # tried as FORECAST_MODEL 4, not adopted (docs/forecast/README.md, version 4)
 V5 = {"kl_term_only": True, "l2_relax": "tracked", "size_axis": "lambda", "coherence_fit": "linear",
       "replay_block": 25, "lora_block": 3, "fit_block": 12, "n_general": 96, "tau_track": False,
-      "tracker_weight": False, "cross_fit": False, "token_tracker": False}  # version 5 (docs/forecast/README.md)
+      "tracker_weight": False, "cross_fit": False, "token_tracker": False,
+      "size_model": "replay"}  # version 5 (docs/forecast/README.md)
 VARIANTS = {"adopted": {}, "version3": V3, "no_size_probe": {**V3, "size_probe": False},
             "no_rotation": {**V3, "coherence": False},
             "bf16_moments": {**V3, "store_dtype": "bfloat16"}, "no_noise_floor": {**V3, "noise_floor": False},

@@ -122,10 +122,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spill-dir", default=None,
                    help="hold the moments on disk under this folder while a phase does not read them (the same "
                         "forecast in less memory, `sft.forecast_run.Spill`; its files are removed at the end)")
-    p.add_argument("--size-model", choices=("replay", "diffusion", "auto"), default="replay",
-                   help="how each configuration's dL is sized: replay (version 5, the default), diffusion "
-                        "(c(eta) x sum of squared rates from the probes, `sft.forecast.diffusion_dl`) or auto "
-                        "(diffusion where the probe's gradient decorrelates within one step; candidate 7)")
+    p.add_argument("--size-model", choices=("replay", "diffusion", "auto"), default="auto",
+                   help="how each configuration's dL is sized: auto (version 7, the default: diffusion where the "
+                        "probe's gradient decorrelates within one step, else the replay), replay (version 5) or "
+                        "diffusion (c(eta) x sum of squared rates from the probes, `sft.forecast.diffusion_dl`)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -290,13 +290,13 @@ def _config(args, pad):
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return ForecastConfig(methods=methods, lrs=tuple(args.lrs), steps=args.steps, batch=args.batch_size,
                           seed=args.seed, pad_token_id=pad, micro_batch=args.micro_batch,
-                          size_model=getattr(args, "size_model", "replay"))
+                          size_model=getattr(args, "size_model", "auto"))
 
 
 def _request(args) -> dict:
     return {"model": args.model, "domain": args.domain, "general": args.general, "methods": args.methods,
             "lrs": list(args.lrs), "steps": args.steps, "batch": args.batch_size, "seed": args.seed,
-            **({"size_model": args.size_model} if getattr(args, "size_model", "replay") != "replay" else {})}
+            **({"size_model": args.size_model} if getattr(args, "size_model", "auto") != "auto" else {})}
 
 
 def forecast_to(args) -> dict:

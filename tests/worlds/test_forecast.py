@@ -1246,7 +1246,7 @@ def test_diffusion_forecast_on_the_smoke_world(smoke_world, pretrained):
     d1 = general_sample(w, 32)
     cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8,
                          n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id)
-    v5 = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    v5 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="replay"), progress=False)
     diff = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion"), progress=False)
     pts = diff["probe"]["size_points"]
     assert pts == v5["probe"]["size_points"]
