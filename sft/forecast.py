@@ -123,8 +123,8 @@ middle rates; the largest rate's ratio is measured after ``probe_steps`` steps, 
 overstates T's (up to 2x: at 3e-3 measured / replayed 1.37 at step 12, 0.73 at T).
 
 **Versions** (`FORECAST_MODEL`; docs/forecast/README.md has each one's protocol and every score):
-5 (the default): the KL term with the size probe kept, the size ratio in log summed rate, L2
-relaxed by Adam's pull at the tracked loss, lam_c fitted on the cosines, blocks 25 / 3 / 12 and 96
+5 (the default before version 7; ``size_model="replay"``): the KL term with the size probe kept, the size ratio
+in log summed rate, L2 relaxed by Adam's pull at the tracked loss, lam_c fitted on the cosines, blocks 25 / 3 / 12 and 96
 D1 sequences. Fixed on worlds 0-2 and two spent worlds, scored on four fresh worlds (1816622 and
 9328348 pre-registered, 3740749 and 4953063 drawn after it was fixed): within 2x 0.867 / 0.867 /
 0.800 / 0.900 and advisor hit 0.833 / 0.833 / 0.833 / 1.000, where version 3 had 0.767 / 0.833 /
