@@ -1272,11 +1272,10 @@ def ou_factor(lrs, pull: float) -> float:
     draws it back (L2 to theta0 under Adam: d <- d (1 - pull eta_t) + eta_t xi_t), over the free
     diffusion's S2 (theory: the discrete Ornstein-Uhlenbeck recursion V <- V (1 - pull eta_t)^2 + eta_t^2;
     1 without a pull, -> 1 / (2 pull eta) per step once it binds)."""
-    lrs = np.asarray(lrs, dtype=float)
     V = 0.0
-    for e in lrs:
+    for e in np.asarray(lrs, dtype=float):
         V = V * (1.0 - pull * e) ** 2 + e * e
-    s2 = float((lrs * lrs).sum())
+    s2 = sum_sq_rate(lrs)
     return V / s2 if s2 > 0 else 1.0
 
 
@@ -1289,13 +1288,14 @@ def lora_diffusion_factor(layout, n_params: int, r: int, alpha: int) -> float:
     entries have variance s^2 r Var(A0) S2 = s^2 r / (3 in) S2 against a full fine-tune's S2. Summed over
     the adapted matrices (`lora_layout`) and taken as a share of the model's ``n_params`` coordinates (the
     damage per coordinate's variance taken as equal): sum_W out x in x s^2 r / (3 in) / n_params."""
-    s = float(alpha) / float(r)
-    return float(sum(o * i * s * s * r / (3.0 * i) for _, o, i, _ in layout)) / max(int(n_params), 1)
+    s = float(alpha) / float(r)  # out x in entries of variance s^2 r / (3 in) each: out x s^2 r / 3 per matrix
+    return float(sum(o for _, o, _, _ in layout)) * s * s * r / 3.0 / max(int(n_params), 1)
 
 
 def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int,
                  l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0) -> tuple[float, dict]:
-    """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``; candidate 7): (dL, its parts).
+    """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``, and version 7's ``"auto"`` where the
+    probe's gradient is a random walk): (dL, its parts).
 
     Once the domain's mean gradient is small beside the batch noise -- on SmolLM2 the real gradient's
     cosine with theta0's mean gradient is ~0 after the first step -- Adam moves most coordinates by
