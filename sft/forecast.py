@@ -283,6 +283,9 @@ class ForecastConfig:
     additive: bool = False  # dL = the decorrelated path's steps' damages summed, KL(theta0 + F d) / F (`additive_dl`; tried)
     size_model: str = "auto"  # version 7: diffusion (`diffusion_dl`: c(eta) sum_t eta_t^2 x the method's factor) where the
     # probe's gradient decorrelates within one step (`random_walk`), else the replay; "replay": version 5; "diffusion"
+    first_order: bool = False  # diffusion rows: the KL term by diffusion plus the probes' first-order term (`split_dl`; tried)
+    walk_rate: str = "peak"  # diffusion's c read at the peak rate; "equal": at the rate of equal displacement (`diffusion_dl`)
+    lora_share: str = "count"  # LoRA's diffusion factor by coordinates (`lora_diffusion_factor`); "fisher": measured (`walk_step`)
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
     cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)
@@ -296,6 +299,10 @@ class ForecastConfig:
             raise ValueError(f"lrs {self.lrs}: each must be in (0, 1)")
         if self.l2_relax not in ("", "theta0", "tracked"):
             raise ValueError(f"l2_relax {self.l2_relax!r}: expected '', 'theta0' or 'tracked'")
+        if self.walk_rate not in ("peak", "equal"):
+            raise ValueError(f"walk_rate {self.walk_rate!r}: expected 'peak' or 'equal'")
+        if self.lora_share not in ("count", "fisher"):
+            raise ValueError(f"lora_share {self.lora_share!r}: expected 'count' or 'fisher'")
         if self.size_model not in ("replay", "diffusion", "auto"):
             raise ValueError(f"size_model {self.size_model!r}: expected 'replay', 'diffusion' or 'auto'")
         if self.size_axis not in ("rate", "lambda"):
@@ -1293,7 +1300,8 @@ def lora_diffusion_factor(layout, n_params: int, r: int, alpha: int) -> float:
 
 
 def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int,
-                 l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0) -> tuple[float, dict]:
+                 l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0,
+                 walk_rate: str = "peak") -> tuple[float, dict]:
     """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``, and version 7's ``"auto"`` where the
     probe's gradient is a random walk): (dL, its parts).
 
@@ -1307,17 +1315,94 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     TALR, DFT, FLOW: factor 1); L2's pull holds each coordinate's walk (`ou_factor`, pull = 2 l2 /
     sigma with sigma = max_grad_norm / sqrt(n_params), a clipped gradient's RMS coordinate: the real
     runs' gradients stay above the clip); LoRA's merged update carries ``lora_factor``
-    (`lora_diffusion_factor`). The replay is not read: it still gives the domain gain."""
+    (`lora_diffusion_factor`). The replay is not read: it still gives the domain gain.
+
+    ``walk_rate="equal"`` (candidate 8): c is read at the rate lr x sqrt(factor), the peak rate at which a
+    full fine-tune's walk has the method's displacement. c grows with the rate because larger steps reach
+    the loss's non-quadratic part (SmolLM2's probes: c at 1e-3 is 1.1-2x c at 3.1e-4); what sets that
+    is the size of the step in parameter space, not the optimiser's nominal rate, and LoRA at 1e-3 moves W
+    by sqrt(0.008-0.012) of a full fine-tune's step at 1e-3, i.e. as one at ~1e-4 does. Factor 1 (every
+    token weighting) reads c at the peak rate as before."""
     rec = get_method(method)
     lrs = cosine_lrs(float(lr), int(steps))
-    c = diffusion_coefficient(points, lr, steps, probe_steps)
     factor = 1.0
     if rec.regularizer == "l2":
         factor = ou_factor(lrs, 2.0 * float(l2_coeff) * math.sqrt(max(int(n_params), 1)) / float(max_grad_norm))
     elif rec.lora:
         factor = float(lora_factor)
+    if walk_rate not in ("peak", "equal"):
+        raise ValueError(f"walk_rate {walk_rate!r}: expected 'peak' or 'equal'")
+    at = float(lr) * (math.sqrt(factor) if walk_rate == "equal" else 1.0)
+    c = diffusion_coefficient(points, at, steps, probe_steps)
     s2 = sum_sq_rate(lrs)
-    return c * s2 * factor, {"diffusion_c": c, "S2": s2, "method_factor": factor}
+    return c * s2 * factor, {"diffusion_c": c, "S2": s2, "method_factor": factor, "c_rate": at}
+
+
+def first_order_at(points, lam: float, steps: int, probe_steps: int) -> float:
+    """The first-order term of dL(P1) at a run whose rates sum to ``lam`` (`split_dl`), from the probes'
+    (peak rate, first-order term, KL term) ``points``: each probe placed at the sum of its own ``probe_steps``
+    rates (the first of a ``steps``-step cosine run at its peak rate). Below the smallest probe the term is
+    linear in the summed rate through 0 (the first-order term is the general gradient's product with the
+    drift, which grows as sum_t eta_t while its direction holds); between probes linear in log summed rate;
+    above the largest held (the drift's gain saturates once the domain's direction has turned: lam_c is far
+    below one probe's summed rate). No finite point: 0."""
+    k = min(int(probe_steps), int(steps))
+    pts = sorted((float(cosine_lrs(float(p), int(steps))[:k].sum()), float(fo)) for p, fo, _ in points
+                 if math.isfinite(float(fo)))
+    if not pts or lam <= 0:
+        return 0.0
+    l0, f0 = pts[0]
+    if lam <= l0:
+        return f0 * float(lam) / l0
+    return float(np.interp(math.log(lam), np.log([x for x, _ in pts]), [f for _, f in pts]))
+
+
+def split_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int, l2_coeff: float,
+             max_grad_norm: float, lora_factor: float = 1.0) -> tuple[float, dict]:
+    """dL(P1) of (method, lr) as the per-prefix decomposition's two terms forecast apart (``first_order=True``
+    on a diffusion row; candidate 8): (dL, its parts).
+
+    Proposition 3.1 splits each probe's measured dL into a first-order term (minus the general set's
+    directional derivative along the step: linear in the displacement) and a KL term (quadratic, never
+    negative). The two grow differently: the KL term is the random walk's damage, c_KL x S2 x the method's
+    factor (`diffusion_dl` on the probes' KL terms alone), while the first-order term follows the drift and
+    saturates (`first_order_at`, in summed rate). `diffusion_dl` gives the probes' total dL the S2 scaling
+    of its KL part, so where the first-order gain is a large share of a probe's dL (SmolLM2: -0.05 to -0.23
+    bits/token on every measured run, against KL terms of 0.01-1.35) its c is too small and the small
+    rates, whose first-order gain cancels their damage, come out positive. ``points``: (peak rate,
+    first-order term, KL term) of the size probes (`sft.forecast_run.ForecastGrid.size_split`); the
+    first-order term is taken method-blind (the domain's drift)."""
+    kl, parts = diffusion_dl(method, lr, [(p, k, math.nan) for p, _, k in points], steps=steps,
+                             probe_steps=probe_steps, n_params=n_params, l2_coeff=l2_coeff,
+                             max_grad_norm=max_grad_norm, lora_factor=lora_factor)
+    fo = first_order_at(points, float(cosine_lrs(float(lr), int(steps)).sum()), steps, probe_steps)
+    return fo + kl, {**parts, "kl_term_forecast": kl, "first_order_forecast": fo}
+
+
+def walk_step(model: nn.Module, eps: float, seed: int, layout=None, r: int = 0, alpha: int = 0) -> torch.Tensor:
+    """A random step (flat, the trainable parameters' order, float32) of a walk's shape: Gaussian entries of
+    std ``eps`` on every coordinate (a full fine-tune's walk: Adam moves each by about the same amount), or,
+    with a LoRA ``layout`` (`lora_layout`), only on the adapted matrices, with LoRA's merged-update std
+    eps x s x sqrt(r / (3 in)) (s = alpha / r; `lora_diffusion_factor`'s per-entry variance). The KL of
+    the LoRA-shaped step over the full one's, both in the quadratic regime, is LoRA's diffusion factor
+    weighted by the general set's Fisher information (``lora_share="fisher"``) instead of by coordinate
+    count: on SmolLM2-135M's general set the adapted matrices hold 79 % of the coordinates but 55 % of the
+    trace, and the factor is 0.0081 against the count's 0.0123 (docs/forecast/README.md, session 13)."""
+    g = torch.Generator().manual_seed(int(seed))
+    params = _params(model)
+    std = [float(eps)] * len(params)
+    if layout is not None:
+        s = float(alpha) / float(r)
+        by = {i: fan_in for _, _, fan_in, i in layout}
+        std = [float(eps) * s * math.sqrt(r / (3.0 * by[i])) if i in by else 0.0 for i in range(len(params))]
+    out = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+    off = 0
+    for p, sd in zip(params, std):
+        n = p.numel()
+        if sd > 0:
+            out[off:off + n] = torch.randn(n, generator=g) * sd
+        off += n
+    return out
 
 
 def lora_layout(model: nn.Module) -> list[tuple[int, int, int, int]]:

@@ -21,7 +21,7 @@ from .models import model_device
 from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
                        cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale, l2_relaxation,
                        lora_diffusion_factor, lora_layout, method_gradients, micro_batches, random_walk, replay_adam,
-                       replay_lora, sequence_losses, squared_norm, training_run_units)
+                       replay_lora, sequence_losses, split_dl, squared_norm, training_run_units, walk_step)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
@@ -387,6 +387,9 @@ class ForecastGrid:
         self.size_points, self._groups, self._last = [], None, None
         self.path_F = 1.0  # the last replay's `decorrelation` F (`additive_dl`)
         self.calibration_point = []  # [(lr, measured dL, nan)] of the calibration probe (`diffusion`)
+        self.size_split = []  # [(lr, first-order term, KL term)] of each probe's dL (``first_order``: `split_dl`)
+        self._base_cond = None  # theta0's full conditionals on the D1 sample (`probe_terms` on a real LLM)
+        self.lora_share = None  # ``lora_share="fisher"``: {factor, kl_full, kl_lora, eps} (`measure_lora_share`)
         self._shape = None  # (trainable parameters, LoRA's diffusion factor), on the first `diffusion`
         self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
         self.extra_eval, self.extra_seconds = None, 0.0  # forecast_grid's ``extra_eval`` and its seconds
@@ -494,6 +497,58 @@ class ForecastGrid:
         with self.meter.phase("d1_evals"):
             return mean_bits(model, self.d1, self.pad, self.meter) - self.base_d1
 
+    def probe_terms(self, model: nn.Module) -> tuple[float, float]:
+        """The two terms of ``model``'s dL(P1) on the D1 sample against theta0 (bits per sequence;
+        Proposition 3.1): on the sample's tree, else over the full vocabulary at every coded position
+        (`sft.prefixbound.full_vocab_decomposition`, theta0's conditionals computed once and kept until
+        `drop_terms`: 4 V bytes a coded token, 0.28 GB on SmolLM2's general set)."""
+        from theory.prefix import prefix_decomposition
+
+        with self.meter.phase("d1_evals"):
+            if self.tree is not None:
+                d = prefix_decomposition(self.tree.tree, self.base_lq, self.tree.logq(model, self.meter), unit="bits")
+                return float(d.first_order), float(d.kl_term)
+            from .prefixbound import full_vocab_decomposition
+
+            tokens = sum(len(ex["input_ids"]) for ex in self.d1)
+            self._base_terms()
+            self.meter.forward(tokens)
+            d, _ = full_vocab_decomposition(self._base_cond, model, self.d1, unit="bits")
+        per_seq = d.weight.size / max(len(self.d1), 1)  # bits per coded token -> per sequence
+        return float(d.first_order) * per_seq, float(d.kl_term) * per_seq
+
+    def _base_terms(self) -> None:
+        """theta0's full conditionals on the D1 sample for `probe_terms` (no tree), computed once and before
+        any `Shifted` moves ``self.model``."""
+        if self.tree is None and self._base_cond is None:
+            from .prefixbound import coded_conditionals
+
+            with self.meter.phase("d1_evals"):
+                self.meter.forward(sum(len(ex["input_ids"]) for ex in self.d1))
+                self._base_cond = coded_conditionals(self.model, self.d1)
+
+    def measure_lora_share(self, eps: float) -> dict:
+        """LoRA's diffusion factor weighted by the D1 sample's Fisher information (``lora_share="fisher"``):
+        the KL term at theta0 + a LoRA-shaped random step over that at theta0 + a full one
+        (`sft.forecast.walk_step`, std ``eps``; two D1 passes). Both are quadratic in ``eps`` at a probe's
+        size, so the ratio is the two walks' Fisher-weighted variance ratio."""
+        cfg = self.cfg
+        kl = {}
+        self._base_terms()  # at theta0, before the steps
+        for name, layout in (("full", None), ("lora", self.layout)):
+            step = walk_step(self.model, eps, cfg.seed, layout, cfg.lora_r, cfg.lora_alpha)
+            with Shifted(self.model, step):
+                kl[name] = self.probe_terms(self.model)[1]
+            del step
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.lora_share = {"factor": kl["lora"] / kl["full"] if kl["full"] > 0 else math.nan,
+                           "kl_full_bits": kl["full"], "kl_lora_bits": kl["lora"], "eps": float(eps),
+                           "count_factor": lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha)}
+        return self.lora_share
+
+    def drop_terms(self) -> None:
+        self._base_cond = None
+
     def calibrate(self, ce: GradientMoments, model0: nn.Module) -> dict:
         """The CE probe at the grid's geometric middle rate: lam_c (`fit_coherence`) and kappa (`fit_kappa`)."""
         cfg = self.cfg
@@ -507,6 +562,8 @@ class ForecastGrid:
                 target, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter,
                                           return_model=True, direction=ce.mean, cosines=cos)
             probe_dl = self.probe_dl(pm)
+            if cfg.first_order:
+                self.size_split = [(lr_p, *self.probe_terms(pm))]
             del pm
         ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
         release_free_memory()  # the probe's activations and optimiser state, before the replays
@@ -530,6 +587,9 @@ class ForecastGrid:
             with self.meter.phase("probes"):
                 _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
             top = self.probe_dl(pm)
+            if cfg.first_order:
+                self.size_split.append((lr_top, *self.probe_terms(pm)))
+                self.drop_terms()
             del pm
         release_free_memory()  # the probe's activations and optimiser state, before the replays
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
@@ -567,9 +627,14 @@ class ForecastGrid:
             n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             self._shape = n, lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha) if self.layout else 1.0
         n, lora = self._shape
+        if cfg.lora_share == "fisher" and self.lora_share is not None and math.isfinite(self.lora_share["factor"]):
+            lora = self.lora_share["factor"]
+        if cfg.first_order and self.size_split:
+            return split_dl(method, lr, self.size_split, steps=cfg.steps, probe_steps=cfg.probe_steps, n_params=n,
+                            l2_coeff=cfg.l2_coeff, max_grad_norm=cfg.max_grad_norm, lora_factor=lora)
         return diffusion_dl(method, lr, self.size_points or self.calibration_point, steps=cfg.steps,
                             probe_steps=cfg.probe_steps, n_params=n, l2_coeff=cfg.l2_coeff,
-                            max_grad_norm=cfg.max_grad_norm, lora_factor=lora)
+                            max_grad_norm=cfg.max_grad_norm, lora_factor=lora, walk_rate=cfg.walk_rate)
 
     def size_at(self, lr: float, lam_T: float) -> float:
         """The size correction of a configuration at peak rate ``lr`` whose run sums to ``lam_T``:
@@ -745,6 +810,12 @@ def _forecast_rows(grid: ForecastGrid, model0: nn.Module, d2, cfg: ForecastConfi
         if cfg.size_probe:
             grid.size_points = grid.size_probe(ce, model0, probe)
             probe["size_points"] = grid.size_points
+        if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
+            eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
+            probe["lora_share"] = grid.measure_lora_share(eps)
+        grid.drop_terms()
+        if grid.size_split:
+            probe["size_split"] = grid.size_split
         bar.update(1)
     by_method = _ce_family_rows(grid, ce, pairs, replays_ce, bar.update)
     direction, kappa, lam_c = _Held(ce.ce().to(grid.dtype)), ce.kappa, ce.lam_c

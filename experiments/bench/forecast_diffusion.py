@@ -24,11 +24,40 @@ SMOLLM2_PARAMS = 134515008  # SmolLM2-135M's trainable parameters (tied embeddin
 SMOLLM2_LORA = 0.012332304213965478  # lora_diffusion_factor of its 210 adapted matrices, r 8, alpha 16
 
 
-def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float) -> dict:
-    """One study variant scored: its rows (method, lr, diffusion, measured, unit's forecast) and scores."""
+def split_points(unit: dict, study: Path, variant: str, split_dir: Path | None):
+    """The probes' (peak rate, first-order term, KL term) for `split_dl`: the unit's own (``size_split``,
+    recorded by units run with ``first_order``) or a file of ``split_dir`` written for this study and variant by
+    `experiments.bench.probe_split`; None when neither has them."""
+    if unit["probe"].get("size_split"):
+        return unit["probe"]["size_split"]
+    for f in sorted(split_dir.glob("*.json")) if split_dir is not None else ():
+        rec = json.loads(f.read_text())
+        if Path(rec.get("study", "")).resolve() == study.resolve() and rec.get("variant") == variant \
+                and rec.get("size_split"):
+            return rec["size_split"]
+    return None
+
+
+def lora_share(unit: dict, study: Path, share_dir: Path | None):
+    """LoRA's Fisher-weighted diffusion factor for a study: the unit's own (``probe.lora_share``) or a file of
+    ``share_dir`` written for this study (any variant: the same model and general set) by
+    `experiments.bench.probe_split` ``--lora-share``; None when neither has it."""
+    if unit["probe"].get("lora_share"):
+        return float(unit["probe"]["lora_share"]["factor"])
+    for f in sorted(share_dir.glob("*.json")) if share_dir is not None else ():
+        rec = json.loads(f.read_text())
+        if Path(rec.get("study", "")).resolve() == study.resolve() and rec.get("lora_share"):
+            return float(rec["lora_share"]["factor"])
+    return None
+
+
+def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, split_dir: Path | None = None,
+              share_dir: Path | None = None) -> dict:
+    """One study variant scored: its rows (method, lr, diffusion, measured, unit's forecast; with the probes'
+    split, candidate 8's ``split`` and the run's measured first-order and KL terms) and scores."""
     from experiments.studies.grid_report import WITHIN_ZERO_TOL
     from sft.config import L2_COEFF
-    from sft.forecast import diffusion_dl, random_walk
+    from sft.forecast import diffusion_dl, random_walk, split_dl
     from sft.forecast_metrics import spearman, within_2x
 
     rec = json.loads((study / "study.json").read_text())
@@ -41,6 +70,8 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float) -> d
     runs = {(r["method"], float(r["lr"])): r for r in json.loads((study / "summary.json").read_text())["runs"]
             if r["variant"] == variant and r.get("general_delta_bits_pooled") is not None and not r.get("plateau")
             and not r.get("own_steps")}
+    split = split_points(unit, study, variant, split_dir)
+    share = lora_share(unit, study, share_dir)
     rows = []
     for f in unit["rows"]:
         run = runs.get((f["method"], float(f["lr"])))
@@ -52,11 +83,24 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float) -> d
         rows.append({"method": f["method"], "lr": f["lr"], "diffusion": dl * per_tok,
                      "measured": run["general_delta_bits_pooled"], "unit_forecast": f["dL_general_bits_per_token"],
                      **parts})
+        wdl, wp = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], steps=steps,
+                               probe_steps=unit["probe"]["steps"], n_params=n_params, l2_coeff=L2_COEFF,
+                               max_grad_norm=1.0, lora_factor=share if share is not None else lora_factor,
+                               walk_rate="equal")
+        rows[-1].update(walk=wdl * per_tok, walk_factor=wp["method_factor"], walk_c_rate=wp["c_rate"])
+        if split is not None:
+            sdl, sp = split_dl(f["method"], f["lr"], split, steps=steps, probe_steps=unit["probe"]["steps"],
+                               n_params=n_params, l2_coeff=L2_COEFF, max_grad_norm=1.0, lora_factor=lora_factor)
+            cols = run.get("bound_columns") or {}
+            rows[-1].update(split=sdl * per_tok, split_first_order=sp["first_order_forecast"] * per_tok,
+                            split_kl=sp["kl_term_forecast"] * per_tok, measured_first_order=cols.get("first_order"),
+                            measured_kl=cols.get("kl_term"))
     lam_c = unit["probe"].get("lambda_c")
     out = {"study": str(study), "variant": variant, "steps": steps, "lambda_c": lam_c, "probe_lr": unit["probe"]["lr"],
            "random_walk": lam_c is not None and random_walk(lam_c, unit["probe"]["lr"]), "rows": rows}
     m = [r["measured"] for r in rows]
-    for key in ("diffusion", "unit_forecast"):
+    out["lora_share"] = share
+    for key in ("diffusion", "unit_forecast", "walk") + (("split",) if split is not None else ()):
         f = [r[key] for r in rows]
         out[key] = {"spearman": spearman(f, m), "within_2x": within_2x(f, m, zero_tol=WITHIN_ZERO_TOL), "n": len(rows)}
     return out
@@ -100,22 +144,39 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-factor", type=float, default=SMOLLM2_LORA)
     ap.add_argument("--out", default=None, help="JSON file for every unit's rows and scores")
     ap.add_argument("--figure", default=None, help="PNG of forecast vs measured, the unit's and the diffusion's")
+    ap.add_argument("--lora-share", default=None, help="folder of `experiments.bench.probe_split --lora-share` "
+                    "files: candidate 8's ``walk`` (walk_rate equal, LoRA's Fisher share) uses a study's share "
+                    "there (else the unit's, else the coordinate count's)")
+    ap.add_argument("--split", default=None, help="folder of `experiments.bench.probe_split` files: candidate 8 "
+                    "(`sft.forecast.split_dl`) scored where a unit's probes are split there or in the unit")
     a = ap.parse_args(argv)
     if a.n_params < 1 or not 0 < a.lora_factor <= 1:
         raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")
-    res, pooled = [], {"diffusion": [0.0, 0], "unit_forecast": [0.0, 0]}
+    split_dir = Path(a.split) if a.split else None
+    if split_dir is not None and not split_dir.is_dir():
+        raise SystemExit(f"--split {split_dir}: not a folder")
+    share_dir = Path(a.lora_share) if a.lora_share else None
+    if share_dir is not None and not share_dir.is_dir():
+        raise SystemExit(f"--lora-share {share_dir}: not a folder")
+    res, pooled = [], {"diffusion": [0.0, 0], "unit_forecast": [0.0, 0], "walk": [0.0, 0], "split": [0.0, 0]}
     for spec in a.units:
         folder, _, variant = spec.rpartition(":")
         if variant not in ("label", "cot") or not folder:
             raise SystemExit(f"{spec!r}: expected STUDY_FOLDER:label or STUDY_FOLDER:cot")
-        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor)
+        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor, split_dir, share_dir)
         res.append(u)
         print(f"\n## {folder} {variant}, T = {u['steps']}: lambda_c {u['lambda_c']:.3g} vs probe rate {u['probe_lr']:.3g} "
               f"(random walk: {u['random_walk']})")
-        print("| run | diffusion (bits/token) | measured | unit's forecast |\n|---|---|---|---|")
+        print("| run | diffusion (bits/token) | walk (candidate 8) | measured | unit's forecast "
+              "| split: first-order + KL = dL | measured first-order + KL |\n|---|---|---|---|---|---|---|")
         for r in u["rows"]:
-            print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['measured']:.3f} | {r['unit_forecast']:.3f} |")
-        for key in pooled:
+            sp = (f"{r['split_first_order']:.3f} + {r['split_kl']:.3f} = {r['split']:.3f}" if "split" in r else "-")
+            ms = (f"{r['measured_first_order']:.3f} + {r['measured_kl']:.3f}"
+                  if r.get("measured_kl") is not None else "-")
+            print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['walk']:.3f} | {r['measured']:.3f} "
+                  f"| {r['unit_forecast']:.3f} "
+                  f"| {sp} | {ms} |")
+        for key in [k for k in pooled if k in u]:
             s = u[key]
             print(f"{key}: spearman {s['spearman']:.3f}, within 2x {s['within_2x']:.3f} (n {s['n']})")
             pooled[key][0] += s["within_2x"] * s["n"]

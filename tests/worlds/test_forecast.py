@@ -2,6 +2,7 @@
 the smoke world."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -1267,3 +1268,125 @@ def test_diffusion_forecast_on_the_smoke_world(smoke_world, pretrained):
     auto = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="auto"), progress=False)
     assert v5["probe"]["lambda_c"] > v5["probe"]["lr"]  # coherent over more than one step
     assert auto["rows"] == v5["rows"]
+
+
+def test_split_pieces_hand_values():
+    """`first_order_at`: linear through 0 below the smallest probe's summed rate, linear in log summed rate
+    between the probes, held above; `split_dl` = that term + `diffusion_dl` on the probes' KL terms alone."""
+    from sft.forecast import cosine_lrs, diffusion_dl, first_order_at, split_dl
+
+    pts = [(1e-4, -2.0, 5.0), (1e-3, -6.0, 80.0)]
+    lam = [float(cosine_lrs(p, 20)[:4].sum()) for p, _, _ in pts]
+    assert first_order_at(pts, lam[0] / 4, 20, 4) == pytest.approx(-0.5)
+    assert first_order_at(pts, lam[0], 20, 4) == pytest.approx(-2.0)
+    mid = math.sqrt(lam[0] * lam[1])
+    assert first_order_at(pts, mid, 20, 4) == pytest.approx(-4.0)
+    assert first_order_at(pts, 10 * lam[1], 20, 4) == pytest.approx(-6.0)
+    assert first_order_at([], 1e-3, 20, 4) == 0.0
+    assert first_order_at(pts, 0.0, 20, 4) == 0.0
+    kw = dict(steps=20, probe_steps=4, n_params=1000, l2_coeff=0.01, max_grad_norm=1.0, lora_factor=0.1)
+    for m, lr in (("ce", 3e-4), ("l2", 3e-4), ("lora", 1e-3), ("talr", 5e-5)):
+        dl, parts = split_dl(m, lr, pts, **kw)
+        kl, _ = diffusion_dl(m, lr, [(p, k, math.nan) for p, _, k in pts], **kw)
+        fo = first_order_at(pts, float(cosine_lrs(lr, 20).sum()), 20, 4)
+        assert dl == pytest.approx(fo + kl) and parts["kl_term_forecast"] == pytest.approx(kl)
+        assert parts["first_order_forecast"] == pytest.approx(fo) and fo < 0 < kl
+
+
+def test_first_order_split_forecast_on_the_smoke_world(smoke_world, pretrained):
+    """``first_order=True`` on diffusion rows: each size probe's dL splits exactly into its per-prefix terms
+    (first-order + KL over the full vocabulary = the probe's measured dL, Proposition 3.1), the rows are
+    `split_dl` of those points, the domain gains are untouched, and under ``"auto"`` on a coherent world
+    (the replay) the flag changes no row."""
+    from sft.forecast import lora_diffusion_factor, lora_layout, split_dl
+    from sft.forecast_run import forecast_grid
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8,
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion")
+    diff = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    split = forecast_grid(model, w.d2_train, d1, replace(cfg, first_order=True), progress=False)
+    pts, sp = split["probe"]["size_points"], split["probe"]["size_split"]
+    assert pts == diff["probe"]["size_points"] and len(sp) == 2
+    for (p, measured, _), (q, fo, kl) in zip(pts, sp):
+        assert p == q and kl >= 0
+        assert fo + kl == pytest.approx(measured, rel=1e-4, abs=1e-6)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = lora_diffusion_factor(lora_layout(model), n, cfg.lora_r, cfg.lora_alpha)
+    for r in split["rows"]:
+        want, parts = split_dl(r["method"], r["lr"], sp, steps=20, probe_steps=4, n_params=n, l2_coeff=cfg.l2_coeff,
+                               max_grad_norm=1.0, lora_factor=lora)
+        assert r["dL_P1_bits"] == pytest.approx(want)
+        assert r["first_order_forecast"] == pytest.approx(parts["first_order_forecast"])
+    assert [r["domain_gain_bits"] for r in split["rows"]] == [r["domain_gain_bits"] for r in diff["rows"]]
+    auto = replace(cfg, size_model="auto")
+    assert forecast_grid(model, w.d2_train, d1, replace(auto, first_order=True), progress=False)["rows"] == \
+        forecast_grid(model, w.d2_train, d1, auto, progress=False)["rows"]
+
+
+def test_walk_step_shapes_and_the_equal_displacement_rate(pretrained):
+    """`walk_step`: std eps on every trainable coordinate, or LoRA's merged-update std eps s sqrt(r / (3 in)) on
+    the adapted matrices only; `diffusion_dl` with ``walk_rate="equal"`` reads c at lr sqrt(factor) (CE, factor 1,
+    unchanged)."""
+    from sft.forecast import cosine_lrs, diffusion_coefficient, diffusion_dl, lora_layout, sum_sq_rate, walk_step
+
+    model, _, _ = pretrained
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = walk_step(model, 0.01, 3)
+    assert full.numel() == sum(p.numel() for p in params) and float(full.std()) == pytest.approx(0.01, rel=0.02)
+    layout = lora_layout(model)
+    lora = walk_step(model, 0.01, 3, layout, 4, 8)
+    adapted = {i: (off, out, fan_in) for off, out, fan_in, i in layout}
+    off = 0
+    for i, p in enumerate(params):
+        part = lora[off:off + p.numel()]
+        if i in adapted:
+            assert adapted[i][0] == off
+            want = 0.01 * 2 * math.sqrt(4 / (3 * adapted[i][2]))
+            assert float(part.std()) == pytest.approx(want, rel=0.15)
+        else:
+            assert not part.any()
+        off += p.numel()
+    pts = [(1e-4, 2.0, math.nan), (1e-3, 400.0, math.nan)]  # c doubles from 1e-4 to 1e-3
+    kw = dict(steps=20, probe_steps=4, n_params=10**6, l2_coeff=0.01, max_grad_norm=1.0, lora_factor=0.01)
+    eq, parts = diffusion_dl("lora", 1e-3, pts, walk_rate="equal", **kw)
+    assert parts["c_rate"] == pytest.approx(1e-4)
+    want = diffusion_coefficient(pts, 1e-4, 20, 4) * sum_sq_rate(cosine_lrs(1e-3, 20)) * 0.01
+    assert eq == pytest.approx(want) and eq < diffusion_dl("lora", 1e-3, pts, **kw)[0]
+    assert diffusion_dl("ce", 3e-4, pts, walk_rate="equal", **kw)[0] == pytest.approx(diffusion_dl("ce", 3e-4, pts, **kw)[0])
+    with pytest.raises(ValueError, match="walk_rate"):
+        diffusion_dl("ce", 3e-4, pts, walk_rate="nominal", **kw)
+
+
+def test_lora_share_by_fisher_on_the_smoke_world(smoke_world, pretrained):
+    """``lora_share="fisher"``: the LoRA row's factor is the measured KL ratio of a LoRA-shaped random step to a
+    full one (positive, below 1: a subset of the coordinates at a smaller std), the same at twice the step (both
+    quadratic), and no other row moves."""
+    from sft.forecast_run import ForecastGrid, forecast_grid
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    cfg = ForecastConfig(methods=("ce", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion")
+    count = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    fisher = forecast_grid(model, w.d2_train, d1, replace(cfg, lora_share="fisher"), progress=False)
+    share = fisher["probe"]["lora_share"]
+    assert 0 < share["factor"] < 1 and share["factor"] == pytest.approx(share["kl_lora_bits"] / share["kl_full_bits"])
+    for a, b in zip(count["rows"], fisher["rows"]):
+        if a["method"] == "lora":
+            assert b["method_factor"] == pytest.approx(share["factor"])
+            assert a["method_factor"] == pytest.approx(share["count_factor"])
+            assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"] * share["factor"] / share["count_factor"])
+        else:
+            assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"])
+    grid = ForecastGrid(model, w.d2_train, d1, replace(cfg, lora_share="fisher"), None)
+    grid.layout = __import__("sft.forecast", fromlist=["lora_layout"]).lora_layout(model)
+    twice = grid.measure_lora_share(2 * share["eps"])["factor"]
+    assert twice == pytest.approx(share["factor"], rel=0.1)
+    with pytest.raises(ValueError, match="lora_share"):
+        ForecastConfig(lora_share="trace")
