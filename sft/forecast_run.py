@@ -791,6 +791,23 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
     return res
 
 
+def _probes(grid: ForecastGrid, ce: GradientMoments, model0: nn.Module) -> dict:
+    """The calibration probe, the size probe, and what the diffusion rows read from theta0 beside them (the
+    probes' per-prefix split with ``first_order``, LoRA's Fisher share with ``lora_share="fisher"``)."""
+    cfg = grid.cfg
+    probe = grid.calibrate(ce, model0)
+    if cfg.size_probe:
+        grid.size_points = grid.size_probe(ce, model0, probe)
+        probe["size_points"] = grid.size_points
+    if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
+        eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
+        probe["lora_share"] = grid.measure_lora_share(eps)
+    grid.drop_terms()
+    if grid.size_split:
+        probe["size_split"] = grid.size_split
+    return probe
+
+
 def _forecast_rows(grid: ForecastGrid, model0: nn.Module, d2, cfg: ForecastConfig, progress: bool,
                    calibrate: bool, only: set | None) -> dict:
     """`forecast_grid`'s body: CE's moments, the probes, the rows of CE's family, each other method's rows."""
@@ -806,16 +823,7 @@ def _forecast_rows(grid: ForecastGrid, model0: nn.Module, d2, cfg: ForecastConfi
     bar.update(1)
     probe = {}
     if calibrate:
-        probe = grid.calibrate(ce, model0)
-        if cfg.size_probe:
-            grid.size_points = grid.size_probe(ce, model0, probe)
-            probe["size_points"] = grid.size_points
-        if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
-            eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
-            probe["lora_share"] = grid.measure_lora_share(eps)
-        grid.drop_terms()
-        if grid.size_split:
-            probe["size_split"] = grid.size_split
+        probe = _probes(grid, ce, model0)
         bar.update(1)
     by_method = _ce_family_rows(grid, ce, pairs, replays_ce, bar.update)
     direction, kappa, lam_c = _Held(ce.ce().to(grid.dtype)), ce.kappa, ce.lam_c

@@ -11,6 +11,14 @@ For every STUDY:VARIANT: per run the diffusion forecast, the measured general ch
 forecast (bits/token of the pooled general set), whether the unit's probe is a random walk
 (`sft.forecast.random_walk`: where ``"auto"`` uses diffusion), Spearman and within 2x (both within 0.01
 bits/token of zero counts as within, as in the study's report) of each; then the pooled within 2x.
+Beside them (session 13): ``walk``, candidate 8 (``walk_rate="equal"``: c read at lr x sqrt(the method's factor);
+LoRA's factor the study's Fisher-weighted share from ``--lora-share``'s files, else the coordinate count's), and,
+where ``--split`` holds the probes' per-prefix terms (`experiments.bench.probe_split`), ``split``
+(`sft.forecast.split_dl`: first-order + KL forecast apart) with each run's measured terms beside it:
+
+    PYTHONPATH=$PWD .venv/bin/python -m experiments.bench.forecast_diffusion docs/study-smollm2-T72:label \\
+        docs/study-smollm2-heldout:label ... --split docs/forecast/split --lora-share docs/forecast/lora_share
+
 The shape is SmolLM2-135M's (``--n-params``, ``--lora-factor``: `sft.forecast.lora_diffusion_factor` of its
 ``lora_layout`` at r 8, alpha 16); L2's coefficient and the clip are the trainer's defaults.
 """
@@ -137,6 +145,27 @@ def figure(path: Path, units: list[dict]) -> None:
     plt.close(fig)
 
 
+def folder_arg(value: str | None, flag: str) -> Path | None:
+    if value is None:
+        return None
+    if not Path(value).is_dir():
+        raise SystemExit(f"{flag} {value}: not a folder")
+    return Path(value)
+
+
+def print_unit(folder: str, variant: str, u: dict) -> None:
+    """One unit's table: every model's forecast beside the measured change and its two per-prefix terms."""
+    print(f"\n## {folder} {variant}, T = {u['steps']}: lambda_c {u['lambda_c']:.3g} vs probe rate {u['probe_lr']:.3g} "
+          f"(random walk: {u['random_walk']}; LoRA's Fisher share {u['lora_share']})")
+    print("| run | diffusion (bits/token) | walk (candidate 8) | measured | unit's forecast "
+          "| split: first-order + KL = dL | measured first-order + KL |\n|---|---|---|---|---|---|---|")
+    for r in u["rows"]:
+        sp = f"{r['split_first_order']:.3f} + {r['split_kl']:.3f} = {r['split']:.3f}" if "split" in r else "-"
+        ms = f"{r['measured_first_order']:.3f} + {r['measured_kl']:.3f}" if r.get("measured_kl") is not None else "-"
+        print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['walk']:.3f} | {r['measured']:.3f} "
+              f"| {r['unit_forecast']:.3f} | {sp} | {ms} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("units", nargs="+", help="STUDY_FOLDER:VARIANT (label or cot)")
@@ -152,12 +181,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.n_params < 1 or not 0 < a.lora_factor <= 1:
         raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")
-    split_dir = Path(a.split) if a.split else None
-    if split_dir is not None and not split_dir.is_dir():
-        raise SystemExit(f"--split {split_dir}: not a folder")
-    share_dir = Path(a.lora_share) if a.lora_share else None
-    if share_dir is not None and not share_dir.is_dir():
-        raise SystemExit(f"--lora-share {share_dir}: not a folder")
+    split_dir, share_dir = folder_arg(a.split, "--split"), folder_arg(a.lora_share, "--lora-share")
     res, pooled = [], {"diffusion": [0.0, 0], "unit_forecast": [0.0, 0], "walk": [0.0, 0], "split": [0.0, 0]}
     for spec in a.units:
         folder, _, variant = spec.rpartition(":")
@@ -165,17 +189,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"{spec!r}: expected STUDY_FOLDER:label or STUDY_FOLDER:cot")
         u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor, split_dir, share_dir)
         res.append(u)
-        print(f"\n## {folder} {variant}, T = {u['steps']}: lambda_c {u['lambda_c']:.3g} vs probe rate {u['probe_lr']:.3g} "
-              f"(random walk: {u['random_walk']})")
-        print("| run | diffusion (bits/token) | walk (candidate 8) | measured | unit's forecast "
-              "| split: first-order + KL = dL | measured first-order + KL |\n|---|---|---|---|---|---|---|")
-        for r in u["rows"]:
-            sp = (f"{r['split_first_order']:.3f} + {r['split_kl']:.3f} = {r['split']:.3f}" if "split" in r else "-")
-            ms = (f"{r['measured_first_order']:.3f} + {r['measured_kl']:.3f}"
-                  if r.get("measured_kl") is not None else "-")
-            print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['walk']:.3f} | {r['measured']:.3f} "
-                  f"| {r['unit_forecast']:.3f} "
-                  f"| {sp} | {ms} |")
+        print_unit(folder, variant, u)
         for key in [k for k in pooled if k in u]:
             s = u[key]
             print(f"{key}: spearman {s['spearman']:.3f}, within 2x {s['within_2x']:.3f} (n {s['n']})")
