@@ -116,7 +116,7 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
 
 def figure(path: Path, units: list[dict]) -> None:
     """Forecast against measured (bits/token, symmetric-log axes: the small rates' changes are near zero or
-    negative) for the unit's own forecast and the diffusion's, one colour per study variant; the band is
+    negative) for the unit's own forecast, the diffusion's and candidate 8's, one colour per study variant; the band is
     within 2x."""
     import matplotlib
 
@@ -124,8 +124,9 @@ def figure(path: Path, units: list[dict]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
-    for ax, key, title in zip(axes, ("unit_forecast", "diffusion"), ("the unit's forecast (version 5)", "diffusion")):
+    fig, axes = plt.subplots(1, 3, figsize=(14.5, 4.6), sharex=True, sharey=True)
+    for ax, key, title in zip(axes, ("unit_forecast", "diffusion", "walk"),
+                              ("the unit's forecast", "diffusion (version 7)", "walk (candidate 8)")):
         for i, u in enumerate(units):
             m = [r["measured"] for r in u["rows"]]
             f = [r[key] for r in u["rows"]]
