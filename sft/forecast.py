@@ -165,6 +165,18 @@ Where lam_c exceeds the probe's rate (every tiny world: 1.3e-3 to 4.9e-3 against
 Tried and dropped (``additive``, `sft.forecast_run.additive_dl`): the decorrelated path's damages summed,
 KL(theta0 + F d) / F, on the sample's KL term (`sft.forecast_run.SampleKL`; on the code-length change the
 first-order noise divided by F ~ 0.03 made every replay negative): within 2x 0.250 at T = 72.
+Tried in session 13 (flags off by default; docs/forecast/README.md): ``first_order`` (`split_dl`: each probe's dL
+split by Proposition 3.1 (`sft.forecast_run.ForecastGrid.probe_terms`), the KL term by diffusion, the first-order term
+in summed rate): pooled within 2x 0.429 over the 42 runs of the six spent SmolLM2 units against version 7's 0.619.
+Every run's first-order term is negative (-0.02 to -0.23 bits/token) and at 1e-4 it cancels a KL term of the same
+size; two terms each forecast to 30 % leave +-0.04 on a sum of +-0.02. Candidate 8, ``walk_rate="equal"`` (c read
+at lr x sqrt(the method's factor): the rate at which a full fine-tune's step has the method's size) and
+``lora_share="fisher"`` (LoRA's factor the KL of a LoRA-shaped random step over a full one's, `walk_step`,
+`sft.forecast_run.ForecastGrid.measure_lora_share`: 0.0068-0.0083 on SmolLM2's general sets against the
+coordinate count's 0.0123): pooled 0.690 on the same runs, every LoRA row within 2x; on the pre-registered
+held-out grid (docs/study-smollm2-heldout2, seed 106668) it tied version 7 (within 2x 0.769 pooled over 13 runs) and
+the rule's Spearman >= 0.8 failed on CoT (0.700, where both are the replay: that unit's lam_c exceeded its probe's
+rate), so it was not adopted; version 7 stays the default.
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored mean or CE direction, c per stored batch covariance; one method's moments
