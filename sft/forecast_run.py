@@ -547,6 +547,7 @@ class ForecastGrid:
         return self.lora_share
 
     def drop_terms(self) -> None:
+        """Lets go of theta0's cached conditionals (`probe_terms`) once the probes and the LoRA share are done."""
         self._base_cond = None
 
     def calibrate(self, ce: GradientMoments, model0: nn.Module) -> dict:
@@ -587,9 +588,8 @@ class ForecastGrid:
             with self.meter.phase("probes"):
                 _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
             top = self.probe_dl(pm)
-            if cfg.first_order:
+            if cfg.first_order:  # theta0's conditionals stay for the LoRA share; `_probes` drops them
                 self.size_split.append((lr_top, *self.probe_terms(pm)))
-                self.drop_terms()
             del pm
         release_free_memory()  # the probe's activations and optimiser state, before the replays
         return [(float(probe["lr"]), float(probe["dL_P1_bits"]), self.replayed_dl(ce, np.asarray(probe["lrs"]))),
