@@ -298,6 +298,7 @@ class ForecastConfig:
     first_order: bool = False  # diffusion rows: the KL term by diffusion plus the probes' first-order term (`split_dl`; tried)
     walk_rate: str = "peak"  # diffusion's c read at the peak rate; "equal": at the rate of equal displacement (`diffusion_dl`)
     lora_share: str = "count"  # LoRA's diffusion factor by coordinates (`lora_diffusion_factor`); "fisher": measured (`walk_step`)
+    method_walk: bool = False  # diffusion rows x the token weighting's Fisher-weighted step size over CE's (`method_walk_factor`)
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
     cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)
@@ -1313,7 +1314,7 @@ def lora_diffusion_factor(layout, n_params: int, r: int, alpha: int) -> float:
 
 def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int,
                  l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0,
-                 walk_rate: str = "peak") -> tuple[float, dict]:
+                 walk_rate: str = "peak", weight_factor: float = 1.0) -> tuple[float, dict]:
     """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``, and version 7's ``"auto"`` where the
     probe's gradient is a random walk): (dL, its parts).
 
@@ -1334,7 +1335,10 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     the loss's non-quadratic part (SmolLM2's probes: c at 1e-3 is 1.1-2x c at 3.1e-4); what sets that
     is the size of the step in parameter space, not the optimiser's nominal rate, and LoRA at 1e-3 moves W
     by sqrt(0.008-0.012) of a full fine-tune's step at 1e-3, i.e. as one at ~1e-4 does. Factor 1 (every
-    token weighting) reads c at the peak rate as before."""
+    token weighting) reads c at the peak rate as before.
+
+    ``weight_factor`` (candidate 9, ``method_walk``): the token weighting's Fisher-weighted step size over CE's
+    (`method_walk_factor`, measured at theta0); 1: version 7's method-blind walk."""
     rec = get_method(method)
     lrs = cosine_lrs(float(lr), int(steps))
     factor = 1.0
@@ -1347,7 +1351,11 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     at = float(lr) * (math.sqrt(factor) if walk_rate == "equal" else 1.0)
     c = diffusion_coefficient(points, at, steps, probe_steps)
     s2 = sum_sq_rate(lrs)
-    return c * s2 * factor, {"diffusion_c": c, "S2": s2, "method_factor": factor, "c_rate": at}
+    w = float(weight_factor)
+    if not (math.isfinite(w) and w > 0):
+        raise ValueError(f"weight_factor {weight_factor!r}: expected a positive finite number")
+    return c * s2 * factor * w, {"diffusion_c": c, "S2": s2, "method_factor": factor, "c_rate": at,
+                                 "weight_factor": w}
 
 
 def first_order_at(points, lam: float, steps: int, probe_steps: int) -> float:
@@ -1416,6 +1424,72 @@ def walk_step(model: nn.Module, eps: float, seed: int, layout=None, r: int = 0, 
             out[off:off + n] = torch.randn(n, generator=g) * sd
         off += n
     return out
+
+
+def method_step_grad(model: nn.Module, batch: Sequence[dict], method: str, *, pad_token_id: int,
+                     flow_tau: float | None = None, w_min: float = L.W_MIN) -> torch.Tensor:
+    """The gradient of ``method``'s training loss on one ``batch`` at the current parameters (flat, float32,
+    the trainable parameters' order, host): the stop-gradient token weights of its `sft.methods` record
+    (TALR's tau the batch's median per-sequence loss, as the trainer's), FLOW's sequence weights
+    exp(-loss / ``flow_tau``); methods that replay CE's gradients (L2, LoRA) take CE's (`method_gradients`'
+    rule). One forward and one backward pass over the batch."""
+    rec = get_method(method)
+    plain_ce = rec.replay_gradients == "ce" or method == "ce"
+    loss_method = "ce" if plain_ce or rec.sequence_weights else method
+    seq_tau = flow_tau if rec.sequence_weights == "flow" else None
+    if rec.sequence_weights == "flow" and seq_tau is None:
+        raise ValueError(f"method {method!r}: FLOW's sequence weights need flow_tau")
+    params = _params(model)
+    b = _collate(batch, pad_token_id, model_device(model))
+    was = model.training
+    model.train()
+    try:
+        nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+        B = b["input_ids"].shape[0]
+        w, _ = L.token_weights(loss_method, nll, si, B, tau=None, w_min=w_min)
+        seq_w = None if seq_tau is None else torch.exp(-L.sequence_mean_losses(nll.detach(), si, B) / seq_tau)
+        loss = L.reduce(L.weighted_sum(nll, w, si, sequence_weights=seq_w), nll.numel(), None)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        model.train(was)
+    return torch.cat([(torch.zeros(p.numel()) if g is None else g.detach().reshape(-1).to(HOST, torch.float32))
+                      for p, g in zip(params, grads)])
+
+
+def adam_directions(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Adam's normalisation of a method's batch gradients at theta0, in place: u_b = g_b / sqrt(mean_b g_b^2)
+    per coordinate (0 where every g_b is 0, as Adam leaves such a coordinate). Each coordinate's u_b have mean
+    square 1 over the batches, so every method's steps have the same size, N x eta^2 for N moved coordinates,
+    and differ only in how their directions meet the general set's Fisher information (`method_walk_factor`)."""
+    if not grads:
+        raise ValueError("adam_directions needs at least one gradient")
+    v = torch.zeros_like(grads[0])
+    for g in grads:
+        v.addcmul_(g, g)
+    v.div_(len(grads)).sqrt_()
+    zero = v == 0
+    v[zero] = 1.0
+    for g in grads:
+        g.div_(v)
+        g[zero] = 0.0
+    return grads
+
+
+def method_walk_factor(kl_method: Sequence[float], kl_ce: Sequence[float]) -> float:
+    """A token weighting's diffusion factor against CE's (candidate 9, ``method_walk``): the general set's mean
+    KL term at theta0 + eps u_b over the method's Adam-normalised batch directions (`adam_directions`) over
+    the same for CE on the same batches, both quadratic at a probe's size.
+
+    Theory: in the random-walk regime each step is a fresh direction u_t of Adam-normalised size (every moved
+    coordinate by about eta_t), so E[KL(theta_T)] = 1/2 sum_t eta_t^2 E[u_t^T F u_t] (F the general set's
+    Fisher information; the cross terms vanish when the steps decorrelate): `diffusion_dl`'s c x S2 with c
+    proportional to E[u^T F u]. Adam makes |u|^2 the same for every weighting but not u^T F u: a weighting
+    whose batch gradients lean on the directions the general text is sensitive to (TALR up-weights the
+    confident tokens, which in a chain of thought are ordinary prose) walks in stiffer directions. The CE
+    probe measures CE's c; the ratio carries it to the method. 1 for CE's own weighting; NaN when CE's KL is
+    not positive."""
+    m, c = float(np.mean(kl_method)), float(np.mean(kl_ce))
+    return m / c if c > 0 and math.isfinite(m) else math.nan
 
 
 def lora_layout(model: nn.Module) -> list[tuple[int, int, int, int]]:

@@ -19,9 +19,10 @@ from .io import release_free_memory
 from .methods import get_method
 from .models import model_device
 from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
-                       cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale, l2_relaxation,
-                       lora_diffusion_factor, lora_layout, method_gradients, micro_batches, random_walk, replay_adam,
-                       replay_lora, sequence_losses, split_dl, squared_norm, training_run_units, walk_step)
+                       adam_directions, cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale,
+                       l2_relaxation, lora_diffusion_factor, lora_layout, method_gradients, method_step_grad,
+                       method_walk_factor, micro_batches, random_walk, replay_adam, replay_lora, sequence_losses,
+                       split_dl, squared_norm, training_run_units, walk_step)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
@@ -375,6 +376,7 @@ class ForecastGrid:
         self.model = model0
         self.d1, self.tree, self.pad = list(d1)[: cfg.n_general], d1_tree, cfg.pad_token_id
         self.batches, self.own_batches = probe_batches(d2, cfg, np.random.default_rng(cfg.seed))
+        self.d2 = d2
         self.examples = [ex for b in self.batches for ex in b]
         with self.meter.phase("d1_evals"):
             self.base_d1 = mean_bits(self.model, self.d1, self.pad, self.meter)
@@ -389,6 +391,7 @@ class ForecastGrid:
         self.calibration_point = []  # [(lr, measured dL, nan)] of the calibration probe (`diffusion`)
         self.size_split = []  # [(lr, first-order term, KL term)] of each probe's dL (``first_order``: `split_dl`)
         self._base_cond = None  # theta0's full conditionals on the D1 sample (`probe_terms` on a real LLM)
+        self.method_factors = None  # ``method_walk``: {factors, kl_bits, eps} (`measure_method_factors`)
         self.lora_share = None  # ``lora_share="fisher"``: {factor, kl_full, kl_lora, eps} (`measure_lora_share`)
         self._shape = None  # (trainable parameters, LoRA's diffusion factor), on the first `diffusion`
         self.ce_tokens = None  # CE's moments' tokens at theta0 on ``batches`` (`TokenLosses`), once computed
@@ -546,6 +549,40 @@ class ForecastGrid:
                            "count_factor": lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha)}
         return self.lora_share
 
+    def measure_method_factors(self, eps: float, n_batches: int = 4) -> dict:
+        """Each token weighting's diffusion factor against CE's (candidate 9, ``method_walk``;
+        `sft.forecast.method_walk_factor`): per method with a weighting of its own (TALR, FLOW, DFT; L2 and
+        LoRA walk with CE's), its gradients on ``n_batches`` batches of B rows of D2 at theta0 (a random
+        partition, seed + 1: as many as D2 holds; `method_step_grad`), Adam-normalised together
+        (`adam_directions`), and the D1 sample's KL term at theta0 + ``eps`` u_b for each; CE's on the same
+        batches. Memory: ``n_batches`` flat gradients (4 N bytes each) of one method at a time; compute:
+        ``n_batches`` backward passes and D1 passes per method."""
+        cfg = self.cfg
+        self._base_terms()
+        perm = np.random.default_rng(cfg.seed + 1).permutation(len(self.d2))
+        n_b = max(1, min(int(n_batches), len(self.d2) // cfg.batch))
+        batches = [[self.d2[int(i)] for i in perm[k * cfg.batch:(k + 1) * cfg.batch]] for k in range(n_b)]
+        own = ["ce"] + [m for m in cfg.methods if m != "ce" and get_method(m).replay_gradients != "ce"]
+        tau = self.flow_tau() if any(get_method(m).sequence_weights == "flow" for m in own) else None
+        kl = {}
+        for m in own:
+            with self.meter.phase("gradients"):
+                us = adam_directions([method_step_grad(self.model, b, m, pad_token_id=self.pad, flow_tau=tau,
+                                                       w_min=cfg.w_min) for b in batches])
+                for b in batches:
+                    n = sum(len(ex["input_ids"]) for ex in b)
+                    self.meter.forward(n)
+                    self.meter.backward(n)
+            kl[m] = []
+            for u in us:
+                with Shifted(self.model, u, float(eps)):
+                    kl[m].append(self.probe_terms(self.model)[1])
+            del us
+        self.method_factors = {
+            "factors": {m: method_walk_factor(kl[m], kl["ce"]) for m in own if m != "ce"},
+            "kl_bits": kl, "eps": float(eps), "n_batches": len(batches)}
+        return self.method_factors
+
     def drop_terms(self) -> None:
         """Lets go of theta0's cached conditionals (`probe_terms`) once the probes and the LoRA share are done."""
         self._base_cond = None
@@ -634,7 +671,14 @@ class ForecastGrid:
                             l2_coeff=cfg.l2_coeff, max_grad_norm=cfg.max_grad_norm, lora_factor=lora)
         return diffusion_dl(method, lr, self.size_points or self.calibration_point, steps=cfg.steps,
                             probe_steps=cfg.probe_steps, n_params=n, l2_coeff=cfg.l2_coeff,
-                            max_grad_norm=cfg.max_grad_norm, lora_factor=lora, walk_rate=cfg.walk_rate)
+                            max_grad_norm=cfg.max_grad_norm, lora_factor=lora, walk_rate=cfg.walk_rate,
+                            weight_factor=self.weight_factor(method))
+
+    def weight_factor(self, method: str) -> float:
+        """``method_walk``: the method's measured token-weighting factor (`measure_method_factors`), 1 for CE's
+        weighting, for a factor not measured or not finite, and without ``method_walk``."""
+        f = (self.method_factors or {}).get("factors", {}).get(method) if self.cfg.method_walk else None
+        return float(f) if f is not None and math.isfinite(f) and f > 0 else 1.0
 
     def size_at(self, lr: float, lam_T: float) -> float:
         """The size correction of a configuration at peak rate ``lr`` whose run sums to ``lam_T``:
@@ -802,6 +846,9 @@ def _probes(grid: ForecastGrid, ce: GradientMoments, model0: nn.Module) -> dict:
     if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
         eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
         probe["lora_share"] = grid.measure_lora_share(eps)
+    if cfg.method_walk and grid.by_diffusion(ce):
+        eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))
+        probe["method_factors"] = grid.measure_method_factors(eps)
     grid.drop_terms()
     if grid.size_split:
         probe["size_split"] = grid.size_split

@@ -59,8 +59,40 @@ def lora_share(unit: dict, study: Path, share_dir: Path | None):
     return None
 
 
+def method_factors(unit: dict, study: Path, variant: str, factor_dir: Path | None) -> dict | None:
+    """Each token weighting's walk factor for a study variant (candidate 9, `sft.forecast.method_walk_factor`):
+    the unit's own (``probe.method_factors``) or a file of ``factor_dir`` written for this study and variant by
+    `experiments.bench.probe_split` ``--method-factors``; None when neither has them."""
+    if unit["probe"].get("method_factors"):
+        return unit["probe"]["method_factors"]["factors"]
+    for f in sorted(factor_dir.glob("*.json")) if factor_dir is not None else ():
+        rec = json.loads(f.read_text())
+        if Path(rec.get("study", "")).resolve() == study.resolve() and rec.get("variant") == variant \
+                and rec.get("method_factors"):
+            return rec["method_factors"]["factors"]
+    return None
+
+
+def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None, walk: bool, kw: dict) -> dict:
+    """Candidate 9's two parts for one row (bits/token): ``fisher`` (version 7 with LoRA's Fisher share) and
+    ``aware`` (also x the token weighting's measured walk factor), each the unit's own forecast where its probe is
+    not a random walk (the ``"auto"`` switch keeps the replay there)."""
+    from sft.forecast import diffusion_dl
+
+    per_tok = unit["n_general"] / unit["n_general_tokens"]
+    if not walk:
+        return {"fisher": f["dL_general_bits_per_token"], "aware": f["dL_general_bits_per_token"], "weight_factor": 1.0}
+    lora = share if share is not None else kw.pop("lora_factor")
+    kw = {k: v for k, v in kw.items() if k != "lora_factor"}
+    fisher, _ = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], lora_factor=lora, **kw)
+    wf = float((factors or {}).get(f["method"], 1.0))
+    aware, _ = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], lora_factor=lora,
+                            weight_factor=wf, **kw)
+    return {"fisher": fisher * per_tok, "aware": aware * per_tok, "weight_factor": wf}
+
+
 def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, split_dir: Path | None = None,
-              share_dir: Path | None = None) -> dict:
+              share_dir: Path | None = None, factor_dir: Path | None = None) -> dict:
     """One study variant scored: its rows (method, lr, diffusion, measured, unit's forecast; with the probes'
     split, candidate 8's ``split`` and the run's measured first-order and KL terms) and scores."""
     from experiments.studies.grid_report import WITHIN_ZERO_TOL
@@ -80,6 +112,9 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
             and not r.get("own_steps")}
     split = split_points(unit, study, variant, split_dir)
     share = lora_share(unit, study, share_dir)
+    factors = method_factors(unit, study, variant, factor_dir)
+    lam_c = unit["probe"].get("lambda_c")
+    walk = lam_c is not None and random_walk(lam_c, unit["probe"]["lr"])
     rows = []
     for f in unit["rows"]:
         run = runs.get((f["method"], float(f["lr"])))
@@ -96,6 +131,10 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
                                max_grad_norm=1.0, lora_factor=share if share is not None else lora_factor,
                                walk_rate="equal")
         rows[-1].update(walk=wdl * per_tok, walk_factor=wp["method_factor"], walk_c_rate=wp["c_rate"])
+        if factors is not None:
+            rows[-1].update(aware_columns(unit, f, factors, share, walk, dict(
+                steps=steps, probe_steps=unit["probe"]["steps"], n_params=n_params, l2_coeff=L2_COEFF,
+                max_grad_norm=1.0, lora_factor=lora_factor)))
         if split is not None:
             sdl, sp = split_dl(f["method"], f["lr"], split, steps=steps, probe_steps=unit["probe"]["steps"],
                                n_params=n_params, l2_coeff=L2_COEFF, max_grad_norm=1.0, lora_factor=lora_factor)
@@ -103,12 +142,12 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
             rows[-1].update(split=sdl * per_tok, split_first_order=sp["first_order_forecast"] * per_tok,
                             split_kl=sp["kl_term_forecast"] * per_tok, measured_first_order=cols.get("first_order"),
                             measured_kl=cols.get("kl_term"))
-    lam_c = unit["probe"].get("lambda_c")
     out = {"study": str(study), "variant": variant, "steps": steps, "lambda_c": lam_c, "probe_lr": unit["probe"]["lr"],
-           "random_walk": lam_c is not None and random_walk(lam_c, unit["probe"]["lr"]), "rows": rows}
+           "random_walk": walk, "rows": rows, "method_factors": factors}
     m = [r["measured"] for r in rows]
     out["lora_share"] = share
-    for key in ("diffusion", "unit_forecast", "walk") + (("split",) if split is not None else ()):
+    for key in (("diffusion", "unit_forecast", "walk") + (("split",) if split is not None else ())
+                + (("fisher", "aware") if factors is not None else ())):
         f = [r[key] for r in rows]
         out[key] = {"spearman": spearman(f, m), "within_2x": within_2x(f, m, zero_tol=WITHIN_ZERO_TOL), "n": len(rows)}
     return out
@@ -158,12 +197,15 @@ def print_unit(folder: str, variant: str, u: dict) -> None:
     """One unit's table: every model's forecast beside the measured change and its two per-prefix terms."""
     print(f"\n## {folder} {variant}, T = {u['steps']}: lambda_c {u['lambda_c']:.3g} vs probe rate {u['probe_lr']:.3g} "
           f"(random walk: {u['random_walk']}; LoRA's Fisher share {u['lora_share']})")
-    print("| run | diffusion (bits/token) | walk (candidate 8) | measured | unit's forecast "
-          "| split: first-order + KL = dL | measured first-order + KL |\n|---|---|---|---|---|---|---|")
+    if u.get("method_factors") is not None:
+        print("method factors (candidate 9): " + ", ".join(f"{m} {f:.3f}" for m, f in u["method_factors"].items()))
+    print("| run | diffusion (bits/token) | walk (candidate 8) | aware (candidate 9) | measured | unit's forecast "
+          "| split: first-order + KL = dL | measured first-order + KL |\n|---|---|---|---|---|---|---|---|")
     for r in u["rows"]:
         sp = f"{r['split_first_order']:.3f} + {r['split_kl']:.3f} = {r['split']:.3f}" if "split" in r else "-"
         ms = f"{r['measured_first_order']:.3f} + {r['measured_kl']:.3f}" if r.get("measured_kl") is not None else "-"
-        print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['walk']:.3f} | {r['measured']:.3f} "
+        aw = f"{r['aware']:.3f}" if "aware" in r else "-"
+        print(f"| {r['method']}@{r['lr']:g} | {r['diffusion']:.3f} | {r['walk']:.3f} | {aw} | {r['measured']:.3f} "
               f"| {r['unit_forecast']:.3f} | {sp} | {ms} |")
 
 
@@ -179,16 +221,21 @@ def main(argv=None) -> None:
                     "there (else the unit's, else the coordinate count's)")
     ap.add_argument("--split", default=None, help="folder of `experiments.bench.probe_split` files: candidate 8 "
                     "(`sft.forecast.split_dl`) scored where a unit's probes are split there or in the unit")
+    ap.add_argument("--method-factors", default=None, help="folder of `experiments.bench.probe_split "
+                    "--method-factors` files: candidate 9's ``aware`` (version 7 x the token weighting's walk factor, "
+                    "LoRA's Fisher share from --lora-share) and ``fisher`` (the share alone) scored where a study "
+                    "variant's factors are there or in the unit")
     a = ap.parse_args(argv)
     if a.n_params < 1 or not 0 < a.lora_factor <= 1:
         raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")
     split_dir, share_dir = folder_arg(a.split, "--split"), folder_arg(a.lora_share, "--lora-share")
-    res, pooled = [], {"diffusion": [0.0, 0], "unit_forecast": [0.0, 0], "walk": [0.0, 0], "split": [0.0, 0]}
+    factor_dir = folder_arg(a.method_factors, "--method-factors")
+    res, pooled = [], {k: [0.0, 0] for k in ("diffusion", "unit_forecast", "walk", "split", "fisher", "aware")}
     for spec in a.units:
         folder, _, variant = spec.rpartition(":")
         if variant not in ("label", "cot") or not folder:
             raise SystemExit(f"{spec!r}: expected STUDY_FOLDER:label or STUDY_FOLDER:cot")
-        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor, split_dir, share_dir)
+        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor, split_dir, share_dir, factor_dir)
         res.append(u)
         print_unit(folder, variant, u)
         for key in [k for k in pooled if k in u]:

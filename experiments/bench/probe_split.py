@@ -9,7 +9,10 @@ geometric middle rate and its largest, as the unit runs them, same batches) and 
 
 ``--lora-share`` also measures LoRA's diffusion factor weighted by the general set's Fisher information
 (`sft.forecast_run.ForecastGrid.measure_lora_share`, ``ForecastConfig.lora_share="fisher"``: two D1 passes);
-``--no-probes`` skips the probes (the file then holds the LoRA share alone).
+``--method-factors`` measures each token weighting's Fisher-weighted step size over CE's
+(`sft.forecast_run.ForecastGrid.measure_method_factors`, ``ForecastConfig.method_walk``, candidate 9: per method
+three backward passes and three D1 passes). ``--no-probes`` skips the probes (the file then holds the LoRA share
+and/or the method factors alone).
 
 Prints each probe's measured dL beside the unit's stored one (a check that the probe is the unit's: equal up to
 floating-point order), its first-order and KL terms (bits per sequence and per token of the general set).
@@ -22,6 +25,23 @@ import json
 import math
 import time
 from pathlib import Path
+
+
+def at_theta0(grid, eps: float, lora: bool, methods: bool):
+    """LoRA's Fisher share and the method factors (each when asked) at the calibration probe's walk ``eps``, as the
+    unit measures them, printed; (share, factors), None for each not asked."""
+    share = factors = None
+    if lora:
+        share = grid.measure_lora_share(eps)
+        print(f"LoRA share: Fisher-weighted {share['factor']:.5f} against the coordinate count's "
+              f"{share['count_factor']:.5f} (KL {share['kl_lora_bits']:.4g} / {share['kl_full_bits']:.4g} bits/seq "
+              f"at eps {share['eps']:.3g})", flush=True)
+    if methods:
+        factors = grid.measure_method_factors(eps)
+        print("method factors: " + ", ".join(f"{m} {f:.3f}" for m, f in factors["factors"].items())
+              + " (KL bits/seq per batch: " + "; ".join(f"{m} " + " ".join(f"{x:.4g}" for x in v)
+                                                      for m, v in factors["kl_bits"].items()) + ")", flush=True)
+    return share, factors
 
 
 def main(argv=None) -> None:
@@ -39,13 +59,15 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="label", choices=("label", "cot"))
     ap.add_argument("--out", required=True, help="JSON file to write (refused if it exists)")
     ap.add_argument("--lora-share", action="store_true", help="measure LoRA's Fisher-weighted diffusion factor")
-    ap.add_argument("--no-probes", action="store_true", help="skip the probes (with --lora-share)")
+    ap.add_argument("--method-factors", action="store_true",
+                    help="measure each token weighting's Fisher-weighted step size over CE's (candidate 9)")
+    ap.add_argument("--no-probes", action="store_true", help="skip the probes (with --lora-share or --method-factors)")
     a = ap.parse_args(argv)
     study, out = Path(a.study), Path(a.out)
     if out.exists():
         raise SystemExit(f"{out} exists: refusing to overwrite it")
-    if a.no_probes and not a.lora_share:
-        raise SystemExit("--no-probes leaves nothing to measure without --lora-share")
+    if a.no_probes and not (a.lora_share or a.method_factors):
+        raise SystemExit("--no-probes leaves nothing to measure without --lora-share or --method-factors")
     rec = json.loads((study / "study.json").read_text())
     name = rec.get("forecast_units", {}).get(a.variant)
     if name is None:
@@ -67,12 +89,7 @@ def main(argv=None) -> None:
     grid = ForecastGrid(model, data.train[a.variant][:cfg.steps * cfg.batch_size], d1, fc, None)
     k = min(fc.probe_steps, fc.steps)
     rates = [float(np.exp(np.mean(np.log(fc.lrs)))), float(max(fc.lrs))]
-    share = None
-    if a.lora_share:
-        share = grid.measure_lora_share(rates[0] * math.sqrt(k))  # as the unit: the calibration probe's walk
-        print(f"LoRA share: Fisher-weighted {share['factor']:.5f} against the coordinate count's "
-              f"{share['count_factor']:.5f} (KL {share['kl_lora_bits']:.4g} / {share['kl_full_bits']:.4g} bits/seq "
-              f"at eps {share['eps']:.3g})", flush=True)
+    share, factors = at_theta0(grid, rates[0] * math.sqrt(k), a.lora_share, a.method_factors)
     groups = [] if a.no_probes else grid.groups()
     stored = {round(float(p), 12): float(m) for p, m, _ in unit["probe"]["size_points"]}
     points = []
@@ -91,7 +108,7 @@ def main(argv=None) -> None:
               f"per token {dl * per_tok:.4f} = {fo * per_tok:.4f} + {kl * per_tok:.4f}", flush=True)
     res = {"study": str(study), "variant": a.variant, "steps": fc.steps, "probe_steps": k,
            "size_split": [[p["lr"], p["first_order_bits"], p["kl_term_bits"]] for p in points], "points": points,
-           "lora_share": share, "n_general": len(d1), "n_general_tokens": n_tok, "seconds": time.perf_counter() - t0}
+           "lora_share": share, "method_factors": factors, "n_general": len(d1), "n_general_tokens": n_tok, "seconds": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out} ({res['seconds'] / 60:.1f} min)")

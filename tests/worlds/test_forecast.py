@@ -1390,3 +1390,69 @@ def test_lora_share_by_fisher_on_the_smoke_world(smoke_world, pretrained):
     assert twice == pytest.approx(share["factor"], rel=0.1)
     with pytest.raises(ValueError, match="lora_share"):
         ForecastConfig(lora_share="trace")
+
+
+def test_adam_directions_hand_values_and_method_step_grad_is_the_trainers_loss(smoke_world, pretrained):
+    """`adam_directions`: u_b = g_b / sqrt(mean_b g_b^2) per coordinate, 0 where no batch moves it (hand values);
+    `method_step_grad` for CE and TALR is the gradient of the trainer's own loss (`sft.losses.sft_loss`, TALR's tau
+    the batch median, over the batch's tokens), and FLOW's needs its temperature."""
+    from sft import losses as L
+    from sft.forecast import _collate, _params, adam_directions, method_step_grad
+
+    us = adam_directions([torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([-1.0, 0.0, 0.0, 4.0])])
+    want = [[1.0, 0.0, 2 / math.sqrt(2), 3 / math.sqrt(12.5)], [-1.0, 0.0, 0.0, 4 / math.sqrt(12.5)]]
+    for u, w in zip(us, want):
+        assert u.tolist() == pytest.approx(w)
+    assert ((us[0] ** 2 + us[1] ** 2) / 2).tolist() == pytest.approx([1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        adam_directions([])
+    model, _, _ = pretrained
+    w = smoke_world
+    batch = list(w.d2_train[:4])
+    b = _collate(batch, w.pad_id)
+    for method in ("ce", "talr"):
+        g = method_step_grad(model, batch, method, pad_token_id=w.pad_id)
+        model.zero_grad()
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        L.sft_loss(method, logits, b["labels"]).backward()  # sum_t w_t ell_t / the batch's tokens
+        ref = torch.cat([p.grad.reshape(-1) for p in _params(model)])
+        model.zero_grad()
+        assert torch.allclose(g, ref, rtol=1e-4, atol=1e-7), method
+    with pytest.raises(ValueError, match="flow_tau"):
+        method_step_grad(model, batch, "flow", pad_token_id=w.pad_id)
+
+
+def test_method_walk_on_the_smoke_world(smoke_world, pretrained):
+    """``method_walk`` (candidate 9): each own-weighting method's diffusion row is version 7's times its measured
+    factor (the mean KL of its Adam-normalised batch steps over CE's on the same batches), CE's family (CE, L2,
+    LoRA) does not move, the factor is the same at twice a small step (both KL terms quadratic), and a bad weight
+    factor is refused."""
+    from sft.forecast import diffusion_dl, method_walk_factor
+    from sft.forecast_run import ForecastGrid, forecast_grid
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    cfg = ForecastConfig(methods=("ce", "l2", "talr", "dft"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=3,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion")
+    blind = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    aware = forecast_grid(model, w.d2_train, d1, replace(cfg, method_walk=True), progress=False)
+    mf = aware["probe"]["method_factors"]
+    assert set(mf["factors"]) == {"talr", "dft"} and mf["n_batches"] == 4
+    for m, f in mf["factors"].items():
+        assert 0 < f < 10 and f == pytest.approx(method_walk_factor(mf["kl_bits"][m], mf["kl_bits"]["ce"]))
+    for a, b in zip(blind["rows"], aware["rows"]):
+        f = mf["factors"].get(a["method"], 1.0)
+        assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"] * f), a["method"]
+        assert b["weight_factor"] == pytest.approx(f)
+    grid = ForecastGrid(model, w.d2_train, d1, replace(cfg, method_walk=True), None)
+    small = grid.measure_method_factors(1e-4)["factors"]  # the quadratic regime (the tiny model's probe step is not)
+    twice = grid.measure_method_factors(2e-4)["factors"]
+    for m in mf["factors"]:
+        assert twice[m] == pytest.approx(small[m], rel=0.05)
+    assert math.isnan(method_walk_factor([1.0], [0.0]))
+    pts = [(1e-4, 2.0, math.nan)]
+    with pytest.raises(ValueError, match="weight_factor"):
+        diffusion_dl("talr", 1e-4, pts, steps=20, probe_steps=4, n_params=10, l2_coeff=0.01, max_grad_norm=1.0,
+                     weight_factor=-1.0)

@@ -1,0 +1,24 @@
+"""`experiments.bench.forecast_diffusion`'s candidate 9 columns on a hand-made unit record (no model)."""
+import math
+
+import pytest
+
+from experiments.bench.forecast_diffusion import aware_columns
+from sft.forecast import diffusion_dl
+
+UNIT = {"n_general": 10, "n_general_tokens": 200, "probe": {"size_points": [[1e-4, 2.0, math.nan], [1e-3, 400.0, math.nan]]}}
+KW = dict(steps=20, probe_steps=4, n_params=10**6, l2_coeff=0.01, max_grad_norm=1.0, lora_factor=0.01)
+
+
+def test_aware_is_version_7_times_the_weighting_factor_and_the_fisher_share_replaces_the_count():
+    row = {"method": "talr", "lr": 3e-4, "dL_general_bits_per_token": 9.0}
+    cols = aware_columns(UNIT, row, {"talr": 2.5, "flow": 0.9}, None, True, dict(KW))
+    v7 = diffusion_dl("talr", 3e-4, UNIT["probe"]["size_points"], **KW)[0] * 10 / 200
+    assert cols["fisher"] == pytest.approx(v7) and cols["aware"] == pytest.approx(2.5 * v7)
+    assert cols["weight_factor"] == 2.5
+    lora = aware_columns(UNIT, {**row, "method": "lora", "lr": 1e-3}, {"talr": 2.5}, 0.005, True, dict(KW))
+    count = diffusion_dl("lora", 1e-3, UNIT["probe"]["size_points"], **KW)[0] * 10 / 200
+    assert lora["fisher"] == pytest.approx(count * 0.5) and lora["aware"] == pytest.approx(lora["fisher"])
+    # where the probe is not a random walk the "auto" switch keeps the replay: the unit's own forecast
+    kept = aware_columns(UNIT, row, {"talr": 2.5}, 0.005, False, dict(KW))
+    assert kept["aware"] == kept["fisher"] == 9.0
