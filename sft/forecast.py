@@ -1314,7 +1314,7 @@ def lora_diffusion_factor(layout, n_params: int, r: int, alpha: int) -> float:
 
 def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int,
                  l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0,
-                 walk_rate: str = "peak", weight_factor: float = 1.0) -> tuple[float, dict]:
+                 walk_rate: str = "peak", weight_factor: float = 1.0, kl_points=None) -> tuple[float, dict]:
     """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``, and version 7's ``"auto"`` where the
     probe's gradient is a random walk): (dL, its parts).
 
@@ -1338,7 +1338,11 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     token weighting) reads c at the peak rate as before.
 
     ``weight_factor`` (candidate 9, ``method_walk``): the token weighting's Fisher-weighted step size over CE's
-    (`method_walk_factor`, measured at theta0); 1: version 7's method-blind walk."""
+    (`method_walk_factor`, measured at theta0: a ratio of KL terms); 1: version 7's method-blind walk. It scales
+    the KL part of the walk's damage, not the first-order gain that the CE probes' dL carries beside it:
+    dL = c S2 F + (w - 1) c_KL S2 F, with c_KL from ``kl_points`` (the probes' KL terms, (peak rate, KL term,
+    replayed) as ``points``; `sft.forecast_run.ForecastGrid.size_split`). Without ``kl_points`` the whole dL is
+    taken as KL (dL x w)."""
     rec = get_method(method)
     lrs = cosine_lrs(float(lr), int(steps))
     factor = 1.0
@@ -1354,8 +1358,9 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     w = float(weight_factor)
     if not (math.isfinite(w) and w > 0):
         raise ValueError(f"weight_factor {weight_factor!r}: expected a positive finite number")
-    return c * s2 * factor * w, {"diffusion_c": c, "S2": s2, "method_factor": factor, "c_rate": at,
-                                 "weight_factor": w}
+    c_kl = c if kl_points is None else diffusion_coefficient(kl_points, at, steps, probe_steps)
+    return (c + (w - 1.0) * c_kl) * s2 * factor, {"diffusion_c": c, "S2": s2, "method_factor": factor,
+                                                  "c_rate": at, "weight_factor": w, "kl_c": c_kl}
 
 
 def first_order_at(points, lam: float, steps: int, probe_steps: int) -> float:

@@ -600,7 +600,7 @@ class ForecastGrid:
                 target, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter,
                                           return_model=True, direction=ce.mean, cosines=cos)
             probe_dl = self.probe_dl(pm)
-            if cfg.first_order:
+            if cfg.first_order or cfg.method_walk:
                 self.size_split = [(lr_p, *self.probe_terms(pm))]
             del pm
         ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
@@ -625,7 +625,7 @@ class ForecastGrid:
             with self.meter.phase("probes"):
                 _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
             top = self.probe_dl(pm)
-            if cfg.first_order:  # theta0's conditionals stay for the LoRA share; `_probes` drops them
+            if cfg.first_order or cfg.method_walk:  # theta0's conditionals stay for the LoRA share; `_probes` drops them
                 self.size_split.append((lr_top, *self.probe_terms(pm)))
             del pm
         release_free_memory()  # the probe's activations and optimiser state, before the replays
@@ -672,7 +672,8 @@ class ForecastGrid:
         return diffusion_dl(method, lr, self.size_points or self.calibration_point, steps=cfg.steps,
                             probe_steps=cfg.probe_steps, n_params=n, l2_coeff=cfg.l2_coeff,
                             max_grad_norm=cfg.max_grad_norm, lora_factor=lora, walk_rate=cfg.walk_rate,
-                            weight_factor=self.weight_factor(method))
+                            weight_factor=self.weight_factor(method),
+                            kl_points=[(p, k, math.nan) for p, _, k in self.size_split] or None)
 
     def weight_factor(self, method: str) -> float:
         """``method_walk``: the method's measured token-weighting factor (`measure_method_factors`), 1 for CE's
@@ -837,7 +838,8 @@ def forecast_grid(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], cfg
 
 def _probes(grid: ForecastGrid, ce: GradientMoments, model0: nn.Module) -> dict:
     """The calibration probe, the size probe, and what the diffusion rows read from theta0 beside them (the
-    probes' per-prefix split with ``first_order``, LoRA's Fisher share with ``lora_share="fisher"``)."""
+    probes' per-prefix split with ``first_order`` or ``method_walk``, LoRA's Fisher share with
+    ``lora_share="fisher"``, the token weightings' walk factors with ``method_walk``)."""
     cfg = grid.cfg
     probe = grid.calibrate(ce, model0)
     if cfg.size_probe:

@@ -73,10 +73,12 @@ def method_factors(unit: dict, study: Path, variant: str, factor_dir: Path | Non
     return None
 
 
-def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None, walk: bool, kw: dict) -> dict:
+def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None, walk: bool, kw: dict,
+                  split=None) -> dict:
     """Candidate 9's two parts for one row (bits/token): ``fisher`` (version 7 with LoRA's Fisher share) and
-    ``aware`` (also x the token weighting's measured walk factor), each the unit's own forecast where its probe is
-    not a random walk (the ``"auto"`` switch keeps the replay there)."""
+    ``aware`` (also the token weighting's measured walk factor on the walk's KL part, the probes' KL terms from
+    ``split``; without it on the whole dL), each the unit's own forecast where its probe is not a random walk (the
+    ``"auto"`` switch keeps the replay there)."""
     from sft.forecast import diffusion_dl
 
     per_tok = unit["n_general"] / unit["n_general_tokens"]
@@ -86,8 +88,9 @@ def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None
     kw = {k: v for k, v in kw.items() if k != "lora_factor"}
     fisher, _ = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], lora_factor=lora, **kw)
     wf = float((factors or {}).get(f["method"], 1.0))
+    kl = [(p, k, float("nan")) for p, _, k in split] if split else None
     aware, _ = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], lora_factor=lora,
-                            weight_factor=wf, **kw)
+                            weight_factor=wf, kl_points=kl, **kw)
     return {"fisher": fisher * per_tok, "aware": aware * per_tok, "weight_factor": wf}
 
 
@@ -134,7 +137,7 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
         if factors is not None:
             rows[-1].update(aware_columns(unit, f, factors, share, walk, dict(
                 steps=steps, probe_steps=unit["probe"]["steps"], n_params=n_params, l2_coeff=L2_COEFF,
-                max_grad_norm=1.0, lora_factor=lora_factor)))
+                max_grad_norm=1.0, lora_factor=lora_factor), split))
         if split is not None:
             sdl, sp = split_dl(f["method"], f["lr"], split, steps=steps, probe_steps=unit["probe"]["steps"],
                                n_params=n_params, l2_coeff=L2_COEFF, max_grad_norm=1.0, lora_factor=lora_factor)

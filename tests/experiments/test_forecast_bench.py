@@ -19,6 +19,10 @@ def test_aware_is_version_7_times_the_weighting_factor_and_the_fisher_share_repl
     lora = aware_columns(UNIT, {**row, "method": "lora", "lr": 1e-3}, {"talr": 2.5}, 0.005, True, dict(KW))
     count = diffusion_dl("lora", 1e-3, UNIT["probe"]["size_points"], **KW)[0] * 10 / 200
     assert lora["fisher"] == pytest.approx(count * 0.5) and lora["aware"] == pytest.approx(lora["fisher"])
+    # with the probes' split the factor scales the KL part: c_KL = 1.5 c here, so 1 + 1.5 x 1.5 = 3.25 x version 7
+    split = [[1e-4, -1.0, 3.0], [1e-3, -200.0, 600.0]]
+    cols = aware_columns(UNIT, row, {"talr": 2.5}, None, True, dict(KW), split)
+    assert cols["aware"] == pytest.approx(3.25 * v7)
     # where the probe is not a random walk the "auto" switch keeps the replay: the unit's own forecast
     kept = aware_columns(UNIT, row, {"talr": 2.5}, 0.005, False, dict(KW))
     assert kept["aware"] == kept["fisher"] == 9.0

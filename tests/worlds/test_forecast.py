@@ -1423,8 +1423,9 @@ def test_adam_directions_hand_values_and_method_step_grad_is_the_trainers_loss(s
 
 
 def test_method_walk_on_the_smoke_world(smoke_world, pretrained):
-    """``method_walk`` (candidate 9): each own-weighting method's diffusion row is version 7's times its measured
-    factor (the mean KL of its Adam-normalised batch steps over CE's on the same batches), CE's family (CE, L2,
+    """``method_walk`` (candidate 9): each own-weighting method's diffusion row is version 7's plus (factor - 1) x
+    the walk's KL part (the factor: the mean KL of its Adam-normalised batch steps over CE's on the same batches;
+    the KL part: the diffusion of the probes' KL terms alone, hand values too), CE's family (CE, L2,
     LoRA) does not move, the factor is the same at twice a small step (both KL terms quadratic), and a bad weight
     factor is refused."""
     from sft.forecast import diffusion_dl, method_walk_factor
@@ -1442,9 +1443,14 @@ def test_method_walk_on_the_smoke_world(smoke_world, pretrained):
     assert set(mf["factors"]) == {"talr", "dft"} and mf["n_batches"] == 4
     for m, f in mf["factors"].items():
         assert 0 < f < 10 and f == pytest.approx(method_walk_factor(mf["kl_bits"][m], mf["kl_bits"]["ce"]))
+    split = aware["probe"]["size_split"]  # the probes' (rate, first-order, KL): the factor scales the KL part only
+    assert len(split) == 2 and all(k > 0 for _, _, k in split)
+    kw = dict(steps=20, probe_steps=4, n_params=sum(p.numel() for p in model.parameters()), l2_coeff=0.01,
+              max_grad_norm=1.0)
     for a, b in zip(blind["rows"], aware["rows"]):
         f = mf["factors"].get(a["method"], 1.0)
-        assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"] * f), a["method"]
+        kl_only = diffusion_dl(a["method"], a["lr"], [(p, k, math.nan) for p, _, k in split], **kw)[0]
+        assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"] + (f - 1) * kl_only, rel=1e-6), a["method"]
         assert b["weight_factor"] == pytest.approx(f)
     grid = ForecastGrid(model, w.d2_train, d1, replace(cfg, method_walk=True), None)
     small = grid.measure_method_factors(1e-4)["factors"]  # the quadratic regime (the tiny model's probe step is not)
@@ -1453,6 +1459,12 @@ def test_method_walk_on_the_smoke_world(smoke_world, pretrained):
         assert twice[m] == pytest.approx(small[m], rel=0.05)
     assert math.isnan(method_walk_factor([1.0], [0.0]))
     pts = [(1e-4, 2.0, math.nan)]
+    hand = dict(steps=20, probe_steps=4, n_params=10, l2_coeff=0.01, max_grad_norm=1.0)
+    base, parts = diffusion_dl("talr", 1e-4, pts, **hand)  # c = 2 / S2(probe): dL = c S2(run)
+    kl = [(1e-4, 3.0, math.nan)]  # the probe's KL term 3 (its first-order term -1): c_KL = 1.5 c
+    assert diffusion_dl("talr", 1e-4, pts, weight_factor=2.0, kl_points=kl, **hand)[0] == pytest.approx(2.5 * base)
+    assert diffusion_dl("talr", 1e-4, pts, weight_factor=2.0, **hand)[0] == pytest.approx(2.0 * base)
+    assert diffusion_dl("talr", 1e-4, pts, weight_factor=0.5, kl_points=kl, **hand)[0] == pytest.approx(0.25 * base)
     with pytest.raises(ValueError, match="weight_factor"):
         diffusion_dl("talr", 1e-4, pts, steps=20, probe_steps=4, n_params=10, l2_coeff=0.01, max_grad_norm=1.0,
                      weight_factor=-1.0)
