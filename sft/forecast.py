@@ -177,6 +177,19 @@ coordinate count's 0.0123): pooled 0.690 on the same runs, every LoRA row within
 held-out grid (docs/study-smollm2-heldout2, seed 106668) it tied version 7 (within 2x 0.769 pooled over 13 runs) and
 the rule's Spearman >= 0.8 failed on CoT (0.700, where both are the replay: that unit's lam_c exceeded its probe's
 rate), so it was not adopted; version 7 stays the default.
+Candidate 9 (session 14; ``method_walk=True`` with ``lora_share="fisher"``, off by default until its pre-registered
+held-out grid, docs/study-smollm2-heldout3, is scored): version 7's walk is method-blind, but TALR's measured KL
+term is 1.76-2.34x CE's on CoT and 0.83-1.38x on label. Each token weighting's factor w is measured at theta0
+(`method_walk_factor`: the general set's KL at theta0 + eps u_b over the method's Adam-normalised batch gradients,
+`adam_directions`, over CE's on the same batches; TALR 0.83-0.92 on every label grid, 1.60-1.89 on CoT) and scales
+the walk's KL part only (`diffusion_dl`'s ``kl_points``: the probes' KL terms). Development, 55 runs of eight spent
+units: pooled within 2x 0.745 against version 7's 0.655; CoT Spearman 0.700 on both diffusion units (version 7
+0.577 / 0.474); label Spearman 0.74-0.88 (version 7 0.85-0.98). Its cost (`ForecastGrid.measure_method_factors`):
+n_b = 4 batches per weighting with its own weights plus CE's, one forward and backward of B rows and one D1 pass
+each, n_w' n_b (3 B L2 + n_1 L1) forward-token passes, about 0.85 of a run on the held-out SmolLM2 preset at
+T = 20 (3 weightings) and 0.24 at T = 72; memory 4 n_b N bytes (one weighting's gradients at a time) beside the
+model and theta0's host copy. Reusing the gradient pass's batches (their squared sums are the moments' raw second
+moment, Adam's v) would remove the backward passes; not done while the candidate is unadopted.
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored mean or CE direction, c per stored batch covariance; one method's moments

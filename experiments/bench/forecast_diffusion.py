@@ -158,18 +158,21 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
 
 def figure(path: Path, units: list[dict]) -> None:
     """Forecast against measured (bits/token, symmetric-log axes: the small rates' changes are near zero or
-    negative) for the unit's own forecast, the diffusion's and candidate 8's, one colour per study variant; the band is
-    within 2x."""
+    negative) for the unit's own forecast, the diffusion's, candidate 8's and (where a unit has its method factors)
+    candidate 9's, one colour per study variant; the band is within 2x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(14.5, 4.6), sharex=True, sharey=True)
-    for ax, key, title in zip(axes, ("unit_forecast", "diffusion", "walk"),
-                              ("the unit's forecast", "diffusion (version 7)", "walk (candidate 8)")):
-        for i, u in enumerate(units):
+    panels = [("unit_forecast", "the unit's forecast"), ("diffusion", "diffusion (version 7)"),
+              ("walk", "walk (candidate 8)")]
+    if any("aware" in u for u in units):
+        panels.append(("aware", "method-aware walk (candidate 9)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.9 * len(panels), 4.6), sharex=True, sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        for i, u in enumerate([u for u in units if key in u]):
             m = [r["measured"] for r in u["rows"]]
             f = [r[key] for r in u["rows"]]
             ax.scatter(m, f, s=22, color=f"C{i}", label=f"{Path(u['study']).name} {u['variant']} (T {u['steps']}): "
