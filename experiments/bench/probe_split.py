@@ -15,7 +15,10 @@ three backward passes and three D1 passes). ``--no-probes`` skips the probes (th
 and/or the method factors alone).
 
 Prints each probe's measured dL beside the unit's stored one (a check that the probe is the unit's: equal up to
-floating-point order), its first-order and KL terms (bits per sequence and per token of the general set).
+floating-point order; a study whose units have not run yet is measured without the check), its first-order and KL
+terms (bits per sequence and per token of the general set), and, from the probes, every (method, rate)'s diffusion
+forecast by version 7 and by candidate 9 (``forecast`` in the file; `forecast_rows`): a forecast written before
+the grid's runs are read.
 About 2-4 minutes per unit on 2 CPU cores for SmolLM2-135M.
 """
 from __future__ import annotations
@@ -44,6 +47,46 @@ def at_theta0(grid, eps: float, lora: bool, methods: bool):
     return share, factors
 
 
+def load_unit(study: Path, rec: dict, variant: str) -> dict:
+    """The study's forecast unit for ``variant``, or, where it has not run yet, an empty one (said): the probes
+    are then not compared with a unit's."""
+    name = rec.get("forecast_units", {}).get(variant)
+    path = study / "cache" / name if name is not None else None
+    if path is None or not path.exists():
+        print(f"{study}: no {variant} forecast unit yet; the probes' dL is not compared with a unit's", flush=True)
+        return {"probe": {"size_points": []}}
+    return json.loads(path.read_text())
+
+
+def forecast_rows(grid, points: list[dict], share, factors, per_tok: float) -> list[dict]:
+    """Every (method, rate) of the grid's forecast config sized by diffusion from the probes just run, as a unit
+    would (`sft.forecast_run.ForecastGrid.diffusion`, bits/token): version 7 and candidate 9 (``method_walk`` on
+    the probes' KL terms, LoRA's Fisher share), where each was measured; printed. Where the unit's switch keeps the
+    replay (its calibration probe's lam_c above its rate) the unit's rows are the replay's, not these."""
+    from dataclasses import replace
+
+    fc = grid.cfg
+    grid.size_points = [(p["lr"], p["measured_bits"], math.nan) for p in points]
+    grid.size_split = [(p["lr"], p["first_order_bits"], p["kl_term_bits"]) for p in points]
+    grid.lora_share, grid.method_factors = share, factors
+    cand = replace(fc, method_walk=factors is not None, lora_share="fisher" if share is not None else fc.lora_share)
+    rows = []
+    try:
+        for m in fc.methods:
+            for lr in fc.lrs:
+                row = {"method": m, "lr": float(lr)}
+                for key, cfg in (("version7", fc), ("candidate9", cand)):
+                    grid.cfg = cfg
+                    row[key] = grid.diffusion(m, float(lr))[0] * per_tok
+                rows.append(row)
+    finally:
+        grid.cfg = fc
+    print("| run | version 7 (bits/token) | candidate 9 |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']}@{r['lr']:g} | {r['version7']:.4f} | {r['candidate9']:.4f} |")
+    return rows
+
+
 def main(argv=None) -> None:
     import numpy as np
     import torch
@@ -69,10 +112,7 @@ def main(argv=None) -> None:
     if a.no_probes and not (a.lora_share or a.method_factors):
         raise SystemExit("--no-probes leaves nothing to measure without --lora-share or --method-factors")
     rec = json.loads((study / "study.json").read_text())
-    name = rec.get("forecast_units", {}).get(a.variant)
-    if name is None:
-        raise SystemExit(f"{study}: no {a.variant} forecast unit in study.json")
-    unit = json.loads((study / "cache" / name).read_text())
+    unit = load_unit(study, rec, a.variant)
     cfg, _ = study_config(study, a.preset, a.variant)
     model, tok, desc = load_base(cfg)
     dkey = key_of({**cfg.data_key(), "model_desc": desc})
@@ -106,7 +146,8 @@ def main(argv=None) -> None:
                                                           "kl_term": kl * per_tok}})
         print(f"probe {lr:.3g}: measured {dl:.4f} bits/seq (unit {was:.4f}), first-order {fo:.4f}, KL {kl:.4f}; "
               f"per token {dl * per_tok:.4f} = {fo * per_tok:.4f} + {kl * per_tok:.4f}", flush=True)
-    res = {"study": str(study), "variant": a.variant, "steps": fc.steps, "probe_steps": k,
+    rows = forecast_rows(grid, points, share, factors, len(d1) / n_tok) if points else []
+    res = {"study": str(study), "variant": a.variant, "steps": fc.steps, "probe_steps": k, "forecast": rows,
            "size_split": [[p["lr"], p["first_order_bits"], p["kl_term_bits"]] for p in points], "points": points,
            "lora_share": share, "method_factors": factors, "n_general": len(d1), "n_general_tokens": n_tok, "seconds": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
