@@ -750,6 +750,16 @@ def _micro_grads(model, part: dict, params, acc: StreamedMoments, per: list, *, 
     return nll.numel(), tau_used  # the micro-batch's graph is freed on return
 
 
+def _loss_weighting(method: str, flow_tau: float | None) -> tuple[bool, str, float | None]:
+    """(whether ``method`` takes CE's gradients, the token weighting its loss uses, FLOW's sequence temperature):
+    CE itself and the methods replaying CE's (L2, LoRA) are plain CE; FLOW uses CE's token weights with its
+    sequence weights exp(-loss / ``flow_tau``); every other method its own token weights."""
+    rec = get_method(method)
+    plain_ce = rec.replay_gradients == "ce" or method == "ce"
+    loss_method = "ce" if plain_ce or rec.sequence_weights else method
+    return plain_ce, loss_method, flow_tau if rec.sequence_weights == "flow" else None
+
+
 def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method: str, *, pad_token_id: int,
                      flow_tau: float | None = None, w_min: float = L.W_MIN, hard_p: float = HARD_GROUP_P,
                      meter: ComputeMeter | None = None, ce_mean: torch.Tensor | None = None,
@@ -773,15 +783,12 @@ def method_gradients(model: nn.Module, batches: Sequence[Sequence[dict]], method
     `TokenLosses.batch_taus` of CE's moments on the same batches: no pass). ``shared_ce``: the progress
     direction is another method's, attached by the caller after the pass (`sft.forecast_run`'s `Spill`
     keeps it on disk meanwhile): none is computed and the moments' ``ce_mean`` is None until then."""
-    rec = get_method(method)
-    plain_ce = rec.replay_gradients == "ce" or method == "ce"  # CE itself, or a method replaying CE's (L2, LoRA)
-    loss_method = "ce" if plain_ce or rec.sequence_weights else method  # FLOW: CE token weights + its sequence weights
+    plain_ce, loss_method, seq_tau = _loss_weighting(method, flow_tau)
     params = _params(model)
     derive = ce_mean is None and not shared_ce  # no direction given: CE derives it from its mean, others compute it
     acc = StreamedMoments(params, derive and not plain_ce, dtype, noise_dtype)
     taus, n_all = [], 0
     n_back = 4 if acc.ce is not None else 2  # backward passes per micro-batch: one per group (and per CE group)
-    seq_tau = flow_tau if rec.sequence_weights == "flow" else None  # FLOW's sequence weights exp(-loss / tau)
     was = model.training
     model.train()
     try:
@@ -1451,11 +1458,8 @@ def method_step_grad(model: nn.Module, batch: Sequence[dict], method: str, *, pa
     (TALR's tau the batch's median per-sequence loss, as the trainer's), FLOW's sequence weights
     exp(-loss / ``flow_tau``); methods that replay CE's gradients (L2, LoRA) take CE's (`method_gradients`'
     rule). One forward and one backward pass over the batch."""
-    rec = get_method(method)
-    plain_ce = rec.replay_gradients == "ce" or method == "ce"
-    loss_method = "ce" if plain_ce or rec.sequence_weights else method
-    seq_tau = flow_tau if rec.sequence_weights == "flow" else None
-    if rec.sequence_weights == "flow" and seq_tau is None:
+    _, loss_method, seq_tau = _loss_weighting(method, flow_tau)
+    if get_method(method).sequence_weights == "flow" and seq_tau is None:
         raise ValueError(f"method {method!r}: FLOW's sequence weights need flow_tau")
     params = _params(model)
     b = _collate(batch, pad_token_id, model_device(model))

@@ -845,11 +845,10 @@ def _probes(grid: ForecastGrid, ce: GradientMoments, model0: nn.Module) -> dict:
     if cfg.size_probe:
         grid.size_points = grid.size_probe(ce, model0, probe)
         probe["size_points"] = grid.size_points
+    eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
     if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
-        eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
         probe["lora_share"] = grid.measure_lora_share(eps)
     if cfg.method_walk and grid.by_diffusion(ce):
-        eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))
         probe["method_factors"] = grid.measure_method_factors(eps)
     grid.drop_terms()
     if grid.size_split:

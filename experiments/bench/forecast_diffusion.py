@@ -32,45 +32,40 @@ SMOLLM2_PARAMS = 134515008  # SmolLM2-135M's trainable parameters (tied embeddin
 SMOLLM2_LORA = 0.012332304213965478  # lora_diffusion_factor of its 210 adapted matrices, r 8, alpha 16
 
 
+def probe_record(unit: dict, study: Path, variant: str | None, folder: Path | None, key: str):
+    """``key`` of the unit's probe record, else of the first file of ``folder`` written for this study (and
+    ``variant``, unless None: any variant shares the model and general set) by `experiments.bench.probe_split`;
+    None when neither has it."""
+    if unit["probe"].get(key):
+        return unit["probe"][key]
+    for f in sorted(folder.glob("*.json")) if folder is not None else ():
+        rec = json.loads(f.read_text())
+        if Path(rec.get("study", "")).resolve() == study.resolve() and variant in (None, rec.get("variant")) \
+                and rec.get(key):
+            return rec[key]
+    return None
+
+
 def split_points(unit: dict, study: Path, variant: str, split_dir: Path | None):
     """The probes' (peak rate, first-order term, KL term) for `split_dl`: the unit's own (``size_split``,
-    recorded by units run with ``first_order``) or a file of ``split_dir`` written for this study and variant by
-    `experiments.bench.probe_split`; None when neither has them."""
-    if unit["probe"].get("size_split"):
-        return unit["probe"]["size_split"]
-    for f in sorted(split_dir.glob("*.json")) if split_dir is not None else ():
-        rec = json.loads(f.read_text())
-        if Path(rec.get("study", "")).resolve() == study.resolve() and rec.get("variant") == variant \
-                and rec.get("size_split"):
-            return rec["size_split"]
-    return None
+    recorded by units run with ``first_order`` or ``method_walk``) or a ``split_dir`` file for this study and
+    variant; None when neither has them."""
+    return probe_record(unit, study, variant, split_dir, "size_split")
 
 
 def lora_share(unit: dict, study: Path, share_dir: Path | None):
-    """LoRA's Fisher-weighted diffusion factor for a study: the unit's own (``probe.lora_share``) or a file of
-    ``share_dir`` written for this study (any variant: the same model and general set) by
-    `experiments.bench.probe_split` ``--lora-share``; None when neither has it."""
-    if unit["probe"].get("lora_share"):
-        return float(unit["probe"]["lora_share"]["factor"])
-    for f in sorted(share_dir.glob("*.json")) if share_dir is not None else ():
-        rec = json.loads(f.read_text())
-        if Path(rec.get("study", "")).resolve() == study.resolve() and rec.get("lora_share"):
-            return float(rec["lora_share"]["factor"])
-    return None
+    """LoRA's Fisher-weighted diffusion factor for a study: the unit's own (``probe.lora_share``) or a
+    ``share_dir`` file for this study (any variant) written with ``--lora-share``; None when neither has it."""
+    rec = probe_record(unit, study, None, share_dir, "lora_share")
+    return None if rec is None else float(rec["factor"])
 
 
 def method_factors(unit: dict, study: Path, variant: str, factor_dir: Path | None) -> dict | None:
     """Each token weighting's walk factor for a study variant (candidate 9, `sft.forecast.method_walk_factor`):
-    the unit's own (``probe.method_factors``) or a file of ``factor_dir`` written for this study and variant by
-    `experiments.bench.probe_split` ``--method-factors``; None when neither has them."""
-    if unit["probe"].get("method_factors"):
-        return unit["probe"]["method_factors"]["factors"]
-    for f in sorted(factor_dir.glob("*.json")) if factor_dir is not None else ():
-        rec = json.loads(f.read_text())
-        if Path(rec.get("study", "")).resolve() == study.resolve() and rec.get("variant") == variant \
-                and rec.get("method_factors"):
-            return rec["method_factors"]["factors"]
-    return None
+    the unit's own (``probe.method_factors``) or a ``factor_dir`` file for this study and variant written with
+    ``--method-factors``; None when neither has them."""
+    rec = probe_record(unit, study, variant, factor_dir, "method_factors")
+    return None if rec is None else rec["factors"]
 
 
 def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None, walk: bool, kw: dict,
@@ -84,7 +79,7 @@ def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None
     per_tok = unit["n_general"] / unit["n_general_tokens"]
     if not walk:
         return {"fisher": f["dL_general_bits_per_token"], "aware": f["dL_general_bits_per_token"], "weight_factor": 1.0}
-    lora = share if share is not None else kw.pop("lora_factor")
+    lora = share if share is not None else kw["lora_factor"]
     kw = {k: v for k, v in kw.items() if k != "lora_factor"}
     fisher, _ = diffusion_dl(f["method"], f["lr"], unit["probe"]["size_points"], lora_factor=lora, **kw)
     wf = float((factors or {}).get(f["method"], 1.0))

@@ -11,7 +11,7 @@ geometric middle rate and its largest, as the unit runs them, same batches) and 
 (`sft.forecast_run.ForecastGrid.measure_lora_share`, ``ForecastConfig.lora_share="fisher"``: two D1 passes);
 ``--method-factors`` measures each token weighting's Fisher-weighted step size over CE's
 (`sft.forecast_run.ForecastGrid.measure_method_factors`, ``ForecastConfig.method_walk``, candidate 9: per method
-three backward passes and three D1 passes). ``--no-probes`` skips the probes (the file then holds the LoRA share
+four backward passes and four D1 passes). ``--no-probes`` skips the probes (the file then holds the LoRA share
 and/or the method factors alone).
 
 Prints each probe's measured dL beside the unit's stored one (a check that the probe is the unit's: equal up to

@@ -1397,7 +1397,8 @@ def test_adam_directions_hand_values_and_method_step_grad_is_the_trainers_loss(s
     `method_step_grad` for CE and TALR is the gradient of the trainer's own loss (`sft.losses.sft_loss`, TALR's tau
     the batch median, over the batch's tokens), and FLOW's needs its temperature."""
     from sft import losses as L
-    from sft.forecast import _collate, _params, adam_directions, method_step_grad
+    from sft.data import PadCollator
+    from sft.forecast import adam_directions, method_step_grad
 
     us = adam_directions([torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([-1.0, 0.0, 0.0, 4.0])])
     want = [[1.0, 0.0, 2 / math.sqrt(2), 3 / math.sqrt(12.5)], [-1.0, 0.0, 0.0, 4 / math.sqrt(12.5)]]
@@ -1409,13 +1410,13 @@ def test_adam_directions_hand_values_and_method_step_grad_is_the_trainers_loss(s
     model, _, _ = pretrained
     w = smoke_world
     batch = list(w.d2_train[:4])
-    b = _collate(batch, w.pad_id)
+    b = PadCollator(w.pad_id)(batch)
     for method in ("ce", "talr"):
         g = method_step_grad(model, batch, method, pad_token_id=w.pad_id)
         model.zero_grad()
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         L.sft_loss(method, logits, b["labels"]).backward()  # sum_t w_t ell_t / the batch's tokens
-        ref = torch.cat([p.grad.reshape(-1) for p in _params(model)])
+        ref = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
         model.zero_grad()
         assert torch.allclose(g, ref, rtol=1e-4, atol=1e-7), method
     with pytest.raises(ValueError, match="flow_tau"):
