@@ -177,27 +177,38 @@ coordinate count's 0.0123): pooled 0.690 on the same runs, every LoRA row within
 held-out grid (docs/study-smollm2-heldout2, seed 106668) it tied version 7 (within 2x 0.769 pooled over 13 runs) and
 the rule's Spearman >= 0.8 failed on CoT (0.700, where both are the replay: that unit's lam_c exceeded its probe's
 rate), so it was not adopted; version 7 stays the default.
-Candidate 9 (session 14; ``method_walk=True`` with ``lora_share="fisher"``, off by default until its pre-registered
-held-out grid, docs/study-smollm2-heldout3, is scored): version 7's walk is method-blind, but TALR's measured KL
-term is 1.76-2.34x CE's on CoT and 0.83-1.38x on label. Each token weighting's factor w is measured at theta0
-(`method_walk_factor`: the general set's KL at theta0 + eps u_b over the method's Adam-normalised batch gradients,
-`adam_directions`, over CE's on the same batches; TALR 0.83-0.92 on every label grid, 1.60-1.89 on CoT) and scales
-the walk's KL part only (`diffusion_dl`'s ``kl_points``: the probes' KL terms). Development, 55 runs of eight spent
-units: pooled within 2x 0.745 against version 7's 0.655; CoT Spearman 0.700 on both diffusion units (version 7
-0.577 / 0.474); label Spearman 0.74-0.88 (version 7 0.85-0.98). Its cost (`ForecastGrid.measure_method_factors`):
-n_b = 4 batches per weighting with its own weights plus CE's, one forward and backward of B rows and one D1 pass
-each, n_w' n_b (3 B L2 + n_1 L1) forward-token passes, about 0.85 of a run on the held-out SmolLM2 preset at
-T = 20 (3 weightings) and 0.24 at T = 72; memory 4 n_b N bytes (one weighting's gradients at a time) beside the
-model and theta0's host copy. Reusing the gradient pass's batches (their squared sums are the moments' raw second
-moment, Adam's v) would remove the backward passes; not done while the candidate is unadopted.
+8 (the default since session 15; ``method_walk=True`` with ``lora_share="fisher"``; candidate 9 of session 14):
+version 7's walk is method-blind, but TALR's measured KL term is 1.76-2.34x CE's on CoT and 0.83-1.38x on label.
+Each token weighting's factor w is measured at theta0 (`method_walk_factor`: the general set's KL at theta0 + eps
+u_b over the method's Adam-normalised batch gradients, `adam_directions`, over CE's on the same batches; TALR
+0.83-0.92 on every label grid, 1.60-1.89 on CoT) and scales the walk's KL part only (`diffusion_dl`'s
+``kl_points``: the probes' KL terms); LoRA's factor is its Fisher-weighted share (`walk_step`). It moves diffusion
+rows only: where the switch keeps the replay (every tiny world stored) version 8 is version 7, row for row and in
+compute (the probes' split, the share and the factors are then not measured). Development, 55 runs of eight
+spent units: pooled within 2x 0.745 against version 7's 0.655. Pre-registered held-out grid
+(docs/study-smollm2-heldout3, seed 595633, 13 runs): Spearman 0.857 / 1.000 (label / CoT) against version 7's
+0.901 / 0.866, pooled within 2x 0.692 against 0.538; its rule (pooled within 2x at least version 7's, Spearman
+>= 0.8 on each variant, the tiny worlds unchanged) was met, so it was adopted. ``VERSION7`` holds version 7's
+settings. Its cost (`ForecastGrid.measure_method_factors`, on a diffusion-sized grid only): n_f = 4 batches per
+weighting with its own weights plus CE's, one forward and backward of B rows and one D1 pass each, and 5 more D1
+passes (theta0's conditionals, the probes' split, LoRA's two steps): n_f n_w (3 B L2 + n_1 L1) + 5 n_1 L1
+forward-token passes, about 1.18 of a run on the held-out SmolLM2 preset at T = 20 (3 weightings; measured
+2.744 - 1.568 on its label unit) and 0.48 at
+3B, T = 150; memory 4 n_f N bytes (one weighting's gradients at a time) and theta0's host copy, with CE's moments
+spilled meanwhile where a spill folder is given. Reusing the gradient pass's batches would remove the backward
+passes, but the grid study takes 2 gradient batches per weighting and a factor on 2 batches is noisy (held-out
+CoT: 2.01 on the unit's 2, 1.60 on 4), so the factors keep batches of their own.
 
 **Memory** (`forecast_memory_bytes`, bytes beside activations; N trainable parameters, w bytes
 per weight, s per stored mean or CE direction, c per stored batch covariance; one method's moments
 live at a time, so neither the number of methods, of rates nor of probe batches enters):
-    peak = w N + max(M + 4 N + w N, M + 3 w N, M - 2 s N + 4 w N) + 32 CHUNK x 4,  M = 4 s N + 3 c N
+    peak = w N + max(M + 4 N + w N, M + 3 w N, M - 2 s N + 4 w N, M + 4 n_f N + w N) + 32 CHUNK x 4,
+    M = 4 s N + 3 c N
 (the model, used in place; means 2 s N, covariances 3 c N and the CE direction or L2's Adam state
 2 s N; the float32 displacement; theta0's copy while a configuration is evaluated; or the group
-gradients of a pass; or a probe's model copy, gradient and AdamW states beside CE's moments). The
+gradients of a pass; or a probe's model copy, gradient and AdamW states beside CE's moments; or, on a
+diffusion-sized grid, version 8's n_f = 4 batch gradients of one weighting beside CE's moments: then the largest
+in one memory, 46 N + w N for s = c = 4, but with the state spilled 20 N + w N, below the pass and the replay). The
 activations are those of ``micro_batch`` rows (the gradients and probes run their batches in
 micro-batches, exactly). `talr forecast-cost` prints it for any N. With the state a phase does not read
 held on disk (`sft.forecast_run.Spill`, ``talr forecast --spill-dir``, the grid study's default; session 11)
@@ -214,7 +225,9 @@ what a probe's AdamW needs -- bf16 parameters round away steps of lr ~1e-5: 20 N
 moments twice (2 x 28 N bytes), 6 blocks a configuration at T = 150, so 30 configurations read about
 32 TB, some 5 minutes at 100 GB/s (an estimate; not run: no GPU was lent to this project). With the model
 and the state in one memory (a CPU run, or all of it on one device): 36 N = 115.6 GB + 0.5 GB of chunks:
-not one 80 GB GPU, one H200 (141 GB) (a training run of the same model with AdamW in fp32 states:
+not one 80 GB GPU, one H200 (141 GB); version 8's walk factors on a diffusion-sized grid raise it to 48 N =
+154 GB, or host 46 N = 148 GB with the model on the GPU, unless the state is spilled (34 N = 109 GB in one memory,
+host 32 N = 103 GB) (a training run of the same model with AdamW in fp32 states:
 16 N = 51 GB). Session 6 claimed 22 N = 70.6 GB with every moment in
 bf16 (s = c = 2), scored on the tiny world only (forecasts moved 0.05 % / 1.1 %). On SmolLM2 (session 9,
 the held-out label grid) that storage breaks the forecast: the batch covariances lose their noise to
@@ -228,13 +241,15 @@ to 28.8 (the CE direction in bf16 changes nothing; the cause is not found). So t
 **Compute** (`forecast_compute_ratio`, in forward-token passes, a backward costs two; against
 one training run of one configuration, 3 T B L2; L2, L1 = mean tokens of a D2 / D1 sequence,
 n_b probe batches, n_w token weightings (<= 4), G = methods x rates, k = ``probe_steps``):
-    ratio = [(5 n_b n_w + 6 k) B L2 + (G + 5) n_1 L1 + rf G T / 2] / (3 T B L2)
+    ratio = [(5 n_b n_w + 6 k) B L2 + (G + 5) n_1 L1 + W + rf G T / 2] / (3 T B L2)
+(W: version 8's walk factors on a diffusion-sized grid, n_f n_w (3 B L2 + n_1 L1) + 5 n_1 L1, n_f = 4; 0 on a
+replay-sized one)
 (the last term: the replays, rf N flops per step and configuration, a token pass being 2 N flops;
 it does not depend on N; `sft.forecast_run.replay_flops`: (50 + 30) / replay_block = 8 for CE, TALR,
 DFT, FLOW, 0 for L2 (CE's replay), (12 r + 25) / lora_block = 60.5 for LoRA: rf = 15.4 averaged over
 the six methods; 45-60 per step before the blocks); P = 2 probes. A 3B model, T = 150, B = 16,
 L2 = L1 = 512, n_1 = 128, n_b = 2, n_w = 4, G = 30, k = 6: 0.79 (passes) + 0.01 (replays) = 0.80 of
-one training run, whatever N (0.81 before the token groups and temperatures were read from CE's pass;
+one training run without the walk factors, 1.28 with them (W = 0.48; `talr forecast-cost`), whatever N (0.81 before the token groups and temperatures were read from CE's pass;
 with one probe and blocks 25 / 3, tried as version 4: 0.71). In the
 tiny world (sequences of about 12 tokens) a replay step costs about a fortieth of a training step:
 worlds 0-2, 0.80 (passes) + 0.48 (replays, with the probes' fits; 1.48 before the blocks);
@@ -264,11 +279,16 @@ ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
            "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
            "l2_relaxation", "micro_batches", "squared_norm", "StreamedMoments", "TokenLosses",
-           "FORECAST_MODEL", "HOST"]
+           "FORECAST_MODEL", "VERSION7", "HOST"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
-FORECAST_MODEL = "7: version 5, sized by diffusion where the probe's gradient is a random walk"
+FORECAST_MODEL = ("8: version 7 with each token weighting's walk sized by its Fisher-weighted Adam step and LoRA's "
+                  "share by the Fisher information")
+
+# version 7's settings over version 8's defaults (`dataclasses.replace(cfg, **VERSION7)`): the method-blind walk
+# and LoRA's share by coordinate count
+VERSION7 = {"method_walk": False, "lora_share": "count"}
 
 
 @dataclass
@@ -310,8 +330,8 @@ class ForecastConfig:
     # probe's gradient decorrelates within one step (`random_walk`), else the replay; "replay": version 5; "diffusion"
     first_order: bool = False  # diffusion rows: the KL term by diffusion plus the probes' first-order term (`split_dl`; tried)
     walk_rate: str = "peak"  # diffusion's c read at the peak rate; "equal": at the rate of equal displacement (`diffusion_dl`)
-    lora_share: str = "count"  # LoRA's diffusion factor by coordinates (`lora_diffusion_factor`); "fisher": measured (`walk_step`)
-    method_walk: bool = False  # diffusion rows x the token weighting's Fisher-weighted step size over CE's (`method_walk_factor`)
+    lora_share: str = "fisher"  # version 8: LoRA's diffusion factor measured (`walk_step`); "count": by coordinates (version 7)
+    method_walk: bool = True  # version 8: diffusion rows' KL part x the token weighting's Fisher-weighted step over CE's (`method_walk_factor`)
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
     cross_fit: bool = False  # the tracker's alignment without the batches' own noise (`GradientMoments.alignment`)
@@ -1650,7 +1670,7 @@ def advise(rows: Sequence[dict], budget: float, *, gain_tol: float = GAIN_TOL, k
 
 # ------------------------------------------------------------------------------------ budgets
 def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weight_bytes: int = 2,
-                          store_bytes: int = 4, noise_bytes: int = 4, chunk: int = CHUNK) -> dict:
+                          store_bytes: int = 4, noise_bytes: int = 4, chunk: int = CHUNK, walk_batches: int = 0) -> dict:
     """Peak memory of `sft.forecast_run.forecast_grid` beside the activations, in bytes, for N
     trainable parameters (w = ``weight_bytes``, s = ``store_bytes``, c = ``noise_bytes`` per number):
 
@@ -1664,7 +1684,13 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     - the replay: the displacement 4 N (float32), L2's Adam moments 2 s N (with ``l2_energy``: CE's
       displacement kept for L2 and its scaled copy, 4 N, within 2 s N for s >= 2), a few chunk floats;
     - the probes (real CE steps beside CE's moments M - 2 s N): the probed copy of the model, its
-      gradient and AdamW's two states, 4 w N (the cosines are taken parameter by parameter).
+      gradient and AdamW's two states, 4 w N (the cosines are taken parameter by parameter);
+    - version 8's walk factors on a diffusion-sized grid (``walk_batches`` = n_f > 0, 4 by default there;
+      `sft.forecast_run.ForecastGrid.measure_method_factors`): one token weighting's n_f flat float32 batch
+      gradients, 4 n_f N (in host memory), and theta0's copy w N while a direction's KL is read, beside CE's
+      moments M unless they are spilled: "method_walk" = M + 4 n_f N + w N (spilled: 4 n_f N + w N). With
+      the defaults (n_f = 4, s = c = 4) it is the largest part in one memory: 46 N + w N against 34 N + w N
+      for w = 2; spilled (20 N + w N) it stays below the gradient pass and the replay.
 
     With the model and the forecast's state in one memory (a CPU run; ``"peak"``):
         peak = w N + max(M + 4 N + w N        [CE, L2, LoRA; TALR, DFT, FLOW],
@@ -1690,22 +1716,25 @@ def forecast_memory_bytes(N: float, *, grid: int = 30, n_batches: int = 6, weigh
     Activations are those of ``micro_batch`` rows (`ForecastConfig.micro_batch`; a training step
     holds those of its B rows). ``grid`` and ``n_batches`` do not enter (the arguments are there to say so)."""
     del grid, n_batches
+    if walk_batches < 0:
+        raise ValueError(f"walk_batches {walk_batches}: expected >= 0")
     w, s, c = weight_bytes, store_bytes, noise_bytes
     M = (4 * s + 3 * c) * N
+    walk = 4 * walk_batches * N + w * N if walk_batches else 0.0
     parts = {"ce_family": M + 4 * N + w * N, "own_weights": M + 4 * N + w * N,
-             "gradient_pass": M + 3 * w * N, "probe": M - 2 * s * N + 4 * w * N}
+             "gradient_pass": M + 3 * w * N, "probe": M - 2 * s * N + 4 * w * N, "method_walk": M + walk if walk else 0.0}
     spill = {"gradient_pass": M - 2 * s * N + 3 * w * N, "replay": M + 4 * N, "probe": 2 * s * N + 4 * w * N,
-             "evaluation": 8 * N + w * N}
+             "evaluation": 8 * N + w * N, "method_walk": walk}
     return {**parts, "model": w * N, "peak": w * N + max(parts.values()) + 32 * chunk,
-            "device_peak": 5 * w * N,  # the model + a probe (4 w N > a pass's 3 w N)
-            "host_peak": M + 4 * N + w * N + 32 * chunk,
+            "device_peak": 5 * w * N,  # the model + a probe (4 w N > a pass's 3 w N; a factor's backward 2 w N)
+            "host_peak": max(M + 4 * N + w * N, parts["method_walk"]) + 32 * chunk,
             "spill_peak": w * N + max(spill.values()) + 32 * chunk,
-            "spill_host_peak": max(spill["replay"], spill["evaluation"]) + 32 * chunk}
+            "spill_host_peak": max(spill["replay"], spill["evaluation"], walk) + 32 * chunk}
 
 
 def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: int, len_d1: float,
                            n_batches: int, n_weightings: int, grid: int, probe_steps: int,
-                           replay_flops: float = 15.4, probes: int = 2) -> dict:
+                           replay_flops: float = 15.4, probes: int = 2, walk_batches: int = 0) -> dict:
     """The forecast's compute over one training run's (3 T B L2 forward-token passes; a backward
     costs two forwards), from its parts (L2, L1 = mean tokens of a D2 / D1 sequence):
 
@@ -1721,9 +1750,19 @@ def forecast_compute_ratio(*, steps: int, batch: int, len_d2: float, n_general: 
       blocks 25 and 3, averaged over the six methods; 45 per step before them) x N flops per step and
       configuration, a forward-token pass being 2 N flops: G T replay_flops / 2 (N cancels).
 
-    ratio = [(5 n_b n_w + 3 P k) B L2 + (G + 3 P - 1) n_1 L1 + G T replay_flops / 2] / (3 T B L2)."""
+    - version 8's walk factors on a diffusion-sized grid (``walk_batches`` = n_f > 0, 4 there; 0: a
+      replay-sized grid, every tiny world): per token weighting n_f forward and backward passes of B rows and
+      n_f D1 passes, and 5 D1 passes beside them (theta0's full conditionals, the two probes' per-prefix
+      split, LoRA's two random steps): W = n_f n_w (3 B L2 + n_1 L1) + 5 n_1 L1, part of the passes.
+
+    ratio = [(5 n_b n_w + 3 P k) B L2 + (G + 3 P - 1) n_1 L1 + W + G T replay_flops / 2] / (3 T B L2)."""
+    if walk_batches < 0:
+        raise ValueError(f"walk_batches {walk_batches}: expected >= 0")
+    walk = (walk_batches * n_weightings * (3 * batch * len_d2 + n_general * len_d1) + 5 * n_general * len_d1
+            if walk_batches else 0.0)
     passes = (5 * n_batches * n_weightings + 3 * probes * probe_steps) * batch * len_d2 \
-        + (grid + 3 * probes - 1) * n_general * len_d1
+        + (grid + 3 * probes - 1) * n_general * len_d1 + walk
     replay = grid * steps * replay_flops / 2.0
     run = 3.0 * steps * batch * len_d2
-    return {"passes_ratio": passes / run, "replay_ratio": replay / run, "ratio": (passes + replay) / run}
+    return {"passes_ratio": passes / run, "replay_ratio": replay / run, "walk_ratio": walk / run,
+            "ratio": (passes + replay) / run}

@@ -600,13 +600,13 @@ class ForecastGrid:
                 target, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter,
                                           return_model=True, direction=ce.mean, cosines=cos)
             probe_dl = self.probe_dl(pm)
-            if cfg.first_order or cfg.method_walk:
+            ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
+            self.calibration_point = [(lr_p, float(probe_dl), math.nan)]
+            if self.wants_split(ce):
                 self.size_split = [(lr_p, *self.probe_terms(pm))]
             del pm
-        ce.lam_c = fit_coherence(cos, plrs, cfg.coherence_fit) if cfg.coherence else math.inf
         release_free_memory()  # the probe's activations and optimiser state, before the replays
         kappa = fit_kappa(ce, plrs, target, meter=self.meter, block=cfg.fit_block)
-        self.calibration_point = [(lr_p, float(probe_dl), math.nan)]
         return {"lr": lr_p, "steps": k_steps, "lrs": plrs.tolist(), "loss_nats": target.tolist(),
                 "dL_P1_bits": probe_dl, "kappa": kappa.tolist(), "cosines": cos,
                 "lambda_c": ce.lam_c if math.isfinite(ce.lam_c) else None}
@@ -625,7 +625,7 @@ class ForecastGrid:
             with self.meter.phase("probes"):
                 _, pm = probe_losses(model0, self.examples, groups, cfg, plrs, self.meter, return_model=True)
             top = self.probe_dl(pm)
-            if cfg.first_order or cfg.method_walk:  # theta0's conditionals stay for the LoRA share; `_probes` drops them
+            if self.wants_split(ce):  # theta0's conditionals stay for the LoRA share; `_probes` drops them
                 self.size_split.append((lr_top, *self.probe_terms(pm)))
             del pm
         release_free_memory()  # the probe's activations and optimiser state, before the replays
@@ -647,6 +647,12 @@ class ForecastGrid:
             delta = l2_relaxation(delta, gm.raw_sq, lam_T, cfg.l2_coeff, rho=rho, moment=moment)
         s = l2_energy_scale(squared_norm(delta), gm.ell0, ell, gm.tokens_per_seq, cfg.l2_coeff, size=r)
         return (delta.mul_(s) if cfg.l2_relax else delta * s), {"l2_energy_scale": s}
+
+    def wants_split(self, ce: GradientMoments) -> bool:
+        """Whether the probes record their per-prefix split (`probe_terms`): always with ``first_order``; with
+        ``method_walk`` only where the rows are sized by diffusion (the split's KL part is what the factors scale),
+        so a replay-sized grid (every tiny world so far) costs and forecasts exactly as without it."""
+        return self.cfg.first_order or (self.cfg.method_walk and self.by_diffusion(ce))
 
     def by_diffusion(self, gm: GradientMoments) -> bool:
         """``size_model``: "diffusion" always, "auto" where the calibration probe's gradient decorrelates within
@@ -846,10 +852,11 @@ def _probes(grid: ForecastGrid, ce: GradientMoments, model0: nn.Module) -> dict:
         grid.size_points = grid.size_probe(ce, model0, probe)
         probe["size_points"] = grid.size_points
     eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
-    if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
-        probe["lora_share"] = grid.measure_lora_share(eps)
-    if cfg.method_walk and grid.by_diffusion(ce):
-        probe["method_factors"] = grid.measure_method_factors(eps)
+    with grid.spill.away(ce, "mean", "cov", "ce_mean"):  # read by neither: the factors' gradients take their place
+        if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
+            probe["lora_share"] = grid.measure_lora_share(eps)
+        if cfg.method_walk and grid.by_diffusion(ce):
+            probe["method_factors"] = grid.measure_method_factors(eps)
     grid.drop_terms()
     if grid.size_split:
         probe["size_split"] = grid.size_split

@@ -65,17 +65,20 @@ def forecast_rows(grid, points: list[dict], share, factors, per_tok: float) -> l
     replay (its calibration probe's lam_c above its rate) the unit's rows are the replay's, not these."""
     from dataclasses import replace
 
+    from sft.forecast import VERSION7
+
     fc = grid.cfg
     grid.size_points = [(p["lr"], p["measured_bits"], math.nan) for p in points]
     grid.size_split = [(p["lr"], p["first_order_bits"], p["kl_term_bits"]) for p in points]
     grid.lora_share, grid.method_factors = share, factors
-    cand = replace(fc, method_walk=factors is not None, lora_share="fisher" if share is not None else fc.lora_share)
+    v7 = replace(fc, **VERSION7)
+    cand = replace(fc, method_walk=factors is not None, lora_share="fisher" if share is not None else "count")
     rows = []
     try:
         for m in fc.methods:
             for lr in fc.lrs:
                 row = {"method": m, "lr": float(lr)}
-                for key, cfg in (("version7", fc), ("candidate9", cand)):
+                for key, cfg in (("version7", v7), ("candidate9", cand)):
                     grid.cfg = cfg
                     row[key] = grid.diffusion(m, float(lr))[0] * per_tok
                 rows.append(row)

@@ -126,6 +126,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="how each configuration's dL is sized: auto (version 7, the default: diffusion where the "
                         "probe's gradient decorrelates within one step, else the replay), replay (version 5) or "
                         "diffusion (c(eta) x sum of squared rates from the probes, `sft.forecast.diffusion_dl`)")
+    p.add_argument("--forecast-version", type=int, choices=(7, 8), default=8,
+                   help="8 (the default): on diffusion-sized rows each token weighting's walk by its own "
+                        "Fisher-weighted Adam step and LoRA's by a Fisher-weighted random step, measured at theta0 "
+                        "(`sft.forecast.method_walk_factor`); 7: the method-blind walk (`sft.forecast.VERSION7`). "
+                        "Replay-sized rows (every tiny world) are the same under both")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -172,7 +177,8 @@ CPU run), and split between the device and the host when the model runs on an ac
 --device cuda`: the moments and replays stay in host memory); and the run
 length T from which the forecast costs at most --target of one run (its passes do not grow with T,
 the run does). Defaults: the 3B setting of `sft.forecast` (N = 3.21e9, bf16 weights, float32
-moments, T = 150, B = 16, 512-token sequences, 30 configurations).
+moments, T = 150, B = 16, 512-token sequences, 30 configurations), sized by diffusion as a real LLM's grid is
+(version 8's walk factors on 4 batches per token weighting; --walk-batches 0: a replay-sized grid).
 
     talr forecast-cost
     talr forecast-cost --params 1.35e8 --weight-bytes 4 --steps 20 --batch-size 4 \\
@@ -205,6 +211,8 @@ def _cost_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", type=ranged("probes", 1, 2, integer=True), default=2, help="1, or 2 with the size probe")
     p.add_argument("--replay-flops", type=ranged("replay-flops", 0), default=8.9,
                    help="flops per parameter, step and configuration of a replay (8.9: version 5's blocks)")
+    p.add_argument("--walk-batches", type=ranged("walk-batches", 0, 64, integer=True), default=4,
+                   help="batches per token weighting of version 8's walk factors (4; 0: a replay-sized grid, no factors)")
     p.add_argument("--gpu-gb", type=ranged("gpu-gb", 0, lo_open=True), default=80.0, help="memory of the device, GB")
     p.add_argument("--target", type=ranged("target", 0, lo_open=True), default=0.5,
                    help="compute target, in training runs (the T it needs is printed)")
@@ -216,10 +224,10 @@ def forecast_cost(args) -> dict:
     from sft.forecast import forecast_compute_ratio, forecast_memory_bytes
 
     mem = forecast_memory_bytes(args.params, weight_bytes=args.weight_bytes, store_bytes=args.store_bytes,
-                                noise_bytes=args.noise_bytes)
+                                noise_bytes=args.noise_bytes, walk_batches=args.walk_batches)
     kw = dict(batch=args.batch_size, len_d2=args.len_d2, n_general=args.n_general, len_d1=args.len_d1,
               n_batches=args.n_batches, n_weightings=args.weightings, grid=args.grid, probe_steps=args.probe_steps,
-              replay_flops=args.replay_flops, probes=args.probes)
+              replay_flops=args.replay_flops, probes=args.probes, walk_batches=args.walk_batches)
     comp = forecast_compute_ratio(steps=args.steps, **kw)
     per_step = forecast_compute_ratio(steps=1, **kw)  # ratio(T) = passes(1) / T + replays (constant in T)
     floor = per_step["replay_ratio"]
@@ -239,15 +247,15 @@ def run_cost(args) -> int:
     print(f"N = {args.params:.3g} parameters, w = {args.weight_bytes:g} B a weight, s = {args.store_bytes:g} B a mean, "
           f"c = {args.noise_bytes:g} B a covariance")
     print(f"peak memory beside activations: {m['peak']:.1f} GB = the model {m['model']:.1f} + the largest of "
-          f"a gradient pass {m['gradient_pass']:.1f}, a probe {m['probe']:.1f}, the rows {m['ce_family']:.1f} "
-          f"(+ chunks): {'fits' if r['fits'] else 'does not fit'} {args.gpu_gb:g} GB")
+          f"a gradient pass {m['gradient_pass']:.1f}, a probe {m['probe']:.1f}, the rows {m['ce_family']:.1f}, "
+          f"the walk factors {m['method_walk']:.1f} (+ chunks): {'fits' if r['fits'] else 'does not fit'} {args.gpu_gb:g} GB")
     print(f"model on the device, the forecast's state in host memory (talr forecast --device cuda): device "
           f"{m['device_peak']:.1f} GB beside activations ({'fits' if r['fits_with_host_state'] else 'does not fit'} "
           f"{args.gpu_gb:g} GB), host {m['host_peak']:.1f} GB")
     print(f"with the state a phase does not read on disk (talr forecast --spill-dir): {m['spill_peak']:.1f} GB in one "
           f"memory, host {m['spill_host_peak']:.1f} GB with the model on the device")
     print(f"compute: {c['ratio']:.3f} of one training run at T = {args.steps} (passes {c['passes_ratio']:.3f}, "
-          f"replays {c['replay_ratio']:.3f})")
+          f"replays {c['replay_ratio']:.3f}; of the passes, the walk factors {c['walk_ratio']:.3f})")
     t = r["steps_for_target"]
     print(f"at most {args.target:g} of a run from T = {t}" if t is not None else
           f"never at most {args.target:g} of a run: the replays alone cost {r['replay_floor']:.3f}")
@@ -285,18 +293,24 @@ def _inputs(args):
 
 
 def _config(args, pad):
-    from sft.forecast import ForecastConfig
+    from sft.forecast import VERSION7, ForecastConfig
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return ForecastConfig(methods=methods, lrs=tuple(args.lrs), steps=args.steps, batch=args.batch_size,
                           seed=args.seed, pad_token_id=pad, micro_batch=args.micro_batch,
-                          size_model=getattr(args, "size_model", "auto"))
+                          size_model=getattr(args, "size_model", "auto"),
+                          **(VERSION7 if getattr(args, "forecast_version", 8) == 7 else {}))
 
 
 def _request(args) -> dict:
+    """What a stored forecast.json must match to be reused: the inputs, the options and the forecast model's
+    revision (`sft.forecast.FORECAST_MODEL`), so a forecast of an older model is recomputed, not read."""
+    from sft.forecast import FORECAST_MODEL
+
     return {"model": args.model, "domain": args.domain, "general": args.general, "methods": args.methods,
             "lrs": list(args.lrs), "steps": args.steps, "batch": args.batch_size, "seed": args.seed,
-            **({"size_model": args.size_model} if getattr(args, "size_model", "auto") != "auto" else {})}
+            **({"size_model": args.size_model} if getattr(args, "size_model", "auto") != "auto" else {}),
+            "forecast_model": FORECAST_MODEL, "forecast_version": getattr(args, "forecast_version", 8)}
 
 
 def forecast_to(args) -> dict:

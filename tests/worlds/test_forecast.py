@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sft.forecast import (ComputeMeter, ForecastConfig, GradientMoments, adam_step, advise, coherence, cosine_lrs,
-                          gradient_scale, l2_energy_scale, replay_adam, replay_lora, training_run_units)
+                          VERSION7, gradient_scale, l2_energy_scale, replay_adam, replay_lora, training_run_units)
 from sft.forecast_run import fit_coherence
 
 
@@ -296,11 +296,14 @@ def test_extra_eval_sees_each_configurations_predicted_model(smoke_world, pretra
         assert (r["extra_eval"]["d1"] > r["replay_dL_P1_bits"]) == (r["size_correction"] > 1.0)
 
 
+@pytest.mark.parametrize("size_model", ["auto", "diffusion"])
 def test_spill_gives_the_same_forecast_with_the_moments_on_disk_while_models_are_evaluated(smoke_world, pretrained,
-                                                                                           tmp_path):
+                                                                                           tmp_path, size_model):
     """`Spill`: every row bit-identical with and without it (CE, L2, LoRA, TALR, FLOW, with the size
     probe); while a configuration's model is evaluated its method's moments are on disk (the bytes away
-    are those of its mean, covariances and, for TALR and FLOW, the CE direction); the folder is gone after."""
+    are those of its mean, covariances and, for TALR and FLOW, the CE direction); the folder is gone after.
+    Sized by diffusion, version 8's LoRA share and walk factors, measured while CE's moments are on disk, are
+    the same too."""
     from sft.forecast_run import Spill, forecast_grid, mean_bits
     from sft.world_runs import general_sample
 
@@ -309,7 +312,7 @@ def test_spill_gives_the_same_forecast_with_the_moments_on_disk_while_models_are
     d1 = general_sample(w, 32)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr", "flow"), lrs=(3e-4, 3e-3), steps=20, batch=8,
-                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model=size_model)
     ev = lambda m: {"d1": mean_bits(m, d1, w.pad_id)}  # noqa: E731
     plain = forecast_grid(model, w.d2_train, d1, cfg, progress=False, extra_eval=ev)
     spill, away = Spill(tmp_path), []
@@ -329,6 +332,8 @@ def test_spill_gives_the_same_forecast_with_the_moments_on_disk_while_models_are
     assert away == [4 * n * (5 + 2 * (m in ("talr", "flow"))) for m in by]
     assert res["spill"]["spilled_gb"] > 0 and not folder.exists() and list(tmp_path.iterdir()) == []
     assert plain["spill"] == {}
+    measured = {"lora_share", "method_factors"} & set(res["probe"])
+    assert measured == (set() if size_model == "auto" else {"lora_share", "method_factors"})
 
 
 @pytest.mark.parametrize("lam_c", [float("inf"), 0.02])
@@ -487,6 +492,16 @@ def test_memory_formula_is_linear_in_parameters_and_blind_to_the_grid():
     assert sm["spill_host_peak"] == pytest.approx(32e9 + 32 * CHUNK) and sm["spill_host_peak"] < sm["host_peak"]
     for x in (a, b, c, sm):
         assert x["spill_peak"] <= x["peak"] and x["spill_host_peak"] <= x["host_peak"]
+    # version 8's walk factors (n_f = 4 flat float32 gradients of one weighting, 16 N, and theta0's copy w N beside
+    # CE's moments): the largest part in one memory, 46 N + w N; spilled (20 N + w N) below the pass and the replay
+    wk = forecast_memory_bytes(1e9, walk_batches=4)
+    assert wk["method_walk"] == pytest.approx((28 + 16 + 2) * 1e9) and a["method_walk"] == 0.0
+    assert wk["peak"] == pytest.approx((2 + 46) * 1e9 + 32 * CHUNK) and wk["host_peak"] == pytest.approx(46e9 + 32 * CHUNK)
+    assert wk["spill_peak"] == a["spill_peak"] and wk["spill_host_peak"] == a["spill_host_peak"]
+    assert wk["device_peak"] == a["device_peak"]  # a factor's backward holds the model's gradient, w N < a probe's
+    assert forecast_memory_bytes(1e9, walk_batches=16)["spill_peak"] == pytest.approx((2 + 64 + 2) * 1e9 + 32 * CHUNK)
+    with pytest.raises(ValueError, match="walk_batches"):
+        forecast_memory_bytes(1e9, walk_batches=-1)
 
 
 def _fake_cuda():
@@ -658,6 +673,11 @@ def test_replay_flops_counts_the_noise_floor():
     r1 = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
                                 n_weightings=4, grid=30, probe_steps=6, probes=1, replay_flops=8.9)
     assert r1["passes_ratio"] == pytest.approx(((5 * 2 * 4 + 3 * 6) * 16 * 512 + 32 * 128 * 512) / run)
+    # version 8's walk factors: n_f (forward + backward of B rows + a D1 pass) per weighting, and 5 D1 passes
+    rw = forecast_compute_ratio(steps=150, batch=16, len_d2=512, n_general=128, len_d1=512, n_batches=2,
+                                n_weightings=4, grid=30, probe_steps=6, walk_batches=4)
+    assert rw["walk_ratio"] == pytest.approx((4 * 4 * (3 * 16 * 512 + 128 * 512) + 5 * 128 * 512) / run)
+    assert rw["passes_ratio"] == pytest.approx(r["passes_ratio"] + rw["walk_ratio"]) and r["walk_ratio"] == 0.0
     # the default per-configuration flops: the six methods' replay_flops averaged
     assert np.mean([replay_flops(m, on) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(15.4, abs=0.05)
     assert np.mean([replay_flops(m, v4) for m in ("ce", "talr", "dft", "flow", "lora")] + [0.0]) == pytest.approx(8.9, abs=0.05)
@@ -1246,7 +1266,7 @@ def test_diffusion_forecast_on_the_smoke_world(smoke_world, pretrained):
     w = smoke_world
     d1 = general_sample(w, 32)
     cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8,
-                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id, **VERSION7)
     v5 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="replay"), progress=False)
     diff = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion"), progress=False)
     pts = diff["probe"]["size_points"]
@@ -1306,7 +1326,8 @@ def test_first_order_split_forecast_on_the_smoke_world(smoke_world, pretrained):
     w = smoke_world
     d1 = general_sample(w, 32)
     cfg = ForecastConfig(methods=("ce", "l2", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8,
-                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion")
+                         n_batches=2, n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion",
+                         **VERSION7)
     diff = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
     split = forecast_grid(model, w.d2_train, d1, replace(cfg, first_order=True), progress=False)
     pts, sp = split["probe"]["size_points"], split["probe"]["size_split"]
@@ -1372,7 +1393,7 @@ def test_lora_share_by_fisher_on_the_smoke_world(smoke_world, pretrained):
     w = smoke_world
     d1 = general_sample(w, 32)
     cfg = ForecastConfig(methods=("ce", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2,
-                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion")
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion", **VERSION7)
     count = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
     fisher = forecast_grid(model, w.d2_train, d1, replace(cfg, lora_share="fisher"), progress=False)
     share = fisher["probe"]["lora_share"]
@@ -1390,6 +1411,34 @@ def test_lora_share_by_fisher_on_the_smoke_world(smoke_world, pretrained):
     assert twice == pytest.approx(share["factor"], rel=0.1)
     with pytest.raises(ValueError, match="lora_share"):
         ForecastConfig(lora_share="trace")
+
+
+def test_version_8_is_version_7_where_the_switch_keeps_the_replay(smoke_world, pretrained):
+    """Version 8's defaults (``method_walk``, ``lora_share="fisher"``) move only diffusion rows: on the smoke world,
+    whose calibration probe is coherent (``size_model="auto"`` keeps the replay, as on every tiny world stored),
+    its rows, probe record and metered compute are version 7's, and no split, share or factor is measured. Under
+    ``"diffusion"`` its rows differ from version 7's exactly where a factor applies (LoRA, TALR)."""
+    from sft.forecast_run import forecast_grid
+    from sft.world_runs import general_sample
+
+    model, _, _ = pretrained
+    w = smoke_world
+    d1 = general_sample(w, 32)
+    cfg = ForecastConfig(methods=("ce", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2,
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id)
+    assert cfg.method_walk and cfg.lora_share == "fisher"
+    v8 = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    v7 = forecast_grid(model, w.d2_train, d1, replace(cfg, **VERSION7), progress=False)
+    assert v8["probe"]["lambda_c"] > v8["probe"]["lr"]  # coherent: the replay
+    assert v8["rows"] == v7["rows"] and v8["probe"] == v7["probe"]
+    assert not {"size_split", "lora_share", "method_factors"} & set(v8["probe"])
+    assert v8["compute"] == v7["compute"]
+    diff8 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion"), progress=False)
+    diff7 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion", **VERSION7), progress=False)
+    assert {"size_split", "lora_share", "method_factors"} <= set(diff8["probe"])
+    for a, b in zip(diff7["rows"], diff8["rows"]):
+        same = a["dL_P1_bits"] == pytest.approx(b["dL_P1_bits"])
+        assert same == (a["method"] == "ce"), a["method"]
 
 
 def test_adam_directions_hand_values_and_method_step_grad_is_the_trainers_loss(smoke_world, pretrained):
@@ -1437,7 +1486,7 @@ def test_method_walk_on_the_smoke_world(smoke_world, pretrained):
     w = smoke_world
     d1 = general_sample(w, 32)
     cfg = ForecastConfig(methods=("ce", "l2", "talr", "dft"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=3,
-                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion")
+                         n_general=32, probe_steps=4, pad_token_id=w.pad_id, size_model="diffusion", **VERSION7)
     blind = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
     aware = forecast_grid(model, w.d2_train, d1, replace(cfg, method_walk=True), progress=False)
     mf = aware["probe"]["method_factors"]
