@@ -331,6 +331,7 @@ class ForecastConfig:
     first_order: bool = False  # diffusion rows: the KL term by diffusion plus the probes' first-order term (`split_dl`; tried)
     walk_rate: str = "peak"  # diffusion's c read at the peak rate; "equal": at the rate of equal displacement (`diffusion_dl`)
     lora_share: str = "fisher"  # version 8: LoRA's diffusion factor measured (`walk_step`); "count": by coordinates (version 7)
+    c_below: str = "hold"  # diffusion's c below the lowest probe; "equilibrium": the probes' slope where c rises as the rate falls (candidate 10)
     method_walk: bool = True  # version 8: diffusion rows' KL part x the token weighting's Fisher-weighted step over CE's (`method_walk_factor`)
     tau_track: bool = False  # TALR's tau follows the tracked loss in the replay (`GradientMoments.tau_at`; version 6, not adopted)
     tracker_weight: bool = False  # the tracker's progress follows the token weights (`tracker_progress`; version 6, not adopted)
@@ -347,6 +348,8 @@ class ForecastConfig:
             raise ValueError(f"l2_relax {self.l2_relax!r}: expected '', 'theta0' or 'tracked'")
         if self.walk_rate not in ("peak", "equal"):
             raise ValueError(f"walk_rate {self.walk_rate!r}: expected 'peak' or 'equal'")
+        if self.c_below not in ("hold", "equilibrium"):
+            raise ValueError(f"c_below {self.c_below!r}: expected 'hold' or 'equilibrium'")
         if self.lora_share not in ("count", "fisher"):
             raise ValueError(f"lora_share {self.lora_share!r}: expected 'count' or 'fisher'")
         if self.size_model not in ("replay", "diffusion", "auto"):
@@ -1301,13 +1304,25 @@ def sum_sq_rate(lrs) -> float:
     return float((lrs * lrs).sum())
 
 
-def diffusion_coefficient(points, lr: float, steps: int, probe_steps: int) -> float:
+def diffusion_coefficient(points, lr: float, steps: int, probe_steps: int, below: str = "hold") -> float:
     """c(eta): the probes' measured dL per unit S2 (`sum_sq_rate` of each probe's own ``probe_steps``
     rates, the first of a ``steps``-step cosine run at its peak rate), interpolated linearly in log c
     against log peak rate and held outside the probes. ``points``: (peak rate, measured dL, replayed dL)
     of the size probes (`sft.forecast_run.ForecastGrid.size_probe`); a probe whose measured dL is not
     positive (a small rate's first-order gain outweighing its damage on the D1 sample) gives no c and is
-    left out; none left: 0."""
+    left out; none left: 0.
+
+    ``below="equilibrium"`` (candidate 10, session 15; off until its pre-registered grid, docs/study-smollm2-heldout4): below the lowest probe, c follows
+    the probes' own log-log slope where c grows as the rate falls (the probes' dL grows slower than eta^2), and is
+    held where it does not. Theory: in directions where the domain loss pulls back with curvature h, Adam's walk
+    is an Ornstein-Uhlenbeck process whose variance saturates at ~eta / h after ~1 / (eta h) steps, so its damage
+    grows like eta, not eta^2 (c = dL / S2 ~ eta^(gamma - 2) with gamma < 2 rises as eta falls); the probes measure
+    gamma. Where gamma >= 2 (c rising with the rate: the larger probe reaches the loss's non-quadratic part) the
+    quadratic limit, a constant c, is the floor below the probes. Measured on SmolLM2 (the runs' KL terms from 1e-4
+    to 3e-4): CoT gamma 0.93-1.16 on every grid (its probes' KL terms 1.10-1.18), label CE and FLOW 1.82-2.08
+    (probes 1.79-2.22); the held c under-forecasts CoT's 1e-4 runs 2.4-2.6x (docs/forecast/README.md, session 15)."""
+    if below not in ("hold", "equilibrium"):
+        raise ValueError(f"below {below!r}: expected 'hold' or 'equilibrium'")
     k = min(int(probe_steps), int(steps))
     pts = sorted((float(p), float(m) / sum_sq_rate(cosine_lrs(float(p), int(steps))[:k]))
                  for p, m, _ in points if float(m) > 0 and math.isfinite(float(m)))
@@ -1315,7 +1330,13 @@ def diffusion_coefficient(points, lr: float, steps: int, probe_steps: int) -> fl
         return 0.0
     x = np.log([p for p, _ in pts])
     y = np.log([c for _, c in pts])
-    return float(np.exp(np.interp(math.log(lr), x, y))) if len(pts) > 1 else float(np.exp(y[0]))
+    if len(pts) == 1:
+        return float(np.exp(y[0]))
+    lx = math.log(lr)
+    slope = (y[-1] - y[0]) / (x[-1] - x[0]) if x[-1] > x[0] else 0.0
+    if below == "equilibrium" and lx < x[0] and slope < 0:
+        return float(math.exp(y[0] + slope * (lx - x[0])))
+    return float(np.exp(np.interp(lx, x, y)))
 
 
 def random_walk(lam_c: float, probe_lr: float) -> bool:
@@ -1354,7 +1375,8 @@ def lora_diffusion_factor(layout, n_params: int, r: int, alpha: int) -> float:
 
 def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int, n_params: int,
                  l2_coeff: float, max_grad_norm: float, lora_factor: float = 1.0,
-                 walk_rate: str = "peak", weight_factor: float = 1.0, kl_points=None) -> tuple[float, dict]:
+                 walk_rate: str = "peak", weight_factor: float = 1.0, kl_points=None,
+                 c_below: str = "hold") -> tuple[float, dict]:
     """dL(P1) of (method, lr) by diffusion (``size_model="diffusion"``, and version 7's ``"auto"`` where the
     probe's gradient is a random walk): (dL, its parts).
 
@@ -1382,7 +1404,9 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     the KL part of the walk's damage, not the first-order gain that the CE probes' dL carries beside it:
     dL = c S2 F + (w - 1) c_KL S2 F, with c_KL from ``kl_points`` (the probes' KL terms, (peak rate, KL term,
     replayed) as ``points``; `sft.forecast_run.ForecastGrid.size_split`). Without ``kl_points`` the whole dL is
-    taken as KL (dL x w)."""
+    taken as KL (dL x w).
+
+    ``c_below``: how c (and c_KL) is read below the lowest probe (`diffusion_coefficient`'s ``below``)."""
     rec = get_method(method)
     lrs = cosine_lrs(float(lr), int(steps))
     factor = 1.0
@@ -1393,12 +1417,12 @@ def diffusion_dl(method: str, lr: float, points, *, steps: int, probe_steps: int
     if walk_rate not in ("peak", "equal"):
         raise ValueError(f"walk_rate {walk_rate!r}: expected 'peak' or 'equal'")
     at = float(lr) * (math.sqrt(factor) if walk_rate == "equal" else 1.0)
-    c = diffusion_coefficient(points, at, steps, probe_steps)
+    c = diffusion_coefficient(points, at, steps, probe_steps, below=c_below)
     s2 = sum_sq_rate(lrs)
     w = float(weight_factor)
     if not (math.isfinite(w) and w > 0):
         raise ValueError(f"weight_factor {weight_factor!r}: expected a positive finite number")
-    c_kl = c if kl_points is None else diffusion_coefficient(kl_points, at, steps, probe_steps)
+    c_kl = c if kl_points is None else diffusion_coefficient(kl_points, at, steps, probe_steps, below=c_below)
     return (c + (w - 1.0) * c_kl) * s2 * factor, {"diffusion_c": c, "S2": s2, "method_factor": factor,
                                                   "c_rate": at, "weight_factor": w, "kl_c": c_kl}
 

@@ -679,7 +679,7 @@ class ForecastGrid:
                             probe_steps=cfg.probe_steps, n_params=n, l2_coeff=cfg.l2_coeff,
                             max_grad_norm=cfg.max_grad_norm, lora_factor=lora, walk_rate=cfg.walk_rate,
                             weight_factor=self.weight_factor(method),
-                            kl_points=[(p, k, math.nan) for p, _, k in self.size_split] or None)
+                            kl_points=[(p, k, math.nan) for p, _, k in self.size_split] or None, c_below=cfg.c_below)
 
     def weight_factor(self, method: str) -> float:
         """``method_walk``: the method's measured token-weighting factor (`measure_method_factors`), 1 for CE's

@@ -90,9 +90,10 @@ def aware_columns(unit: dict, f: dict, factors: dict | None, share: float | None
 
 
 def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, split_dir: Path | None = None,
-              share_dir: Path | None = None, factor_dir: Path | None = None) -> dict:
+              share_dir: Path | None = None, factor_dir: Path | None = None, c_below: str = "hold") -> dict:
     """One study variant scored: its rows (method, lr, diffusion, measured, unit's forecast; with the probes'
-    split, candidate 8's ``split`` and the run's measured first-order and KL terms) and scores."""
+    split, candidate 8's ``split`` and the run's measured first-order and KL terms) and scores. ``c_below``: how
+    version 8's ``aware`` rows read c below the lowest probe (`sft.forecast.diffusion_coefficient`)."""
     from experiments.studies.grid_report import WITHIN_ZERO_TOL
     from sft.config import L2_COEFF
     from sft.forecast import diffusion_dl, random_walk, split_dl
@@ -132,7 +133,7 @@ def unit_rows(study: Path, variant: str, n_params: int, lora_factor: float, spli
         if factors is not None:
             rows[-1].update(aware_columns(unit, f, factors, share, walk, dict(
                 steps=steps, probe_steps=unit["probe"]["steps"], n_params=n_params, l2_coeff=L2_COEFF,
-                max_grad_norm=1.0, lora_factor=lora_factor), split))
+                max_grad_norm=1.0, lora_factor=lora_factor, c_below=c_below), split))
         if split is not None:
             sdl, sp = split_dl(f["method"], f["lr"], split, steps=steps, probe_steps=unit["probe"]["steps"],
                                n_params=n_params, l2_coeff=L2_COEFF, max_grad_norm=1.0, lora_factor=lora_factor)
@@ -226,6 +227,9 @@ def main(argv=None) -> None:
                     "--method-factors` files: candidate 9's ``aware`` (version 7 x the token weighting's walk factor, "
                     "LoRA's Fisher share from --lora-share) and ``fisher`` (the share alone) scored where a study "
                     "variant's factors are there or in the unit")
+    ap.add_argument("--c-below", choices=("hold", "equilibrium"), default="hold",
+                    help="how the ``aware`` column (version 8) reads c below the lowest probe: held (version 8) or "
+                         "along the probes' slope where c rises as the rate falls (candidate 10)")
     a = ap.parse_args(argv)
     if a.n_params < 1 or not 0 < a.lora_factor <= 1:
         raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")
@@ -236,7 +240,7 @@ def main(argv=None) -> None:
         folder, _, variant = spec.rpartition(":")
         if variant not in ("label", "cot") or not folder:
             raise SystemExit(f"{spec!r}: expected STUDY_FOLDER:label or STUDY_FOLDER:cot")
-        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor, split_dir, share_dir, factor_dir)
+        u = unit_rows(Path(folder), variant, a.n_params, a.lora_factor, split_dir, share_dir, factor_dir, a.c_below)
         res.append(u)
         print_unit(folder, variant, u)
         for key in [k for k in pooled if k in u]:

@@ -1290,6 +1290,34 @@ def test_diffusion_forecast_on_the_smoke_world(smoke_world, pretrained):
     assert auto["rows"] == v5["rows"]
 
 
+def test_diffusion_coefficient_below_the_probes_hand_values():
+    """`diffusion_coefficient`'s ``below``: "hold" keeps the lowest probe's c below it; "equilibrium" follows the
+    probes' log-log slope there only where c rises as the rate falls (dL growing slower than eta^2: the walk
+    equilibrates), else holds; between and above the probes both are the interpolation and the held top c."""
+    from sft.forecast import cosine_lrs, diffusion_coefficient, diffusion_dl, sum_sq_rate
+
+    def at(p, gamma):  # a probe whose dL grows as p^gamma: c ~ p^(gamma - 2)
+        return (p, p ** gamma / 1e-8 * sum_sq_rate(cosine_lrs(p, 20)[:4]) / p ** 2 * 1e-8, math.nan)
+
+    lin = [at(2e-4, 1.0), at(8e-4, 1.0)]  # gamma = 1: c halves per doubling of the rate
+    c0 = diffusion_coefficient(lin, 2e-4, 20, 4)
+    assert diffusion_coefficient(lin, 5e-5, 20, 4) == pytest.approx(c0)  # held
+    assert diffusion_coefficient(lin, 5e-5, 20, 4, below="equilibrium") == pytest.approx(4 * c0)  # two halvings back
+    assert diffusion_coefficient(lin, 4e-4, 20, 4, below="equilibrium") == pytest.approx(c0 / 2)
+    assert diffusion_coefficient(lin, 3.2e-3, 20, 4, below="equilibrium") == pytest.approx(c0 / 4)  # held above
+    steep = [at(2e-4, 3.0), at(8e-4, 3.0)]  # gamma = 3: c rises with the rate, held below in both
+    assert diffusion_coefficient(steep, 5e-5, 20, 4, below="equilibrium") == \
+        pytest.approx(diffusion_coefficient(steep, 2e-4, 20, 4))
+    kw = dict(steps=20, probe_steps=4, n_params=10, l2_coeff=0.01, max_grad_norm=1.0)
+    hold, _ = diffusion_dl("ce", 5e-5, lin, **kw)
+    assert diffusion_dl("ce", 5e-5, lin, c_below="equilibrium", **kw)[0] == pytest.approx(4 * hold)
+    with pytest.raises(ValueError, match="below"):
+        diffusion_coefficient(lin, 1e-4, 20, 4, below="extrapolate")
+    with pytest.raises(ValueError, match="c_below"):
+        ForecastConfig(c_below="linear")
+    assert ForecastConfig().c_below == "hold"
+
+
 def test_split_pieces_hand_values():
     """`first_order_at`: linear through 0 below the smallest probe's summed rate, linear in log summed rate
     between the probes, held above; `split_dl` = that term + `diffusion_dl` on the probes' KL terms alone."""
