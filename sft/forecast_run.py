@@ -7,7 +7,7 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -852,10 +852,13 @@ def _probes(grid: ForecastGrid, ce: GradientMoments, model0: nn.Module) -> dict:
         grid.size_points = grid.size_probe(ce, model0, probe)
         probe["size_points"] = grid.size_points
     eps = float(probe["lr"]) * math.sqrt(len(probe["lrs"]))  # a probe's walk per coordinate
-    with grid.spill.away(ce, "mean", "cov", "ce_mean"):  # read by neither: the factors' gradients take their place
-        if cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce):
+    share = cfg.lora_share == "fisher" and grid.layout is not None and grid.by_diffusion(ce)
+    walk = cfg.method_walk and grid.by_diffusion(ce)
+    # CE's moments are read by neither measurement: on disk meanwhile, the factors' gradients take their place
+    with grid.spill.away(ce, "mean", "cov", "ce_mean") if share or walk else nullcontext():
+        if share:
             probe["lora_share"] = grid.measure_lora_share(eps)
-        if cfg.method_walk and grid.by_diffusion(ce):
+        if walk:
             probe["method_factors"] = grid.measure_method_factors(eps)
     grid.drop_terms()
     if grid.size_split:

@@ -123,7 +123,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="hold the moments on disk under this folder while a phase does not read them (the same "
                         "forecast in less memory, `sft.forecast_run.Spill`; its files are removed at the end)")
     p.add_argument("--size-model", choices=("replay", "diffusion", "auto"), default="auto",
-                   help="how each configuration's dL is sized: auto (version 7, the default: diffusion where the "
+                   help="how each configuration's dL is sized: auto (the default since version 7: diffusion where the "
                         "probe's gradient decorrelates within one step, else the replay), replay (version 5) or "
                         "diffusion (c(eta) x sum of squared rates from the probes, `sft.forecast.diffusion_dl`)")
     p.add_argument("--forecast-version", type=int, choices=(7, 8), default=8,
