@@ -279,7 +279,7 @@ ADAM_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])  # Adam's largest |m_hat| 
 __all__ = ["ForecastConfig", "Forecast", "ComputeMeter", "GradientMoments", "cosine_lrs", "method_gradients",
            "replay_adam", "coherence", "adam_step", "replay_lora", "sequence_losses", "advise", "l2_energy_scale",
            "l2_relaxation", "micro_batches", "squared_norm", "StreamedMoments", "TokenLosses",
-           "FORECAST_MODEL", "VERSION7", "HOST"]
+           "FORECAST_MODEL", "VERSION7", "WALK_BATCHES", "HOST"]
 
 # the forecast model's revision: caches of forecasts (the grid study's forecast units) key on it, so a
 # change of the model (not only of its settings) recomputes them
@@ -289,6 +289,9 @@ FORECAST_MODEL = ("8: version 7 with each token weighting's walk sized by its Fi
 # version 7's settings over version 8's defaults (`dataclasses.replace(cfg, **VERSION7)`): the method-blind walk
 # and LoRA's share by coordinate count
 VERSION7 = {"method_walk": False, "lora_share": "count"}
+# batches per token weighting of version 8's walk factors (`sft.forecast_run.ForecastGrid.measure_method_factors`;
+# n_f of `forecast_memory_bytes` and `forecast_compute_ratio`)
+WALK_BATCHES = 4
 
 
 @dataclass
@@ -1312,8 +1315,8 @@ def diffusion_coefficient(points, lr: float, steps: int, probe_steps: int, below
     positive (a small rate's first-order gain outweighing its damage on the D1 sample) gives no c and is
     left out; none left: 0.
 
-    ``below="equilibrium"`` (candidate 10, session 15; off until its pre-registered grid, docs/study-smollm2-heldout4): below the lowest probe, c follows
-    the probes' own log-log slope where c grows as the rate falls (the probes' dL grows slower than eta^2), and is
+    ``below="equilibrium"`` (candidate 10, session 15; off until its pre-registered grid,
+    docs/study-smollm2-heldout4): below the lowest probe, c follows the probes' own log-log slope where c grows as the rate falls (the probes' dL grows slower than eta^2), and is
     held where it does not. Theory: in directions where the domain loss pulls back with curvature h, Adam's walk
     is an Ornstein-Uhlenbeck process whose variance saturates at ~eta / h after ~1 / (eta h) steps, so its damage
     grows like eta, not eta^2 (c = dL / S2 ~ eta^(gamma - 2) with gamma < 2 rises as eta falls); the probes measure

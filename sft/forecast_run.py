@@ -22,7 +22,7 @@ from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, Forecast
                        adam_directions, cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale,
                        l2_relaxation, lora_diffusion_factor, lora_layout, method_gradients, method_step_grad,
                        method_walk_factor, micro_batches, random_walk, replay_adam, replay_lora, sequence_losses,
-                       split_dl, squared_norm, training_run_units, walk_step)
+                       split_dl, squared_norm, training_run_units, walk_step, WALK_BATCHES)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
@@ -549,7 +549,7 @@ class ForecastGrid:
                            "count_factor": lora_diffusion_factor(self.layout, n, cfg.lora_r, cfg.lora_alpha)}
         return self.lora_share
 
-    def measure_method_factors(self, eps: float, n_batches: int = 4) -> dict:
+    def measure_method_factors(self, eps: float, n_batches: int = WALK_BATCHES) -> dict:
         """Each token weighting's diffusion factor against CE's (candidate 9, ``method_walk``;
         `sft.forecast.method_walk_factor`): per method with a weighting of its own (TALR, FLOW, DFT; L2 and
         LoRA walk with CE's), its gradients on ``n_batches`` batches of B rows of D2 at theta0 (a random

@@ -186,6 +186,9 @@ moments, T = 150, B = 16, 512-token sequences, 30 configurations), sized by diff
 """
 
 
+WALK_BATCHES = 4  # `sft.forecast.WALK_BATCHES` (the parser stays torch-free: --help needs no torch; a test ties them)
+
+
 def _cost_options(p: argparse.ArgumentParser) -> None:
     from theory.checks import ranged
 
@@ -211,8 +214,9 @@ def _cost_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", type=ranged("probes", 1, 2, integer=True), default=2, help="1, or 2 with the size probe")
     p.add_argument("--replay-flops", type=ranged("replay-flops", 0), default=8.9,
                    help="flops per parameter, step and configuration of a replay (8.9: version 5's blocks)")
-    p.add_argument("--walk-batches", type=ranged("walk-batches", 0, 64, integer=True), default=4,
-                   help="batches per token weighting of version 8's walk factors (4; 0: a replay-sized grid, no factors)")
+    p.add_argument("--walk-batches", type=ranged("walk-batches", 0, 64, integer=True), default=WALK_BATCHES,
+                   help=f"batches per token weighting of version 8's walk factors ({WALK_BATCHES}; 0: a replay-sized "
+                        "grid, no factors)")
     p.add_argument("--gpu-gb", type=ranged("gpu-gb", 0, lo_open=True), default=80.0, help="memory of the device, GB")
     p.add_argument("--target", type=ranged("target", 0, lo_open=True), default=0.5,
                    help="compute target, in training runs (the T it needs is printed)")

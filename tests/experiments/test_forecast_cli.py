@@ -143,6 +143,10 @@ def test_forecast_cost_prints_the_formulas_and_the_run_length_that_meets_the_tar
 
     assert main(["forecast-cost", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
+    from experiments.commands import forecast as cmd
+    from sft.forecast import WALK_BATCHES
+
+    assert cmd.WALK_BATCHES == WALK_BATCHES == 4
     v8 = forecast_memory_bytes(3.21e9, walk_batches=4)  # a real LLM's grid is sized by diffusion: the walk factors
     assert r["memory_gb"]["peak"] == pytest.approx(v8["peak"] / 1e9)
     assert not r["fits"] and 141 < r["memory_gb"]["peak"] < 155  # a 3B model: 154.2 GB in one memory (115.6 without)
