@@ -1315,10 +1315,12 @@ def diffusion_coefficient(points, lr: float, steps: int, probe_steps: int, below
     positive (a small rate's first-order gain outweighing its damage on the D1 sample) gives no c and is
     left out; none left: 0.
 
-    ``below="equilibrium"`` (candidate 10, session 15; off until its pre-registered grid,
-    docs/study-smollm2-heldout4): below the lowest probe, c follows the probes' own log-log slope where c grows as the rate falls (the probes' dL grows slower than eta^2), and is
-    held where it does not. Theory: in directions where the domain loss pulls back with curvature h, Adam's walk
-    is an Ornstein-Uhlenbeck process whose variance saturates at ~eta / h after ~1 / (eta h) steps, so its damage
+    ``below="equilibrium"`` (candidate 10, session 15; off: on its pre-registered grid, docs/study-smollm2-heldout4,
+    it tied version 8's within 2x and lifted CoT's Spearman 0.700 -> 0.900, but the rule's Spearman >= 0.8 failed on
+    label, 0.762, rows it does not change): below the lowest probe, c follows the probes' own log-log slope where c
+    grows as the rate falls (the probes' dL grows slower than eta^2), and is held where it does not. Theory: in
+    directions where the domain loss pulls back with curvature h, Adam's walk is an Ornstein-Uhlenbeck process whose
+    variance saturates at ~eta / h after ~1 / (eta h) steps, so its damage
     grows like eta, not eta^2 (c = dL / S2 ~ eta^(gamma - 2) with gamma < 2 rises as eta falls); the probes measure
     gamma. Where gamma >= 2 (c rising with the rate: the larger probe reaches the loss's non-quadratic part) the
     quadratic limit, a constant c, is the floor below the probes. Measured on SmolLM2 (the runs' KL terms from 1e-4
