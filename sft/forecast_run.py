@@ -18,11 +18,11 @@ from torch import nn
 from .io import release_free_memory
 from .methods import get_method
 from .models import model_device
-from .forecast import (HARD_GROUP_P, HOST, LN2, ComputeMeter, Forecast, ForecastConfig, GradientMoments, Shifted, _collate,
-                       adam_directions, cosine_lrs, diffusion_dl, eval_batches, gradient_scale, l2_energy_scale,
-                       l2_relaxation, lora_diffusion_factor, lora_layout, method_gradients, method_step_grad,
-                       method_walk_factor, micro_batches, random_walk, replay_adam, replay_lora, sequence_losses,
-                       split_dl, squared_norm, training_run_units, walk_step, WALK_BATCHES)
+from .forecast import (HARD_GROUP_P, HOST, LN2, WALK_BATCHES, ComputeMeter, Forecast, ForecastConfig, GradientMoments,
+                       Shifted, _collate, adam_directions, cosine_lrs, diffusion_dl, eval_batches, gradient_scale,
+                       l2_energy_scale, l2_relaxation, lora_diffusion_factor, lora_layout, method_gradients,
+                       method_step_grad, method_walk_factor, micro_batches, random_walk, replay_adam, replay_lora,
+                       sequence_losses, split_dl, squared_norm, training_run_units, walk_step)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
