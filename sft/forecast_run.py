@@ -19,10 +19,10 @@ from .io import release_free_memory
 from .methods import get_method
 from .models import model_device
 from .forecast import (HARD_GROUP_P, HOST, LN2, WALK_BATCHES, ComputeMeter, Forecast, ForecastConfig, GradientMoments,
-                       Shifted, _collate, adam_directions, cosine_lrs, diffusion_dl, eval_batches, gradient_scale,
+                       Shifted, adam_directions, cosine_lrs, diffusion_dl, eval_batches, gradient_scale,
                        l2_energy_scale, l2_relaxation, lora_diffusion_factor, lora_layout, method_gradients,
-                       method_step_grad, method_walk_factor, micro_batches, random_walk, replay_adam, replay_lora,
-                       sequence_losses, split_dl, squared_norm, training_run_units, walk_step)
+                       method_step_grad, method_walk_factor, micro_batches, padded_batch, random_walk, replay_adam,
+                       replay_lora, sequence_losses, split_dl, squared_norm, training_run_units, walk_step)
 
 __all__ = ["SampleTree", "ForecastGrid", "forecast_grid", "probe_batches", "mean_bits", "token_groups", "probe_losses",
            "fit_coherence", "fit_kappa", "power_law_probes", "replay_flops", "Spill"]
@@ -157,7 +157,7 @@ def token_groups(model, examples, pad_token_id, hard_p, meter) -> list[np.ndarra
     out = []
     with torch.no_grad():
         for s in range(0, len(examples), 16):
-            b = _collate(examples[s:s + 16], pad_token_id, model_device(model))
+            b = padded_batch(examples[s:s + 16], pad_token_id, model_device(model))
             nll, si = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
             hard = (torch.exp(-nll) < hard_p).to(HOST).numpy()
             si = si.to(HOST).numpy()
@@ -206,7 +206,7 @@ def probe_losses(model0: nn.Module, examples: Sequence[dict], groups: list[np.nd
     out = np.full((len(lrs), 3), np.nan)
     for t, lr in enumerate(lrs):
         idx = rng.choice(len(examples), cfg.batch, replace=False)
-        b = _collate([examples[int(i)] for i in idx], cfg.pad_token_id, model_device(model))
+        b = padded_batch([examples[int(i)] for i in idx], cfg.pad_token_id, model_device(model))
         hard = np.concatenate([groups[int(i)] for i in idx])
         n_b = len(hard)  # the batch's supervised tokens
         sums, cnt, at = np.zeros(3), np.zeros(3), 0
@@ -932,7 +932,7 @@ def power_law_probes(model0: nn.Module, d2: Sequence[dict], d1: Sequence[dict], 
         ts, ds = [], []
         for t, lr_t in enumerate(plrs, start=1):
             idx = rng.choice(len(d2), cfg.batch, replace=False)
-            b = _collate([d2[int(i)] for i in idx], pad, model_device(model))
+            b = padded_batch([d2[int(i)] for i in idx], pad, model_device(model))
             nll, _ = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunked=False)
             for gr in opt.param_groups:
                 gr["lr"] = float(lr_t)

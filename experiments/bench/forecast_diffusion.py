@@ -228,8 +228,9 @@ def main(argv=None) -> None:
                     "LoRA's Fisher share from --lora-share) and ``fisher`` (the share alone) scored where a study "
                     "variant's factors are there or in the unit")
     ap.add_argument("--c-below", choices=("hold", "equilibrium"), default="hold",
-                    help="how the ``aware`` column (version 8) reads c below the lowest probe: held (version 8) or "
-                         "along the probes' slope where c rises as the rate falls (candidate 10)")
+                    help="how the ``aware`` column reads c below the lowest probe: held (version 8; the default "
+                         "here, so the recorded scores rerun) or along the probes' slope where c rises as the rate "
+                         "falls (candidate 10, the forecast's version 9 since session 17)")
     a = ap.parse_args(argv)
     if a.n_params < 1 or not 0 < a.lora_factor <= 1:
         raise SystemExit("--n-params must be >= 1 and --lora-factor in (0, 1]")

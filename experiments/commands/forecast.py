@@ -126,11 +126,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="how each configuration's dL is sized: auto (the default since version 7: diffusion where the "
                         "probe's gradient decorrelates within one step, else the replay), replay (version 5) or "
                         "diffusion (c(eta) x sum of squared rates from the probes, `sft.forecast.diffusion_dl`)")
-    p.add_argument("--forecast-version", type=int, choices=(7, 8), default=8,
-                   help="8 (the default): on diffusion-sized rows each token weighting's walk by its own "
-                        "Fisher-weighted Adam step and LoRA's by a Fisher-weighted random step, measured at theta0 "
-                        "(`sft.forecast.method_walk_factor`); 7: the method-blind walk (`sft.forecast.VERSION7`). "
-                        "Replay-sized rows (every tiny world) are the same under both")
+    p.add_argument("--forecast-version", type=int, choices=(7, 8, 9), default=9,
+                   help="9 (the default): version 8 with the diffusion's c below the lowest probe following the "
+                        "probes' slope where c rises as the rate falls (`sft.forecast.diffusion_coefficient`); 8: c "
+                        "held there; on diffusion-sized rows each token weighting's walk by its own Fisher-weighted "
+                        "Adam step and LoRA's by a Fisher-weighted random step, measured at theta0 "
+                        "(`sft.forecast.method_walk_factor`); 7: the method-blind walk (`sft.forecast.VERSIONS`). "
+                        "Replay-sized rows (every tiny world) are the same under all three")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -297,13 +299,13 @@ def _inputs(args):
 
 
 def _config(args, pad):
-    from sft.forecast import VERSION7, ForecastConfig
+    from sft.forecast import VERSIONS, ForecastConfig
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return ForecastConfig(methods=methods, lrs=tuple(args.lrs), steps=args.steps, batch=args.batch_size,
                           seed=args.seed, pad_token_id=pad, micro_batch=args.micro_batch,
                           size_model=getattr(args, "size_model", "auto"),
-                          **(VERSION7 if getattr(args, "forecast_version", 8) == 7 else {}))
+                          **VERSIONS[getattr(args, "forecast_version", 9)])
 
 
 def _request(args) -> dict:
@@ -314,7 +316,7 @@ def _request(args) -> dict:
     return {"model": args.model, "domain": args.domain, "general": args.general, "methods": args.methods,
             "lrs": list(args.lrs), "steps": args.steps, "batch": args.batch_size, "seed": args.seed,
             **({"size_model": args.size_model} if getattr(args, "size_model", "auto") != "auto" else {}),
-            "forecast_model": FORECAST_MODEL, "forecast_version": getattr(args, "forecast_version", 8)}
+            "forecast_model": FORECAST_MODEL, "forecast_version": getattr(args, "forecast_version", 9)}
 
 
 def forecast_to(args) -> dict:

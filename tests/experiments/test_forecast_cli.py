@@ -47,7 +47,7 @@ def test_forecast_writes_table_and_plane_and_advise_reuses_it(files, capsys):
     # a forecast stored by another revision of the forecast model, or asked of version 7, is recomputed, not read
     from sft.forecast import FORECAST_MODEL
 
-    assert res["request"]["forecast_model"] == FORECAST_MODEL and res["request"]["forecast_version"] == 8
+    assert res["request"]["forecast_model"] == FORECAST_MODEL and res["request"]["forecast_version"] == 9
     stale = dict(res, request=dict(res["request"], forecast_model="7: an older model"))
     (d / "out" / "forecast.json").write_text(json.dumps(stale))
     assert main(["forecast", *_args(d, dom, gen)]) == 0
@@ -57,6 +57,27 @@ def test_forecast_writes_table_and_plane_and_advise_reuses_it(files, capsys):
     v7 = json.loads((d / "out" / "forecast.json").read_text())
     assert v7["request"]["forecast_version"] == 7
     assert [r["dL_P1_bits"] for r in v7["rows"]] == pytest.approx([r["dL_P1_bits"] for r in again["rows"]])
+    assert main(["forecast", *_args(d, dom, gen, "--forecast-version", "8")]) == 0  # c held below the probes
+    v8 = json.loads((d / "out" / "forecast.json").read_text())
+    assert v8["request"]["forecast_version"] == 8
+    assert [r["dL_P1_bits"] for r in v8["rows"]] == pytest.approx([r["dL_P1_bits"] for r in again["rows"]])
+
+
+def test_forecast_version_reaches_the_config():
+    """``--forecast-version``: each version's settings over the defaults (version 9's), and no other version."""
+    from experiments.cli import build_parser
+    from experiments.commands.forecast import _config
+
+    def cfg(*extra):
+        args = build_parser().parse_args(["forecast", "--model", "tiny", "--domain", "d.jsonl", "--general", "g.jsonl",
+                                          "--out", "o", *extra])
+        return _config(args, 0)
+    assert cfg().c_below == "equilibrium" and cfg().method_walk and cfg().lora_share == "fisher"
+    assert cfg("--forecast-version", "8").c_below == "hold" and cfg("--forecast-version", "8").method_walk
+    v7 = cfg("--forecast-version", "7")
+    assert (v7.c_below, v7.method_walk, v7.lora_share) == ("hold", False, "count")
+    with pytest.raises(SystemExit):
+        cfg("--forecast-version", "6")
 
 
 def test_micro_batches_forecast_the_same_rows(files):

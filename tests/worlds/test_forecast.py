@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft.forecast import (ComputeMeter, ForecastConfig, GradientMoments, adam_step, advise, coherence, cosine_lrs,
-                          VERSION7, gradient_scale, l2_energy_scale, replay_adam, replay_lora, training_run_units)
+from sft.forecast import (VERSION7, VERSION8, ComputeMeter, ForecastConfig, GradientMoments, adam_step, advise,
+                          coherence, cosine_lrs, gradient_scale, l2_energy_scale, replay_adam, replay_lora,
+                          training_run_units)
 from sft.forecast_run import fit_coherence
 
 
@@ -1315,7 +1316,8 @@ def test_diffusion_coefficient_below_the_probes_hand_values():
         diffusion_coefficient(lin, 1e-4, 20, 4, below="extrapolate")
     with pytest.raises(ValueError, match="c_below"):
         ForecastConfig(c_below="linear")
-    assert ForecastConfig().c_below == "hold"
+    assert ForecastConfig().c_below == "equilibrium"  # version 9
+    assert replace(ForecastConfig(), **VERSION8).c_below == "hold"
 
 
 def test_split_pieces_hand_values():
@@ -1441,11 +1443,13 @@ def test_lora_share_by_fisher_on_the_smoke_world(smoke_world, pretrained):
         ForecastConfig(lora_share="trace")
 
 
-def test_version_8_is_version_7_where_the_switch_keeps_the_replay(smoke_world, pretrained):
-    """Version 8's defaults (``method_walk``, ``lora_share="fisher"``) move only diffusion rows: on the smoke world,
-    whose calibration probe is coherent (``size_model="auto"`` keeps the replay, as on every tiny world stored),
-    its rows, probe record and metered compute are version 7's, and no split, share or factor is measured. Under
-    ``"diffusion"`` its rows differ from version 7's exactly where a factor applies (LoRA, TALR)."""
+def test_versions_9_and_8_are_version_7_where_the_switch_keeps_the_replay(smoke_world, pretrained):
+    """Versions 9's and 8's settings (``method_walk``, ``lora_share="fisher"``; 9: ``c_below="equilibrium"``) move
+    only diffusion rows: on the smoke world, whose calibration probe is coherent (``size_model="auto"`` keeps the
+    replay, as on every tiny world stored), their rows, probe record and metered compute are version 7's, and no
+    split, share or factor is measured. Under ``"diffusion"`` version 8's rows differ from version 7's exactly
+    where a factor applies (LoRA, TALR), and version 9's CE rows from version 8's only below the lowest probe, and
+    there only where the probes' c rises as the rate falls (then by c's slope: larger)."""
     from sft.forecast_run import forecast_grid
     from sft.world_runs import general_sample
 
@@ -1454,19 +1458,32 @@ def test_version_8_is_version_7_where_the_switch_keeps_the_replay(smoke_world, p
     d1 = general_sample(w, 32)
     cfg = ForecastConfig(methods=("ce", "lora", "talr"), lrs=(3e-4, 3e-3), steps=20, batch=8, n_batches=2,
                          n_general=32, probe_steps=4, pad_token_id=w.pad_id)
-    assert cfg.method_walk and cfg.lora_share == "fisher"
-    v8 = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    assert cfg.method_walk and cfg.lora_share == "fisher" and cfg.c_below == "equilibrium"
+    v9 = forecast_grid(model, w.d2_train, d1, cfg, progress=False)
+    v8 = forecast_grid(model, w.d2_train, d1, replace(cfg, **VERSION8), progress=False)
     v7 = forecast_grid(model, w.d2_train, d1, replace(cfg, **VERSION7), progress=False)
-    assert v8["probe"]["lambda_c"] > v8["probe"]["lr"]  # coherent: the replay
-    assert v8["rows"] == v7["rows"] and v8["probe"] == v7["probe"]
-    assert not {"size_split", "lora_share", "method_factors"} & set(v8["probe"])
-    assert v8["compute"] == v7["compute"]
-    diff8 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion"), progress=False)
+    assert v9["probe"]["lambda_c"] > v9["probe"]["lr"]  # coherent: the replay
+    assert v9["rows"] == v8["rows"] == v7["rows"] and v9["probe"] == v8["probe"] == v7["probe"]
+    assert not {"size_split", "lora_share", "method_factors"} & set(v9["probe"])
+    assert v9["compute"] == v8["compute"] == v7["compute"]
+    diff9 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion"), progress=False)
+    diff8 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion", **VERSION8), progress=False)
     diff7 = forecast_grid(model, w.d2_train, d1, replace(cfg, size_model="diffusion", **VERSION7), progress=False)
     assert {"size_split", "lora_share", "method_factors"} <= set(diff8["probe"])
     for a, b in zip(diff7["rows"], diff8["rows"]):
         same = a["dL_P1_bits"] == pytest.approx(b["dL_P1_bits"])
         assert same == (a["method"] == "ce"), a["method"]
+    pts = sorted((p, m / float((cosine_lrs(p, 20)[:4] ** 2).sum())) for p, m, _ in diff9["probe"]["size_points"])
+    rising = len(pts) == 2 and min(c for _, c in pts) > 0 and pts[0][1] > pts[1][1]  # c rises as the rate falls
+    for a, b in zip(diff8["rows"], diff9["rows"]):
+        if a["method"] != "ce":
+            continue
+        if a["lr"] < pts[0][0] and rising:
+            slope = math.log(pts[1][1] / pts[0][1]) / math.log(pts[1][0] / pts[0][0])
+            assert b["dL_P1_bits"] / a["dL_P1_bits"] == pytest.approx((a["lr"] / pts[0][0]) ** slope, rel=1e-9)
+            assert b["dL_P1_bits"] > a["dL_P1_bits"]
+        else:
+            assert b["dL_P1_bits"] == pytest.approx(a["dL_P1_bits"], rel=1e-12)
 
 
 def test_adam_directions_hand_values_and_method_step_grad_is_the_trainers_loss(smoke_world, pretrained):
