@@ -81,16 +81,20 @@ def _step_down_gain(method, lr_index, gain, h: int) -> float:
 
 
 def advisor_scores(method, lr_index, fc_dl, fc_gain, ms_dl, ms_gain, budgets) -> dict:
-    """Hit rate and within-budget rate (the choice's measured dL <= 2 x budget) over ``budgets``.
+    """Hit rate, within-budget rate (the choice's measured dL <= 2 x budget) and gain lost over ``budgets``.
 
     A hit: the choice is within one grid step of the hindsight best -- the best's method at a
     learning rate at most one step away, or a choice that is feasible (measured dL <= budget)
     and gains at least what the best's method gains one learning-rate step below the best
-    (it loses no more than one grid step)."""
+    (it loses no more than one grid step). Where the measured gain is flat in the rate (the best at the lowest
+    rate gaining more than one step up) no step's loss is defined and only the best itself is a hit, so near-ties
+    count as misses; the gain lost, (best's measured gain - the choice's) / best's (None where nothing is chosen or
+    the best gains nothing; negative where the choice gains more, measured over the budget), says by how much.
+    ``advisor_gain_lost``: its mean over the budgets where it is defined (None if none)."""
     from .forecast import GAIN_TOL
 
     method, lr_index = np.asarray(method), np.asarray(lr_index)
-    hits, inside, rows = [], [], []
+    hits, inside, rows, lost = [], [], [], []
     for b in budgets:
         c = advisor_choice(fc_dl, fc_gain, b, gain_tol=GAIN_TOL)
         h = hindsight_best(ms_dl, ms_gain, b)
@@ -99,9 +103,13 @@ def advisor_scores(method, lr_index, fc_dl, fc_gain, ms_dl, ms_gain, budgets) ->
         hit = c >= 0 and (bool(method[c] == method[h] and abs(int(lr_index[c]) - int(lr_index[h])) <= 1)
                           or bool(ms_dl[c] <= b and ms_gain[c] >= _step_down_gain(method, lr_index, ms_gain, h)))
         ok = c >= 0 and float(ms_dl[c]) <= 2 * b
+        gl = float((ms_gain[h] - ms_gain[c]) / ms_gain[h]) if c >= 0 and ms_gain[h] > 0 else None
         hits.append(hit)
         inside.append(ok)
+        if gl is not None:
+            lost.append(gl)
         rows.append({"budget_bits": float(b), "choice": int(c), "best": int(h), "hit": bool(hit),
-                     "within_budget": bool(ok)})
+                     "within_budget": bool(ok), "gain_lost": gl})
     return {"advisor_hit_rate": float(np.mean(hits)) if hits else float("nan"),
-            "advisor_within_budget": float(np.mean(inside)) if inside else float("nan"), "budgets": rows}
+            "advisor_within_budget": float(np.mean(inside)) if inside else float("nan"),
+            "advisor_gain_lost": float(np.mean(lost)) if lost else None, "budgets": rows}

@@ -13,6 +13,11 @@ def is_lora(method: str) -> bool:
     return method in METHODS and METHODS[method].lora
 
 
+def _pct(x) -> str:
+    """A fraction as a percentage with one decimal ("-" for None)."""
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
 def general_delta(r: dict) -> float:
     """The general degradation used on the trade-off plane: mean of the two bits/token deltas."""
     return 0.5 * (r["general_delta_bits_humaneval"] + r["general_delta_bits_gsm8k"])
@@ -379,6 +384,13 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
                      rank_or_untestable(fs[k], "spearman_gain")] for k in ("label", "cot", "all") if fs.get(k) and fs[k]["n"]]), "",
           "Within 2x: |forecast - measured| <= max(|forecast|, |measured|) / 2, or both within 0.01 bits/token "
           "of zero (near-zero changes have no meaningful ratio).", ""]
+    return L + advisor_lines(fs) + accuracy_forecast_lines(runs, fs)
+
+
+def advisor_lines(fs: dict) -> list[str]:
+    """Per variant with an advisor record (`experiments.studies.grid_report.grid_advisor`): its hit rate,
+    within-budget rate and mean gain lost, and the choice at each budget against the hindsight best."""
+    L = []
     for v in ("label", "cot"):
         a = (fs.get(v) or {}).get("advisor")
         if not a or not a["budgets"]:
@@ -386,10 +398,14 @@ def forecast_section(runs: list[dict], fs: dict | None) -> list[str]:
         L += [f"Advisor ({v}, `sft.forecast.advise` on the forecasts vs the hindsight best on the measurements; "
               "a hit: the best's method within one rate step, or a feasible choice losing no more than one step): "
               f"hit rate {fmt(a['advisor_hit_rate'])}, measured change within 2x the budget "
-              f"{fmt(a['advisor_within_budget'])}.", "",
-              md_table(["budget (bits/tok)", "advisor's choice", "hindsight best", "hit", "within 2x budget"],
-                       [[b["budget_bits"], b["choice"], b["best"], b["hit"], b["within_budget"]] for b in a["budgets"]]), ""]
-    return L + accuracy_forecast_lines(runs, fs)
+              f"{fmt(a['advisor_within_budget'])}, measured domain gain lost against the best "
+              f"{_pct(a.get('advisor_gain_lost'))} on average (a near-tie in measured gain is a miss).", "",
+              md_table(["budget (bits/tok)", "advisor's choice", "hindsight best", "hit", "within 2x budget",
+                        "gain lost"],
+                       [[b["budget_bits"], b["choice"], b["best"], b["hit"], b["within_budget"],
+                         _pct(b.get("gain_lost"))] for b in a["budgets"]]), ""]
+    return L
+
 
 
 def accuracy_forecast_lines(runs: list[dict], fs: dict) -> list[str]:

@@ -71,8 +71,24 @@ def test_advisor_hit_by_outcome_across_methods():
     out = advisor_scores(method, lr_index, fc_dl, fc_gain, ms_dl, ms_gain, [1.0])
     assert out["budgets"][0]["choice"] == 2 and out["budgets"][0]["best"] == 1
     assert out["advisor_hit_rate"] == 1.0
+    assert out["budgets"][0]["gain_lost"] == pytest.approx(0.1) and out["advisor_gain_lost"] == pytest.approx(0.1)
     ms_gain2 = np.array([4.0, 5.0, 3.9, 5.5])  # now the choice gains less than one step down
     assert advisor_scores(method, lr_index, fc_dl, fc_gain, ms_dl, ms_gain2, [1.0])["advisor_hit_rate"] == 0.0
+
+
+def test_advisor_near_tie_at_the_lowest_rate_is_a_miss_whose_gain_lost_is_small():
+    """Gains flat in the rate (the best at the lowest rate gains more than one step up): no step's loss is defined,
+    so a choice gaining 0.3 % less is a miss; its gain lost says 0.3 %. Nothing chosen: gain lost None."""
+    method = np.array(["ce", "ce", "flow"])
+    lr_index = np.array([0, 1, 0])
+    ms_dl, ms_gain = np.array([0.01, 0.2, 0.01]), np.array([34.0, 33.8, 33.898])
+    fc_dl, fc_gain = np.array([0.03, 0.2, 0.02]), np.array([24.7, 37.7, 24.6])
+    out = advisor_scores(method, lr_index, fc_dl, fc_gain, ms_dl, ms_gain, [0.025])
+    b = out["budgets"][0]
+    assert (b["choice"], b["best"], b["hit"]) == (2, 0, False)
+    assert b["gain_lost"] == pytest.approx(0.003) and out["advisor_gain_lost"] == pytest.approx(0.003)
+    none = advisor_scores(method, lr_index, 100 * fc_dl, fc_gain, ms_dl, ms_gain, [0.025])
+    assert none["budgets"][0]["gain_lost"] is None and none["advisor_gain_lost"] is None
 
 
 def test_budgets_span_the_measured_range():

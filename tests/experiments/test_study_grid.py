@@ -773,6 +773,18 @@ def test_grid_advisor_scores_choices_against_the_hindsight_best():
     good = grid_advisor(rs)
     assert good["advisor_hit_rate"] == 1.0 and good["advisor_within_budget"] == 1.0 and len(good["budgets"]) == 3
     assert all(b["choice"] == b["best"] for b in good["budgets"])
+    assert good["advisor_gain_lost"] == 0.0 and all(b["gain_lost"] == 0.0 for b in good["budgets"])
+    # the report's advisor lines: a row per budget, its gain lost as a percentage; a variant without a record: none
+    from experiments.studies.grid_text import advisor_lines
+
+    worse = grid_advisor([{**r, "domain_gain_bits": 36.0 - k} for k, r in enumerate(rs)])  # the smallest rate best
+    text = "\n".join(advisor_lines({"label": {"advisor": worse}, "cot": {}}))
+    assert "Advisor (label" in text and "Advisor (cot" not in text
+    assert all(f"| {b['choice']} | {b['best']} |" in text for b in worse["budgets"])
+    lost = [b["gain_lost"] for b in worse["budgets"]]
+    assert all(x is not None and x >= 0 for x in lost) and any(x > 0 for x in lost)
+    assert all(f"{100 * x:.1f} %" in text for x in lost) and f"{100 * worse['advisor_gain_lost']:.1f} % on" in text
+    assert advisor_lines({"label": {"advisor": None}}) == []
     # a forecast blind to degradation (all ~0) picks the largest rate at every budget: it misses below the top
     blind = grid_advisor([{**r, "forecast_general_delta_bits": 0.0} for r in rs])
     assert all(b["choice"] == blind["budgets"][0]["choice"] for b in blind["budgets"])
