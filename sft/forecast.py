@@ -200,8 +200,10 @@ passes, but the grid study takes 2 gradient batches per weighting and a factor o
 CoT: 2.01 on the unit's 2, 1.60 on 4), so the factors keep batches of their own.
 9 (the default since session 17; ``c_below="equilibrium"``; candidate 10 of session 15): version 8 with diffusion's c
 below the lowest probe following the probes' own log-log slope where c rises as the rate falls (the walk's
-Ornstein-Uhlenbeck equilibrium, `diffusion_coefficient`), held where it does not (then it is version 8, row for row:
-every label grid so far). It moves diffusion rows below the lowest probe only. Development, 55 runs of eight spent
+Ornstein-Uhlenbeck equilibrium, `diffusion_coefficient`), held where it does not (then it is version 8, up to a
+token weighting's KL part, whose c_KL follows the probes' KL terms' own slope: on heldout5's label grid TALR and FLOW
+at 1e-4 moved by -0.9 % / -0.06 %, every other label row not at all). It moves diffusion rows below the lowest probe
+only. Development, 55 runs of eight spent
 units: pooled within 2x 42 against version 8's 41. First pre-registered grid (docs/study-smollm2-heldout4): rule not met
 (label's Spearman 0.762 < 0.8, rows it does not change; within 2x tied 10 / 13; CoT Spearman 0.700 -> 0.900). Second,
 under a comparative rule (docs/study-smollm2-heldout5, seed 663594): pooled within 2x 11 / 13 against 10, Spearman
