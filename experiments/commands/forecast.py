@@ -298,7 +298,9 @@ def _inputs(args):
     return model0, [d2[i] for i in range(len(d2))], [d1[i] for i in range(len(d1))], pad, None
 
 
-def _config(args, pad):
+def forecast_config(args, pad):
+    """The `sft.forecast.ForecastConfig` of parsed ``talr forecast`` arguments: ``--forecast-version``'s settings
+    (`sft.forecast.VERSIONS`) over the defaults, ``pad`` the tokenizer's pad id."""
     from sft.forecast import VERSIONS, ForecastConfig
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -333,7 +335,7 @@ def forecast_to(args) -> dict:
         if old.get("request") == _request(args):
             return old
     with user_errors(ValueError):
-        _config(args, 0)  # ForecastConfig's own checks, before any model is loaded
+        forecast_config(args, 0)  # ForecastConfig's own checks, before any model is loaded
     _check_device(args.device)
     spill = getattr(args, "spill_dir", None)
     if spill is not None and not Path(spill).is_dir():
@@ -342,7 +344,8 @@ def forecast_to(args) -> dict:
         raise UserError(f"--spill-dir {spill}: not a directory")
     model0, d2, d1, pad, tree = _inputs(args)
     model0 = model0.to(args.device)  # its passes there; the forecast's N-sized state stays in host memory
-    res = forecast_grid(model0, d2, d1, _config(args, pad), progress=not args.no_progress, d1_tree=tree, spill=spill)
+    res = forecast_grid(model0, d2, d1, forecast_config(args, pad), progress=not args.no_progress, d1_tree=tree,
+                        spill=spill)
     res["request"] = _request(args)
     write_json(path, res)
     rows = res["rows"]

@@ -66,12 +66,12 @@ def test_forecast_writes_table_and_plane_and_advise_reuses_it(files, capsys):
 def test_forecast_version_reaches_the_config():
     """``--forecast-version``: each version's settings over the defaults (version 9's), and no other version."""
     from experiments.cli import build_parser
-    from experiments.commands.forecast import _config
+    from experiments.commands.forecast import forecast_config
 
     def cfg(*extra):
         args = build_parser().parse_args(["forecast", "--model", "tiny", "--domain", "d.jsonl", "--general", "g.jsonl",
                                           "--out", "o", *extra])
-        return _config(args, 0)
+        return forecast_config(args, 0)
     assert cfg().c_below == "equilibrium" and cfg().method_walk and cfg().lora_share == "fisher"
     assert cfg("--forecast-version", "8").c_below == "hold" and cfg("--forecast-version", "8").method_walk
     v7 = cfg("--forecast-version", "7")
